@@ -1,0 +1,263 @@
+"""One readable decoder-only transformer for the three BitNet architectures (see ``bitlm.config``).
+
+Layer layout (per block), with Norm = LayerNorm for ``bitnet`` and RMSNorm otherwise:
+
+    h = Norm_in(x);  q, k, v = Wq h, Wk h, Wv h;  RoPE(q, k);  a = softmax(q kᵀ/√d) v   (causal, GQA)
+    x = x + Wo · Norm_attn_sub(a)                                   # SubLN before o_proj
+    h = Norm_post(x)
+    m = act(Wup h)                        (bitnet: GELU, width 4d)
+      | silu(Wgate h) ⊙ Wup h             (bitnet-b1.58: SwiGLU)
+      | relu(Wgate h)² ⊙ Wup h            (bitnet-2b4t: ReLU²-GLU)
+    x = x + Wdown · Norm_ffn_sub(m)                                 # SubLN before down_proj
+
+Every W is a ``BitLinear`` when quant ∈ {b1, b1.58} and a plain ``nn.Linear`` for ``fp``; the
+norms, embeddings and output head are the same in both, so ``fp`` is the exact baseline.
+Parameter names follow transformers' BitNetForCausalLM (``model.layers.N.self_attn.q_proj`` ...)
+so that Hugging Face checkpoints map one-to-one.
+
+Incremental decoding uses ``KVCache``; ``forward(ids, cache=...)`` gives the same logits as a full
+forward over the whole sequence (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import BitLinear
+
+__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules"]
+
+
+class RMSNorm(nn.Module):
+    """LLaMA/BitNet RMSNorm: computed in float32, weight applied after casting back (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.arch == "bitnet":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
+def make_linear(cfg: ModelConfig, d_in: int, d_out: int) -> nn.Linear:
+    """nn.Linear for fp, BitLinear for b1 / b1.58 (norms live in the model, so norm=None here)."""
+    if cfg.quant == "fp":
+        return nn.Linear(d_in, d_out, bias=False)
+    return BitLinear(
+        d_in, d_out, bias=False, weight_quant=cfg.quant, act_bits=cfg.act_bits,
+        act_granularity=cfg.act_granularity, weight_groups=cfg.weight_groups, act_groups=cfg.act_groups,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (HF "rotate_half" convention: dims i and i + d/2 are paired)
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D), float32."""
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Pre-allocated per-layer key/value tensors, (B, H_kv, max_len, D) each; ``pos`` = tokens seen."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos + t} tokens > capacity {self.max_len}")
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = make_linear(cfg, d, cfg.n_heads * hd)
+        self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd)
+        self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd)
+        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd)
+        self.o_proj = make_linear(cfg, cfg.n_heads * hd, d)
+
+    def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = h.shape
+        cfg = self.cfg
+        q = self.q_proj(h).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
+        rep = cfg.n_heads // cfg.kv_heads
+        if rep > 1:  # GQA: query head h reads kv head h // rep (HF repeat_kv)
+            k = k[:, :, None].expand(B, cfg.kv_heads, rep, k.shape[2], cfg.head_dim).reshape(B, cfg.n_heads, -1, cfg.head_dim)
+            v = v[:, :, None].expand(B, cfg.kv_heads, rep, v.shape[2], cfg.head_dim).reshape(B, cfg.n_heads, -1, cfg.head_dim)
+        if past == 0:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            # query i (absolute position past+i) may attend keys 0..past+i
+            kpos = torch.arange(past + T, device=h.device)
+            qpos = torch.arange(past, past + T, device=h.device)
+            mask = kpos[None, :] <= qpos[:, None]  # (T, past+T)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = a.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H*D)
+        return self.o_proj(self.attn_sub_norm(a))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.ffn_dim
+        if cfg.gated_ffn:
+            self.gate_proj = make_linear(cfg, d, f)
+        self.up_proj = make_linear(cfg, d, f)
+        self.ffn_sub_norm = make_norm(cfg, f)
+        self.down_proj = make_linear(cfg, f, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        arch = self.cfg.arch
+        if arch == "bitnet":
+            m = F.gelu(self.up_proj(h))
+        elif arch == "bitnet-b1.58":
+            m = F.silu(self.gate_proj(h)) * self.up_proj(h)
+        else:  # bitnet-2b4t: ReLU² gate
+            m = F.relu(self.gate_proj(h)).square() * self.up_proj(h)
+        return self.down_proj(self.ffn_sub_norm(m))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model)
+
+
+class BitNetModel(nn.Module):
+    """``model(input_ids) -> logits`` (B, T, vocab); ``model(ids, cache=c)`` for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, σ) init; output projections scaled by 1/√(2L) (GPT-2) so residual growth is bounded."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, 0.0, s)
+            elif name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.model.norm(x))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
+                continue
+            n += p.numel()
+        return n
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The projection layers (everything but the output head), in state-dict order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]

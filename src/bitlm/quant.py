@@ -1,0 +1,265 @@
+"""The BitNet quantisation math — every formula bitlm uses lives here, in plain torch.
+
+Sources (equation numbers refer to the papers):
+  * BitNet (b1):      Wang et al. 2023, arXiv 2310.11453, §2 Eq. 1-15.
+  * BitNet b1.58:     Ma et al. 2024, arXiv 2402.17764, §2 Eq. 1-3, and the authors'
+                      "Training Tips, Code and FAQ" (reference BitLinear code, described not copied).
+  * λ warm-up:        Hugging Face "Fine-tuning LLMs to 1.58bit" (warm-up quantisation).
+
+Conventions, written down once and used everywhere else in the package:
+
+  * Rounding rule: round half to even (``torch.round``).  ``round_half_even`` is the only
+    rounding function in bitlm; the C kernels implement the same rule.
+  * Scale convention: a quantised weight is ``W ≈ s · T`` with ``T`` integer ({-1,0,+1} or
+    {-1,+1}) and ``s = mean|W|`` (the *absmean*, clamped ≥ 1e-5).  Formats that store ``1/s``
+    (Hugging Face ``BitLinear``) are converted only in ``bitlm.io``.
+  * Activations: ``x ≈ q / a`` with ``q`` integer in ``[-2^(b-1), 2^(b-1)-1]`` and
+    ``a = (2^(b-1)-1) / max|x|`` (max clamped ≥ 1e-5).  For 8 bits: a = 127/max|x|, clamp to
+    [-128, 127] — the reference-code reading of the paper's Q_b/γ clip (the -128 end is never hit).
+  * Groups: weight groups split the *output* dimension (dim 0 of an ``nn.Linear`` weight, the
+    column-parallel partition); activation groups split the *feature* dimension (the last dim).
+    Each group gets its own α_g, β_g, γ_g, η_g (b1 paper Eq. 13-15): no communication across groups.
+  * Straight-through estimator: ``x + (q(x) - x).detach()`` — forward sees q(x), backward sees the
+    identity (also where the clamp saturates); scales receive no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "SCALE_EPS",
+    "round_half_even",
+    "ternary_quantize",
+    "binary_quantize",
+    "weight_quantize",
+    "dequantize_weight",
+    "activation_quantize",
+    "activation_quantize_nonneg",
+    "group_layer_norm",
+    "group_rms_norm",
+    "ste",
+    "fake_quant_weight",
+    "fake_quant_activation",
+    "WEIGHT_QUANTS",
+    "bits_per_weight",
+]
+
+#: Lower clamp for every absmean / absmax scale (FAQ reference code: ``.clamp(min=1e-5)``).
+SCALE_EPS = 1e-5
+
+#: Weight quantisation modes understood by bitlm.  ``fp`` means "no quantisation".
+WEIGHT_QUANTS = ("fp", "b1", "b1.58")
+
+
+def bits_per_weight(weight_quant: str) -> float:
+    """Information content of one weight: 1 (binary), log2(3) ≈ 1.585 (ternary), 16 for fp (bf16)."""
+    return {"b1": 1.0, "b1.58": 1.584962500721156, "fp": 16.0}[weight_quant]
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """The one rounding rule of bitlm: nearest integer, ties to even (2.5 → 2, -0.5 → -0, 1.5 → 2)."""
+    return torch.round(x)
+
+
+def _check_groups(n: int, groups: int, what: str) -> None:
+    if groups < 1 or n % groups != 0:
+        raise ValueError(f"{what}: {n} is not divisible into {groups} groups")
+
+
+def _grouped_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """View an (out, in) weight as (G, out/G * in): one row per partition group."""
+    _check_groups(w.shape[0], groups, "weight groups")
+    return w.reshape(groups, -1)
+
+
+def _expand_group_scale(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(G,) per-group scales → broadcastable against an (out, in) weight."""
+    groups = scale.numel()
+    return scale.reshape(groups, 1).expand(groups, shape[0] // groups).reshape(shape[0], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def ternary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean quantisation (2402.17764 Eq. 1-3).
+
+    s_g = max(mean_g |W|, 1e-5);  T = RoundClip(W / s_g, -1, 1);  W ≈ s_g · T.
+
+    Returns ``(T, s)`` with ``T`` int8 of ``w``'s shape and ``s`` float32 of shape ``(groups,)``.
+    The paper writes W/(γ+ε); we clamp the scale instead (reference code) — identical away from 0.
+    """
+    wf = w.detach().float()
+    rows = _grouped_rows(wf, groups)  # (G, out/G*in)
+    s = rows.abs().mean(dim=1).clamp(min=SCALE_EPS)  # (G,)
+    t = round_half_even(wf / _expand_group_scale(s, wf.shape)).clamp(-1, 1)
+    return t.to(torch.int8), s
+
+
+def binary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BitNet (b1) binarisation (2310.11453 Eq. 1-3, 12; groups Eq. 13).
+
+    α_g = mean_g(W);  T = Sign(W - α_g) with Sign(v) = +1 if v > 0 else -1 (zero maps to -1, as in
+    the paper; ``torch.sign`` would map it to 0);  β_g = mean_g |W| (of W itself, not W - α).
+
+    Returns ``(T, β, α)``: T int8 in {-1, +1}, β and α float32 of shape ``(groups,)``.  W ≈ β · T.
+    """
+    wf = w.detach().float()
+    rows = _grouped_rows(wf, groups)
+    alpha = rows.mean(dim=1)  # (G,)
+    beta = rows.abs().mean(dim=1).clamp(min=SCALE_EPS)
+    centred = wf - _expand_group_scale(alpha, wf.shape)
+    t = torch.where(centred > 0, 1, -1).to(torch.int8)
+    return t, beta, alpha
+
+
+def weight_quantize(w: torch.Tensor, weight_quant: str, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a weight to ``(T, s)`` with W ≈ s · T, for ``weight_quant`` in {"b1", "b1.58"}."""
+    if weight_quant == "b1.58":
+        return ternary_quantize(w, groups)
+    if weight_quant == "b1":
+        t, beta, _ = binary_quantize(w, groups)
+        return t, beta
+    raise ValueError(f"weight_quant must be 'b1' or 'b1.58', got {weight_quant!r}")
+
+
+def dequantize_weight(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W = s_g · T — the inverse of :func:`weight_quantize` (exact on the quantisation grid)."""
+    s = scale.reshape(-1).float()
+    return (t.float() * _expand_group_scale(s, t.shape)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def _grouped_features(x: torch.Tensor, groups: int) -> torch.Tensor:
+    _check_groups(x.shape[-1], groups, "activation groups")
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)  # (..., G, D/G)
+
+
+def _absmax(xg: torch.Tensor, granularity: str) -> torch.Tensor:
+    """γ over (..., G, D/G): per token → (..., G, 1); per tensor → (1.., G, 1)."""
+    if granularity == "token":
+        return xg.abs().amax(dim=-1, keepdim=True)
+    if granularity == "tensor":
+        dims = tuple(i for i in range(xg.dim()) if i != xg.dim() - 2)
+        return xg.abs().amax(dim=dims, keepdim=True)
+    raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
+
+
+def activation_quantize(
+    x: torch.Tensor, bits: int = 8, granularity: str = "token", groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax quantisation to ``bits`` bits (2310.11453 Eq. 4-5; 2402.17764 §2).
+
+    γ = max|x| (per token — the last dim — or per tensor; per group of features if groups > 1),
+    a = (2^(b-1) - 1) / max(γ, 1e-5),  q = clamp(round(x · a), -2^(b-1), 2^(b-1) - 1),  x ≈ q / a.
+
+    Returns ``(q, a)`` in float32: ``q`` holds integers (cast to int8 for kernels), ``a`` has
+    shape ``(..., groups)`` for per-token and ``(1.., groups)`` for per-tensor scales.
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"activation bits must be in [2, 16], got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    xg = _grouped_features(x.float(), groups)
+    a = qmax / _absmax(xg, granularity).clamp(min=SCALE_EPS)
+    q = round_half_even(xg * a).clamp(-qmax - 1, qmax)
+    return q.reshape(x.shape), a.squeeze(-1)
+
+
+def activation_quantize_nonneg(
+    x: torch.Tensor, bits: int = 8, granularity: str = "token", groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-negative variant for inputs of non-linearities (2310.11453 Eq. 6).
+
+    η = min x,  γ = max|x| (as written in the paper: γ is not max - min),
+    q = clamp(round((x - η) · a), 0, 2^(b-1) - 1) with a = (2^(b-1) - 1) / γ,  x ≈ q / a + η.
+
+    Returns ``(q, a, η)``.  Values with x - η > γ saturate, exactly as the paper's Clip does.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xg = _grouped_features(x.float(), groups)
+    if granularity == "token":
+        eta = xg.amin(dim=-1, keepdim=True)
+    elif granularity == "tensor":
+        dims = tuple(i for i in range(xg.dim()) if i != xg.dim() - 2)
+        eta = xg.amin(dim=dims, keepdim=True)
+    else:
+        raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
+    a = qmax / _absmax(xg, granularity).clamp(min=SCALE_EPS)
+    q = round_half_even((xg - eta) * a).clamp(0, qmax)
+    return q.reshape(x.shape), a.squeeze(-1), eta.squeeze(-1)
+
+
+def _dequant_act(q: torch.Tensor, a: torch.Tensor, groups: int) -> torch.Tensor:
+    qg = _grouped_features(q, groups)
+    return (qg / a.unsqueeze(-1)).reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation before quantisation (SubLN) and its group variant (Eq. 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_layer_norm(x: torch.Tensor, groups: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """LN(x) = (x - E[x]) / sqrt(Var[x] + ε), per token and per feature group; no affine params.
+
+    With groups = 1 this is the b1 paper's LN (Eq. 11); with G groups it is Group Normalisation
+    (Eq. 15).  Computed in float32 and cast back.
+    """
+    xg = _grouped_features(x.float(), groups)
+    mu = xg.mean(dim=-1, keepdim=True)
+    var = xg.var(dim=-1, unbiased=False, keepdim=True)
+    return ((xg - mu) * torch.rsqrt(var + eps)).reshape(x.shape).to(x.dtype)
+
+
+def group_rms_norm(x: torch.Tensor, groups: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm(x) = x / sqrt(mean(x²) + ε), per token and per feature group; no affine params
+    (the norm built into the FAQ's BitLinear).  Computed in float32 and cast back."""
+    xg = _grouped_features(x.float(), groups)
+    return (xg * torch.rsqrt(xg.pow(2).mean(dim=-1, keepdim=True) + eps)).reshape(x.shape).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through estimator and fake quantisation (what BitLinear does in training)
+# ---------------------------------------------------------------------------------------------
+
+
+def ste(x: torch.Tensor, q: torch.Tensor, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Straight-through estimator with optional warm-up factor λ.
+
+    Returns ``x + λ·(q - x).detach()``: the forward value is ``(1-λ)·x + λ·q`` and the gradient
+    w.r.t. ``x`` is the identity (λ = 1 is the plain STE of 2310.11453 §2.2; 0 < λ < 1 is the
+    HF warm-up quantisation used to fine-tune pretrained models).
+    """
+    d = (q - x).detach()
+    if isinstance(lam, torch.Tensor) or lam != 1.0:
+        d = d * lam
+    return x + d
+
+
+def fake_quant_weight(
+    w: torch.Tensor, weight_quant: str, groups: int = 1, lam: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Forward: s·T (in ``w``'s dtype); backward: identity to ``w`` (STE, no gradient to s)."""
+    if weight_quant == "fp":
+        return w
+    t, s = weight_quantize(w, weight_quant, groups)
+    return ste(w, dequantize_weight(t, s, w.dtype), lam)
+
+
+def fake_quant_activation(
+    x: torch.Tensor,
+    bits: int = 8,
+    granularity: str = "token",
+    groups: int = 1,
+    lam: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """Forward: q/a (in ``x``'s dtype); backward: identity to ``x`` (STE)."""
+    q, a = activation_quantize(x.detach(), bits, granularity, groups)
+    return ste(x, _dequant_act(q, a, groups).to(x.dtype), lam)
