@@ -1,0 +1,165 @@
+"""BitLinear, prepare(), the three architectures, and KV-cache equivalence."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitlm import quant as Q
+from bitlm.config import ConfigError, ModelConfig, build_config, preset
+from bitlm.layers import BitLinear, prepare, set_quant_lambda
+from bitlm.model import BitNetModel, linear_modules
+
+
+def test_bitlinear_forward_matches_formula():
+    torch.manual_seed(0)
+    lin = BitLinear(16, 8, weight_quant="b1.58")
+    x = torch.randn(3, 16)
+    tq, s = Q.ternary_quantize(lin.weight)
+    q, a = Q.activation_quantize(x)
+    # y = (T q) · s / a : the integer matmul then one rescale
+    expect = (q @ tq.float().T) * s / a
+    assert torch.allclose(lin(x), expect, atol=1e-5)
+
+
+def test_bitlinear_b1_with_layernorm_matches_paper_eq11():
+    torch.manual_seed(1)
+    lin = BitLinear(12, 6, weight_quant="b1", norm="layernorm")
+    x = torch.randn(4, 12) * 3 + 1
+    tq, beta, _ = Q.binary_quantize(lin.weight)
+    ln = F.layer_norm(x, (12,), eps=1e-5)
+    q, a = Q.activation_quantize(ln)
+    assert torch.allclose(lin(x), (q @ tq.float().T) * beta / a, atol=1e-5)
+
+
+def test_bitlinear_gradients_reach_latent_weights():
+    lin = BitLinear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bitlinear_rejects_bad_options():
+    with pytest.raises(ValueError):
+        BitLinear(8, 4, weight_quant="int4")
+    with pytest.raises(ValueError):
+        BitLinear(8, 6, weight_groups=4)
+    with pytest.raises(ValueError):
+        BitLinear(8, 4, norm="batchnorm")
+
+
+def test_prepare_copies_weights_and_skips_head():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.body = nn.Sequential(nn.Linear(8, 8, bias=True), nn.ReLU(), nn.Linear(8, 8))
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.tied = nn.Linear(8, 10, bias=False)
+            self.tied.weight = self.embed.weight
+
+    net = Net()
+    w0, b0 = net.body[0].weight.clone(), net.body[0].bias.clone()
+    head = net.lm_head
+    prepare(net, weight_quant="b1.58", norm="rmsnorm")
+    assert isinstance(net.body[0], BitLinear) and isinstance(net.body[2], BitLinear)
+    assert torch.equal(net.body[0].weight, w0) and torch.equal(net.body[0].bias, b0)  # copied, not re-initialised
+    assert net.lm_head is head and type(net.lm_head) is nn.Linear
+    assert type(net.tied) is nn.Linear  # tied to the embedding
+    assert net.body[0].norm == "rmsnorm"
+    prepare(net)  # idempotent: a BitLinear is never re-wrapped
+    assert torch.equal(net.body[0].weight, w0)
+
+
+def test_quant_lambda_zero_is_the_float_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4, bias=False)
+    m = nn.Sequential(lin)
+    x = torch.randn(2, 8)
+    ref = lin(x)
+    prepare(m)
+    set_quant_lambda(m, 0.0)
+    assert torch.allclose(m(x), ref, atol=1e-6)
+    set_quant_lambda(m, 1.0)
+    assert not torch.allclose(m(x), ref, atol=1e-3)
+    with pytest.raises(ValueError):
+        set_quant_lambda(m, 1.5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-2b4t", "tiny-bitnet"])
+@pytest.mark.parametrize("quant", ["fp", "b1", "b1.58"])
+def test_architectures_and_kv_cache_equivalence(name, quant):
+    torch.manual_seed(0)
+    cfg = preset(name, quant=quant)
+    model = BitNetModel(cfg).eval()
+    kinds = {type(m) for _, m in linear_modules(model)}
+    assert kinds == ({nn.Linear} if quant == "fp" else {BitLinear})
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :7], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(7, 20)]
+    inc = torch.cat(parts, dim=1)
+    assert full.shape == (2, 20, cfg.vocab_size)
+    # identical math, different op order: equal to fp32 rounding (an int8 rounding tie can flip, hence atol)
+    assert torch.allclose(full, inc, atol=2e-3), (full - inc).abs().max()
+    assert torch.equal(full.argmax(-1), inc.argmax(-1))
+
+
+def test_2b4t_structure():
+    cfg = preset("2b4t")
+    assert (cfg.d_model, cfg.ffn_dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.head_dim) == (2560, 6912, 30, 20, 5, 128)
+    assert cfg.tie_embeddings and cfg.rope_theta == 500000.0
+    small = preset("tiny-2b4t")
+    m = BitNetModel(small)
+    names = set(dict(m.named_parameters()))
+    assert "model.layers.0.self_attn.attn_sub_norm.weight" in names
+    assert "model.layers.0.mlp.ffn_sub_norm.weight" in names
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert not any(n.endswith("bias") for n in names)
+
+
+def test_relu2_ffn_is_squared_relu_gate():
+    torch.manual_seed(0)
+    cfg = preset("tiny-2b4t", quant="fp")
+    mlp = BitNetModel(cfg).model.layers[0].mlp
+    h = torch.randn(3, cfg.d_model)
+    m = F.relu(mlp.gate_proj(h)) ** 2 * mlp.up_proj(h)
+    assert torch.allclose(mlp(h), mlp.down_proj(mlp.ffn_sub_norm(m)), atol=1e-6)
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = BitNetModel(preset("tiny")).eval()
+    ids = torch.randint(0, 512, (1, 16))
+    ids2 = ids.clone()
+    ids2[0, 10:] = (ids2[0, 10:] + 1) % 512
+    with torch.no_grad():
+        a, b = model(ids), model(ids2)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+def test_config_errors_and_overrides():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("nope")
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        ModelConfig(arch="mamba")
+    with pytest.raises(ConfigError, match="divisible"):
+        ModelConfig(d_model=100, n_heads=3)
+    cfg = build_config("tiny", overrides=["quant=b1", "d_model=128", "tie_embeddings=true", "n_kv_heads=2"])
+    assert (cfg.quant, cfg.d_model, cfg.tie_embeddings, cfg.kv_heads) == ("b1", 128, True, 2)
+    with pytest.raises(ConfigError, match="unknown field"):
+        build_config("tiny", overrides=["width=3"])
+    with pytest.raises(ConfigError, match="cannot parse"):
+        build_config("tiny", overrides=["d_model=wide"])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sequence_longer_than_context_is_an_error():
+    model = BitNetModel(preset("tiny"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 129, dtype=torch.long))
