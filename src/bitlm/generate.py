@@ -1,0 +1,196 @@
+"""Text generation: prefill + KV-cache decode, sampling as pure functions, streaming, stop strings.
+
+Works with any model object that has ``config`` (max_seq_len, vocab_size), ``new_cache(batch)``
+and ``__call__(ids, cache=cache) -> logits`` — the torch reference ``BitNetModel`` and the packed
+engine alike.
+
+Sampling order (as in transformers / llama.cpp): repetition penalty → temperature → top-k →
+top-p → draw.  ``temperature == 0`` is greedy (argmax, no randomness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "sample_next", "generate_tokens", "generate", "add_arguments", "run"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: seen tokens' positive logits are divided by ``penalty``, negative multiplied."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    logits = logits.clone()
+    seen = logits.gather(-1, history)
+    logits.scatter_(-1, history, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return logits
+
+
+def filter_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filter: keep the smallest prefix of sorted tokens whose probability reaches ``p``."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    drop[..., 0] = False  # always keep the most likely token
+    mask = torch.zeros_like(drop).scatter(-1, idx, drop)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from ``logits`` (B, V); ``history`` (B, L) are the tokens seen so far."""
+    logits = logits.float()
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.temperature == 0.0:
+        return logits.argmax(-1)
+    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def generate_tokens(
+    model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+    eos_id: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one (streaming); stops at ``eos_id`` or the context limit."""
+    params.validate()
+    if not prompt_ids:
+        raise ValueError("empty prompt: give at least one token")
+    limit = model.config.max_seq_len
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit} tokens")
+    if max(prompt_ids) >= model.config.vocab_size or min(prompt_ids) < 0:
+        raise ValueError(f"prompt token id out of range for vocabulary of {model.config.vocab_size}")
+    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    gen = torch.Generator().manual_seed(params.seed)
+    cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
+    history = torch.tensor([prompt_ids], dtype=torch.long)
+    with torch.inference_mode():
+        logits = model(history, cache=cache)[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, params, history, gen)
+            tok = int(nxt.item())
+            yield tok
+            if eos_id is not None and tok == eos_id:
+                return
+            history = torch.cat([history, nxt.view(1, 1)], dim=1)
+            if cache.pos >= cache.max_len:
+                return
+            logits = model(nxt.view(1, 1), cache=cache)[:, -1]
+
+
+def generate(
+    model, tokenizer, prompt: str, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
+    stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a completion of ``prompt`` (text in, text out).  ``on_text`` receives each new
+    piece of text as it is produced; generation ends at EOS, a stop string, or the token limit."""
+    ids = tokenizer.encode(prompt)
+    out: list[int] = []
+    emitted = ""
+    for tok in generate_tokens(model, ids, max_new_tokens, params, getattr(tokenizer, "eos_id", None)):
+        if tok == getattr(tokenizer, "eos_id", None):
+            break
+        out.append(tok)
+        text = tokenizer.decode(out)
+        if stop:
+            hits = [text.find(s) for s in stop if s and s in text]
+            if hits:
+                text = text[: min(hits)]
+                if on_text and len(text) > len(emitted):
+                    on_text(text[len(emitted):])
+                return text
+        # only emit text that can no longer change (a partial UTF-8 sequence decodes to U+FFFD)
+        if on_text and not text.endswith("\ufffd") and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+            emitted = text
+    text = tokenizer.decode(out)
+    if on_text and len(text) > len(emitted):
+        on_text(text[len(emitted):])
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: bitlm generate
+# ---------------------------------------------------------------------------------------------
+
+
+def add_sampling_arguments(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder, HF folder, GGUF or packed model file")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF folder (default: the model's own)")
+    p.add_argument("--prompt", required=True)
+    add_sampling_arguments(p)
+    p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    params.validate()
+    return params
+
+
+def run(args) -> int:
+    import sys
+
+    from .io import load, load_tokenizer_for
+
+    params = sampling_from_args(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = load(args.model)
+    tok = load_tokenizer_for(args.model, args.tokenizer)
+    model.eval()
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def emit(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    text = generate(model, tok, args.prompt, args.max_new_tokens, params, args.stop, None if args.no_stream else emit)
+    if args.no_stream:
+        sys.stdout.write(text)
+    sys.stdout.write("\n")
+    return 0

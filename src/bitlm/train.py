@@ -1,0 +1,383 @@
+"""Training: TrainConfig, the papers' recipes, the loop, checkpoints and bit-identical resume.
+
+Recipes (training-anchors (a), (f.3)):
+
+  * ``b1``    BitNet 2023 (2310.11453 App. A): linear warm-up, polynomial (power 1) decay to 0,
+              Adam β = (0.9, 0.98), weight decay 0.01, no gradient clipping, high LR.
+  * ``b1.58`` BitNet b1.58 FAQ: two stages — linear warm-up then linear decay from peak ``lr``;
+              at the midpoint the peak drops to ``lr2`` and weight decay goes 0.1 → 0;
+              Adam β = (0.9, 0.95).  The visible loss drop at the switch is expected.
+  * ``fp``    LLaMA-style baseline: warm-up + cosine decay to 10 % of peak, Adam β = (0.9, 0.95),
+              weight decay 0.1, clipping 1.0, the papers' lower LR (≈ 1/6 of BitNet's).
+
+Resume is bit-identical: every batch is a pure function of (seed, step, micro-step), the model
+is initialised from the seed, and a checkpoint holds parameters, optimizer moments and the step;
+the LR/WD schedule is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, build_config, parse_overrides
+from .model import BitNetModel
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "b1": dict(lr=2.4e-3, lr2=None, schedule="poly", betas=(0.9, 0.98), weight_decay=0.01, weight_decay2=None,
+               grad_clip=0.0, warmup_frac=0.0375),  # 750 / 20k-40k updates
+    "b1.58": dict(lr=1.5e-3, lr2=1.0e-3, schedule="two-stage", betas=(0.9, 0.95), weight_decay=0.1,
+                  weight_decay2=0.0, grad_clip=0.0, warmup_frac=0.0375),
+    "fp": dict(lr=2.5e-4, lr2=None, schedule="cosine", betas=(0.9, 0.95), weight_decay=0.1, weight_decay2=None,
+               grad_clip=1.0, warmup_frac=0.0375),
+}
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "b1.58"
+    lr: float | None = None  # peak LR (stage 1); None = the recipe's
+    lr2: float | None = None  # stage-2 peak LR (b1.58 only)
+    weight_decay: float | None = None
+    weight_decay2: float | None = None
+    warmup_steps: int | None = None  # None = recipe fraction of max_steps
+    max_steps: int = 1000
+    tokens: int | None = None  # token budget; overrides max_steps when set
+    max_time: float | None = None  # seconds; stop (and checkpoint) when exceeded
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    grad_clip: float | None = None
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    data: str = "default"
+    tokenizer: str | None = None  # tokenizer.json / HF folder; None = train a BPE on the corpus
+    vocab_size: int | None = None  # BPE size when training a tokenizer; None = model vocab_size
+    out_dir: str = "runs/train"
+    progress: bool = True
+
+    def resolved(self) -> dict[str, Any]:
+        """Recipe defaults filled in: the values the run really uses."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        r = RECIPES[self.recipe]
+        lr = self.lr if self.lr is not None else r["lr"]
+        lr2 = self.lr2 if self.lr2 is not None else (r["lr2"] if self.lr is None else (lr * 2 / 3 if r["lr2"] else None))
+        out = dict(
+            schedule=r["schedule"], lr=lr, lr2=lr2, betas=r["betas"],
+            weight_decay=self.weight_decay if self.weight_decay is not None else r["weight_decay"],
+            weight_decay2=self.weight_decay2 if self.weight_decay2 is not None else r["weight_decay2"],
+            grad_clip=self.grad_clip if self.grad_clip is not None else r["grad_clip"],
+            max_steps=self.total_steps(),
+        )
+        out["warmup_steps"] = self.warmup_steps if self.warmup_steps is not None else max(1, round(r["warmup_frac"] * out["max_steps"]))
+        return out
+
+    def total_steps(self) -> int:
+        if self.tokens:
+            return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len * self.grad_accum)))
+        return self.max_steps
+
+    def validate(self) -> None:
+        self.resolved()
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, r: dict[str, Any]) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) under resolved recipe ``r``."""
+    total, warm = r["max_steps"], r["warmup_steps"]
+    if step < warm:
+        return r["lr"] * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)  # 0 → 1 over the decay phase
+    if r["schedule"] == "poly":
+        return r["lr"] * (1.0 - frac)
+    if r["schedule"] == "cosine":
+        return r["lr"] * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    # two-stage (b1.58): linear decay, peak lr before the midpoint, peak lr2 after
+    peak = r["lr"] if step < total // 2 else r["lr2"]
+    return peak * (1.0 - frac)
+
+
+def weight_decay_at(step: int, r: dict[str, Any]) -> float:
+    if r["weight_decay2"] is not None and step >= r["max_steps"] // 2:
+        return r["weight_decay2"]
+    return r["weight_decay"]
+
+
+def make_optimizer(model: torch.nn.Module, r: dict[str, Any], adam_eps: float) -> torch.optim.Optimizer:
+    """AdamW; decay on matrices (weights, embeddings), none on norms and biases."""
+    decay, no_decay = [], []
+    seen = set()
+    for _name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": r["weight_decay"], "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
+    return torch.optim.AdamW(groups, lr=r["lr"], betas=tuple(r["betas"]), eps=adam_eps)
+
+
+def set_schedule(opt: torch.optim.Optimizer, step: int, r: dict[str, Any]) -> tuple[float, float]:
+    lr, wd = lr_at(step, r), weight_decay_at(step, r)
+    for g in opt.param_groups:
+        g["lr"] = lr
+        if g.get("decay"):
+            g["weight_decay"] = wd
+    return lr, wd
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, bf16: bool = False) -> dict[str, float]:
+    """Mean token loss (nats) and perplexity over an iterable of (x, y) batches."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        n += y.numel()
+    model.train(was)
+    loss = total / max(1, n)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: BitNetModel
+    step: int
+    val: dict[str, float] | None
+    out_dir: Path
+    seconds: float
+    tokens: int
+
+
+def train(
+    model_cfg: ModelConfig,
+    tcfg: TrainConfig,
+    data=None,
+    *,
+    resume: bool = False,
+    init_model: BitNetModel | None = None,
+    log=print,
+) -> TrainResult:
+    """Train ``model_cfg`` under ``tcfg``; ``data`` is a ``bitlm.data.DataBundle`` (built from
+    ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
+    from tqdm.auto import tqdm
+
+    from .data import prepare_data
+    from .io.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+
+    tcfg.validate()
+    r = tcfg.resolved()
+    out = Path(tcfg.out_dir)
+    last = out / "last"
+    if data is None:
+        data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
+    if data.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {data.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
+    if tcfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+
+    torch.manual_seed(tcfg.seed)
+    start = 0
+    opt_state = None
+    if resume:
+        meta = read_meta(last)
+        saved_model = ModelConfig.from_dict(meta["model"])
+        if saved_model != model_cfg:
+            diff = [k for k in model_cfg.to_dict() if model_cfg.to_dict()[k] != saved_model.to_dict()[k]]
+            raise CheckpointError(f"{last}: model config mismatch on resume (field {diff[0]!r}: "
+                                  f"checkpoint {saved_model.to_dict()[diff[0]]!r}, now {model_cfg.to_dict()[diff[0]]!r})")
+        saved_train = meta.get("train") or {}
+        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data"):
+            if key in saved_train and saved_train[key] != getattr(tcfg, key):
+                raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
+                                      f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
+        model, meta = load_checkpoint(last)
+        start = int(meta["step"])
+        opt_file = last / "optimizer.pt"
+        if not opt_file.is_file():
+            raise CheckpointError(f"{opt_file}: missing (cannot resume without optimizer state)")
+        opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+    elif init_model is not None:
+        model = init_model
+    else:
+        model = BitNetModel(model_cfg)
+    model.train()
+    opt = make_optimizer(model, r, tcfg.adam_eps)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+    metrics = open(metrics_path, "a")
+
+    def record(d: dict[str, Any]) -> None:
+        metrics.write(json.dumps(d) + "\n")
+        metrics.flush()
+
+    def save(step: int) -> None:
+        save_checkpoint(model, last, optimizer_state=opt.state_dict(), train_config=tcfg.to_dict(), step=step,
+                        tokenizer=data.tokenizer, extra={"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}})
+
+    total = r["max_steps"]
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
+    t0 = time.time()
+    val = None
+    step = start
+    bar = tqdm(total=total, initial=start, disable=not tcfg.progress, desc=f"train {model_cfg.quant}", unit="step",
+               dynamic_ncols=True, leave=False)
+    loss_ema = None
+    try:
+        while step < total:
+            if tcfg.max_time is not None and time.time() - t0 > tcfg.max_time:
+                log(f"stopping at step {step}: --max-time {tcfg.max_time:.0f}s reached")
+                break
+            lr, wd = set_schedule(opt, step, r)
+            loss_sum = 0.0
+            for micro in range(tcfg.grad_accum):
+                x, y = data.train_batch(tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step, micro=micro)
+                loss = lm_loss(model, x, y, tcfg.bf16)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged; lower the LR)")
+                (loss / tcfg.grad_accum).backward()
+                loss_sum += loss.item() / tcfg.grad_accum
+            gnorm = None
+            if r["grad_clip"] and r["grad_clip"] > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_ema = loss_sum if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_sum
+            elapsed = time.time() - t0
+            tps = (step - start) * tokens_per_step / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            if step % tcfg.log_every == 0 or step == total:
+                record({"step": step, "loss": loss_sum, "lr": lr, "wd": wd, "grad_norm": gnorm,
+                        "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed})
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total):
+                val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches), tcfg.bf16)
+                record({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "time": time.time() - t0})
+                bar.write(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total:
+                save(step)
+    finally:
+        bar.close()
+        metrics.close()
+    save(step)
+    return TrainResult(model, step, val, out, time.time() - t0, (step - start) * tokens_per_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: bitlm train
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="small", help="model preset (see bitlm.config.PRESETS)")
+    p.add_argument("--config", default=None, help="JSON file with model (and optional 'train') fields")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                   help="model config override, e.g. --set quant=b1 (repeatable)")
+    p.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="K=V",
+                   help="train config override, e.g. --train-set lr2=5e-4 (repeatable)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="default: the model's quant")
+    p.add_argument("--data", default="default", help="'default' (bundled corpus), a .txt/.jsonl/.parquet path, or hf:NAME")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--max-time", type=float, default=None, help="seconds")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--init-from", default=None, help="start from any model bitlm.load() reads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    file_train: dict[str, Any] = {}
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{args.config}: config file not found") from None
+        file_train = loaded.get("train", {}) if isinstance(loaded, dict) else {}
+    init_model = None
+    if args.init_from:
+        from .io import load
+
+        init_model = load(args.init_from)
+        mcfg = init_model.config
+        if args.overrides:
+            raise ValueError("--set cannot change the architecture of an --init-from model")
+    else:
+        mcfg = build_config(args.preset, args.config, args.overrides)
+    tkw: dict[str, Any] = {**file_train, **parse_overrides(args.train_overrides, TrainConfig)}
+    cli = dict(recipe=args.recipe or tkw.get("recipe") or mcfg.quant, data=args.data, tokenizer=args.tokenizer,
+               out_dir=args.out, max_steps=args.max_steps, tokens=args.tokens, max_time=args.max_time,
+               batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+               seed=args.seed, eval_every=args.eval_every, save_every=args.save_every)
+    tkw.update({k: v for k, v in cli.items() if v is not None})
+    if args.bf16:
+        tkw["bf16"] = True
+    if args.no_progress or os.environ.get("CI"):
+        tkw["progress"] = False
+    tcfg = TrainConfig(**tkw)
+    res = train(mcfg, tcfg, resume=args.resume, init_model=init_model)
+    v = res.val or {}
+    print(f"done: {res.step} steps, {res.tokens:,} tokens in {res.seconds:.0f}s; "
+          f"val loss {v.get('loss', float('nan')):.4f} ppl {v.get('ppl', float('nan')):.2f}; checkpoint {res.out_dir / 'last'}")
+    return 0
