@@ -208,7 +208,6 @@ def train(
     ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
     from tqdm.auto import tqdm
 
-    from .data import prepare_data
     from .io.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 
     tcfg.validate()
@@ -216,6 +215,8 @@ def train(
     out = Path(tcfg.out_dir)
     last = out / "last"
     if data is None:
+        from .data import prepare_data
+
         data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {data.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
