@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("bitlm.generate", "generate text from a prompt"),
     "info": ("bitlm.info", "model, parameter count, bits, environment and kernel backend"),
     "demo": ("bitlm.demo", "train BitNet b1.58 and fp on the bundled corpus and compare them"),
+    "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
 }
 
 
