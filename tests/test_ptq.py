@@ -56,10 +56,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_registry_names_and_bits():
     expected = {
-        "absmax-w8a8": (8, 8), "absmax-w4a4": (4, 4), "absmax-w2a16": (2, None),
-        "absmax-w1.58a8": (1.584962500721156, 8), "absmax-w1a8": (1, 8),
-        "smoothquant-w8a8": (8, 8), "smoothquant-w4a4": (4, 4), "smoothquant-w1a8": (1, 8),
-        "gptq-w4a16": (4, None), "gptq-w2a16": (2, None), "gptq-w1.58a16": (1.584962500721156, None),
+        "absmax-w8a8": (8, 8),
+        "absmax-w4a4": (4, 4),
+        "absmax-w2a16": (2, None),
+        "absmax-w1.58a8": (1.584962500721156, 8),
+        "absmax-w1a8": (1, 8),
+        "smoothquant-w8a8": (8, 8),
+        "smoothquant-w4a4": (4, 4),
+        "smoothquant-w1a8": (1, 8),
+        "gptq-w4a16": (4, None),
+        "gptq-w2a16": (2, None),
+        "gptq-w1.58a16": (1.584962500721156, None),
     }
     assert {n: (m.w_bits, m.a_bits) for n, m in ptq.METHODS.items()} == expected
     assert ptq.METHODS["absmax-w1.58a8"].label == "W1.58A8"
@@ -280,7 +287,10 @@ def test_gptq_ternary_grid():
         assert torch.equal(qw.weight, qw.scale * qw.codes.float())
         assert rel(x @ qw.weight.T, ref) < 0.8 * rel(x @ ptq.rtn_quantize(w, grid).weight.T, ref)
     # the searched scale is never worse for plain RTN (absmean is one of its candidates)
-    e = {how: (w - ptq.rtn_quantize(w, ptq.Grid("ternary", ternary_scale=how)).weight).norm() for how in ("absmean", "search")}
+    e = {
+        how: (w - ptq.rtn_quantize(w, ptq.Grid("ternary", ternary_scale=how)).weight).norm()
+        for how in ("absmean", "search")
+    }
     assert e["search"] <= e["absmean"]
 
 
@@ -368,8 +378,12 @@ def test_gptq_sequential_and_one_pass(tiny, calib, capsys):
         one = ptq.quantize_model(tiny, "gptq-w4a16", calib, sequential=False, progress=False)
         assert rel(seq(calib), ref) < 0.5 and rel(one(calib), ref) < 0.5
         # the first stage sees identical inputs either way, so its codes agree
-        assert torch.equal(seq.model.layers[0].self_attn.q_proj.codes, one.model.layers[0].self_attn.q_proj.codes)
-        assert not torch.equal(seq.model.layers[1].mlp.down_proj.codes, one.model.layers[1].mlp.down_proj.codes)
+        assert torch.equal(
+            seq.model.layers[0].self_attn.q_proj.codes, one.model.layers[0].self_attn.q_proj.codes
+        )
+        assert not torch.equal(
+            seq.model.layers[1].mlp.down_proj.codes, one.model.layers[1].mlp.down_proj.codes
+        )
     assert "gptq-w4a16" in capsys.readouterr().err
 
 

@@ -411,7 +411,9 @@ def gptq_quantize(
 # ---------------------------------------------------------------------------------------------
 
 
-def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+def smoothing_factors(
+    act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5
+) -> torch.Tensor:
     """s_j = max|X_j|^α / max|W_j|^(1-α), the max over every layer reading X (shared s).
 
     Channels never active in calibration (max|X_j| = 0) or with all-zero weights keep s_j = 1:
@@ -704,7 +706,9 @@ def _apply_smoothquant(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
     for name, lin in targets.items():
         s = scales.get(name)
         if s is None:  # never called during calibration: nothing to smooth with
-            warnings.warn(f"smoothquant: {name} was not reached by the calibration data; not smoothed", stacklevel=3)
+            warnings.warn(
+                f"smoothquant: {name} was not reached by the calibration data; not smoothed", stacklevel=3
+            )
             s = torch.ones(lin.in_features, device=lin.weight.device)
         w_smoothed = lin.weight.float() * s.to(lin.weight.device)  # W · diag(s), column j times s_j
         qw = _weight_rtn(w_smoothed, m, o["weight_granularity"])
@@ -732,15 +736,22 @@ def _apply_gptq(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
                 bar.set_postfix_str(name)
                 lin = targets[name]
                 qw = gptq_quantize(
-                    lin.weight, h, grid, block_size=o["block_size"], damp=o["damp"],
-                    group_size=o["group_size"], act_order=o["act_order"],
+                    lin.weight,
+                    h,
+                    grid,
+                    block_size=o["block_size"],
+                    damp=o["damp"],
+                    group_size=o["group_size"],
+                    act_order=o["act_order"],
                 )
                 _set_module(qmodel, name, _ptq_linear(lin, qw, m))
                 done.add(name)
                 bar.update(1)
         for name, lin in targets.items():  # layers the calibration never reached: plain RTN
             if name not in done:
-                warnings.warn(f"gptq: {name} was not reached by the calibration data; using RTN", stacklevel=3)
+                warnings.warn(
+                    f"gptq: {name} was not reached by the calibration data; using RTN", stacklevel=3
+                )
                 qw = rtn_quantize(lin.weight, grid, o["group_size"])
                 _set_module(qmodel, name, _ptq_linear(lin, qw, m))
                 bar.update(1)
@@ -748,7 +759,9 @@ def _apply_gptq(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
         bar.close()
 
 
-def smooth_model(model: nn.Module, calib_ids: torch.Tensor, alpha: float = 0.5, calib_batch_size: int = 8) -> nn.Module:
+def smooth_model(
+    model: nn.Module, calib_ids: torch.Tensor, alpha: float = 0.5, calib_batch_size: int = 8
+) -> nn.Module:
     """SmoothQuant's transformation alone (no quantisation): a deep copy whose projections compute
     (W·diag(s)) · (x / s) — the same function as ``model`` up to float rounding.  For inspection
     and for checking the equivalence that SmoothQuant relies on."""
@@ -763,7 +776,8 @@ def smooth_model(model: nn.Module, calib_ids: torch.Tensor, alpha: float = 0.5, 
         scales = _smooth_scales(qmodel, targets, calib_ids, alpha, calib_batch_size)
         for name, lin in targets.items():
             s = scales.get(name, torch.ones(lin.in_features, device=lin.weight.device))
-            _set_module(qmodel, name, _ptq_linear(lin, None, None, input_scale=s, weight=lin.weight.float() * s))
+            _set_module(
+                qmodel, name, _ptq_linear(lin, None, None, input_scale=s, weight=lin.weight.float() * s)
+            )
     qmodel.train(was_training)
     return qmodel
-
