@@ -1,0 +1,874 @@
+"""Hugging Face ``BitNetForCausalLM`` folders in and out: :func:`load_hf`, :func:`save_hf`.
+
+The format is the one transformers (``models/bitnet``, ``integrations/bitnet.py``,
+``BitNetQuantConfig``) reads, and the one microsoft/bitnet-b1.58-2B-4T ships.
+
+Folder
+------
+``config.json``
+    ``architectures: ["BitNetForCausalLM"]``, ``model_type: "bitnet"``, and the shape fields:
+    hidden_size → d_model, intermediate_size → d_ff, num_hidden_layers, num_attention_heads,
+    num_key_value_heads (null → MHA), vocab_size, max_position_embeddings → max_seq_len,
+    rms_norm_eps → norm_eps, RoPE θ from ``rope_parameters.rope_theta`` (transformers 5.x) or
+    ``rope_theta`` (4.x), tie_word_embeddings (class default **false**; 2B4T sets true).
+    ``hidden_act`` picks the bitlm architecture: ``relu2`` → ``bitnet-2b4t`` (2B4T's ReLU²-GLU),
+    ``silu`` → ``bitnet-b1.58`` (SwiGLU; the 1bitLLM-style model that llama.cpp's ``bitnet``
+    graph computes).  Both have the same SubLN skeleton, which is why both are this class.
+    LLaMA folders are refused: they lack attn_sub_norm / ffn_sub_norm, so no bitlm
+    architecture computes the same function.
+    Optional ``quantization_config``: ``{"quant_method": "bitnet", "linear_class":
+    "bitlinear" | "autobitlinear", "quantization_mode": "offline" | "online"}``.
+``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` listed by
+``model.safetensors.index.json`` (``{"weight_map": {tensor: file}}``).  Pickled
+``pytorch_model.bin`` files are refused (loading them could run code).
+``tokenizer.json`` etc.
+    Not read here; ``load_hf`` records the folder as ``model.hf_folder`` for the tokenizer loader.
+
+Tensors (names equal bitlm's ``BitNetModel`` parameter names)
+--------------------------------------------------------------
+``model.embed_tokens.weight`` [vocab, d], ``model.norm.weight`` [d], ``lm_head.weight``
+[vocab, d] only when untied; per layer N under ``model.layers.N.``: ``input_layernorm``,
+``post_attention_layernorm``, ``self_attn.attn_sub_norm`` [d], ``mlp.ffn_sub_norm`` [d_ff] (all
+``.weight``) and the seven projections ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
+stored in one of three variants:
+
+(a) packed (any ``bitnet`` quantization_config except autobitlinear + online): ``.weight`` uint8
+    [ceil(out/4), in] and ``.weight_scale`` [1] in the model dtype (autobitlinear files may also
+    hold T already unpacked as float [out, in]; accepted).  Layout ("hf", 2 bits per weight, one scale per
+    tensor): with R = ceil(out/4) and code = T + 1 ∈ {0, 1, 2},
+    ``packed[r, c] = Σ_{i=0..3} code[i·R + r, c] << 2i`` — the four codes of a byte come from
+    the row blocks r, r+R, r+2R, r+3R (dim 0, *not* adjacent rows), block 0 in the low bits;
+    padding rows hold code 0; code 3 never occurs.  transformers itself needs out % 4 == 0.
+(b) master weights (no quantization_config, or ``autobitlinear`` + ``online``): float
+    [out, in] latent weights, ternarised by absmean in every forward.
+(c) either of the above split over shards.
+
+The scale trap
+--------------
+``weight_scale`` means opposite things depending on ``linear_class``: transformers' ``BitLinear``
+(``"bitlinear"``, the default when absent) divides, W ≈ T / weight_scale, so it stores 1/mean|W|;
+``AutoBitLinear`` (``"autobitlinear"``, 2B4T's config) multiplies, W ≈ T · weight_scale.
+:func:`hf_scale_to_absmean` / :func:`absmean_to_hf_scale` are the only places that know this;
+everything else uses bitlm's W ≈ s·T, s = mean|W|.  Because trained absmeans are ≪ 1, an effective
+s > 1 on load triggers a warning that the file probably uses the other convention.
+
+Scale pinning
+-------------
+A packed tensor is loaded as :class:`FrozenTernaryLinear`, which stores W = s·T and s itself.
+Re-quantising s·T by absmean would give the right T but the wrong scale, mean|s·T| = s·p with p the
+fraction of non-zeros (≈ 0.69 for Gaussian weights), so the scale must be pinned, as transformers'
+offline layers also keep ``weight_scale``.  To fine-tune a packed model instead, ``quant="b1.58"``
+loads ordinary ``BitLinear`` latents (s/p)·T, which re-quantise to exactly T and to s up to float
+rounding of the mean (:func:`ternary_latent`); :func:`thaw` does the same to a loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .. import quant as Q
+from ..config import ModelConfig
+from ..layers import BitLinear
+from ..model import BitNetModel
+from .checkpoint import atomic_dir
+
+__all__ = [
+    "HFFormatError",
+    "FrozenTernaryLinear",
+    "load_hf",
+    "save_hf",
+    "read_hf_config",
+    "hf_scale_to_absmean",
+    "absmean_to_hf_scale",
+    "pack_ternary_hf",
+    "unpack_ternary_hf",
+    "ternary_latent",
+    "thaw",
+    "hf_config_dict",
+    "LINEAR_CLASSES",
+]
+
+LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+PROJECTIONS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+# hidden_act <-> bitlm architecture (the rest of the graph is identical, see the module docstring)
+_ACT_TO_ARCH = {"relu2": "bitnet-2b4t", "silu": "bitnet-b1.58", "swish": "bitnet-b1.58"}
+_ARCH_TO_ACT = {"bitnet-2b4t": "relu2", "bitnet-b1.58": "silu"}
+# Tensors some writers add that carry no information (RoPE tables are recomputed).
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face folder bitlm cannot read: bad config, unsupported model, bad tensors."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The scale convention (the only place that knows what weight_scale means)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scale_multiplies(linear_class: str | None) -> bool:
+    lc = "bitlinear" if linear_class is None else linear_class  # transformers' default class
+    if lc not in LINEAR_CLASSES:
+        raise HFFormatError(f"unknown quantization_config.linear_class {linear_class!r}; "
+                            f"expected one of {', '.join(LINEAR_CLASSES)}")
+    return lc == "autobitlinear"
+
+
+def hf_scale_to_absmean(weight_scale: torch.Tensor | float, linear_class: str | None) -> torch.Tensor:
+    """bitlm's s = mean|W| (float32, shape (1,)) from a stored ``weight_scale``.
+
+    ``autobitlinear``: W ≈ T · weight_scale, so s = weight_scale.
+    ``bitlinear`` or None (transformers' default): W ≈ T / weight_scale, so s = 1 / weight_scale.
+    """
+    ws = torch.as_tensor(weight_scale).detach().float().reshape(-1)
+    return ws.clone() if _scale_multiplies(linear_class) else torch.reciprocal(ws)
+
+
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def absmean_to_hf_scale(s: torch.Tensor | float, linear_class: str | None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``weight_scale`` tensor (shape (1,), ``dtype``) to store for absmean ``s``.
+
+    For ``bitlinear`` the stored value r is read back as s' = fl(1/r).  About one float32 in eight
+    is not fl(1/r) of any float r, so a first trip can move such an s by one ulp.  Every s that
+    came from a file is of that form, though, and then one of the neighbours of fl(1/s) reads back
+    exactly; they are tried in turn, which makes HF → bitlm → HF → bitlm bit-exact (and
+    ``autobitlinear`` is exact from the start).  transformers divides by a value within an ulp or
+    two of 1/s either way.
+    """
+    s = torch.as_tensor(s).detach().float().reshape(-1)
+    if s.numel() != 1:
+        raise ValueError(f"the HF BitNet format has one scale per tensor, got {s.numel()}")
+    if _scale_multiplies(linear_class):
+        return s.to(dtype)
+    r = (1.0 / s.double()).to(dtype)
+    bits = r.view(_INT_VIEW[dtype])
+    for k in (0, -1, 1, -2, 2):  # positive floats: integer neighbours of the bits are float neighbours
+        cand = (bits + k).view(dtype)
+        if torch.equal(hf_scale_to_absmean(cand, linear_class), s):
+            return cand
+    return r
+
+
+def _check_scales(effective: list[tuple[str, float]], linear_class: str | None, source: str) -> None:
+    """Warn when effective absmeans look like the other convention (trained absmeans are ≪ 1)."""
+    bad = [(n, s) for n, s in effective if s > 1.0]
+    if bad:
+        name, s = bad[0]
+        warnings.warn(
+            f"{source}: {len(bad)}/{len(effective)} projections have an effective absmean > 1 "
+            f"(first: {name} → {s:.4g}) under linear_class={linear_class or 'bitlinear (default)'}; the "
+            "file may store weight_scale in the other convention (check quantization_config.linear_class)",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The "hf" 2-bit packing (row-block interleave along the output dimension)
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_ternary_hf(t: torch.Tensor) -> torch.Tensor:
+    """T ∈ {-1,0,1} of shape [out, in] → uint8 [ceil(out/4), in]; byte-identical to
+    transformers' ``pack_weights`` (rows r, r+R, r+2R, r+3R in bits 0-1, 2-3, 4-5, 6-7)."""
+    if t.dim() != 2:
+        raise ValueError(f"expected a 2-D ternary weight, got shape {tuple(t.shape)}")
+    ti = t.detach().to(torch.int16)
+    if ti.numel() and (ti.min() < -1 or ti.max() > 1):
+        raise ValueError("weight is not ternary (values outside {-1, 0, 1})")
+    out, k = ti.shape
+    r = (out + 3) // 4
+    codes = torch.zeros(4 * r, k, dtype=torch.uint8, device=t.device)  # padding rows keep code 0
+    codes[:out] = (ti + 1).to(torch.uint8)
+    c = codes.view(4, r, k)  # (block i, row r, column)
+    return c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6)
+
+
+def unpack_ternary_hf(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """uint8 [ceil(out/4), in] → int8 T of shape [out_features, in] (inverse of :func:`pack_ternary_hf`)."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"expected a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    r, k = packed.shape
+    if (out_features + 3) // 4 != r:
+        raise ValueError(f"{r} packed rows cannot hold {out_features} output rows (need {(out_features + 3) // 4})")
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(4, 1, 1)
+    codes = ((packed.unsqueeze(0) >> shifts) & 3).reshape(4 * r, k)[:out_features]  # (out, in)
+    if bool((codes == 3).any()):
+        raise ValueError("invalid 2-bit code 3 (only 0, 1, 2 encode -1, 0, +1)")
+    return codes.to(torch.int8) - 1
+
+
+def ternary_latent(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A latent weight whose absmean quantisation returns exactly T and (to float rounding) s.
+
+    W = (s / p)·T with p the fraction of non-zeros: mean|W| = s, and |W/s| ∈ {0, 1/p ≥ 1} rounds
+    and clips back to T.  (s·T itself would re-quantise to the scale s·p.)
+    """
+    tf = t.float()
+    p = tf.abs().mean()
+    if float(p) == 0.0:
+        return torch.zeros_like(tf, dtype=dtype)
+    s = torch.as_tensor(s, dtype=torch.float32).reshape(())
+    return (tf * (s / p)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen ternary layer used for packed checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class FrozenTernaryLinear(BitLinear):
+    """A :class:`~bitlm.layers.BitLinear` whose ternary weight T and scale s are fixed.
+
+    ``weight`` holds s·T (exact: T ∈ {-1,0,1}) with ``requires_grad=False``; the ``weight_scale``
+    buffer pins s, so :meth:`quantized_weight` returns exactly (T, s) — which absmean
+    re-quantisation of s·T would not (see the module docstring).  The forward is the same
+    per-token absmax int8 fake-quantisation of activations as BitLinear, then ``F.linear`` with
+    s·T.  ``quant_lambda`` is ignored: this layer is for inference and export; to fine-tune,
+    load with ``quant="b1.58"``.  ``model.to(dtype)`` casts ``weight`` and ``weight_scale``
+    together, so the pair stays consistent.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, act_bits: int | None = 8,
+                 act_granularity: str = "token", act_groups: int = 1, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, weight_quant="b1.58", act_bits=act_bits,
+                         act_granularity=act_granularity, act_groups=act_groups, device=device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.register_buffer("weight_scale", torch.ones(1, device=device, dtype=dtype))
+
+    @classmethod
+    def from_ternary(cls, t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32,
+                     **kw: Any) -> FrozenTernaryLinear:
+        m = cls(t.shape[1], t.shape[0], device="meta", **kw)
+        weight, scale = _frozen_tensors(t, s, dtype)
+        m.weight = nn.Parameter(weight, requires_grad=False)
+        m.weight_scale = scale
+        m.quant_lambda = torch.tensor(1.0)
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen ternary, act_bits={self.act_bits}"
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.weight_scale.detach().float().reshape(1)
+        t = Q.round_half_even(self.weight.detach().float() / s).clamp(-1, 1).to(torch.int8)
+        return t, s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        if self.act_bits is not None:
+            x = Q.fake_quant_activation(x, self.act_bits, self.act_granularity, self.act_groups)
+        return F.linear(x, self.weight)
+
+
+def thaw(model: nn.Module) -> nn.Module:
+    """Replace every :class:`FrozenTernaryLinear` of ``model`` (in place) by a trainable
+    ``BitLinear`` holding the latent :func:`ternary_latent` (T exact, s to float rounding), so
+    that the model can be fine-tuned or saved as a native checkpoint.  Returns ``model``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FrozenTernaryLinear):
+            t, s = m.quantized_weight()
+            new = BitLinear(m.in_features, m.out_features, bias=False, act_bits=m.act_bits,
+                            act_granularity=m.act_granularity, act_groups=m.act_groups,
+                            device=m.weight.device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(ternary_latent(t, s, m.weight.dtype))
+            new.train(m.training)
+            model.set_submodule(name, new)
+    return model
+
+
+def _frozen_tensors(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·T, s) in ``dtype``: s is rounded to ``dtype`` first so that weight == weight_scale · T exactly."""
+    sd = torch.as_tensor(s).detach().reshape(1).to(dtype)
+    return t.to(dtype) * sd, sd
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HFConfig:
+    """What bitlm takes from a BitNetForCausalLM config.json."""
+
+    model: dict[str, Any]  # ModelConfig fields (arch, shapes, θ, eps, tie)
+    quantized: bool  # quantization_config with quant_method "bitnet" present
+    linear_class: str | None
+    mode: str | None  # "offline" | "online" | None
+    raw: dict[str, Any]
+
+    @property
+    def packed(self) -> bool:
+        """Does transformers expect pre-quantised (packed) projections?  Only autobitlinear+online
+        takes master weights; BitLinear is always built with uint8 buffers."""
+        return self.quantized and not (self.linear_class == "autobitlinear" and self.mode == "online")
+
+
+def _field(raw: dict, key: str, typ: type | tuple, path: Path, default: Any = ..., nullable: bool = False) -> Any:
+    if key not in raw:
+        if default is ...:
+            raise HFFormatError(f"{path}: missing field {key!r}")
+        return default
+    v = raw[key]
+    if v is None and nullable:
+        return default if default is not ... else None
+    ok = isinstance(v, typ) and not isinstance(v, bool) if typ in (int, float, (int, float)) else isinstance(v, typ)
+    if not ok:
+        raise HFFormatError(f"{path}: field {key!r} has the wrong type ({type(v).__name__}: {v!r})")
+    return v
+
+
+def read_hf_config(folder: str | Path) -> HFConfig:
+    """Parse and check ``folder/config.json`` (HFFormatError naming the file on any problem)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise HFFormatError(f"{path}: missing (not a Hugging Face model folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise HFFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type != "bitnet" and "BitNetForCausalLM" not in archs:
+        what = ", ".join(map(str, archs)) or f"model_type {model_type!r}"
+        raise HFFormatError(
+            f"{path}: unsupported architecture {what}; bitlm reads BitNetForCausalLM (model_type 'bitnet') "
+            "folders only (LLaMA-style models have no attn_sub_norm/ffn_sub_norm, so no bitlm architecture "
+            "computes the same function)"
+        )
+    act = _field(raw, "hidden_act", str, path, "relu2")
+    if act not in _ACT_TO_ARCH:
+        raise HFFormatError(f"{path}: unsupported hidden_act {act!r}; bitlm supports relu2 (bitnet-2b4t) "
+                            "and silu (bitnet-b1.58)")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise HFFormatError(f"{path}: {key}=true is not supported (bitlm projections have no bias)")
+    if raw.get("rope_scaling"):
+        raise HFFormatError(f"{path}: rope_scaling {raw['rope_scaling']!r} is not supported (plain RoPE only)")
+    rope = raw.get("rope_parameters")
+    theta = _field(raw, "rope_theta", (int, float), path, 500000.0, nullable=True)  # BitNetConfig.default_theta
+    if rope is not None:
+        if not isinstance(rope, dict):
+            raise HFFormatError(f"{path}: field 'rope_parameters' must be an object, got {rope!r}")
+        if rope.get("rope_type", "default") != "default":
+            raise HFFormatError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported (plain RoPE only)")
+        theta = _field(rope, "rope_theta", (int, float), path, theta)
+
+    heads = _field(raw, "num_attention_heads", int, path)
+    model = dict(
+        arch=_ACT_TO_ARCH[act],
+        vocab_size=_field(raw, "vocab_size", int, path),
+        d_model=_field(raw, "hidden_size", int, path),
+        d_ff=_field(raw, "intermediate_size", int, path),
+        n_layers=_field(raw, "num_hidden_layers", int, path),
+        n_heads=heads,
+        n_kv_heads=_field(raw, "num_key_value_heads", int, path, heads, nullable=True),
+        max_seq_len=_field(raw, "max_position_embeddings", int, path, 2048),  # BitNetConfig default
+        rope_theta=float(theta),
+        norm_eps=float(_field(raw, "rms_norm_eps", (int, float), path, 1e-5)),
+        tie_embeddings=_field(raw, "tie_word_embeddings", bool, path, False),  # class default is False
+        init_std=float(_field(raw, "initializer_range", (int, float), path, 0.02)),
+    )
+    head_dim = raw.get("head_dim")
+    if head_dim is not None and model["d_model"] % heads == 0 and head_dim != model["d_model"] // heads:
+        raise HFFormatError(f"{path}: head_dim={head_dim} != hidden_size/num_attention_heads is not supported")
+
+    qc = raw.get("quantization_config")
+    lc = mode = None
+    if qc is not None:
+        if not isinstance(qc, dict):
+            raise HFFormatError(f"{path}: quantization_config must be an object, got {qc!r}")
+        if qc.get("quant_method") != "bitnet":
+            raise HFFormatError(f"{path}: unsupported quantization_config.quant_method {qc.get('quant_method')!r} "
+                                "(bitlm reads 'bitnet')")
+        lc = qc.get("linear_class", "bitlinear")
+        if lc not in LINEAR_CLASSES:
+            raise HFFormatError(f"{path}: unknown quantization_config.linear_class {lc!r}")
+        mode = qc.get("quantization_mode", "offline")
+        if mode not in ("offline", "online"):
+            raise HFFormatError(f"{path}: unknown quantization_config.quantization_mode {mode!r}")
+        if qc.get("use_rms_norm"):
+            raise HFFormatError(f"{path}: quantization_config.use_rms_norm=true (an extra norm inside every "
+                                "projection) is not supported")
+        skip = qc.get("modules_to_not_convert")
+        if skip is not None and (not isinstance(skip, list) or not any("lm_head" in str(p) for p in skip)
+                                 or any(_matches(f"model.layers.0.{proj}", skip) for proj in PROJECTIONS)):
+            raise HFFormatError(f"{path}: quantization_config.modules_to_not_convert={skip!r} is not supported "
+                                "(bitlm quantises exactly the seven projections and keeps lm_head in float)")
+    return HFConfig(model=model, quantized=qc is not None, linear_class=lc, mode=mode, raw=raw)
+
+
+def _matches(name: str, patterns: list) -> bool:
+    """Rough form of transformers' should_convert_module test: suffix or module-boundary prefix."""
+    return any(name.endswith(str(p)) or name.startswith(f"{p}.") for p in patterns)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors (single file or shards)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Tensors:
+    """Name → (file, handle) over one file or an index of shards; every read names its file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.index_map: dict[str, str] | None = None
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        if single.is_file():
+            files = [single]
+            self.source = str(single)
+        elif index.is_file():
+            files = self._read_index(index)
+            self.source = str(index)
+        else:
+            pickled = [p.name for p in folder.glob("pytorch_model*.bin")]
+            hint = f" ({pickled[0]} found: pickled checkpoints are not read, convert to safetensors)" if pickled else ""
+            raise HFFormatError(f"{single}: missing (no model.safetensors or model.safetensors.index.json){hint}")
+        self.handles: dict[Path, Any] = {}
+        self.where: dict[str, Path] = {}
+        for f in files:
+            h = self._open(f)
+            for name in h.keys():
+                if name in self.where:
+                    raise HFFormatError(f"{f}: tensor {name!r} also appears in {self.where[name]}")
+                self.where[name] = f
+        if self.index_map is not None:  # the index must agree with the shards' own headers
+            for name, fname in self.index_map.items():
+                if self.where.get(name) != folder / fname:
+                    raise HFFormatError(f"{folder / fname}: tensor {name!r} listed in {index.name} is not in that file")
+
+    def _read_index(self, index: Path) -> list[Path]:
+        try:
+            data = json.loads(index.read_text())
+            wm = data["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise HFFormatError(f"{index}: malformed index ({e})") from None
+        self.index_map = wm
+        files = []
+        for fname in dict.fromkeys(wm.values()):
+            p = self.folder / fname
+            if Path(fname).name != fname or not p.is_file():
+                raise HFFormatError(f"{p}: shard listed in {index.name} is missing")
+            files.append(p)
+        return files
+
+    def _open(self, f: Path):
+        try:
+            h = safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise HFFormatError(f"{f}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+        self.handles[f] = h
+        return h
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def info(self, name: str) -> tuple[str, list[int]]:
+        sl = self.handles[self.where[name]].get_slice(name)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        try:
+            return self.handles[f].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise HFFormatError(f"{f}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+
+    def close(self) -> None:
+        for h in self.handles.values():
+            h.__exit__(None, None, None)
+        self.handles.clear()
+
+    def err(self, name: str, msg: str) -> HFFormatError:
+        return HFFormatError(f"{self.where.get(name, self.source)}: tensor {name!r} {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_hf
+# ---------------------------------------------------------------------------------------------
+
+
+def _proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every projection."""
+    d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+    return {
+        "self_attn.q_proj": (cfg.n_heads * hd, d), "self_attn.k_proj": (cfg.kv_heads * hd, d),
+        "self_attn.v_proj": (cfg.kv_heads * hd, d), "self_attn.o_proj": (d, cfg.n_heads * hd),
+        "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f),
+    }
+
+
+def _float_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every non-projection tensor and its shape."""
+    d = cfg.d_model
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        out[p + "self_attn.attn_sub_norm.weight"] = (cfg.n_heads * cfg.head_dim,)
+        out[p + "mlp.ffn_sub_norm.weight"] = (cfg.ffn_dim,)
+    return out
+
+
+def _read_float(src: _Tensors, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    code, got = src.info(name)
+    if code not in _FLOAT_CODES:
+        hint = " (packed weights need a 'bitnet' quantization_config in config.json)" if code == "U8" else ""
+        raise src.err(name, f"has dtype {code}; expected a float dtype{hint}")
+    if tuple(got) != tuple(shape):
+        raise src.err(name, f"has shape {got}; config.json implies {list(shape)}")
+    t = src.get(name)
+    if not bool(torch.isfinite(t).all()):
+        raise src.err(name, "contains inf or nan")
+    return t.to(dtype)
+
+
+def _read_ternary(src: _Tensors, name: str, out: int, inp: int, linear_class: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T int8 [out, in], s float32 (1,)) from a packed (or already unpacked ternary) projection."""
+    wname, sname = name + ".weight", name + ".weight_scale"
+    code, shape = src.info(wname)
+    if code in ("U8", "I8"):  # transformers casts int8-stored packs to uint8 (same bits)
+        if shape != [(out + 3) // 4, inp]:
+            raise src.err(wname, f"has packed shape {shape}; config.json implies [{(out + 3) // 4}, {inp}] "
+                                 f"(ceil({out}/4) rows of 4 ternary values)")
+        packed = src.get(wname)
+        try:
+            t = unpack_ternary_hf(packed.view(torch.uint8), out)
+        except ValueError as e:
+            raise src.err(wname, str(e)) from None
+    elif code in _FLOAT_CODES and shape == [out, inp]:  # autobitlinear offline also accepts unpacked T
+        w = src.get(wname).float()
+        if not bool(((w == -1) | (w == 0) | (w == 1)).all()):
+            raise src.err(wname, "is a float tensor in an offline-quantised checkpoint but not ternary")
+        t = w.to(torch.int8)
+    else:
+        raise src.err(wname, f"has dtype {code} and shape {shape}; quantization_config says packed: expected "
+                             f"uint8 [{(out + 3) // 4}, {inp}]")
+    scode, sshape = src.info(sname)
+    if scode not in _FLOAT_CODES or math.prod(sshape) != 1:
+        raise src.err(sname, f"has dtype {scode} and shape {sshape}; expected one float")
+    s = hf_scale_to_absmean(src.get(sname), linear_class)
+    if not (bool(torch.isfinite(s).all()) and float(s) > 0):
+        raise src.err(sname, f"gives the non-positive or non-finite absmean {float(s)!r}")
+    return t, s
+
+
+def load_hf(folder: str | Path, quant: str | None = None, *, dtype: torch.dtype = torch.float32) -> BitNetModel:
+    """Load a local BitNetForCausalLM folder as a :class:`~bitlm.model.BitNetModel` (eval mode).
+
+    ``quant`` chooses the projection modules:
+
+      * None (default): packed checkpoints → :class:`FrozenTernaryLinear` (exactly the stored T
+        and s); master weights → trainable ``BitLinear`` b1.58 (ready for QAT).  Note that
+        transformers runs a float folder *without* quantization_config unquantised: use
+        ``quant="fp"`` to reproduce that.
+      * "b1.58": trainable ``BitLinear`` everywhere; packed weights become latents
+        (s/p)·T (:func:`ternary_latent`) that re-quantise to the stored T and s.
+      * "fp": plain ``nn.Linear`` (packed weights dequantised to s·T, activations unquantised).
+      * "b1": binary ``BitLinear`` — master-weight folders only.
+
+    The folder is recorded as ``model.hf_folder`` (tokenizer files stay there) and the raw
+    config as ``model.hf_config``.  Raises :class:`HFFormatError` naming the file and tensor.
+    """
+    folder = Path(folder)
+    if quant not in (None, "fp", "b1", "b1.58"):
+        raise ValueError(f"quant must be None, 'fp', 'b1' or 'b1.58', got {quant!r}")
+    hc = read_hf_config(folder)
+    cfg_path = folder / "config.json"
+    try:
+        cfg = ModelConfig(**hc.model, quant=quant or "b1.58")
+    except ValueError as e:
+        raise HFFormatError(f"{cfg_path}: {e}") from None
+    if hc.packed and quant == "b1":
+        raise HFFormatError(f"{cfg_path}: a ternary (packed) checkpoint cannot be loaded as binary b1 weights")
+
+    src = _Tensors(folder)
+    try:
+        return _load(folder, hc, cfg, src, quant, dtype)
+    finally:
+        src.close()
+
+
+def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: str | None,
+          dtype: torch.dtype) -> BitNetModel:
+    floats = _float_shapes(cfg)
+    projs = _proj_shapes(cfg)
+    expected = set(floats)
+    for i in range(cfg.n_layers):
+        for proj in PROJECTIONS:
+            expected.add(f"model.layers.{i}.{proj}.weight")
+            if hc.packed:
+                expected.add(f"model.layers.{i}.{proj}.weight_scale")
+    present = src.names()
+    missing = sorted(expected - present)
+    if missing:
+        raise HFFormatError(f"{src.source}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+    # A tied folder may still carry a copy of the embedding as lm_head (transformers ignores it).
+    extra = sorted(n for n in present - expected
+                   if not n.endswith(_IGNORABLE_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise src.err(extra[0], f"is unexpected ({len(extra)} unexpected tensors; config.json describes "
+                                f"{cfg.n_layers} layers, tie_word_embeddings={cfg.tie_embeddings})")
+
+    sd: dict[str, torch.Tensor] = {n: _read_float(src, n, shape, dtype) for n, shape in floats.items()}
+    frozen: dict[str, FrozenTernaryLinear] = {}
+    scales: list[tuple[str, float]] = []
+    for i in range(cfg.n_layers):
+        for proj, (out, inp) in projs.items():
+            name = f"model.layers.{i}.{proj}"
+            if not hc.packed:
+                sd[name + ".weight"] = _read_float(src, name + ".weight", (out, inp), dtype)
+            else:
+                t, s = _read_ternary(src, name, out, inp, hc.linear_class)
+                scales.append((name, float(s)))
+                if quant is None:
+                    frozen[name] = FrozenTernaryLinear.from_ternary(t, s, dtype)
+                    continue
+                sd[name + ".weight"] = ternary_latent(t, s, dtype) if quant == "b1.58" else (t.float() * s).to(dtype)
+            if cfg.quant != "fp":
+                sd[name + ".quant_lambda"] = torch.tensor(1.0)
+    if hc.packed:
+        _check_scales(scales, hc.linear_class, src.source)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+
+    with torch.device("meta"):
+        model = BitNetModel(cfg)  # shapes only: no random init, no memory
+    for name, mod in frozen.items():
+        model.set_submodule(name, mod)
+        for k, v in mod.state_dict().items():
+            sd[f"{name}.{k}"] = v
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # would mean a bitlm module with state this loader does not know about
+        raise HFFormatError(f"{src.source}: no data for {leftover[0]!r}")
+    model.eval()
+    model.hf_folder = folder
+    model.hf_config = hc.raw
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# save_hf
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_check(name: str, m: nn.Module) -> None:
+    """HF's layers quantise activations per token to int8 absmax, one weight scale per tensor."""
+    if getattr(m, "bias", None) is not None:
+        raise ValueError(f"{name}: projections with bias cannot be saved as BitNetForCausalLM")
+    if not isinstance(m, BitLinear):
+        return
+    got = (m.act_bits, m.act_granularity, m.act_groups, m.norm, m.weight_groups)
+    if got != (8, "token", 1, None, 1):
+        raise ValueError(f"{name}: (act_bits, act_granularity, act_groups, norm, weight_groups)={got}; the HF BitNet "
+                         "format computes (8, 'token', 1, None, 1)")
+
+
+def _ternary_of(name: str, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if not hasattr(m, "quantized_weight"):
+        raise ValueError(f"{name}: {type(m).__name__} has no quantized weight (an fp model: use packed=False)")
+    if isinstance(m, BitLinear) and m.weight_quant == "fp":
+        raise ValueError(f"{name}: BitLinear with weight_quant='fp' cannot be packed (use packed=False)")
+    t, s = m.quantized_weight()
+    if s.numel() != 1:
+        raise ValueError(f"{name}: {s.numel()} weight groups; the HF BitNet format has one scale per tensor")
+    return t, s.reshape(1).float()
+
+
+def hf_config_dict(cfg: ModelConfig, *, packed: bool, linear_class: str, dtype: torch.dtype,
+                   bos_token_id: int | None = None, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None) -> dict[str, Any]:
+    """config.json for ``cfg``: readable by transformers 5.x (rope_parameters, dtype) and 4.x
+    (rope_theta, torch_dtype)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    out: dict[str, Any] = {
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": _ARCH_TO_ACT[cfg.arch],
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "use_cache": True,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+    if packed:
+        out["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class,
+                                      "quantization_mode": "offline"}
+    elif cfg.quant != "fp":  # master weights that transformers must ternarise in every forward
+        out["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                      "quantization_mode": "online"}
+    return out
+
+
+def save_hf(
+    model: BitNetModel,
+    folder: str | Path,
+    packed: bool = True,
+    linear_class: str = "bitlinear",
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    tokenizer: Any = None,
+    max_shard_bytes: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
+    """Write ``model`` as a BitNetForCausalLM folder that transformers loads; returns the folder.
+
+    ``packed=True``: every projection as uint8 [ceil(out/4), in] + ``weight_scale`` in the
+    ``linear_class`` convention (``"bitlinear"``: 1/s, transformers' default class, which
+    unpacks in every forward; ``"autobitlinear"``: s, 2B4T's choice, unpacked once at load), and
+    ``quantization_mode: offline``.  ``packed=False``: float master weights; b1.58 models get an
+    ``autobitlinear``/``online`` quantization_config so transformers ternarises them as bitlm
+    does (``linear_class`` is then ignored), fp models get none.  Embeddings, norms, lm_head and
+    scales are stored in ``dtype``.  ``tokenizer``: a ``tokenizers.Tokenizer``, an object with
+    ``save_pretrained``, or a path to a tokenizer file / folder to copy.  The folder is written
+    to a temp sibling and renamed into place (an existing folder is replaced).
+    """
+    cfg = model.config
+    if cfg.arch not in _ARCH_TO_ACT:
+        raise ValueError(f"arch {cfg.arch!r} cannot be saved as BitNetForCausalLM (LayerNorm/GELU graph); "
+                         f"only {', '.join(_ARCH_TO_ACT)} can")
+    _scale_multiplies(linear_class)  # validates the name
+    if packed and cfg.quant == "fp":
+        raise ValueError("an fp model has no ternary weights to pack; use packed=False")
+    if not packed and cfg.quant == "b1":
+        raise ValueError("binary (b1) models must be saved packed: transformers' online mode ternarises")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a float dtype, got {dtype}")
+    if packed and any(out % 4 for out, _ in _proj_shapes(cfg).values()):
+        raise ValueError("transformers' packed layers need every projection's out_features divisible by 4")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if name.startswith("model.layers.") and any(f".{proj}." in name for proj in PROJECTIONS):
+            continue  # projections below
+        if name.startswith(("model.", "lm_head.")) and name.endswith(".weight"):
+            tensors[name] = p.detach().to(dtype).contiguous()
+    warm = []
+    for i in range(cfg.n_layers):
+        for proj in PROJECTIONS:
+            name = f"model.layers.{i}.{proj}"
+            m = model.get_submodule(name)
+            _export_check(name, m)
+            lam = getattr(m, "quant_lambda", None)
+            if lam is not None and float(lam) != 1.0:
+                warm.append(name)
+            if packed:
+                t, s = _ternary_of(name, m)
+                tensors[name + ".weight"] = pack_ternary_hf(t)
+                tensors[name + ".weight_scale"] = absmean_to_hf_scale(s, linear_class, dtype)
+            elif isinstance(m, FrozenTernaryLinear):  # s·T would re-quantise to s·p: store a latent
+                t, s = m.quantized_weight()
+                tensors[name + ".weight"] = ternary_latent(t, s, dtype)
+            else:
+                tensors[name + ".weight"] = m.weight.detach().to(dtype).contiguous()
+    if warm:
+        warnings.warn(f"{len(warm)} projections (first: {warm[0]}) have quant_lambda < 1 (warm-up not finished); "
+                      "the saved model is fully quantised", stacklevel=2)
+
+    config = hf_config_dict(cfg, packed=packed, linear_class=linear_class, dtype=dtype,
+                            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        _write_safetensors(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, tmp)
+    return folder
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None) -> None:
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():  # greedy, in state-dict order; a big tensor gets its own shard
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer(tokenizer: Any, folder: Path) -> None:
+    if isinstance(tokenizer, (str, Path)):
+        p = Path(tokenizer)
+        if p.is_file():
+            # bitlm's single-file models keep "<name>.tokenizer.json" beside them
+            shutil.copy2(p, folder / ("tokenizer.json" if p.name.endswith("tokenizer.json") else p.name))
+            return
+        files = [p / f for f in TOKENIZER_FILES if (p / f).is_file()] if p.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"{p}: no tokenizer file found ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+        for f in files:
+            shutil.copy2(f, folder / f.name)
+    elif hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer
+        tokenizer.save_pretrained(str(folder))
+    elif hasattr(tokenizer, "save"):  # a tokenizers.Tokenizer
+        tokenizer.save(str(folder / "tokenizer.json"))
+    else:
+        raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
