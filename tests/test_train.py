@@ -11,25 +11,31 @@ from bitlm.io.checkpoint import CheckpointError
 from bitlm.train import TrainConfig, lr_at, train, weight_decay_at
 
 
-class ArrayData:
-    """A minimal data bundle over a fixed token array (the real one is bitlm.data.DataBundle)."""
+class VocabOnly:
+    def __init__(self, n):
+        self.vocab_size = n
 
-    tokenizer = None
+    def save(self, path):
+        pass
+
+
+class ArrayData:
+    """A minimal stand-in for bitlm.data.TokenData over a fixed token array."""
 
     def __init__(self, tokens, vocab_size):
         self.tokens = np.asarray(tokens, dtype=np.int64)
-        self.vocab_size = vocab_size
+        self.tokenizer = VocabOnly(vocab_size)
 
-    def train_batch(self, batch_size, seq_len, seed, step, micro=0):
-        g = np.random.default_rng([seed, step, micro])
+    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
+        g = np.random.default_rng([seed, step, rank])
         starts = g.integers(0, self.tokens.size - seq_len - 1, batch_size)
         x = np.stack([self.tokens[s : s + seq_len] for s in starts])
         y = np.stack([self.tokens[s + 1 : s + seq_len + 1] for s in starts])
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    def val_batches(self, batch_size, seq_len, n):
-        for i in range(n):
-            yield self.train_batch(batch_size, seq_len, seed=12345, step=i)
+    def val_batches(self, batch_size, seq_len, max_batches=None):
+        for i in range(max_batches or 4):
+            yield self.batch(i, batch_size, seq_len, seed=12345)
 
 
 def pattern_data(vocab=64, n=20000):

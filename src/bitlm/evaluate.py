@@ -76,6 +76,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from .data import count_token_bytes
     from .io import load, load_tokenizer_for
 
     model = load(args.model)
@@ -99,7 +100,7 @@ def run(args) -> int:
         ids = tok.encode(text)
         if args.max_tokens is not None:
             ids = ids[: args.max_tokens + 1]
-        n_bytes = len(tok.decode(ids[1:]).encode("utf-8"))  # the scored tokens' text
+        n_bytes = count_token_bytes(ids[1:], tok)  # UTF-8 bytes the scored tokens stand for
         r = perplexity(model, ids, args.seq_len, args.batch_size, n_bytes=n_bytes, progress=True)
         results["lm"] = r
         print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  bpb {r['bpb']:.4f}")

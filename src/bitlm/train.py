@@ -204,7 +204,7 @@ def train(
     init_model: BitNetModel | None = None,
     log=print,
 ) -> TrainResult:
-    """Train ``model_cfg`` under ``tcfg``; ``data`` is a ``bitlm.data.DataBundle`` (built from
+    """Train ``model_cfg`` under ``tcfg``; ``data`` is a ``bitlm.data.TokenData`` (built from
     ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
     from tqdm.auto import tqdm
 
@@ -218,8 +218,8 @@ def train(
         from .data import prepare_data
 
         data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
-    if data.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {data.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
+    if data.tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
     if tcfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
 
@@ -283,7 +283,9 @@ def train(
             lr, wd = set_schedule(opt, step, r)
             loss_sum = 0.0
             for micro in range(tcfg.grad_accum):
-                x, y = data.train_batch(tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step, micro=micro)
+                # micro-batch m of a step is what data-parallel rank m would see: grad accumulation
+                # over k micro-batches equals k ranks with the same global batch
+                x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=micro)
                 loss = lm_loss(model, x, y, tcfg.bf16)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged; lower the LR)")
@@ -304,7 +306,7 @@ def train(
                 record({"step": step, "loss": loss_sum, "lr": lr, "wd": wd, "grad_norm": gnorm,
                         "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed})
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total):
-                val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches), tcfg.bf16)
+                val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches), tcfg.bf16)
                 record({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "time": time.time() - t0})
                 bar.write(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total:
