@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .layers import BitLinear
 
-__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules"]
+__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules", "attend", "rope_cos_sin", "apply_rope"]
 
 
 class RMSNorm(nn.Module):
@@ -122,6 +122,22 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, Hkv, past+T, D); GQA when Hkv < H."""
+    B, H, T, D = q.shape
+    hkv = k.shape[1]
+    if hkv != H:  # GQA: query head h reads kv head h // (H / Hkv) (HF repeat_kv)
+        rep = H // hkv
+        k = k[:, :, None].expand(B, hkv, rep, k.shape[2], D).reshape(B, H, -1, D)
+        v = v[:, :, None].expand(B, hkv, rep, v.shape[2], D).reshape(B, H, -1, D)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+    # query i (absolute position past+i) may attend keys 0..past+i
+    kpos = torch.arange(past + T, device=q.device)
+    qpos = torch.arange(past, past + T, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=kpos[None, :] <= qpos[:, None])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -144,18 +160,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
-        rep = cfg.n_heads // cfg.kv_heads
-        if rep > 1:  # GQA: query head h reads kv head h // rep (HF repeat_kv)
-            k = k[:, :, None].expand(B, cfg.kv_heads, rep, k.shape[2], cfg.head_dim).reshape(B, cfg.n_heads, -1, cfg.head_dim)
-            v = v[:, :, None].expand(B, cfg.kv_heads, rep, v.shape[2], cfg.head_dim).reshape(B, cfg.n_heads, -1, cfg.head_dim)
-        if past == 0:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            # query i (absolute position past+i) may attend keys 0..past+i
-            kpos = torch.arange(past + T, device=h.device)
-            qpos = torch.arange(past, past + T, device=h.device)
-            mask = kpos[None, :] <= qpos[:, None]  # (T, past+T)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = attend(q, k, v, past)  # (B, H, T, D)
         a = a.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(a))
 
