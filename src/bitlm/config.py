@@ -51,6 +51,9 @@ class ModelConfig:
     weight_groups: int = 1
     act_groups: int = 1
     init_std: float = 0.02
+    # For models converted from LLaMA-family checkpoints (bitlm.convert); defaults = the papers' graph.
+    sub_norm: bool = True  # False: nn.Identity in place of attn_sub_norm / ffn_sub_norm (no SubLN)
+    qkv_bias: bool = False  # bias on q/k/v (Qwen2); o/gate/up/down never have one
 
     def __post_init__(self) -> None:
         self.validate()

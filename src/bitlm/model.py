@@ -10,6 +10,10 @@ Layer layout (per block), with Norm = LayerNorm for ``bitnet`` and RMSNorm other
       | relu(Wgate h)² ⊙ Wup h            (bitnet-2b4t: ReLU²-GLU)
     x = x + Wdown · Norm_ffn_sub(m)                                 # SubLN before down_proj
 
+Two config flags exist for models converted from LLaMA-family checkpoints (``bitlm.convert``):
+``sub_norm=False`` makes both SubLN norms identities (the LLaMA graph), ``qkv_bias=True`` gives
+q/k/v a bias (Qwen2).
+
 Every W is a ``BitLinear`` when quant ∈ {b1, b1.58} and a plain ``nn.Linear`` for ``fp``; the
 norms, embeddings and output head are the same in both, so ``fp`` is the exact baseline.
 Parameter names follow transformers' BitNetForCausalLM (``model.layers.N.self_attn.q_proj`` ...)
@@ -48,18 +52,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int, sub: bool = False) -> nn.Module:
+    """The block's norm; ``sub=True`` marks the SubLN sites, which ``cfg.sub_norm=False`` turns into
+    identities (a converted LLaMA has no norm there, and an RMSNorm would change its function)."""
+    if sub and not cfg.sub_norm:
+        return nn.Identity()
     if cfg.arch == "bitnet":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
     return RMSNorm(dim, cfg.norm_eps)
 
 
-def make_linear(cfg: ModelConfig, d_in: int, d_out: int) -> nn.Linear:
+def make_linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
     """nn.Linear for fp, BitLinear for b1 / b1.58 (norms live in the model, so norm=None here)."""
     if cfg.quant == "fp":
-        return nn.Linear(d_in, d_out, bias=False)
+        return nn.Linear(d_in, d_out, bias=bias)
     return BitLinear(
-        d_in, d_out, bias=False, weight_quant=cfg.quant, act_bits=cfg.act_bits,
+        d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits,
         act_granularity=cfg.act_granularity, weight_groups=cfg.weight_groups, act_groups=cfg.act_groups,
     )
 
@@ -143,10 +151,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         d, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = make_linear(cfg, d, cfg.n_heads * hd)
-        self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd)
-        self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd)
-        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd)
+        self.q_proj = make_linear(cfg, d, cfg.n_heads * hd, cfg.qkv_bias)
+        self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
+        self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
+        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True)
         self.o_proj = make_linear(cfg, cfg.n_heads * hd, d)
 
     def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
@@ -173,7 +181,7 @@ class MLP(nn.Module):
         if cfg.gated_ffn:
             self.gate_proj = make_linear(cfg, d, f)
         self.up_proj = make_linear(cfg, d, f)
-        self.ffn_sub_norm = make_norm(cfg, f)
+        self.ffn_sub_norm = make_norm(cfg, f, sub=True)
         self.down_proj = make_linear(cfg, f, d)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
