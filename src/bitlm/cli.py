@@ -21,8 +21,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("bitlm.evaluate", "loss / perplexity / bits-per-byte, and zero-shot tasks"),
     "generate": ("bitlm.generate", "generate text from a prompt"),
     "info": ("bitlm.info", "model, parameter count, bits, environment and kernel backend"),
+    "pack": ("bitlm.engine", "pack a trained model into a memory-mapped file for the fast CPU engine"),
+    "chat": ("bitlm.chat", "multi-turn chat on stdin/stdout (packed engine when given a packed file)"),
     "demo": ("bitlm.demo", "train BitNet b1.58 and fp on the bundled corpus and compare them"),
+    "convert": ("bitlm.convert", "convert a Llama / Mistral / Qwen2 HF folder to a BitNet b1.58 checkpoint for QAT"),
     "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
+    "export": ("bitlm.export", "write a model as a llama.cpp GGUF file or a Hugging Face folder"),
 }
 
 

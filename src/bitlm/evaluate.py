@@ -114,7 +114,7 @@ def _print_tasks(res: dict[str, Any]) -> None:
     print(f"{'task':<16}{'n':>7}{'acc':>9}{'acc_norm':>10}")
     for name, v in rows:
         an = v.get("acc_norm")
-        print(f"{name:<16}{v.get('n', 0):>7}{v.get('acc', float('nan')) * 100:>8.2f}%"
-              f"{(an * 100 if an is not None else float('nan')):>9.2f}%")
+        an_s = f"{an * 100:>9.2f}%" if an is not None else f"{'-':>10}"
+        print(f"{name:<16}{v.get('n', 0):>7}{v.get('acc', float('nan')) * 100:>8.2f}%{an_s}")
     if "average" in res:
         print(f"{'average':<16}{'':>7}{res['average'] * 100:>8.2f}%")

@@ -194,3 +194,67 @@ def run(args) -> int:
         sys.stdout.write(text)
     sys.stdout.write("\n")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: bitlm chat — a multi-turn loop on stdin/stdout
+# ---------------------------------------------------------------------------------------------
+
+#: Prompt templates.  ``2b4t`` is the BitNet b1.58 2B4T chat format ("Role: content<|eot_id|>").
+CHAT_TEMPLATES = {
+    "plain": {"turn": "{role}: {content}\n", "assistant": "Assistant:", "stop": ["\nUser:", "\nSystem:"]},
+    "2b4t": {"turn": "{role}: {content}<|eot_id|>", "assistant": "Assistant: ", "stop": ["<|eot_id|>"]},
+}
+
+
+def chat_prompt(messages: list[tuple[str, str]], template: str = "plain") -> str:
+    t = CHAT_TEMPLATES[template]
+    return "".join(t["turn"].format(role=r, content=c) for r, c in messages) + t["assistant"]
+
+
+def add_chat_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="packed model file (fast engine), checkpoint, HF folder or GGUF")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--template", choices=sorted(CHAT_TEMPLATES), default="plain")
+    add_sampling_arguments(p)
+
+
+def run_chat(args) -> int:
+    import sys
+
+    from .io import load, load_tokenizer_for
+
+    params = sampling_from_args(args)
+    model = load(args.model)
+    model.eval()
+    tok = load_tokenizer_for(args.model, args.tokenizer)
+    t = CHAT_TEMPLATES[args.template]
+    messages: list[tuple[str, str]] = [("System", args.system)] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        messages.append(("User", line))
+        ids = tok.encode(chat_prompt(messages, args.template))
+        room = model.config.max_seq_len - args.max_new_tokens
+        while len(ids) > room and len(messages) > 1:  # drop the oldest turns that no longer fit
+            messages.pop(0)
+            ids = tok.encode(chat_prompt(messages, args.template))
+        sys.stdout.write("bot> " if interactive else "")
+        reply = generate(model, tok, chat_prompt(messages, args.template), args.max_new_tokens, params,
+                         t["stop"] + (args.stop or []),
+                         lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append(("Assistant", reply.strip()))
+    return 0

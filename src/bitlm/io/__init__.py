@@ -1,7 +1,8 @@
 """Model files in and out: ``bitlm.load`` / ``bitlm.save`` pick the format.
 
     native   a bitlm checkpoint folder (``io.checkpoint``)
-    hf       a Hugging Face BitNetForCausalLM folder (``io.hf``)
+    hf       a Hugging Face BitNetForCausalLM folder (``io.hf``), or a Llama / Mistral / Qwen2
+             folder, converted to BitNet b1.58 with the weights copied (``bitlm.convert``)
     gguf     a llama.cpp GGUF file (``io.gguf``)
 
 Scale conventions of foreign formats (e.g. HF's weight_scale = 1/mean|W|) are converted only
@@ -49,6 +50,10 @@ def load(path: str | Path, **kw: Any):
 
         return load_checkpoint(path, **kw)[0]
     if fmt == "hf":
+        from ..convert import convert_llama, is_llama_family
+
+        if is_llama_family(path):  # Llama / Mistral / Qwen2: converted to BitNet b1.58 for QAT
+            return convert_llama(path, **kw)
         from .hf import load_hf
 
         return load_hf(path, **kw)
@@ -86,6 +91,16 @@ def load_tokenizer_for(model_path: str | Path, explicit: str | Path | None = Non
     if explicit is not None:
         return load_tokenizer(explicit)
     p = Path(model_path)
+    if p.is_file() and detect_format(p) == "packed":
+        from ..engine import read_header
+
+        tok_json = read_header(p).get("tokenizer")
+        if tok_json:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            from ..data import Tokenizer
+
+            return Tokenizer(HFTokenizer.from_str(tok_json))
     candidates = [p / "tokenizer.json"] if p.is_dir() else [p.with_suffix(".tokenizer.json"), p.parent / "tokenizer.json"]
     for c in candidates:
         if c.is_file():

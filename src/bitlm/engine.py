@@ -1,0 +1,528 @@
+"""The packed inference engine: ``PackedBitLinear``, packed models for the three architectures,
+and the memory-mapped packed model file (``bitlm pack``).
+
+A packed model computes what the torch reference ``BitNetModel`` computes, with the weights as
+``PackedWeight`` (i2 / t1 ternary, b1 binary; ``bitlm.packing``) and every projection an exact
+integer matmul in the native kernels (``bitlm.kernels``): int8 per-token activations from the
+fused RMSNorm + absmax quantiser, int32 accumulation, one float epilogue.  Norms, RoPE, attention
+and the residual stream stay float32; the embedding and output head are kept in f32, bf16 or
+int8 (per-row absmax scale) by option — for 2B4T the head is the largest read per token.
+
+Packed file (``.bitlm``), version 1, little-endian::
+
+    b"BITLMPAK"  u32 version  u32 0  u64 header_len  header (UTF-8 JSON)  zero padding to 64
+    data: every tensor at a 64-byte aligned offset (relative to the data start)
+
+The header holds the model config, the packing format, head/embedding types, the tokenizer
+(tokenizer.json text, optional) and a table of tensors (name, dtype, shape, offset, nbytes,
+crc32).  Loading memory-maps the file copy-on-write, so weights are paged in from the page cache
+on first use and never copied; ``verify=True`` checks every tensor's CRC-32 and the file size,
+so a corrupt or truncated file is an error naming the tensor, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .config import ModelConfig
+from .model import KVCache, apply_rope, attend, rope_cos_sin
+from .packing import PackedWeight, get_format, pack_weight
+
+__all__ = ["PackedBitLinear", "PackedModel", "convert", "save_packed", "load_packed", "PackedFormatError",
+           "MAGIC", "VERSION", "add_arguments", "run"]
+
+MAGIC = b"BITLMPAK"
+VERSION = 1
+ALIGN = 64
+DENSE_TYPES = ("f32", "bf16", "int8")
+
+
+class PackedFormatError(ValueError):
+    """A packed model file that is corrupt, truncated, of another version, or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedBitLinear:
+    """Inference BitLinear: y = s·T · quant(norm(x)) with T packed; exact integer matmul."""
+
+    def __init__(self, w: PackedWeight, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                 rmsnorm: bool = False) -> None:
+        self.w, self.norm_weight, self.eps, self.rmsnorm = w, norm_weight, eps, rmsnorm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.w, None, self.norm_weight, self.eps, rmsnorm=self.rmsnorm or None)
+
+    @staticmethod
+    def quantize(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, rmsnorm: bool):
+        return kernels.quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm or None)
+
+
+class Dense:
+    """A high-precision matrix (embedding table / output head) stored as f32, bf16 or int8 rows."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        if kind not in DENSE_TYPES:
+            raise ValueError(f"dense type must be one of {DENSE_TYPES}, got {kind!r}")
+        self.kind, self.weight, self.scale = kind, weight, scale  # scale: (V,) float32 for int8
+
+    @classmethod
+    def from_float(cls, kind: str, w: torch.Tensor) -> Dense:
+        w = w.detach().float()
+        if kind == "f32":
+            return cls(kind, w.contiguous())
+        if kind == "bf16":
+            return cls(kind, w.to(torch.bfloat16).contiguous())
+        # int8 per row: the same absmax rule as activations (bitlm.quant)
+        from .quant import activation_quantize
+
+        q, a = activation_quantize(w)
+        return cls(kind, q.to(torch.int8).contiguous(), (1.0 / a.reshape(-1)).contiguous())
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup → float32 (..., d)."""
+        r = self.weight[ids]
+        if self.kind == "int8":
+            return r.float() * self.scale[ids].unsqueeze(-1)
+        return r.float()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Output head: float32 (M, d) → (M, V) logits."""
+        if self.kind == "f32":
+            return F.linear(x, self.weight)
+        if self.kind == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.weight).float()
+        return kernels.dense_int8_matmul(x, self.weight, self.scale) if hasattr(kernels, "dense_int8_matmul") \
+            else F.linear(x, self.weight.float()) * self.scale
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        d = {f"{prefix}.weight": self.weight}
+        if self.scale is not None:
+            d[f"{prefix}.scale"] = self.scale
+        return d
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + (self.scale.numel() * 4 if self.scale is not None else 0)
+
+
+@dataclass
+class PackedLayer:
+    # weights
+    q: PackedWeight
+    k: PackedWeight
+    v: PackedWeight
+    o: PackedWeight
+    up: PackedWeight  # gate and up fused in one grouped weight (groups=2) for gated FFNs
+    down: PackedWeight
+    # norms (float32); bitnet arch: LayerNorm weight and bias; sub-norms None when cfg.sub_norm=False
+    input_norm: torch.Tensor
+    attn_sub_norm: torch.Tensor | None
+    post_norm: torch.Tensor
+    ffn_sub_norm: torch.Tensor | None
+    input_norm_b: torch.Tensor | None = None
+    attn_sub_norm_b: torch.Tensor | None = None
+    post_norm_b: torch.Tensor | None = None
+    ffn_sub_norm_b: torch.Tensor | None = None
+    # q/k/v biases (Qwen2-style converted models)
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed model
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedModel:
+    """``model(ids, cache=None) -> logits`` like ``BitNetModel``, on packed weights.
+
+    Has the same ``config``, ``new_cache`` and call signature, so ``bitlm.generate`` drives both.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: list[PackedLayer], embed: Dense, head: Dense,
+                 final_norm: torch.Tensor, final_norm_b: torch.Tensor | None = None, format: str = "i2",
+                 tokenizer_json: str | None = None) -> None:
+        self.config, self.layers, self.embed, self.head = cfg, layers, embed, head
+        self.final_norm, self.final_norm_b = final_norm, final_norm_b
+        self.format = format
+        self.tokenizer_json = tokenizer_json
+        self._mmap = None  # keeps the mapped file alive
+
+    # -- nn.Module look-alikes used by generate / eval -------------------------------------------
+    def eval(self) -> PackedModel:
+        return self
+
+    def train(self, mode: bool = True) -> PackedModel:
+        if mode:
+            raise RuntimeError("a packed model is inference-only; train the checkpoint instead")
+        return self
+
+    training = False
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype=torch.float32)
+
+    def weight_bytes(self) -> dict[str, int]:
+        lin = sum(w.nbytes for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+        tied = self.config.tie_embeddings
+        return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+        """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN)."""
+        if w is None:  # no norm at this site (sub_norm=False)
+            return kernels.quantize_rows(x)
+        if self.config.arch == "bitnet":
+            h = F.layer_norm(x, (x.shape[-1],), w, b, self.config.norm_eps)
+            return kernels.quantize_rows(h)
+        return kernels.quantize_rows(x, w, self.config.norm_eps)
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.forward(input_ids, cache)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        cos, sin = rope_cos_sin(torch.arange(past, past + T), cfg.head_dim, cfg.rope_theta)
+        x = self.embed.rows(input_ids).reshape(B * T, cfg.d_model)  # (B*T, d) float32
+        H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        for i, L in enumerate(self.layers):
+            xq, a = self._norm_quant(x, L.input_norm, L.input_norm_b)
+            q = kernels.matmul(xq, a, L.q, L.q_b).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = kernels.matmul(xq, a, L.k, L.k_b).view(B, T, Hkv, D).transpose(1, 2)
+            v = kernels.matmul(xq, a, L.v, L.v_b).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+            att = attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            x = x + kernels.matmul(aq, aa, L.o)
+            hq, ha = self._norm_quant(x, L.post_norm, L.post_norm_b)
+            u = kernels.matmul(hq, ha, L.up)
+            if cfg.arch == "bitnet":
+                m = F.gelu(u)
+            else:
+                g, u = u.chunk(2, dim=-1)  # gate rows first, then up (see convert())
+                m = (F.silu(g) if cfg.arch == "bitnet-b1.58" else F.relu(g).square()) * u
+            mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b)
+            x = x + kernels.matmul(mq, ma, L.down)
+        if cache is not None:
+            cache.advance(T)
+        if cfg.arch == "bitnet":
+            h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
+        else:
+            xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+            h = self.final_norm * xf
+        return self.head.matmul(h).view(B, T, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion from a trained model
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    from .layers import BitLinear
+
+    if not isinstance(lin, BitLinear):
+        raise ValueError(f"cannot pack {type(lin).__name__}: only BitLinear projections have ternary/binary weights "
+                         "(an fp model must be trained with quant=b1.58/b1, or quantised with bitlm.ptq)")
+    if lin.act_bits != 8 or lin.act_granularity != "token" or lin.act_groups != 1 or lin.norm is not None:
+        raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
+    if lin.bias is not None and not allow_bias:
+        raise ValueError("the packed engine supports biases only on q/k/v projections")
+    return lin.quantized_weight()
+
+
+def _fmt_for(cfg: ModelConfig, format: str | None) -> str:
+    if cfg.quant == "fp":
+        raise ValueError("model quant is 'fp': nothing to pack (train with quant=b1.58 or b1)")
+    if format is None:
+        return "i2" if cfg.quant == "b1.58" else "b1"
+    f = get_format(format)
+    if cfg.quant == "b1.58" and not f.ternary:
+        raise ValueError(f"format {format!r} cannot hold ternary weights; use i2 or t1")
+    if f.native_id is None:
+        raise ValueError(f"format {format!r} has no native kernel; the engine packs i2, t1 or b1")
+    return f.name
+
+
+def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None) -> PackedModel:
+    """``bitlm.pack(model)``: a trained ``BitNetModel`` → ``PackedModel`` (weights quantised with
+    the same functions training used, so the packed model computes the same ternary layer)."""
+    cfg = model.config
+    fmt = _fmt_for(cfg, format)
+    embed = embed or head
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    layers = []
+    for blk in model.model.layers:
+        att, mlp = blk.self_attn, blk.mlp
+        packed = {}
+        for name in ("q", "k", "v", "o"):
+            lin = getattr(att, f"{name}_proj")
+            t, s = _quantized(lin, allow_bias=name != "o")
+            packed[name] = pack_weight(t, s, fmt)
+            if lin.bias is not None:
+                packed[f"{name}_b"] = f32(lin.bias)
+        if cfg.gated_ffn:
+            (tg, sg), (tu, su) = _quantized(mlp.gate_proj), _quantized(mlp.up_proj)
+            if sg.numel() != 1 or su.numel() != 1:
+                raise ValueError("weight groups > 1 are not supported by the packed engine for gated FFNs")
+            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=2)
+        else:
+            t, s = _quantized(mlp.up_proj)
+            packed["up"] = pack_weight(t, s, fmt)
+        t, s = _quantized(mlp.down_proj)
+        packed["down"] = pack_weight(t, s, fmt)
+        norms = dict(input_norm=blk.input_layernorm, attn_sub_norm=att.attn_sub_norm,
+                     post_norm=blk.post_attention_layernorm, ffn_sub_norm=mlp.ffn_sub_norm)
+        nt = {k: f32(v.weight) if hasattr(v, "weight") else None for k, v in norms.items()}  # Identity: None
+        if cfg.arch == "bitnet":
+            nt.update({f"{k}_b": f32(v.bias) if hasattr(v, "bias") else None for k, v in norms.items()})
+        layers.append(PackedLayer(**packed, **nt))
+    emb_w = model.model.embed_tokens.weight
+    embed_d = Dense.from_float(embed, emb_w)
+    head_d = embed_d if cfg.tie_embeddings and embed == head else Dense.from_float(head, model.lm_head.weight)
+    fn = model.model.norm
+    return PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
+                       f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed file
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _tensor_table(pm: PackedModel) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    tensors: dict[str, torch.Tensor] = {}
+    packs: dict[str, dict[str, Any]] = {}
+    for i, L in enumerate(pm.layers):
+        for name in ("q", "k", "v", "o", "up", "down"):
+            w: PackedWeight = getattr(L, name)
+            key = f"layers.{i}.{name}"
+            tensors[f"{key}.data"] = w.data
+            tensors[f"{key}.scale"] = w.scale
+            packs[key] = {"format": w.format, "version": w.version, "N": w.N, "K": w.K, "groups": w.groups}
+        for name in ("input_norm", "attn_sub_norm", "post_norm", "ffn_sub_norm", "q_b", "k_b", "v_b"):
+            for suffix in ("", "_b") if name.endswith("norm") else ("",):
+                t = getattr(L, name + suffix)
+                if t is not None:
+                    tensors[f"layers.{i}.{name}{suffix}"] = t
+    tensors.update(pm.embed.tensors("embed"))
+    if pm.head is not pm.embed:
+        tensors.update(pm.head.tensors("head"))
+    tensors["final_norm"] = pm.final_norm
+    if pm.final_norm_b is not None:
+        tensors["final_norm_b"] = pm.final_norm_b
+    return tensors, packs
+
+
+def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
+    """Write ``pm`` as a packed file, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    tensors, packs = _tensor_table(pm)
+    table, offset = [], 0
+    for name, t in tensors.items():
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        table.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                      "offset": offset, "nbytes": nbytes, "crc32": zlib.crc32(_bytes(t))})
+        offset += -(-nbytes // ALIGN) * ALIGN
+    tok_json = None
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend", tokenizer)
+        tok_json = backend.to_str()
+    elif pm.tokenizer_json is not None:
+        tok_json = pm.tokenizer_json
+    header = {"model": pm.config.to_dict(), "format": pm.format, "embed": pm.embed.kind, "head": pm.head.kind,
+              "tied_head": pm.head is pm.embed, "packs": packs, "tensors": table, "tokenizer": tok_json,
+              "data_bytes": offset}
+    hb = json.dumps(header).encode()
+    pre = MAGIC + struct.pack("<IIQ", VERSION, 0, len(hb))
+    data_start = -(-(len(pre) + len(hb)) // ALIGN) * ALIGN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pre + hb)
+            f.write(b"\0" * (data_start - len(pre) - len(hb)))
+            for entry, t in zip(table, tensors.values()):
+                f.seek(data_start + entry["offset"])
+                f.write(_bytes(t.contiguous()))
+            f.truncate(data_start + offset)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a packed file (config, tensor table, tokenizer) without mapping data."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        pre = f.read(24)
+        if len(pre) < 24 or pre[:8] != MAGIC:
+            raise PackedFormatError(f"{path}: not a bitlm packed model (bad magic)")
+        version, _, hlen = struct.unpack("<IIQ", pre[8:])
+        if version != VERSION:
+            raise PackedFormatError(f"{path}: packed format version {version}, this bitlm reads version {VERSION}")
+        hb = f.read(hlen)
+    if len(hb) != hlen:
+        raise PackedFormatError(f"{path}: truncated header")
+    try:
+        return json.loads(hb)
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(f"{path}: corrupt header ({e.msg})") from None
+
+
+def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
+    """Memory-map a packed file into a ``PackedModel`` (weights are not copied)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such packed model file") from None
+    with f:
+        header = read_header(path)
+        hlen = struct.unpack("<Q", f.read(24)[16:24])[0]
+        data_start = -(-(24 + hlen) // ALIGN) * ALIGN
+        size = os.fstat(f.fileno()).st_size
+        need = data_start + int(header.get("data_bytes", 0))
+        if size < need:
+            last = max((e for e in header["tensors"] if data_start + e["offset"] + e["nbytes"] > size),
+                       key=lambda e: -e["offset"], default={"name": "?"})
+            raise PackedFormatError(f"{path}: truncated ({size} of {need} bytes); tensor {last['name']!r} is incomplete")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    try:
+        cfg = ModelConfig.from_dict(header["model"], source=str(path))
+    except (TypeError, ValueError, KeyError) as e:
+        raise PackedFormatError(f"{path}: bad model config in header: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for e in header["tensors"]:
+        name = e["name"]
+        dt = _DTYPES.get(e["dtype"])
+        if dt is None:
+            raise PackedFormatError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
+        off = data_start + e["offset"]
+        if verify and zlib.crc32(memoryview(mm)[off : off + e["nbytes"]]) != e["crc32"]:
+            raise PackedFormatError(f"{path}: tensor {name!r} is corrupt (CRC-32 mismatch)")
+        count = e["nbytes"] // torch.empty(0, dtype=dt).element_size()
+        t = torch.frombuffer(mm, dtype=dt, count=count, offset=off) if count else torch.empty(0, dtype=dt)
+        tensors[name] = t.view(e["shape"])
+    pm = _from_tensors(path, cfg, header, tensors)
+    pm._mmap = mm
+    return pm
+
+
+def _from_tensors(path: Path, cfg: ModelConfig, header: dict, tensors: dict[str, torch.Tensor]) -> PackedModel:
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise PackedFormatError(f"{path}: missing tensor {name!r}")
+        return tensors[name]
+
+    def packed(key: str, n: int, k: int) -> PackedWeight:
+        meta = header["packs"].get(key)
+        if meta is None:
+            raise PackedFormatError(f"{path}: missing packed weight {key!r}")
+        if (meta["N"], meta["K"]) != (n, k):
+            raise PackedFormatError(f"{path}: tensor {key!r} has shape ({meta['N']}, {meta['K']}), config expects ({n}, {k})")
+        try:
+            return PackedWeight(meta["format"], meta["version"], n, k, get(f"{key}.data"), get(f"{key}.scale"), meta["groups"])
+        except ValueError as e:
+            raise PackedFormatError(f"{path}: tensor {key!r}: {e}") from None
+
+    d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+    n_up = 2 * f if cfg.gated_ffn else f
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}"
+        kw: dict[str, Any] = dict(
+            q=packed(f"{p}.q", cfg.n_heads * hd, d), k=packed(f"{p}.k", cfg.kv_heads * hd, d),
+            v=packed(f"{p}.v", cfg.kv_heads * hd, d), o=packed(f"{p}.o", d, cfg.n_heads * hd),
+            up=packed(f"{p}.up", n_up, d), down=packed(f"{p}.down", d, f),
+        )
+        for name, width in (("input_norm", d), ("attn_sub_norm", cfg.n_heads * hd), ("post_norm", d), ("ffn_sub_norm", f)):
+            if name.endswith("sub_norm") and not cfg.sub_norm:
+                continue
+            t = get(f"{p}.{name}")
+            if tuple(t.shape) != (width,):
+                raise PackedFormatError(f"{path}: tensor '{p}.{name}' has shape {tuple(t.shape)}, expected ({width},)")
+            kw[name] = t
+            if cfg.arch == "bitnet":
+                kw[f"{name}_b"] = get(f"{p}.{name}_b")
+        if cfg.qkv_bias:
+            kw.update(q_b=get(f"{p}.q_b"), k_b=get(f"{p}.k_b"), v_b=get(f"{p}.v_b"))
+        kw.setdefault("attn_sub_norm", None)
+        kw.setdefault("ffn_sub_norm", None)
+        layers.append(PackedLayer(**kw))
+
+    def dense(prefix: str, kind: str) -> Dense:
+        w = get(f"{prefix}.weight")
+        if tuple(w.shape) != (cfg.vocab_size, d):
+            raise PackedFormatError(f"{path}: tensor '{prefix}.weight' has shape {tuple(w.shape)}, expected {(cfg.vocab_size, d)}")
+        return Dense(kind, w, tensors.get(f"{prefix}.scale"))
+
+    embed = dense("embed", header["embed"])
+    head = embed if header.get("tied_head") else dense("head", header["head"])
+    return PackedModel(cfg, layers, embed, head, get("final_norm"), tensors.get("final_norm_b"), header["format"],
+                       header.get("tokenizer"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: bitlm pack
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="a trained b1.58 / b1 model (checkpoint, HF folder, GGUF)")
+    p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bitlm)")
+    p.add_argument("--format", default=None, choices=["i2", "t1", "b1"],
+                   help="i2 (ternary 2 bpw), t1 (ternary 1.6 bpw) or b1 (binary); default i2 / b1")
+    p.add_argument("--head", default="f32", choices=DENSE_TYPES, help="output head storage (bf16 or int8 halve or quarter the largest read of big-vocabulary models)")
+    p.add_argument("--embed", default=None, choices=DENSE_TYPES, help="embedding storage (default: as --head)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
+
+
+def run(args) -> int:
+    from .io import load, load_tokenizer_for
+
+    model = load(args.model)
+    try:
+        tok = load_tokenizer_for(args.model, args.tokenizer)
+    except FileNotFoundError:
+        tok = None
+    pm = convert(model, args.format, args.head, args.embed)
+    out = save_packed(pm, args.out, tokenizer=tok)
+    b = pm.weight_bytes()
+    n_lin = sum(w.N * w.K for L in pm.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+    print(f"packed {args.model} -> {out} ({out.stat().st_size / 1e6:.2f} MB): format {pm.format}, "
+          f"{8 * b['linear'] / n_lin:.3f} bits per linear weight, head {pm.head.kind}, embedding {pm.embed.kind}")
+    return 0
