@@ -69,6 +69,10 @@ class TrainConfig:
     vocab_size: int | None = None  # BPE size when training a tokenizer; None = model vocab_size
     out_dir: str = "runs/train"
     progress: bool = True
+    # warm-up quantisation (HF "Fine-tuning LLMs to 1.58bit"): λ ramps 0 → 1 over the first
+    # quant_warmup_steps steps; "linear", "exponential[:k]", "sigmoid[:k]" or "none" (bitlm.convert)
+    quant_warmup: str = "none"
+    quant_warmup_steps: int = 0
 
     def resolved(self) -> dict[str, Any]:
         """Recipe defaults filled in: the values the run really uses."""
@@ -97,6 +101,10 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.quant_warmup != "none":
+            from .convert import lambda_schedule
+
+            lambda_schedule(self.quant_warmup, 0, self.quant_warmup_steps)  # raises on a bad name / k
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,7 +242,7 @@ def train(
             raise CheckpointError(f"{last}: model config mismatch on resume (field {diff[0]!r}: "
                                   f"checkpoint {saved_model.to_dict()[diff[0]]!r}, now {model_cfg.to_dict()[diff[0]]!r})")
         saved_train = meta.get("train") or {}
-        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data"):
+        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data", "quant_warmup", "quant_warmup_steps"):
             if key in saved_train and saved_train[key] != getattr(tcfg, key):
                 raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
                                       f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
@@ -281,6 +289,13 @@ def train(
                 log(f"stopping at step {step}: --max-time {tcfg.max_time:.0f}s reached")
                 break
             lr, wd = set_schedule(opt, step, r)
+            lam = None
+            if tcfg.quant_warmup != "none":  # λ is a pure function of the step: resume stays bit-identical
+                from .convert import lambda_schedule
+                from .layers import set_quant_lambda
+
+                lam = lambda_schedule(tcfg.quant_warmup, step, tcfg.quant_warmup_steps)
+                set_quant_lambda(model, lam)
             loss_sum = 0.0
             for micro in range(tcfg.grad_accum):
                 # micro-batch m of a step is what data-parallel rank m would see: grad accumulation
@@ -304,7 +319,8 @@ def train(
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             if step % tcfg.log_every == 0 or step == total:
                 record({"step": step, "loss": loss_sum, "lr": lr, "wd": wd, "grad_norm": gnorm,
-                        "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed})
+                        "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed,
+                        **({"quant_lambda": lam} if lam is not None else {})})
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total):
                 val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches), tcfg.bf16)
                 record({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "time": time.time() - t0})
