@@ -390,6 +390,8 @@ def run(args) -> int:
                batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
                seed=args.seed, eval_every=args.eval_every, save_every=args.save_every)
     tkw.update({k: v for k, v in cli.items() if v is not None})
+    if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
+        tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
     if args.bf16:
         tkw["bf16"] = True
     if args.no_progress or os.environ.get("CI"):
