@@ -73,6 +73,11 @@ class TrainConfig:
     # quant_warmup_steps steps; "linear", "exponential[:k]", "sigmoid[:k]" or "none" (bitlm.convert)
     quant_warmup: str = "none"
     quant_warmup_steps: int = 0
+    # LoRA (bitlm.lora): rank > 0 trains only adapters on the frozen model, saved beside it in OUT/last
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_dropout: float = 0.0
 
     def resolved(self) -> dict[str, Any]:
         """Recipe defaults filled in: the values the run really uses."""
@@ -242,7 +247,8 @@ def train(
             raise CheckpointError(f"{last}: model config mismatch on resume (field {diff[0]!r}: "
                                   f"checkpoint {saved_model.to_dict()[diff[0]]!r}, now {model_cfg.to_dict()[diff[0]]!r})")
         saved_train = meta.get("train") or {}
-        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data", "quant_warmup", "quant_warmup_steps"):
+        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data", "quant_warmup", "quant_warmup_steps",
+                    "lora_rank", "lora_alpha", "lora_targets"):
             if key in saved_train and saved_train[key] != getattr(tcfg, key):
                 raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
                                       f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
@@ -256,6 +262,10 @@ def train(
         model = init_model
     else:
         model = BitNetModel(model_cfg)
+    if tcfg.lora_rank:  # frozen base + trainable adapters; on resume the adapters are read from `last`
+        from .lora import prepare_lora_training
+
+        model = prepare_lora_training(model, tcfg, last if resume else None)
     model.train()
     opt = make_optimizer(model, r, tcfg.adam_eps)
     if opt_state is not None:
@@ -272,7 +282,10 @@ def train(
         metrics.flush()
 
     def save(step: int) -> None:
-        save_checkpoint(model, last, optimizer_state=opt.state_dict(), train_config=tcfg.to_dict(), step=step,
+        saver = save_checkpoint
+        if tcfg.lora_rank:  # the base as a native checkpoint + adapter.safetensors, one atomic folder
+            from .lora import save_lora_checkpoint as saver
+        saver(model, last, optimizer_state=opt.state_dict(), train_config=tcfg.to_dict(), step=step,
                         tokenizer=data.tokenizer, extra={"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}})
 
     total = r["max_steps"]
@@ -363,6 +376,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--init-from", default=None, help="start from any model bitlm.load() reads")
+    p.add_argument("--lora-rank", type=int, default=None, help="train only rank-R LoRA adapters on the frozen model")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (adapter output × alpha/rank)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -388,7 +403,8 @@ def run(args) -> int:
     cli = dict(recipe=args.recipe or tkw.get("recipe") or mcfg.quant, data=args.data, tokenizer=args.tokenizer,
                out_dir=args.out, max_steps=args.max_steps, tokens=args.tokens, max_time=args.max_time,
                batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
-               seed=args.seed, eval_every=args.eval_every, save_every=args.save_every)
+               seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, lora_rank=args.lora_rank,
+               lora_alpha=args.lora_alpha)
     tkw.update({k: v for k, v in cli.items() if v is not None})
     if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
         tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
