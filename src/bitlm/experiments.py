@@ -1,0 +1,770 @@
+"""``bitlm experiment <name>``: the papers' headline comparisons, re-run at CPU scale.
+
+Four experiments, each trains on the bundled corpus (``bitlm.data``), evaluates, and writes
+``results.json`` (every number), ``results.md`` (the tables) and PNG plots into ``--out``
+(default ``runs/experiments/<name>``):
+
+  * ``compare`` — fp vs BitNet b1 vs BitNet b1.58 at equal shape and equal tokens: validation
+    perplexity / bits-per-byte, zero-shot accuracy (``bitlm.tasks``) against the chance level,
+    bytes of the linear weights (fp16 vs packed 1 bit / 2 bit / 1.6 bit) and arithmetic energy per
+    token (``bitlm.energy``, 2310.11453 §2.3).  All three use the LLaMA-alike ``bitnet-b1.58``
+    architecture; b1 differs from b1.58 only in the weight quantiser (sign vs absmean ternary), so
+    the comparison isolates the quantiser instead of mixing it with the b1 paper's LayerNorm/GELU
+    block.
+  * ``ptq``     — one fp model trained once, every method of ``bitlm.ptq.METHODS`` applied to it
+    (calibration ids from the training split), against QAT BitNet b1.58 and b1 trained on the same
+    tokens: the shape of 2310.11453 Table 3.
+  * ``scaling`` — a size sweep for fp and b1.58 at the same number of tokens per model (as the b1
+    paper's Fig. 3: every size saw the same 40k x 256k tokens), fitting ``L(N) = a·N^b + c``
+    (2310.11453 Eq. 19) per variant, with N the number of *linear* (non-embedding) weights;
+    plots: loss vs N, and loss vs inference energy per token (the "inference-optimal" law).
+  * ``lr``      — a peak-LR stability sweep for fp and b1.58 (2310.11453 §2.2, Fig. 5a: BitNet trains
+    at learning rates where the fp16 Transformer diverges): final validation loss or "diverged".
+
+Sizes.  ``--scale S`` multiplies the number of linear weights (width x sqrt(S)) and the tokens per
+model (steps x S); ``--quick`` is a seconds-long smoke run on a tiny model (the tests use it).
+The default scale is sized so that each experiment takes minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EXPERIMENTS", "Setup", "fit_power_law", "power_law", "run_experiment", "add_arguments", "run"]
+
+EXPERIMENTS = ("compare", "ptq", "scaling", "lr")
+
+# Peak LRs at this scale.  The papers' ratio (BitNet ≈ 6x the fp peak, FAQ Table 2) is kept in
+# spirit, but fp at CPU scale tolerates more than the 700M recipe's 2.5e-4; these are the demo's
+# values (bitlm.demo), found by the lr experiment to be near the best for each variant.
+LR = {"fp": 1.5e-3, "b1": 4e-3, "b1.58": 4e-3}
+RECIPE = {"fp": "fp", "b1": "b1.58", "b1.58": "b1.58"}  # b1 uses b1.58's two-stage recipe: same schedule
+NAMES = {"fp": "fp (same shape)", "b1": "BitNet b1", "b1.58": "BitNet b1.58"}
+ENERGY_NODE = "7nm"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything size-related, derived once from ``--scale`` / ``--quick`` and the overrides."""
+
+    vocab_size: int = 2048
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 500  # per model
+    val_tokens: int = 60_000  # validation tokens scored per model
+    limit: int = 100  # zero-shot items per task
+    tasks: tuple[str, ...] = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
+                              "openbookqa", "lambada")
+    widths: tuple[int, ...] = (32, 64, 96, 128)  # scaling sweep (d_model; n_layers fixed)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    calib_seqs: int = 32  # PTQ calibration sequences of seq_len tokens
+    eval_batch: int = 32
+    data: str = "default"
+
+    @classmethod
+    def build(cls, name: str = "compare", scale: float = 1.0, quick: bool = False, **over: Any) -> Setup:
+        if quick:
+            s = cls(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, val_tokens=2_000, limit=4,
+                    tasks=("arc_easy", "piqa"), widths=(16, 24, 32, 48), lrs=(1e-3, 1e-1), calib_seqs=4, eval_batch=8)
+        else:
+            s = cls(**DEFAULTS.get(name, {}))
+            if scale != 1.0:
+                if scale <= 0:
+                    raise ValueError(f"--scale must be positive, got {scale}")
+                # params ∝ width² for fixed depth: width x sqrt(scale) → linear weights x scale;
+                # widths stay multiples of 16 so every head keeps an even (RoPE) head_dim
+                def w(d: int) -> int:
+                    return max(16, int(round(d * math.sqrt(scale) / 16)) * 16)
+
+                s.d_model = w(s.d_model)
+                s.widths = tuple(dict.fromkeys(w(d) for d in s.widths))
+                s.steps = max(10, int(round(s.steps * scale)))
+                s.val_tokens = int(s.val_tokens * min(scale, 4.0))
+        for k, v in over.items():
+            if v is not None:
+                setattr(s, k, type(getattr(s, k))(v) if not isinstance(getattr(s, k), tuple) else tuple(v))
+        return s
+
+    @property
+    def tokens_per_model(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+    def model_config(self, quant: str, d_model: int | None = None):
+        from .config import ModelConfig
+
+        return ModelConfig(arch="bitnet-b1.58", quant=quant, vocab_size=self.vocab_size, d_model=d_model or self.d_model,
+                           n_layers=self.n_layers, n_heads=self.n_heads, max_seq_len=max(self.seq_len, 64))
+
+
+# Per-experiment defaults at scale 1, sized so each experiment takes ~5 min on 2 quiet cores (about
+# 10-15 min when the cores are shared).  ptq evaluates 14 models, so it scores fewer zero-shot items
+# on the four tasks closest to the b1 paper's Table 3 (HS, WGe; PIQA and ARC-e for StoryCloze/WG,
+# which no installable package ships); lr trains 10 models, so each is shorter.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "compare": {},
+    "ptq": dict(limit=50, tasks=("arc_easy", "hellaswag", "piqa", "winogrande")),
+    "scaling": {},
+    "lr": dict(steps=300),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The power law  L(N) = a·N^b + c  (2310.11453 Eq. 19)
+# ---------------------------------------------------------------------------------------------
+
+
+def power_law(n, a: float, b: float, c: float):
+    return a * np.power(np.asarray(n, dtype=float), b) + c
+
+
+def fit_power_law(n, loss) -> dict[str, Any]:
+    """Fit ``L(N) = a·N^b + c`` with b < 0 and a > 0.
+
+    For a fixed exponent b the model is linear in (a, c), so the fit is a 1-D search over b with
+    a closed-form least-squares (a, c) at each b — robust without any starting guess — polished by
+    ``scipy.optimize.curve_fit`` when scipy is installed.  Three parameters need at least four
+    points for a residual to exist; with fewer (or a fit that does not converge to a decreasing
+    curve) the result has ``ok=False`` and a ``reason``, never an exception.
+    """
+    n = np.asarray(n, dtype=float)
+    y = np.asarray(loss, dtype=float)
+    keep = np.isfinite(n) & np.isfinite(y) & (n > 0)
+    n, y = n[keep], y[keep]
+    if len(np.unique(n)) < 4:
+        return {"ok": False, "reason": f"need >= 4 distinct sizes with a finite loss, have {len(np.unique(n))}"}
+    x = n / n.max()  # work in N / N_max: N^b over decades overflows nothing and conditions the solve
+
+    y_min = float(y.min())
+
+    def solve(b: float) -> tuple[float, float, float]:
+        f = x**b
+        A = np.stack([f, np.ones_like(f)], axis=1)
+        (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
+        if not 0.0 <= c <= y_min:  # c is the irreducible loss: 0 <= c <= the best loss seen
+            c = min(max(c, 0.0), y_min)
+            a = float(f @ (y - c) / (f @ f))
+        return float(a), float(c), float(np.sum((a * f + c - y) ** 2))
+
+    grid = -np.logspace(-3, 1, 400)  # b from -0.001 to -10
+    sse = [solve(b)[2] if solve(b)[0] > 0 else np.inf for b in grid]
+    i = int(np.argmin(sse))
+    if not np.isfinite(sse[i]):
+        return {"ok": False, "reason": "loss does not decrease with size (no a > 0, b < 0 fits)"}
+    lo, hi = grid[min(i + 1, len(grid) - 1)], grid[max(i - 1, 0)]
+    for _ in range(60):  # golden-section refinement of b inside the bracketing grid cell
+        m1, m2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        if solve(m1)[2] < solve(m2)[2]:
+            hi = m2
+        else:
+            lo = m1
+    b = (lo + hi) / 2
+    a, c, err = solve(b)
+    method = "grid+golden"
+    try:
+        from scipy.optimize import curve_fit
+
+        p, _ = curve_fit(lambda t, a_, b_, c_: a_ * t**b_ + c_, x, y, p0=[a, b, min(max(c, 1e-9), y_min - 1e-9)],
+                         bounds=([0, -10, 0], [np.inf, 0, y_min]), maxfev=20000)
+        e2 = float(np.sum((power_law(x, *p) - y) ** 2))
+        if p[0] > 0 and p[1] < 0 and e2 <= err:
+            (a, b, c), err, method = (float(v) for v in p), e2, "scipy.curve_fit"
+    except Exception:  # noqa: BLE001 — scipy missing or not converging: the closed-form fit stands
+        pass
+    if b > -1e-3:  # the bounded fit collapsed to a constant: no power law in these points
+        return {"ok": False, "reason": f"no decreasing power law fits (b = {b:.2g}); loss does not fall with size"}
+    # back to N itself: a·(N/Nmax)^b = (a·Nmax^-b)·N^b
+    a_n = float(a * n.max() ** (-b))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return {"ok": True, "a": a_n, "b": b, "c": c, "sse": err, "r2": 1 - err / ss_tot if ss_tot > 0 else 1.0,
+            "method": method, "points": len(n)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces: context, training, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    name: str
+    setup: Setup
+    out: Path
+    data: Any
+    progress: bool
+    t0: float = field(default_factory=time.time)
+    _val: Any = None
+
+    def say(self, msg: str) -> None:
+        m, s = divmod(int(time.time() - self.t0), 60)
+        print(f"[{self.name} {m:02d}:{s:02d}] {msg}", flush=True)
+
+    def val_slice(self):
+        """The same validation tokens (and their UTF-8 byte count) for every model."""
+        if self._val is None:
+            from .data import count_token_bytes
+
+            n = min(len(self.data.val) - 1, self.setup.val_tokens)
+            toks = self.data.val[: n + 1]
+            self._val = (toks, count_token_bytes(toks[1:], self.data.tokenizer))
+        return self._val
+
+
+def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: float | None = None,
+           eval_every: int = 0) -> dict[str, Any]:
+    """Train one model; returns {"model" (None if diverged), "seconds", "curve", "diverged", ...}."""
+    from .train import TrainConfig, train
+
+    s = ctx.setup
+    tcfg = TrainConfig(recipe=recipe, lr=lr, max_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
+                       eval_every=eval_every or s.steps, eval_batches=4, log_every=max(1, s.steps // 50),
+                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, grad_clip=grad_clip)
+    t0 = time.time()
+    model, diverged, reason = None, False, None
+    try:
+        res = train(mcfg, tcfg, ctx.data, log=ctx.say)
+        model = res.model.eval()
+    except FloatingPointError as e:  # train() stops on a non-finite loss: that *is* the result here
+        diverged, reason = True, str(e)
+    curve = _read_curve(ctx.out / "ckpt" / tag / "metrics.jsonl")
+    return {"model": model, "seconds": time.time() - t0, "curve": curve, "diverged": diverged, "reason": reason,
+            "tokens": s.tokens_per_model, "lr": lr, "recipe": recipe}
+
+
+def _read_curve(path: Path) -> dict[str, list]:
+    steps, loss, vsteps, vloss = [], [], [], []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            d = json.loads(line)
+            if "loss" in d:
+                steps.append(d["step"])
+                loss.append(d["loss"])
+            if "val_loss" in d:
+                vsteps.append(d["step"])
+                vloss.append(d["val_loss"])
+    return {"step": steps, "loss": loss, "val_step": vsteps, "val_loss": vloss}
+
+
+def _val(ctx: Context, model) -> dict[str, float]:
+    from .evaluate import perplexity
+
+    toks, n_bytes = ctx.val_slice()
+    r = perplexity(model, toks, ctx.setup.seq_len, batch_size=ctx.setup.eval_batch, n_bytes=n_bytes)
+    return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"], "val_tokens": r["tokens"]}
+
+
+_CHANCE_CACHE: dict[tuple[str, int], float] = {}
+
+
+def _chance(task: str, limit: int) -> float:
+    """Accuracy of uniform guessing on the first ``limit`` items (LAMBADA is generative: 0)."""
+    key = (task, limit)
+    if key not in _CHANCE_CACHE:
+        from .tasks import load_task
+
+        items = load_task(task, limit)
+        _CHANCE_CACHE[key] = 0.0 if task == "lambada" else float(np.mean([1 / len(it.choices) for it in items]))
+    return _CHANCE_CACHE[key]
+
+
+def _zero_shot(ctx: Context, model) -> dict[str, Any]:
+    """acc per task (acc_norm where lm-eval reports it, as the papers' tables do) and the average."""
+    from .tasks import evaluate_tasks
+
+    s = ctx.setup
+    if not s.tasks or s.limit <= 0:
+        return {}
+    r = evaluate_tasks(model, ctx.data.tokenizer, list(s.tasks), limit=s.limit, batch_size=s.eval_batch,
+                       progress=ctx.progress)
+    accs = {t: v.get("acc_norm", v["acc"]) for t, v in r["tasks"].items()}
+    return {"tasks": accs, "n": {t: v["n"] for t, v in r["tasks"].items()},
+            "avg": float(np.mean(list(accs.values()))), "seconds": r["seconds"]}
+
+
+def _chance_row(s: Setup) -> dict[str, Any]:
+    accs = {t: _chance(t, s.limit) for t in s.tasks}
+    return {"tasks": accs, "avg": float(np.mean(list(accs.values()))) if accs else float("nan")}
+
+
+def _energy(mcfg, seq_len: int) -> dict[str, float]:
+    from .energy import estimate
+
+    r = estimate(mcfg, seq_len, ENERGY_NODE)
+    return {"energy_j_per_token": r.total_j_per_token, "mul_j_per_token": r.mul_j_per_token,
+            "add_j_per_token": r.add_j_per_token, "energy_node": ENERGY_NODE, "energy_seq_len": seq_len}
+
+
+def _linear_count(model) -> int:
+    from .model import linear_modules
+
+    return sum(m.weight.numel() for _, m in linear_modules(model))
+
+
+def _linear_count_cfg(mcfg) -> int:
+    from .energy import ModelShape
+
+    return ModelShape.from_config(mcfg).linear_weights()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.3g}" if abs(x) >= 1e4 else format(x, fmt)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display (CI, servers)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)  # dpi 90 keeps each PNG well under 200 KB for the docs
+    _plt().close(fig)
+    return path.name
+
+
+def _short(task: str) -> str:
+    return {"arc_easy": "ARCe", "arc_challenge": "ARCc", "hellaswag": "HS", "piqa": "PQ", "winogrande": "WGe",
+            "boolq": "BQ", "openbookqa": "OQ", "lambada": "LBA"}.get(task, task)
+
+
+def _setup_md(ctx: Context, extra: str = "") -> str:
+    s, st = ctx.setup, ctx.data.stats
+    return (f"Corpus: {st.get('corpus', s.data)} ({st.get('train_tokens', 0):,} train tokens, byte-level BPE vocab "
+            f"{ctx.data.tokenizer.vocab_size}); {s.steps} steps x {s.batch_size} x {s.seq_len} = "
+            f"{s.tokens_per_model:,} tokens per model; validation: first {ctx.val_slice()[0].size - 1:,} tokens of the "
+            f"held-out split; zero-shot: first {s.limit} items of each task. {extra}").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------------------------
+
+
+def exp_compare(ctx: Context) -> dict[str, Any]:
+    s = ctx.setup
+    rows, curves = [], {}
+    for i, q in enumerate(("fp", "b1", "b1.58")):
+        mcfg = s.model_config(q)
+        ctx.say(f"({i + 1}/3) training {NAMES[q]}: d={mcfg.d_model} L={mcfg.n_layers}, recipe {RECIPE[q]}, "
+                f"peak lr {LR[q]:g}, {s.steps} steps")
+        tr = _train(ctx, q, mcfg, RECIPE[q], LR[q], eval_every=max(1, s.steps // 8))
+        curves[q] = tr["curve"]
+        row: dict[str, Any] = {"model": NAMES[q], "quant": q, "lr": LR[q], "recipe": RECIPE[q],
+                               "train_seconds": tr["seconds"], "diverged": tr["diverged"]}
+        n_lin = _linear_count_cfg(mcfg)
+        bits = {"fp": 16, "b1": 1, "b1.58": 2}[q]  # fp16 storage; b1 packed 1 bit; b1.58 as i2 (2-bit)
+        row.update(parameters=None, linear_weights=n_lin, linear_bytes=n_lin * bits // 8,
+                   linear_bytes_fp16=n_lin * 2, linear_bytes_t1=(n_lin * 8 + 39) // 40 if q == "b1.58" else None,
+                   **_energy(mcfg, s.seq_len))
+        if tr["model"] is not None:
+            row["parameters"] = tr["model"].num_parameters()
+            ctx.say(f"evaluating {NAMES[q]} (val perplexity, zero-shot)")
+            row.update(_val(ctx, tr["model"]))
+            row["zero_shot"] = _zero_shot(ctx, tr["model"])
+        rows.append(row)
+        ctx.say(f"{NAMES[q]}: val ppl {_num(row.get('val_ppl'))}, zero-shot avg "
+                f"{_pct(row.get('zero_shot', {}).get('avg'))}%")
+    chance = _chance_row(s)
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    for q, c in curves.items():
+        ax[0].plot(c["step"], c["loss"], label=NAMES[q], lw=1)
+        ax[1].plot(c["val_step"], c["val_loss"], "o-", label=NAMES[q], ms=3)
+    ax[0].set(xlabel="step", ylabel="train loss (nats)", title="training loss")
+    ax[1].set(xlabel="step", ylabel="val loss (nats)", title="validation loss")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    plots = [_save_fig(fig, ctx.out / "compare_loss.png")]
+
+    head = ["model", "params", "val ppl", "val bpb", *[_short(t) for t in s.tasks], "zero-shot avg",
+            "linear weights", "energy / token (7nm)"]
+    tab = []
+    for r in rows:
+        zs = r.get("zero_shot", {})
+        size = (f"{r['linear_bytes'] / 1e6:.3f} MB" + (f" (t1: {r['linear_bytes_t1'] / 1e6:.3f} MB)"
+                                                         if r.get("linear_bytes_t1") else ""))
+        tab.append([r["model"], f"{(r['parameters'] or 0) / 1e6:.2f}M", _num(r.get("val_ppl")), _num(r.get("val_bpb"), ".3f"),
+                    *[_pct(zs.get("tasks", {}).get(t)) for t in s.tasks], _pct(zs.get("avg")), size,
+                    f"{r['energy_j_per_token'] * 1e9:.3f} nJ"])
+    tab.append(["chance", "", "", "", *[_pct(chance["tasks"][t]) for t in s.tasks], _pct(chance["avg"]), "", ""])
+    md = ("## compare: fp vs BitNet b1 vs BitNet b1.58 (same shape, same tokens)\n\n" + _setup_md(
+        ctx, "Accuracy is acc_norm where lm-eval reports it (ARC, HellaSwag, PIQA, OBQA), else acc. Linear weights: "
+        "fp16 (2 bytes), b1 packed 1 bit, b1.58 packed 2 bit (i2; t1 base-3 packing: 1.6 bit). Energy: "
+        f"bitlm.energy at {ENERGY_NODE}, {s.seq_len}-token forward, per token.") + "\n\n" + _md_table(head, tab)
+          + "\n\n![loss](compare_loss.png)\n")
+    return {"rows": rows, "chance": chance, "curves": curves, "plots": plots, "markdown": md}
+
+
+# ---------------------------------------------------------------------------------------------
+# ptq
+# ---------------------------------------------------------------------------------------------
+
+
+def _calib_ids(ctx: Context):
+    """Calibration sequences from the *training* split, at fixed offsets (deterministic)."""
+    import torch
+
+    s, train = ctx.setup, ctx.data.train
+    starts = np.linspace(0, len(train) - s.seq_len - 1, s.calib_seqs).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(train[i : i + s.seq_len], dtype=np.int64) for i in starts]))
+
+
+def exp_ptq(ctx: Context) -> dict[str, Any]:
+    from .ptq import METHODS, quantize_model
+
+    s = ctx.setup
+    rows: list[dict[str, Any]] = []
+    trained = {}
+    for i, q in enumerate(("fp", "b1.58", "b1")):
+        mcfg = s.model_config(q)
+        ctx.say(f"({i + 1}/3) training {NAMES[q]} (peak lr {LR[q]:g}, {s.steps} steps)")
+        tr = _train(ctx, q, mcfg, RECIPE[q], LR[q])
+        trained[q] = tr
+    fp = trained["fp"]["model"]
+    if fp is None:
+        raise RuntimeError("the fp model diverged; nothing to quantise")
+
+    def add_row(bits: str, method: str, ptq: bool, model, extra: dict[str, Any]) -> None:
+        row = {"bits": bits, "method": method, "ptq": ptq, **extra}
+        if model is not None:
+            row.update(_val(ctx, model))
+            row["zero_shot"] = _zero_shot(ctx, model)
+        rows.append(row)
+        ctx.say(f"{method:<24} W{bits:<5} val ppl {_num(row.get('val_ppl'))}  zero-shot avg "
+                f"{_pct(row.get('zero_shot', {}).get('avg'))}%")
+
+    add_row("16", "fp Transformer", False, fp, {"name": "fp", "train_seconds": trained["fp"]["seconds"]})
+    calib = _calib_ids(ctx)
+    for j, (name, m) in enumerate(METHODS.items()):
+        ctx.say(f"PTQ ({j + 1}/{len(METHODS)}) {name}")
+        t0 = time.time()
+        qm = quantize_model(fp, name, calib if m.needs_calib else None, progress=False)
+        add_row(m.label[1:].split("A")[0], f"{m.algorithm} ({m.label})", True, qm,
+                {"name": name, "algorithm": m.algorithm, "w_bits": m.w_bits, "a_bits": m.a_bits,
+                 "quantize_seconds": time.time() - t0})
+    for q in ("b1.58", "b1"):
+        tr = trained[q]
+        add_row("1.58" if q == "b1.58" else "1", f"{NAMES[q]} (QAT, W{q[1:]}A8)", False, tr["model"],
+                {"name": q, "train_seconds": tr["seconds"], "diverged": tr["diverged"]})
+    chance = _chance_row(s)
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    labels = [r["method"].replace(" (", "\n(") for r in rows]
+    ppl = [r.get("val_ppl", float("nan")) for r in rows]
+    colors = ["tab:gray" if not r["ptq"] and r["name"] == "fp" else ("tab:orange" if r["ptq"] else "tab:green")
+              for r in rows]
+    ax.bar(range(len(rows)), ppl, color=colors)
+    ax.set_yscale("log")
+    ax.axhline(ppl[0], color="tab:gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=6.5)
+    ax.set(ylabel="validation perplexity (log)", title="PTQ of the fp model (orange) vs QAT BitNet (green)")
+    ax.grid(alpha=0.3, axis="y")
+    plots = [_save_fig(fig, ctx.out / "ptq_ppl.png")]
+
+    head = ["WBits", "Method", "PTQ", "val ppl", *[_short(t) for t in s.tasks], "Avg"]
+    tab = [["-", "Random", "-", "-", *[_pct(chance["tasks"][t]) for t in s.tasks], _pct(chance["avg"])]]
+    for r in rows:
+        zs = r.get("zero_shot", {})
+        tab.append([r["bits"], ("**" + r["method"] + "**") if r["name"] in ("b1", "b1.58") else r["method"],
+                    "yes" if r["ptq"] else "no", _num(r.get("val_ppl")),
+                    *[_pct(zs.get("tasks", {}).get(t)) for t in s.tasks], _pct(zs.get("avg"))])
+    md = ("## ptq: post-training quantisation of an fp model vs QAT BitNet (cf. 2310.11453 Table 3)\n\n"
+          + _setup_md(ctx, f"PTQ calibration: {s.calib_seqs} x {s.seq_len} training-split tokens.")
+          + "\n\n" + _md_table(head, tab) + "\n\n![ptq](ptq_ppl.png)\n")
+    return {"rows": rows, "chance": chance, "plots": plots, "markdown": md,
+            "curves": {q: t["curve"] for q, t in trained.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling
+# ---------------------------------------------------------------------------------------------
+
+
+def exp_scaling(ctx: Context) -> dict[str, Any]:
+    s = ctx.setup
+    rows: list[dict[str, Any]] = []
+    k, total = 0, 2 * len(s.widths)
+    for q in ("fp", "b1.58"):
+        for d in s.widths:
+            k += 1
+            mcfg = s.model_config(q, d_model=d)
+            n_lin = _linear_count_cfg(mcfg)
+            ctx.say(f"({k}/{total}) {NAMES[q]} d={d}: {n_lin:,} linear weights, {s.steps} steps")
+            tr = _train(ctx, f"{q}-d{d}", mcfg, RECIPE[q], LR[q])
+            row = {"quant": q, "d_model": d, "n_layers": s.n_layers, "linear_weights": n_lin,
+                   "train_seconds": tr["seconds"], "diverged": tr["diverged"], **_energy(mcfg, s.seq_len)}
+            if tr["model"] is not None:
+                row["parameters"] = tr["model"].num_parameters()
+                row.update(_val(ctx, tr["model"]))
+            rows.append(row)
+            ctx.say(f"   val loss {_num(row.get('val_loss'), '.4f')}")
+    fits = {}
+    for q in ("fp", "b1.58"):
+        pts = [r for r in rows if r["quant"] == q and "val_loss" in r]
+        fits[q] = fit_power_law([r["linear_weights"] for r in pts], [r["val_loss"] for r in pts])
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = {"fp": "tab:blue", "b1.58": "tab:red"}
+    for q in ("fp", "b1.58"):
+        pts = [r for r in rows if r["quant"] == q and "val_loss" in r]
+        if not pts:
+            continue
+        n = np.array([r["linear_weights"] for r in pts], float)
+        y = np.array([r["val_loss"] for r in pts])
+        e = np.array([r["energy_j_per_token"] for r in pts])
+        ax[0].plot(n, y, "o", color=colors[q], label=NAMES[q])
+        ax[1].plot(e, y, "o-", color=colors[q], label=NAMES[q])
+        f = fits[q]
+        if f["ok"]:
+            grid = np.logspace(np.log10(n.min() / 1.5), np.log10(n.max() * 3), 100)
+            ax[0].plot(grid, power_law(grid, f["a"], f["b"], f["c"]), "-", color=colors[q], lw=1,
+                       label=f"fit: {f['a']:.3g}·N^{f['b']:.3f} + {f['c']:.3f}")
+    ax[0].set(xscale="log", xlabel="linear (non-embedding) weights N", ylabel="val loss (nats)",
+              title="loss vs size, L(N) = a·N^b + c")
+    ax[1].set(xscale="log", xlabel=f"inference energy per token, J ({ENERGY_NODE})", ylabel="val loss (nats)",
+              title="loss vs inference energy")
+    for a in ax:
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=7)
+    plots = [_save_fig(fig, ctx.out / "scaling.png")]
+
+    head = ["variant", "d_model", "linear weights N", "params (all)", "val loss", "val ppl", "energy / token (7nm)"]
+    tab = [[NAMES[r["quant"]], str(r["d_model"]), f"{r['linear_weights']:,}", f"{r.get('parameters', 0):,}",
+            _num(r.get("val_loss"), ".4f"), _num(r.get("val_ppl")), f"{r['energy_j_per_token'] * 1e9:.4f} nJ"]
+           for r in rows]
+    fit_tab = [[NAMES[q], *([f"{f['a']:.4g}", f"{f['b']:.4f}", f"{f['c']:.4f}", f"{f['r2']:.4f}", f["method"]]
+                            if f["ok"] else ["-", "-", "-", "-", f["reason"]])] for q, f in fits.items()]
+    md = ("## scaling: loss vs size and vs inference energy (cf. 2310.11453 Fig. 3)\n\n"
+          + _setup_md(ctx, f"Same tokens for every size (as in the b1 paper); depth {s.n_layers}, width swept. "
+                      "N counts the linear (quantised) weights; the embedding and output head are excluded.")
+          + "\n\n" + _md_table(head, tab) + "\n\nFits of L(N) = a·N^b + c:\n\n"
+          + _md_table(["variant", "a", "b", "c", "R²", "method / note"], fit_tab) + "\n\n![scaling](scaling.png)\n")
+    return {"rows": rows, "fits": fits, "plots": plots, "markdown": md}
+
+
+# ---------------------------------------------------------------------------------------------
+# lr
+# ---------------------------------------------------------------------------------------------
+
+
+def exp_lr(ctx: Context) -> dict[str, Any]:
+    s = ctx.setup
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, Any]] = {}
+    init_loss = math.log(s.vocab_size)  # a uniform prediction; anything above it learned nothing
+    k, total = 0, 2 * len(s.lrs)
+    for q in ("fp", "b1.58"):
+        for lr in s.lrs:
+            k += 1
+            ctx.say(f"({k}/{total}) {NAMES[q]} peak lr {lr:g}")
+            # grad_clip=0 for both: the b1 paper trained BitNet and its fp16 baseline without clipping
+            # (Table 6), and clipping would hide exactly the instability this sweep looks for
+            tr = _train(ctx, f"{q}-lr{lr:g}", s.model_config(q), RECIPE[q], lr, grad_clip=0.0,
+                        eval_every=max(1, s.steps // 8))
+            row: dict[str, Any] = {"quant": q, "lr": lr, "train_seconds": tr["seconds"], "reason": tr["reason"]}
+            if tr["model"] is not None:
+                row.update(_val(ctx, tr["model"]))
+            first = tr["curve"]["loss"][0] if tr["curve"]["loss"] else init_loss
+            row["initial_loss"] = max(first, init_loss)
+            row["diverged"] = tr["diverged"] or not math.isfinite(row.get("val_loss", float("nan"))) \
+                or row["val_loss"] > row["initial_loss"]
+            if row["diverged"] and not tr["diverged"]:
+                row["reason"] = f"final val loss {row.get('val_loss', float('nan')):.3f} >= initial {row['initial_loss']:.3f}"
+            rows.append(row)
+            curves[f"{q}@{lr:g}"] = tr["curve"]
+            ctx.say("   " + ("DIVERGED: " + str(row["reason"]) if row["diverged"] else f"val loss {row['val_loss']:.4f}"))
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for j, q in enumerate(("fp", "b1.58")):
+        for i, lr in enumerate(s.lrs):
+            c = curves[f"{q}@{lr:g}"]
+            ax[j].plot(c["step"], c["loss"], color=cmap(i / max(1, len(s.lrs) - 1)), lw=1, label=f"lr {lr:g}")
+        ax[j].set(xlabel="step", ylabel="train loss (nats)", title=f"{NAMES[q]}", ylim=(None, init_loss * 1.4))
+        ax[j].legend(fontsize=7)
+        ax[j].grid(alpha=0.3)
+    for q, col in (("fp", "tab:blue"), ("b1.58", "tab:red")):
+        pts = [r for r in rows if r["quant"] == q]
+        ok = [r for r in pts if not r["diverged"]]
+        bad = [r for r in pts if r["diverged"]]
+        ax[2].plot([r["lr"] for r in ok], [r["val_loss"] for r in ok], "o-", color=col, label=NAMES[q])
+        if bad:
+            ax[2].plot([r["lr"] for r in bad], [init_loss] * len(bad), "x", color=col, ms=9, label=f"{q} diverged")
+    ax[2].set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (nats)", title="final loss vs LR")
+    ax[2].legend(fontsize=7)
+    ax[2].grid(alpha=0.3, which="both")
+    plots = [_save_fig(fig, ctx.out / "lr.png")]
+
+    head = ["peak LR", *[NAMES[q] for q in ("fp", "b1.58")]]
+    tab = []
+    for lr in s.lrs:
+        cells = []
+        for q in ("fp", "b1.58"):
+            r = next(r for r in rows if r["quant"] == q and r["lr"] == lr)
+            cells.append("diverged" + (f" (val loss {r['val_loss']:.3f})" if math.isfinite(r.get("val_loss", math.nan))
+                                       else "") if r["diverged"] else f"{r['val_loss']:.4f}")
+        tab.append([f"{lr:g}", *cells])
+    md = ("## lr: learning-rate stability sweep (cf. 2310.11453 §2.2, Fig. 5a)\n\n"
+          + _setup_md(ctx, "Each variant keeps its own schedule (fp: cosine; b1.58: two-stage) with the peak LR "
+                      "swept and no gradient clipping for either. Cell: final validation loss (nats); 'diverged' = a "
+                      f"non-finite loss or a final loss above the initial one (ln V = {init_loss:.2f}). Training is "
+                      "fp32 on CPU (no fp16 overflow).")
+          + "\n\n" + _md_table(head, tab) + "\n\n![lr](lr.png)\n")
+    return {"rows": rows, "curves": curves, "plots": plots, "markdown": md}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver and CLI
+# ---------------------------------------------------------------------------------------------
+
+_RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items() if k != "model"}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # strict JSON has no NaN / inf
+    return x
+
+
+def run_experiment(name: str, setup: Setup | None = None, out: str | Path | None = None, progress: bool = True,
+                   data: Any = None, command: str | None = None) -> dict[str, Any]:
+    """Run experiment ``name`` and write results.json / results.md / PNGs into ``out``."""
+    if name not in _RUNNERS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    import torch
+
+    setup = setup or Setup()
+    outp = Path(out or f"runs/experiments/{name}")
+    outp.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if data is None:
+        from .data import prepare_data
+
+        data = prepare_data(setup.data, vocab_size=setup.vocab_size)
+    ctx = Context(name, setup, outp, data, progress, t0=t0)
+    ctx.say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; out {outp}")
+    res = _RUNNERS[name](ctx)
+    seconds = time.time() - t0
+    res.update(experiment=name, seconds=seconds, setup=asdict(setup), command=command,
+               corpus={k: v for k, v in ctx.data.stats.items() if isinstance(v, (int, float, str))})
+    md = res.pop("markdown")
+    (outp / "results.md").write_text(
+        md + f"\nCommand: `{command or 'bitlm experiment ' + name}`; wall time {seconds / 60:.1f} min "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads).\n")
+    (outp / "results.json").write_text(json.dumps(_jsonable(res), indent=1, allow_nan=False) + "\n")
+    ctx.say(f"done in {seconds / 60:.1f} min: {outp / 'results.md'}, {outp / 'results.json'}, "
+            f"{', '.join(res['plots'])}")
+    return res
+
+
+def add_arguments(p) -> None:
+    p.add_argument("name", help=f"one of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--scale", type=float, default=1.0, help="x linear weights and x tokens per model (default 1)")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run on a tiny model (tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/experiments/<name>)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (overrides --scale)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="fit the steps per model so the experiment's training takes about this long")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot items per task (0 = skip zero-shot)")
+    p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks, or 'all'")
+    p.add_argument("--lrs", default=None, help="comma-separated peak LRs for the lr sweep")
+    p.add_argument("--widths", default=None, help="comma-separated d_model values for the scaling sweep")
+    p.add_argument("--data", default=None, help="'default' (bundled corpus) or a text file")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
+    """Steps per model so that the experiment's training takes about ``minutes`` (timed on the
+    largest model it trains; evaluation comes on top)."""
+    import torch
+
+    from .model import BitNetModel
+    from .train import TrainConfig, lm_loss, make_optimizer
+
+    widths = s.widths if name == "scaling" else (s.d_model,)
+    per = 0.0
+    for d in widths:
+        for q in ("fp", "b1.58"):
+            torch.manual_seed(0)
+            m = BitNetModel(s.model_config(q, d_model=d)).train()
+            opt = make_optimizer(m, TrainConfig(recipe="fp").resolved(), 1e-8)
+            ts = []
+            for step in range(3):
+                x, y = data.batch(step, s.batch_size, s.seq_len, seed=999)
+                t0 = time.perf_counter()
+                lm_loss(m, x, y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ts.append(time.perf_counter() - t0)
+            per += min(ts[1:]) / 2  # mean of fp and b1.58: one step of the average variant
+    # scaling: `per` already sums one step of every width, and each width is trained twice
+    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs)}[name]
+    return max(10, int(minutes * 60 / (n_models * per)))
+
+
+def run(args) -> int:
+    if args.name not in _RUNNERS:
+        raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    over: dict[str, Any] = {"steps": args.steps, "limit": args.limit, "data": args.data, "vocab_size": args.vocab_size}
+    if args.tasks:
+        from .tasks import parse_task_list
+
+        over["tasks"] = parse_task_list(args.tasks)
+    if args.lrs:
+        over["lrs"] = [float(v) for v in args.lrs.split(",")]
+    if args.widths:
+        over["widths"] = [int(v) for v in args.widths.split(",")]
+    setup = Setup.build(args.name, args.scale, args.quick, **over)
+    from .data import prepare_data
+
+    data = prepare_data(setup.data, vocab_size=setup.vocab_size)
+    if args.minutes and args.steps is None:
+        setup.steps = _fit_steps(args.name, setup, data, args.minutes)
+    progress = not (args.no_progress or os.environ.get("CI"))
+    command = "bitlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
+    run_experiment(args.name, setup, args.out, progress=progress, data=data, command=command)
+    return 0
