@@ -402,3 +402,18 @@ def test_cli_lora_train_and_bit_identical_resume(tmp_path, monkeypatch):
     assert rc == 0
     meta = json.loads((out / "last" / "adapter_config.json").read_text())
     assert meta["rank"] == 2 and meta["alpha"] == 4 and meta["targets"] == ["q_proj", "v_proj"]
+
+
+def test_bitlm_load_applies_the_adapters_of_a_lora_run(tmp_path):
+    import bitlm
+    from bitlm.lora import save_lora_checkpoint
+
+    model = base_model()
+    add_lora(model, rank=4, alpha=8)
+    randomise_adapters(model)
+    model.eval()
+    save_lora_checkpoint(model, tmp_path / "run")
+    loaded = bitlm.load(tmp_path / "run").eval()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

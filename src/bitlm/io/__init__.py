@@ -48,7 +48,12 @@ def load(path: str | Path, **kw: Any):
     if fmt == "native":
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(path, **kw)[0]
+        model = load_checkpoint(path, **kw)[0]
+        if (Path(path) / "adapter.safetensors").is_file():  # a LoRA run: the base plus its adapters
+            from ..lora import load_lora
+
+            load_lora(model, path)
+        return model
     if fmt == "hf":
         from ..convert import convert_llama, is_llama_family
 

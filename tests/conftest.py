@@ -1,0 +1,10 @@
+"""Test-wide settings.
+
+Tiny models are fastest with one torch thread, and on a shared 2-core machine two threads per
+test process can be an order of magnitude slower (thread oversubscription); the native kernels
+have their own pool, which the kernel tests set explicitly.
+"""
+
+import torch
+
+torch.set_num_threads(1)
