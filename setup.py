@@ -1,4 +1,110 @@
-"""Build hook placeholder: the native kernel library is added here (see csrc/)."""
-from setuptools import setup
+"""Build hook: compile csrc/ into the shared library ``bitlm/_bitlm_kernels*.so``.
 
-setup()
+The library is torch-free C loaded with ctypes (``bitlm.kernels.native``); it is declared as a
+setuptools ``Extension`` only so that wheels are tagged as platform wheels and editable installs
+place the file next to the package.  A custom ``build_ext`` compiles each source file with its
+own flags — per-ISA flags go on one file only (``x86_avx2.c`` gets ``-mavx2 -mfma``,
+``x86_avx512.c`` the AVX-512 set), never on the whole library, so that the dispatcher and the
+generic code run on any CPU.
+
+A missing or failing compiler never fails the install: the error is reported as a warning and
+the package runs on its pure-torch reference path (``bitlm.kernels.backend_info()`` says why).
+A tier whose file fails to compile (e.g. an old compiler without AVX-512 VNNI) is dropped and
+the library is built without it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = "csrc"
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+# -ffp-contract=off: the dequant epilogue and the RMSNorm must round exactly like torch's
+# separate multiply and add; GCC would otherwise fuse a*b+c into an FMA in the tier files.
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-strict-aliasing",
+                "-Werror=implicit-function-declaration"]
+TIER_FILES = {
+    # file: (flags, macro defined for dispatch.c when the file compiled)
+    "x86_avx2.c": (["-mavx2", "-mfma"], "BITLM_HAVE_AVX2"),
+    "x86_avx512.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"], "BITLM_HAVE_AVX512"),
+}
+BASE_FILES = ["generic.c", "threadpool.c"]
+
+
+class BuildKernels(build_ext):
+    """Compile csrc/*.c file by file with per-file flags; never fail the install."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != "bitlm._bitlm_kernels":
+            return super().build_extension(ext)
+        try:
+            self._build_kernels(ext)
+        except Exception as e:  # noqa: BLE001 - any compiler/linker problem must not fail pip
+            msg = (
+                f"bitlm: building the native kernels failed ({type(e).__name__}: {e}); "
+                "installing without them - bitlm will use its pure-torch reference kernels"
+            )
+            print(f"WARNING: {msg}", file=sys.stderr)
+            self.warn(msg)
+
+    def _compile(self, src: str, extra: list[str], macros: list[tuple[str, str | None]]) -> list[str]:
+        return self.compiler.compile(
+            [os.path.join(CSRC, src)],
+            output_dir=self.build_temp,
+            macros=macros,
+            include_dirs=[CSRC],
+            extra_postargs=COMMON_FLAGS + extra,
+            debug=self.debug,
+        )
+
+    def _build_kernels(self, ext: Extension) -> None:
+        if self.compiler.compiler_type == "msvc":
+            raise RuntimeError("the kernels are written for GCC/Clang (pthreads, GNU intrinsics)")
+        objects: list[str] = []
+        have: list[tuple[str, str | None]] = []
+        if IS_X86:
+            # Tiers first: each one that compiles adds its macro so that dispatch.c includes it.
+            for src, (flags, macro) in TIER_FILES.items():
+                try:
+                    objects += self._compile(src, flags, [(macro, "1")])
+                    have.append((macro, "1"))
+                except Exception as e:  # noqa: BLE001
+                    print(f"WARNING: bitlm: {src} did not compile ({e}); that tier is left out", file=sys.stderr)
+        for src in BASE_FILES:
+            objects += self._compile(src, [], have)
+        objects += self._compile("dispatch.c", [], have)
+        ext_path = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(ext_path), exist_ok=True)
+        self.compiler.link_shared_object(
+            objects,
+            ext_path,
+            libraries=["pthread", "m"],
+            extra_postargs=["-Wl,--as-needed"] if sys.platform.startswith("linux") else [],
+            target_lang="c",
+        )
+
+    def get_export_symbols(self, ext: Extension) -> list[str]:
+        # A ctypes library, not a Python module: there is no PyInit_ symbol to export.
+        return []
+
+
+def _ext_modules() -> list[Extension]:
+    if os.environ.get("BITLM_NO_NATIVE"):
+        return []
+    # sources are listed for sdists / change detection; BuildKernels compiles them itself
+    sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
+    return [Extension("bitlm._bitlm_kernels", sources=sources, depends=[os.path.join(CSRC, "bitlm_kernels.h"),
+                                                                        os.path.join(CSRC, "internal.h")])]
+
+
+if sysconfig.get_config_var("CC") is None and not os.environ.get("CC"):
+    print("WARNING: bitlm: no C compiler configured; the native kernels may not build", file=sys.stderr)
+
+setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildKernels})

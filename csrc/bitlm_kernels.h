@@ -1,0 +1,141 @@
+/*
+ * bitlm_kernels.h — the one public header of the bitlm native kernel library.
+ *
+ * A torch-free C library: int8 activations x {ternary, binary} packed weights -> int32 (or
+ * float32 after the dequant epilogue), a fused RMSNorm + per-token absmax int8 quantiser, a
+ * memory-bandwidth probe, CPU feature dispatch (generic / AVX2 / AVX-512 VNNI) and a small
+ * persistent thread pool.  Python loads it with ctypes (src/bitlm/kernels/native.py); every
+ * pointer is a caller-owned, contiguous buffer (zero copy), every size an int64.
+ *
+ * The packed weight layouts are defined byte by byte in src/bitlm/packing.py (the pure-torch
+ * pack/unpack there is the reference) and summarised here:
+ *
+ *   all formats: rows are grouped in tiles of BITLM_TILE_N = 16 output rows; K is cut into
+ *   chunks of BLOCK_K columns; one chunk of one tile is 64 bytes; tiles are stored one after
+ *   the other, each tile's chunks in increasing k.  Inside a chunk, dword r (bytes 4r..4r+3)
+ *   belongs to tile row r for i2/t1.  N and K are padded up to the tile / chunk with the
+ *   format's padding value (a zero weight for i2/t1, bit 0 for b1); padded activations are 0.
+ *
+ *   I2 (2.0 bpw, BLOCK_K 16): byte 4r+b of chunk c, bits 2q..2q+1 = code(n=16t+r, k=16c+4q+b),
+ *       code = w + 1 in {0,1,2}.
+ *   T1 (1.6 bpw, BLOCK_K 20): byte 4r+b of chunk c = ceil(256*v/243), v = sum_i d_i*3^(4-i),
+ *       d_i = code(n=16t+r, k=20c+4i+b); decoded by m0 = byte, d_i = (3*m_i)>>8,
+ *       m_{i+1} = (3*m_i) & 255.
+ *   B1 (1.0 bpw, BLOCK_K 32): little-endian uint64 word q (bytes 8q..8q+7) of chunk c,
+ *       bit 4r+b = [w(n=16t+r, k=32c+4q+b) == +1].
+ *
+ * Integer semantics (what every tier computes, bit for bit):
+ *   acc[m, n] = sum_k x[m, k] * w[n, k]    (w in {-1,0,+1} or {-1,+1}; exact in int32)
+ *   implemented as  sum_k code*x - sum_k x  (i2, t1)  or  2*sum_k bit*x - sum_k x  (b1).
+ * Dequant epilogue (the one fixed order, float32):
+ *   f[m, g] = s[g] / a[m];   y[m, n] = (float)acc[m, n] * f[m, n / (N/G)]  (+ bias[n])
+ * Fused RMSNorm + quantisation of a float32 row x (length K), see bitlm_quantize_rows().
+ *
+ * Return codes: 0 on success, a negative BITLM_E* value otherwise.  No function prints.
+ */
+#ifndef BITLM_KERNELS_H
+#define BITLM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define BITLM_API __declspec(dllexport)
+#else
+#define BITLM_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
+ * library whose ABI differs from the one it was written for. */
+#define BITLM_ABI_VERSION 1
+
+/* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
+#define BITLM_FMT_I2 1
+#define BITLM_FMT_T1 2
+#define BITLM_FMT_B1 3
+
+#define BITLM_TILE_N 16
+#define BITLM_I2_BLOCK_K 16
+#define BITLM_T1_BLOCK_K 20
+#define BITLM_B1_BLOCK_K 32
+#define BITLM_CHUNK_BYTES 64
+
+/* Kernel tiers, in increasing order of capability. */
+#define BITLM_TIER_GENERIC 0
+#define BITLM_TIER_AVX2 1   /* AVX2 + FMA: vpmaddubsw / vpmaddwd */
+#define BITLM_TIER_AVX512 2 /* AVX-512 F/BW/VL + VNNI: vpdpbusd */
+#define BITLM_NUM_TIERS 3
+
+/* Error codes. */
+#define BITLM_EINVAL (-1)     /* bad argument (null pointer, negative size, unknown format) */
+#define BITLM_ENOMEM (-2)     /* scratch allocation failed */
+#define BITLM_ENOTIER (-3)    /* tier not compiled in or not supported by this CPU / OS */
+
+/* ---- library / dispatch -------------------------------------------------------------------- */
+BITLM_API int bitlm_abi_version(void);
+/* Tier in use.  Chosen once (lazily) from cpuid/xgetbv, or from env BITLM_KERNEL_TIER=
+ * generic|avx2|avx512 (an unsupported request falls back to the best supported tier below it;
+ * bitlm_tier_note() says so). */
+BITLM_API int bitlm_tier(void);
+BITLM_API int bitlm_best_tier(void);             /* best tier this CPU + build supports */
+BITLM_API int bitlm_tier_supported(int tier);    /* 1 if compiled in and supported by CPU/OS */
+BITLM_API int bitlm_set_tier(int tier);          /* 0, or BITLM_ENOTIER */
+BITLM_API const char *bitlm_tier_name(int tier); /* "generic", "avx2", "avx512", or "?" */
+BITLM_API const char *bitlm_tier_note(void);     /* why the current tier was chosen */
+BITLM_API const char *bitlm_cpu_flags(void);     /* space separated features detected */
+BITLM_API const char *bitlm_build_info(void);    /* compiler + which tiers were compiled */
+
+/* ---- thread pool ---------------------------------------------------------------------------- */
+/* Default: env BITLM_NUM_THREADS, else the number of CPUs this process may run on. */
+BITLM_API int bitlm_num_threads(void);
+BITLM_API int bitlm_set_num_threads(int n); /* 1..256; returns the previous value or EINVAL */
+
+/* ---- packed weight geometry ------------------------------------------------------------------- */
+BITLM_API int bitlm_format_block_k(int fmt);               /* BLOCK_K, or EINVAL */
+BITLM_API int64_t bitlm_packed_bytes(int fmt, int64_t n, int64_t k); /* bytes, or EINVAL */
+
+/* ---- integer matmul ---------------------------------------------------------------------------
+ * y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N: x int8 row-major (M, K), w packed (fmt,
+ * N, K) as bitlm_packed_bytes() bytes, y int32 row-major (M, N).  M == 1 runs the decode GEMV,
+ * M > 1 the blocked GEMM. */
+BITLM_API int bitlm_gemm(int fmt, const int8_t *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                         int32_t *y);
+
+/* Same product followed by the dequant epilogue, written as float32 (M, N):
+ *   y[m, n] = (float)acc[m, n] * (s[g] / a[m]) (+ bias[n]),  g = n / (N / groups).
+ * a: (M,) activation scales; s: (groups,) weight scales; bias: (N,) or NULL. */
+BITLM_API int bitlm_matmul_f32(int fmt, const int8_t *x, const float *a, int64_t m, int64_t k,
+                               const uint8_t *w, const float *s, int64_t groups, int64_t n,
+                               const float *bias, float *y);
+
+/* ---- fused RMSNorm + absmax int8 quantisation -------------------------------------------------
+ * For each row x (length K) of a float32 (M, K) array, when do_norm != 0:
+ *   ss   = sum of (double)x_k^2 in 16 interleaved lanes: lane j sums k = j, j+16, j+32, ...
+ *          sequentially from +0.0, then lanes fold pairwise l[j] += l[j+8], l[j] += l[j+4],
+ *          l[j] += l[j+2], l[j] += l[j+1] (double, no FMA contraction that changes results:
+ *          x^2 of a float32 is exact in double);
+ *   r    = (float)(1.0 / sqrt(ss / K + eps))             (double, correctly rounded, then float)
+ *   y_k  = (x_k * r) * w_k   (float32; "* w_k" only when norm_w != NULL)
+ * else y_k = x_k.  Then, exactly as bitlm.quant.activation_quantize (torch float32 semantics):
+ *   amax = max_k |y_k|;  a = (1.0f / max(amax, 1e-5f)) * 127.0f   (torch's 127 / t is
+ *          t.reciprocal() * 127, two roundings, reproduced on purpose);
+ *   q_k  = clamp(round_half_even(y_k * a), -128, 127).
+ * q: int8 (M, K); a: float32 (M,).  NaN/Inf inputs give unspecified q. */
+BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const float *norm_w, double eps,
+                                  int do_norm, int8_t *q, float *a);
+
+/* ---- memory bandwidth probe ------------------------------------------------------------------- */
+/* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on
+ * all pool threads; returns a checksum so that nothing is optimised away. */
+BITLM_API uint64_t bitlm_mem_read(const void *buf, size_t n);
+/* memcpy split over the pool threads (n bytes). */
+BITLM_API void bitlm_mem_copy(void *dst, const void *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BITLM_KERNELS_H */

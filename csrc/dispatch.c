@@ -1,0 +1,375 @@
+/*
+ * dispatch.c — CPU feature detection, tier selection and the public entry points.
+ *
+ * Built with no ISA flags: everything here must run on any x86-64 (or other) CPU, because it
+ * is what decides whether the AVX2 / AVX-512 files may be entered at all.  Features are read
+ * once with cpuid, and the OS support for the wide register state with xgetbv (a CPU with
+ * AVX-512 under an OS/hypervisor that does not save ZMM state must not use it).
+ *
+ * The public ops prepare a bitlm_problem (pad activations to the format's block, row sums,
+ * epilogue factors) and split the output row tiles over the thread pool.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define BITLM_X86 1
+#endif
+
+/* ---- feature detection ----------------------------------------------------------------------- */
+
+static int g_supported[BITLM_NUM_TIERS];
+static char g_flags[256];
+static char g_note[256];
+static const bitlm_kernel_table *g_tables[BITLM_NUM_TIERS];
+static _Atomic(const bitlm_kernel_table *) g_active;
+static int g_tier = -1;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t g_tier_mu = PTHREAD_MUTEX_INITIALIZER;
+
+#ifdef BITLM_X86
+static uint64_t xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+static void append_flag(const char *f) {
+    const size_t len = strlen(g_flags);
+    snprintf(g_flags + len, sizeof g_flags - len, "%s%s", len ? " " : "", f);
+}
+
+static void detect(void) {
+    g_supported[BITLM_TIER_GENERIC] = 1;
+    g_tables[BITLM_TIER_GENERIC] = &bitlm_generic_table;
+#ifdef BITLM_X86
+    unsigned a, b, c, d;
+    int avx = 0, fma = 0, osxsave = 0, avx2 = 0, bmi2 = 0;
+    int f512 = 0, bw = 0, vl = 0, dq = 0, vnni = 0, vbmi = 0, ymm_os = 0, zmm_os = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        fma = (c >> 12) & 1;
+        osxsave = (c >> 27) & 1;
+        avx = (c >> 28) & 1;
+    }
+    if (osxsave) {
+        const uint64_t xcr0 = xgetbv0();
+        ymm_os = (xcr0 & 0x6) == 0x6;   /* SSE + AVX state */
+        zmm_os = (xcr0 & 0xe6) == 0xe6; /* + opmask, ZMM_Hi256, Hi16_ZMM */
+    }
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        avx2 = (b >> 5) & 1;
+        bmi2 = (b >> 8) & 1;
+        f512 = (b >> 16) & 1;
+        dq = (b >> 17) & 1;
+        bw = (b >> 30) & 1;
+        vl = (b >> 31) & 1;
+        vbmi = (c >> 1) & 1;
+        vnni = (c >> 11) & 1;
+    }
+    if (avx && ymm_os) append_flag("avx");
+    if (fma) append_flag("fma");
+    if (avx2) append_flag("avx2");
+    if (bmi2) append_flag("bmi2");
+    if (f512) append_flag("avx512f");
+    if (dq) append_flag("avx512dq");
+    if (bw) append_flag("avx512bw");
+    if (vl) append_flag("avx512vl");
+    if (vbmi) append_flag("avx512vbmi");
+    if (vnni) append_flag("avx512vnni");
+    if (!zmm_os && f512) append_flag("(os-no-zmm)");
+#ifdef BITLM_HAVE_AVX2
+    g_tables[BITLM_TIER_AVX2] = &bitlm_avx2_table;
+    g_supported[BITLM_TIER_AVX2] = avx && avx2 && fma && ymm_os;
+#endif
+#ifdef BITLM_HAVE_AVX512
+    g_tables[BITLM_TIER_AVX512] = &bitlm_avx512_table;
+    g_supported[BITLM_TIER_AVX512] = g_supported[BITLM_TIER_AVX2] && f512 && bw && vl && vnni && zmm_os;
+#endif
+#endif /* BITLM_X86 */
+    if (!g_flags[0]) append_flag("(none)");
+}
+
+static int best_tier(void) {
+    for (int t = BITLM_NUM_TIERS - 1; t > 0; t--)
+        if (g_supported[t]) return t;
+    return BITLM_TIER_GENERIC;
+}
+
+static int parse_tier(const char *s) {
+    if (!strcmp(s, "generic") || !strcmp(s, "scalar")) return BITLM_TIER_GENERIC;
+    if (!strcmp(s, "avx2")) return BITLM_TIER_AVX2;
+    if (!strcmp(s, "avx512") || !strcmp(s, "avx512vnni")) return BITLM_TIER_AVX512;
+    return -1;
+}
+
+static void init_once(void) {
+    detect();
+    int tier = best_tier();
+    snprintf(g_note, sizeof g_note, "best supported tier (cpuid)");
+    const char *env = getenv("BITLM_KERNEL_TIER");
+    if (env && *env && strcmp(env, "auto") != 0) {
+        const int want = parse_tier(env);
+        if (want < 0) {
+            snprintf(g_note, sizeof g_note, "BITLM_KERNEL_TIER=%.40s not understood; using %s", env,
+                     bitlm_tier_name(tier));
+        } else {
+            int t = want;
+            while (t > 0 && !g_supported[t]) t--; /* never run what the CPU cannot execute */
+            if (t == want)
+                snprintf(g_note, sizeof g_note, "forced by BITLM_KERNEL_TIER=%s", env);
+            else
+                snprintf(g_note, sizeof g_note, "BITLM_KERNEL_TIER=%.40s unsupported here; fell back to %s", env,
+                         bitlm_tier_name(t));
+            tier = t;
+        }
+    }
+    g_tier = tier;
+    atomic_store(&g_active, g_tables[tier]);
+}
+
+static const bitlm_kernel_table *active(void) {
+    pthread_once(&g_once, init_once);
+    return atomic_load(&g_active);
+}
+
+/* ---- library / dispatch API ------------------------------------------------------------------ */
+
+BITLM_API int bitlm_abi_version(void) { return BITLM_ABI_VERSION; }
+
+BITLM_API int bitlm_tier(void) {
+    pthread_once(&g_once, init_once);
+    pthread_mutex_lock(&g_tier_mu);
+    const int t = g_tier;
+    pthread_mutex_unlock(&g_tier_mu);
+    return t;
+}
+
+BITLM_API int bitlm_best_tier(void) {
+    pthread_once(&g_once, init_once);
+    return best_tier();
+}
+
+BITLM_API int bitlm_tier_supported(int tier) {
+    pthread_once(&g_once, init_once);
+    return tier >= 0 && tier < BITLM_NUM_TIERS && g_supported[tier];
+}
+
+BITLM_API int bitlm_set_tier(int tier) {
+    pthread_once(&g_once, init_once);
+    if (tier < 0 || tier >= BITLM_NUM_TIERS || !g_supported[tier]) return BITLM_ENOTIER;
+    pthread_mutex_lock(&g_tier_mu);
+    g_tier = tier;
+    snprintf(g_note, sizeof g_note, "set by bitlm_set_tier(%s)", bitlm_tier_name(tier));
+    atomic_store(&g_active, g_tables[tier]);
+    pthread_mutex_unlock(&g_tier_mu);
+    return 0;
+}
+
+BITLM_API const char *bitlm_tier_name(int tier) {
+    switch (tier) {
+    case BITLM_TIER_GENERIC: return "generic";
+    case BITLM_TIER_AVX2: return "avx2";
+    case BITLM_TIER_AVX512: return "avx512";
+    default: return "?";
+    }
+}
+
+BITLM_API const char *bitlm_tier_note(void) {
+    pthread_once(&g_once, init_once);
+    return g_note;
+}
+
+BITLM_API const char *bitlm_cpu_flags(void) {
+    pthread_once(&g_once, init_once);
+    return g_flags;
+}
+
+BITLM_API const char *bitlm_build_info(void) {
+    return "compiler " __VERSION__ "; tiers generic"
+#ifdef BITLM_HAVE_AVX2
+           " avx2"
+#endif
+#ifdef BITLM_HAVE_AVX512
+           " avx512"
+#endif
+        ;
+}
+
+/* ---- geometry -------------------------------------------------------------------------------- */
+
+BITLM_API int bitlm_format_block_k(int fmt) {
+    const int bk = bitlm_block_k(fmt);
+    return bk ? bk : BITLM_EINVAL;
+}
+
+BITLM_API int64_t bitlm_packed_bytes(int fmt, int64_t n, int64_t k) {
+    const int bk = bitlm_block_k(fmt);
+    if (!bk || n < 0 || k < 0) return BITLM_EINVAL;
+    const int64_t tiles = (n + BITLM_TILE_N - 1) / BITLM_TILE_N;
+    const int64_t chunks = (k + bk - 1) / bk;
+    return tiles * chunks * BITLM_CHUNK_BYTES;
+}
+
+/* ---- matmul ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    const bitlm_problem *p;
+    bitlm_mm_fn fn;
+} mm_task;
+
+static void mm_task_run(void *ctx, int64_t b, int64_t e) {
+    const mm_task *t = (const mm_task *)ctx;
+    t->fn(t->p, b, e);
+}
+
+/* Work below this many MACs per extra thread is not worth a wake-up (~2-5 us). */
+#define MIN_MACS_PER_THREAD (1 << 15)
+
+static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64_t k, const uint8_t *w,
+                      const float *s, int64_t groups, int64_t n, const float *bias, int32_t *yi, float *yf) {
+    const int bk = bitlm_block_k(fmt);
+    if (!bk || !x || !w || m < 0 || k < 0 || n < 0 || (!yi && !yf)) return BITLM_EINVAL;
+    if (yf && (!a || !s || groups < 1 || n % groups != 0)) return BITLM_EINVAL;
+    if (m == 0 || n == 0) return 0;
+    const bitlm_kernel_table *tab = active();
+
+    bitlm_problem p;
+    memset(&p, 0, sizeof p);
+    p.fmt = fmt;
+    p.M = m;
+    p.N = n;
+    p.K = k;
+    p.nchunks = (k + bk - 1) / bk;
+    p.Kp = p.nchunks * bk;
+    p.tile_bytes = p.nchunks * BITLM_CHUNK_BYTES;
+    p.w = w;
+    p.yi = yi;
+    p.yf = yf;
+    p.groups = groups < 1 ? 1 : groups;
+    p.rows_per_group = n / p.groups;
+    p.bias = bias;
+
+    /* one scratch block: row sums, epilogue factors, and (only when K is not a multiple of the
+     * block) a zero-padded copy of the activations so that kernels never read past a row. */
+    const int need_pad = p.Kp != k;
+    const size_t sum_bytes = (size_t)m * sizeof(int32_t);
+    const size_t f_bytes = yf ? (size_t)m * (size_t)p.groups * sizeof(float) : 0;
+    const size_t pad_bytes = need_pad ? (size_t)m * (size_t)p.Kp : 0;
+    unsigned char *scratch = malloc(sum_bytes + f_bytes + pad_bytes + 64);
+    if (!scratch) return BITLM_ENOMEM;
+    int32_t *xsum = (int32_t *)(void *)scratch;
+    float *f = (float *)(void *)(scratch + sum_bytes);
+    int8_t *xpad = (int8_t *)(scratch + sum_bytes + f_bytes);
+    for (int64_t i = 0; i < m; i++) {
+        const int8_t *row = x + i * k;
+        int32_t acc = 0;
+        for (int64_t j = 0; j < k; j++) acc += row[j];
+        xsum[i] = acc;
+        if (need_pad) {
+            memcpy(xpad + i * p.Kp, row, (size_t)k);
+            memset(xpad + i * p.Kp + k, 0, (size_t)(p.Kp - k));
+        }
+        if (yf)
+            for (int64_t g = 0; g < p.groups; g++) f[i * p.groups + g] = s[g] / a[i]; /* float32 */
+    }
+    p.x = need_pad ? xpad : x;
+    p.xsum = xsum;
+    p.f = f;
+
+    const int64_t tiles = (n + BITLM_TILE_N - 1) / BITLM_TILE_N;
+    const double macs = (double)m * (double)n * (double)k;
+    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
+    if (max_threads < 1) max_threads = 1;
+    /* GEMM kernels take 2 tiles per pass: keep pieces multiples of that. */
+    const int64_t grain = m == 1 ? 1 : 2;
+    mm_task task = {&p, tab->mm[fmt]};
+    bitlm_parallel_for(tiles, grain, max_threads, mm_task_run, &task);
+    free(scratch);
+    return 0;
+}
+
+BITLM_API int bitlm_gemm(int fmt, const int8_t *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int32_t *y) {
+    if (!y) return BITLM_EINVAL;
+    return run_matmul(fmt, x, NULL, m, k, w, NULL, 1, n, NULL, y, NULL);
+}
+
+BITLM_API int bitlm_matmul_f32(int fmt, const int8_t *x, const float *a, int64_t m, int64_t k, const uint8_t *w,
+                               const float *s, int64_t groups, int64_t n, const float *bias, float *y) {
+    if (!y) return BITLM_EINVAL;
+    return run_matmul(fmt, x, a, m, k, w, s, groups, n, bias, NULL, y);
+}
+
+/* ---- quantiser ------------------------------------------------------------------------------- */
+
+typedef struct {
+    bitlm_quant_row_fn fn;
+    const float *x, *w;
+    int64_t k;
+    double eps;
+    int do_norm;
+    int8_t *q;
+    float *a;
+} quant_task;
+
+static void quant_task_run(void *ctx, int64_t b, int64_t e) {
+    const quant_task *t = (const quant_task *)ctx;
+    for (int64_t i = b; i < e; i++) t->fn(t->x + i * t->k, t->k, t->w, t->eps, t->do_norm, t->q + i * t->k, t->a + i);
+}
+
+BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const float *norm_w, double eps, int do_norm,
+                                  int8_t *q, float *a) {
+    if (!x || !q || !a || m < 0 || k < 1) return BITLM_EINVAL;
+    if (m == 0) return 0;
+    quant_task t = {active()->quant_row, x, norm_w, k, eps, do_norm, q, a};
+    /* ~1 ns per element: only big prefill batches are worth splitting */
+    const int max_threads = (int)((m * k) / (1 << 16)) + 1;
+    bitlm_parallel_for(m, 1, max_threads, quant_task_run, &t);
+    return 0;
+}
+
+/* ---- bandwidth probe ------------------------------------------------------------------------- */
+
+typedef struct {
+    bitlm_read_fn fn;
+    const uint8_t *src;
+    uint8_t *dst;
+    uint64_t sum;
+} mem_task;
+
+#define MEM_GRAIN 4096 /* bytes: one page, keeps every range 64-byte aligned */
+
+static void mem_read_run(void *ctx, int64_t b, int64_t e) {
+    mem_task *t = (mem_task *)ctx;
+    __atomic_fetch_xor(&t->sum, t->fn(t->src + b, (size_t)(e - b)), __ATOMIC_RELAXED);
+}
+
+static void mem_copy_run(void *ctx, int64_t b, int64_t e) {
+    mem_task *t = (mem_task *)ctx;
+    memcpy(t->dst + b, t->src + b, (size_t)(e - b));
+}
+
+BITLM_API uint64_t bitlm_mem_read(const void *buf, size_t n) {
+    mem_task t;
+    memset(&t, 0, sizeof t);
+    t.fn = active()->mem_read;
+    t.src = (const uint8_t *)buf;
+    bitlm_parallel_for((int64_t)(n & ~(size_t)63), MEM_GRAIN, 256, mem_read_run, &t);
+    return t.sum;
+}
+
+BITLM_API void bitlm_mem_copy(void *dst, const void *src, size_t n) {
+    mem_task t;
+    memset(&t, 0, sizeof t);
+    t.src = (const uint8_t *)src;
+    t.dst = (uint8_t *)dst;
+    bitlm_parallel_for((int64_t)n, MEM_GRAIN, 256, mem_copy_run, &t);
+}

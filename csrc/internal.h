@@ -1,0 +1,104 @@
+/*
+ * internal.h — private declarations shared by the tier files, the dispatcher and the pool.
+ * Not installed, not part of the ABI.
+ */
+#ifndef BITLM_INTERNAL_H
+#define BITLM_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "bitlm_kernels.h"
+
+#define BITLM_HIDDEN __attribute__((visibility("hidden")))
+
+/* One integer matmul problem, fully prepared by dispatch.c before the parallel split:
+ * activations already padded to Kp with zeros, their row sums and the epilogue factors
+ * already computed.  A tier kernel computes every token m < M for row tiles [t0, t1). */
+typedef struct bitlm_problem {
+    int fmt;
+    int64_t M, N, K;
+    int64_t Kp;           /* K rounded up to the format's BLOCK_K */
+    int64_t nchunks;      /* Kp / BLOCK_K */
+    int64_t tile_bytes;   /* nchunks * 64: one tile of 16 rows */
+    const uint8_t *w;     /* packed weights */
+    const int8_t *x;      /* (M, Kp) int8, row stride Kp, zero padded */
+    const int32_t *xsum;  /* (M,) sum over k of x[m, k] */
+    int32_t *yi;          /* (M, N) int32 output, or NULL when yf is used */
+    float *yf;            /* (M, N) float32 output (dequant epilogue), or NULL */
+    const float *f;       /* (M, groups) epilogue factors s[g] / a[m] */
+    int64_t groups, rows_per_group;
+    const float *bias;    /* (N,) or NULL */
+} bitlm_problem;
+
+typedef void (*bitlm_mm_fn)(const bitlm_problem *p, int64_t t0, int64_t t1);
+/* One row of the fused RMSNorm + absmax quantiser (semantics in bitlm_kernels.h). */
+typedef void (*bitlm_quant_row_fn)(const float *x, int64_t k, const float *norm_w, double eps, int do_norm,
+                                   int8_t *q, float *a);
+typedef uint64_t (*bitlm_read_fn)(const uint8_t *buf, size_t n);
+
+typedef struct bitlm_kernel_table {
+    const char *name;
+    bitlm_mm_fn mm[4]; /* indexed by BITLM_FMT_*; [0] unused */
+    bitlm_quant_row_fn quant_row;
+    bitlm_read_fn mem_read;
+} bitlm_kernel_table;
+
+BITLM_HIDDEN extern const bitlm_kernel_table bitlm_generic_table;
+#ifdef BITLM_HAVE_AVX2
+BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx2_table;
+#endif
+#ifdef BITLM_HAVE_AVX512
+BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx512_table;
+#endif
+
+/* ---- thread pool (threadpool.c) ---- */
+typedef void (*bitlm_task_fn)(void *ctx, int64_t begin, int64_t end);
+/* Runs fn over [0, n) on up to min(bitlm_num_threads(), max_threads) threads, the caller
+ * included, in contiguous pieces whose boundaries are multiples of grain, handed out
+ * dynamically.  If another thread is already using the pool, runs everything inline (never
+ * blocks, never deadlocks). */
+BITLM_HIDDEN void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx);
+
+/* ---- helpers usable from every tier ---- */
+static inline int32_t bitlm_load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4); /* unaligned-safe; compiles to one load */
+    return v;
+}
+
+static inline int bitlm_block_k(int fmt) {
+    return fmt == BITLM_FMT_I2 ? BITLM_I2_BLOCK_K
+         : fmt == BITLM_FMT_T1 ? BITLM_T1_BLOCK_K
+         : fmt == BITLM_FMT_B1 ? BITLM_B1_BLOCK_K : 0;
+}
+
+/* Scalar epilogue for one (token m, tile t) pair: raw[r] = sum_k code*x (i2, t1) or
+ * sum_k bit*x (b1) for the 16 rows of the tile.  Writes rows n < N only.  The float path is
+ * the documented order: (float)acc * f[m, g] then + bias[n], with no FMA contraction (the
+ * library is built with -ffp-contract=off). */
+static inline void bitlm_store_tile_scalar(const bitlm_problem *p, int64_t m, int64_t t, const int32_t raw[16]) {
+    const int64_t n0 = t * BITLM_TILE_N;
+    const int64_t nr = p->N - n0 < BITLM_TILE_N ? p->N - n0 : BITLM_TILE_N;
+    const int32_t xs = p->xsum[m];
+    for (int64_t r = 0; r < nr; r++) {
+        /* b1: w = 2*bit - 1, so sum w*x = 2*sum bit*x - sum x; i2/t1: w = code - 1. */
+        const int32_t acc = (p->fmt == BITLM_FMT_B1 ? 2 * raw[r] : raw[r]) - xs;
+        const int64_t n = n0 + r;
+        if (p->yf) {
+            float y = (float)acc * p->f[m * p->groups + n / p->rows_per_group];
+            if (p->bias) y = y + p->bias[n];
+            p->yf[m * p->N + n] = y;
+        } else {
+            p->yi[m * p->N + n] = acc;
+        }
+    }
+}
+
+/* Common tail of the quantiser: amax -> a -> q, exactly torch's float32 sequence. */
+static inline float bitlm_act_scale(float amax) {
+    const float c = amax > 1e-5f ? amax : 1e-5f; /* clamp(min=1e-5) */
+    return (1.0f / c) * 127.0f;                   /* torch: 127 / t == t.reciprocal() * 127 */
+}
+
+#endif /* BITLM_INTERNAL_H */

@@ -1,0 +1,301 @@
+/*
+ * x86_avx512.c — AVX-512 (F/BW/VL) + VNNI tier.  The only file built with those flags; the
+ * dispatcher enters it only after cpuid/xgetbv said the CPU and OS support them.
+ *
+ * Core instruction: vpdpbusd (u8 x s8, four products summed into each int32 lane).  The packed
+ * layouts were designed for it: one 64-byte chunk of a 16-row tile is one zmm whose dword lane
+ * r belongs to output row r, so after unpacking, lane r holds 4 codes of row r for 4
+ * consecutive k, and a single broadcast of x[k..k+3] feeds all 16 rows.  Accumulators are
+ * therefore already "one lane per output row": no horizontal reductions anywhere.
+ *
+ * Codes are unsigned ({0,1,2} = w+1 for i2/t1, {0,1} = bit for b1) because vpdpbusd's first
+ * multiplicand is unsigned; the -1 offset becomes one subtraction of sum(x) per output
+ * (i2/t1: acc = S - sum x; b1: acc = 2S - sum x).  vpdpbusd accumulates in 32 bits, so there
+ * is no int16 saturation to worry about (unlike vpmaddubsw).
+ *
+ * GEMV (M = 1, decode): one tile at a time (one sequential weight stream per thread), one
+ * accumulator per (chunk parity, quad) to hide the dpbusd latency; memory-bound.
+ * GEMM (M > 1, prefill): a 2-tile x 6-token register block (12 accumulators); each unpacked
+ * weight register is reused 6 times, each activation broadcast twice; activations are blocked
+ * so that the rows in use stay in L2.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "internal.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* quads (groups of 4 k) per 64-byte chunk */
+#define QPC(fmt) ((fmt) == BITLM_FMT_I2 ? 4 : (fmt) == BITLM_FMT_T1 ? 5 : 8)
+
+typedef struct {
+    __m512i m3, one, c86, c171;
+} consts_t;
+
+ALWAYS_INLINE consts_t make_consts(void) {
+    consts_t c;
+    c.m3 = _mm512_set1_epi8(3);
+    c.one = _mm512_set1_epi8(1);
+    c.c86 = _mm512_set1_epi8((char)86);
+    c.c171 = _mm512_set1_epi8((char)171);
+    return c;
+}
+
+/* Per-chunk unpack state: i2/t1 keep the loaded chunk in a register (t1 updates it digit by
+ * digit), b1 reads its 8-byte masks straight from memory into k registers. */
+ALWAYS_INLINE __m512i chunk_load(const int fmt, const uint8_t *chunk) {
+    if (fmt == BITLM_FMT_B1) return _mm512_setzero_si512();
+    return _mm512_loadu_si512((const void *)chunk);
+}
+
+/* Codes for quad qd (k = 4qd .. 4qd+3 of the chunk) of all 16 rows, one row per dword lane. */
+ALWAYS_INLINE __m512i unpack_quad(const int fmt, __m512i *st, const uint8_t *chunk, const int qd, const consts_t *c) {
+    if (fmt == BITLM_FMT_I2) {
+        /* bits 2qd..2qd+1 of every byte; the dword shift leaks the neighbour byte's bits into
+         * positions >= 8-2qd, which the mask removes */
+        return _mm512_and_si512(_mm512_srli_epi32(*st, 2 * qd), c->m3);
+    } else if (fmt == BITLM_FMT_T1) {
+        /* d = (3m) >> 8 = [m >= 86] + [m >= 171];  m <- 3m mod 256 */
+        const __m512i m = *st;
+        const __mmask64 k1 = _mm512_cmpge_epu8_mask(m, c->c86);
+        const __mmask64 k2 = _mm512_cmpge_epu8_mask(m, c->c171);
+        __m512i d = _mm512_maskz_mov_epi8(k1, c->one);
+        d = _mm512_mask_add_epi8(d, k2, d, c->one);
+        *st = _mm512_add_epi8(_mm512_add_epi8(m, m), m);
+        return d;
+    } else {
+        __mmask64 k;
+        memcpy(&k, chunk + 8 * qd, 8); /* little-endian word -> bit 4r+b = lane byte 4r+b */
+        return _mm512_maskz_mov_epi8(k, c->one);
+    }
+}
+
+/* Epilogue for one (token m, tile t): raw = sum code*x (i2/t1) or sum bit*x (b1). */
+ALWAYS_INLINE void store_tile(const bitlm_problem *p, const int fmt, int64_t m, int64_t t, __m512i raw) {
+    const int64_t n0 = t * BITLM_TILE_N;
+    const int64_t nr = p->N - n0 < BITLM_TILE_N ? p->N - n0 : BITLM_TILE_N;
+    const __mmask16 mask = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    if (p->yf) {
+        const int64_t g0 = n0 / p->rows_per_group, g1 = (n0 + nr - 1) / p->rows_per_group;
+        if (g0 != g1) { /* tile straddles a weight-group boundary: rare, do it one by one */
+            int32_t tmp[16];
+            _mm512_storeu_si512((void *)tmp, raw);
+            bitlm_store_tile_scalar(p, m, t, tmp);
+            return;
+        }
+        __m512i acc = fmt == BITLM_FMT_B1 ? _mm512_add_epi32(raw, raw) : raw;
+        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(p->xsum[m]));
+        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p->f[m * p->groups + g0]));
+        if (p->bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p->bias + n0));
+        _mm512_mask_storeu_ps(p->yf + m * p->N + n0, mask, y);
+    } else {
+        __m512i acc = fmt == BITLM_FMT_B1 ? _mm512_add_epi32(raw, raw) : raw;
+        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(p->xsum[m]));
+        _mm512_mask_storeu_epi32(p->yi + m * p->N + n0, mask, acc);
+    }
+}
+
+/* ---- GEMV: M = 1 -------------------------------------------------------------------------- */
+
+/* One tile at a time, so that each thread reads its rows as one sequential stream (the
+ * hardware prefetcher's best case; interleaving several tiles' 10-27 KB streams measured much
+ * slower from DRAM).  Two chunks per iteration with one accumulator per (chunk, quad) keeps
+ * 8-16 independent vpdpbusd chains in flight to hide their latency. */
+/* Software prefetch distance in bytes.  Measured on Zen 5 from DRAM (2560x6912 i2, 1 thread):
+ * none ~32 GB/s, 2 KB ~29, 8 KB ~38-40, 16 KB ~36-43: the hardware prefetcher alone does not
+ * run far enough ahead of a loop that spends ~20 instructions per 64-byte line. */
+#define GEMV_PREFETCH 8192
+
+ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
+    const consts_t c = make_consts();
+    const int bk = 4 * QPC(fmt);
+    __m512i acc[2][8];
+    for (int u = 0; u < 2; u++)
+        for (int qd = 0; qd < QPC(fmt); qd++) acc[u][qd] = _mm512_setzero_si512();
+    const uint8_t *wt = p->w + t * p->tile_bytes;
+    const int8_t *x = p->x;
+    const int64_t nch = p->nchunks;
+    for (int64_t ch = 0; ch < nch; ch += 2) {
+        const int nu = ch + 1 < nch ? 2 : 1;
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            if (u >= nu) break;
+            const uint8_t *chunk = wt + (ch + u) * 64;
+            _mm_prefetch((const char *)chunk + GEMV_PREFETCH, _MM_HINT_T0);
+            __m512i st = chunk_load(fmt, chunk);
+#pragma GCC unroll 8
+            for (int qd = 0; qd < 8; qd++) {
+                if (qd >= QPC(fmt)) break;
+                const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + (ch + u) * bk + 4 * qd));
+                acc[u][qd] = _mm512_dpbusd_epi32(acc[u][qd], unpack_quad(fmt, &st, chunk, qd, &c), xb);
+            }
+        }
+    }
+    __m512i s = _mm512_add_epi32(acc[0][0], acc[1][0]);
+    for (int qd = 1; qd < QPC(fmt); qd++) s = _mm512_add_epi32(s, _mm512_add_epi32(acc[0][qd], acc[1][qd]));
+    store_tile(p, fmt, 0, t, s);
+}
+
+ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) gemv_tile(p, fmt, t);
+}
+
+/* ---- GEMM: M > 1 ---------------------------------------------------------------------------- */
+
+/* Register block: JG tiles x MT_MAX tokens.  Swept on Zen 5 (M = 512, 2560 x 2560, GMAC/s per
+ * core, i2 / t1 / b1): 2x6 490/426/496, 2x8 418/415/458, 2x12 ~340/-/-, 3x6 410/373/440,
+ * 4x4 418/320/443, 4x6 335/309/399.  More accumulators did not help: the block is limited by
+ * vpdpbusd issue, not by broadcast loads, and the smaller loop body unrolls better. */
+#define JG 2
+#define MT_MAX(fmt) 6
+
+ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0) {
+    const consts_t c = make_consts();
+    const int bk = 4 * QPC(fmt);
+    const int64_t kp = p->Kp;
+    __m512i acc[JG][6];
+    const uint8_t *wt[JG];
+    for (int j = 0; j < J; j++) {
+        wt[j] = p->w + (t + j) * p->tile_bytes;
+        for (int mi = 0; mi < MT; mi++) acc[j][mi] = _mm512_setzero_si512();
+    }
+    const int8_t *x = p->x + m0 * kp;
+    for (int64_t ch = 0; ch < p->nchunks; ch++) {
+        __m512i st[JG];
+        for (int j = 0; j < J; j++) st[j] = chunk_load(fmt, wt[j] + ch * 64);
+#pragma GCC unroll 8
+        for (int qd = 0; qd < 8; qd++) {
+            if (qd >= QPC(fmt)) break;
+            __m512i w[JG];
+            for (int j = 0; j < J; j++) w[j] = unpack_quad(fmt, &st[j], wt[j] + ch * 64, qd, &c);
+#pragma GCC unroll 6
+            for (int mi = 0; mi < MT; mi++) {
+                const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + mi * kp + ch * bk + 4 * qd));
+                for (int j = 0; j < J; j++) acc[j][mi] = _mm512_dpbusd_epi32(acc[j][mi], w[j], xb);
+            }
+        }
+    }
+    for (int j = 0; j < J; j++)
+        for (int mi = 0; mi < MT; mi++) store_tile(p, fmt, m0 + mi, t + j, acc[j][mi]);
+}
+
+
+/* Tokens [m0, m1) against tiles t (and t+1 when J = 2). */
+ALWAYS_INLINE void gemm_tiles(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0, int64_t m1) {
+    for (; m0 + MT_MAX(fmt) <= m1; m0 += MT_MAX(fmt)) gemm_block(p, fmt, J, MT_MAX(fmt), t, m0);
+    /* remainder (1..5 tokens): at most 3 passes with blocks of 4, 2, 1 */
+    while (m0 < m1) {
+        const int64_t r = m1 - m0;
+        if (r >= 4) {
+            gemm_block(p, fmt, J, 4, t, m0);
+            m0 += 4;
+        } else if (r >= 2) {
+            gemm_block(p, fmt, J, 2, t, m0);
+            m0 += 2;
+        } else {
+            gemm_block(p, fmt, J, 1, t, m0);
+            m0 += 1;
+        }
+    }
+}
+
+/* Activation rows per outer block: keep the block (MB x Kp bytes) inside L2 while every tile
+ * pair of this thread's range streams past it (measured: M = 512 at K = 2560, 1.3 MB of
+ * activations, ran at half the speed of M = 128 without this). */
+#define GEMM_X_BLOCK_BYTES (256 * 1024)
+
+ALWAYS_INLINE void mm_any(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
+    if (p->M == 1) {
+        gemv(p, fmt, t0, t1);
+        return;
+    }
+    int64_t mb = GEMM_X_BLOCK_BYTES / p->Kp;
+    mb = mb < MT_MAX(fmt) ? MT_MAX(fmt) : mb - mb % MT_MAX(fmt);
+    for (int64_t m0 = 0; m0 < p->M; m0 += mb) {
+        const int64_t m1 = m0 + mb < p->M ? m0 + mb : p->M;
+        int64_t t = t0;
+        for (; t + JG <= t1; t += JG) gemm_tiles(p, fmt, JG, t, m0, m1);
+        if (t < t1) gemm_tiles(p, fmt, 1, t, m0, m1); /* odd tile count */
+    }
+}
+
+static void mm_i2(const bitlm_problem *p, int64_t t0, int64_t t1) { mm_any(p, BITLM_FMT_I2, t0, t1); }
+static void mm_t1(const bitlm_problem *p, int64_t t0, int64_t t1) { mm_any(p, BITLM_FMT_T1, t0, t1); }
+static void mm_b1(const bitlm_problem *p, int64_t t0, int64_t t1) { mm_any(p, BITLM_FMT_B1, t0, t1); }
+
+/* ---- fused RMSNorm + quantiser ------------------------------------------------------------ */
+
+static void quant_row_avx512(const float *x, int64_t k, const float *nw, double eps, int do_norm, int8_t *q,
+                             float *a_out) {
+    float rs = 1.0f;
+    if (do_norm) {
+        /* 16 double lanes, lane j = elements j, j+16, ... (the documented order) */
+        __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16) {
+            const __m512 v = _mm512_loadu_ps(x + i);
+            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            const __m512d hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
+            s0 = _mm512_add_pd(s0, _mm512_mul_pd(lo, lo));
+            s1 = _mm512_add_pd(s1, _mm512_mul_pd(hi, hi));
+        }
+        double lane[16];
+        _mm512_storeu_pd(lane, s0);
+        _mm512_storeu_pd(lane + 8, s1);
+        for (; i < k; i++) lane[i & 15] += (double)x[i] * (double)x[i];
+        for (int j = 0; j < 8; j++) lane[j] += lane[j + 8];
+        for (int j = 0; j < 4; j++) lane[j] += lane[j + 4];
+        for (int j = 0; j < 2; j++) lane[j] += lane[j + 2];
+        lane[0] += lane[1];
+        rs = (float)(1.0 / sqrt(lane[0] / (double)k + eps));
+    }
+    const __m512 vr = _mm512_set1_ps(rs);
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+        __m512 y = _mm512_maskz_loadu_ps(mk, x + i);
+        if (do_norm) {
+            y = _mm512_mul_ps(y, vr);
+            if (nw) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, nw + i));
+        }
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(y));
+    }
+    const float a = bitlm_act_scale(_mm512_reduce_max_ps(vmax));
+    const __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+        __m512 y = _mm512_maskz_loadu_ps(mk, x + i);
+        if (do_norm) {
+            y = _mm512_mul_ps(y, vr);
+            if (nw) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, nw + i));
+        }
+        const __m512i iv = _mm512_cvt_roundps_epi32(_mm512_mul_ps(y, va), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(q + i, mk, _mm512_cvtsepi32_epi8(iv)); /* saturating = clamp(-128, 127) */
+    }
+    *a_out = a;
+}
+
+/* ---- bandwidth probe -------------------------------------------------------------------------- */
+
+static uint64_t mem_read_avx512(const uint8_t *buf, size_t n) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        s0 = _mm512_add_epi64(s0, _mm512_load_si512((const void *)(buf + i)));
+        s1 = _mm512_add_epi64(s1, _mm512_load_si512((const void *)(buf + i + 64)));
+        s2 = _mm512_add_epi64(s2, _mm512_load_si512((const void *)(buf + i + 128)));
+        s3 = _mm512_add_epi64(s3, _mm512_load_si512((const void *)(buf + i + 192)));
+    }
+    for (; i + 64 <= n; i += 64) s0 = _mm512_add_epi64(s0, _mm512_load_si512((const void *)(buf + i)));
+    s0 = _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3));
+    return (uint64_t)_mm512_reduce_add_epi64(s0);
+}
+
+const bitlm_kernel_table bitlm_avx512_table = {
+    "avx512",
+    {NULL, mm_i2, mm_t1, mm_b1},
+    quant_row_avx512,
+    mem_read_avx512,
+};

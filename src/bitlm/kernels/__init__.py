@@ -1,0 +1,152 @@
+"""Kernel API of bitlm: packed-weight matmuls and the fused activation quantiser, with a native
+(C, SIMD, threaded) backend and a pure-torch reference backend that define the same numbers.
+
+Backend choice, per call, from ``BITLM_BACKEND``:
+
+* unset / ``auto`` — native if the library loads, else the reference (with one loud warning
+  saying why);
+* ``native`` — the library must load, otherwise every call raises (CI and benchmarks use this);
+* ``reference`` — always torch (slow, exact, the oracle).
+
+The native tier and thread count are chosen by ``BITLM_KERNEL_TIER`` and ``BITLM_NUM_THREADS``
+(or :func:`set_tier` / :func:`set_num_threads`).  Formats without a native kernel (``hf``) run
+on the reference path.  Every op is exact integer arithmetic up to the final, documented
+float32 epilogue ``y = float32(acc) · (s_g / a_m) + bias`` — see ``csrc/bitlm_kernels.h``.
+
+    q, a = kernels.quantize_rows(x, norm_weight, eps)   # int8 (M, K), float32 (M,)
+    acc = kernels.gemm(q, w)                            # int32 (M, N)
+    y = kernels.matmul(q, a, w, bias)                   # float32 (M, N)
+    y = kernels.linear(x, w, bias, norm_weight, eps)    # all three in one call
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from ..packing import PackedWeight
+from . import reference
+
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "backend", "backend_info", "set_num_threads",
+           "num_threads", "set_tier", "reference"]
+
+_warned = False
+
+
+def _native_or_none() -> ModuleType | None:
+    from . import native
+
+    mode = os.environ.get("BITLM_BACKEND", "auto").lower()
+    if mode == "reference":
+        return None
+    if native.load() is not None:
+        return native
+    if mode == "native":
+        raise RuntimeError(f"BITLM_BACKEND=native but the native kernels are unavailable: {native.reason()}")
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"bitlm: native kernels unavailable ({native.reason()}); using the slow pure-torch "
+                      "reference kernels (set BITLM_BACKEND=reference to silence this)", RuntimeWarning,
+                      stacklevel=3)
+    return None
+
+
+def _impl(w: PackedWeight | None = None) -> ModuleType:
+    nat = _native_or_none()
+    if nat is None or (w is not None and w.fmt.native_id is None):
+        return reference
+    return nat
+
+
+def backend() -> str:
+    """"native" or "reference": what the next call would use (loads the library if needed)."""
+    return "native" if _native_or_none() is not None else "reference"
+
+
+def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """int8 (M, K) activations × packed weight (N, K) → exact int32 (M, N) = xq · Tᵀ."""
+    return _impl(w).gemm(xq, w)
+
+
+def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantised product: float32 (M, N) = float32(xq · Tᵀ) · (s_g / a_m) (+ bias)."""
+    return _impl(w).matmul(xq, a, w, bias)
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm if ``norm_weight`` is given or ``rmsnorm=True``, then) per-row absmax int8
+    quantisation of float32 (..., K): returns ``(q int8 (..., K), a float32 (...))`` with
+    ``x ≈ q / a``.  Without the norm it equals ``bitlm.quant.activation_quantize`` bit for bit."""
+    return _impl().quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm)
+
+
+def linear(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> torch.Tensor:
+    """BitLinear inference: float32 (..., K) → float32 (..., N) = W · quant(norm(x)) (+ bias)."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    impl = _impl(w)
+    if impl is reference:
+        return reference.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
+    # quantise natively even when the weight format needs the reference matmul
+    return impl.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
+
+
+def set_num_threads(n: int) -> int:
+    """Threads of the native kernel pool (default: env BITLM_NUM_THREADS, else all CPUs this
+    process may use).  Returns the previous value.  No-op (returns 1) on the reference backend."""
+    nat = _native_or_none()
+    return nat.set_num_threads(n) if nat is not None else 1
+
+
+def num_threads() -> int:
+    nat = _native_or_none()
+    return nat.num_threads() if nat is not None else 1
+
+
+def set_tier(name: str) -> None:
+    """Force a native kernel tier: "generic", "avx2" or "avx512" (raises if unsupported here)."""
+    nat = _native_or_none()
+    if nat is None:
+        raise RuntimeError("no native backend: kernel tiers do not apply")
+    nat.set_tier(name)
+
+
+def backend_info() -> dict:
+    """What runs the kernels and why: backend, tier, threads, reason, plus library details.
+
+    Never raises: with ``BITLM_BACKEND=native`` and no library it reports the error as reason.
+    """
+    from . import native
+
+    mode = os.environ.get("BITLM_BACKEND", "auto").lower()
+    out: dict = {"backend": "reference", "requested": mode, "tier": None, "threads": None, "reason": None,
+                 "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if mode == "reference":
+        out["reason"] = "BITLM_BACKEND=reference"
+        return out
+    if native.load() is None:
+        out["reason"] = native.reason()
+        out["library"] = native.library_path()
+        return out
+    out.update(native.info())
+    out["backend"] = "native"
+    out["reason"] = out.pop("tier_note")
+    return out

@@ -1,0 +1,313 @@
+"""ctypes binding of the native kernel library ``bitlm/_bitlm_kernels*.so`` (built from csrc/).
+
+Nothing is loaded at import: :func:`load` runs on the first kernel call, remembers the library
+or the reason it could not be used (missing file, wrong ABI, load error), and never retries.
+Function pointers and their argtypes are set once, so a call costs a few microseconds of
+Python; tensors are passed zero-copy as ``data_ptr()`` of contiguous CPU tensors, outputs are
+allocated here with torch.  The library releases the GIL (ctypes ``CDLL``).
+
+``BITLM_KERNELS_LIB=/path/to/lib.so`` loads another build (tests use a missing path to check
+the fallback).  Backend choice (``BITLM_BACKEND``) lives in ``bitlm.kernels``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..packing import PackedWeight
+
+__all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
+           "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
+           "mem_read", "mem_copy"]
+
+#: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
+ABI_VERSION = 1
+TIERS = ("generic", "avx2", "avx512")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason: str | None = "not loaded yet"
+_path: str | None = None
+
+_c_int, _c_i64, _c_p, _c_d = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+_SIGNATURES = {
+    "bitlm_abi_version": (_c_int, []),
+    "bitlm_tier": (_c_int, []),
+    "bitlm_best_tier": (_c_int, []),
+    "bitlm_tier_supported": (_c_int, [_c_int]),
+    "bitlm_set_tier": (_c_int, [_c_int]),
+    "bitlm_tier_name": (ctypes.c_char_p, [_c_int]),
+    "bitlm_tier_note": (ctypes.c_char_p, []),
+    "bitlm_cpu_flags": (ctypes.c_char_p, []),
+    "bitlm_build_info": (ctypes.c_char_p, []),
+    "bitlm_num_threads": (_c_int, []),
+    "bitlm_set_num_threads": (_c_int, [_c_int]),
+    "bitlm_format_block_k": (_c_int, [_c_int]),
+    "bitlm_packed_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
+    "bitlm_gemm": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
+    "bitlm_matmul_f32": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_quantize_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_d, _c_int, _c_p, _c_p]),
+    "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
+    "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
+}
+_ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "tier not supported"}
+
+
+def _default_path() -> Path | None:
+    pkg = Path(__file__).resolve().parent.parent  # .../bitlm
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = pkg / f"_bitlm_kernels{suffix}"
+        if p.exists():
+            return p
+    found = sorted(pkg.glob("_bitlm_kernels*.so")) + sorted(pkg.glob("_bitlm_kernels*.pyd"))
+    return found[0] if found else None
+
+
+def library_path() -> str | None:
+    """Path of the loaded (or to-be-loaded) library, if any."""
+    if _path is not None:
+        return _path
+    env = os.environ.get("BITLM_KERNELS_LIB")
+    if env:
+        return env
+    p = _default_path()
+    return str(p) if p else None
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, or None (then :func:`reason` says why).  Tried once per process."""
+    global _lib, _tried, _reason, _path
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        path = library_path()
+        try:
+            if path is None:
+                raise FileNotFoundError("the native library was not built (no bitlm/_bitlm_kernels*.so; "
+                                        "reinstall with a C compiler: pip install -e .)")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"native library not found at {path}")
+            lib = ctypes.CDLL(path)
+            for name, (res, args) in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype = res
+                fn.argtypes = args
+            abi = lib.bitlm_abi_version()
+            if abi != ABI_VERSION:
+                raise RuntimeError(f"native library ABI {abi} != {ABI_VERSION} expected (stale build; reinstall)")
+            _lib, _reason, _path = lib, None, path
+        except Exception as e:  # noqa: BLE001 - every failure becomes a recorded reason
+            _lib, _reason = None, f"{type(e).__name__}: {e}"
+        _tried = True
+        return _lib
+
+
+def reason() -> str | None:
+    """Why the library is not in use (None when it is)."""
+    return _reason
+
+
+def reset() -> None:
+    """Forget the load attempt (tests); the next call tries again (an already dlopen'ed library
+    stays mapped — ctypes cannot safely unload it)."""
+    global _lib, _tried, _reason, _path
+    with _lock:
+        _lib, _tried, _reason, _path = None, False, "not loaded yet", None
+
+
+def _need() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"bitlm native kernels unavailable: {_reason}")
+    return lib
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise RuntimeError(f"{what} failed: {_ERRORS.get(rc, rc)}")
+
+
+# ---- dispatch / threads -----------------------------------------------------------------------
+
+
+def tier() -> str:
+    return TIERS[_need().bitlm_tier()]
+
+
+def set_tier(name: str) -> None:
+    """Force a kernel tier ("generic", "avx2", "avx512"); raises if this CPU/build lacks it."""
+    if name not in TIERS:
+        raise ValueError(f"unknown tier {name!r}; choose from {TIERS}")
+    if _need().bitlm_set_tier(TIERS.index(name)) != 0:
+        raise RuntimeError(f"kernel tier {name!r} is not supported on this CPU / build")
+
+
+def supported_tiers() -> list[str]:
+    lib = _need()
+    return [t for i, t in enumerate(TIERS) if lib.bitlm_tier_supported(i)]
+
+
+def num_threads() -> int:
+    return _need().bitlm_num_threads()
+
+
+def set_num_threads(n: int) -> int:
+    """Set the kernel thread pool size; returns the previous value."""
+    rc = _need().bitlm_set_num_threads(int(n))
+    if rc < 0:
+        raise ValueError(f"thread count must be in 1..256, got {n}")
+    return rc
+
+
+def info() -> dict:
+    lib = _need()
+    return {
+        "tier": TIERS[lib.bitlm_tier()],
+        "tier_note": lib.bitlm_tier_note().decode(),
+        "best_tier": TIERS[lib.bitlm_best_tier()],
+        "supported_tiers": supported_tiers(),
+        "threads": lib.bitlm_num_threads(),
+        "cpu_flags": lib.bitlm_cpu_flags().decode(),
+        "build": lib.bitlm_build_info().decode(),
+        "abi": lib.bitlm_abi_version(),
+        "library": _path,
+    }
+
+
+# ---- ops --------------------------------------------------------------------------------------
+
+
+def _fmt_id(w: PackedWeight) -> int:
+    """The C format id, after re-checking what C will read (a wrong size would read out of
+    bounds, so this is checked on every call even though PackedWeight validated it once)."""
+    fmt = w.fmt
+    if fmt.native_id is None:
+        raise ValueError(f"format {w.format!r} has no native kernel; convert it with w.to_format('i2')")
+    d = w.data
+    if d.dtype != torch.uint8 or not d.is_contiguous() or d.device.type != "cpu" \
+            or tuple(d.shape) != fmt.packed_shape(w.N, w.K):
+        raise ValueError(f"{w.format}: packed data must be a contiguous CPU uint8 tensor of shape "
+                         f"{fmt.packed_shape(w.N, w.K)}, got {d.dtype} {tuple(d.shape)}")
+    s = w.scale
+    if s.dtype != torch.float32 or s.numel() != w.groups or not s.is_contiguous() or w.N % w.groups:
+        raise ValueError("scale must be a contiguous float32 tensor with `groups` values dividing N")
+    return fmt.native_id
+
+
+def _xq(xq: torch.Tensor, k: int) -> torch.Tensor:
+    if xq.dtype != torch.int8 or xq.dim() != 2:
+        raise TypeError(f"xq must be an int8 (M, K) tensor, got {xq.dtype} of shape {tuple(xq.shape)}")
+    if xq.shape[1] != k:
+        raise ValueError(f"xq has K={xq.shape[1]} but the weight has K={k}")
+    if xq.device.type != "cpu":
+        raise ValueError("native kernels run on CPU tensors only")
+    return xq if xq.is_contiguous() else xq.contiguous()
+
+
+def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """int8 (M, K) × packed (N, K)ᵀ → int32 (M, N)."""
+    lib = _need()
+    fid = _fmt_id(w)
+    xq = _xq(xq, w.K)
+    m = xq.shape[0]
+    y = torch.empty((m, w.N), dtype=torch.int32)
+    _check(lib.bitlm_gemm(fid, xq.data_ptr(), m, w.K, w.data.data_ptr(), w.N, y.data_ptr()), "bitlm_gemm")
+    return y
+
+
+def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (M, N) = float32(xq · Tᵀ) · (s_g / a_m) (+ bias), the documented epilogue."""
+    lib = _need()
+    fid = _fmt_id(w)
+    xq = _xq(xq, w.K)
+    m = xq.shape[0]
+    a = a.reshape(-1)
+    if a.dtype != torch.float32 or a.numel() != m:
+        raise ValueError(f"a must be float32 with {m} values, got {a.dtype} with {a.numel()}")
+    a = a.contiguous()
+    bp = None
+    if bias is not None:
+        bias = bias.to(torch.float32).reshape(-1).contiguous()
+        if bias.numel() != w.N:
+            raise ValueError(f"bias has {bias.numel()} values, expected {w.N}")
+        bp = bias.data_ptr()
+    y = torch.empty((m, w.N), dtype=torch.float32)
+    rc = lib.bitlm_matmul_f32(fid, xq.data_ptr(), a.data_ptr(), m, w.K, w.data.data_ptr(), w.scale.data_ptr(),
+                              w.groups, w.N, bp, y.data_ptr())
+    _check(rc, "bitlm_matmul_f32")
+    return y
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native twin of :func:`bitlm.kernels.reference.quantize_rows` (bit-identical)."""
+    lib = _need()
+    if rmsnorm is None:
+        rmsnorm = norm_weight is not None
+    if x.dtype != torch.float32:
+        raise TypeError(f"quantize_rows expects float32 input, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError("native kernels run on CPU tensors only")
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    wp = None
+    if norm_weight is not None:
+        norm_weight = norm_weight.to(torch.float32).reshape(-1).contiguous()
+        if norm_weight.numel() != k:
+            raise ValueError(f"norm_weight has {norm_weight.numel()} values, expected {k}")
+        wp = norm_weight.data_ptr()
+    q = torch.empty((m, k), dtype=torch.int8)
+    a = torch.empty((m,), dtype=torch.float32)
+    if m and k:
+        rc = lib.bitlm_quantize_rows(x2.data_ptr(), m, k, wp, float(eps), int(bool(rmsnorm)), q.data_ptr(),
+                                     a.data_ptr())
+        _check(rc, "bitlm_quantize_rows")
+    return q.reshape(x.shape), a.reshape(lead)
+
+
+def linear(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> torch.Tensor:
+    lead = x.shape[:-1]
+    q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
+    return matmul(q, a, w, bias).reshape(*lead, w.N)
+
+
+# ---- bandwidth probe ----------------------------------------------------------------------------
+
+
+def mem_read(buf: torch.Tensor) -> int:
+    """Read every byte of a contiguous CPU tensor on all pool threads (bandwidth probe)."""
+    if not buf.is_contiguous() or buf.data_ptr() % 64:
+        raise ValueError("mem_read needs a contiguous, 64-byte aligned tensor")
+    return _need().bitlm_mem_read(buf.data_ptr(), buf.numel() * buf.element_size())
+
+
+def mem_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    n = src.numel() * src.element_size()
+    if dst.numel() * dst.element_size() < n or not (dst.is_contiguous() and src.is_contiguous()):
+        raise ValueError("mem_copy needs contiguous tensors with dst at least as large as src")
+    _need().bitlm_mem_copy(dst.data_ptr(), src.data_ptr(), n)

@@ -1,0 +1,130 @@
+"""Pure-torch oracle for every native kernel op — the definition the C tiers must equal bit for bit.
+
+* :func:`gemm` — ``y[m, n] = Σ_k xq[m, k] · T[n, k]`` in int32.  T is unpacked with
+  ``bitlm.packing``; the product runs as a float64 matmul, which is exact here: every product is
+  an integer of magnitude ≤ 128 and every partial sum an integer of magnitude ≤ 128·K < 2^53,
+  so no rounding can occur in any summation order (``torch._int_mm`` would also be exact but
+  needs M > 16 and K, N multiples of 8).
+* :func:`quantize_rows` — the fused RMSNorm + per-token absmax int8 quantisation.  The
+  quantisation half is ``bitlm.quant.activation_quantize`` to the bit (float32, ``127 / t``
+  evaluated as torch does it, ``t.reciprocal() * 127``).  The RMSNorm half is defined so that C
+  can reproduce it exactly: the sum of squares is taken in float64 in a fixed order (16
+  interleaved lanes summed sequentially, then folded 8-4-2-1), since torch's own float32
+  reduction order is unspecified; the per-row ``1/sqrt`` is done in Python floats because
+  torch's float64 ``sqrt`` is not correctly rounded.  It agrees with ``bitlm.quant.group_rms_norm`` (× weight) to
+  float32 rounding, not bit for bit.
+* :func:`matmul` / :func:`linear` — the dequant epilogue in its one fixed order:
+  ``f = s_g / a_m`` (float32), ``y = float32(acc) · f`` then ``+ bias``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..packing import PackedWeight
+
+__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq"]
+
+_LANES = 16
+
+
+def _check_xq(xq: torch.Tensor, k: int) -> None:
+    if xq.dtype != torch.int8 or xq.dim() != 2:
+        raise TypeError(f"xq must be an int8 (M, K) tensor, got {xq.dtype} of shape {tuple(xq.shape)}")
+    if xq.shape[1] != k:
+        raise ValueError(f"xq has K={xq.shape[1]} but the weight has K={k}")
+
+
+def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """int8 (M, K) × packed (N, K)ᵀ → int32 (M, N), exact."""
+    _check_xq(xq, w.K)
+    t = w.unpack()  # int8 (N, K)
+    return (xq.double() @ t.double().t()).to(torch.int32)
+
+
+def rms_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Σ_k x_k² per row (float64) in the documented order: lane j (0..15) sums k = j, j+16, ...
+    sequentially from +0.0, then lanes fold l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1].
+
+    ``torch.cumsum`` over the chunk axis is a sequential left-to-right scan in float64, which is
+    exactly one lane's loop; the tests check it against an explicit Python loop.
+    """
+    m, k = x.shape
+    kp = -(-k // _LANES) * _LANES
+    sq = x.double().square()  # exact: a float32 squared fits in float64's 53-bit mantissa
+    if kp != k:
+        sq = torch.nn.functional.pad(sq, (0, kp - k))  # +0.0 terms change nothing
+    lanes = sq.reshape(m, kp // _LANES, _LANES).cumsum(dim=1)[:, -1, :]  # (M, 16)
+    lanes = lanes[:, :8] + lanes[:, 8:]
+    lanes = lanes[:, :4] + lanes[:, 4:]
+    lanes = lanes[:, :2] + lanes[:, 2:]
+    return lanes[:, 0] + lanes[:, 1]
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Optionally RMS-normalise and) absmax-quantise each row of a float32 (..., K) tensor.
+
+    ``rmsnorm`` defaults to ``norm_weight is not None``.  With RMSNorm:
+    ``r = float32(1 / sqrt(Σx²/K + eps))`` (float64 math, sum order of :func:`rms_sumsq`),
+    ``y = (x · r) · norm_weight`` (float32, two roundings).  Then
+    ``a = (1 / max(max|y|, 1e-5)) · 127`` and ``q = clamp(round_half_even(y · a), -128, 127)``.
+
+    Returns ``(q, a)``: int8 of x's shape and float32 of shape ``x.shape[:-1]``.
+    """
+    if rmsnorm is None:
+        rmsnorm = norm_weight is not None
+    if x.dtype != torch.float32:
+        raise TypeError(f"quantize_rows expects float32 input, got {x.dtype}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = x.reshape(-1, k)
+    if rmsnorm:
+        # torch's float64 sqrt is not correctly rounded (1 ulp off for ~1% of inputs here), C's
+        # is: do the per-row scalar chain in Python floats (IEEE double, correctly rounded).
+        ss = rms_sumsq(y).tolist()
+        r = [1.0 / math.sqrt(v / k + float(eps)) for v in ss]
+        r = torch.tensor(r, dtype=torch.float64).to(torch.float32).reshape(-1, 1)  # (M, 1)
+        y = y * r
+        if norm_weight is not None:
+            y = y * norm_weight.to(torch.float32).reshape(1, k)
+    # --- from here on exactly bitlm.quant.activation_quantize(bits=8, token granularity) ---
+    a = 127 / y.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)  # (M, 1) float32
+    q = torch.round(y * a).clamp(-128, 127).to(torch.int8)
+    return q.reshape(x.shape), a.reshape(lead)
+
+
+def _epilogue(acc: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    m, n = acc.shape
+    f = w.scale.reshape(1, w.groups) / a.to(torch.float32).reshape(m, 1)  # (M, G) float32
+    f = f.repeat_interleave(n // w.groups, dim=1)  # (M, N)
+    y = acc.to(torch.float32) * f
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, n)
+    return y
+
+
+def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantised product of quantised activations (xq, a) and a packed weight: float32 (M, N)."""
+    return _epilogue(gemm(xq, w), a.reshape(-1), w, bias)
+
+
+def linear(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rmsnorm: bool | None = None,
+) -> torch.Tensor:
+    """y = W·quant(norm(x)) (+ bias) for a float32 (..., K) input: float32 (..., N)."""
+    lead = x.shape[:-1]
+    q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
+    return matmul(q, a, w, bias).reshape(*lead, w.N)
