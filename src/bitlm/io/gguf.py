@@ -1,0 +1,962 @@
+"""llama.cpp GGUF files in and out: :func:`save_gguf`, :func:`load_gguf`.
+
+The files use llama.cpp's ``bitnet`` architecture (``LLM_ARCH_BITNET``, ``src/models/bitnet.cpp``
+in llama.cpp; written with the ``gguf`` package's ``GGUFWriter``), so mainline llama.cpp and
+llama-cpp-python load them as they are.  ``docs/gguf.md`` has the user-facing account, including
+what llama.cpp computes for which model.
+
+What llama.cpp's ``bitnet`` graph computes, and the one thing it does not say
+-----------------------------------------------------------------------------
+RMSNorm pre-norms, attention with NEOX RoPE (dims i and i + d/2 paired, the same as HF
+``rotate_half`` and :func:`bitlm.model.apply_rope`, so q/k are written *without* the row
+permutation llama.cpp's LLaMA converter applies), ``attn_sub_norm`` before ``attn_output``,
+then a gated FFN with ``ffn_sub_norm`` before ``ffn_down``, and ``token_embd`` as the output
+head.  The FFN gate is **hard-coded SiLU** (``build_ffn(..., LLM_FFN_SILU, LLM_FFN_PAR)``): that
+is bitlm's ``bitnet-b1.58`` (SwiGLU).  bitlm's ``bitnet-2b4t`` (microsoft/bitnet-b1.58-2B-4T,
+ReLU² gate) has the same tensors, so llama.cpp runs such a file without complaint and computes
+the wrong function.  GGUF has no key for the FFN activation, so bitlm writes one:
+
+    ``bitnet.feed_forward_activation`` = ``"silu"`` | ``"relu2"``   (:data:`ACTIVATION_KEY`)
+
+llama.cpp ignores it today; :func:`load_gguf` reads it (absent → ``"silu"``, llama.cpp's
+reading, with a warning), and a runtime that honours it computes 2B4T-style models correctly.
+
+Tensors (GGUF name ← bitlm parameter; GGUF lists dims innermost first, i.e. [in, out])
+-------------------------------------------------------------------------------------
+``token_embd.weight`` ← ``model.embed_tokens.weight`` and ``output.weight`` ← ``lm_head.weight``
+(untied models only) in ``head_type`` (F16 default, F32 or Q8_0); ``output_norm.weight`` ←
+``model.norm.weight``; per block N: ``blk.N.attn_norm`` ← ``input_layernorm``,
+``blk.N.ffn_norm`` ← ``post_attention_layernorm``, ``blk.N.attn_sub_norm``,
+``blk.N.ffn_sub_norm`` (norms always F32), and the seven projections ``blk.N.attn_q/k/v``,
+``blk.N.attn_output``, ``blk.N.ffn_gate/up/down`` in TQ2_0 or TQ1_0.
+
+The ternary scale
+-----------------
+TQ1_0 / TQ2_0 (ggml, PR #8151) store 256-weight blocks, each with its own f16 scale ``d``, and
+dequantise to ``d · T``.  bitlm has one scale per tensor, W = s · T (``bitlm.quant``).  The
+writer rounds s to f16 first and quantises the float tensor s₁₆ · T with ``gguf.quants``; its
+quantiser sets ``d = max|block|``, which is exactly s₁₆ for every block holding a non-zero and
+0 for an all-zero block (which dequantises to 0 whatever d is).  Dequantisation therefore
+returns s₁₆ · T *exactly* (checked on write from the stored d bytes, and in the tests by
+dequantising).  What llama.cpp computes with loses only the f16 rounding of s: relative error
+≤ 2⁻¹¹ ≈ 4.9e-4 for s ≥ 6.1e-5 (f16's smallest normal), more below that (warned).  Small as that
+is, int8 activation quantisation turns it into visible logit changes (rounding flips downstream:
+~1 % relative on a random tiny model), so bitlm also writes the exact float32 scales, as the
+arrays ``bitlm.ternary_tensors`` (names) and ``bitlm.ternary_scales`` (:data:`SCALES_KEY`);
+llama.cpp ignores them.  :func:`load_gguf` reverses the encoding: every non-zero dequantised
+weight of a projection must have the same magnitude (all blocks' d equal), giving T = sign(W);
+s is the exact scale from ``bitlm.ternary_scales`` when that rounds to the stored d (else d,
+e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.io.hf.FrozenTernaryLinear`.
+So bitlm → GGUF → bitlm reproduces the logits bit for bit, and → GGUF again the same bytes.  A projection whose blocks have *different* d
+(e.g. llama-quantize run on a float model) is not a BitNet tensor: it is refused with
+:class:`GGUFFormatError`, unless ``allow_non_ternary=True`` loads it as a trainable ``BitLinear``
+latent with a warning (bitlm then re-ternarises it with one absmean scale, so it computes a
+different function than llama.cpp).  Optional ``blk.N.<proj>.scale`` tensors (F32, one value,
+multiplied after the matmul by llama.cpp) are folded into s on load.
+
+Rows whose length is not a multiple of 256 cannot be TQ-quantised; such projections are
+written as F16 s₁₆ · T (still exact) with a warning, as llama.cpp's own converter falls back.
+
+Tokenizer
+---------
+With ``tokenizer=`` (a ``bitlm.data.Tokenizer``, a ``tokenizers.Tokenizer`` or a path to a
+tokenizer.json / folder) the GGUF gets llama.cpp's ``gpt2`` BPE vocabulary: ``tokens``,
+``token_type`` (special → CONTROL, other added → USER_DEFINED, ids the tokenizer does not use
+up to the model's vocab size → ``[PADn]`` UNUSED), ``merges``, bos/eos/pad ids,
+``tokenizer.ggml.pre = "gpt-2"`` (llama.cpp's name for the GPT-2 split regex that bitlm's
+byte-level BPE uses) and ``add_bos_token = false`` (bitlm never prepends BOS).  The exact
+tokenizer is also written beside the model as ``<name>.tokenizer.json``, where
+``bitlm.io.load_tokenizer_for`` finds it.  :func:`load_gguf` rebuilds a tokenizer from the GGUF
+vocabulary (:func:`gguf_tokenizer`; ``gpt-2`` and ``llama-bpe`` pre-tokenizers) and attaches it
+as ``model.tokenizer`` (the sidecar wins when present).
+
+Reading
+-------
+The reader is a small GGUF v2/v3 parser (header, key/values, tensor infos over an ``mmap``) so
+that every problem — truncation, a bad key type, a missing or mis-shaped tensor — is raised as
+:class:`GGUFFormatError` naming the file and the key or tensor; ``gguf.quants`` dequantises.
+Writes go to a temp file in the target folder that is fsynced and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import quant as Q
+from ..config import ModelConfig
+from ..model import BitNetModel
+from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, ternary_latent
+
+__all__ = [
+    "GGUFFormatError",
+    "ARCH",
+    "ACTIVATION_KEY",
+    "SCALES_KEY",
+    "NAMES_KEY",
+    "ACTIVATIONS",
+    "TERNARY_TYPES",
+    "HEAD_TYPES",
+    "GGUFFile",
+    "GGUFTensorInfo",
+    "read_gguf",
+    "save_gguf",
+    "load_gguf",
+    "gguf_tokenizer",
+    "tokenizer_sidecar",
+    "tensor_name_map",
+]
+
+#: llama.cpp's architecture name (``LLM_ARCH_BITNET`` → "bitnet" in llama-arch.cpp).
+ARCH = "bitnet"
+#: bitlm's key for the FFN gate activation (llama.cpp has none and hard-codes SiLU).
+ACTIVATION_KEY = f"{ARCH}.feed_forward_activation"
+#: bitlm's keys for the exact float32 per-tensor scales (TQ blocks hold them rounded to f16).
+NAMES_KEY, SCALES_KEY = "bitlm.ternary_tensors", "bitlm.ternary_scales"
+#: activation value → bitlm architecture (the rest of the graph is the same).
+ACTIVATIONS = {"silu": "bitnet-b1.58", "relu2": "bitnet-2b4t"}
+_ARCH_TO_ACTIVATION = {v: k for k, v in ACTIVATIONS.items()}
+TERNARY_TYPES = ("tq2_0", "tq1_0")
+HEAD_TYPES = ("f16", "f32", "q8_0")
+QK_K = 256  # TQ1_0 / TQ2_0 block length along a row (ggml's QK_K)
+
+# bitlm projection → llama.cpp tensor base name (blk.N.<base>.weight)
+_PROJ_TO_GGUF = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_NORM_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+}
+
+# ggml type ids used below (gguf.GGMLQuantizationType; fixed by the file format)
+_F32, _F16, _Q8_0, _BF16, _TQ1_0, _TQ2_0 = 0, 1, 8, 30, 34, 35
+_FLOAT_TYPES = {_F32: "<f4", _F16: "<f2"}  # read directly; BF16 and quantised types via gguf.quants
+# llama_ftype values for general.file_type (LLAMA_FTYPE_MOSTLY_TQ1_0 / _TQ2_0)
+_FILE_TYPE = {"tq1_0": 36, "tq2_0": 37}
+
+# GGUF token types (gguf.TokenType)
+_TT_NORMAL, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 3, 4, 5, 6
+
+# llama.cpp's "llama-bpe" pre-tokenizer regex (LLaMA 3, and the 2B4T tokenizer)
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class GGUFFormatError(ValueError):
+    """A GGUF file bitlm cannot read (or a model it cannot write): names the file and the
+    key or tensor at fault."""
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - gguf is in the [gguf] and [dev] extras
+        raise ImportError("GGUF support needs the 'gguf' package: pip install 'bitlm[gguf]'") from None
+    return gguf
+
+
+def tokenizer_sidecar(path: str | Path) -> Path:
+    """``model.gguf`` → ``model.tokenizer.json`` (where ``bitlm.io.load_tokenizer_for`` looks)."""
+    return Path(path).with_suffix(".tokenizer.json")
+
+
+def tensor_name_map(cfg: ModelConfig) -> dict[str, str]:
+    """bitlm parameter name → GGUF tensor name, for every tensor of a ``cfg`` model file."""
+    out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = "output.weight"
+    for i in range(cfg.n_layers):
+        for ours, theirs in _NORM_TO_GGUF.items():
+            out[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+        for ours, theirs in _PROJ_TO_GGUF.items():
+            out[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    return out
+
+
+# =============================================================================================
+# Reading: a small GGUF parser
+# =============================================================================================
+
+_SCALARS = {  # GGUF value type → (struct format, numpy dtype)
+    0: ("<B", "u1"), 1: ("<b", "i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"),
+    5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
+    12: ("<d", "<f8"),
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    ggml_type: int
+    dims: tuple[int, ...]  # GGUF order: innermost (row length) first
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy / torch order (outermost first): [out, in] for a weight matrix."""
+        return tuple(reversed(self.dims))
+
+    @property
+    def type_name(self) -> str:
+        try:
+            return _gguf().GGMLQuantizationType(self.ggml_type).name
+        except ValueError:
+            return f"type {self.ggml_type}"
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata, tensor index, and lazy access to tensor bytes."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+    _mm: Any = field(default=None, repr=False)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes (a read-only view): typed for F32/F16, uint8 blocks otherwise."""
+        info = self.tensors[name]
+        buf = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        if info.ggml_type in _FLOAT_TYPES:
+            return buf.view(_FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
+        return buf.reshape(*info.shape[:-1], -1)  # (…, bytes per row)
+
+    def floats(self, name: str) -> np.ndarray:
+        """The tensor dequantised to float32 (a fresh array), in numpy order."""
+        info = self.tensors[name]
+        raw = self.raw(name)
+        if info.ggml_type in _FLOAT_TYPES:
+            return raw.astype(np.float32)
+        gguf = _gguf()
+        try:
+            out = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
+        except (NotImplementedError, ValueError) as e:
+            raise self.err(name, f"has type {info.type_name}, which bitlm cannot dequantise ({e})") from None
+        return np.asarray(out, dtype=np.float32).reshape(info.shape)
+
+    def err(self, name: str, msg: str) -> GGUFFormatError:
+        return GGUFFormatError(f"{self.path}: tensor {name!r} {msg}")
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view; the map closes with it
+                pass
+            self._mm = None
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads; every overrun is reported as truncation."""
+
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFFormatError(f"{self.path}: truncated or corrupt while reading {what} "
+                                  f"(needs {n} bytes at offset {self.pos}, the file has {self.size})")
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"{self.path}: {what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype == 6:
+            # float32: the shortest decimal that rounds to it (1e-05, not 9.99999974e-06), so a
+            # config written by bitlm reads back equal and float32 maths sees the same value
+            return float(str(np.float32(self.unpack("<f", what))))
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype][0], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            sub = self.unpack("<I", what)
+            n = self.unpack("<Q", what)
+            if sub in _SCALARS:
+                dt = np.dtype(_SCALARS[sub][1])
+                return np.frombuffer(self.take(n * dt.itemsize, what), dtype=dt).copy()
+            if sub == _STRING:
+                if n * 8 > self.size - self.pos:  # each string needs at least its length field
+                    raise GGUFFormatError(f"{self.path}: truncated or corrupt {what} ({n} strings announced)")
+                return [self.string(what) for _ in range(n)]
+            raise GGUFFormatError(f"{self.path}: {what} is an array of unsupported type {sub}")
+        raise GGUFFormatError(f"{self.path}: {what} has unknown value type {vtype}")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse the header, metadata and tensor index of a GGUF v2/v3 file (tensor data stays on
+    disk, memory-mapped).  Raises :class:`GGUFFormatError` naming the file and the key/tensor."""
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    if size < 24:
+        raise GGUFFormatError(f"{path}: truncated ({size} bytes; a GGUF header alone has 24)")
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(path, mm, gguf)
+    except BaseException:
+        mm.close()
+        raise
+
+
+def _parse(path: Path, mm: Any, gguf: Any) -> GGUFFile:
+    c = _Cursor(mm, path)
+    if c.take(4, "the magic") != b"GGUF":
+        raise GGUFFormatError(f"{path}: not a GGUF file (bad magic)")
+    version = c.unpack("<I", "the version")
+    if version & 0xFFFF == 0 and version:
+        raise GGUFFormatError(f"{path}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"{path}: unsupported GGUF version {version} (bitlm reads versions 2 and 3)")
+    n_tensors = c.unpack("<Q", "the tensor count")
+    n_kv = c.unpack("<Q", "the key/value count")
+    if n_kv * 12 > c.size - c.pos or n_tensors * 24 > c.size - c.pos:  # sanity before looping
+        raise GGUFFormatError(f"{path}: truncated or corrupt header ({n_tensors} tensors, {n_kv} keys announced)")
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"key #{i}")
+        vtype = c.unpack("<I", f"the type of key {key!r}")
+        if key in meta:
+            raise GGUFFormatError(f"{path}: duplicate key {key!r}")
+        meta[key] = c.value(vtype, f"key {key!r}")
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: key 'general.alignment' must be a power of two, got {alignment!r}")
+
+    infos: list[tuple[str, int, tuple[int, ...], int]] = []
+    seen: set[str] = set()
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor #{i}")
+        if name in seen:
+            raise GGUFFormatError(f"{path}: duplicate tensor {name!r}")
+        seen.add(name)
+        n_dims = c.unpack("<I", f"tensor {name!r}")
+        if not 1 <= n_dims <= 4:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (ggml allows 1 to 4)")
+        dims = tuple(c.unpack("<Q", f"tensor {name!r}") for _ in range(n_dims))
+        ggml_type = c.unpack("<I", f"tensor {name!r}")
+        offset = c.unpack("<Q", f"tensor {name!r}")
+        infos.append((name, ggml_type, dims, offset))
+    data_start = -(-c.pos // alignment) * alignment
+
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, ggml_type, dims, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        if dims[0] % block:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of "
+                                  f"its type's block of {block}")
+        nbytes = math.prod(dims) // block * type_size
+        start = data_start + offset
+        if offset % alignment:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has misaligned data offset {offset}")
+        if start + nbytes > c.size:
+            raise GGUFFormatError(f"{path}: tensor {name!r} is truncated: its data ends at byte {start + nbytes} "
+                                  f"but the file has {c.size} bytes")
+        tensors[name] = GGUFTensorInfo(name, ggml_type, dims, start, nbytes)
+    return GGUFFile(path, version, meta, tensors, mm)
+
+
+# =============================================================================================
+# Metadata → ModelConfig
+# =============================================================================================
+
+
+def _key(f: GGUFFile, key: str, kind: type, default: Any = ...) -> Any:
+    """``key`` as an int / float / str; per-layer arrays must be uniform (bitlm has one value)."""
+    if key not in f.metadata:
+        if default is ...:
+            raise GGUFFormatError(f"{f.path}: missing key {key!r}")
+        return default
+    v = f.metadata[key]
+    if isinstance(v, np.ndarray) and kind is not str:
+        if v.size == 0 or not (v == v.flat[0]).all():
+            raise GGUFFormatError(f"{f.path}: key {key!r} varies per layer ({v.tolist()}); bitlm needs one value")
+        v = v.flat[0].item()
+    if kind is int and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if kind is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if kind is str and isinstance(v, str):
+        return v
+    raise GGUFFormatError(f"{f.path}: key {key!r} has the wrong type ({type(v).__name__}: {v!r}); "
+                          f"expected {kind.__name__}")
+
+
+def _read_config(f: GGUFFile, quant: str | None) -> ModelConfig:
+    arch = f.metadata.get("general.architecture")
+    if arch != ARCH:
+        raise GGUFFormatError(f"{f.path}: architecture {arch!r} (key 'general.architecture') is not supported; "
+                              f"bitlm reads llama.cpp '{ARCH}' files")
+    a = ARCH
+    act = f.metadata.get(ACTIVATION_KEY)
+    if act is None:
+        warnings.warn(f"{f.path}: no {ACTIVATION_KEY!r} key; assuming 'silu' (what llama.cpp's bitnet graph "
+                      "computes, bitlm arch 'bitnet-b1.58'). A 2B4T-style model needs 'relu2'.", stacklevel=3)
+        act = "silu"
+    if act not in ACTIVATIONS:
+        raise GGUFFormatError(f"{f.path}: key {ACTIVATION_KEY!r} = {act!r} is not supported "
+                              f"(expected one of {', '.join(ACTIVATIONS)})")
+    d = _key(f, f"{a}.embedding_length", int)
+    heads = _key(f, f"{a}.attention.head_count", int)
+    if "token_embd.weight" not in f.tensors:
+        raise GGUFFormatError(f"{f.path}: missing tensor 'token_embd.weight'")
+    emb = f.tensors["token_embd.weight"]
+    if len(emb.dims) != 2 or emb.dims[0] != d:
+        raise f.err("token_embd.weight", f"has dims {list(emb.dims)}; expected [{d}, n_vocab] "
+                                         f"({a}.embedding_length = {d})")
+    vocab = emb.dims[1]
+    if f"{a}.vocab_size" in f.metadata and _key(f, f"{a}.vocab_size", int) != vocab:
+        raise GGUFFormatError(f"{f.path}: key '{a}.vocab_size' = {f.metadata[f'{a}.vocab_size']} but "
+                              f"token_embd.weight has {vocab} rows")
+    if f.metadata.get(f"{a}.rope.scaling.type", "none") not in ("none", ""):
+        raise GGUFFormatError(f"{f.path}: key '{a}.rope.scaling.type' = {f.metadata[f'{a}.rope.scaling.type']!r} "
+                              "is not supported (plain RoPE only)")
+    try:
+        cfg = ModelConfig(
+            arch=ACTIVATIONS[act],
+            quant=quant or "b1.58",
+            vocab_size=vocab,
+            d_model=d,
+            n_layers=_key(f, f"{a}.block_count", int),
+            n_heads=heads,
+            n_kv_heads=_key(f, f"{a}.attention.head_count_kv", int, heads),
+            d_ff=_key(f, f"{a}.feed_forward_length", int),
+            max_seq_len=_key(f, f"{a}.context_length", int),
+            rope_theta=_key(f, f"{a}.rope.freq_base", float, 10000.0),  # llama.cpp's default
+            norm_eps=_key(f, f"{a}.attention.layer_norm_rms_epsilon", float),
+            tie_embeddings="output.weight" not in f.tensors,
+        )
+    except ValueError as e:
+        raise GGUFFormatError(f"{f.path}: metadata describes no valid model: {e}") from None
+    for key in (f"{a}.rope.dimension_count", f"{a}.attention.key_length", f"{a}.attention.value_length"):
+        if key in f.metadata and _key(f, key, int) != cfg.head_dim:
+            raise GGUFFormatError(f"{f.path}: key {key!r} = {f.metadata[key]} but bitlm needs the head size "
+                                  f"{cfg.head_dim} (embedding_length / head_count; partial RoPE is not supported)")
+    return cfg
+
+
+# =============================================================================================
+# load_gguf
+# =============================================================================================
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF name → numpy-order shape, for every tensor a ``cfg`` file must hold."""
+    d, f, hd = cfg.d_model, cfg.ffn_dim, cfg.head_dim
+    proj = {"attn_q": (cfg.n_heads * hd, d), "attn_k": (cfg.kv_heads * hd, d), "attn_v": (cfg.kv_heads * hd, d),
+            "attn_output": (d, cfg.n_heads * hd), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+    norm = {"attn_norm": (d,), "ffn_norm": (d,), "attn_sub_norm": (cfg.n_heads * hd,), "ffn_sub_norm": (f,)}
+    out = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        out.update({f"blk.{i}.{k}.weight": v for k, v in {**norm, **proj}.items()})
+    return out
+
+
+def _ternary(f: GGUFFile, name: str) -> tuple[torch.Tensor, float, float] | np.ndarray:
+    """(T int8, s, c) when every non-zero weight of ``name`` has one magnitude s, with c the
+    value of the optional ``.scale`` tensor (1.0 if absent; W = c·s·T); otherwise the
+    dequantised float weights (times c)."""
+    w = f.floats(name)
+    if not np.isfinite(w).all():
+        raise f.err(name, "contains inf or nan")
+    absw = np.abs(w)
+    nz = absw[absw != 0]
+    scale_name = name.removesuffix(".weight") + ".scale"
+    c = 1.0
+    if scale_name in f.tensors:  # llama.cpp multiplies the matmul result by it (build_lora_mm)
+        sc = f.floats(scale_name).reshape(-1)
+        if sc.size != 1 or not np.isfinite(sc).all() or sc[0] <= 0:
+            raise f.err(scale_name, f"must hold one positive finite value, got {sc.tolist()}")
+        c = float(sc[0])
+    if nz.size and not (nz == nz[0]).all():
+        return w * np.float32(c)
+    s = float(nz[0]) if nz.size else Q.SCALE_EPS  # an all-zero tensor: any scale computes the same
+    return torch.from_numpy(np.sign(w).astype(np.int8)), s, c
+
+
+def _exact_scales(f: GGUFFile) -> dict[str, float]:
+    """GGUF tensor name → exact float32 scale, from bitlm's keys (empty when absent)."""
+    names, scales = f.metadata.get(NAMES_KEY), f.metadata.get(SCALES_KEY)
+    if names is None and scales is None:
+        return {}
+    ok = (isinstance(names, list) and isinstance(scales, np.ndarray) and scales.dtype == np.float32
+          and len(names) == scales.size)
+    if not ok or not np.isfinite(scales).all() or (scales <= 0).any():
+        raise GGUFFormatError(f"{f.path}: keys {NAMES_KEY!r} / {SCALES_KEY!r} must be a string array and a "
+                              "float32 array of positive scales of the same length")
+    return {n: float(v) for n, v in zip(names, scales)}
+
+
+def _describe_non_ternary(f: GGUFFile, name: str, w: np.ndarray) -> str:
+    info = f.tensors[name]
+    if info.ggml_type in (_TQ1_0, _TQ2_0):
+        d = f.raw(name).reshape(-1, info.nbytes // (math.prod(info.dims) // QK_K))[:, -2:].copy().view("<f2")
+        d = np.unique(d[d != 0].astype(np.float32))
+        return f"its {info.type_name} blocks have {d.size} different scales d ({d.min():.4g} .. {d.max():.4g})"
+    mags = np.unique(np.abs(w[w != 0]))
+    return f"it has {mags.size} different magnitudes ({info.type_name}), not s·T with one scale s"
+
+
+def load_gguf(
+    path: str | Path,
+    quant: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_non_ternary: bool = False,
+) -> BitNetModel:
+    """Load a llama.cpp ``bitnet`` GGUF (written by bitlm or llama.cpp's converter) as a
+    :class:`~bitlm.model.BitNetModel` in eval mode.
+
+    ``quant`` chooses the projection modules, as in :func:`bitlm.io.hf.load_hf`: None (default)
+    → :class:`~bitlm.io.hf.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
+    trainable ``BitLinear`` latents (s/p)·T that re-quantise to T and s; "fp" → ``nn.Linear``
+    with s·T (activations unquantised).  Projections that are not one-scale ternary tensors
+    raise :class:`GGUFFormatError` unless ``allow_non_ternary`` (then: ``BitLinear`` latents
+    holding the dequantised weights, or ``nn.Linear`` for "fp", with a warning).
+
+    The architecture comes from :data:`ACTIVATION_KEY` (absent → "silu" → ``bitnet-b1.58``,
+    warned).  Attached: ``model.gguf_path``, ``model.gguf_metadata`` (all keys but the
+    ``tokenizer.ggml.*`` arrays) and ``model.tokenizer`` (the sidecar ``<name>.tokenizer.json``
+    if present, else rebuilt from the GGUF vocabulary, else None).
+    """
+    if quant not in (None, "fp", "b1.58"):
+        raise ValueError(f"quant must be None, 'fp' or 'b1.58', got {quant!r}")
+    path = Path(path)
+    with read_gguf(path) as f:
+        cfg = _read_config(f, quant)
+        model = _load_tensors(f, cfg, quant, dtype, allow_non_ternary)
+        meta = f.metadata
+    model.gguf_path = path
+    model.gguf_metadata = {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")
+                           or k.endswith(("_id", ".model", ".pre"))}
+    model.tokenizer = _attached_tokenizer(path, meta)
+    return model
+
+
+def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch.dtype,
+                  allow_non_ternary: bool) -> BitNetModel:
+    expected = _expected_shapes(cfg)
+    scales = {n.removesuffix(".weight") + ".scale" for n in expected if n.startswith("blk.")
+              and n.split(".")[2] in _PROJ_TO_GGUF.values()}
+    missing = [n for n in expected if n not in f.tensors]
+    if missing:
+        raise GGUFFormatError(f"{f.path}: missing tensor {missing[0]!r} ({len(missing)} missing; the metadata "
+                              f"describes {cfg.n_layers} blocks)")
+    extra = [n for n in f.tensors if n not in expected and n not in scales]
+    if extra:
+        raise f.err(extra[0], f"is unexpected ({len(extra)} unexpected tensors; the metadata describes "
+                              f"{cfg.n_layers} blocks)")
+    for name, shape in expected.items():
+        got = f.tensors[name].shape
+        if tuple(got) != tuple(shape):
+            raise f.err(name, f"has shape {list(f.tensors[name].dims)} (GGUF order, innermost first); "
+                              f"the metadata implies {list(reversed(shape))}")
+
+    names = {v: k for k, v in tensor_name_map(cfg).items()}  # GGUF → bitlm
+    exact = _exact_scales(f)
+    ignored: list[str] = []
+    sd: dict[str, torch.Tensor] = {}
+    frozen: dict[str, FrozenTernaryLinear] = {}
+    latent: list[str] = []
+    for gname, shape in expected.items():
+        ours = names[gname]
+        base = ours.removesuffix(".weight")
+        if not base.endswith(tuple(PROJECTIONS)):
+            if len(shape) == 1 and f.tensors[gname].ggml_type not in (_F32, _F16, _BF16):
+                raise f.err(gname, f"has type {f.tensors[gname].type_name}; norm weights must be F32, F16 or BF16")
+            w = f.floats(gname)
+            if not np.isfinite(w).all():
+                raise f.err(gname, "contains inf or nan")
+            sd[ours] = torch.from_numpy(w).to(dtype)
+            continue
+        got = _ternary(f, gname)
+        if isinstance(got, np.ndarray):
+            if not allow_non_ternary:
+                raise f.err(gname, f"is not a per-tensor-scale ternary weight: {_describe_non_ternary(f, gname, got)}; "
+                                   "pass allow_non_ternary=True to load it as a BitLinear latent weight")
+            latent.append(gname)  # stays the BitLinear (or nn.Linear for "fp") BitNetModel builds
+            sd[ours] = torch.from_numpy(got).to(dtype)
+        else:
+            t, s, c = got
+            if gname in exact:
+                if np.float32(np.float16(exact[gname])) == np.float32(s):
+                    s = exact[gname]
+                else:  # the tensor was rewritten by another tool: trust what llama.cpp computes with
+                    ignored.append(gname)
+            if c != 1.0:
+                s = float(np.float32(s) * np.float32(c))  # one float32 rounding, as llama.cpp's multiply
+            if quant is None:
+                frozen[base] = FrozenTernaryLinear.from_ternary(t, torch.tensor([s]), dtype)
+                continue
+            sd[ours] = ternary_latent(t, s, dtype) if quant == "b1.58" else (t.float() * s).to(dtype)
+        if cfg.quant != "fp":
+            sd[base + ".quant_lambda"] = torch.tensor(1.0)
+    if ignored:
+        warnings.warn(f"{f.path}: {SCALES_KEY!r} does not match the stored scale of {len(ignored)} projections "
+                      f"(first: {ignored[0]}); using the stored (f16) scales", stacklevel=3)
+    if latent:
+        warnings.warn(f"{f.path}: {len(latent)} projections (first: {latent[0]}) are not one-scale ternary "
+                      "tensors; loaded as BitLinear latents that bitlm re-ternarises with one absmean scale, "
+                      "so the model computes a different function than llama.cpp does with this file",
+                      stacklevel=3)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+
+    with torch.device("meta"):
+        model = BitNetModel(cfg)  # shapes only: no random init, no memory
+    for name, mod in frozen.items():
+        model.set_submodule(name, mod)
+        for k, v in mod.state_dict().items():
+            sd[f"{name}.{k}"] = v
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # would mean a bitlm module with state this loader does not know about
+        raise GGUFFormatError(f"{f.path}: no data for {leftover[0]!r}")
+    return model.eval()
+
+
+# =============================================================================================
+# save_gguf
+# =============================================================================================
+
+
+def _f16_scale(s: torch.Tensor, name: str) -> np.float32:
+    """s rounded to f16 (what a TQ block's ``d`` holds), as float32; refuses what f16 cannot hold."""
+    sf = float(s.reshape(-1)[0])
+    s16 = np.float32(np.float16(sf))
+    if not (math.isfinite(sf) and sf > 0) or not np.isfinite(s16) or s16 == 0:
+        raise ValueError(f"{name}: scale {sf!r} cannot be stored as an f16 TQ block scale")
+    if s16 < np.float32(6.103515625e-05):  # f16 subnormal: fewer than 11 significant bits
+        warnings.warn(f"{name}: scale {sf:.3g} is below f16's normal range; stored as {float(s16):.6g} "
+                      f"(relative error {abs(float(s16) - sf) / sf:.2g})", stacklevel=4)
+    return s16
+
+
+def _encode_float(w: np.ndarray, kind: str, name: str, gguf: Any) -> tuple[np.ndarray, Any]:
+    """(array, raw_dtype) for GGUFWriter.add_tensor; ``kind`` in f32 / f16 / q8_0."""
+    if kind == "f32":
+        return np.ascontiguousarray(w, dtype=np.float32), None
+    if kind == "f16":
+        if np.abs(w).max(initial=0.0) > 65504.0:
+            raise ValueError(f"{name}: values beyond f16's range (±65504); use head_type='f32'")
+        return np.ascontiguousarray(w, dtype=np.float16), None
+    if w.shape[-1] % 32:
+        raise ValueError(f"{name}: Q8_0 needs rows that are a multiple of 32 values, got {w.shape[-1]}")
+    qt = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qt), qt
+
+
+def _encode_ternary(t: torch.Tensor, s16: np.float32, qtype: Any, name: str, gguf: Any) -> tuple[np.ndarray, Any]:
+    """TQ1_0/TQ2_0 bytes of s₁₆·T, checked: every block's stored d is s₁₆ (or 0 for an all-zero
+    block), so dequantisation gives s₁₆·T exactly."""
+    w = t.numpy().astype(np.float32) * s16  # exact: s16 · {-1, 0, 1}
+    raw = gguf.quants.quantize(w, qtype)
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    d = raw.reshape(-1, type_size)[:, -2:].copy().view("<f2").astype(np.float32).reshape(-1)  # d ends each block
+    nonzero = np.abs(w).reshape(-1, QK_K).max(axis=1) != 0
+    if not (np.all(d[nonzero] == s16) and np.all(d[~nonzero] == 0)):  # pragma: no cover - gguf changed
+        raise RuntimeError(f"{name}: gguf's {qtype.name} quantiser did not store the scale exactly")
+    return raw, qtype
+
+
+def _vocab(tokenizer: Any, vocab_size: int) -> tuple[Any, dict[str, Any] | None]:
+    """(bitlm Tokenizer, GGUF tokenizer metadata or None when it is not a byte-level BPE)."""
+    from ..data import Tokenizer, load_tokenizer
+
+    if isinstance(tokenizer, (str, Path)):
+        tok = load_tokenizer(tokenizer)
+    elif isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    elif hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):  # a tokenizers.Tokenizer
+        tok = Tokenizer(tokenizer)
+    else:
+        raise TypeError(f"tokenizer must be a bitlm Tokenizer, a tokenizers.Tokenizer or a path, "
+                        f"got {type(tokenizer).__name__}")
+    backend = tok.backend
+    spec = json.loads(backend.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        warnings.warn(f"tokenizer is not a byte-level BPE (model {model.get('type')}, pre-tokenizer "
+                      f"{pre.get('type')}): the GGUF gets no vocabulary (llama.cpp tokenizer 'none'); "
+                      "the exact tokenizer is still written beside it", stacklevel=3)
+        return tok, None
+    if pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        warnings.warn("byte-level pre-tokenizer with add_prefix_space or without the GPT-2 regex: "
+                      "llama.cpp's 'gpt-2' pre-tokenizer will split text differently", stacklevel=3)
+    vocab = backend.get_vocab(with_added_tokens=True)  # token → id
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {n - 1} but the model's vocabulary is {vocab_size}")
+    added = backend.get_added_tokens_decoder()  # id → AddedToken
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [_TT_UNUSED] * vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = (_TT_CONTROL if added[i].special else _TT_USER_DEFINED) if i in added else _TT_NORMAL
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("the tokenizer's vocabulary clashes with bitlm's [PADn] filler names")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta = {"tokens": tokens, "types": types, "merges": merges, "bos": tok.bos_id, "eos": tok.eos_id,
+            "pad": tok.pad_id}
+    return tok, meta
+
+
+def save_gguf(
+    model: BitNetModel,
+    path: str | Path,
+    *,
+    ternary_type: str = "tq2_0",
+    tokenizer: Any = None,
+    head_type: str = "f16",
+    name: str | None = None,
+) -> Path:
+    """Write ``model`` as a llama.cpp ``bitnet`` GGUF file; returns its path.
+
+    ``ternary_type``: "tq2_0" (2.06 bits/weight, the faster kernels) or "tq1_0" (1.69).
+    ``head_type``: storage of ``token_embd`` (and ``output`` when untied): "f16" (default, as
+    llama.cpp's converter), "f32" (exact) or "q8_0".  ``tokenizer``: see the module docstring;
+    written into the GGUF and as ``<name>.tokenizer.json`` beside it.  Untied models get an
+    ``output.weight`` that bitlm reads but mainline llama.cpp refuses (its bitnet graph always
+    uses ``token_embd`` as the head), with a warning.  Only ``bitnet-b1.58`` and
+    ``bitnet-2b4t`` models with ternary (or binary) projections, per-token int8 activations and
+    one scale per tensor can be written.
+    """
+    gguf = _gguf()
+    cfg = model.config
+    path = Path(path)
+    if ternary_type not in TERNARY_TYPES:
+        raise ValueError(f"ternary_type must be one of {', '.join(TERNARY_TYPES)}, got {ternary_type!r}")
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
+    if cfg.arch not in _ARCH_TO_ACTIVATION:
+        raise ValueError(f"arch {cfg.arch!r} has no llama.cpp equivalent (LayerNorm/GELU graph); only "
+                         f"{', '.join(_ARCH_TO_ACTIVATION)} can be written as GGUF")
+    if cfg.quant == "fp":
+        raise ValueError("an fp model has no ternary weights; GGUF export writes TQ1_0/TQ2_0 projections")
+    qtype = gguf.GGMLQuantizationType.TQ2_0 if ternary_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
+    if not cfg.tie_embeddings:
+        warnings.warn("untied model: output.weight is written, which bitlm reads but mainline llama.cpp "
+                      "refuses (its bitnet graph uses token_embd as the output head)", stacklevel=2)
+
+    tok, vocab = (None, None) if tokenizer is None else _vocab(tokenizer, cfg.vocab_size)
+
+    sd = model.state_dict()
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    fallback: list[str] = []
+    warm: list[str] = []
+    exact: dict[str, float] = {}
+    for ours, theirs in tensor_name_map(cfg).items():
+        base = ours.removesuffix(".weight")
+        if base.endswith(tuple(PROJECTIONS)):
+            m = model.get_submodule(base)
+            _export_check(base, m)
+            lam = getattr(m, "quant_lambda", None)
+            if lam is not None and float(lam) != 1.0:
+                warm.append(base)
+            t, s = _ternary_of(base, m)
+            s16 = _f16_scale(s, base)
+            exact[theirs] = float(s.reshape(-1)[0].float())
+            if t.shape[1] % QK_K == 0:
+                tensors.append((theirs, *_encode_ternary(t, s16, qtype, base, gguf)))
+            else:  # TQ needs rows of 256: F16 holds s16·T exactly
+                fallback.append(theirs)
+                tensors.append((theirs, (t.numpy().astype(np.float32) * s16).astype(np.float16), None))
+            continue
+        w = sd[ours].detach().float().cpu().numpy()
+        if not np.isfinite(w).all():
+            raise ValueError(f"{ours}: contains inf or nan")
+        if w.ndim == 1:  # norms: F32, as llama.cpp's converter writes them
+            tensors.append((theirs, np.ascontiguousarray(w, dtype=np.float32), None))
+        else:
+            tensors.append((theirs, *_encode_float(w, head_type, ours, gguf)))
+    if fallback:
+        warnings.warn(f"{len(fallback)} projections (first: {fallback[0]}) have rows that are not a multiple of "
+                      f"{QK_K}; written as F16 s·T (exact, but without llama.cpp's ternary kernels)", stacklevel=2)
+    if warm:
+        warnings.warn(f"{len(warm)} projections (first: {warm[0]}) have quant_lambda < 1 (warm-up not finished); "
+                      "the saved model is fully quantised", stacklevel=2)
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        w.add_name(name or f"bitlm {cfg.arch}")
+        w.add_file_type(_FILE_TYPE[ternary_type])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)  # full rotary, NEOX pairing (no q/k permutation)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_string(ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])
+        w.add_array(NAMES_KEY, list(exact))
+        w.add_array(SCALES_KEY, list(exact.values()))  # python floats → GGUF float32 (exact: they are)
+        if vocab is None:
+            w.add_tokenizer_model("none")  # llama.cpp then runs on token ids only
+        else:
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("gpt-2")
+            w.add_token_list(vocab["tokens"])
+            w.add_token_types(vocab["types"])
+            w.add_token_merges(vocab["merges"])
+            w.add_bos_token_id(vocab["bos"])
+            w.add_eos_token_id(vocab["eos"])
+            if vocab["pad"] is not None:
+                w.add_pad_token_id(vocab["pad"])
+            w.add_add_bos_token(False)  # bitlm never prepends BOS: llama-cli must not either
+            w.add_add_eos_token(False)
+        for tname, arr, raw_dtype in tensors:
+            w.add_tensor(tname, arr, raw_dtype=raw_dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    _atomic_write(path, write)
+    side = tokenizer_sidecar(path)
+    if tok is not None:
+        text = tok.backend.to_str(pretty=True)
+        _atomic_write(side, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    elif side.exists():
+        warnings.warn(f"{side}: left in place from before; it may not belong to this model", stacklevel=2)
+    return path
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Run ``write(tmp)`` on a temp file beside ``path``, fsync it, rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# =============================================================================================
+# Tokenizer from GGUF metadata
+# =============================================================================================
+
+
+def _attached_tokenizer(path: Path, meta: dict[str, Any]) -> Any:
+    side = tokenizer_sidecar(path)
+    if side.is_file():
+        from ..data import load_tokenizer
+
+        try:
+            return load_tokenizer(side)
+        except ValueError as e:
+            warnings.warn(f"{side}: unreadable ({e}); using the GGUF vocabulary", stacklevel=3)
+    try:
+        return _tokenizer_from_metadata(path, meta)
+    except (ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: cannot rebuild the tokenizer from the GGUF vocabulary ({e})", stacklevel=3)
+        return None
+
+
+def gguf_tokenizer(path: str | Path) -> Any:
+    """A ``bitlm.data.Tokenizer`` rebuilt from a GGUF's ``gpt2`` BPE vocabulary (tokens, types,
+    merges, bos/eos/pad ids), or None when the file has none.  Pre-tokenizers ``gpt-2`` (bitlm's)
+    and ``llama-bpe`` (LLaMA 3 / 2B4T) are reproduced; others fall back to GPT-2's with a warning."""
+    with read_gguf(path) as f:
+        return _tokenizer_from_metadata(f.path, f.metadata)
+
+
+def _tokenizer_from_metadata(path: Path, meta: dict[str, Any]) -> Any:
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        return None
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..data import Tokenizer
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type")
+    types = [_TT_NORMAL] * len(tokens) if types is None else [int(x) for x in types]
+    if len(types) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(types)} token types")
+    merges = []
+    for m in meta.get("tokenizer.ggml.merges", []):
+        i = m.find(" ", 1)  # as llama.cpp splits: the first piece may itself be a space
+        if i < 0:
+            raise ValueError(f"malformed merge {m!r}")
+        merges.append((m[:i], m[i + 1 :]))
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != _TT_UNUSED}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
+    if pre in ("llama-bpe", "llama3", "llama-v3"):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        if pre not in ("gpt-2", "gpt2"):
+            warnings.warn(f"{path}: pre-tokenizer {pre!r} is approximated by GPT-2's split regex", stacklevel=4)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i, ty in enumerate(types) if ty == _TT_CONTROL])
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                        for i, ty in enumerate(types) if ty == _TT_USER_DEFINED])
+
+    def tok_at(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    return Tokenizer(backend, tok_at("tokenizer.ggml.eos_token_id"), tok_at("tokenizer.ggml.bos_token_id"),
+                     tok_at("tokenizer.ggml.padding_token_id"))
