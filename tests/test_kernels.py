@@ -1,0 +1,370 @@
+"""Native kernels against the pure-torch reference, compared with ``torch.equal`` on every tier
+this machine supports: the M grid, odd N, K off the block, extremal inputs (int16 saturation
+traps), the float epilogue, the fused RMSNorm + quantiser, thread counts, concurrency, fork,
+and the backend switch / fallback behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+import bitlm.kernels as K
+from bitlm import packing as P
+from bitlm import quant as Q
+from bitlm.kernels import native
+from bitlm.kernels import reference as R
+
+FORMATS = ("i2", "t1", "b1")
+NATIVE_REQUIRED = os.environ.get("BITLM_BACKEND", "").lower() == "native"
+
+
+def _tiers() -> list[str]:
+    if native.load() is None:
+        return ["unavailable"]
+    return native.supported_tiers()
+
+
+@pytest.fixture(params=_tiers())
+def tier(request):
+    if request.param == "unavailable":
+        if NATIVE_REQUIRED:
+            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    prev = native.tier()
+    native.set_tier(request.param)
+    yield request.param
+    native.set_tier(prev)
+
+
+@pytest.fixture
+def lib():
+    if native.load() is None:
+        if NATIVE_REQUIRED:
+            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    return native
+
+
+def rand_weight(fmt: str, n: int, k: int, seed: int, groups: int = 1) -> P.PackedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    alpha = torch.tensor(P.get_format(fmt).alphabet, dtype=torch.int8)
+    t = alpha[torch.randint(len(alpha), (n, k), generator=gen)]
+    scale = torch.rand(groups, generator=gen) + 0.05
+    return P.pack_weight(t, scale, fmt, groups)
+
+
+def rand_x(m: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+
+
+# --- integer GEMV / GEMM ----------------------------------------------------------------------
+
+M_GRID = (1, 2, 7, 64, 512)
+NK = ((67, 301), (33, 70), (16, 32))  # odd N, K off every block (16, 20, 32); one exact tile
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_grid_bit_identical(tier, fmt):
+    for n, k in NK:
+        w = rand_weight(fmt, n, k, seed=n * k)
+        for m in M_GRID:
+            x = rand_x(m, k, seed=m + k)
+            got, want = native.gemm(x, w), R.gemm(x, w)
+            assert got.dtype == torch.int32 and got.shape == (m, n)
+            assert torch.equal(got, want), (tier, fmt, m, n, k)
+
+
+def _const_weight(fmt: str, n: int, k: int, v: int) -> P.PackedWeight:
+    return P.pack_weight(torch.full((n, k), v, dtype=torch.int8), 1.0, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_extremal_inputs(tier, fmt):
+    """All +127 x all +1 (and mirrors) over a long K: the int16 paths (vpmaddubsw) must not
+    saturate, and the -sum(x) correction must be exact at the extremes."""
+    n, k = 35, 2573
+    cases = [(127, 1), (-128, -1), (-127, -1), (-128, 1), (127, -1), (0, 1), (0, -1)]
+    if fmt != "b1":
+        cases.append((-128, 0))
+    for xv, wv in cases:
+        w = _const_weight(fmt, n, k, wv)
+        for m in (1, 3, 13):
+            x = torch.full((m, k), xv, dtype=torch.int8)
+            got = native.gemm(x, w)
+            assert torch.equal(got, torch.full((m, n), xv * wv * k, dtype=torch.int32)), (fmt, xv, wv, m)
+            assert torch.equal(got, R.gemm(x, w))
+    if fmt != "b1":  # alternating extremes: positive and negative partial sums in one chunk
+        t = torch.ones(n, k, dtype=torch.int8)
+        t[:, 1::2] = -1
+        w = P.pack_weight(t, 1.0, fmt)
+        x = torch.full((5, k), 127, dtype=torch.int8)
+        x[:, 1::2] = -128
+        assert torch.equal(native.gemm(x, w), R.gemm(x, w))
+
+
+def test_gemm_all_zero(tier):
+    x = torch.zeros(9, 130, dtype=torch.int8)
+    for fmt in FORMATS:
+        w = rand_weight(fmt, 19, 130, seed=5)
+        assert torch.equal(native.gemm(x, w), torch.zeros(9, 19, dtype=torch.int32))
+    w0 = _const_weight("i2", 19, 130, 0)
+    assert torch.equal(native.gemm(rand_x(9, 130, 1), w0), torch.zeros(9, 19, dtype=torch.int32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_model_shapes(tier, fmt):
+    """The 2B4T shapes (2560 / 6912, K = 6912 is off the t1 block) at decode and prefill M."""
+    for n, k in ((2560, 2560), (6912, 2560), (2560, 6912), (640, 2560)):
+        w = rand_weight(fmt, n, k, seed=n + k)
+        for m in (1, 5, 128):
+            if tier == "generic" and m == 128:
+                continue
+            x = rand_x(m, k, seed=m)
+            assert torch.equal(native.gemm(x, w), R.gemm(x, w)), (fmt, n, k, m)
+
+
+# --- float epilogue ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_epilogue_bit_identical(tier, fmt):
+    gen = torch.Generator().manual_seed(2)
+    for n, k, groups in ((66, 45, 3), (67, 301, 1), (32, 64, 2)):  # 22-row groups straddle tiles
+        w = rand_weight(fmt, n, k, seed=n, groups=groups)
+        bias = torch.randn(n, generator=gen)
+        for m in (1, 5, 64):
+            x = rand_x(m, k, seed=m)
+            a = torch.rand(m, generator=gen) * 50 + 0.1
+            for b in (None, bias):
+                got, want = native.matmul(x, a, w, b), R.matmul(x, a, w, b)
+                assert got.dtype == torch.float32 and torch.equal(got, want), (fmt, n, groups, m, b is None)
+
+
+def test_linear_native_equals_reference(tier):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 130, generator=gen)
+    nw = torch.rand(130, generator=gen) + 0.5
+    for fmt in FORMATS:
+        w = rand_weight(fmt, 41, 130, seed=9, groups=1)
+        for kwargs in ({}, {"norm_weight": nw}, {"rmsnorm": True}):
+            got = native.linear(x, w, **kwargs)
+            assert got.shape == (2, 3, 41)
+            assert torch.equal(got, R.linear(x, w, **kwargs)), (fmt, kwargs)
+
+
+# --- fused RMSNorm + quantiser -----------------------------------------------------------------
+
+
+def _rows(m: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, m).reshape(m, 1)
+    if k > 3:
+        x[:, 3] *= 40  # an outlier feature, as in real activations
+    if m > 2:
+        x[1] = 0.0  # max|x| = 0 -> the 1e-5 clamp
+        x[2] = 3e-7  # tiny row: clamp region
+    return x
+
+
+@pytest.mark.parametrize("k", (1, 15, 16, 17, 333, 2560))
+def test_quantize_rows_bit_identical(tier, k):
+    gen = torch.Generator().manual_seed(k)
+    nw = torch.rand(k, generator=gen) * 2
+    for m in (1, 7, 64):
+        x = _rows(m, k, seed=m * k)
+        for args, kw in (((), {}), ((nw,), {}), ((), {"rmsnorm": True}), ((nw, 1e-6), {})):
+            q1, a1 = native.quantize_rows(x, *args, **kw)
+            q2, a2 = R.quantize_rows(x, *args, **kw)
+            assert q1.dtype == torch.int8 and a1.dtype == torch.float32 and a1.shape == (m,)
+            assert torch.equal(q1, q2) and torch.equal(a1, a2), (tier, k, m, args, kw)
+
+
+def test_quantize_rows_without_norm_is_quant_activation_quantize(tier):
+    x = _rows(33, 257, seed=1)
+    q, a = native.quantize_rows(x)
+    qq, aa = Q.activation_quantize(x)
+    assert torch.equal(q, qq.to(torch.int8)) and torch.equal(a, aa.reshape(-1))
+
+
+def test_quantize_rows_ties_round_half_even(tier):
+    # max|x| = 127 -> a = 1: x * a lands exactly on .5 ties
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]])
+    q, a = native.quantize_rows(x)
+    assert a.item() == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]
+
+
+def test_rms_sumsq_order_is_the_documented_loop():
+    """reference.rms_sumsq (vectorised with cumsum) == the literal 16-lane loop in float64."""
+    for m, k in ((3, 1), (2, 17), (4, 333)):
+        x = _rows(m, k, seed=k)
+        got = R.rms_sumsq(x)
+        for i in range(m):
+            lane = [0.0] * 16
+            for j, v in enumerate(x[i].tolist()):
+                lane[j % 16] += v * v
+            for step in (8, 4, 2, 1):
+                for j in range(step):
+                    lane[j] += lane[j + step]
+            assert got[i].item() == lane[0]
+
+
+def test_reference_rmsnorm_close_to_quant_group_rms_norm():
+    x = torch.randn(16, 320)
+    nw = torch.rand(320) + 0.5
+    r = torch.sqrt(R.rms_sumsq(x) / 320 + 1e-5).reciprocal().float().unsqueeze(1)
+    torch.testing.assert_close(x * r * nw, Q.group_rms_norm(x, 1, 1e-5) * nw, rtol=1e-6, atol=1e-6)
+
+
+# --- threads, concurrency, fork -----------------------------------------------------------------
+
+
+def test_thread_counts_give_identical_results(lib):
+    prev = native.num_threads()
+    try:
+        for fmt in FORMATS:
+            w = rand_weight(fmt, 517, 1000, seed=3, groups=11)
+            for m in (1, 33):
+                x = rand_x(m, 1000, seed=m)
+                a = torch.rand(m) + 0.5
+                outs = []
+                for th in (1, 2, 3):
+                    native.set_num_threads(th)
+                    outs.append((native.gemm(x, w), native.matmul(x, a, w)))
+                for g, f in outs[1:]:
+                    assert torch.equal(g, outs[0][0]) and torch.equal(f, outs[0][1]), (fmt, m)
+        with pytest.raises(ValueError):
+            native.set_num_threads(0)
+    finally:
+        native.set_num_threads(prev)
+
+
+def test_concurrent_callers_are_safe(lib):
+    """Two Python threads in the library at once (ctypes drops the GIL): the second runs inline
+    instead of sharing the pool; both results stay exact."""
+    w = rand_weight("i2", 300, 700, seed=1)
+    xs = [rand_x(m, 700, seed=m) for m in (1, 9, 1, 17)]
+    want = [R.gemm(x, w) for x in xs]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            for x, ref in zip(xs, want):
+                if not torch.equal(native.gemm(x, w), ref):
+                    errors.append(f"thread {i}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_pool_survives_fork(lib):
+    native.set_num_threads(2)
+    w = rand_weight("t1", 200, 400, seed=2)
+    x = rand_x(4, 400, seed=4)
+    want = R.gemm(x, w)
+    assert torch.equal(native.gemm(x, w), want)  # pool workers now exist in the parent
+    pid = os.fork()
+    if pid == 0:  # child: its pool has no threads until it makes new ones
+        ok = all(torch.equal(native.gemm(x, w), want) for _ in range(5))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# --- API errors ----------------------------------------------------------------------------------
+
+
+def test_native_rejects_bad_arguments(lib):
+    w = rand_weight("i2", 20, 40, seed=1)
+    with pytest.raises(ValueError, match="K=41"):
+        native.gemm(rand_x(2, 41, 0), w)
+    with pytest.raises(TypeError, match="int8"):
+        native.gemm(torch.zeros(2, 40), w)
+    with pytest.raises(ValueError, match="no native kernel"):
+        native.gemm(rand_x(2, 40, 0), w.to_format("hf"))
+    broken = P.pack_weight(torch.zeros(20, 40, dtype=torch.int8), 1.0, "i2")
+    broken.data = broken.data[:, :64]  # mutated after validation: must not reach C
+    with pytest.raises(ValueError, match="packed data"):
+        native.gemm(rand_x(2, 40, 0), broken)
+    with pytest.raises(ValueError, match="unknown tier"):
+        native.set_tier("sse9")
+
+
+def test_hf_format_runs_on_reference_path():
+    w = rand_weight("i2", 21, 50, seed=8)
+    x = rand_x(3, 50, seed=3)
+    assert torch.equal(K.gemm(x, w.to_format("hf")), R.gemm(x, w))
+
+
+# --- backend selection and fallback -------------------------------------------------------------
+
+
+def test_backend_reference_is_forceable(monkeypatch):
+    monkeypatch.setenv("BITLM_BACKEND", "reference")
+    assert K.backend() == "reference"
+    info = K.backend_info()
+    assert info["backend"] == "reference" and "BITLM_BACKEND" in info["reason"]
+    w = rand_weight("b1", 23, 77, seed=1)
+    x = rand_x(4, 77, seed=2)
+    assert torch.equal(K.gemm(x, w), R.gemm(x, w))
+
+
+def test_backend_info_is_informative(lib, monkeypatch):
+    monkeypatch.delenv("BITLM_BACKEND", raising=False)
+    info = K.backend_info()
+    assert info["backend"] == "native"
+    assert info["tier"] in native.TIERS and info["threads"] >= 1
+    for key in ("reason", "cpu_flags", "supported_tiers", "library", "build", "abi"):
+        assert key in info
+
+
+def test_missing_library_falls_back_or_raises(monkeypatch):
+    monkeypatch.setenv("BITLM_KERNELS_LIB", "/nonexistent/libbitlm.so")
+    native.reset()
+    monkeypatch.setattr(K, "_warned", False)
+    try:
+        w = rand_weight("i2", 17, 33, seed=1)
+        x = rand_x(2, 33, seed=1)
+        monkeypatch.setenv("BITLM_BACKEND", "native")
+        with pytest.raises(RuntimeError, match="not found"):
+            K.gemm(x, w)
+        assert K.backend_info()["backend"] == "reference" and "not found" in K.backend_info()["reason"]
+        monkeypatch.setenv("BITLM_BACKEND", "auto")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = K.gemm(x, w)
+            K.gemm(x, w)
+        assert torch.equal(got, R.gemm(x, w))
+        assert len([c for c in caught if "native kernels unavailable" in str(c.message)]) == 1  # once
+    finally:
+        monkeypatch.delenv("BITLM_KERNELS_LIB")
+        native.reset()
+
+
+def test_env_forces_tier_and_threads(lib):
+    """BITLM_KERNEL_TIER / BITLM_NUM_THREADS are read once when the library initialises, so
+    check them in fresh interpreters."""
+    code = ("from bitlm.kernels import native; i = native.info(); "
+            "print(i['tier'], i['threads'], i['tier_note'], sep='|')")
+    for want in native.supported_tiers() + ["bogus"]:
+        env = dict(os.environ, BITLM_KERNEL_TIER=want, BITLM_NUM_THREADS="3")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        tier, threads, note = out.stdout.strip().split("|")
+        assert threads == "3"
+        if want == "bogus":
+            assert tier == native.info()["best_tier"] and "not understood" in note
+        else:
+            assert tier == want and "forced" in note
