@@ -353,6 +353,36 @@ def test_tokenizer_sidecar_and_rebuilt_from_metadata(tmp_path, tokenizer):
         save_gguf(BitNetModel(tiny().config.replace(vocab_size=200)), tmp_path / "small.gguf", tokenizer=tokenizer)
 
 
+def llama3_style_tokenizer():
+    """A byte-level BPE with LLaMA 3's pre-tokenizer (Split on its regex, then ByteLevel), as the
+    2B4T tokenizer.json has: exported with tokenizer.ggml.pre = "llama-bpe"."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from bitlm.data import Tokenizer
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(G._LLAMA3_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([TEXT] * 4, trainer=trainer)
+    return Tokenizer(backend, "<|end_of_text|>", "<|begin_of_text|>")
+
+
+def test_llama3_pre_tokenizer(tmp_path):
+    tok = llama3_style_tokenizer()
+    path = save_gguf(tiny(), tmp_path / "l3.gguf", tokenizer=tok)
+    assert read_gguf(path).metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    rebuilt = G.gguf_tokenizer(path)
+    assert (rebuilt.bos_id, rebuilt.eos_id) == (tok.bos_id, tok.eos_id) == (0, 1)
+    for s in PROBES + ["numbers 1234567 split in threes", "x\n\n\ny"]:
+        assert rebuilt.encode(s) == tok.encode(s), s
+
+
 def test_written_atomically(tmp_path, saved, monkeypatch):
     m, path = saved
     target = tmp_path / "m.gguf"
@@ -599,6 +629,18 @@ def test_llama_cpp_tokenizes_like_bitlm(recited, tokenizer):
         for s in PROBES:
             assert llm.llm.tokenize(s.encode(), add_bos=False, special=False) == tokenizer.encode(s), s
             assert llm.llm.detokenize(tokenizer.encode(s)) == s.encode()
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@needs_llama
+def test_llama_cpp_tokenizes_like_bitlm_llama3_style(tmp_path):
+    tok = llama3_style_tokenizer()
+    llm = Llama(save_gguf(tiny(), tmp_path / "l3.gguf", tokenizer=tok))
+    try:
+        for s in PROBES + ["numbers 1234567 split in threes", "x\n\n\ny"]:
+            assert llm.llm.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s), s
     finally:
         llm.close()
 

@@ -47,8 +47,10 @@ llama.cpp ignores them.  :func:`load_gguf` reverses the encoding: every non-zero
 weight of a projection must have the same magnitude (all blocks' d equal), giving T = sign(W);
 s is the exact scale from ``bitlm.ternary_scales`` when that rounds to the stored d (else d,
 e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.io.hf.FrozenTernaryLinear`.
-So bitlm → GGUF → bitlm reproduces the logits bit for bit, and → GGUF again the same bytes.  A projection whose blocks have *different* d
-(e.g. llama-quantize run on a float model) is not a BitNet tensor: it is refused with
+So bitlm → GGUF → bitlm reproduces the logits bit for bit, and → GGUF again the same bytes.
+
+A projection whose blocks have *different* d (e.g. llama-quantize run on a float model) is not
+a BitNet tensor: it is refused with
 :class:`GGUFFormatError`, unless ``allow_non_ternary=True`` loads it as a trainable ``BitLinear``
 latent with a warning (bitlm then re-ternarises it with one absmean scale, so it computes a
 different function than llama.cpp).  Optional ``blk.N.<proj>.scale`` tensors (F32, one value,
@@ -63,9 +65,10 @@ With ``tokenizer=`` (a ``bitlm.data.Tokenizer``, a ``tokenizers.Tokenizer`` or a
 tokenizer.json / folder) the GGUF gets llama.cpp's ``gpt2`` BPE vocabulary: ``tokens``,
 ``token_type`` (special → CONTROL, other added → USER_DEFINED, ids the tokenizer does not use
 up to the model's vocab size → ``[PADn]`` UNUSED), ``merges``, bos/eos/pad ids,
-``tokenizer.ggml.pre = "gpt-2"`` (llama.cpp's name for the GPT-2 split regex that bitlm's
-byte-level BPE uses) and ``add_bos_token = false`` (bitlm never prepends BOS).  The exact
-tokenizer is also written beside the model as ``<name>.tokenizer.json``, where
+``tokenizer.ggml.pre`` = ``"gpt-2"`` (llama.cpp's name for the GPT-2 split regex that bitlm's
+byte-level BPE uses) or ``"llama-bpe"`` (LLaMA 3 / 2B4T tokenizers), and
+``add_bos_token = false`` (bitlm never prepends BOS).  The exact tokenizer is also written
+beside the model as ``<name>.tokenizer.json``, where
 ``bitlm.io.load_tokenizer_for`` finds it.  :func:`load_gguf` rebuilds a tokenizer from the GGUF
 vocabulary (:func:`gguf_tokenizer`; ``gpt-2`` and ``llama-bpe`` pre-tokenizers) and attaches it
 as ``model.tokenizer`` (the sidecar wins when present).
@@ -718,15 +721,16 @@ def _vocab(tokenizer: Any, vocab_size: int) -> tuple[Any, dict[str, Any] | None]
                         f"got {type(tokenizer).__name__}")
     backend = tok.backend
     spec = json.loads(backend.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
-        warnings.warn(f"tokenizer is not a byte-level BPE (model {model.get('type')}, pre-tokenizer "
-                      f"{pre.get('type')}): the GGUF gets no vocabulary (llama.cpp tokenizer 'none'); "
-                      "the exact tokenizer is still written beside it", stacklevel=3)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        warnings.warn(f"tokenizer model {model.get('type')!r} is not a BPE: the GGUF gets no vocabulary "
+                      "(llama.cpp tokenizer 'none'); the exact tokenizer is still written beside it", stacklevel=3)
         return tok, None
-    if pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        warnings.warn("byte-level pre-tokenizer with add_prefix_space or without the GPT-2 regex: "
-                      "llama.cpp's 'gpt-2' pre-tokenizer will split text differently", stacklevel=3)
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
+    if pre is None:
+        warnings.warn("pre-tokenizer is neither GPT-2's byte-level split nor LLaMA 3's: written as 'gpt-2', "
+                      "so llama.cpp will split text differently (token ids are unaffected)", stacklevel=3)
+        pre = "gpt-2"
     vocab = backend.get_vocab(with_added_tokens=True)  # token → id
     n = max(vocab.values()) + 1
     if n > vocab_size:
@@ -741,8 +745,24 @@ def _vocab(tokenizer: Any, vocab_size: int) -> tuple[Any, dict[str, Any] | None]
         raise ValueError("the tokenizer's vocabulary clashes with bitlm's [PADn] filler names")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta = {"tokens": tokens, "types": types, "merges": merges, "bos": tok.bos_id, "eos": tok.eos_id,
-            "pad": tok.pad_id}
+            "pad": tok.pad_id, "pre": pre}
     return tok, meta
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a tokenizers pre-tokenizer spec: "gpt-2" (bitlm's ByteLevel with the
+    GPT-2 regex), "llama-bpe" (LLaMA 3 / 2B4T: Split on their regex, then ByteLevel), else None."""
+    if pre.get("type") == "ByteLevel":
+        return "gpt-2" if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if parts and len(parts) == 2:
+        split, byte_level = parts
+        if (split.get("type") == "Split" and (split.get("pattern") or {}).get("Regex") == _LLAMA3_REGEX
+                and split.get("behavior") == "Isolated" and not split.get("invert")
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+                and not byte_level.get("add_prefix_space")):
+            return "llama-bpe"
+    return None
 
 
 def save_gguf(
@@ -842,7 +862,7 @@ def save_gguf(
             w.add_tokenizer_model("none")  # llama.cpp then runs on token ids only
         else:
             w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre("gpt-2")
+            w.add_tokenizer_pre(vocab["pre"])
             w.add_token_list(vocab["tokens"])
             w.add_token_types(vocab["types"])
             w.add_token_merges(vocab["merges"])
