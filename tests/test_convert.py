@@ -442,3 +442,19 @@ def test_cli_convert_then_train_init_from(tmp_path, pretrained_llama, monkeypatc
     assert (out / "last" / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()
     assert main(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_export_refuses_graphs_the_formats_cannot_express(tmp_path):
+    from bitlm.config import preset
+    from bitlm.io.gguf import save_gguf
+    from bitlm.io.hf import save_hf
+    from bitlm.model import BitNetModel
+
+    m = BitNetModel(preset("tiny", sub_norm=False))
+    with pytest.raises(ValueError, match="sub_norm"):
+        save_hf(m, tmp_path / "hf")
+    with pytest.raises(ValueError, match="sub_norm"):
+        save_gguf(m, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="bias"):
+        save_hf(BitNetModel(preset("tiny", qkv_bias=True)), tmp_path / "hf2")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()

@@ -110,5 +110,22 @@ def load_tokenizer_for(model_path: str | Path, explicit: str | Path | None = Non
     for c in candidates:
         if c.is_file():
             return load_tokenizer(c)
+    if p.is_file() and detect_format(p) == "gguf":  # no sidecar: rebuild it from the GGUF vocabulary
+        from .gguf import gguf_tokenizer
+
+        tok = gguf_tokenizer(p)
+        if tok is not None:
+            return tok
     raise FileNotFoundError(f"{p}: no tokenizer found with the model (looked for {', '.join(map(str, candidates))}); "
                             "pass --tokenizer")
+
+
+def require_bitnet_graph(cfg, target: str) -> None:
+    """Refuse to export a model that the target format's BitNet graph cannot express: converted
+    LLaMA-style models without SubLN norms or with q/k/v biases would be read back (by
+    transformers / llama.cpp) as a different function, silently."""
+    if not getattr(cfg, "sub_norm", True):
+        raise ValueError(f"cannot export to {target}: the model has no attn_sub_norm/ffn_sub_norm (sub_norm=False, "
+                         "a converted LLaMA); convert with --sub-norms rmsnorm to get the BitNet graph")
+    if getattr(cfg, "qkv_bias", False):
+        raise ValueError(f"cannot export to {target}: q/k/v biases are not part of the BitNet graph")

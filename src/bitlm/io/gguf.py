@@ -100,6 +100,7 @@ import torch
 from .. import quant as Q
 from ..config import ModelConfig
 from ..model import BitNetModel
+from . import require_bitnet_graph
 from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, ternary_latent
 
 __all__ = [
@@ -787,6 +788,7 @@ def save_gguf(
     """
     gguf = _gguf()
     cfg = model.config
+    require_bitnet_graph(cfg, "GGUF (llama.cpp bitnet)")
     path = Path(path)
     if ternary_type not in TERNARY_TYPES:
         raise ValueError(f"ternary_type must be one of {', '.join(TERNARY_TYPES)}, got {ternary_type!r}")

@@ -82,6 +82,7 @@ from .. import quant as Q
 from ..config import ModelConfig
 from ..layers import BitLinear
 from ..model import BitNetModel
+from . import require_bitnet_graph
 from .checkpoint import atomic_dir
 
 __all__ = [
@@ -776,6 +777,7 @@ def save_hf(
     to a temp sibling and renamed into place (an existing folder is replaced).
     """
     cfg = model.config
+    require_bitnet_graph(cfg, "Hugging Face BitNetForCausalLM")
     if cfg.arch not in _ARCH_TO_ACT:
         raise ValueError(f"arch {cfg.arch!r} cannot be saved as BitNetForCausalLM (LayerNorm/GELU graph); "
                          f"only {', '.join(_ARCH_TO_ACT)} can")
