@@ -47,6 +47,9 @@ class BuildKernels(build_ext):
         try:
             self._build_kernels(ext)
         except Exception as e:  # noqa: BLE001 - any compiler/linker problem must not fail pip
+            stale = self.get_ext_fullpath(ext.name)
+            if os.path.exists(stale):  # an older build must not ship as if it were this one
+                os.remove(stale)
             msg = (
                 f"bitlm: building the native kernels failed ({type(e).__name__}: {e}); "
                 "installing without them - bitlm will use its pure-torch reference kernels"

@@ -12,6 +12,8 @@ Measured in one run, for each thread count (default 1 and 2):
   call, effective GB/s of packed weight bytes, % of the measured read bandwidth at the same
   thread count, GMAC/s, and the speed-up over torch fp32 and bf16 ``F.linear`` (also cold) on
   the same shape in the same run;
+* the decode-time output head (128256 x 2560, the tied 2B4T embedding) stored as int8 rows
+  (``dense_int8_matmul``) against torch bf16 / fp32 ``F.linear``;
 * GEMM at M = 128 and 512 on the same shapes: GMAC/s per core and the ratio to torch fp32 /
   bf16 ``F.linear`` and ``torch._int_mm`` (int8 x int8 -> int32).
 
@@ -199,6 +201,27 @@ def gemm_rows(threads: int, reps: int, shapes, ms) -> list[dict]:
     return rows
 
 
+# ---- int8 output head ------------------------------------------------------------------------------
+
+
+def head_rows(threads: int, reps: int, vocab: int, d: int) -> list[dict]:
+    """Decode-time output head (vocab x d, the tied 2B4T embedding): int8 rows with per-row scale
+    (``dense_int8_matmul``, 1 byte/weight) against torch bf16 / fp32 ``F.linear`` (2 / 4 bytes)."""
+    set_threads(threads)
+    x = torch.randn(1, d)
+    w8 = torch.randint(-127, 128, (vocab, d), dtype=torch.int8)
+    s = torch.rand(vocab) / 100
+    t8 = timeit(lambda w8=w8: kernels.dense_int8_matmul(x, w8, s), reps)["median"]
+    out = {"threads": threads, "V": vocab, "K": d, "int8_ms": t8 * 1e3, "int8_GBps": vocab * d / t8 / 1e9}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        wf = torch.randn(vocab, d).to(dtype)
+        xd = x.to(dtype)
+        out[f"{name}_ms"] = timeit(lambda wf=wf, xd=xd: F.linear(xd, wf), reps)["median"] * 1e3
+        del wf
+    print(f"  head {threads}t int8 {vocab}x{d}: {t8 * 1e3:.2f} ms ({out['int8_GBps']:.1f} GB/s)", file=sys.stderr)
+    return [out]
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 
@@ -225,6 +248,12 @@ def print_tables(res: dict) -> None:
         print(f"| {r['threads']} | {r['fmt']} | {r['N']}x{r['K']} | {r['cold_us']:.0f} | {r['GBps']:.1f} | "
               f"{r['pct_read_bw']:.0f}% | {r['GMACps']:.0f} | {r['hot_us']:.0f} | {r['speedup_vs_fp32']:.1f}x | "
               f"{r['speedup_vs_bf16']:.1f}x |")
+    print("\nOutput head GEMV (M=1), int8 rows vs torch F.linear:\n")
+    print("| thr | V x K | int8 ms | int8 GB/s | bf16 ms | fp32 ms |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in res["head"]:
+        print(f"| {r['threads']} | {r['V']}x{r['K']} | {r['int8_ms']:.2f} | {r['int8_GBps']:.1f} | "
+              f"{r['bf16_ms']:.2f} | {r['fp32_ms']:.2f} |")
     print("\nGEMM (prefill):\n")
     print("| thr | fmt | M | N x K | GMAC/s | per core | torch fp32 | bf16 | _int_mm | vs fp32 | vs bf16 | vs int_mm |")
     print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -264,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
     read_bw = {b["threads"]: b["read_GBps"] for b in res["bandwidth"]}
     res["gemv"] = [r for t in threads for r in gemv_rows(t, read_bw[t], args.reps, shapes)]
+    vocab = 8192 if args.quick else 128256
+    res["head"] = [r for t in threads for r in head_rows(t, args.reps, vocab, 2560)]
     res["gemm"] = [r for t in threads for r in gemm_rows(t, max(2, args.reps // 2), shapes, ms)]
     res["env"]["loadavg_after"] = os.getloadavg()
     print_tables(res)

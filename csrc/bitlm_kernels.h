@@ -51,7 +51,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 1
+#define BITLM_ABI_VERSION 2
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -127,6 +127,17 @@ BITLM_API int bitlm_matmul_f32(int fmt, const int8_t *x, const float *a, int64_t
  * q: int8 (M, K); a: float32 (M,).  NaN/Inf inputs give unspecified q. */
 BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const float *norm_w, double eps,
                                   int do_norm, int8_t *q, float *a);
+
+/* ---- dense int8-weight head ---------------------------------------------------------------------
+ * For an output head / embedding stored as int8 rows with one float scale per row (W ~ w*s):
+ *   y[m, n] = (sum_k x[m, k] * (float)w[n, k]) * scale[n]
+ * x float32 (M, K), w int8 (N, K), scale float32 (N,), y float32 (M, N).  The float32 sum has
+ * one fixed order in every tier: 16 lanes, lane j accumulates k = j, j+16, j+32, ... as
+ * acc = acc + x*w (the product rounded, then the sum: no FMA) from +0.0, and the lanes fold
+ * l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]; then one multiply by scale[n].  Decode
+ * (M = 1) streams the int8 matrix once: memory-bound at 1 byte per weight. */
+BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
+                             float *y);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

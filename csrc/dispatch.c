@@ -336,6 +336,31 @@ BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const fl
     return 0;
 }
 
+/* ---- dense int8 head ---------------------------------------------------------------------- */
+
+typedef struct {
+    const bitlm_dense_problem *p;
+    bitlm_dense_fn fn;
+} dense_task;
+
+static void dense_task_run(void *ctx, int64_t b, int64_t e) {
+    const dense_task *t = (const dense_task *)ctx;
+    t->fn(t->p, b, e);
+}
+
+BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
+                             float *y) {
+    if (!x || !w || !scale || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
+    if (m == 0 || n == 0) return 0;
+    const bitlm_dense_problem p = {x, w, scale, y, m, n, k};
+    dense_task t = {&p, active()->dense_i8};
+    const double macs = (double)m * (double)n * (double)k;
+    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
+    if (max_threads < 1) max_threads = 1;
+    bitlm_parallel_for(n, 64, max_threads, dense_task_run, &t); /* whole 64-row panels */
+    return 0;
+}
+
 /* ---- bandwidth probe ------------------------------------------------------------------------- */
 
 typedef struct {

@@ -138,6 +138,23 @@ static void quant_row_generic(const float *x, int64_t k, const float *norm_w, do
     *a_out = a;
 }
 
+/* Dense int8 head, the literal definition: 16 float lanes per (m, n), mul then add. */
+static void dense_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    const int64_t K = p->K;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = p->w + n * K;
+        for (int64_t m = 0; m < p->M; m++) {
+            const float *xr = p->x + m * K;
+            float lane[16] = {0};
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)
+                for (int j = 0; j < 16; j++) lane[j] = lane[j] + xr[k + j] * (float)wr[k + j];
+            for (; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * (float)wr[k];
+            p->y[m * p->N + n] = bitlm_fold16f(lane) * p->scale[n];
+        }
+    }
+}
+
 static uint64_t mem_read_generic(const uint8_t *buf, size_t n) {
     const uint64_t *p = (const uint64_t *)(const void *)buf;
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -155,4 +172,5 @@ const bitlm_kernel_table bitlm_generic_table = {
     {NULL, mm_i2, mm_t1, mm_b1},
     quant_row_generic,
     mem_read_generic,
+    dense_generic,
 };

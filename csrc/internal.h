@@ -37,11 +37,30 @@ typedef void (*bitlm_quant_row_fn)(const float *x, int64_t k, const float *norm_
                                    int8_t *q, float *a);
 typedef uint64_t (*bitlm_read_fn)(const uint8_t *buf, size_t n);
 
+/* Dense int8 head: rows [n0, n1) of y for all M tokens (semantics in bitlm_kernels.h). */
+typedef struct bitlm_dense_problem {
+    const float *x;      /* (M, K) */
+    const int8_t *w;     /* (N, K) */
+    const float *scale;  /* (N,) */
+    float *y;            /* (M, N) */
+    int64_t M, N, K;
+} bitlm_dense_problem;
+typedef void (*bitlm_dense_fn)(const bitlm_dense_problem *p, int64_t n0, int64_t n1);
+
+/* Lane fold of the documented 16-lane float sums: l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]. */
+static inline float bitlm_fold16f(float *l) {
+    for (int j = 0; j < 8; j++) l[j] = l[j] + l[j + 8];
+    for (int j = 0; j < 4; j++) l[j] = l[j] + l[j + 4];
+    for (int j = 0; j < 2; j++) l[j] = l[j] + l[j + 2];
+    return l[0] + l[1];
+}
+
 typedef struct bitlm_kernel_table {
     const char *name;
     bitlm_mm_fn mm[4]; /* indexed by BITLM_FMT_*; [0] unused */
     bitlm_quant_row_fn quant_row;
     bitlm_read_fn mem_read;
+    bitlm_dense_fn dense_i8;
 } bitlm_kernel_table;
 
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_generic_table;

@@ -277,6 +277,73 @@ static void quant_row_avx512(const float *x, int64_t k, const float *nw, double 
     *a_out = a;
 }
 
+/* ---- dense int8 head ------------------------------------------------------------------------ */
+
+/* 16 int8 -> 16 float (exact); masked for the K tail (masked-off lanes read as 0: they add
+ * x*0 = +-0 to a lane, which leaves it unchanged, as the definition requires). */
+ALWAYS_INLINE __m512 load_w16(const int8_t *p, __mmask16 mk) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
+}
+
+/* The documented fold l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1], as vector adds. */
+ALWAYS_INLINE float fold16(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+/* R rows x T tokens, one accumulator (16 lanes) per pair: mul then add, never FMA, so the
+ * lane sums are the definition's.  R*T <= 16 accumulators. */
+ALWAYS_INLINE void dense_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+    const int64_t K = p->K;
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const int8_t *w = p->w + n * K;
+    const float *x = p->x + m * K;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        if (T == 1 && (k & 63) == 0) /* decode: stream the next rows' bytes ahead */
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        __m512 xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x + t * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = load_w16(w + r * K + k, mk);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(xv[t], wv));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) p->y[(m + t) * p->N + n + r] = fold16(acc[r][t]) * p->scale[n + r];
+}
+
+ALWAYS_INLINE void dense_rows(const bitlm_dense_problem *p, const int R, int64_t n) {
+    int64_t m = 0;
+    for (; m + 4 <= p->M; m += 4) dense_block(p, R, 4, n, m);
+    switch (p->M - m) {
+    case 3: dense_block(p, R, 3, n, m); break;
+    case 2: dense_block(p, R, 2, n, m); break;
+    case 1: dense_block(p, R, 1, n, m); break;
+    default: break;
+    }
+}
+
+static void dense_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    /* panels of 64 rows (64*K bytes, L2-resident) against all tokens */
+    for (int64_t pn = n0; pn < n1; pn += 64) {
+        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+        int64_t n = pn;
+        for (; n + 4 <= pe; n += 4) dense_rows(p, 4, n);
+        switch (pe - n) {
+        case 3: dense_rows(p, 3, n); break;
+        case 2: dense_rows(p, 2, n); break;
+        case 1: dense_rows(p, 1, n); break;
+        default: break;
+        }
+    }
+}
+
 /* ---- bandwidth probe -------------------------------------------------------------------------- */
 
 static uint64_t mem_read_avx512(const uint8_t *buf, size_t n) {
@@ -298,4 +365,5 @@ const bitlm_kernel_table bitlm_avx512_table = {
     {NULL, mm_i2, mm_t1, mm_b1},
     quant_row_avx512,
     mem_read_avx512,
+    dense_avx512,
 };

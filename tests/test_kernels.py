@@ -368,3 +368,27 @@ def test_env_forces_tier_and_threads(lib):
             assert tier == native.info()["best_tier"] and "not understood" in note
         else:
             assert tier == want and "forced" in note
+
+
+# --- dense int8 head ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", (1, 15, 16, 33, 300, 2560))
+def test_dense_int8_matmul_bit_identical(tier, k):
+    gen = torch.Generator().manual_seed(k)
+    for m, n in ((1, 37), (3, 70), (9, 5), (64, 67)):
+        x = torch.randn(m, k, generator=gen) * 3
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        w[0] = -128  # extremes
+        s = torch.rand(n, generator=gen) / 64
+        got, want = native.dense_int8_matmul(x, w, s), R.dense_int8_matmul(x, w, s)
+        assert got.shape == (m, n) and torch.equal(got, want), (tier, m, n, k)
+
+
+def test_dense_int8_matmul_close_to_float_linear(lib):
+    x = torch.randn(2, 5, 300)
+    w = torch.randint(-128, 128, (70, 300), dtype=torch.int8)
+    s = torch.rand(70) / 100
+    got = K.dense_int8_matmul(x, w, s)
+    assert got.shape == (2, 5, 70)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()) * s, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ float32 epilogue ``y = float32(acc) · (s_g / a_m) + bias`` — see ``csrc/bitlm
     acc = kernels.gemm(q, w)                            # int32 (M, N)
     y = kernels.matmul(q, a, w, bias)                   # float32 (M, N)
     y = kernels.linear(x, w, bias, norm_weight, eps)    # all three in one call
+    logits = kernels.dense_int8_matmul(h, w8, row_scale) # int8 output head
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "backend", "backend_info", "set_num_threads",
-           "num_threads", "set_tier", "reference"]
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "backend", "backend_info",
+           "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
 
@@ -107,6 +108,14 @@ def linear(
         return reference.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
     # quantise natively even when the weight format needs the reference matmul
     return impl.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
+
+
+def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Output head stored as int8 rows with per-row scales: float32 (..., K) → (..., N) =
+    (x · wᵀ) · scale, float32 sums in the fixed order of ``csrc/bitlm_kernels.h`` (decode is
+    memory-bound at 1 byte per weight; the matrix is never converted to float)."""
+    nat = _native_or_none()
+    return (nat or reference).dense_int8_matmul(x, weight, scale)
 
 
 def set_num_threads(n: int) -> int:

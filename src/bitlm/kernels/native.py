@@ -24,10 +24,10 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy"]
+           "mem_read", "mem_copy", "dense_int8_matmul"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 1
+ABI_VERSION = 2
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -54,6 +54,7 @@ _SIGNATURES = {
     "bitlm_gemm": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_matmul_f32": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_quantize_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_d, _c_int, _c_p, _c_p]),
+    "bitlm_dense_i8": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -294,6 +295,26 @@ def linear(
     lead = x.shape[:-1]
     q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
     return matmul(q, a, w, bias).reshape(*lead, w.N)
+
+
+def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_int8_matmul` (bit-identical)."""
+    lib = _need()
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.device.type != "cpu":
+        raise TypeError(f"weight must be an int8 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    s = scale.to(torch.float32).reshape(-1).contiguous()
+    if s.numel() != n:
+        raise ValueError(f"scale has {s.numel()} values, expected {n}")
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
+    return y.reshape(*lead, n)
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@
   float32 rounding, not bit for bit.
 * :func:`matmul` / :func:`linear` — the dequant epilogue in its one fixed order:
   ``f = s_g / a_m`` (float32), ``y = float32(acc) · f`` then ``+ bias``.
+* :func:`dense_int8_matmul` — float32 activations × int8 weight rows × per-row scale (an int8
+  output head), with the float32 summation order the C tiers use (16 lanes, mul then add).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq"]
+__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul"]
 
 _LANES = 16
 
@@ -128,3 +130,31 @@ def linear(
     lead = x.shape[:-1]
     q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
     return matmul(q, a, w, bias).reshape(*lead, w.N)
+
+
+def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (..., K) × int8 (N, K) rows × float32 (N,) row scales → float32 (..., N).
+
+    ``y[m, n] = (Σ_k x[m, k] · w[n, k]) · scale[n]`` with the sum in float32 in a fixed order:
+    lane j (0..15) accumulates k = j, j+16, ... as ``acc + x·w`` (product rounded, then sum;
+    no FMA), lanes fold 8-4-2-1 — exactly what every native tier computes.
+    """
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError(f"weight must be an int8 (N, K) tensor, got {weight.dtype} {tuple(weight.shape)}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
+    x2 = x.reshape(-1, k).to(torch.float32)
+    m = x2.shape[0]
+    kp = -(-k // _LANES) * _LANES
+    xp = torch.nn.functional.pad(x2, (0, kp - k)).reshape(m, 1, kp // _LANES, _LANES)
+    wp = torch.nn.functional.pad(weight.to(torch.float32), (0, kp - k)).reshape(1, n, kp // _LANES, _LANES)
+    acc = torch.zeros(m, n, _LANES)
+    for c in range(kp // _LANES):  # sequential per lane; eager torch never fuses mul + add
+        acc = acc + xp[:, :, c, :] * wp[:, :, c, :]
+    acc = acc[..., :8] + acc[..., 8:]
+    acc = acc[..., :4] + acc[..., 4:]
+    acc = acc[..., :2] + acc[..., 2:]
+    y = (acc[..., 0] + acc[..., 1]) * scale.to(torch.float32).reshape(1, n)
+    return y.reshape(*lead, n)
