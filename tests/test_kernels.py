@@ -109,6 +109,20 @@ def test_gemm_extremal_inputs(tier, fmt):
         assert torch.equal(native.gemm(x, w), R.gemm(x, w))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_very_long_k(tier, fmt):
+    """K = 41000 (> 2 x 20480): the AVX-512 t1 decode sums 3A - B in segments of 1024 chunks to
+    stay exact in int32; extremes and random data across the segment boundaries."""
+    n, k = 17, 41000
+    for xv, wv in ((127, 1), (-128, 1), (-128, -1)):
+        x = torch.full((1, k), xv, dtype=torch.int8)
+        assert torch.equal(native.gemm(x, _const_weight(fmt, n, k, wv)), torch.full((1, n), xv * wv * k,
+                                                                                     dtype=torch.int32))
+    w = rand_weight(fmt, n, k, seed=12)
+    x = rand_x(1, k, seed=13)
+    assert torch.equal(native.gemm(x, w), R.gemm(x, w))
+
+
 def test_gemm_all_zero(tier):
     x = torch.zeros(9, 130, dtype=torch.int8)
     for fmt in FORMATS:
