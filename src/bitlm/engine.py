@@ -107,8 +107,7 @@ class Dense:
             return F.linear(x, self.weight)
         if self.kind == "bf16":
             return F.linear(x.to(torch.bfloat16), self.weight).float()
-        return kernels.dense_int8_matmul(x, self.weight, self.scale) if hasattr(kernels, "dense_int8_matmul") \
-            else F.linear(x, self.weight.float()) * self.scale
+        return kernels.dense_int8_matmul(x, self.weight, self.scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         d = {f"{prefix}.weight": self.weight}
