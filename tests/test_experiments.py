@@ -35,6 +35,7 @@ def _read(out):
 def test_compare(tmp_path, data):
     res, md = _read_after(run_experiment("compare", tiny("compare"), tmp_path, progress=False, data=data), tmp_path)
     assert [r["quant"] for r in res["rows"]] == ["fp", "b1", "b1.58"]
+    assert [r["model"] for r in res["rows"]] == ["fp (same shape)", "BitNet b1", "BitNet b1.58"]
     for r in res["rows"]:
         assert {"val_ppl", "val_bpb", "zero_shot", "linear_bytes", "energy_j_per_token"} <= set(r)
         assert 0 <= r["zero_shot"]["avg"] <= 1
