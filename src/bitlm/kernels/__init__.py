@@ -43,7 +43,7 @@ def _native_or_none() -> ModuleType | None:
     mode = os.environ.get("BITLM_BACKEND", "auto").lower()
     if mode == "reference":
         return None
-    if native.load() is not None:
+    if native._lib is not None or native.load() is not None:
         return native
     if mode == "native":
         raise RuntimeError(f"BITLM_BACKEND=native but the native kernels are unavailable: {native.reason()}")

@@ -187,36 +187,48 @@ def info() -> dict:
 # ---- ops --------------------------------------------------------------------------------------
 
 
+# Each op checks what C will read — a wrong size would read out of bounds — but a decode step
+# makes hundreds of calls of ~20-100 us, so the checks are kept to attribute tests (~0.1 us)
+# and a packed weight is fully validated once per (data, scale) tensor pair.
+
+
 def _fmt_id(w: PackedWeight) -> int:
-    """The C format id, after re-checking what C will read (a wrong size would read out of
-    bounds, so this is checked on every call even though PackedWeight validated it once)."""
+    """The C format id of w, after checking its bytes match (N, K, format) exactly."""
+    d, s = w.data, w.scale
+    if w.__dict__.get("_native_checked") == (id(d), id(s)):
+        return w.fmt.native_id
     fmt = w.fmt
     if fmt.native_id is None:
         raise ValueError(f"format {w.format!r} has no native kernel; convert it with w.to_format('i2')")
-    d = w.data
-    if d.dtype != torch.uint8 or not d.is_contiguous() or d.device.type != "cpu" \
-            or tuple(d.shape) != fmt.packed_shape(w.N, w.K):
+    if d.dtype != torch.uint8 or not d.is_contiguous() or not d.is_cpu or tuple(d.shape) != fmt.packed_shape(w.N, w.K):
         raise ValueError(f"{w.format}: packed data must be a contiguous CPU uint8 tensor of shape "
                          f"{fmt.packed_shape(w.N, w.K)}, got {d.dtype} {tuple(d.shape)}")
-    s = w.scale
     if s.dtype != torch.float32 or s.numel() != w.groups or not s.is_contiguous() or w.N % w.groups:
         raise ValueError("scale must be a contiguous float32 tensor with `groups` values dividing N")
+    w.__dict__["_native_checked"] = (id(d), id(s))  # (the tensors stay alive: w holds them)
     return fmt.native_id
 
 
 def _xq(xq: torch.Tensor, k: int) -> torch.Tensor:
-    if xq.dtype != torch.int8 or xq.dim() != 2:
-        raise TypeError(f"xq must be an int8 (M, K) tensor, got {xq.dtype} of shape {tuple(xq.shape)}")
+    if xq.dtype != torch.int8 or xq.dim() != 2 or not xq.is_cpu:
+        raise TypeError(f"xq must be an int8 (M, K) CPU tensor, got {xq.dtype} of shape {tuple(xq.shape)}")
     if xq.shape[1] != k:
         raise ValueError(f"xq has K={xq.shape[1]} but the weight has K={k}")
-    if xq.device.type != "cpu":
-        raise ValueError("native kernels run on CPU tensors only")
     return xq if xq.is_contiguous() else xq.contiguous()
+
+
+def _f32_vec(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """t as a contiguous float32 CPU vector of n values (no copy when it already is one)."""
+    if t.dtype != torch.float32 or t.dim() != 1 or not t.is_contiguous() or not t.is_cpu:
+        t = t.to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
+    if t.numel() != n:
+        raise ValueError(f"{what} has {t.numel()} values, expected {n}")
+    return t
 
 
 def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """int8 (M, K) × packed (N, K)ᵀ → int32 (M, N)."""
-    lib = _need()
+    lib = _lib or _need()
     fid = _fmt_id(w)
     xq = _xq(xq, w.K)
     m = xq.shape[0]
@@ -227,20 +239,12 @@ def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float32 (M, N) = float32(xq · Tᵀ) · (s_g / a_m) (+ bias), the documented epilogue."""
-    lib = _need()
+    lib = _lib or _need()
     fid = _fmt_id(w)
     xq = _xq(xq, w.K)
     m = xq.shape[0]
-    a = a.reshape(-1)
-    if a.dtype != torch.float32 or a.numel() != m:
-        raise ValueError(f"a must be float32 with {m} values, got {a.dtype} with {a.numel()}")
-    a = a.contiguous()
-    bp = None
-    if bias is not None:
-        bias = bias.to(torch.float32).reshape(-1).contiguous()
-        if bias.numel() != w.N:
-            raise ValueError(f"bias has {bias.numel()} values, expected {w.N}")
-        bp = bias.data_ptr()
+    a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
+    bp = None if bias is None else _f32_vec(bias, w.N, "bias").data_ptr()
     y = torch.empty((m, w.N), dtype=torch.float32)
     rc = lib.bitlm_matmul_f32(fid, xq.data_ptr(), a.data_ptr(), m, w.K, w.data.data_ptr(), w.scale.data_ptr(),
                               w.groups, w.N, bp, y.data_ptr())
@@ -256,31 +260,26 @@ def quantize_rows(
     rmsnorm: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Native twin of :func:`bitlm.kernels.reference.quantize_rows` (bit-identical)."""
-    lib = _need()
+    lib = _lib or _need()
     if rmsnorm is None:
         rmsnorm = norm_weight is not None
-    if x.dtype != torch.float32:
-        raise TypeError(f"quantize_rows expects float32 input, got {x.dtype}")
-    if x.device.type != "cpu":
-        raise ValueError("native kernels run on CPU tensors only")
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError(f"quantize_rows expects a float32 CPU tensor, got {x.dtype} on {x.device}")
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m = x2.shape[0]
-    wp = None
-    if norm_weight is not None:
-        norm_weight = norm_weight.to(torch.float32).reshape(-1).contiguous()
-        if norm_weight.numel() != k:
-            raise ValueError(f"norm_weight has {norm_weight.numel()} values, expected {k}")
-        wp = norm_weight.data_ptr()
+    wp = None if norm_weight is None else _f32_vec(norm_weight, k, "norm_weight").data_ptr()
     q = torch.empty((m, k), dtype=torch.int8)
     a = torch.empty((m,), dtype=torch.float32)
     if m and k:
-        rc = lib.bitlm_quantize_rows(x2.data_ptr(), m, k, wp, float(eps), int(bool(rmsnorm)), q.data_ptr(),
+        rc = lib.bitlm_quantize_rows(x2.data_ptr(), m, k, wp, float(eps), 1 if rmsnorm else 0, q.data_ptr(),
                                      a.data_ptr())
         _check(rc, "bitlm_quantize_rows")
-    return q.reshape(x.shape), a.reshape(lead)
+    if x.dim() == 2:
+        return q, a
+    return q.reshape(x.shape), a.reshape(x.shape[:-1])
 
 
 def linear(
@@ -292,29 +291,31 @@ def linear(
     *,
     rmsnorm: bool | None = None,
 ) -> torch.Tensor:
-    lead = x.shape[:-1]
+    if x.dim() == 2:
+        q, a = quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm)
+        return matmul(q, a, w, bias)
     q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
-    return matmul(q, a, w, bias).reshape(*lead, w.N)
+    return matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
 
 
 def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Native twin of :func:`bitlm.kernels.reference.dense_int8_matmul` (bit-identical)."""
-    lib = _need()
-    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.device.type != "cpu":
+    lib = _lib or _need()
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu:
         raise TypeError(f"weight must be an int8 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
+        x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
-    s = scale.to(torch.float32).reshape(-1).contiguous()
-    if s.numel() != n:
-        raise ValueError(f"scale has {s.numel()} values, expected {n}")
+    s = _f32_vec(scale, n, "scale")
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
-    return y.reshape(*lead, n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------
