@@ -143,3 +143,13 @@ def test_pack_generate_chat_cli(tmp_path, capsys):
                         "--max-new-tokens", "5"], input="hello\nthe cat\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) >= 1
+
+
+def test_public_pack_api():
+    import bitlm
+
+    m = sharpened("tiny")
+    pm = bitlm.pack(m, format="t1")
+    assert pm.format == "t1" and pm.layers[0].q.format == "t1"
+    w = bitlm.pack(torch.randn(32, 40))
+    assert w.format == "i2" and w.unpack().abs().max() <= 1

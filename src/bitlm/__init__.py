@@ -20,7 +20,7 @@ _EXPORTS = {
     "BitNetModel": "model",
     "load": "io",
     "save": "io",
-    "pack": "packing",
+    "pack": "engine",
 }
 
 __all__ = ["__version__", *_EXPORTS]

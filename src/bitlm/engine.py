@@ -40,7 +40,7 @@ from .config import ModelConfig
 from .model import KVCache, apply_rope, attend, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
-__all__ = ["PackedBitLinear", "PackedModel", "convert", "save_packed", "load_packed", "PackedFormatError",
+__all__ = ["PackedBitLinear", "PackedModel", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
            "MAGIC", "VERSION", "add_arguments", "run"]
 
 MAGIC = b"BITLMPAK"
@@ -306,6 +306,16 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     fn = model.model.norm
     return PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
                        f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
+
+
+def pack(obj, format: str | None = None, **kwargs: Any):
+    """``bitlm.pack``: a trained model → :class:`PackedModel` (see :func:`convert`); a float
+    weight tensor → :class:`~bitlm.packing.PackedWeight` (``bitlm.packing.quantize_and_pack``)."""
+    if isinstance(obj, torch.Tensor):
+        from .packing import quantize_and_pack
+
+        return quantize_and_pack(obj, format or "i2", **kwargs)
+    return convert(obj, format, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
