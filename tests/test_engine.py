@@ -153,3 +153,19 @@ def test_public_pack_api():
     assert pm.format == "t1" and pm.layers[0].q.format == "t1"
     w = bitlm.pack(torch.randn(32, 40))
     assert w.format == "i2" and w.unpack().abs().max() <= 1
+
+
+def test_info_describes_checkpoint_and_packed_model(tmp_path, capsys):
+    import json
+
+    m = sharpened("tiny")
+    ck = save_checkpoint(m, tmp_path / "ck")
+    path = save_packed(convert(m, "i2"), tmp_path / "m.bitlm")
+    assert main(["info", "--model", str(ck), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["linear_parameters"] == sum(p.numel() for n, p in m.named_parameters() if n.endswith("_proj.weight"))
+    assert info["environment"]["kernels"]["backend"] in ("native", "reference")
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    packed = json.loads(capsys.readouterr().out)["model"]
+    assert packed["packed_format"] == "i2"
+    assert packed["bits_per_linear_weight"] == 2.0  # tiny's shapes are whole 16x16 tiles: no padding

@@ -50,6 +50,12 @@ def model_summary(model) -> dict[str, Any]:
     from .quant import bits_per_weight
 
     cfg = model.config
+    if not hasattr(model, "named_modules"):  # a PackedModel (bitlm.engine): report what is stored
+        wb = model.weight_bytes()
+        lin = sum(w.N * w.K for L in model.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+        return {"arch": cfg.arch, "quant": cfg.quant, "packed_format": model.format, "linear_parameters": lin,
+                "bits_per_linear_weight": 8 * wb["linear"] / lin, "linear_bytes_packed": wb["linear"],
+                "embedding": model.embed.kind, "head": model.head.kind, "bytes": wb, "config": cfg.to_dict()}
     lin = sum(m.weight.numel() for _, m in linear_modules(model))
     total = model.num_parameters()
     packed_bits = {"b1.58": 2.0, "b1": 1.0, "fp": 16.0}[cfg.quant]  # i2 (2 bpw), b1 (1 bpw), bf16
@@ -87,7 +93,12 @@ def run(args) -> int:
     print(f"cpu: {env['cpu']} ({env['cores']} cores, torch threads {env['torch_threads']})")
     print(f"kernels: backend={k.get('backend')} tier={k.get('tier')} threads={k.get('threads')}"
           + (f"  ({k['reason']})" if k.get("reason") else ""))
-    if "model" in out:
+    if "model" in out and "packed_format" in out["model"]:
+        m = out["model"]
+        print(f"packed model: {m['arch']} quant={m['quant']} format={m['packed_format']}  linear weights "
+              f"{m['linear_parameters']:,} at {m['bits_per_linear_weight']:.3f} bits ({m['linear_bytes_packed']:,} B); "
+              f"embedding {m['embedding']}, head {m['head']}")
+    elif "model" in out:
         m = out["model"]
         print(f"model: {m['arch']} quant={m['quant']}  parameters {m['parameters']:,} "
               f"(linear {m['linear_parameters']:,}, other {m['other_parameters']:,})")
