@@ -77,7 +77,9 @@ ALWAYS_INLINE void store_tile(const bitlm_problem *p, int64_t m, int64_t t, __m2
 
 /* ---- GEMV ---------------------------------------------------------------------------------- */
 
+#ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 8192 /* bytes ahead; see x86_avx512.c */
+#endif
 
 /* One tile at a time (one sequential weight stream per thread).  Within a chunk the vpmaddubsw
  * results of all quads are summed in int16 before a single vpmaddwd: at most 8 terms of

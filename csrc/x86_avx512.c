@@ -103,10 +103,13 @@ ALWAYS_INLINE void store_tile(const bitlm_problem *p, const int fmt, int64_t m, 
  * hardware prefetcher's best case; interleaving several tiles' 10-27 KB streams measured much
  * slower from DRAM).  Two chunks per iteration with one accumulator per (chunk, quad) keeps
  * 8-16 independent vpdpbusd chains in flight to hide their latency. */
-/* Software prefetch distance in bytes.  Measured on Zen 5 from DRAM (2560x6912 i2, 1 thread):
- * none ~32 GB/s, 2 KB ~29, 8 KB ~38-40, 16 KB ~36-43: the hardware prefetcher alone does not
- * run far enough ahead of a loop that spends ~20 instructions per 64-byte line. */
+/* Software prefetch distance in bytes.  Measured on Zen 5 from DRAM (i2, 1 thread, C harness):
+ * none ~32 GB/s, 2 KB ~29, 4 KB ~39, 8 KB 43-45 (= the read probe's 40-42), 12-24 KB 39-44:
+ * the hardware prefetcher alone does not run far enough ahead of a loop that spends ~20
+ * instructions per 64-byte line. */
+#ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 8192
+#endif
 
 ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     const consts_t c = make_consts();
