@@ -3,8 +3,8 @@
  *
  * A torch-free C library: int8 activations x {ternary, binary} packed weights -> int32 (or
  * float32 after the dequant epilogue), a fused RMSNorm + per-token absmax int8 quantiser, a
- * memory-bandwidth probe, CPU feature dispatch (generic / AVX2 / AVX-512 VNNI) and a small
- * persistent thread pool.  Python loads it with ctypes (src/bitlm/kernels/native.py); every
+ * float32 x int8-row product for output heads, a memory-bandwidth probe, CPU feature dispatch
+ * (generic / AVX2 / AVX-512 VNNI) and a small persistent thread pool.  Python loads it with ctypes (src/bitlm/kernels/native.py); every
  * pointer is a caller-owned, contiguous buffer (zero copy), every size an int64.
  *
  * The packed weight layouts are defined byte by byte in src/bitlm/packing.py (the pure-torch
@@ -25,7 +25,8 @@
  *       bit 4r+b = [w(n=16t+r, k=32c+4q+b) == +1].
  *
  * Integer semantics (what every tier computes, bit for bit):
- *   acc[m, n] = sum_k x[m, k] * w[n, k]    (w in {-1,0,+1} or {-1,+1}; exact in int32)
+ *   acc[m, n] = sum_k x[m, k] * w[n, k]    (w in {-1,0,+1} or {-1,+1}; exact in int32 for
+ *                                            K < 2^24, i.e. |acc| <= 128 K < 2^31)
  *   implemented as  sum_k code*x - sum_k x  (i2, t1)  or  2*sum_k bit*x - sum_k x  (b1).
  * Dequant epilogue (the one fixed order, float32):
  *   f[m, g] = s[g] / a[m];   y[m, n] = (float)acc[m, n] * f[m, n / (N/G)]  (+ bias[n])
