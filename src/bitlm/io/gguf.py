@@ -101,7 +101,7 @@ from .. import quant as Q
 from ..config import ModelConfig
 from ..model import BitNetModel
 from . import require_bitnet_graph
-from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, ternary_latent
+from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, assemble_model, ternary_latent
 
 __all__ = [
     "GGUFFormatError",
@@ -645,22 +645,7 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
                       "tensors; loaded as BitLinear latents that bitlm re-ternarises with one absmean scale, "
                       "so the model computes a different function than llama.cpp does with this file",
                       stacklevel=3)
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-
-    with torch.device("meta"):
-        model = BitNetModel(cfg)  # shapes only: no random init, no memory
-    for name, mod in frozen.items():
-        model.set_submodule(name, mod)
-        for k, v in mod.state_dict().items():
-            sd[f"{name}.{k}"] = v
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:  # would mean a bitlm module with state this loader does not know about
-        raise GGUFFormatError(f"{f.path}: no data for {leftover[0]!r}")
-    return model.eval()
+    return assemble_model(cfg, sd, frozen, str(f.path), GGUFFormatError)
 
 
 # =============================================================================================

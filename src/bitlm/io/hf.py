@@ -586,6 +586,27 @@ def _read_ternary(src: _Tensors, name: str, out: int, inp: int, linear_class: st
     return t, s
 
 
+def assemble_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], frozen: dict[str, nn.Module], source: str,
+                   error: type[ValueError]) -> BitNetModel:
+    """A ``BitNetModel`` built on the meta device (no init, no memory) with ``frozen`` modules
+    swapped in and every tensor of ``sd`` assigned (strict); shared by the HF and GGUF loaders."""
+    with torch.device("meta"):
+        model = BitNetModel(cfg)  # shapes only: no random init, no memory
+    for name, mod in frozen.items():
+        model.set_submodule(name, mod)
+        for k, v in mod.state_dict().items():
+            sd[f"{name}.{k}"] = v
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # would mean a bitlm module with state this loader does not know about
+        raise error(f"{source}: no data for {leftover[0]!r}")
+    return model.eval()
+
+
 def load_hf(folder: str | Path, quant: str | None = None, *, dtype: torch.dtype = torch.float32) -> BitNetModel:
     """Load a local BitNetForCausalLM folder as a :class:`~bitlm.model.BitNetModel` (eval mode).
 
@@ -662,22 +683,7 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
                 sd[name + ".quant_lambda"] = torch.tensor(1.0)
     if hc.packed:
         _check_scales(scales, hc.linear_class, src.source)
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-
-    with torch.device("meta"):
-        model = BitNetModel(cfg)  # shapes only: no random init, no memory
-    for name, mod in frozen.items():
-        model.set_submodule(name, mod)
-        for k, v in mod.state_dict().items():
-            sd[f"{name}.{k}"] = v
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:  # would mean a bitlm module with state this loader does not know about
-        raise HFFormatError(f"{src.source}: no data for {leftover[0]!r}")
-    model.eval()
+    model = assemble_model(cfg, sd, frozen, src.source, HFFormatError)
     model.hf_folder = folder
     model.hf_config = hc.raw
     return model
