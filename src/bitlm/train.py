@@ -177,6 +177,23 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> torc
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def time_train_step(model_cfg: ModelConfig, data, batch_size: int, seq_len: int, steps: int = 3) -> float:
+    """Seconds of one training step (forward, backward, AdamW) of a fresh ``model_cfg`` model:
+    the best of ``steps`` after one warm-up step.  Used to size runs to a time budget."""
+    torch.manual_seed(0)
+    model = BitNetModel(model_cfg).train()
+    opt = make_optimizer(model, TrainConfig(recipe="fp").resolved(), 1e-8)
+    times = []
+    for step in range(steps + 1):
+        x, y = data.batch(step, batch_size, seq_len, seed=999)
+        t0 = time.perf_counter()
+        lm_loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 @torch.no_grad()
 def evaluate_loss(model, batches, bf16: bool = False) -> dict[str, float]:
     """Mean token loss (nats) and perplexity over an iterable of (x, y) batches."""
