@@ -720,27 +720,13 @@ def add_arguments(p) -> None:
 def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
     """Steps per model so that the experiment's training takes about ``minutes`` (timed on the
     largest model it trains; evaluation comes on top)."""
-    import torch
-
-    from .model import BitNetModel
-    from .train import TrainConfig, lm_loss, make_optimizer
+    from .train import time_train_step
 
     widths = s.widths if name == "scaling" else (s.d_model,)
     per = 0.0
     for d in widths:
-        for q in ("fp", "b1.58"):
-            torch.manual_seed(0)
-            m = BitNetModel(s.model_config(q, d_model=d)).train()
-            opt = make_optimizer(m, TrainConfig(recipe="fp").resolved(), 1e-8)
-            ts = []
-            for step in range(3):
-                x, y = data.batch(step, s.batch_size, s.seq_len, seed=999)
-                t0 = time.perf_counter()
-                lm_loss(m, x, y).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                ts.append(time.perf_counter() - t0)
-            per += min(ts[1:]) / 2  # mean of fp and b1.58: one step of the average variant
+        for q in ("fp", "b1.58"):  # mean of fp and b1.58: one step of the average variant
+            per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2) / 2
     # scaling: `per` already sums one step of every width, and each width is trained twice
     n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs)}[name]
     return max(10, int(minutes * 60 / (n_models * per)))
