@@ -22,15 +22,15 @@
 #define QPC(fmt) ((fmt) == BITLM_FMT_I2 ? 4 : (fmt) == BITLM_FMT_T1 ? 5 : 8)
 
 typedef struct {
-    __m256i m3, one, c86, c171, ones16, zero, bsel, bidx;
+    __m256i m3, one, c85, c170, ones16, zero, bsel, bidx;
 } consts_t;
 
 ALWAYS_INLINE consts_t make_consts(void) {
     consts_t c;
     c.m3 = _mm256_set1_epi8(3);
     c.one = _mm256_set1_epi8(1);
-    c.c86 = _mm256_set1_epi8((char)86);
-    c.c171 = _mm256_set1_epi8((char)171);
+    c.c85 = _mm256_set1_epi8((char)85);
+    c.c170 = _mm256_set1_epi8((char)170);
     c.ones16 = _mm256_set1_epi16(1);
     c.zero = _mm256_setzero_si256();
     /* b1: lane byte j takes bit j of a 32-bit word: byte j/8 of the word, bit j%8 */
@@ -50,12 +50,13 @@ ALWAYS_INLINE __m256i unpack_quad(const int fmt, __m256i *st, const uint8_t *chu
     if (fmt == BITLM_FMT_I2) {
         return _mm256_and_si256(_mm256_srli_epi32(*st, 2 * qd), c->m3);
     } else if (fmt == BITLM_FMT_T1) {
-        /* d = [m >= 86] + [m >= 171] with unsigned compares built from max + cmpeq (0 / -1) */
+        /* d = [m >= 86] + [m >= 171]; [m >= t+1] = min(m -sat t, 1) (AVX2 has no unsigned
+         * byte compare; this is one op shorter than max + cmpeq) */
         const __m256i m = *st;
-        const __m256i ge86 = _mm256_cmpeq_epi8(_mm256_max_epu8(m, c->c86), m);
-        const __m256i ge171 = _mm256_cmpeq_epi8(_mm256_max_epu8(m, c->c171), m);
+        const __m256i ge86 = _mm256_min_epu8(_mm256_subs_epu8(m, c->c85), c->one);
+        const __m256i ge171 = _mm256_min_epu8(_mm256_subs_epu8(m, c->c170), c->one);
         *st = _mm256_add_epi8(_mm256_add_epi8(m, m), m);
-        return _mm256_sub_epi8(_mm256_sub_epi8(c->zero, ge86), ge171);
+        return _mm256_add_epi8(ge86, ge171);
     } else {
         const __m256i v = _mm256_set1_epi32(bitlm_load_i32(chunk + 8 * qd + 4 * h));
         const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(v, c->bidx), c->bsel);
