@@ -5,6 +5,10 @@ test process can be an order of magnitude slower (thread oversubscription); the 
 have their own pool, which the kernel tests set explicitly.
 """
 
-import torch
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see bitlm.cli.main
+
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
