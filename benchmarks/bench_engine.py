@@ -79,17 +79,17 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
         if n >= pm.config.max_seq_len:
             continue
         ids = torch.randint(0, V, (1, n), generator=g)
-        pm(ids[:, :8], cache=pm.new_cache(1, 8))  # warm-up
+        pm(ids[:, :8], cache=pm.new_cache(1, 8), last_only=True)  # warm-up
         best = float("inf")
         for _ in range(2):
             cache = pm.new_cache(1, n)
             t = time.perf_counter()
-            pm(ids, cache=cache)
+            pm(ids, cache=cache, last_only=True)  # as in generation: logits of the last token only
             best = min(best, time.perf_counter() - t)
         out[f"prefill_{n}_tok_s"] = n / best
     prompt = torch.randint(0, V, (1, 16), generator=g)
     cache = pm.new_cache(1, 16 + decode_tokens + 1)
-    logits = pm(prompt, cache=cache)
+    logits = pm(prompt, cache=cache, last_only=True)
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(4):  # warm-up decode steps (page in every weight)
         logits = pm(nxt, cache=cache)
@@ -197,7 +197,7 @@ def main() -> int:
     if args.llama_cpp:
         rows += llama_cpp_rows(args, threads)
 
-    hdr = (f"{'engine':<8}{'fmt':<7}{'head':<6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'roof%':>7}"
+    hdr = (f"{'engine':<10}{'fmt':<7}{'head':<6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'roof%':>7}"
            f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
     print(f"\n{cpu_model()} — kernels: {info.get('backend')} {info.get('tier')}; bandwidth "
           + ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
@@ -206,7 +206,7 @@ def main() -> int:
     for r in rows:
         def g(k, fmt="{:.1f}", r=r):
             return fmt.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['engine']:<8}{r['format']:<7}{r['head']:<6}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
+        print(f"{r['engine']:<10}{r['format']:<7}{r['head']:<6}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
               f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('pct_of_roofline', '{:.0f}'):>7}"
               f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"
               f"{(r['peak_rss_bytes'] / 1e6 if r.get('peak_rss_bytes') else float('nan')):>9.0f}"

@@ -169,3 +169,12 @@ def test_info_describes_checkpoint_and_packed_model(tmp_path, capsys):
     packed = json.loads(capsys.readouterr().out)["model"]
     assert packed["packed_format"] == "i2"
     assert packed["bits_per_linear_weight"] == 2.0  # tiny's shapes are whole 16x16 tiles: no padding
+
+
+def test_last_only_logits_equal_the_last_position():
+    m = sharpened("tiny-2b4t")
+    pm = convert(m)
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():  # a (B, d) x (d, V) matmul need not round like a (B*T, d) one: allclose
+        assert torch.allclose(m(ids, last_only=True), m(ids)[:, -1:], atol=1e-5)
+    assert torch.allclose(pm(ids, last_only=True), pm(ids)[:, -1:], atol=1e-5)

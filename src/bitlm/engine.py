@@ -193,11 +193,13 @@ class PackedModel:
             return kernels.quantize_rows(h)
         return kernels.quantize_rows(x, w, self.config.norm_eps)
 
-    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.forward(input_ids, cache)
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        return self.forward(input_ids, cache, last_only)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with ``last_only`` only the last position's (B, 1, V) — a prefill for
+        generation then never materialises T x V logits (263 MB for 512 tokens of a 128k vocab)."""
         cfg = self.config
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -228,6 +230,8 @@ class PackedModel:
             x = x + kernels.matmul(mq, ma, L.down)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x, T = x.view(B, T, -1)[:, -1], 1
         if cfg.arch == "bitnet":
             h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
         else:

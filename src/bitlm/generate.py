@@ -98,7 +98,7 @@ def generate_tokens(
     cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
     history = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.inference_mode():
-        logits = model(history, cache=cache)[:, -1]
+        logits = model(history, cache=cache, last_only=True)[:, -1]
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, params, history, gen)
             tok = int(nxt.item())
@@ -108,7 +108,7 @@ def generate_tokens(
             history = torch.cat([history, nxt.view(1, 1)], dim=1)
             if cache.pos >= cache.max_len:
                 return
-            logits = model(nxt.view(1, 1), cache=cache)[:, -1]
+            logits = model(nxt.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 
 def generate(

@@ -241,7 +241,8 @@ class BitNetModel(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); ``last_only`` computes the head for the last position only (B, 1, V)."""
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.max_seq_len:
@@ -253,6 +254,8 @@ class BitNetModel(nn.Module):
             x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
