@@ -66,6 +66,7 @@ def test_two_stage_schedule_b158():
     assert lr_at(49, r) == pytest.approx(1.5e-3 * (1 - 39 / 90))  # stage 1
     assert lr_at(50, r) == pytest.approx(1.0e-3 * (1 - 40 / 90))  # stage 2: lower peak
     assert weight_decay_at(49, r) == 0.1 and weight_decay_at(50, r) == 0.0
+    assert TrainConfig(recipe="b1.58", lr=3e-3).resolved()["lr2"] == pytest.approx(2e-3)  # the FAQ's 2/3 ratio
 
 
 def test_b1_and_fp_recipes():

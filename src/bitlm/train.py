@@ -85,7 +85,10 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         r = RECIPES[self.recipe]
         lr = self.lr if self.lr is not None else r["lr"]
-        lr2 = self.lr2 if self.lr2 is not None else (r["lr2"] if self.lr is None else (lr * 2 / 3 if r["lr2"] else None))
+        if self.lr2 is not None or r["lr2"] is None:
+            lr2 = self.lr2
+        else:  # keep the recipe's stage-2 / stage-1 ratio (FAQ: 1.5e-3 -> 1e-3) for a custom peak
+            lr2 = r["lr2"] * lr / r["lr"]
         out = dict(
             schedule=r["schedule"], lr=lr, lr2=lr2, betas=r["betas"],
             weight_decay=self.weight_decay if self.weight_decay is not None else r["weight_decay"],
