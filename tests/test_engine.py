@@ -178,3 +178,18 @@ def test_last_only_logits_equal_the_last_position():
     with torch.no_grad():  # a (B, d) x (d, V) matmul need not round like a (B*T, d) one: allclose
         assert torch.allclose(m(ids, last_only=True), m(ids)[:, -1:], atol=1e-5)
     assert torch.allclose(pm(ids, last_only=True), pm(ids)[:, -1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [None, "rmsnorm"])
+@pytest.mark.parametrize("fmt", ["i2", "t1"])
+def test_packed_bitlinear_equals_bitlinear(norm, fmt):
+    from bitlm.engine import PackedBitLinear
+    from bitlm.layers import BitLinear
+
+    torch.manual_seed(0)
+    lin = BitLinear(96, 48, norm=norm, weight_groups=2)
+    x = torch.randn(5, 96) * 3
+    with torch.no_grad():
+        ref = lin(x)
+    out = PackedBitLinear.from_bitlinear(lin, fmt)(x)
+    assert torch.allclose(out, ref, atol=1e-5 * ref.abs().max().item())

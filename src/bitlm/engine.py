@@ -65,12 +65,16 @@ class PackedBitLinear:
                  rmsnorm: bool = False) -> None:
         self.w, self.norm_weight, self.eps, self.rmsnorm = w, norm_weight, eps, rmsnorm
 
+    @classmethod
+    def from_bitlinear(cls, lin, format: str = "i2") -> PackedBitLinear:
+        """Pack a trained ``BitLinear`` (its built-in norm, if RMSNorm, is fused into the kernel)."""
+        if lin.norm == "layernorm":
+            raise ValueError("PackedBitLinear fuses RMSNorm only; apply LayerNorm before the layer")
+        t, s = lin.quantized_weight()
+        return cls(pack_weight(t, s, format, lin.weight_groups), None, lin.norm_eps, lin.norm == "rmsnorm")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.w, None, self.norm_weight, self.eps, rmsnorm=self.rmsnorm or None)
-
-    @staticmethod
-    def quantize(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, rmsnorm: bool):
-        return kernels.quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm or None)
 
 
 class Dense:
