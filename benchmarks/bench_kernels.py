@@ -75,6 +75,14 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def settle() -> None:
+    """Let torch's OpenMP workers stop spinning before timing a native kernel: after a parallel
+    region libgomp busy-waits for milliseconds (GOMP_SPINCOUNT), and on a 2-core machine that
+    spinning thread takes the core the kernel's second thread needs (measured: 2-thread GEMM
+    right after F.linear ran at ~1-thread speed)."""
+    time.sleep(0.05)
+
+
 # ---- bandwidth ---------------------------------------------------------------------------------
 
 
@@ -139,6 +147,7 @@ def gemv_rows(threads: int, read_bw: float, read_best: float, reps: int, shapes)
 
             base[name] = per_call(run, ws, reps)["median"]
             del ws
+        settle()
         xq, _ = kernels.quantize_rows(x)
         for fmt in FORMATS:
             w = random_packed(fmt, n, k)
@@ -200,6 +209,7 @@ def gemm_rows(threads: int, reps: int, shapes, ms) -> list[dict]:
                 "bf16": timeit(lambda xb=xb, wb=wb: F.linear(xb, wb), reps)["median"],
                 "int_mm": timeit(lambda xi=xi, wi=wi: torch._int_mm(xi, wi), reps)["median"],
             }
+            settle()
             xq, _ = kernels.quantize_rows(x)
             for fmt in FORMATS:
                 w = random_packed(fmt, n, k)
@@ -227,6 +237,7 @@ def head_rows(threads: int, reps: int, vocab: int, d: int) -> list[dict]:
     x = torch.randn(1, d)
     w8 = torch.randint(-127, 128, (vocab, d), dtype=torch.int8)
     s = torch.rand(vocab) / 100
+    settle()
     t8 = timeit(lambda w8=w8: kernels.dense_int8_matmul(x, w8, s), reps)["median"]
     out = {"threads": threads, "V": vocab, "K": d, "int8_ms": t8 * 1e3, "int8_GBps": vocab * d / t8 / 1e9}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

@@ -200,8 +200,8 @@ void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn
         return;
     }
     /* ~8 pieces per participant: enough to rebalance (a preempted worker holds at most 1/16
-     * of a 2-thread job), few enough to keep each piece a long sequential stream (2560x6912
-     * i2 GEMV, 2 threads on a loaded machine: 4 -> 27-33 GB/s, 8 -> 31-35, 16 -> 27-33) */
+     * of a 2-thread job), few enough to keep each piece a long sequential stream.  4, 8 and 16
+     * measured within noise of each other on the shared test machine; 32 was slower. */
 #ifndef PIECES_PER_THREAD
 #define PIECES_PER_THREAD 8
 #endif
