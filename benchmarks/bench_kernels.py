@@ -131,6 +131,20 @@ def per_call(fn_over, items: list, reps: int) -> dict:
     return {k: v / len(items) for k, v in r.items()}
 
 
+_PROBE: torch.Tensor | None = None
+
+
+def local_read_bw(reps: int = 5) -> float:
+    """Read bandwidth (GB/s, best of reps) of a 512 MB buffer with the current thread count,
+    measured right next to a GEMV: on a VM the memory bandwidth drifts with the neighbours
+    (the 2-thread probe gave 40 GB/s in one run and 80 GB/s in another), so each GEMV row is
+    also compared with a probe taken seconds, not minutes, away."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = torch.ones((COLD_BYTES + (128 << 20)) // 8, dtype=torch.int64).view(torch.uint8)
+    return _PROBE.numel() / timeit(lambda: native.mem_read(_PROBE), reps)["best"] / 1e9
+
+
 def gemv_rows(threads: int, read_bw: float, read_best: float, reps: int, shapes) -> list[dict]:
     set_threads(threads)
     rows = []
@@ -171,6 +185,7 @@ def gemv_rows(threads: int, read_bw: float, read_best: float, reps: int, shapes)
                     g(fid, xp, 1, k, wp, n, yp)
 
             raw = per_call(run_raw, ptrs, 3 * reps)
+            local = local_read_bw()
             del ws
             t = cold["median"]
             gbps = w.nbytes / t / 1e9
@@ -179,6 +194,8 @@ def gemv_rows(threads: int, read_bw: float, read_best: float, reps: int, shapes)
                 "GBps_best": best, "pct_read_bw_best": 100 * best / read_best,
                 "kernel_us": raw["median"] * 1e6, "kernel_GBps": w.nbytes / raw["median"] / 1e9,
                 "kernel_pct_read_bw": 100 * w.nbytes / raw["median"] / 1e9 / read_bw,
+                "local_read_GBps": local, "pct_local_read_bw": 100 * gbps / local,
+                "kernel_pct_local_read_bw": 100 * w.nbytes / raw["median"] / 1e9 / local,
                 "threads": threads, "fmt": fmt, "N": n, "K": k, "bytes": w.nbytes,
                 "cold_us": t * 1e6, "cold_best_us": cold["best"] * 1e6, "hot_us": hot["median"] * 1e6,
                 "GBps": gbps, "pct_read_bw": 100 * gbps / read_bw, "GMACps": n * k / t / 1e9,
@@ -271,13 +288,15 @@ def print_tables(res: dict) -> None:
     print("\nGEMV (M=1), cold weights (DRAM):\n")
     print("(median of rounds; 'best' = fastest round vs the fastest read round, the uncontended estimate)\n")
     print("(API: through bitlm.kernels.native.gemm; kernel: raw ctypes calls, no per-call Python work)\n")
-    print("| thr | fmt | N x K | us | GB/s | % read BW | best GB/s | best % | kernel GB/s | kernel % | GMAC/s "
-          "| hot us | vs fp32 | vs bf16 |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("('local': a read probe taken right after the row, the same thread count)\n")
+    print("| thr | fmt | N x K | us | GB/s | % read BW | best % | kernel GB/s | kernel % | local read GB/s "
+          "| % local | kernel % local | GMAC/s | hot us | vs fp32 | vs bf16 |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["gemv"]:
         print(f"| {r['threads']} | {r['fmt']} | {r['N']}x{r['K']} | {r['cold_us']:.0f} | {r['GBps']:.1f} | "
-              f"{r['pct_read_bw']:.0f}% | {r['GBps_best']:.1f} | {r['pct_read_bw_best']:.0f}% | "
-              f"{r['kernel_GBps']:.1f} | {r['kernel_pct_read_bw']:.0f}% | {r['GMACps']:.0f} | "
+              f"{r['pct_read_bw']:.0f}% | {r['pct_read_bw_best']:.0f}% | "
+              f"{r['kernel_GBps']:.1f} | {r['kernel_pct_read_bw']:.0f}% | {r['local_read_GBps']:.1f} | "
+              f"{r['pct_local_read_bw']:.0f}% | {r['kernel_pct_local_read_bw']:.0f}% | {r['GMACps']:.0f} | "
               f"{r['hot_us']:.0f} | {r['speedup_vs_fp32']:.1f}x | {r['speedup_vs_bf16']:.1f}x |")
     print("\nOutput head GEMV (M=1), int8 rows vs torch F.linear:\n")
     print("| thr | V x K | int8 ms | int8 GB/s | bf16 ms | fp32 ms |")

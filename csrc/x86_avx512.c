@@ -110,34 +110,38 @@ ALWAYS_INLINE void store_tile(const bitlm_problem *p, const int fmt, int64_t m, 
 #ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 8192
 #endif
+#ifndef GEMV_HINT
+#define GEMV_HINT _MM_HINT_T0
+#endif
+
+/* One 64-byte chunk of one tile into the accumulators acc[0..QPC-1] (one per quad). */
+ALWAYS_INLINE void gemv_chunk(const int fmt, const uint8_t *chunk, const int8_t *xk, __m512i *acc, const consts_t *c) {
+    _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
+    __m512i st = chunk_load(fmt, chunk);
+#pragma GCC unroll 8
+    for (int qd = 0; qd < 8; qd++) {
+        if (qd >= QPC(fmt)) break;
+        const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(xk + 4 * qd));
+        acc[qd] = _mm512_dpbusd_epi32(acc[qd], unpack_quad(fmt, &st, chunk, qd, c), xb);
+    }
+}
 
 ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
-    __m512i acc[2][8];
-    for (int u = 0; u < 2; u++)
-        for (int qd = 0; qd < QPC(fmt); qd++) acc[u][qd] = _mm512_setzero_si512();
+    __m512i a0[8], a1[8]; /* even / odd chunks: two independent chains per quad */
+    for (int qd = 0; qd < QPC(fmt); qd++) a0[qd] = a1[qd] = _mm512_setzero_si512();
     const uint8_t *wt = p->w + t * p->tile_bytes;
     const int8_t *x = p->x;
     const int64_t nch = p->nchunks;
-    for (int64_t ch = 0; ch < nch; ch += 2) {
-        const int nu = ch + 1 < nch ? 2 : 1;
-#pragma GCC unroll 2
-        for (int u = 0; u < 2; u++) {
-            if (u >= nu) break;
-            const uint8_t *chunk = wt + (ch + u) * 64;
-            _mm_prefetch((const char *)chunk + GEMV_PREFETCH, _MM_HINT_T0);
-            __m512i st = chunk_load(fmt, chunk);
-#pragma GCC unroll 8
-            for (int qd = 0; qd < 8; qd++) {
-                if (qd >= QPC(fmt)) break;
-                const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + (ch + u) * bk + 4 * qd));
-                acc[u][qd] = _mm512_dpbusd_epi32(acc[u][qd], unpack_quad(fmt, &st, chunk, qd, &c), xb);
-            }
-        }
+    int64_t ch = 0;
+    for (; ch + 2 <= nch; ch += 2) {
+        gemv_chunk(fmt, wt + ch * 64, x + ch * bk, a0, &c);
+        gemv_chunk(fmt, wt + (ch + 1) * 64, x + (ch + 1) * bk, a1, &c);
     }
-    __m512i s = _mm512_add_epi32(acc[0][0], acc[1][0]);
-    for (int qd = 1; qd < QPC(fmt); qd++) s = _mm512_add_epi32(s, _mm512_add_epi32(acc[0][qd], acc[1][qd]));
+    if (ch < nch) gemv_chunk(fmt, wt + ch * 64, x + ch * bk, a0, &c);
+    __m512i s = _mm512_add_epi32(a0[0], a1[0]);
+    for (int qd = 1; qd < QPC(fmt); qd++) s = _mm512_add_epi32(s, _mm512_add_epi32(a0[qd], a1[qd]));
     store_tile(p, fmt, 0, t, s);
 }
 
@@ -162,7 +166,7 @@ static inline __attribute__((always_inline)) void gemv_tile_t1(const bitlm_probl
         for (int i = 0; i < 5; i++) A[i] = B[i] = _mm512_setzero_si512();
         for (int64_t ch = s0; ch < s1; ch++) {
             const uint8_t *chunk = wt + ch * 64;
-            _mm_prefetch((const char *)chunk + GEMV_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
             __m512i m = _mm512_loadu_si512((const void *)chunk);
 #pragma GCC unroll 5
             for (int i = 0; i < 5; i++) {
