@@ -91,6 +91,7 @@ def bandwidth(threads: int, gib: float, reps: int) -> dict:
     n = int(gib * (1 << 30))
     src = torch.ones(n // 8, dtype=torch.int64).view(torch.uint8)  # page-faulted in, 64-B aligned
     dst = torch.ones(n // 8, dtype=torch.int64).view(torch.uint8)
+    settle()  # torch.ones ran on torch's OpenMP threads
     rd = timeit(lambda: native.mem_read(src), 3 * reps)
     cp = timeit(lambda: native.mem_copy(dst, src), 2 * reps)
     out = {"threads": threads, "bytes": n,
