@@ -114,34 +114,38 @@ ALWAYS_INLINE void store_tile(const bitlm_problem *p, const int fmt, int64_t m, 
 #define GEMV_HINT _MM_HINT_T0
 #endif
 
-/* One 64-byte chunk of one tile into the accumulators acc[0..QPC-1] (one per quad). */
-ALWAYS_INLINE void gemv_chunk(const int fmt, const uint8_t *chunk, const int8_t *xk, __m512i *acc, const consts_t *c) {
+/* One 64-byte chunk of one tile; quad qd goes to accumulator (base + qd) mod 8. */
+ALWAYS_INLINE void gemv_chunk(const int fmt, const uint8_t *chunk, const int8_t *xk, __m512i acc[8], const int base,
+                              const consts_t *c) {
     _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
     __m512i st = chunk_load(fmt, chunk);
 #pragma GCC unroll 8
     for (int qd = 0; qd < 8; qd++) {
         if (qd >= QPC(fmt)) break;
         const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(xk + 4 * qd));
-        acc[qd] = _mm512_dpbusd_epi32(acc[qd], unpack_quad(fmt, &st, chunk, qd, c), xb);
+        acc[(base + qd) & 7] = _mm512_dpbusd_epi32(acc[(base + qd) & 7], unpack_quad(fmt, &st, chunk, qd, c), xb);
     }
 }
 
+/* Eight accumulators: i2 puts the 4 quads of an even chunk in 0-3 and of an odd chunk in 4-7,
+ * b1 its 8 quads in 0-7, so every vpdpbusd chain sees at most 2 links per 2-chunk step.
+ * (16 accumulators made GCC spill and copy registers: b1 ran 25% slower.) */
 ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
-    __m512i a0[8], a1[8]; /* even / odd chunks: two independent chains per quad */
-    for (int qd = 0; qd < QPC(fmt); qd++) a0[qd] = a1[qd] = _mm512_setzero_si512();
+    __m512i acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_si512();
     const uint8_t *wt = p->w + t * p->tile_bytes;
     const int8_t *x = p->x;
     const int64_t nch = p->nchunks;
     int64_t ch = 0;
     for (; ch + 2 <= nch; ch += 2) {
-        gemv_chunk(fmt, wt + ch * 64, x + ch * bk, a0, &c);
-        gemv_chunk(fmt, wt + (ch + 1) * 64, x + (ch + 1) * bk, a1, &c);
+        gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c);
+        gemv_chunk(fmt, wt + (ch + 1) * 64, x + (ch + 1) * bk, acc, QPC(fmt), &c);
     }
-    if (ch < nch) gemv_chunk(fmt, wt + ch * 64, x + ch * bk, a0, &c);
-    __m512i s = _mm512_add_epi32(a0[0], a1[0]);
-    for (int qd = 1; qd < QPC(fmt); qd++) s = _mm512_add_epi32(s, _mm512_add_epi32(a0[qd], a1[qd]));
+    if (ch < nch) gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c);
+    const __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])),
+                                       _mm512_add_epi32(_mm512_add_epi32(acc[4], acc[5]), _mm512_add_epi32(acc[6], acc[7])));
     store_tile(p, fmt, 0, t, s);
 }
 
