@@ -289,8 +289,14 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
     const double macs = (double)m * (double)n * (double)k;
     int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
     if (max_threads < 1) max_threads = 1;
-    /* GEMM kernels take 2 tiles per pass: keep pieces multiples of that. */
-    const int64_t grain = m == 1 ? 1 : 2;
+    /* GEMM kernels take 2 tiles per pass: keep claims multiples of that.  A decode GEMV claim
+     * should stream at least ~32 KB of weights (b1 at K = 2560 is 5 KB per tile), so that the
+     * per-claim cost stays small against it. */
+    int64_t grain = 2;
+    if (m == 1) {
+        grain = 32768 / p.tile_bytes;
+        grain = grain < 1 ? 1 : grain;
+    }
     mm_task task = {&p, tab->mm[fmt]};
     bitlm_parallel_for(tiles, grain, max_threads, mm_task_run, &task);
     free(scratch);

@@ -7,11 +7,11 @@
  * (the next GEMV of a decode step usually follows within microseconds) and then sleep on a
  * condition variable, so an idle process does not burn a core.
  *
- * Work is cut into ~8 pieces per thread that the caller and the workers claim from one atomic
- * word; the caller returns when every piece is done, not when every worker has checked in, so
- * on a loaded machine a worker the OS has not scheduled yet simply leaves its share to the
- * caller (measured: with the acknowledge-per-worker design, 2 threads ran 4x slower than 1
- * while another process kept both cores busy; now they run no slower than 1).
+ * Each participant walks its own contiguous share and steals from the back of the others when
+ * done (see work()); the caller returns when every unit is done, not when every worker has
+ * checked in, so on a loaded machine a worker the OS has not scheduled yet simply leaves its
+ * share to the caller (measured: with an acknowledge-per-worker design, 2 threads ran 4x
+ * slower than 1 while another process kept both cores busy).
  *
  * Safety rules: the pool is used by one caller at a time (a second concurrent caller runs its
  * work inline instead of waiting); after fork() the child starts with no workers (its threads
@@ -38,6 +38,14 @@
  * calls of a decode step, short enough not to steal a core from torch for long. */
 #define SPIN_ITERS 4000
 
+/* One participant's share of the current job, in grain units: [front, back), packed in one
+ * word so that the owner (taking from the front) and thieves (taking from the back) agree by
+ * a single CAS.  Padded to a cache line so that owners do not false-share. */
+typedef struct {
+    _Atomic uint64_t fb; /* front:32 | back:32 */
+    char pad[56];
+} range_t;
+
 typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -47,19 +55,18 @@ typedef struct {
     atomic_uint gen;        /* bumped to wake the workers for a new job */
     atomic_int stop;
     unsigned create_gen;    /* gen before the job that created the newest workers */
-    /* The current job.  Written by the caller before it publishes `claim`, and valid for as
-     * long as the job has unclaimed or running pieces (the caller does not return, and so does
-     * not write the next job, before every piece is done). */
+    /* The current job.  Written by the caller before it publishes the ranges, and valid for as
+     * long as the job has unclaimed or running work (the caller does not return, and so does
+     * not write the next job, before every unit is done). */
     bitlm_task_fn fn;
     void *ctx;
-    int64_t n, piece;       /* [0, n) in pieces of `piece` items */
-    atomic_int njobs;       /* participants wanted, caller included */
-    _Atomic uint64_t claim; /* seq:16 | npieces:24 | next piece:24 — one word, one CAS */
-    atomic_llong done;      /* pieces finished in the current job */
-    unsigned seq;
+    int64_t n, grain;       /* items [0, n), claimed in units of `grain` items */
+    atomic_int njobs;       /* participants: ranges 0 .. njobs-1 */
+    atomic_llong done;      /* units finished in the current job */
+    range_t rng[MAX_THREADS];
 } pool_t;
 
-#define CLAIM(seq, np, nx) (((uint64_t)((seq) & 0xFFFF) << 48) | ((uint64_t)(np) << 24) | (uint64_t)(nx))
+#define FB(f, b) (((uint64_t)(f) << 32) | (uint64_t)(b))
 
 static pool_t g_pool = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
@@ -69,20 +76,56 @@ static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pool user a
 static int g_nthreads = 0;                                      /* 0 = not decided yet */
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
-/* Take pieces of the current job until none is left.  Completion is counted per piece, not
- * per thread: the caller returns as soon as every piece is done, so a worker that the OS has
- * not scheduled yet (a loaded 2-core machine, torch's OpenMP threads) costs nothing — the
- * caller simply runs its share.  A worker can only delay a call by the one piece it holds. */
-static void claim_and_run(void) {
-    for (;;) {
-        uint64_t c = atomic_load(&g_pool.claim);
-        const uint64_t np = (c >> 24) & 0xFFFFFF, nx = c & 0xFFFFFF;
-        if (nx >= np) return;
-        if (!atomic_compare_exchange_weak(&g_pool.claim, &c, c + 1)) continue;
-        const int64_t b = (int64_t)nx * g_pool.piece;
-        const int64_t e = b + g_pool.piece < g_pool.n ? b + g_pool.piece : g_pool.n;
-        g_pool.fn(g_pool.ctx, b, e);
-        atomic_fetch_add(&g_pool.done, 1);
+/* An owner claims 1/WS_DIV of what is left of its share at a time.  Measured at 2 threads on
+ * the 2-core VM (clean phases, GB/s of a ~78 GB/s probe; b1 / i2 2560x2560 GEMV): whole share
+ * at once 50-52 / 60-65, 1/2 45 / -, 1/4 44 / 58, 1/8 39 / 60 — every claim costs a call
+ * chain and a stream restart, which short decode calls feel.  1/2 keeps most of that and
+ * still leaves at most half a share to wait for if the OS deschedules a worker mid-claim. */
+#ifndef WS_DIV
+#define WS_DIV 2
+#endif
+
+static void run_units(uint32_t u0, uint32_t u1) {
+    const int64_t b = (int64_t)u0 * g_pool.grain;
+    const int64_t e = (int64_t)u1 * g_pool.grain < g_pool.n ? (int64_t)u1 * g_pool.grain : g_pool.n;
+    g_pool.fn(g_pool.ctx, b, e);
+    atomic_fetch_add(&g_pool.done, (long long)(u1 - u0));
+}
+
+/* Scheduling: each participant owns one contiguous share and walks it from the front, so every
+ * thread reads one long sequential stream, far from the others (measured on the 2-core test
+ * VM, 2560x6912 i2 GEMV at 2 threads: 16 interleaved pieces 55 GB/s, 2 halves 63 GB/s of a
+ * 78 GB/s probe).  A participant that runs dry steals half of what is left at the back of
+ * another's share, so a thread the OS has descheduled (a loaded 2-core machine, torch's
+ * OpenMP threads spinning) delays a call by at most its current claim, and completion is
+ * counted in units, not threads: the caller returns as soon as every unit is done. */
+static void work(int self) {
+    const int nj = atomic_load(&g_pool.njobs);
+    if (self < nj) { /* own share, front first, in claims of 1/WS_DIV of what is left */
+        range_t *r = &g_pool.rng[self];
+        uint64_t c = atomic_load(&r->fb);
+        for (;;) {
+            const uint32_t f = (uint32_t)(c >> 32), b = (uint32_t)c;
+            if (f >= b) break;
+            const uint32_t k = (b - f + WS_DIV - 1) / WS_DIV;
+            if (!atomic_compare_exchange_weak(&r->fb, &c, FB(f + k, b))) continue;
+            run_units(f, f + k);
+            c = atomic_load(&r->fb);
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) { /* steal: half of the rest, from the back */
+        for (int j = 1; j <= nj; j++) {
+            range_t *r = &g_pool.rng[(self + j) % nj];
+            uint64_t c = atomic_load(&r->fb);
+            for (;;) {
+                const uint32_t f = (uint32_t)(c >> 32), b = (uint32_t)c;
+                if (f >= b) break;
+                const uint32_t k = (b - f + 1) / 2;
+                if (!atomic_compare_exchange_weak(&r->fb, &c, FB(f, b - k))) continue;
+                run_units(b - k, b);
+                c = atomic_load(&r->fb);
+            }
+        }
     }
 }
 
@@ -104,7 +147,7 @@ static void *worker_main(void *arg) {
         }
         seen = g;
         if (atomic_load(&g_pool.stop)) break;
-        if (idx < atomic_load(&g_pool.njobs)) claim_and_run();
+        work(idx);
     }
     return NULL;
 }
@@ -199,34 +242,29 @@ void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn
         fn(ctx, 0, n);
         return;
     }
-    /* ~8 pieces per participant: enough to rebalance (a preempted worker holds at most 1/16
-     * of a 2-thread job), few enough to keep each piece a long sequential stream.  4, 8 and 16
-     * measured within noise of each other on the shared test machine; 32 was slower. */
-#ifndef PIECES_PER_THREAD
-#define PIECES_PER_THREAD 8
-#endif
-    int64_t piece_units = units / ((int64_t)nt * PIECES_PER_THREAD);
-    if (piece_units < 1) piece_units = 1;
-    const int64_t piece = piece_units * grain;
-    const int64_t npieces = (n + piece - 1) / piece; /* <= 8 * nt + 1, far below 2^24 */
+    if (units > 0xFFFFFFFFLL) { /* more units than a 32-bit share can hold: coarser grain */
+        grain = (n + 0xFFFFFFFELL) / 0xFFFFFFFFLL;
+        grain = grain < 1 ? 1 : grain;
+    }
+    const int64_t nunits = (n + grain - 1) / grain;
     g_pool.fn = fn;
     g_pool.ctx = ctx;
     g_pool.n = n;
-    g_pool.piece = piece;
+    g_pool.grain = grain;
     atomic_store(&g_pool.done, 0);
     atomic_store(&g_pool.njobs, nt);
-    g_pool.seq++;
-    atomic_store(&g_pool.claim, CLAIM(g_pool.seq, npieces, 0)); /* publishes the job */
+    for (int i = 0; i < nt; i++) /* equal contiguous shares; publishing them starts the job */
+        atomic_store(&g_pool.rng[i].fb, FB(nunits * i / nt, nunits * (i + 1) / nt));
     pthread_mutex_lock(&g_pool.mu);
     atomic_fetch_add(&g_pool.gen, 1);
     if (g_pool.sleepers) pthread_cond_broadcast(&g_pool.cv);
     pthread_mutex_unlock(&g_pool.mu);
-    claim_and_run();
-    for (unsigned s = 0; atomic_load(&g_pool.done) < npieces; s++) {
+    work(0);
+    for (unsigned s = 0; atomic_load(&g_pool.done) < nunits; s++) {
         if (s < 20000)
             CPU_RELAX();
         else
-            sched_yield(); /* the worker holding the last piece was descheduled */
+            sched_yield(); /* a worker holding a claim was descheduled */
     }
     pthread_mutex_unlock(&g_call_mu);
 }
