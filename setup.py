@@ -35,7 +35,7 @@ TIER_FILES = {
     "x86_avx2.c": (["-mavx2", "-mfma"], "BITLM_HAVE_AVX2"),
     "x86_avx512.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"], "BITLM_HAVE_AVX512"),
 }
-BASE_FILES = ["generic.c", "threadpool.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c"]
 
 
 class BuildKernels(build_ext):
@@ -103,8 +103,8 @@ def _ext_modules() -> list[Extension]:
         return []
     # sources are listed for sdists / change detection; BuildKernels compiles them itself
     sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
-    return [Extension("bitlm._bitlm_kernels", sources=sources, depends=[os.path.join(CSRC, "bitlm_kernels.h"),
-                                                                        os.path.join(CSRC, "internal.h")])]
+    headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h")]
+    return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers)]
 
 
 if sysconfig.get_config_var("CC") is None and not os.environ.get("CC"):

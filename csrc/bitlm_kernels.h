@@ -52,7 +52,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 2
+#define BITLM_ABI_VERSION 3
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -139,6 +139,55 @@ BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const fl
  * (M = 1) streams the int8 matrix once: memory-bound at 1 byte per weight. */
 BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
                              float *y);
+
+/* ---- fused decode step ------------------------------------------------------------------------
+ * One token through every transformer block of a BitNet b1.58 / 2B4T style decoder (RMSNorm
+ * sub-layer norms, gated FFN), in one call: what bitlm.engine.PackedModel.forward computes for
+ * B = T = 1 with a KV cache, without a round trip to Python per projection.  Per block:
+ *   xq, a   = quantize_rows(x, input_norm)                     (bitlm_quantize_rows semantics)
+ *   q, k, v = matmul_f32(xq, a, W_q / W_k / W_v) (+ bias)       (one parallel pass over all three)
+ *   q, k    = RoPE: y_j = x_j*cos_j + (-x_{j+D/2})*sin_j (j < D/2), x_j*cos_j + x_{j-D/2}*sin_j
+ *   k_cache[h, pos] = k_h; v_cache[h, pos] = v_h
+ *   o_h     = attention of q_h over positions 0..pos of kv head h / (H / H_kv), scale 1/sqrt(D):
+ *             s_t = fold16(lanes of q*k_t products) * scale;  m = max s_t;  e_t = expf(s_t - m);
+ *             o = (sum_t e_t * v_t, sequential in t) / (sum_t e_t, sequential in t)
+ *   x      += matmul_f32(quantize_rows(o, attn_sub_norm), W_o)
+ *   g, u    = matmul_f32(quantize_rows(x, post_norm), W_up)   (W_up = gate rows, then up rows)
+ *   h       = act(g) * u,  act = silu (x / (1 + expf(-x))) or relu^2 ((max(x, 0))^2)
+ *   x      += matmul_f32(quantize_rows(h, ffn_sub_norm), W_down)
+ * A NULL norm weight means "no norm, plain quantisation" (models without sub-norms).  Every
+ * float op is a separate multiply / add (no FMA), so every tier gives the same bits; the
+ * attention differs from torch's SDPA only by rounding. */
+typedef struct bitlm_linear_desc {
+    int64_t fmt;       /* BITLM_FMT_* */
+    int64_t n, k;      /* output rows, input columns */
+    int64_t groups;    /* weight scale groups (n % groups == 0) */
+    const uint8_t *w;  /* bitlm_packed_bytes(fmt, n, k) bytes */
+    const float *s;    /* (groups,) */
+    const float *bias; /* (n,) or NULL */
+} bitlm_linear_desc;
+
+typedef struct bitlm_block_desc {
+    bitlm_linear_desc q, k, v, o, up, down;
+    const float *input_norm, *attn_sub_norm, *post_norm, *ffn_sub_norm; /* (K,) each, or NULL */
+    float *k_cache, *v_cache; /* (kv_heads, max_len, head_dim) float32 each */
+} bitlm_block_desc;
+
+#define BITLM_ACT_SILU_GLU 1
+#define BITLM_ACT_RELU2_GLU 2
+
+typedef struct bitlm_decoder_desc {
+    int64_t n_layers, d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len, act;
+    double eps;                     /* RMSNorm epsilon */
+    const bitlm_block_desc *blocks; /* (n_layers,) */
+} bitlm_decoder_desc;
+
+/* x: (d_model,) float32 residual stream, in: the token's embedding, out: the stream after the
+ * last block (before the final norm).  pos: the token's position (= tokens already cached,
+ * < max_len).  cos, sin: (head_dim,) rotary factors for pos.  Returns 0, EINVAL on an
+ * inconsistent description (nothing is written then), or ENOMEM. */
+BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
+                                const float *sin);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

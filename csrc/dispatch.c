@@ -141,6 +141,8 @@ static const bitlm_kernel_table *active(void) {
     return atomic_load(&g_active);
 }
 
+const bitlm_kernel_table *bitlm_active_table(void) { return active(); }
+
 /* ---- library / dispatch API ------------------------------------------------------------------ */
 
 BITLM_API int bitlm_abi_version(void) { return BITLM_ABI_VERSION; }

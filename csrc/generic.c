@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "attn_impl.h"
 
 /* 16 lanes of int16 (GCC/Clang vector extension: lowered to whatever the baseline ISA has,
  * two SSE2 registers on x86-64, two NEON registers on aarch64).  codes[k][row] of a chunk. */
@@ -173,4 +174,5 @@ const bitlm_kernel_table bitlm_generic_table = {
     quant_row_generic,
     mem_read_generic,
     dense_generic,
+    bitlm_attn_head,
 };

@@ -46,6 +46,11 @@ typedef struct bitlm_dense_problem {
     int64_t M, N, K;
 } bitlm_dense_problem;
 typedef void (*bitlm_dense_fn)(const bitlm_dense_problem *p, int64_t n0, int64_t n1);
+/* Attention of one query head over T cached positions (semantics in bitlm_kernels.h, see
+ * bitlm_decode_step; the one implementation is attn_impl.h, compiled once per tier).
+ * q, out: (D,); kc, vc: (T, D) rows of one kv head; scores: (T,) scratch. */
+typedef void (*bitlm_attn_fn)(const float *q, const float *kc, const float *vc, int64_t T, int64_t D, float scale,
+                              float *scores, float *out);
 
 /* Lane fold of the documented 16-lane float sums: l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]. */
 static inline float bitlm_fold16f(float *l) {
@@ -61,6 +66,7 @@ typedef struct bitlm_kernel_table {
     bitlm_quant_row_fn quant_row;
     bitlm_read_fn mem_read;
     bitlm_dense_fn dense_i8;
+    bitlm_attn_fn attn;
 } bitlm_kernel_table;
 
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_generic_table;
@@ -70,6 +76,9 @@ BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx2_table;
 #ifdef BITLM_HAVE_AVX512
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx512_table;
 #endif
+
+/* The active tier's table (dispatch.c; chosen once, see bitlm_tier()). */
+BITLM_HIDDEN const bitlm_kernel_table *bitlm_active_table(void);
 
 /* ---- thread pool (threadpool.c) ---- */
 typedef void (*bitlm_task_fn)(void *ctx, int64_t begin, int64_t end);

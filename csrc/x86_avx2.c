@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "internal.h"
+#include "attn_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -329,4 +330,5 @@ const bitlm_kernel_table bitlm_avx2_table = {
     quant_row_avx2,
     mem_read_avx2,
     dense_avx2,
+    bitlm_attn_head,
 };

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "internal.h"
+#include "attn_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -435,4 +436,5 @@ const bitlm_kernel_table bitlm_avx512_table = {
     quant_row_avx512,
     mem_read_avx512,
     dense_avx512,
+    bitlm_attn_head,
 };

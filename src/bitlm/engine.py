@@ -209,6 +209,8 @@ class PackedModel:
         past = cache.pos if cache is not None else 0
         if past + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        if B == 1 and T == 1 and cache is not None and self._fused_decode_ok():
+            return self._decode_fused(input_ids, cache)
         cos, sin = rope_cos_sin(torch.arange(past, past + T), cfg.head_dim, cfg.rope_theta)
         x = self.embed.rows(input_ids).reshape(B * T, cfg.d_model)  # (B*T, d) float32
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -236,12 +238,60 @@ class PackedModel:
             cache.advance(T)
         if last_only:
             x, T = x.view(B, T, -1)[:, -1], 1
+        return self._final(x, B, T)
+
+    def _final(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Final norm + output head: (B*T, d) → logits (B, T, V)."""
+        cfg = self.config
         if cfg.arch == "bitnet":
             h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
         else:
             xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
             h = self.final_norm * xf
         return self.head.matmul(h).view(B, T, -1)
+
+    # -- fused native decode ---------------------------------------------------------------------
+    #: Decode one token per native call (``bitlm_decode_step``) when the native kernels are in
+    #: use; False (or env BITLM_FUSED_DECODE=0) runs the per-op path above, its reference twin.
+    fused_decode = True
+
+    def _fused_decode_ok(self) -> bool:
+        if not self.fused_decode or os.environ.get("BITLM_FUSED_DECODE", "1") == "0":
+            return False
+        if self.config.arch == "bitnet":  # LayerNorm + GELU, non-gated FFN: per-op path
+            return False
+        if kernels.backend() != "native":
+            return False
+        return all(w.fmt.native_id is not None for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+
+    def _decoder(self, cache: KVCache):
+        """The native decoder bound to this model and this cache (built once per cache)."""
+        from .kernels import native
+
+        key = getattr(cache, "_bitlm_decoder", None)
+        if key is not None and key[0] is self:
+            return key[1]
+        cfg = self.config
+        blocks = []
+        for i, L in enumerate(self.layers):
+            blocks.append(dict(q=L.q, k=L.k, v=L.v, o=L.o, up=L.up, down=L.down, q_b=L.q_b, k_b=L.k_b, v_b=L.v_b,
+                               input_norm=L.input_norm, attn_sub_norm=L.attn_sub_norm, post_norm=L.post_norm,
+                               ffn_sub_norm=L.ffn_sub_norm, k_cache=cache.k[i], v_cache=cache.v[i]))
+        dec = native.Decoder(d_model=cfg.d_model, n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                             ffn_dim=cfg.ffn_dim, max_len=cache.max_len,
+                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks)
+        cache._bitlm_decoder = (self, dec)
+        return dec
+
+    def _decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        cfg = self.config
+        pos = cache.pos
+        dec = self._decoder(cache)
+        x = self.embed.rows(input_ids.reshape(1)).reshape(cfg.d_model).contiguous()  # a fresh copy
+        cos, sin = rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta)
+        dec.step(x, pos, cos, sin)
+        cache.advance(1)
+        return self._final(x.view(1, cfg.d_model), 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul"]
+           "mem_read", "mem_copy", "dense_int8_matmul", "Decoder", "ACTIVATIONS"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 2
+ABI_VERSION = 3
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -55,6 +55,7 @@ _SIGNATURES = {
     "bitlm_matmul_f32": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_quantize_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_d, _c_int, _c_p, _c_p]),
     "bitlm_dense_i8": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
+    "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -316,6 +317,99 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+# ---- fused decode step ---------------------------------------------------------------------------
+
+
+class _LinearDesc(ctypes.Structure):
+    _fields_ = [("fmt", _c_i64), ("n", _c_i64), ("k", _c_i64), ("groups", _c_i64), ("w", _c_p), ("s", _c_p),
+                ("bias", _c_p)]
+
+
+_BLOCK_LINEARS = ("q", "k", "v", "o", "up", "down")
+_BLOCK_NORMS = ("input_norm", "attn_sub_norm", "post_norm", "ffn_sub_norm")
+
+
+class _BlockDesc(ctypes.Structure):
+    _fields_ = [(n, _LinearDesc) for n in _BLOCK_LINEARS] + [(n, _c_p) for n in (*_BLOCK_NORMS, "k_cache", "v_cache")]
+
+
+class _DecoderDesc(ctypes.Structure):
+    _fields_ = [(n, _c_i64) for n in ("n_layers", "d_model", "n_heads", "kv_heads", "head_dim", "ffn_dim", "max_len",
+                                      "act")] + [("eps", _c_d), ("blocks", _c_p)]
+
+
+#: FFN activations of bitlm_decode_step (gated: act(gate) * up).
+ACTIVATIONS = {"silu": 1, "relu2": 2}
+
+
+class Decoder:
+    """``bitlm_decode_step`` bound to one packed model and one KV cache.
+
+    ``blocks``: per layer a dict with the packed weights ``q k v o up down`` (``up`` = gate rows
+    then up rows, groups as packed), optional float32 ``q_b k_b v_b`` biases, the four norm
+    weights (None = no norm at that site) and ``k_cache`` / ``v_cache`` float32 tensors of
+    (1, kv_heads, max_len, head_dim).  Everything is checked once here, and every tensor the C
+    side points at is held by this object.
+    """
+
+    def __init__(self, *, d_model: int, n_heads: int, kv_heads: int, head_dim: int, ffn_dim: int, max_len: int,
+                 act: str, eps: float, blocks: list[dict]) -> None:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"fused decode supports activations {sorted(ACTIVATIONS)}, got {act!r}")
+        self._keep: list[torch.Tensor] = []
+        self.d_model, self.head_dim = d_model, head_dim
+        hd, kvd = n_heads * head_dim, kv_heads * head_dim
+        shapes = {"q": (hd, d_model), "k": (kvd, d_model), "v": (kvd, d_model), "o": (d_model, hd),
+                  "up": (2 * ffn_dim, d_model), "down": (d_model, ffn_dim)}
+        norm_len = {"input_norm": d_model, "attn_sub_norm": hd, "post_norm": d_model, "ffn_sub_norm": ffn_dim}
+        arr = (_BlockDesc * len(blocks))()
+        for i, blk in enumerate(blocks):
+            b = arr[i]
+            for name in _BLOCK_LINEARS:
+                w = blk[name]
+                if (w.N, w.K) != shapes[name]:
+                    raise ValueError(f"layer {i} {name}: weight is {w.N}x{w.K}, expected {shapes[name][0]}x{shapes[name][1]}")
+                bias = blk.get(f"{name}_b")
+                bp = None
+                if bias is not None:
+                    bias = _f32_vec(bias, w.N, f"layer {i} {name} bias")
+                    self._keep.append(bias)
+                    bp = bias.data_ptr()
+                self._keep += [w.data, w.scale]
+                setattr(b, name, _LinearDesc(_fmt_id(w), w.N, w.K, w.groups, w.data.data_ptr(), w.scale.data_ptr(), bp))
+            for name in _BLOCK_NORMS:
+                t = blk.get(name)
+                if t is not None:
+                    t = _f32_vec(t, norm_len[name], f"layer {i} {name}")
+                    self._keep.append(t)
+                    setattr(b, name, t.data_ptr())
+            for name in ("k_cache", "v_cache"):
+                c = blk[name]
+                if c.dtype != torch.float32 or not c.is_contiguous() or tuple(c.shape) != (1, kv_heads, max_len, head_dim):
+                    raise ValueError(f"layer {i} {name}: expected a contiguous float32 (1, {kv_heads}, {max_len}, "
+                                     f"{head_dim}) tensor, got {c.dtype} {tuple(c.shape)}")
+                self._keep.append(c)
+                setattr(b, name, c.data_ptr())
+        self._blocks = arr
+        self._desc = _DecoderDesc(len(blocks), d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len,
+                                  ACTIVATIONS[act], float(eps), ctypes.addressof(arr))
+        self.max_len = max_len
+
+    def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Run every block on the float32 (d_model,) residual ``x`` in place for the token at
+        ``pos`` (writing the cache rows at ``pos``); cos / sin: (head_dim,) float32."""
+        lib = _lib or _need()
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != self.d_model:
+            raise ValueError(f"x must be a contiguous float32 tensor of {self.d_model} values")
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"KV cache overflow: position {pos} >= capacity {self.max_len}")
+        cos = _f32_vec(cos.reshape(-1), self.head_dim, "cos")
+        sin = _f32_vec(sin.reshape(-1), self.head_dim, "sin")
+        rc = lib.bitlm_decode_step(ctypes.addressof(self._desc), x.data_ptr(), int(pos), cos.data_ptr(), sin.data_ptr())
+        _check(rc, "bitlm_decode_step")
+        return x
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The fused native decode step (``bitlm_decode_step``) against its reference twin, the per-op
+engine path (``PackedModel.fused_decode = False``): same greedy tokens, logits equal up to the
+attention's float rounding, the same bits on every kernel tier, and clear errors on a bad
+description."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitlm.config import preset
+from bitlm.engine import convert
+from bitlm.kernels import native
+from bitlm.model import BitNetModel
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels unavailable (fused decode is native only)")
+
+
+def _model(name: str, **kw) -> BitNetModel:
+    torch.manual_seed(0)
+    m = BitNetModel(preset(name, max_seq_len=96, **kw)).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(50)  # well separated logits: no greedy ties
+    return m
+
+
+def _decode(pm, prompt: torch.Tensor, steps: int, fused: bool, max_len: int = 64):
+    pm.fused_decode = fused
+    cache = pm.new_cache(1, max_len)
+    logits = pm(prompt, cache=cache, last_only=True)
+    toks, outs = [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt.item())
+        logits = pm(nxt, cache=cache)
+        outs.append(logits[0, -1])
+    return toks, torch.stack(outs), cache
+
+
+CASES = [("tiny", "i2", {}), ("tiny", "t1", {}), ("tiny-2b4t", "i2", {}), ("tiny-2b4t", "t1", {}),
+         ("tiny-2b4t", "b1", {"quant": "b1"}), ("tiny", "i2", {"sub_norm": False, "qkv_bias": True})]
+
+
+@pytest.mark.parametrize("name,fmt,kw", CASES)
+def test_fused_decode_equals_per_op_path(name, fmt, kw):
+    m = _model(name, **kw)
+    if kw.get("qkv_bias"):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_()
+    pm = convert(m, fmt)
+    prompt = torch.randint(0, m.config.vocab_size, (1, 7))
+    ref_toks, ref, ref_cache = _decode(pm, prompt, 40, fused=False)
+    toks, out, cache = _decode(pm, prompt, 40, fused=True)
+    assert cache.__dict__.get("_bitlm_decoder") is not None  # the fused path really ran
+    assert toks == ref_toks
+    # same integer math and epilogue; only the attention (vs torch SDPA) and silu (expf vs
+    # Sleef) round differently, which can move an activation across an int8 boundary now and then
+    err = (out - ref).abs() / ref.abs().max()
+    assert (err < 1e-5).float().mean() > 0.9, err.max()
+    assert err.max() < 0.02
+    # the cache rows the fused step wrote are the ones the per-op path wrote
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_fused_decode_is_the_same_on_every_tier():
+    m = _model("tiny-2b4t")
+    pm = convert(m, "i2")
+    prompt = torch.randint(0, 512, (1, 5))
+    prev = native.tier()
+    try:
+        outs = {}
+        for t in native.supported_tiers():
+            native.set_tier(t)
+            outs[t] = _decode(pm, prompt, 12, fused=True)[1]
+    finally:
+        native.set_tier(prev)
+    first = next(iter(outs.values()))
+    for t, o in outs.items():
+        assert torch.equal(o, first), t
+
+
+def test_fused_decode_threads_agree():
+    m = _model("tiny")
+    pm = convert(m, "t1")
+    prompt = torch.randint(0, 512, (1, 5))
+    prev = native.set_num_threads(1)
+    try:
+        one = _decode(pm, prompt, 10, fused=True)[1]
+        native.set_num_threads(2)
+        two = _decode(pm, prompt, 10, fused=True)[1]
+    finally:
+        native.set_num_threads(prev)
+    assert torch.equal(one, two)
+
+
+def test_fused_decode_cache_overflow_is_an_error():
+    pm = convert(_model("tiny"), "i2")
+    pm.fused_decode = True
+    cache = pm.new_cache(1, 4)
+    pm(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+    with pytest.raises(ValueError, match="capacity 4"):
+        pm(torch.tensor([[5]]), cache=cache)
+
+
+def test_decoder_rejects_a_wrong_cache_shape():
+    pm = convert(_model("tiny-2b4t"), "i2")
+    cache = pm.new_cache(1, 8)
+    cache.k[1] = torch.zeros(1, 1, 8, pm.config.head_dim)
+    with pytest.raises(ValueError, match="layer 1 k_cache"):
+        pm._decoder(cache)
+
+
+def test_decoder_rejects_a_wrong_weight_shape():
+    pm = convert(_model("tiny"), "i2")
+    pm.layers[1].down = pm.layers[1].up
+    with pytest.raises(ValueError, match="layer 1 down"):
+        pm._decoder(pm.new_cache(1, 8))
+
+
+def test_c_side_refuses_an_inconsistent_description():
+    """The C checks are the last line: a description Python would never build returns EINVAL
+    and writes nothing."""
+    pm = convert(_model("tiny"), "i2")
+    dec = pm._decoder(pm.new_cache(1, 8))
+    x = torch.randn(pm.config.d_model)
+    before = x.clone()
+    cos = torch.ones(pm.config.head_dim)
+    dec._desc.kv_heads = 3  # does not divide n_heads
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        dec.step(x, 0, cos, cos)
+    assert torch.equal(x, before)
