@@ -27,9 +27,12 @@ other processes steal cores and bandwidth, and the numbers are only as good as t
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
+
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys

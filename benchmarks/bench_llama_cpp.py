@@ -21,9 +21,12 @@ bench_engine does), reporting the median token after 4 warm-up tokens, and VmHWM
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
+
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
