@@ -176,34 +176,8 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="2b4t")
-    ap.add_argument("--formats", default="i2,t1")
-    ap.add_argument("--heads", default="int8,bf16")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--prefill", default="128,512")
-    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
-    ap.add_argument("--json", default="benchmarks/results/engine.json")
-    ap.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (needs llama-cpp-python)")
-    ap.add_argument("--per-op", action="store_true",
-                    help="also time decode on the per-op path (BITLM_FUSED_DECODE=0: one torch/ctypes call per "
-                         "projection, norm, RoPE, attention), the fused step's reference twin")
-    ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    prefill = [int(x) for x in args.prefill.split(",") if x]
-    if args._run:
-        path, threads = args._run.rsplit(":", 1)
-        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill)))
-        return 0
-
-    os.environ.setdefault("BITLM_BACKEND", "native")
-    from bitlm import kernels
-
-    info = kernels.backend_info()
-    threads = [int(t) for t in args.threads.split(",")]
-    bw = {t: measure_bandwidth(t) for t in threads}
+def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
+    """One fresh process per (format, head, threads[, per-op]) configuration of bitlm."""
     rows = []
     for fmt in args.formats.split(","):
         for head in args.heads.split(","):
@@ -231,8 +205,76 @@ def main() -> int:
                 res["rss_over_file_plus_kv"] = (res["peak_rss_bytes"] - res["baseline_rss_bytes"]) / (
                     res["file_bytes"] + res["kv_cache_peak_bytes"])
                 rows.append(res)
-    if args.llama_cpp:
-        rows += llama_cpp_rows(args, threads)
+
+    return rows
+
+
+_KEY = ("engine", "format", "head", "threads")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Rounds of the same configuration → one row of medians (speeds, RSS, bandwidth), with every
+    round's decode / prefill-512 speed kept under ``rounds``.  Interleaving rounds of every engine
+    is what makes a comparison fair on a VM whose bandwidth drifts within minutes."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r.get(k) for k in _KEY), []).append(r)
+    out = []
+    for rs in groups.values():
+        row = dict(rs[0])
+        for k, v in rs[0].items():
+            if k in _KEY or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            vals = sorted(r[k] for r in rs if isinstance(r.get(k), (int, float)))
+            n = len(vals)
+            row[k] = vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+        row["rounds"] = [{k: r.get(k) for k in ("decode_tok_s", "prefill_512_tok_s", "bandwidth_gb_s")} for r in rs]
+        if row.get("roofline_tok_s") and row.get("decode_tok_s"):
+            row["pct_of_roofline"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="2b4t")
+    ap.add_argument("--formats", default="i2,t1")
+    ap.add_argument("--heads", default="int8,bf16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--prefill", default="128,512")
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
+    ap.add_argument("--json", default="benchmarks/results/engine.json")
+    ap.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (needs llama-cpp-python)")
+    ap.add_argument("--llama-formats", default=None, help="llama.cpp weight types (default tq2_0,tq1_0)")
+    ap.add_argument("--llama-heads", default=None, help="llama.cpp head types (default q8_0,f16)")
+    ap.add_argument("--per-op", action="store_true",
+                    help="also time decode on the per-op path (BITLM_FUSED_DECODE=0: one torch/ctypes call per "
+                         "projection, norm, RoPE, attention), the fused step's reference twin")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every configuration (bitlm and llama.cpp interleaved) and report medians")
+    ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    prefill = [int(x) for x in args.prefill.split(",") if x]
+    if args._run:
+        path, threads = args._run.rsplit(":", 1)
+        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill)))
+        return 0
+
+    os.environ.setdefault("BITLM_BACKEND", "native")
+    from bitlm import kernels
+
+    info = kernels.backend_info()
+    threads = [int(t) for t in args.threads.split(",")]
+    bw = {t: measure_bandwidth(t) for t in threads}
+    runs: list[dict] = []
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        runs += bitlm_rows(args, threads, bw)
+        if args.llama_cpp:
+            runs += llama_cpp_rows(args, threads)
+    rows = aggregate(runs) if args.rounds > 1 else runs
 
     hdr = (f"{'engine':<12}{'fmt':<7}{'head':<6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
            f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
@@ -251,7 +293,7 @@ def main() -> int:
               f"{(r['baseline_rss_bytes'] / 1e6 if r.get('baseline_rss_bytes') else float('nan')):>9.0f}"
               f"{g('rss_over_file_plus_kv', '{:.3f}'):>22}")
     out = {"cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "preset": args.preset,
-           "bandwidth_gb_s": bw, "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "bandwidth_gb_s": bw, "rows": rows, "rounds": args.rounds, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nJSON: {args.json}")

@@ -22,14 +22,15 @@ bench_engine does), reporting the median token after 4 warm-up tokens, and VmHWM
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
+if "--_run" not in sys.argv:  # not in the llama.cpp child: it keeps OpenMP's defaults (see below)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
 
 import argparse
 import json
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,11 @@ def run_llama_cpp(args: Any, threads: list[int]) -> list[dict]:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", f"{path}:{t}",
                        "--decode-tokens", str(decode_tokens), "--prefill", prefill]
                 env = {**os.environ, "OMP_NUM_THREADS": str(t)}
+                # llama.cpp runs with its own OpenMP defaults (bitlm's PASSIVE setting is for torch;
+                # ggml's OpenMP threads wait between tokens and measured slower with it)
+                env.pop("OMP_WAIT_POLICY", None)
+                if os.environ.get("LLAMA_OMP_WAIT_POLICY"):
+                    env["OMP_WAIT_POLICY"] = os.environ["LLAMA_OMP_WAIT_POLICY"]
                 load_before = os.getloadavg()[0]
                 try:
                     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
