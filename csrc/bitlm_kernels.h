@@ -2,10 +2,11 @@
  * bitlm_kernels.h — the one public header of the bitlm native kernel library.
  *
  * A torch-free C library: int8 activations x {ternary, binary} packed weights -> int32 (or
- * float32 after the dequant epilogue), a fused RMSNorm + per-token absmax int8 quantiser, a
- * float32 x int8-row product for output heads, a memory-bandwidth probe, CPU feature dispatch
- * (generic / AVX2 / AVX-512 VNNI) and a small persistent thread pool.  Python loads it with ctypes (src/bitlm/kernels/native.py); every
- * pointer is a caller-owned, contiguous buffer (zero copy), every size an int64.
+ * float32 after the dequant epilogue), a fused RMSNorm + per-token absmax int8 quantiser,
+ * float32 x {int8-row, bf16-row} products for output heads, a memory-bandwidth probe, CPU
+ * feature dispatch (generic / AVX2 / AVX-512 VNNI) and a small persistent thread pool.  Python
+ * loads it with ctypes (src/bitlm/kernels/native.py); every pointer is a caller-owned,
+ * contiguous buffer (zero copy), every size an int64.
  *
  * The packed weight layouts are defined byte by byte in src/bitlm/packing.py (the pure-torch
  * pack/unpack there is the reference) and summarised here:
@@ -139,6 +140,18 @@ BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const fl
  * (M = 1) streams the int8 matrix once: memory-bound at 1 byte per weight. */
 BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
                              float *y);
+
+/* ---- dense bf16-weight head ---------------------------------------------------------------------
+ * The same product for a head stored as bfloat16 rows, with no scale:
+ *   y[m, n] = sum_k x[m, k] * float(w[n, k]),   float(b) = the float32 whose bits are b << 16 (exact)
+ * x float32 (M, K), w (N, K) bf16 bit patterns as uint16, y float32 (M, N).  The float32 sum has
+ * the order of bitlm_dense_i8 in every tier: 16 lanes, lane j accumulates k = j, j+16, j+32, ...
+ * (for K not a multiple of 16 the last, partial group adds k to lane k % 16 the same way) as
+ * acc = acc + x*w (product rounded, then the sum: no FMA) from +0.0, then the fold
+ * l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]; no final multiply.  NaN payloads are
+ * unspecified.  x is not rounded to bf16 (torch's bf16 F.linear does round it).  Decode (M = 1)
+ * streams the matrix once: memory-bound at 2 bytes per weight. */
+BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y);
 
 /* ---- fused decode step ------------------------------------------------------------------------
  * One token through every transformer block of a BitNet b1.58 / 2B4T style decoder (RMSNorm

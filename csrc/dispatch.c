@@ -344,7 +344,7 @@ BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const fl
     return 0;
 }
 
-/* ---- dense int8 head ---------------------------------------------------------------------- */
+/* ---- dense int8 / bf16 heads --------------------------------------------------------------- */
 
 typedef struct {
     const bitlm_dense_problem *p;
@@ -360,12 +360,24 @@ BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t 
                              float *y) {
     if (!x || !w || !scale || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
     if (m == 0 || n == 0) return 0;
-    const bitlm_dense_problem p = {x, w, scale, y, m, n, k};
+    const bitlm_dense_problem p = {.x = x, .w = w, .scale = scale, .y = y, .M = m, .N = n, .K = k};
     dense_task t = {&p, active()->dense_i8};
     const double macs = (double)m * (double)n * (double)k;
     int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
     if (max_threads < 1) max_threads = 1;
     bitlm_parallel_for(n, 64, max_threads, dense_task_run, &t); /* whole 64-row panels */
+    return 0;
+}
+
+BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y) {
+    if (!x || !w || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
+    if (m == 0 || n == 0) return 0;
+    const bitlm_dense_problem p = {.x = x, .y = y, .M = m, .N = n, .K = k, .wb = w};
+    dense_task t = {&p, active()->dense_bf16};
+    const double macs = (double)m * (double)n * (double)k;
+    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
+    if (max_threads < 1) max_threads = 1;
+    bitlm_parallel_for(n, 64, max_threads, dense_task_run, &t); /* whole 64-row pieces */
     return 0;
 }
 

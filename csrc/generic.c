@@ -156,6 +156,23 @@ static void dense_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) 
     }
 }
 
+/* Dense bf16 head, the literal definition: the same lanes as dense_generic, no scale. */
+static void dense_bf16_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    const int64_t K = p->K;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *wr = p->wb + n * K;
+        for (int64_t m = 0; m < p->M; m++) {
+            const float *xr = p->x + m * K;
+            float lane[16] = {0};
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)
+                for (int j = 0; j < 16; j++) lane[j] = lane[j] + xr[k + j] * bitlm_bf16_to_f32(wr[k + j]);
+            for (; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * bitlm_bf16_to_f32(wr[k]);
+            p->y[m * p->N + n] = bitlm_fold16f(lane);
+        }
+    }
+}
+
 static uint64_t mem_read_generic(const uint8_t *buf, size_t n) {
     const uint64_t *p = (const uint64_t *)(const void *)buf;
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -174,5 +191,6 @@ const bitlm_kernel_table bitlm_generic_table = {
     quant_row_generic,
     mem_read_generic,
     dense_generic,
+    dense_bf16_generic,
     bitlm_attn_head,
 };

@@ -37,13 +37,15 @@ typedef void (*bitlm_quant_row_fn)(const float *x, int64_t k, const float *norm_
                                    int8_t *q, float *a);
 typedef uint64_t (*bitlm_read_fn)(const uint8_t *buf, size_t n);
 
-/* Dense int8 head: rows [n0, n1) of y for all M tokens (semantics in bitlm_kernels.h). */
+/* Dense head: rows [n0, n1) of y for all M tokens (semantics in bitlm_kernels.h).  dense_i8
+ * reads w and scale, dense_bf16 reads wb (and neither reads the other's fields). */
 typedef struct bitlm_dense_problem {
     const float *x;      /* (M, K) */
-    const int8_t *w;     /* (N, K) */
-    const float *scale;  /* (N,) */
+    const int8_t *w;     /* (N, K) int8, or NULL */
+    const float *scale;  /* (N,), or NULL */
     float *y;            /* (M, N) */
     int64_t M, N, K;
+    const uint16_t *wb;  /* (N, K) bf16 bits, or NULL */
 } bitlm_dense_problem;
 typedef void (*bitlm_dense_fn)(const bitlm_dense_problem *p, int64_t n0, int64_t n1);
 /* Attention of one query head over T cached positions (semantics in bitlm_kernels.h, see
@@ -60,12 +62,21 @@ static inline float bitlm_fold16f(float *l) {
     return l[0] + l[1];
 }
 
+/* bf16 bits -> float32, exact: the bf16 is the upper half of the float32. */
+static inline float bitlm_bf16_to_f32(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 typedef struct bitlm_kernel_table {
     const char *name;
     bitlm_mm_fn mm[4]; /* indexed by BITLM_FMT_*; [0] unused */
     bitlm_quant_row_fn quant_row;
     bitlm_read_fn mem_read;
     bitlm_dense_fn dense_i8;
+    bitlm_dense_fn dense_bf16;
     bitlm_attn_fn attn;
 } bitlm_kernel_table;
 

@@ -246,29 +246,49 @@ static void quant_row_avx2(const float *x, int64_t k, const float *nw, double ep
     *a_out = a;
 }
 
-/* ---- dense int8 head: 16 lanes = two ymm (lanes 0-7, 8-15); mul then add, no FMA ----------- */
+/* ---- dense int8 / bf16 heads: 16 lanes = two ymm (lanes 0-7, 8-15); mul then add, no FMA ---- */
+
+#define W_I8 0   /* int8 rows, one float scale per row */
+#define W_BF16 1 /* bf16 rows, no scale */
 
 ALWAYS_INLINE __m256 load_w8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
 }
 
+/* 8 bf16 -> 8 float (exact: zero-extend, shift into the upper half). */
+ALWAYS_INLINE __m256 load_bf16x8(const uint16_t *p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+ALWAYS_INLINE __m256 load_w(const int WT, const bitlm_dense_problem *p, int64_t i) {
+    return WT == W_BF16 ? load_bf16x8(p->wb + i) : load_w8(p->w + i);
+}
+
+ALWAYS_INLINE float w_at(const int WT, const bitlm_dense_problem *p, int64_t i) {
+    return WT == W_BF16 ? bitlm_bf16_to_f32(p->wb[i]) : (float)p->w[i];
+}
+
 /* R rows x T tokens (R*T <= 4, 8 accumulators); the K tail (< 16) is added lane by lane in
- * scalar code, then the documented fold. */
-ALWAYS_INLINE void dense_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+ * scalar code, then the documented fold.  WT: the weight type. */
+ALWAYS_INLINE void dense_block(const int WT, const bitlm_dense_problem *p, const int R, const int T, int64_t n,
+                               int64_t m) {
     const int64_t K = p->K, K16 = K & ~(int64_t)15;
+    const int B = WT == W_BF16 ? 2 : 1; /* bytes per weight */
     __m256 acc[4][2][2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
-    const int8_t *w = p->w + n * K;
+    const int64_t w0 = n * K; /* element index of row n */
+    const char *wbytes = WT == W_BF16 ? (const char *)p->wb : (const char *)p->w;
     const float *x = p->x + m * K;
     for (int64_t k = 0; k < K16; k += 16) {
-        if (T == 1 && (k & 63) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        if (T == 1 && ((k * B) & 63) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch(wbytes + (w0 + (r + R) * K + k) * B + 512, _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m256 xv[2];
             for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(x + t * K + k + 8 * h);
             for (int r = 0; r < R; r++) {
-                const __m256 wv = load_w8(w + r * K + k + 8 * h);
+                const __m256 wv = load_w(WT, p, w0 + r * K + k + 8 * h);
                 for (int t = 0; t < T; t++) acc[r][t][h] = _mm256_add_ps(acc[r][t][h], _mm256_mul_ps(xv[t], wv));
             }
         }
@@ -278,34 +298,44 @@ ALWAYS_INLINE void dense_block(const bitlm_dense_problem *p, const int R, const 
             float lane[16];
             _mm256_storeu_ps(lane, acc[r][t][0]);
             _mm256_storeu_ps(lane + 8, acc[r][t][1]);
-            const int8_t *wr = w + r * K;
+            const int64_t wr = w0 + r * K;
             const float *xr = x + t * K;
-            for (int64_t k = K16; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * (float)wr[k];
-            p->y[(m + t) * p->N + n + r] = bitlm_fold16f(lane) * p->scale[n + r];
+            for (int64_t k = K16; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * w_at(WT, p, wr + k);
+            const float s = bitlm_fold16f(lane);
+            p->y[(m + t) * p->N + n + r] = WT == W_BF16 ? s : s * p->scale[n + r];
         }
 }
 
-static void dense_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+ALWAYS_INLINE void dense_rows_avx2(const int WT, const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
     if (p->M == 1) { /* decode: 4 rows at a time, one token */
         int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) dense_block(p, 4, 1, n, 0);
-        for (; n < n1; n++) dense_block(p, 1, 1, n, 0);
+        for (; n + 4 <= n1; n += 4) dense_block(WT, p, 4, 1, n, 0);
+        for (; n < n1; n++) dense_block(WT, p, 1, 1, n, 0);
         return;
     }
-    for (int64_t pn = n0; pn < n1; pn += 64) { /* 64-row panels (L2) against all tokens */
-        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+    /* panels of PR rows (PR*K weights, L2-resident: 64 int8 or 32 bf16 rows, the same bytes)
+     * against all tokens */
+    const int64_t PR = WT == W_BF16 ? 32 : 64;
+    for (int64_t pn = n0; pn < n1; pn += PR) {
+        const int64_t pe = pn + PR < n1 ? pn + PR : n1;
         for (int64_t m = 0; m < p->M; m += 2) {
             const int T = p->M - m >= 2 ? 2 : 1;
             int64_t n = pn;
             if (T == 2) {
-                for (; n + 2 <= pe; n += 2) dense_block(p, 2, 2, n, m);
-                if (n < pe) dense_block(p, 1, 2, n, m);
+                for (; n + 2 <= pe; n += 2) dense_block(WT, p, 2, 2, n, m);
+                if (n < pe) dense_block(WT, p, 1, 2, n, m);
             } else {
-                for (; n + 2 <= pe; n += 2) dense_block(p, 2, 1, n, m);
-                if (n < pe) dense_block(p, 1, 1, n, m);
+                for (; n + 2 <= pe; n += 2) dense_block(WT, p, 2, 1, n, m);
+                if (n < pe) dense_block(WT, p, 1, 1, n, m);
             }
         }
     }
+}
+
+static void dense_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_rows_avx2(W_I8, p, n0, n1); }
+
+static void dense_bf16_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    dense_rows_avx2(W_BF16, p, n0, n1);
 }
 
 static uint64_t mem_read_avx2(const uint8_t *buf, size_t n) {
@@ -330,5 +360,6 @@ const bitlm_kernel_table bitlm_avx2_table = {
     quant_row_avx2,
     mem_read_avx2,
     dense_avx2,
+    dense_bf16_avx2,
     bitlm_attn_head,
 };

@@ -347,12 +347,25 @@ static void quant_row_avx512(const float *x, int64_t k, const float *nw, double 
     *a_out = a;
 }
 
-/* ---- dense int8 head ------------------------------------------------------------------------ */
+/* ---- dense int8 / bf16 heads ------------------------------------------------------------------ */
+
+#define W_I8 0   /* int8 rows, one float scale per row */
+#define W_BF16 1 /* bf16 rows, no scale */
 
 /* 16 int8 -> 16 float (exact); masked for the K tail (masked-off lanes read as 0: they add
  * x*0 = +-0 to a lane, which leaves it unchanged, as the definition requires). */
 ALWAYS_INLINE __m512 load_w16(const int8_t *p, __mmask16 mk) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
+}
+
+/* 16 bf16 -> 16 float (exact: zero-extend, shift into the upper half); masked like load_w16. */
+ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p, __mmask16 mk) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const void *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+ALWAYS_INLINE __m512 load_w(const int WT, const bitlm_dense_problem *p, int64_t i, __mmask16 mk) {
+    return WT == W_BF16 ? load_bf16x16(p->wb + i, mk) : load_w16(p->w + i, mk);
 }
 
 /* The documented fold l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1], as vector adds. */
@@ -365,53 +378,73 @@ ALWAYS_INLINE float fold16(__m512 v) {
 }
 
 /* R rows x T tokens, one accumulator (16 lanes) per pair: mul then add, never FMA, so the
- * lane sums are the definition's.  R*T <= 16 accumulators. */
-ALWAYS_INLINE void dense_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+ * lane sums are the definition's.  R*T <= 16 accumulators (R = 8 only for T = 1).  WT: the
+ * weight type.  Decode (T = 1) prefetches the next R rows, 512 bytes ahead of the loads: into
+ * L1 for int8 (4 rows = 10 KB ahead at K = 2560), into L2 for bf16 (8 rows = 40 KB ahead; 8
+ * rows with an L2 prefetch measured ~5% faster than 4 rows into L1 on the 2B4T head). */
+ALWAYS_INLINE void dense_block(const int WT, const bitlm_dense_problem *p, const int R, const int T, int64_t n,
+                               int64_t m) {
     const int64_t K = p->K;
-    __m512 acc[4][4];
+    const int B = WT == W_BF16 ? 2 : 1; /* bytes per weight */
+    __m512 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const int8_t *w = p->w + n * K;
+    const int64_t w0 = n * K; /* element index of row n */
+    const char *wbytes = WT == W_BF16 ? (const char *)p->wb : (const char *)p->w;
     const float *x = p->x + m * K;
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        if (T == 1 && (k & 63) == 0) /* decode: stream the next rows' bytes ahead */
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        if (T == 1 && ((k * B) & 63) == 0) /* decode: stream the next rows' bytes ahead */
+            for (int r = 0; r < R; r++)
+                _mm_prefetch(wbytes + (w0 + (r + R) * K + k) * B + 512, WT == W_BF16 ? _MM_HINT_T1 : _MM_HINT_T0);
         __m512 xv[4];
         for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x + t * K + k);
         for (int r = 0; r < R; r++) {
-            const __m512 wv = load_w16(w + r * K + k, mk);
+            const __m512 wv = load_w(WT, p, w0 + r * K + k, mk);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(xv[t], wv));
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) p->y[(m + t) * p->N + n + r] = fold16(acc[r][t]) * p->scale[n + r];
+        for (int t = 0; t < T; t++) {
+            const float s = fold16(acc[r][t]);
+            p->y[(m + t) * p->N + n + r] = WT == W_BF16 ? s : s * p->scale[n + r];
+        }
 }
 
-ALWAYS_INLINE void dense_rows(const bitlm_dense_problem *p, const int R, int64_t n) {
+ALWAYS_INLINE void dense_rows(const int WT, const bitlm_dense_problem *p, const int R, int64_t n) {
     int64_t m = 0;
-    for (; m + 4 <= p->M; m += 4) dense_block(p, R, 4, n, m);
+    for (; m + 4 <= p->M; m += 4) dense_block(WT, p, R, 4, n, m);
     switch (p->M - m) {
-    case 3: dense_block(p, R, 3, n, m); break;
-    case 2: dense_block(p, R, 2, n, m); break;
-    case 1: dense_block(p, R, 1, n, m); break;
+    case 3: dense_block(WT, p, R, 3, n, m); break;
+    case 2: dense_block(WT, p, R, 2, n, m); break;
+    case 1: dense_block(WT, p, R, 1, n, m); break;
     default: break;
     }
 }
 
-static void dense_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    /* panels of 64 rows (64*K bytes, L2-resident) against all tokens */
-    for (int64_t pn = n0; pn < n1; pn += 64) {
-        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+/* Panels of PR rows (PR*K weights, L2-resident: 64 int8 or 32 bf16 rows, the same bytes)
+ * against all tokens. */
+ALWAYS_INLINE void dense_panels(const int WT, const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    const int64_t PR = WT == W_BF16 ? 32 : 64;
+    for (int64_t pn = n0; pn < n1; pn += PR) {
+        const int64_t pe = pn + PR < n1 ? pn + PR : n1;
         int64_t n = pn;
-        for (; n + 4 <= pe; n += 4) dense_rows(p, 4, n);
+        if (WT == W_BF16 && p->M == 1) /* decode: 8 rows (8 add chains) per step */
+            for (; n + 8 <= pe; n += 8) dense_block(WT, p, 8, 1, n, 0);
+        for (; n + 4 <= pe; n += 4) dense_rows(WT, p, 4, n);
         switch (pe - n) {
-        case 3: dense_rows(p, 3, n); break;
-        case 2: dense_rows(p, 2, n); break;
-        case 1: dense_rows(p, 1, n); break;
+        case 3: dense_rows(WT, p, 3, n); break;
+        case 2: dense_rows(WT, p, 2, n); break;
+        case 1: dense_rows(WT, p, 1, n); break;
         default: break;
         }
     }
+}
+
+static void dense_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_panels(W_I8, p, n0, n1); }
+
+static void dense_bf16_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    dense_panels(W_BF16, p, n0, n1);
 }
 
 /* ---- bandwidth probe -------------------------------------------------------------------------- */
@@ -436,5 +469,6 @@ const bitlm_kernel_table bitlm_avx512_table = {
     quant_row_avx512,
     mem_read_avx512,
     dense_avx512,
+    dense_bf16_avx512,
     bitlm_attn_head,
 };

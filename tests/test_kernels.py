@@ -406,3 +406,80 @@ def test_dense_int8_matmul_close_to_float_linear(lib):
     got = K.dense_int8_matmul(x, w, s)
     assert got.shape == (2, 5, 70)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()) * s, rtol=1e-5, atol=1e-5)
+
+
+# --- dense bf16 head ------------------------------------------------------------------------------
+
+
+def _bf16_rows(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    w = (torch.randn(n, k, generator=gen) * 0.5).to(torch.bfloat16)
+    bits = w.view(torch.int16)
+    bits[0, ::3] = 0x0001  # smallest subnormal bf16
+    bits[0, 1::3] = -0x8000  # -0.0
+    if n > 1:
+        w[1] = 1e20  # large, finite products
+    return w
+
+
+@pytest.mark.parametrize("k", (1, 15, 16, 17, 33, 100, 300, 2560))
+def test_dense_bf16_matmul_bit_identical(tier, k):
+    gen = torch.Generator().manual_seed(1000 + k)
+    for m, n in ((1, 1), (1, 37), (3, 70), (1, 261), (3, 5), (9, 67)):
+        x = torch.randn(m, k, generator=gen) * 3
+        w = _bf16_rows(n, k, gen)
+        got, want = native.dense_bf16_matmul(x, w), R.dense_bf16_matmul(x, w)
+        assert got.dtype == torch.float32 and got.shape == (m, n), (tier, m, n, k)
+        assert torch.equal(got, want), (tier, m, n, k, (got - want).abs().max().item())
+
+
+def test_dense_bf16_reference_is_the_lane_loop():
+    """The torch reference against the definition written out as scalar float32 loops."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(7)
+    for k in (1, 15, 16, 17, 50):
+        x = torch.randn(2, k, generator=gen)
+        w = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+        xs, ws = x.numpy(), w.float().numpy()
+        want = np.zeros((2, 3), dtype=np.float32)
+        for m in range(2):
+            for n in range(3):
+                lane = np.zeros(16, dtype=np.float32)
+                for kk in range(k):
+                    lane[kk % 16] = np.float32(lane[kk % 16] + np.float32(xs[m, kk] * ws[n, kk]))
+                for h in (8, 4, 2, 1):
+                    lane[:h] = lane[:h] + lane[h : 2 * h]
+                want[m, n] = lane[0]
+        assert torch.equal(R.dense_bf16_matmul(x, w), torch.from_numpy(want)), k
+
+
+def test_dense_bf16_matmul_close_to_float_linear(lib):
+    x = torch.randn(2, 5, 300)
+    w = torch.randn(70, 300).to(torch.bfloat16)
+    got = K.dense_bf16_matmul(x, w)
+    assert got.shape == (2, 5, 70) and got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+    # float32 rounding only: within the worst-case summation error bound of the exact product
+    exact = torch.nn.functional.linear(x.double(), w.double())
+    bound = 300 * 2.0**-24 * torch.nn.functional.linear(x.double().abs(), w.double().abs())
+    assert ((got.double() - exact).abs() <= bound).all()
+    # a non-contiguous weight and a bf16 x (converted exactly) give the same numbers
+    wt = torch.randn(300, 70).to(torch.bfloat16).t()
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(K.dense_bf16_matmul(xb, wt), K.dense_bf16_matmul(xb.float(), wt.contiguous()))
+
+
+@pytest.mark.parametrize("impl", ("native", "reference"))
+def test_dense_bf16_matmul_bad_input(impl):
+    if impl == "native" and native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    f = native.dense_bf16_matmul if impl == "native" else R.dense_bf16_matmul
+    x = torch.randn(2, 40)
+    with pytest.raises(TypeError, match="bfloat16"):
+        f(x, torch.randn(8, 40))  # float32 weight
+    with pytest.raises(TypeError, match="bfloat16"):
+        f(x, torch.randint(-5, 5, (8, 40), dtype=torch.int8))
+    with pytest.raises(TypeError, match="bfloat16"):
+        f(x, torch.randn(40).to(torch.bfloat16))  # not (N, K)
+    with pytest.raises(ValueError, match="K=40"):
+        f(x, torch.randn(8, 41).to(torch.bfloat16))

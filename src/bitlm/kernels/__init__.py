@@ -18,6 +18,7 @@ float32 epilogue ``y = float32(acc) · (s_g / a_m) + bias`` — see ``csrc/bitlm
     y = kernels.matmul(q, a, w, bias)                   # float32 (M, N)
     y = kernels.linear(x, w, bias, norm_weight, eps)    # all three in one call
     logits = kernels.dense_int8_matmul(h, w8, row_scale) # int8 output head
+    logits = kernels.dense_bf16_matmul(h, w_bf16)        # bf16 output head
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "backend", "backend_info",
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -116,6 +117,14 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     memory-bound at 1 byte per weight; the matrix is never converted to float)."""
     nat = _native_or_none()
     return (nat or reference).dense_int8_matmul(x, weight, scale)
+
+
+def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Output head stored as bfloat16 rows: float32 (..., K) → (..., N) = x · float32(w)ᵀ, float32
+    sums in the fixed order of ``csrc/bitlm_kernels.h`` (x stays float32; decode is memory-bound
+    at 2 bytes per weight; the matrix is never converted as a whole)."""
+    nat = _native_or_none()
+    return (nat or reference).dense_bf16_matmul(x, weight)
 
 
 def set_num_threads(n: int) -> int:

@@ -24,7 +24,7 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "Decoder", "ACTIVATIONS"]
+           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "Decoder", "ACTIVATIONS"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
 ABI_VERSION = 3
@@ -55,6 +55,7 @@ _SIGNATURES = {
     "bitlm_matmul_f32": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_quantize_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_d, _c_int, _c_p, _c_p]),
     "bitlm_dense_i8": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
+    "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
@@ -316,6 +317,25 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_bf16_matmul` (bit-identical)."""
+    lib = _lib or _need()
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu:
+        raise TypeError(f"weight must be a bfloat16 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
+        x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()  # bf16 bits, read as uint16
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.bitlm_dense_bf16(x2.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr()), "bitlm_dense_bf16")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

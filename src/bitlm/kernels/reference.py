@@ -17,6 +17,8 @@
   ``f = s_g / a_m`` (float32), ``y = float32(acc) · f`` then ``+ bias``.
 * :func:`dense_int8_matmul` — float32 activations × int8 weight rows × per-row scale (an int8
   output head), with the float32 summation order the C tiers use (16 lanes, mul then add).
+* :func:`dense_bf16_matmul` — float32 activations × bfloat16 weight rows (a bf16 output head),
+  the same summation order, no scale.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul"]
+__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul"]
 
 _LANES = 16
 
@@ -132,6 +134,34 @@ def linear(
     return matmul(q, a, w, bias).reshape(*lead, w.N)
 
 
+def _dense_lanes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 (..., K) × float32 (N, K) → (..., N): lane j (0..15) accumulates k = j, j+16, ...
+    as ``acc + x·w`` (product rounded, then sum; no FMA) from +0.0, lanes fold 8-4-2-1 — the
+    float32 order of the native dense kernels.  Padding K to 16 adds 0·0 = +0.0 terms, which
+    leave every lane unchanged (a lane that starts at +0.0 is never -0.0)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[0]
+    x2 = x.reshape(-1, k).to(torch.float32)
+    m = x2.shape[0]
+    kp = -(-k // _LANES) * _LANES
+    xp = torch.nn.functional.pad(x2, (0, kp - k)).reshape(m, 1, kp // _LANES, _LANES)
+    wp = torch.nn.functional.pad(w, (0, kp - k)).reshape(1, n, kp // _LANES, _LANES)
+    acc = torch.zeros(m, n, _LANES)
+    for c in range(kp // _LANES):  # sequential per lane; eager torch never fuses mul + add
+        acc = acc + xp[:, :, c, :] * wp[:, :, c, :]
+    acc = acc[..., :8] + acc[..., 8:]
+    acc = acc[..., :4] + acc[..., 4:]
+    acc = acc[..., :2] + acc[..., 2:]
+    return (acc[..., 0] + acc[..., 1]).reshape(*lead, n)
+
+
+def _check_dense(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if weight.dtype != dtype or weight.dim() != 2:
+        raise TypeError(f"weight must be {what} (N, K) tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"x has K={x.shape[-1]} but the weight has K={weight.shape[1]}")
+
+
 def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 (..., K) × int8 (N, K) rows × float32 (N,) row scales → float32 (..., N).
 
@@ -139,22 +169,16 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     lane j (0..15) accumulates k = j, j+16, ... as ``acc + x·w`` (product rounded, then sum;
     no FMA), lanes fold 8-4-2-1 — exactly what every native tier computes.
     """
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        raise TypeError(f"weight must be an int8 (N, K) tensor, got {weight.dtype} {tuple(weight.shape)}")
-    lead, k = x.shape[:-1], x.shape[-1]
+    _check_dense(x, weight, torch.int8, "an int8")
     n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
-    x2 = x.reshape(-1, k).to(torch.float32)
-    m = x2.shape[0]
-    kp = -(-k // _LANES) * _LANES
-    xp = torch.nn.functional.pad(x2, (0, kp - k)).reshape(m, 1, kp // _LANES, _LANES)
-    wp = torch.nn.functional.pad(weight.to(torch.float32), (0, kp - k)).reshape(1, n, kp // _LANES, _LANES)
-    acc = torch.zeros(m, n, _LANES)
-    for c in range(kp // _LANES):  # sequential per lane; eager torch never fuses mul + add
-        acc = acc + xp[:, :, c, :] * wp[:, :, c, :]
-    acc = acc[..., :8] + acc[..., 8:]
-    acc = acc[..., :4] + acc[..., 4:]
-    acc = acc[..., :2] + acc[..., 2:]
-    y = (acc[..., 0] + acc[..., 1]) * scale.to(torch.float32).reshape(1, n)
-    return y.reshape(*lead, n)
+    return _dense_lanes(x, weight.to(torch.float32)) * scale.to(torch.float32).reshape(n)
+
+
+def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 (..., K) × bfloat16 (N, K) rows → float32 (..., N).
+
+    ``y[m, n] = Σ_k x[m, k] · float32(w[n, k])`` (the bf16 → float32 conversion is exact; x is
+    not rounded to bf16), summed in the order of :func:`dense_int8_matmul`, with no scale.
+    """
+    _check_dense(x, weight, torch.bfloat16, "a bfloat16")
+    return _dense_lanes(x, weight.to(torch.float32))
