@@ -109,8 +109,8 @@ class Dense:
         """Output head: float32 (M, d) → (M, V) logits."""
         if self.kind == "f32":
             return F.linear(x, self.weight)
-        if self.kind == "bf16":
-            return F.linear(x.to(torch.bfloat16), self.weight).float()
+        if self.kind == "bf16":  # float32 x, bf16 rows read as is (2 bytes per weight)
+            return kernels.dense_bf16_matmul(x, self.weight)
         return kernels.dense_int8_matmul(x, self.weight, self.scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
