@@ -13,7 +13,8 @@ Measured in one run, for each thread count (default 1 and 2):
   thread count, GMAC/s, and the speed-up over torch fp32 and bf16 ``F.linear`` (also cold) on
   the same shape in the same run;
 * the decode-time output head (128256 x 2560, the tied 2B4T embedding) stored as int8 rows
-  (``dense_int8_matmul``) against torch bf16 / fp32 ``F.linear``;
+  (``dense_int8_matmul``) and bf16 rows (``dense_bf16_matmul``) against torch bf16 / fp32
+  ``F.linear``;
 * GEMM at M = 128 and 512 on the same shapes: GMAC/s per core and the ratio to torch fp32 /
   bf16 ``F.linear`` and ``torch._int_mm`` (int8 x int8 -> int32).
 
@@ -248,12 +249,13 @@ def gemm_rows(threads: int, reps: int, shapes, ms) -> list[dict]:
     return rows
 
 
-# ---- int8 output head ------------------------------------------------------------------------------
+# ---- int8 / bf16 output head ---------------------------------------------------------------------
 
 
 def head_rows(threads: int, reps: int, vocab: int, d: int) -> list[dict]:
     """Decode-time output head (vocab x d, the tied 2B4T embedding): int8 rows with per-row scale
-    (``dense_int8_matmul``, 1 byte/weight) against torch bf16 / fp32 ``F.linear`` (2 / 4 bytes)."""
+    (``dense_int8_matmul``, 1 byte/weight) and bf16 rows (``dense_bf16_matmul``, 2 bytes/weight)
+    against torch bf16 / fp32 ``F.linear`` (2 / 4 bytes)."""
     set_threads(threads)
     x = torch.randn(1, d)
     w8 = torch.randint(-127, 128, (vocab, d), dtype=torch.int8)
@@ -261,12 +263,19 @@ def head_rows(threads: int, reps: int, vocab: int, d: int) -> list[dict]:
     settle()
     t8 = timeit(lambda w8=w8: kernels.dense_int8_matmul(x, w8, s), reps)["median"]
     out = {"threads": threads, "V": vocab, "K": d, "int8_ms": t8 * 1e3, "int8_GBps": vocab * d / t8 / 1e9}
+    del w8
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         wf = torch.randn(vocab, d).to(dtype)
+        if name == "bf16":
+            settle()
+            tb = timeit(lambda wf=wf: kernels.dense_bf16_matmul(x, wf), reps)["median"]
+            out["bf16_native_ms"], out["bf16_native_GBps"] = tb * 1e3, 2 * vocab * d / tb / 1e9
         xd = x.to(dtype)
         out[f"{name}_ms"] = timeit(lambda wf=wf, xd=xd: F.linear(xd, wf), reps)["median"] * 1e3
         del wf
-    print(f"  head {threads}t int8 {vocab}x{d}: {t8 * 1e3:.2f} ms ({out['int8_GBps']:.1f} GB/s)", file=sys.stderr)
+    print(f"  head {threads}t {vocab}x{d}: int8 {t8 * 1e3:.2f} ms ({out['int8_GBps']:.1f} GB/s), bf16 native "
+          f"{out['bf16_native_ms']:.2f} ms ({out['bf16_native_GBps']:.1f} GB/s), torch bf16 {out['bf16_ms']:.2f} ms",
+          file=sys.stderr)
     return [out]
 
 
@@ -302,12 +311,12 @@ def print_tables(res: dict) -> None:
               f"{r['kernel_GBps']:.1f} | {r['kernel_pct_read_bw']:.0f}% | {r['local_read_GBps']:.1f} | "
               f"{r['pct_local_read_bw']:.0f}% | {r['kernel_pct_local_read_bw']:.0f}% | {r['GMACps']:.0f} | "
               f"{r['hot_us']:.0f} | {r['speedup_vs_fp32']:.1f}x | {r['speedup_vs_bf16']:.1f}x |")
-    print("\nOutput head GEMV (M=1), int8 rows vs torch F.linear:\n")
-    print("| thr | V x K | int8 ms | int8 GB/s | bf16 ms | fp32 ms |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("\nOutput head GEMV (M=1), int8 and bf16 rows (native) vs torch F.linear:\n")
+    print("| thr | V x K | int8 ms | int8 GB/s | bf16 native ms | bf16 native GB/s | torch bf16 ms | torch fp32 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in res["head"]:
         print(f"| {r['threads']} | {r['V']}x{r['K']} | {r['int8_ms']:.2f} | {r['int8_GBps']:.1f} | "
-              f"{r['bf16_ms']:.2f} | {r['fp32_ms']:.2f} |")
+              f"{r['bf16_native_ms']:.2f} | {r['bf16_native_GBps']:.1f} | {r['bf16_ms']:.2f} | {r['fp32_ms']:.2f} |")
     print("\nGEMM (prefill):\n")
     print("| thr | fmt | M | N x K | GMAC/s | per core | torch fp32 | bf16 | _int_mm | vs fp32 | vs bf16 | vs int_mm |")
     print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
