@@ -300,21 +300,25 @@ def linear(
     return matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
 
 
-def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Native twin of :func:`bitlm.kernels.reference.dense_int8_matmul` (bit-identical)."""
-    lib = _lib or _need()
-    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu:
-        raise TypeError(f"weight must be an int8 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+def _dense_args(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, what: str):
+    """Checked (x2 float32 (M, K) contiguous, weight contiguous, M, N, K) for a dense head op."""
+    if weight.dtype != dtype or weight.dim() != 2 or not weight.is_cpu:
+        raise TypeError(f"weight must be {what} (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
     k = x.shape[-1]
-    n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
         x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
+    return x2, w, x2.shape[0], weight.shape[0], k
+
+
+def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_int8_matmul` (bit-identical)."""
+    lib = _lib or _need()
+    x2, w, m, n, k = _dense_args(x, weight, torch.int8, "an int8")
     s = _f32_vec(scale, n, "scale")
-    m = x2.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
@@ -323,17 +327,7 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Native twin of :func:`bitlm.kernels.reference.dense_bf16_matmul` (bit-identical)."""
     lib = _lib or _need()
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu:
-        raise TypeError(f"weight must be a bfloat16 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
-    k = x.shape[-1]
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
-        x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()  # bf16 bits, read as uint16
-    m = x2.shape[0]
+    x2, w, m, n, k = _dense_args(x, weight, torch.bfloat16, "a bfloat16")  # bf16 bits, read as uint16
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_bf16(x2.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr()), "bitlm_dense_bf16")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
