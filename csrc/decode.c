@@ -59,23 +59,10 @@ static int32_t quantize(const bitlm_kernel_table *tab, const float *x, int64_t k
 /* The bitlm_problem run_matmul (dispatch.c) would build for one token. */
 static void prepare(bitlm_problem *p, const bitlm_linear_desc *L, const int8_t *xq, const int32_t *xsum, float a,
                     float *f, float *y) {
-    const int bk = bitlm_block_k((int)L->fmt);
-    memset(p, 0, sizeof *p);
-    p->fmt = (int)L->fmt;
-    p->M = 1;
-    p->N = L->n;
-    p->K = L->k;
-    p->nchunks = (L->k + bk - 1) / bk;
-    p->Kp = p->nchunks * bk;
-    p->tile_bytes = p->nchunks * BITLM_CHUNK_BYTES;
-    p->w = L->w;
+    bitlm_problem_init(p, (int)L->fmt, 1, L->k, L->w, L->n, L->groups, L->bias, NULL, y);
     p->x = xq;
     p->xsum = xsum;
-    p->yf = y;
     p->f = f;
-    p->groups = L->groups;
-    p->rows_per_group = L->n / L->groups;
-    p->bias = L->bias;
     for (int64_t g = 0; g < L->groups; g++) f[g] = L->s[g] / a; /* float32, as in run_matmul */
 }
 
@@ -97,8 +84,6 @@ static void lin_run(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-#define MIN_MACS_PER_THREAD (1 << 15) /* as in dispatch.c */
-
 static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_problem *ps) {
     lin_task t;
     memset(&t, 0, sizeof t);
@@ -113,10 +98,7 @@ static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_probl
         macs += (double)ps[i].N * (double)ps[i].K;
         if (ps[i].tile_bytes > tile_bytes) tile_bytes = ps[i].tile_bytes;
     }
-    int64_t grain = 32768 / tile_bytes; /* a claim streams >= ~32 KB of weights (dispatch.c) */
-    grain = grain < 1 ? 1 : grain;
-    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
-    bitlm_parallel_for(total, grain, max_threads < 1 ? 1 : max_threads, lin_run, &t);
+    bitlm_parallel_for(total, bitlm_gemv_grain(tile_bytes), bitlm_threads_for(macs), lin_run, &t);
 }
 
 typedef struct {
@@ -197,8 +179,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
             memcpy(b->v_cache + (h * d->max_len + pos) * D, yv + h * D, (size_t)D * 4);
         }
         attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
-        const int attn_threads = (int)((double)(H * T * D * 2) / MIN_MACS_PER_THREAD) + 1;
-        bitlm_parallel_for(H, 1, attn_threads, attn_run, &at);
+        bitlm_parallel_for(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), attn_run, &at);
         xsum = quantize(tab, att, hd, b->attn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->o, xq, &xsum, a, f, y);
         run_linears(tab, 1, ps);

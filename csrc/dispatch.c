@@ -233,9 +233,6 @@ static void mm_task_run(void *ctx, int64_t b, int64_t e) {
     t->fn(t->p, b, e);
 }
 
-/* Work below this many MACs per extra thread is not worth a wake-up (~2-5 us). */
-#define MIN_MACS_PER_THREAD (1 << 15)
-
 static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64_t k, const uint8_t *w,
                       const float *s, int64_t groups, int64_t n, const float *bias, int32_t *yi, float *yf) {
     const int bk = bitlm_block_k(fmt);
@@ -245,20 +242,7 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
     const bitlm_kernel_table *tab = active();
 
     bitlm_problem p;
-    memset(&p, 0, sizeof p);
-    p.fmt = fmt;
-    p.M = m;
-    p.N = n;
-    p.K = k;
-    p.nchunks = (k + bk - 1) / bk;
-    p.Kp = p.nchunks * bk;
-    p.tile_bytes = p.nchunks * BITLM_CHUNK_BYTES;
-    p.w = w;
-    p.yi = yi;
-    p.yf = yf;
-    p.groups = groups < 1 ? 1 : groups;
-    p.rows_per_group = n / p.groups;
-    p.bias = bias;
+    bitlm_problem_init(&p, fmt, m, k, w, n, groups, bias, yi, yf);
 
     /* one scratch block: row sums, epilogue factors, and (only when K is not a multiple of the
      * block) a zero-padded copy of the activations so that kernels never read past a row. */
@@ -288,17 +272,9 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
     p.f = f;
 
     const int64_t tiles = (n + BITLM_TILE_N - 1) / BITLM_TILE_N;
-    const double macs = (double)m * (double)n * (double)k;
-    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
-    if (max_threads < 1) max_threads = 1;
-    /* GEMM kernels take 2 tiles per pass: keep claims multiples of that.  A decode GEMV claim
-     * should stream at least ~32 KB of weights (b1 at K = 2560 is 5 KB per tile), so that the
-     * per-claim cost stays small against it. */
-    int64_t grain = 2;
-    if (m == 1) {
-        grain = 32768 / p.tile_bytes;
-        grain = grain < 1 ? 1 : grain;
-    }
+    const int max_threads = bitlm_threads_for((double)m * (double)n * (double)k);
+    /* GEMM kernels take 2 tiles per pass: keep claims multiples of that */
+    const int64_t grain = m == 1 ? bitlm_gemv_grain(p.tile_bytes) : 2;
     mm_task task = {&p, tab->mm[fmt]};
     bitlm_parallel_for(tiles, grain, max_threads, mm_task_run, &task);
     free(scratch);
@@ -356,29 +332,25 @@ static void dense_task_run(void *ctx, int64_t b, int64_t e) {
     t->fn(t->p, b, e);
 }
 
+/* Whole 64-row panels, threads by the MAC count. */
+static int run_dense(const bitlm_dense_problem *p, bitlm_dense_fn fn) {
+    if (p->M == 0 || p->N == 0) return 0;
+    dense_task t = {p, fn};
+    bitlm_parallel_for(p->N, 64, bitlm_threads_for((double)p->M * (double)p->N * (double)p->K), dense_task_run, &t);
+    return 0;
+}
+
 BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
                              float *y) {
     if (!x || !w || !scale || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
-    if (m == 0 || n == 0) return 0;
     const bitlm_dense_problem p = {.x = x, .w = w, .scale = scale, .y = y, .M = m, .N = n, .K = k};
-    dense_task t = {&p, active()->dense_i8};
-    const double macs = (double)m * (double)n * (double)k;
-    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
-    if (max_threads < 1) max_threads = 1;
-    bitlm_parallel_for(n, 64, max_threads, dense_task_run, &t); /* whole 64-row panels */
-    return 0;
+    return run_dense(&p, active()->dense_i8);
 }
 
 BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y) {
     if (!x || !w || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
-    if (m == 0 || n == 0) return 0;
     const bitlm_dense_problem p = {.x = x, .y = y, .M = m, .N = n, .K = k, .wb = w};
-    dense_task t = {&p, active()->dense_bf16};
-    const double macs = (double)m * (double)n * (double)k;
-    int max_threads = (int)(macs / MIN_MACS_PER_THREAD);
-    if (max_threads < 1) max_threads = 1;
-    bitlm_parallel_for(n, 64, max_threads, dense_task_run, &t); /* whole 64-row pieces */
-    return 0;
+    return run_dense(&p, active()->dense_bf16);
 }
 
 /* ---- bandwidth probe ------------------------------------------------------------------------- */

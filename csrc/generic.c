@@ -139,36 +139,24 @@ static void quant_row_generic(const float *x, int64_t k, const float *norm_w, do
     *a_out = a;
 }
 
-/* Dense int8 head, the literal definition: 16 float lanes per (m, n), mul then add. */
+/* Dense heads, the literal definition: 16 float lanes per (m, n), mul then add; int8 rows times
+ * their scale, or bf16 rows (p->wb) with no scale. */
+static inline float dense_weight(const bitlm_dense_problem *p, int64_t i) {
+    return p->wb ? bitlm_bf16_to_f32(p->wb[i]) : (float)p->w[i];
+}
+
 static void dense_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
     const int64_t K = p->K;
     for (int64_t n = n0; n < n1; n++) {
-        const int8_t *wr = p->w + n * K;
         for (int64_t m = 0; m < p->M; m++) {
             const float *xr = p->x + m * K;
             float lane[16] = {0};
             int64_t k = 0;
             for (; k + 16 <= K; k += 16)
-                for (int j = 0; j < 16; j++) lane[j] = lane[j] + xr[k + j] * (float)wr[k + j];
-            for (; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * (float)wr[k];
-            p->y[m * p->N + n] = bitlm_fold16f(lane) * p->scale[n];
-        }
-    }
-}
-
-/* Dense bf16 head, the literal definition: the same lanes as dense_generic, no scale. */
-static void dense_bf16_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    const int64_t K = p->K;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint16_t *wr = p->wb + n * K;
-        for (int64_t m = 0; m < p->M; m++) {
-            const float *xr = p->x + m * K;
-            float lane[16] = {0};
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16)
-                for (int j = 0; j < 16; j++) lane[j] = lane[j] + xr[k + j] * bitlm_bf16_to_f32(wr[k + j]);
-            for (; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * bitlm_bf16_to_f32(wr[k]);
-            p->y[m * p->N + n] = bitlm_fold16f(lane);
+                for (int j = 0; j < 16; j++) lane[j] = lane[j] + xr[k + j] * dense_weight(p, n * K + k + j);
+            for (; k < K; k++) lane[k & 15] = lane[k & 15] + xr[k] * dense_weight(p, n * K + k);
+            const float y = bitlm_fold16f(lane);
+            p->y[m * p->N + n] = p->scale ? y * p->scale[n] : y;
         }
     }
 }
@@ -191,6 +179,6 @@ const bitlm_kernel_table bitlm_generic_table = {
     quant_row_generic,
     mem_read_generic,
     dense_generic,
-    dense_bf16_generic,
+    dense_generic,
     bitlm_attn_head,
 };

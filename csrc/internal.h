@@ -112,6 +112,41 @@ static inline int bitlm_block_k(int fmt) {
          : fmt == BITLM_FMT_B1 ? BITLM_B1_BLOCK_K : 0;
 }
 
+/* Work below this many MACs per extra thread is not worth a wake-up (~2-5 us). */
+#define BITLM_MIN_MACS_PER_THREAD (1 << 15)
+
+static inline int bitlm_threads_for(double macs) {
+    const int t = (int)(macs / BITLM_MIN_MACS_PER_THREAD);
+    return t < 1 ? 1 : t;
+}
+
+/* A decode GEMV claim should stream at least ~32 KB of weights (b1 at K = 2560 is 5 KB per
+ * tile), so that the per-claim cost stays small against it. */
+static inline int64_t bitlm_gemv_grain(int64_t tile_bytes) {
+    const int64_t g = 32768 / tile_bytes;
+    return g < 1 ? 1 : g;
+}
+
+/* The geometry and outputs of a problem (fmt must be valid); x, xsum and f are set by the caller. */
+static inline void bitlm_problem_init(bitlm_problem *p, int fmt, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                                      int64_t groups, const float *bias, int32_t *yi, float *yf) {
+    const int bk = bitlm_block_k(fmt);
+    memset(p, 0, sizeof *p);
+    p->fmt = fmt;
+    p->M = m;
+    p->N = n;
+    p->K = k;
+    p->nchunks = (k + bk - 1) / bk;
+    p->Kp = p->nchunks * bk;
+    p->tile_bytes = p->nchunks * BITLM_CHUNK_BYTES;
+    p->w = w;
+    p->yi = yi;
+    p->yf = yf;
+    p->groups = groups < 1 ? 1 : groups;
+    p->rows_per_group = n / p->groups;
+    p->bias = bias;
+}
+
 /* Scalar epilogue for one (token m, tile t) pair: raw[r] = sum_k code*x (i2, t1) or
  * sum_k bit*x (b1) for the 16 rows of the tile.  Writes rows n < N only.  The float path is
  * the documented order: (float)acc * f[m, g] then + bias[n], with no FMA contraction (the
