@@ -7,7 +7,7 @@ read bandwidth measured by the kernel library in the same run).  Each configurat
 own process so that peak RSS belongs to that configuration alone.
 
     python benchmarks/bench_engine.py                       # full 2b4t shape (builds ~1 GB files once)
-    python benchmarks/bench_engine.py --preset tiny-2b4t    # seconds, for a smoke test
+    python benchmarks/bench_engine.py --preset tiny-2b4t --decode-tokens 32 --prefill 64   # seconds, a smoke test
     python benchmarks/bench_engine.py --llama-cpp           # + llama.cpp TQ2_0/TQ1_0 side by side
     python benchmarks/bench_engine.py --per-op              # + decode on the per-op (Python-driven) path
 
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bitlm.info import cpu_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,16 +166,6 @@ def measure_bandwidth(threads: int, gib: float = 1.0) -> float:
         native.mem_read(buf)
         best = min(best, time.perf_counter() - t)
     return buf.numel() * 4 / best / 1e9
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:

@@ -45,22 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from bitlm import kernels
+from bitlm.info import cpu_model
 from bitlm.kernels import native
 from bitlm.packing import PackedWeight, get_format, pack_weight
 
 SHAPES = ((2560, 2560), (6912, 2560), (2560, 6912))  # (N, K): q/o, gate/up, down of 2B4T
 FORMATS = ("i2", "t1", "b1")
 COLD_BYTES = 384 << 20
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timeit(fn, reps: int, warmup: int = 1) -> dict:

@@ -409,17 +409,6 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def print_table(rows: list[dict]) -> None:
     hdr = (f"{'engine':<10}{'fmt':<7}{'head':<6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'mean':>8}"
            f"{'roof%':>7}{'MB/tok':>9}{'file MB':>9}{'RSS MB':>9}{'load s':>8}")
@@ -438,6 +427,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
+    from bitlm.info import cpu_model  # not at module level: the --_run child must not import bitlm
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
     ap.add_argument("--formats", dest="llama_formats", default=",".join(FORMATS))
@@ -460,10 +451,10 @@ def main() -> int:
     load = os.getloadavg()
     rows = run_llama_cpp(args, threads)
     info = llama_cpp_info()
-    print(f"\n{_cpu_model()} — llama-cpp-python {info.get('llama_cpp_python', '?')}; "
+    print(f"\n{cpu_model()} — llama-cpp-python {info.get('llama_cpp_python', '?')}; "
           f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
     print_table(rows)
-    out = {"cpu": _cpu_model(), **info, "preset": args.preset, "n_ctx": N_CTX, "n_batch": N_BATCH,
+    out = {"cpu": cpu_model(), **info, "preset": args.preset, "n_ctx": N_CTX, "n_batch": N_BATCH,
            "load_average_start": load, "load_average_end": os.getloadavg(), "rows": rows,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.json:

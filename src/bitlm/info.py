@@ -6,10 +6,11 @@ import json
 import platform
 from typing import Any
 
-__all__ = ["environment", "model_summary", "add_arguments", "run"]
+__all__ = ["cpu_model", "environment", "model_summary", "add_arguments", "run"]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -31,7 +32,7 @@ def environment() -> dict[str, Any]:
         "bitlm": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
