@@ -68,7 +68,7 @@ def build_random_packed(preset_name: str, fmt: str, head: str, path: Path, seed:
     return path
 
 
-def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> dict:
+def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32") -> dict:
     """Runs inside a fresh process: load (mmap), prefill, decode; reports speeds and peak RSS."""
     from bitlm import kernels
     from bitlm.engine import load_packed
@@ -79,6 +79,7 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
     base_rss = _hwm()  # python + torch + the kernel library, before the model exists
     t0 = time.perf_counter()
     pm = load_packed(path, verify=False)
+    pm.head_act = head_act
     out: dict = {"load_s": time.perf_counter() - t0}
     V = pm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -173,10 +174,12 @@ def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
     rows = []
     for fmt in args.formats.split(","):
         for head in args.heads.split(","):
-            path = build_random_packed(args.preset, fmt, head, Path(args.cache_dir) / f"{args.preset}-{fmt}-{head}.bitlm")
+            # int8a8: the int8 head file, read with int8 activations (PackedModel.head_act)
+            store, head_act = ("int8", "int8") if head == "int8a8" else (head, "f32")
+            path = build_random_packed(args.preset, fmt, store, Path(args.cache_dir) / f"{args.preset}-{fmt}-{store}.bitlm")
             for t, per_op in [(t, p) for p in ([False, True] if args.per_op else [False]) for t in threads]:
                 cmd = [sys.executable, __file__, "--_run", f"{path}:{t}", "--decode-tokens", str(args.decode_tokens),
-                       "--prefill", args.prefill]
+                       "--prefill", args.prefill, "--_head-act", head_act]
                 env = {**os.environ, "OMP_NUM_THREADS": str(t), "BITLM_FUSED_DECODE": "0" if per_op else "1"}
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode != 0:
@@ -231,7 +234,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
     ap.add_argument("--formats", default="i2,t1")
-    ap.add_argument("--heads", default="int8,bf16")
+    ap.add_argument("--heads", default="int8a8,int8,bf16",
+                    help="output heads: int8a8 (int8 rows x int8 activations, like llama.cpp's q8_0), int8 "
+                         "(int8 rows x float activations), bf16, f32")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prefill", default="128,512")
@@ -246,11 +251,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every configuration (bitlm and llama.cpp interleaved) and report medians")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_head-act", default="f32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefill = [int(x) for x in args.prefill.split(",") if x]
     if args._run:
         path, threads = args._run.rsplit(":", 1)
-        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill)))
+        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, args._head_act)))
         return 0
 
     os.environ.setdefault("BITLM_BACKEND", "native")
@@ -268,7 +274,7 @@ def main() -> int:
             runs += llama_cpp_rows(args, threads)
     rows = aggregate(runs) if args.rounds > 1 else runs
 
-    hdr = (f"{'engine':<12}{'fmt':<7}{'head':<6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
+    hdr = (f"{'engine':<12}{'fmt':<7}{'head':<8}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
            f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
     print(f"\n{cpu_model()} — kernels: {info.get('backend')} {info.get('tier')}; bandwidth "
           + ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
@@ -277,7 +283,7 @@ def main() -> int:
     for r in rows:
         def g(k, fmt="{:.1f}", r=r):
             return fmt.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['engine']:<12}{r['format']:<7}{r['head']:<6}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
+        print(f"{r['engine']:<12}{r['format']:<7}{r['head']:<8}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
               f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
               f"{g('pct_of_roofline', '{:.0f}'):>7}"
               f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 3
+#define BITLM_ABI_VERSION 4
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -140,6 +140,18 @@ BITLM_API int bitlm_quantize_rows(const float *x, int64_t m, int64_t k, const fl
  * (M = 1) streams the int8 matrix once: memory-bound at 1 byte per weight. */
 BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
                              float *y);
+
+/* ---- dense int8-weight head with int8 activations (W8A8) ------------------------------------------
+ * The same int8 head read with quantised activations, as a BitLinear does (and as llama.cpp's
+ * q8_0 head does with blocks of 32): xq int8 (M, K) and a float32 (M,) from bitlm_quantize_rows
+ * (x ~ xq / a), then
+ *   acc[m, n] = sum_k xq[m, k] * w[n, k]        (exact: int32, K < 131072)
+ *   y[m, n]   = (float)acc[m, n] * (scale[n] / a[m])   (float32: one division, one multiply)
+ * exactly the BitLinear epilogue.  Integer sums have no order, so every tier gives the same bits;
+ * decode needs one vpdpbusd per 64 weights instead of a float convert, multiply and add per
+ * weight, and stays memory-bound at 1 byte per weight.  K >= 131072 is EINVAL. */
+BITLM_API int bitlm_dense_i8a8(const int8_t *xq, const float *a, int64_t m, int64_t k, const int8_t *w,
+                               const float *scale, int64_t n, float *y);
 
 /* ---- dense bf16-weight head ---------------------------------------------------------------------
  * The same product for a head stored as bfloat16 rows, with no scale:

@@ -131,6 +131,21 @@ static void rope(float *v, int64_t nh, int64_t D, const float *cos, const float 
     }
 }
 
+/* v > 0 ? v : 0 without a branch.  Written as a compare, GCC keeps a conditional jump (it may
+ * not if-convert a float compare under the default -ftrapping-math), and on the signs of real
+ * activations that jump mispredicts half the time: the 2B4T-shaped ReLU² loop over 6912 gate
+ * values took ~30 us per block (1 ms per token), ~1.4 us this way.  Same value for every input:
+ * bits b with b - 1 < 0x7f800000 are exactly the positive non-zero floats up to +inf; +0, the
+ * negatives and NaN become +0, as the compare made them. */
+static inline float relu_f(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b &= (b - 1u) < 0x7f800000u ? ~0u : 0u;
+    float g;
+    memcpy(&g, &b, 4);
+    return g;
+}
+
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* ---- the step ------------------------------------------------------------------------------ */
@@ -190,7 +205,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         run_linears(tab, 1, ps);
         if (d->act == BITLM_ACT_RELU2_GLU) {
             for (int64_t j = 0; j < F; j++) {
-                const float g = y[j] > 0.0f ? y[j] : 0.0f;
+                const float g = relu_f(y[j]);
                 hb[j] = (g * g) * y[F + j];
             }
         } else {

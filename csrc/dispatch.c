@@ -347,6 +347,23 @@ BITLM_API int bitlm_dense_i8(const float *x, int64_t m, int64_t k, const int8_t 
     return run_dense(&p, active()->dense_i8);
 }
 
+BITLM_API int bitlm_dense_i8a8(const int8_t *xq, const float *a, int64_t m, int64_t k, const int8_t *w,
+                               const float *scale, int64_t n, float *y) {
+    if (!xq || !a || !w || !scale || !y || m < 0 || k < 0 || k >= 131072 || n < 0) return BITLM_EINVAL;
+    if (m == 0 || n == 0) return 0;
+    int32_t *xsum = malloc((size_t)m * sizeof(int32_t));
+    if (!xsum) return BITLM_ENOMEM;
+    for (int64_t i = 0; i < m; i++) {
+        int32_t s = 0; /* |s| <= 128 K < 2^24 */
+        for (int64_t j = 0; j < k; j++) s += xq[i * k + j];
+        xsum[i] = s;
+    }
+    const bitlm_dense_problem p = {.xq = xq, .a = a, .xsum = xsum, .w = w, .scale = scale, .y = y, .M = m, .N = n, .K = k};
+    const int rc = run_dense(&p, active()->dense_i8a8);
+    free(xsum);
+    return rc;
+}
+
 BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y) {
     if (!x || !w || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
     const bitlm_dense_problem p = {.x = x, .y = y, .M = m, .N = n, .K = k, .wb = w};

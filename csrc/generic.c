@@ -161,6 +161,18 @@ static void dense_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) 
     }
 }
 
+/* W8A8 head, the literal definition: an exact integer dot product per (m, n). */
+static void dense_i8a8_generic(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    const int64_t K = p->K;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < p->M; m++) {
+            const int8_t *xr = p->xq + m * K, *wr = p->w + n * K;
+            int64_t acc = 0;
+            for (int64_t k = 0; k < K; k++) acc += (int32_t)xr[k] * wr[k];
+            bitlm_i8a8_store(p, m, n, (uint32_t)acc);
+        }
+}
+
 static uint64_t mem_read_generic(const uint8_t *buf, size_t n) {
     const uint64_t *p = (const uint64_t *)(const void *)buf;
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -180,5 +192,6 @@ const bitlm_kernel_table bitlm_generic_table = {
     mem_read_generic,
     dense_generic,
     dense_generic,
+    dense_i8a8_generic,
     bitlm_attn_head,
 };

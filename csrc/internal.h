@@ -46,8 +46,17 @@ typedef struct bitlm_dense_problem {
     float *y;            /* (M, N) */
     int64_t M, N, K;
     const uint16_t *wb;  /* (N, K) bf16 bits, or NULL */
+    /* dense_i8a8 only (x is NULL then): quantised activations, their scales and row sums */
+    const int8_t *xq;    /* (M, K) */
+    const float *a;      /* (M,) */
+    const int32_t *xsum; /* (M,) sum over k of xq[m, k] */
 } bitlm_dense_problem;
 typedef void (*bitlm_dense_fn)(const bitlm_dense_problem *p, int64_t n0, int64_t n1);
+
+/* The W8A8 head's epilogue for one output: acc (exact, modulo 2^32) -> float (bitlm_dense_i8a8). */
+static inline void bitlm_i8a8_store(const bitlm_dense_problem *p, int64_t m, int64_t n, uint32_t acc) {
+    p->y[m * p->N + n] = (float)(int32_t)acc * (p->scale[n] / p->a[m]);
+}
 /* Attention of one query head over T cached positions (semantics in bitlm_kernels.h, see
  * bitlm_decode_step; the one implementation is attn_impl.h, compiled once per tier).
  * q, out: (D,); kc, vc: (T, D) rows of one kv head; scores: (T,) scratch. */
@@ -77,6 +86,7 @@ typedef struct bitlm_kernel_table {
     bitlm_read_fn mem_read;
     bitlm_dense_fn dense_i8;
     bitlm_dense_fn dense_bf16;
+    bitlm_dense_fn dense_i8a8;
     bitlm_attn_fn attn;
 } bitlm_kernel_table;
 

@@ -338,6 +338,59 @@ static void dense_bf16_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1
     dense_rows_avx2(W_BF16, p, n0, n1);
 }
 
+/* ---- W8A8 head: exact int32 sums of int8 x int8 (vpmaddwd on sign-extended 16-bit pairs) ---- */
+
+/* R rows x T tokens (R*T <= 4); the K tail (< 16) in scalar code. */
+ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+    const int64_t K = p->K, K16 = K & ~(int64_t)15;
+    __m256i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    const int8_t *w = p->w + n * K, *x = p->xq + m * K;
+    for (int64_t k = 0; k < K16; k += 16) {
+        if (T == 1 && (k & 63) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        __m256i xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(x + t * K + k)));
+        for (int r = 0; r < R; r++) {
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(w + r * K + k)));
+            for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(wv, xv[t]));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            int32_t lane[8];
+            _mm256_storeu_si256((__m256i *)(void *)lane, acc[r][t]);
+            uint32_t s = 0; /* wrapping: exact modulo 2^32, and the true sum fits (K < 2^17) */
+            for (int j = 0; j < 8; j++) s += (uint32_t)lane[j];
+            for (int64_t k = K16; k < K; k++) s += (uint32_t)((int32_t)x[t * K + k] * w[r * K + k]);
+            bitlm_i8a8_store(p, m + t, n + r, s);
+        }
+}
+
+static void dense_i8a8_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    if (p->M == 1) { /* decode: 4 rows at a time */
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) i8a8_block(p, 4, 1, n, 0);
+        for (; n < n1; n++) i8a8_block(p, 1, 1, n, 0);
+        return;
+    }
+    for (int64_t pn = n0; pn < n1; pn += 64) { /* 64-row panels (L2) against all tokens */
+        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+        for (int64_t m = 0; m < p->M; m += 2) {
+            const int T = p->M - m >= 2 ? 2 : 1;
+            int64_t n = pn;
+            if (T == 2) {
+                for (; n + 2 <= pe; n += 2) i8a8_block(p, 2, 2, n, m);
+                if (n < pe) i8a8_block(p, 1, 2, n, m);
+            } else {
+                for (; n + 2 <= pe; n += 2) i8a8_block(p, 2, 1, n, m);
+                if (n < pe) i8a8_block(p, 1, 1, n, m);
+            }
+        }
+    }
+}
+
 static uint64_t mem_read_avx2(const uint8_t *buf, size_t n) {
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     size_t i = 0;
@@ -361,5 +414,6 @@ const bitlm_kernel_table bitlm_avx2_table = {
     mem_read_avx2,
     dense_avx2,
     dense_bf16_avx2,
+    dense_i8a8_avx2,
     bitlm_attn_head,
 };

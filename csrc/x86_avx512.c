@@ -447,6 +447,57 @@ static void dense_bf16_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t 
     dense_panels(W_BF16, p, n0, n1);
 }
 
+/* ---- W8A8 head ------------------------------------------------------------------------------
+ * vpdpbusd wants one unsigned operand: the weights are read as w ^ 0x80 = w + 128 (u8), so
+ * the lanes hold sum (w + 128) x = acc + 128 sum x, and one subtraction of 128 * xsum[m] per
+ * output gives acc (all in wrapping int32: exact, since |acc| < 2^31).  A masked K tail loads
+ * zeros on both sides: (0 ^ 0x80) * 0 adds nothing.  One xor + one vpdpbusd per 64 weights. */
+ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+    const int64_t K = p->K;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    const int8_t *w = p->w + n * K, *x = p->xq + m * K;
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        if (T == 1)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        __m512i xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_epi8(mk, x + t * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * K + k), bias);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            const uint32_t s = (uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - 128u * (uint32_t)p->xsum[m + t];
+            bitlm_i8a8_store(p, m + t, n + r, s);
+        }
+}
+
+static void dense_i8a8_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    if (p->M == 1) { /* decode: 4 rows (4 vpdpbusd chains) at a time */
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) i8a8_block(p, 4, 1, n, 0);
+        for (; n < n1; n++) i8a8_block(p, 1, 1, n, 0);
+        return;
+    }
+    for (int64_t pn = n0; pn < n1; pn += 64) { /* 64-row panels (L2) against all tokens, 4x4 blocks */
+        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+        for (int64_t m = 0; m < p->M; m += 4) {
+            int64_t n = pn;
+            switch (p->M - m >= 4 ? 4 : p->M - m) {
+            case 4: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 4, n, m); for (; n < pe; n++) i8a8_block(p, 1, 4, n, m); break;
+            case 3: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 3, n, m); for (; n < pe; n++) i8a8_block(p, 1, 3, n, m); break;
+            case 2: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 2, n, m); for (; n < pe; n++) i8a8_block(p, 1, 2, n, m); break;
+            default: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 1, n, m); for (; n < pe; n++) i8a8_block(p, 1, 1, n, m); break;
+            }
+        }
+    }
+}
+
 /* ---- bandwidth probe -------------------------------------------------------------------------- */
 
 static uint64_t mem_read_avx512(const uint8_t *buf, size_t n) {
@@ -470,5 +521,6 @@ const bitlm_kernel_table bitlm_avx512_table = {
     mem_read_avx512,
     dense_avx512,
     dense_bf16_avx512,
+    dense_i8a8_avx512,
     bitlm_attn_head,
 };

@@ -78,6 +78,57 @@ def test_low_precision_heads_are_close():
         assert rel < 0.02, (head, rel)
 
 
+@pytest.mark.parametrize("name", ["tiny-2b4t", "tiny-bitnet"])
+def test_w8a8_head_is_its_twin_and_close_to_the_float_head(name, monkeypatch):
+    """head_act='int8': the final norm fused with the per-token quantiser, then the exact
+    int8 x int8 head.  Its logits are what the torch twin computes from the same hidden state,
+    close to the float-activation int8 head's, and greedy decoding agrees with it."""
+    from bitlm import kernels
+    from bitlm.kernels import reference as R
+
+    m = sharpened(name)
+    pm = convert(m, head="int8")
+    ids = torch.randint(0, m.config.vocab_size, (2, 16))
+    f32 = pm(ids)
+    pm.head_act = "int8"
+    a8 = pm(ids)
+    rel = ((a8 - f32).norm() / f32.norm()).item()
+    assert 0 < rel < 0.02, rel  # really a different path, and only activation rounding apart
+    # the twin: the hidden state before the final norm, through the reference ops
+    seen = {}
+    real_final = pm._final
+
+    def spy(x, B, T):
+        seen["x"] = x.clone()
+        return real_final(x, B, T)
+
+    monkeypatch.setattr(pm, "_final", spy)
+    assert torch.equal(pm(ids), a8)
+    x = seen["x"]
+    cfg = pm.config
+    if cfg.arch == "bitnet":
+        xq, a = R.quantize_rows(torch.nn.functional.layer_norm(x, (cfg.d_model,), pm.final_norm, pm.final_norm_b,
+                                                               cfg.norm_eps))
+    else:
+        xq, a = R.quantize_rows(x, pm.final_norm, cfg.norm_eps)
+    want = R.dense_int8a8_matmul(xq, a, pm.head.weight, pm.head.scale).view(2, 16, -1)
+    assert torch.equal(a8, want) if kernels.backend() == "native" else torch.allclose(a8, want)
+    prompt = [3, 14, 15, 92, 65]
+    pm.head_act = "f32"
+    ref = list(generate_tokens(pm, prompt, 32))
+    pm.head_act = "int8"
+    assert list(generate_tokens(pm, prompt, 32)) == ref
+
+
+def test_w8a8_head_needs_an_int8_head():
+    pm = convert(sharpened("tiny"), head="bf16")
+    with pytest.raises(ValueError, match="needs an int8 output head"):
+        pm.head_act = "int8"
+    with pytest.raises(ValueError, match="head_act must be one of"):
+        pm.head_act = "int4"
+    assert pm.head_act == "f32"
+
+
 def test_packed_file_round_trip_and_bits(tmp_path):
     m = sharpened("tiny-2b4t", d_model=160, d_ff=320)  # N, K multiples of the tile (16) and chunks (16, 20)
     ids = torch.randint(0, 512, (2, 10))
@@ -139,6 +190,17 @@ def test_pack_generate_chat_cli(tmp_path, capsys):
     packed_text = capsys.readouterr().out
     assert main(["generate", "--model", str(ck), "--prompt", "the cat", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == packed_text  # same greedy text from both engines
+    # the W8A8 head: int8-head packs only, a one-line error otherwise
+    assert main(["pack", "--model", str(ck), "--out", str(tmp_path / "m8.bitlm"), "--head", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m8.bitlm"), "--prompt", "the cat", "--max-new-tokens", "8",
+                 "--head-act", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    for bad in (str(tmp_path / "m.bitlm"), str(ck)):
+        r = subprocess.run([sys.executable, "-m", "bitlm.cli", "generate", "--model", bad, "--prompt", "the cat",
+                            "--max-new-tokens", "2", "--head-act", "int8"], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and ("--head-act" in r.stderr or "int8 output head" in r.stderr), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run([sys.executable, "-m", "bitlm.cli", "chat", "--model", str(tmp_path / "m.bitlm"),
                         "--max-new-tokens", "5"], input="hello\nthe cat\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

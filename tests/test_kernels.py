@@ -483,3 +483,67 @@ def test_dense_bf16_matmul_bad_input(impl):
         f(x, torch.randn(40).to(torch.bfloat16))  # not (N, K)
     with pytest.raises(ValueError, match="K=40"):
         f(x, torch.randn(8, 41).to(torch.bfloat16))
+
+
+# --- W8A8 head (int8 activations x int8 rows) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("k", (1, 15, 63, 64, 65, 300, 2560))
+def test_dense_int8a8_matmul_bit_identical(tier, k):
+    gen = torch.Generator().manual_seed(k)
+    for m, n in ((1, 37), (2, 5), (3, 70), (4, 9), (7, 67), (64, 67)):
+        xq, a = native.quantize_rows(torch.randn(m, k, generator=gen) * 3)
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        w[0] = -128  # extremes: -128 * -128 and the +128 bias of the u8 trick
+        s = torch.rand(n, generator=gen) / 64
+        got, want = native.dense_int8a8_matmul(xq, a, w, s), R.dense_int8a8_matmul(xq, a, w, s)
+        assert got.shape == (m, n) and torch.equal(got, want), (tier, m, n, k)
+
+
+def test_dense_int8a8_extremal_sums_are_exact(tier):
+    """The largest |sum| the int32 path allows (K = 131071, all -128 x -128 = 2^31 - 16384) and
+    mixed signs: no 16-bit saturation, no int32 overflow, on every tier."""
+    k = 131071
+    for xv, wv in ((-128, -128), (127, 127), (-128, 127), (127, -128)):
+        xq = torch.full((2, k), xv, dtype=torch.int8)
+        a, s = torch.ones(2), torch.ones(3)
+        w = torch.full((3, k), wv, dtype=torch.int8)
+        got = native.dense_int8a8_matmul(xq, a, w, s)
+        assert torch.equal(got, R.dense_int8a8_matmul(xq, a, w, s)), (tier, xv, wv)
+        assert got[0, 0].item() == float(torch.tensor(k * xv * wv, dtype=torch.int64).to(torch.float32))
+
+
+def test_dense_int8a8_is_the_bitlinear_epilogue(lib):
+    """acc · (scale / a) on the exact integer product, and close to the float head it stands for."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 300, generator=gen)
+    w = torch.randint(-128, 128, (70, 300), generator=gen, dtype=torch.int8)
+    s = torch.rand(70, generator=gen) / 100
+    xq, a = K.quantize_rows(x)
+    acc = (xq.long() @ w.long().t()).to(torch.float32)
+    want = acc * (s.reshape(1, -1) / a.reshape(-1, 1))
+    assert torch.equal(K.dense_int8a8_matmul(xq, a, w, s), want)
+    ref = torch.nn.functional.linear(x, w.float()) * s
+    assert ((want - ref).norm() / ref.norm()).item() < 0.02  # 8-bit activation rounding only
+
+
+@pytest.mark.parametrize("impl", ("native", "reference"))
+def test_dense_int8a8_bad_input(impl):
+    if impl == "native" and native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    f = native.dense_int8a8_matmul if impl == "native" else R.dense_int8a8_matmul
+    xq, a = torch.zeros(2, 40, dtype=torch.int8), torch.ones(2)
+    w, s = torch.zeros(8, 40, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(TypeError, match="int8"):
+        f(xq.float(), a, w, s)  # activations not quantised
+    with pytest.raises(TypeError, match="int8"):
+        f(xq, a, w.float(), s)
+    with pytest.raises(ValueError, match="K=40"):
+        f(xq, a, torch.zeros(8, 41, dtype=torch.int8), s)
+    with pytest.raises(ValueError, match="K < 131072"):
+        f(torch.zeros(1, 131072, dtype=torch.int8), torch.ones(1), torch.zeros(1, 131072, dtype=torch.int8), s[:1])
+    if impl == "native":
+        with pytest.raises(ValueError, match="scale"):
+            f(xq, a, w, torch.ones(7))
+        with pytest.raises(ValueError, match="a has"):
+            f(xq, torch.ones(3), w, s)

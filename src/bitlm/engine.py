@@ -287,9 +287,35 @@ class PackedModel:
         del m
         return kernels.matmul(mq, ma, L.down)
 
+    #: Activations of the output head: "f32" (the normed hidden state as is) or "int8" — quantised
+    #: per token like every BitLinear input, then an exact int8 x int8 product (W8A8, as llama.cpp
+    #: reads a q8_0 head); needs an int8 head, and decode reads it at memory speed.
+    HEAD_ACTS = ("f32", "int8")
+    _head_act = "f32"
+
+    @property
+    def head_act(self) -> str:
+        return self._head_act
+
+    @head_act.setter
+    def head_act(self, mode: str) -> None:
+        if mode not in self.HEAD_ACTS:
+            raise ValueError(f"head_act must be one of {self.HEAD_ACTS}, got {mode!r}")
+        if mode == "int8" and self.head.kind != "int8":
+            raise ValueError(f"head_act='int8' needs an int8 output head, this model's is {self.head.kind} "
+                             "(pack it with --head int8)")
+        self._head_act = mode
+
     def _final(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Final norm + output head: (B*T, d) → logits (B, T, V)."""
         cfg = self.config
+        if self._head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 head
+            if cfg.arch == "bitnet":
+                xq, a = kernels.quantize_rows(F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b,
+                                                           cfg.norm_eps))
+            else:
+                xq, a = kernels.quantize_rows(x, self.final_norm, cfg.norm_eps)
+            return kernels.dense_int8a8_matmul(xq, a, self.head.weight, self.head.scale).view(B, T, -1)
         if cfg.arch == "bitnet":
             h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
         else:

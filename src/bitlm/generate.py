@@ -155,6 +155,25 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--head-act", choices=["f32", "int8"], default="f32",
+                   help="packed models with an int8 head: int8 quantises the head's input per token (W8A8, "
+                        "like llama.cpp's q8_0 head) and reads the head at memory speed")
+
+
+def load_for_generation(args):
+    """The model named by --model, eval mode, with --head-act applied (packed models only)."""
+    from .io import load
+
+    model = load(args.model)
+    model.eval()
+    if args.head_act != "f32":
+        if not hasattr(model, "HEAD_ACTS"):
+            raise ValueError(f"{args.model}: --head-act {args.head_act} needs a packed model file (bitlm pack)")
+        try:
+            model.head_act = args.head_act
+        except ValueError as e:
+            raise ValueError(f"{args.model}: {e}") from None
+    return model
 
 
 def add_arguments(p) -> None:
@@ -174,14 +193,13 @@ def sampling_from_args(args) -> SamplingParams:
 def run(args) -> int:
     import sys
 
-    from .io import load, load_tokenizer_for
+    from .io import load_tokenizer_for
 
     params = sampling_from_args(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model = load(args.model)
+    model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
-    model.eval()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
 
@@ -223,11 +241,10 @@ def add_chat_arguments(p) -> None:
 def run_chat(args) -> int:
     import sys
 
-    from .io import load, load_tokenizer_for
+    from .io import load_tokenizer_for
 
     params = sampling_from_args(args)
-    model = load(args.model)
-    model.eval()
+    model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
     t = CHAT_TEMPLATES[args.template]
     messages: list[tuple[str, str]] = [("System", args.system)] if args.system else []

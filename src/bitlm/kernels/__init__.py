@@ -32,7 +32,7 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "backend", "backend_info",
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -117,6 +117,14 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     memory-bound at 1 byte per weight; the matrix is never converted to float)."""
     nat = _native_or_none()
     return (nat or reference).dense_int8_matmul(x, weight, scale)
+
+
+def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 output head: quantised activations (xq, a) from :func:`quantize_rows` × int8 rows with
+    per-row scales → float32 (M, N) = float32(xq · wᵀ) · (scale / a), exact int32 sums (one
+    vpdpbusd per 64 weights, where the float path converts, multiplies and adds every weight)."""
+    nat = _native_or_none()
+    return (nat or reference).dense_int8a8_matmul(xq, a, weight, scale)
 
 
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

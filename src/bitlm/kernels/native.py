@@ -24,10 +24,10 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "Decoder", "ACTIVATIONS"]
+           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 3
+ABI_VERSION = 4
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -56,6 +56,7 @@ _SIGNATURES = {
     "bitlm_quantize_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_d, _c_int, _c_p, _c_p]),
     "bitlm_dense_i8": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
+    "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
@@ -322,6 +323,27 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8(x2.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()), "bitlm_dense_i8")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_int8a8_matmul` (bit-identical)."""
+    from .reference import I8A8_MAX_K
+
+    lib = _lib or _need()
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu:
+        raise TypeError(f"weight must be an int8 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if k >= I8A8_MAX_K:
+        raise ValueError(f"W8A8 head needs K < {I8A8_MAX_K}, got {k}")
+    xq = _xq(xq, k)
+    m = xq.shape[0]
+    a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
+    s = _f32_vec(scale, n, "scale")
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.bitlm_dense_i8a8(xq.data_ptr(), a.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()),
+           "bitlm_dense_i8a8")
+    return y
 
 
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul"]
+__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul",
+           "dense_int8a8_matmul"]
 
 _LANES = 16
 
@@ -172,6 +173,27 @@ def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     _check_dense(x, weight, torch.int8, "an int8")
     n = weight.shape[0]
     return _dense_lanes(x, weight.to(torch.float32)) * scale.to(torch.float32).reshape(n)
+
+
+#: The int32 sums of the W8A8 head are exact for K below this (|sum| <= 128 · 128 · K < 2^31).
+I8A8_MAX_K = 131072
+
+
+def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 head: quantised activations (xq int8 (M, K), a float32 (M,), x ≈ xq / a, as from
+    :func:`quantize_rows`) × int8 (N, K) rows with float32 (N,) scales → float32 (M, N).
+
+    ``acc = Σ_k xq[m, k] · w[n, k]`` exactly (int32), then ``y = float32(acc) · (scale[n] / a[m])``,
+    the BitLinear epilogue; integer sums have no order, so every native tier gives these bits.
+    """
+    _check_dense(xq, weight, torch.int8, "an int8")
+    _check_xq(xq, weight.shape[1])
+    if xq.shape[1] >= I8A8_MAX_K:
+        raise ValueError(f"W8A8 head needs K < {I8A8_MAX_K}, got {xq.shape[1]}")
+    acc = (xq.double() @ weight.double().t()).to(torch.int32)  # exact: |sum| < 2^31 < 2^53
+    m, n = acc.shape
+    f = scale.to(torch.float32).reshape(1, n) / a.to(torch.float32).reshape(m, 1)
+    return acc.to(torch.float32) * f
 
 
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
