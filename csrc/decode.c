@@ -84,7 +84,67 @@ static void lin_run(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_problem *ps) {
+/* The weights of the next parallel pass (up to three products, tiles end to end), so that a
+ * worker that has finished its part of the current pass can pull the start of its next share
+ * into its L2 while the caller runs the serial work in between (norms, RoPE, residuals): on
+ * the 2-core test VM that work leaves memory idle for ~25 us per block. */
+#ifndef NEXT_PREFETCH_BYTES
+#define NEXT_PREFETCH_BYTES (256 * 1024)
+#endif
+
+typedef struct {
+    int np;
+    const uint8_t *w[3];
+    int64_t tile_bytes[3], end[3]; /* end: cumulative tile counts */
+    int64_t grain;
+    int max_threads;
+} lin_plan;
+
+static int64_t tile_bytes_of(const bitlm_linear_desc *L) {
+    const int64_t bk = bitlm_block_k((int)L->fmt);
+    return (L->k + bk - 1) / bk * 64;
+}
+
+/* The split run_linears makes of these products: one grain and thread rule for both. */
+static void plan_linears(lin_plan *pl, int np, const bitlm_linear_desc *const *L) {
+    memset(pl, 0, sizeof *pl);
+    pl->np = np;
+    int64_t total = 0, tb = 1;
+    double macs = 0;
+    for (int i = 0; i < np; i++) {
+        pl->w[i] = L[i]->w;
+        pl->tile_bytes[i] = tile_bytes_of(L[i]);
+        total += (L[i]->n + BITLM_TILE_N - 1) / BITLM_TILE_N;
+        pl->end[i] = total;
+        macs += (double)L[i]->n * (double)L[i]->k;
+        if (pl->tile_bytes[i] > tb) tb = pl->tile_bytes[i];
+    }
+    pl->grain = bitlm_gemv_grain(tb);
+    pl->max_threads = bitlm_threads_for(macs);
+}
+
+/* bitlm_plan_fn: where worker i's share of the next pass starts, assuming it runs on as many
+ * threads as this one (a wrong guess only costs a useless prefetch). */
+static void next_share(void *ctx, int i, int nt, const void **p, size_t *len) {
+    const lin_plan *pl = (const lin_plan *)ctx;
+    if (!pl || pl->np == 0) return;
+    const int64_t total = pl->end[pl->np - 1], nunits = (total + pl->grain - 1) / pl->grain;
+    const int nt2 = nt < pl->max_threads ? nt : pl->max_threads;
+    if (i >= nt2 || nunits < nt2) return;
+    const int64_t t0 = bitlm_share_begin(nunits, i, nt2) * pl->grain;
+    int64_t start = 0;
+    for (int j = 0; j < pl->np; j++) {
+        if (t0 < pl->end[j]) {
+            const int64_t left = (pl->end[j] - t0) * pl->tile_bytes[j];
+            *p = pl->w[j] + (t0 - start) * pl->tile_bytes[j];
+            *len = (size_t)(left < NEXT_PREFETCH_BYTES ? left : NEXT_PREFETCH_BYTES);
+            return;
+        }
+        start = pl->end[j];
+    }
+}
+
+static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_problem *ps, lin_plan *next) {
     lin_task t;
     memset(&t, 0, sizeof t);
     t.np = np;
@@ -98,7 +158,7 @@ static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_probl
         macs += (double)ps[i].N * (double)ps[i].K;
         if (ps[i].tile_bytes > tile_bytes) tile_bytes = ps[i].tile_bytes;
     }
-    bitlm_parallel_for(total, bitlm_gemv_grain(tile_bytes), bitlm_threads_for(macs), lin_run, &t);
+    bitlm_parallel_for_then(total, bitlm_gemv_grain(tile_bytes), bitlm_threads_for(macs), lin_run, &t, next_share, next);
 }
 
 typedef struct {
@@ -180,13 +240,26 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     float a;
     for (int64_t i = 0; i < d->n_layers; i++) {
         const bitlm_block_desc *b = &d->blocks[i];
+        /* what each pass's workers prefetch for the pass after it */
+        lin_plan pl_o, pl_up, pl_down, pl_qkv;
+        const bitlm_linear_desc *lo[1] = {&b->o}, *lu[1] = {&b->up}, *ld[1] = {&b->down};
+        plan_linears(&pl_o, 1, lo);
+        plan_linears(&pl_up, 1, lu);
+        plan_linears(&pl_down, 1, ld);
+        if (i + 1 < d->n_layers) {
+            const bitlm_block_desc *nb = &d->blocks[i + 1];
+            const bitlm_linear_desc *lq[3] = {&nb->q, &nb->k, &nb->v};
+            plan_linears(&pl_qkv, 3, lq);
+        } else {
+            memset(&pl_qkv, 0, sizeof pl_qkv);
+        }
         /* attention */
         xsum = quantize(tab, x, dm, b->input_norm, d->eps, xq, &a);
         float *yq = y, *yk = y + hd, *yv = y + hd + kvd;
         prepare(&ps[0], &b->q, xq, &xsum, a, f, yq);
         prepare(&ps[1], &b->k, xq, &xsum, a, f + gmax, yk);
         prepare(&ps[2], &b->v, xq, &xsum, a, f + 2 * gmax, yv);
-        run_linears(tab, 3, ps);
+        run_linears(tab, 3, ps, &pl_o);
         rope(yq, H, D, cos, sin);
         rope(yk, Hkv, D, cos, sin);
         for (int64_t h = 0; h < Hkv; h++) {
@@ -194,15 +267,16 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
             memcpy(b->v_cache + (h * d->max_len + pos) * D, yv + h * D, (size_t)D * 4);
         }
         attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
-        bitlm_parallel_for(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), attn_run, &at);
+        bitlm_parallel_for_then(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), attn_run, &at,
+                                next_share, &pl_o);
         xsum = quantize(tab, att, hd, b->attn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->o, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps);
+        run_linears(tab, 1, ps, &pl_up);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
         /* feed-forward: gate rows, then up rows, in one product */
         xsum = quantize(tab, x, dm, b->post_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->up, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps);
+        run_linears(tab, 1, ps, &pl_down);
         if (d->act == BITLM_ACT_RELU2_GLU) {
             for (int64_t j = 0; j < F; j++) {
                 const float g = relu_f(y[j]);
@@ -213,7 +287,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         }
         xsum = quantize(tab, hb, F, b->ffn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->down, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps);
+        run_linears(tab, 1, ps, &pl_qkv);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
     }
     free(mem);

@@ -108,6 +108,16 @@ typedef void (*bitlm_task_fn)(void *ctx, int64_t begin, int64_t end);
  * dynamically.  If another thread is already using the pool, runs everything inline (never
  * blocks, never deadlocks). */
 BITLM_HIDDEN void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx);
+/* Participant i of nt's first unit: the pool splits [0, nunits) into nt equal contiguous shares. */
+static inline int64_t bitlm_share_begin(int64_t nunits, int i, int nt) { return nunits * i / nt; }
+/* What worker i (of nt participants in the job being started) should pull into its L2 once its
+ * part of the job is done: *p, *len (len 0: nothing).  Called on the caller's thread before
+ * the job starts; the worker prefetches while the caller goes on alone (the serial work
+ * between two products of a decode step), and stops as soon as a new job is published. */
+typedef void (*bitlm_plan_fn)(void *ctx, int i, int nt, const void **p, size_t *len);
+/* bitlm_parallel_for, then each worker prefetches what plan names for it. */
+BITLM_HIDDEN void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx,
+                                          bitlm_plan_fn plan, void *plan_ctx);
 
 /* ---- helpers usable from every tier ---- */
 static inline int32_t bitlm_load_i32(const void *p) {

@@ -43,7 +43,12 @@
  * a single CAS.  Padded to a cache line so that owners do not false-share. */
 typedef struct {
     _Atomic uint64_t fb; /* front:32 | back:32 */
-    char pad[56];
+    /* after the job: bytes to prefetch (bitlm_parallel_for_then).  Read by the worker after its
+     * units, possibly while the caller already writes the next job's: a torn pair only makes a
+     * useless prefetch (prefetches never fault), and a new generation stops the loop. */
+    _Atomic uintptr_t pf;
+    _Atomic uint64_t pf_len;
+    char pad[40];
 } range_t;
 
 typedef struct {
@@ -129,6 +134,16 @@ static void work(int self) {
     }
 }
 
+/* Pull [pf, pf + pf_len) of this worker's entry towards its L2 until a new job is published. */
+static void prefetch_after(int self, unsigned g) {
+    const char *p = (const char *)atomic_load_explicit(&g_pool.rng[self].pf, memory_order_relaxed);
+    const uint64_t len = atomic_load_explicit(&g_pool.rng[self].pf_len, memory_order_relaxed);
+    for (uint64_t off = 0; off < len; off += 64) {
+        if ((off & 2047) == 0 && atomic_load_explicit(&g_pool.gen, memory_order_relaxed) != g) return;
+        __builtin_prefetch(p + off, 0, 2);
+    }
+}
+
 static void *worker_main(void *arg) {
     const int idx = (int)(intptr_t)arg;
     /* the generation current when this worker was created: a job published after
@@ -148,6 +163,7 @@ static void *worker_main(void *arg) {
         seen = g;
         if (atomic_load(&g_pool.stop)) break;
         work(idx);
+        prefetch_after(idx, g);
     }
     return NULL;
 }
@@ -225,6 +241,11 @@ static int ensure_workers(int want) {
 }
 
 void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx) {
+    bitlm_parallel_for_then(n, grain, max_threads, fn, ctx, NULL, NULL);
+}
+
+void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx,
+                             bitlm_plan_fn plan, void *plan_ctx) {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     const int64_t units = (n + grain - 1) / grain;
@@ -253,8 +274,15 @@ void bitlm_parallel_for(int64_t n, int64_t grain, int max_threads, bitlm_task_fn
     g_pool.grain = grain;
     atomic_store(&g_pool.done, 0);
     atomic_store(&g_pool.njobs, nt);
+    for (int i = 0; i <= g_pool.nworkers; i++) {
+        const void *p = NULL;
+        size_t len = 0;
+        if (plan && i > 0 && i < nt) plan(plan_ctx, i, nt, &p, &len);
+        atomic_store_explicit(&g_pool.rng[i].pf, (uintptr_t)p, memory_order_relaxed);
+        atomic_store_explicit(&g_pool.rng[i].pf_len, (uint64_t)len, memory_order_relaxed);
+    }
     for (int i = 0; i < nt; i++) /* equal contiguous shares; publishing them starts the job */
-        atomic_store(&g_pool.rng[i].fb, FB(nunits * i / nt, nunits * (i + 1) / nt));
+        atomic_store(&g_pool.rng[i].fb, FB(bitlm_share_begin(nunits, i, nt), bitlm_share_begin(nunits, i + 1, nt)));
     pthread_mutex_lock(&g_pool.mu);
     atomic_fetch_add(&g_pool.gen, 1);
     if (g_pool.sleepers) pthread_cond_broadcast(&g_pool.cv);
