@@ -256,6 +256,8 @@ def _hwm() -> int:
 
 def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> dict:
     """Runs inside a fresh process: load, prompt processing, decode; speeds and peak RSS."""
+    if "bitlm" in sys.modules:  # its import would have set OMP_WAIT_POLICY for llama.cpp's OpenMP too
+        raise RuntimeError("the llama.cpp child process imported bitlm")
     import llama_cpp
     import numpy as np
 
@@ -427,8 +429,6 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    from bitlm.info import cpu_model  # not at module level: the --_run child must not import bitlm
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
     ap.add_argument("--formats", dest="llama_formats", default=",".join(FORMATS))
@@ -445,6 +445,10 @@ def main() -> int:
         path, threads = args._run.rsplit(":", 1)
         print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill)))
         return 0
+    # only now: the --_run child above must never import bitlm, whose import sets
+    # OMP_WAIT_POLICY=PASSIVE for torch (llama.cpp's OpenMP measured 28 -> 18 tok/s with it)
+    from bitlm.info import cpu_model
+
     if args.decode_tokens < 8:
         ap.error("--decode-tokens must be at least 8")
     threads = [int(t) for t in _csv(args.threads)]

@@ -1,6 +1,7 @@
 """The packed engine: same logits and greedy tokens as the torch reference, the packed file,
 bad files, and the pack / generate / chat commands."""
 
+import json
 import subprocess
 import sys
 
@@ -196,6 +197,12 @@ def test_pack_generate_chat_cli(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m8.bitlm"), "--prompt", "the cat", "--max-new-tokens", "8",
                  "--head-act", "int8"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
+    ppl = {}
+    for act in ("f32", "int8"):
+        assert main(["eval", "--model", str(tmp_path / "m8.bitlm"), "--text", "the cat sat on the mat. " * 8,
+                     "--head-act", act, "--json", str(tmp_path / f"e-{act}.json")]) == 0
+        ppl[act] = json.loads((tmp_path / f"e-{act}.json").read_text())["lm"]["ppl"]
+    assert ppl["int8"] != ppl["f32"] and abs(ppl["int8"] / ppl["f32"] - 1) < 0.05, ppl  # the W8A8 head ran
     for bad in (str(tmp_path / "m.bitlm"), str(ck)):
         r = subprocess.run([sys.executable, "-m", "bitlm.cli", "generate", "--model", bad, "--prompt", "the cat",
                             "--max-new-tokens", "2", "--head-act", "int8"], capture_output=True, text=True, timeout=120)

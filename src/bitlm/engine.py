@@ -335,7 +335,11 @@ class PackedModel:
             return False
         if kernels.backend() != "native":
             return False
-        return all(w.fmt.native_id is not None for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+        ok = self.__dict__.get("_native_layers")
+        if ok is None:  # the layers' formats do not change: checked once (~20 us per token otherwise)
+            ok = self._native_layers = all(w.fmt.native_id is not None
+                                           for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
+        return ok
 
     def _decoder(self, cache: KVCache):
         """The native decoder bound to this model and this cache (built once per cache)."""

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .generate import add_head_act_argument, load_for_generation
+
 __all__ = ["perplexity", "add_arguments", "run"]
 
 
@@ -73,14 +75,14 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="write results to this JSON file")
+    add_head_act_argument(p)
 
 
 def run(args) -> int:
     from .data import count_token_bytes
-    from .io import load, load_tokenizer_for
+    from .io import load_tokenizer_for
 
-    model = load(args.model)
-    model.eval()
+    model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
     results: dict[str, Any] = {"model": str(args.model)}
     if args.tasks:

@@ -155,6 +155,10 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_head_act_argument(p)
+
+
+def add_head_act_argument(p) -> None:
     p.add_argument("--head-act", choices=["f32", "int8"], default="f32",
                    help="packed models with an int8 head: int8 quantises the head's input per token (W8A8, "
                         "like llama.cpp's q8_0 head) and reads the head at memory speed")
