@@ -105,7 +105,8 @@ static int64_t tile_bytes_of(const bitlm_linear_desc *L) {
     return (L->k + bk - 1) / bk * 64;
 }
 
-/* The split run_linears makes of these products: one grain and thread rule for both. */
+/* How a pass over these products is split (tiles end to end, grain, threads): run_linears runs
+ * it, next_share predicts its shares. */
 static void plan_linears(lin_plan *pl, int np, const bitlm_linear_desc *const *L) {
     memset(pl, 0, sizeof *pl);
     pl->np = np;
@@ -144,21 +145,18 @@ static void next_share(void *ctx, int i, int nt, const void **p, size_t *len) {
     }
 }
 
-static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_problem *ps, lin_plan *next) {
+/* The products ps (laid out as `self` plans them) in one parallel pass; then workers prefetch `next`. */
+static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_problem *ps, const lin_plan *self,
+                        lin_plan *next) {
     lin_task t;
     memset(&t, 0, sizeof t);
     t.np = np;
-    int64_t total = 0, tile_bytes = 1;
-    double macs = 0;
     for (int i = 0; i < np; i++) {
         t.p[i] = &ps[i];
         t.fn[i] = tab->mm[ps[i].fmt];
-        total += (ps[i].N + BITLM_TILE_N - 1) / BITLM_TILE_N;
-        t.end[i] = total;
-        macs += (double)ps[i].N * (double)ps[i].K;
-        if (ps[i].tile_bytes > tile_bytes) tile_bytes = ps[i].tile_bytes;
+        t.end[i] = self->end[i];
     }
-    bitlm_parallel_for_then(total, bitlm_gemv_grain(tile_bytes), bitlm_threads_for(macs), lin_run, &t, next_share, next);
+    bitlm_parallel_for_then(self->end[np - 1], self->grain, self->max_threads, lin_run, &t, next_share, next);
 }
 
 typedef struct {
@@ -240,18 +238,20 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     float a;
     for (int64_t i = 0; i < d->n_layers; i++) {
         const bitlm_block_desc *b = &d->blocks[i];
-        /* what each pass's workers prefetch for the pass after it */
-        lin_plan pl_o, pl_up, pl_down, pl_qkv;
-        const bitlm_linear_desc *lo[1] = {&b->o}, *lu[1] = {&b->up}, *ld[1] = {&b->down};
+        /* the passes of this block; each one's workers prefetch the next (the last: none) */
+        lin_plan pl_qkv, pl_o, pl_up, pl_down, pl_next;
+        const bitlm_linear_desc *lq[3] = {&b->q, &b->k, &b->v}, *lo[1] = {&b->o}, *lu[1] = {&b->up},
+                                *ld[1] = {&b->down};
+        plan_linears(&pl_qkv, 3, lq);
         plan_linears(&pl_o, 1, lo);
         plan_linears(&pl_up, 1, lu);
         plan_linears(&pl_down, 1, ld);
         if (i + 1 < d->n_layers) {
             const bitlm_block_desc *nb = &d->blocks[i + 1];
-            const bitlm_linear_desc *lq[3] = {&nb->q, &nb->k, &nb->v};
-            plan_linears(&pl_qkv, 3, lq);
+            const bitlm_linear_desc *nq[3] = {&nb->q, &nb->k, &nb->v};
+            plan_linears(&pl_next, 3, nq);
         } else {
-            memset(&pl_qkv, 0, sizeof pl_qkv);
+            memset(&pl_next, 0, sizeof pl_next);
         }
         /* attention */
         xsum = quantize(tab, x, dm, b->input_norm, d->eps, xq, &a);
@@ -259,7 +259,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         prepare(&ps[0], &b->q, xq, &xsum, a, f, yq);
         prepare(&ps[1], &b->k, xq, &xsum, a, f + gmax, yk);
         prepare(&ps[2], &b->v, xq, &xsum, a, f + 2 * gmax, yv);
-        run_linears(tab, 3, ps, &pl_o);
+        run_linears(tab, 3, ps, &pl_qkv, &pl_o);
         rope(yq, H, D, cos, sin);
         rope(yk, Hkv, D, cos, sin);
         for (int64_t h = 0; h < Hkv; h++) {
@@ -271,12 +271,12 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
                                 next_share, &pl_o);
         xsum = quantize(tab, att, hd, b->attn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->o, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps, &pl_up);
+        run_linears(tab, 1, ps, &pl_o, &pl_up);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
         /* feed-forward: gate rows, then up rows, in one product */
         xsum = quantize(tab, x, dm, b->post_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->up, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps, &pl_down);
+        run_linears(tab, 1, ps, &pl_up, &pl_down);
         if (d->act == BITLM_ACT_RELU2_GLU) {
             for (int64_t j = 0; j < F; j++) {
                 const float g = relu_f(y[j]);
@@ -287,7 +287,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         }
         xsum = quantize(tab, hb, F, b->ffn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->down, xq, &xsum, a, f, y);
-        run_linears(tab, 1, ps, &pl_qkv);
+        run_linears(tab, 1, ps, &pl_down, &pl_next);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
     }
     free(mem);
