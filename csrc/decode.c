@@ -102,7 +102,7 @@ typedef struct {
 
 static int64_t tile_bytes_of(const bitlm_linear_desc *L) {
     const int64_t bk = bitlm_block_k((int)L->fmt);
-    return (L->k + bk - 1) / bk * 64;
+    return (L->k + bk - 1) / bk * BITLM_CHUNK_BYTES; /* as bitlm_problem_init */
 }
 
 /* How a pass over these products is split (tiles end to end, grain, threads): run_linears runs

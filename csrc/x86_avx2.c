@@ -250,6 +250,7 @@ static void quant_row_avx2(const float *x, int64_t k, const float *nw, double ep
 
 #define W_I8 0   /* int8 rows, one float scale per row */
 #define W_BF16 1 /* bf16 rows, no scale */
+#define W_I8A8 2 /* int8 rows and scale, int8 activations (exact integer sums) */
 
 ALWAYS_INLINE __m256 load_w8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
@@ -306,41 +307,8 @@ ALWAYS_INLINE void dense_block(const int WT, const bitlm_dense_problem *p, const
         }
 }
 
-ALWAYS_INLINE void dense_rows_avx2(const int WT, const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    if (p->M == 1) { /* decode: 4 rows at a time, one token */
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) dense_block(WT, p, 4, 1, n, 0);
-        for (; n < n1; n++) dense_block(WT, p, 1, 1, n, 0);
-        return;
-    }
-    /* panels of PR rows (PR*K weights, L2-resident: 64 int8 or 32 bf16 rows, the same bytes)
-     * against all tokens */
-    const int64_t PR = WT == W_BF16 ? 32 : 64;
-    for (int64_t pn = n0; pn < n1; pn += PR) {
-        const int64_t pe = pn + PR < n1 ? pn + PR : n1;
-        for (int64_t m = 0; m < p->M; m += 2) {
-            const int T = p->M - m >= 2 ? 2 : 1;
-            int64_t n = pn;
-            if (T == 2) {
-                for (; n + 2 <= pe; n += 2) dense_block(WT, p, 2, 2, n, m);
-                if (n < pe) dense_block(WT, p, 1, 2, n, m);
-            } else {
-                for (; n + 2 <= pe; n += 2) dense_block(WT, p, 2, 1, n, m);
-                if (n < pe) dense_block(WT, p, 1, 1, n, m);
-            }
-        }
-    }
-}
-
-static void dense_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_rows_avx2(W_I8, p, n0, n1); }
-
-static void dense_bf16_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    dense_rows_avx2(W_BF16, p, n0, n1);
-}
-
-/* ---- W8A8 head: exact int32 sums of int8 x int8 (vpmaddwd on sign-extended 16-bit pairs) ---- */
-
-/* R rows x T tokens (R*T <= 4); the K tail (< 16) in scalar code. */
+/* W8A8 head (W_I8A8): exact int32 sums of int8 x int8 (vpmaddwd on sign-extended 16-bit pairs),
+ * R rows x T tokens (R*T <= 4); the K tail (< 16) in scalar code. */
 ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
     const int64_t K = p->K, K16 = K & ~(int64_t)15;
     __m256i acc[4][4];
@@ -368,28 +336,48 @@ ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const i
         }
 }
 
-static void dense_i8a8_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    if (p->M == 1) { /* decode: 4 rows at a time */
+/* One block of any head kind (WT a constant: the branch folds away). */
+ALWAYS_INLINE void head_block(const int WT, const bitlm_dense_problem *p, const int R, const int T, int64_t n,
+                              int64_t m) {
+    if (WT == W_I8A8)
+        i8a8_block(p, R, T, n, m);
+    else
+        dense_block(WT, p, R, T, n, m);
+}
+
+ALWAYS_INLINE void dense_rows_avx2(const int WT, const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    if (p->M == 1) { /* decode: 4 rows at a time, one token */
         int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) i8a8_block(p, 4, 1, n, 0);
-        for (; n < n1; n++) i8a8_block(p, 1, 1, n, 0);
+        for (; n + 4 <= n1; n += 4) head_block(WT, p, 4, 1, n, 0);
+        for (; n < n1; n++) head_block(WT, p, 1, 1, n, 0);
         return;
     }
-    for (int64_t pn = n0; pn < n1; pn += 64) { /* 64-row panels (L2) against all tokens */
-        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
+    /* panels of PR rows (PR*K weights, L2-resident: 64 int8 or 32 bf16 rows, the same bytes)
+     * against all tokens */
+    const int64_t PR = WT == W_BF16 ? 32 : 64;
+    for (int64_t pn = n0; pn < n1; pn += PR) {
+        const int64_t pe = pn + PR < n1 ? pn + PR : n1;
         for (int64_t m = 0; m < p->M; m += 2) {
             const int T = p->M - m >= 2 ? 2 : 1;
             int64_t n = pn;
             if (T == 2) {
-                for (; n + 2 <= pe; n += 2) i8a8_block(p, 2, 2, n, m);
-                if (n < pe) i8a8_block(p, 1, 2, n, m);
+                for (; n + 2 <= pe; n += 2) head_block(WT, p, 2, 2, n, m);
+                if (n < pe) head_block(WT, p, 1, 2, n, m);
             } else {
-                for (; n + 2 <= pe; n += 2) i8a8_block(p, 2, 1, n, m);
-                if (n < pe) i8a8_block(p, 1, 1, n, m);
+                for (; n + 2 <= pe; n += 2) head_block(WT, p, 2, 1, n, m);
+                if (n < pe) head_block(WT, p, 1, 1, n, m);
             }
         }
     }
 }
+
+static void dense_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_rows_avx2(W_I8, p, n0, n1); }
+
+static void dense_bf16_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
+    dense_rows_avx2(W_BF16, p, n0, n1);
+}
+
+static void dense_i8a8_avx2(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_rows_avx2(W_I8A8, p, n0, n1); }
 
 static uint64_t mem_read_avx2(const uint8_t *buf, size_t n) {
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;

@@ -351,6 +351,7 @@ static void quant_row_avx512(const float *x, int64_t k, const float *nw, double 
 
 #define W_I8 0   /* int8 rows, one float scale per row */
 #define W_BF16 1 /* bf16 rows, no scale */
+#define W_I8A8 2 /* int8 rows and scale, int8 activations (exact integer sums) */
 
 /* 16 int8 -> 16 float (exact); masked for the K tail (masked-off lanes read as 0: they add
  * x*0 = +-0 to a lane, which leaves it unchanged, as the definition requires). */
@@ -411,13 +412,51 @@ ALWAYS_INLINE void dense_block(const int WT, const bitlm_dense_problem *p, const
         }
 }
 
+/* W8A8 head (W_I8A8), R rows x T tokens.  vpdpbusd wants one unsigned operand: the weights are read as w ^ 0x80 = w + 128 (u8), so
+ * the lanes hold sum (w + 128) x = acc + 128 sum x, and one subtraction of 128 * xsum[m] per
+ * output gives acc (all in wrapping int32: exact, since |acc| < 2^31).  A masked K tail loads
+ * zeros on both sides: (0 ^ 0x80) * 0 adds nothing.  One xor + one vpdpbusd per 64 weights. */
+ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
+    const int64_t K = p->K;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    const int8_t *w = p->w + n * K, *x = p->xq + m * K;
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        if (T == 1)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        __m512i xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_epi8(mk, x + t * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * K + k), bias);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            const uint32_t s = (uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - 128u * (uint32_t)p->xsum[m + t];
+            bitlm_i8a8_store(p, m + t, n + r, s);
+        }
+}
+
+/* One block of any head kind (WT a constant: the branch folds away). */
+ALWAYS_INLINE void head_block(const int WT, const bitlm_dense_problem *p, const int R, const int T, int64_t n,
+                              int64_t m) {
+    if (WT == W_I8A8)
+        i8a8_block(p, R, T, n, m);
+    else
+        dense_block(WT, p, R, T, n, m);
+}
+
 ALWAYS_INLINE void dense_rows(const int WT, const bitlm_dense_problem *p, const int R, int64_t n) {
     int64_t m = 0;
-    for (; m + 4 <= p->M; m += 4) dense_block(WT, p, R, 4, n, m);
+    for (; m + 4 <= p->M; m += 4) head_block(WT, p, R, 4, n, m);
     switch (p->M - m) {
-    case 3: dense_block(WT, p, R, 3, n, m); break;
-    case 2: dense_block(WT, p, R, 2, n, m); break;
-    case 1: dense_block(WT, p, R, 1, n, m); break;
+    case 3: head_block(WT, p, R, 3, n, m); break;
+    case 2: head_block(WT, p, R, 2, n, m); break;
+    case 1: head_block(WT, p, R, 1, n, m); break;
     default: break;
     }
 }
@@ -447,56 +486,7 @@ static void dense_bf16_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t 
     dense_panels(W_BF16, p, n0, n1);
 }
 
-/* ---- W8A8 head ------------------------------------------------------------------------------
- * vpdpbusd wants one unsigned operand: the weights are read as w ^ 0x80 = w + 128 (u8), so
- * the lanes hold sum (w + 128) x = acc + 128 sum x, and one subtraction of 128 * xsum[m] per
- * output gives acc (all in wrapping int32: exact, since |acc| < 2^31).  A masked K tail loads
- * zeros on both sides: (0 ^ 0x80) * 0 adds nothing.  One xor + one vpdpbusd per 64 weights. */
-ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
-    const int64_t K = p->K;
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
-    __m512i acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
-    const int8_t *w = p->w + n * K, *x = p->xq + m * K;
-    for (int64_t k = 0; k < K; k += 64) {
-        const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-        if (T == 1)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
-        __m512i xv[4];
-        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_epi8(mk, x + t * K + k);
-        for (int r = 0; r < R; r++) {
-            const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * K + k), bias);
-            for (int t = 0; t < T; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            const uint32_t s = (uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - 128u * (uint32_t)p->xsum[m + t];
-            bitlm_i8a8_store(p, m + t, n + r, s);
-        }
-}
-
-static void dense_i8a8_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    if (p->M == 1) { /* decode: 4 rows (4 vpdpbusd chains) at a time */
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) i8a8_block(p, 4, 1, n, 0);
-        for (; n < n1; n++) i8a8_block(p, 1, 1, n, 0);
-        return;
-    }
-    for (int64_t pn = n0; pn < n1; pn += 64) { /* 64-row panels (L2) against all tokens, 4x4 blocks */
-        const int64_t pe = pn + 64 < n1 ? pn + 64 : n1;
-        for (int64_t m = 0; m < p->M; m += 4) {
-            int64_t n = pn;
-            switch (p->M - m >= 4 ? 4 : p->M - m) {
-            case 4: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 4, n, m); for (; n < pe; n++) i8a8_block(p, 1, 4, n, m); break;
-            case 3: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 3, n, m); for (; n < pe; n++) i8a8_block(p, 1, 3, n, m); break;
-            case 2: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 2, n, m); for (; n < pe; n++) i8a8_block(p, 1, 2, n, m); break;
-            default: for (; n + 4 <= pe; n += 4) i8a8_block(p, 4, 1, n, m); for (; n < pe; n++) i8a8_block(p, 1, 1, n, m); break;
-            }
-        }
-    }
-}
+static void dense_i8a8_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) { dense_panels(W_I8A8, p, n0, n1); }
 
 /* ---- bandwidth probe -------------------------------------------------------------------------- */
 

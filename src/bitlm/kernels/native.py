@@ -301,17 +301,22 @@ def linear(
     return matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
 
 
-def _dense_args(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, what: str):
-    """Checked (x2 float32 (M, K) contiguous, weight contiguous, M, N, K) for a dense head op."""
+def _dense_weight(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A dense head's (N, K) weight, checked, contiguous."""
     if weight.dtype != dtype or weight.dim() != 2 or not weight.is_cpu:
         raise TypeError(f"weight must be {what} (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
+    return weight if weight.is_contiguous() else weight.contiguous()
+
+
+def _dense_args(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, what: str):
+    """Checked (x2 float32 (M, K) contiguous, weight contiguous, M, N, K) for a dense head op."""
+    w = _dense_weight(weight, dtype, what)
     k = x.shape[-1]
     if weight.shape[1] != k:
         raise ValueError(f"x has K={k} but the weight has K={weight.shape[1]}")
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
         x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
     return x2, w, x2.shape[0], weight.shape[0], k
 
 
@@ -330,16 +335,14 @@ def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     from .reference import I8A8_MAX_K
 
     lib = _lib or _need()
-    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu:
-        raise TypeError(f"weight must be an int8 (N, K) CPU tensor, got {weight.dtype} {tuple(weight.shape)}")
-    n, k = weight.shape
+    w = _dense_weight(weight, torch.int8, "an int8")
+    n, k = w.shape
     if k >= I8A8_MAX_K:
         raise ValueError(f"W8A8 head needs K < {I8A8_MAX_K}, got {k}")
     xq = _xq(xq, k)
     m = xq.shape[0]
     a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
     s = _f32_vec(scale, n, "scale")
-    w = weight if weight.is_contiguous() else weight.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_i8a8(xq.data_ptr(), a.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()),
            "bitlm_dense_i8a8")
