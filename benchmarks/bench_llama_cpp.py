@@ -115,13 +115,13 @@ def build_gguf(path: str | Path | None = None, preset: Any = "2b4t", ternary_typ
     import numpy as np
     import torch
 
+    from bitlm.io.atomic import atomic_write
     from bitlm.io.gguf import (
         _ARCH_TO_ACTIVATION,
         _FILE_TYPE,
         ACTIVATION_KEY,
         ARCH,
         QK_K,
-        _atomic_write,
         _encode_float,
         _encode_ternary,
     )
@@ -226,7 +226,7 @@ def build_gguf(path: str | Path | None = None, preset: Any = "2b4t", ternary_typ
         w.close()
         print(file=sys.stderr)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

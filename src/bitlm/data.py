@@ -71,6 +71,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .io.atomic import atomic_write, atomic_write_bytes
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -142,18 +144,6 @@ def _progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
     except ImportError:  # pragma: no cover - tqdm is a declared dependency
         return iterable
     return tqdm(iterable, disable=None, file=sys.stderr, **kw)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1280,7 +1270,7 @@ class Tokenizer:
         ``AutoTokenizer.from_pretrained`` can read (tokenizer.json + tokenizer_config.json)."""
         path = Path(path)
         if path.suffix == ".json":
-            _atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
+            atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
             return path
         path.mkdir(parents=True, exist_ok=True)
         config = {
@@ -1293,9 +1283,9 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        _atomic_write_bytes(path / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write_bytes(path / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
         # tokenizer.json last: its presence is what marks a cached folder complete
-        _atomic_write_bytes(path / "tokenizer.json", self.backend.to_str(pretty=True).encode("utf-8"))
+        atomic_write_bytes(path / "tokenizer.json", self.backend.to_str(pretty=True).encode("utf-8"))
         return path
 
     def token_bytes(self) -> np.ndarray:
@@ -1434,14 +1424,11 @@ def _encode_docs(docs: Sequence[Document], tok: Tokenizer, dtype: Any, desc: str
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def tokenize_corpus(
@@ -1471,7 +1458,7 @@ def tokenize_corpus(
             "tokens": counts,
             "chars": {"train": corpus.stats.get("train_chars"), "val": corpus.stats.get("val_chars")},
         }
-        _atomic_write_bytes(meta_p, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_bytes(meta_p, (json.dumps(meta, indent=2) + "\n").encode())
     return np.load(d / "train.npy", mmap_mode="r"), np.load(d / "val.npy", mmap_mode="r")
 
 

@@ -26,7 +26,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .config import ModelConfig
+from .io.atomic import atomic_write
 from .model import KVCache, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
@@ -507,20 +507,16 @@ def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
     hb = json.dumps(header).encode()
     pre = MAGIC + struct.pack("<IIQ", VERSION, 0, len(hb))
     data_start = -(-(len(pre) + len(hb)) // ALIGN) * ALIGN
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             f.write(pre + hb)
             f.write(b"\0" * (data_start - len(pre) - len(hb)))
             for entry, t in zip(table, tensors.values()):
                 f.seek(data_start + entry["offset"])
                 f.write(_bytes(t.contiguous()))
             f.truncate(data_start + offset)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

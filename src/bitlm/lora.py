@@ -60,7 +60,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import quant as Q
+from .io.atomic import atomic_write, atomic_write_text
 from .io.hf import FrozenTernaryLinear
 from .layers import BitLinear
 
@@ -263,19 +263,6 @@ def _adapter_paths(path: str | Path) -> tuple[Path, Path]:
     return p / ADAPTER_FILE, p / CONFIG_FILE
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_lora(model: nn.Module, path: str | Path) -> Path:
     """Write the adapters (see the module docstring for the layout); returns the tensor file."""
     mods = lora_modules(model)
@@ -292,8 +279,8 @@ def save_lora(model: nn.Module, path: str | Path) -> Path:
         meta["base_config"] = model_cfg.to_dict()
     st, js = _adapter_paths(path)
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(st, lambda tmp: save_file(lora_state_dict(model), tmp, metadata={"format": "pt", "bitlm_lora": text}))
-    _atomic_write(js, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(st, lambda tmp: save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt", "bitlm_lora": text}))
+    atomic_write_text(js, text)
     return st
 
 
@@ -507,7 +494,8 @@ def detached(model: nn.Module):
 def save_lora_checkpoint(model: nn.Module, path: str | Path, **kw: Any) -> Path:
     """A native checkpoint of the base (``save_checkpoint`` with ``kw``) plus the adapter files,
     written into one temp folder that replaces ``path`` atomically."""
-    from .io.checkpoint import atomic_dir, save_checkpoint
+    from .io.atomic import atomic_dir
+    from .io.checkpoint import save_checkpoint
 
     path = Path(path)
     cfg: LoRAConfig = model.lora_config

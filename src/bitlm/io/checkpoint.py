@@ -14,9 +14,6 @@ and names the offending tensor in the error.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, ModelConfig
 from ..model import BitNetModel
+from .atomic import atomic_dir
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
@@ -33,31 +31,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not match its config."""
-
-
-def atomic_dir(final: Path):
-    """Context manager yielding a temp dir next to ``final`` that replaces it on success."""
-
-    class _Atomic:
-        def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = None
-            if final.exists():
-                old = final.parent / f".{final.name}.old-{os.getpid()}"
-                os.replace(final, old)
-            os.replace(self.tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return False
-
-    return _Atomic()
 
 
 def _state_for_saving(model: BitNetModel) -> dict[str, torch.Tensor]:

@@ -86,9 +86,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +99,7 @@ from .. import quant as Q
 from ..config import ModelConfig
 from ..model import BitNetModel
 from . import require_bitnet_graph
+from .atomic import atomic_write, atomic_write_text
 from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, assemble_model, ternary_latent
 
 __all__ = [
@@ -866,33 +865,14 @@ def save_gguf(
         w.write_tensors_to_file()
         w.close()
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     side = tokenizer_sidecar(path)
     if tok is not None:
         text = tok.backend.to_str(pretty=True)
-        _atomic_write(side, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(side, text)
     elif side.exists():
         warnings.warn(f"{side}: left in place from before; it may not belong to this model", stacklevel=2)
     return path
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Run ``write(tmp)`` on a temp file beside ``path``, fsync it, rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # =============================================================================================

@@ -83,7 +83,7 @@ from ..config import ModelConfig
 from ..layers import BitLinear
 from ..model import BitNetModel
 from . import require_bitnet_graph
-from .checkpoint import atomic_dir
+from .atomic import atomic_dir
 
 __all__ = [
     "HFFormatError",
