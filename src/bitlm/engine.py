@@ -8,25 +8,13 @@ fused RMSNorm + absmax quantiser, int32 accumulation, one float epilogue.  Norms
 and the residual stream stay float32; the embedding and output head are kept in f32, bf16 or
 int8 (per-row absmax scale) by option — for 2B4T the head is the largest read per token.
 
-Packed file (``.bitlm``), version 1, little-endian::
-
-    b"BITLMPAK"  u32 version  u32 0  u64 header_len  header (UTF-8 JSON)  zero padding to 64
-    data: every tensor at a 64-byte aligned offset (relative to the data start)
-
-The header holds the model config, the packing format, head/embedding types, the tokenizer
-(tokenizer.json text, optional) and a table of tensors (name, dtype, shape, offset, nbytes,
-crc32).  Loading memory-maps the file copy-on-write, so weights are paged in from the page cache
-on first use and never copied; ``verify=True`` checks every tensor's CRC-32 and the file size,
-so a corrupt or truncated file is an error naming the tensor, never a wrong answer.
+The packed file (``.bitlm``) format is ``bitlm.io.packed``'s; this module maps a
+``PackedModel`` to and from its header and named tensors (``save_packed`` / ``load_packed``).
 """
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,21 +24,14 @@ import torch.nn.functional as F
 
 from . import kernels
 from .config import ModelConfig
-from .io.atomic import atomic_write
+from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
 from .model import KVCache, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
 __all__ = ["PackedBitLinear", "PackedModel", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
-           "MAGIC", "VERSION", "add_arguments", "run"]
+           "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
 
-MAGIC = b"BITLMPAK"
-VERSION = 1
-ALIGN = 64
 DENSE_TYPES = ("f32", "bf16", "int8")
-
-
-class PackedFormatError(ValueError):
-    """A packed model file that is corrupt, truncated, of another version, or inconsistent."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,11 +435,8 @@ def pack(obj, format: str | None = None, **kwargs: Any):
 
 
 # ---------------------------------------------------------------------------------------------
-# The packed file
+# The packed file (format: bitlm.io.packed)
 # ---------------------------------------------------------------------------------------------
-
-_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def _tensor_table(pm: PackedModel) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     tensors: dict[str, torch.Tensor] = {}
@@ -485,98 +463,32 @@ def _tensor_table(pm: PackedModel) -> tuple[dict[str, torch.Tensor], dict[str, d
 
 
 def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
-    """Write ``pm`` as a packed file, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
+    """Write ``pm`` as a packed file (``bitlm.io.packed``), atomically."""
     tensors, packs = _tensor_table(pm)
-    table, offset = [], 0
-    for name, t in tensors.items():
-        t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
-        table.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                      "offset": offset, "nbytes": nbytes, "crc32": zlib.crc32(_bytes(t))})
-        offset += -(-nbytes // ALIGN) * ALIGN
     tok_json = None
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend", tokenizer)
         tok_json = backend.to_str()
     elif pm.tokenizer_json is not None:
         tok_json = pm.tokenizer_json
-    header = {"model": pm.config.to_dict(), "format": pm.format, "embed": pm.embed.kind, "head": pm.head.kind,
-              "tied_head": pm.head is pm.embed, "packs": packs, "tensors": table, "tokenizer": tok_json,
-              "data_bytes": offset}
-    hb = json.dumps(header).encode()
-    pre = MAGIC + struct.pack("<IIQ", VERSION, 0, len(hb))
-    data_start = -(-(len(pre) + len(hb)) // ALIGN) * ALIGN
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(pre + hb)
-            f.write(b"\0" * (data_start - len(pre) - len(hb)))
-            for entry, t in zip(table, tensors.values()):
-                f.seek(data_start + entry["offset"])
-                f.write(_bytes(t.contiguous()))
-            f.truncate(data_start + offset)
-
-    atomic_write(path, write)
-    return path
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a packed file (config, tensor table, tokenizer) without mapping data."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        pre = f.read(24)
-        if len(pre) < 24 or pre[:8] != MAGIC:
-            raise PackedFormatError(f"{path}: not a bitlm packed model (bad magic)")
-        version, _, hlen = struct.unpack("<IIQ", pre[8:])
-        if version != VERSION:
-            raise PackedFormatError(f"{path}: packed format version {version}, this bitlm reads version {VERSION}")
-        hb = f.read(hlen)
-    if len(hb) != hlen:
-        raise PackedFormatError(f"{path}: truncated header")
-    try:
-        return json.loads(hb)
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{path}: corrupt header ({e.msg})") from None
+    meta = {"model": pm.config.to_dict(), "format": pm.format, "embed": pm.embed.kind, "head": pm.head.kind,
+            "tied_head": pm.head is pm.embed, "packs": packs}
+    return write_packed(path, meta, tensors, tokenizer=tok_json)
 
 
 def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
     """Memory-map a packed file into a ``PackedModel`` (weights are not copied)."""
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such packed model file") from None
-    with f:
-        header = read_header(path)
-        hlen = struct.unpack("<Q", f.read(24)[16:24])[0]
-        data_start = -(-(24 + hlen) // ALIGN) * ALIGN
-        size = os.fstat(f.fileno()).st_size
-        need = data_start + int(header.get("data_bytes", 0))
-        if size < need:
-            last = max((e for e in header["tensors"] if data_start + e["offset"] + e["nbytes"] > size),
-                       key=lambda e: -e["offset"], default={"name": "?"})
-            raise PackedFormatError(f"{path}: truncated ({size} of {need} bytes); tensor {last['name']!r} is incomplete")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    try:
-        cfg = ModelConfig.from_dict(header["model"], source=str(path))
-    except (TypeError, ValueError, KeyError) as e:
-        raise PackedFormatError(f"{path}: bad model config in header: {e}") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for e in header["tensors"]:
-        name = e["name"]
-        dt = _DTYPES.get(e["dtype"])
-        if dt is None:
-            raise PackedFormatError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
-        off = data_start + e["offset"]
-        if verify and zlib.crc32(memoryview(mm)[off : off + e["nbytes"]]) != e["crc32"]:
-            raise PackedFormatError(f"{path}: tensor {name!r} is corrupt (CRC-32 mismatch)")
-        count = e["nbytes"] // torch.empty(0, dtype=dt).element_size()
-        t = torch.frombuffer(mm, dtype=dt, count=count, offset=off) if count else torch.empty(0, dtype=dt)
-        tensors[name] = t.view(e["shape"])
+    cfg = None
+
+    def config_of(header: dict[str, Any]) -> None:
+        nonlocal cfg
+        try:
+            cfg = ModelConfig.from_dict(header["model"], source=str(path))
+        except (TypeError, ValueError, KeyError) as e:
+            raise PackedFormatError(f"{path}: bad model config in header: {e}") from None
+
+    header, tensors, mm = read_packed(path, verify, check_header=config_of)
     pm = _from_tensors(path, cfg, header, tensors)
     pm._mmap = mm
     return pm
