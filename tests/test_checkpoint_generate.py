@@ -15,8 +15,8 @@ from bitlm.generate import (
     generate_tokens,
     sample_next,
 )
-from bitlm.io import detect_format, load
 from bitlm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bitlm.loading import detect_format, load
 from bitlm.model import BitNetModel
 
 

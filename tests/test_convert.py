@@ -227,7 +227,7 @@ def test_unsupported_config_fields(tmp_path, patch, match):
 
 
 def test_load_routes_llama_family_to_convert(tmp_path):
-    import bitlm.io as bio
+    import bitlm.loading as bio
 
     folder = save(hf_model("llama"), tmp_path / "llama")
     assert is_llama_family(folder)

@@ -12,8 +12,8 @@ from bitlm.cli import main
 from bitlm.config import preset
 from bitlm.engine import PackedFormatError, convert, load_packed, save_packed
 from bitlm.generate import generate_tokens
-from bitlm.io import load
 from bitlm.io.checkpoint import save_checkpoint
+from bitlm.loading import load
 from bitlm.model import BitNetModel
 
 

@@ -25,11 +25,11 @@ import torch
 
 from bitlm.config import ModelConfig
 from bitlm.io import gguf as G
-from bitlm.io import load as bitlm_load
-from bitlm.io import load_tokenizer_for
 from bitlm.io.gguf import GGUFFormatError, load_gguf, read_gguf, save_gguf
 from bitlm.io.hf import PROJECTIONS, FrozenTernaryLinear
 from bitlm.layers import BitLinear
+from bitlm.loading import load as bitlm_load
+from bitlm.loading import load_tokenizer_for
 from bitlm.model import BitNetModel
 
 gguf = pytest.importorskip("gguf")

@@ -29,8 +29,8 @@ _EXPORTS = {
     "prepare": "layers",
     "set_quant_lambda": "layers",
     "BitNetModel": "model",
-    "load": "io",
-    "save": "io",
+    "load": "loading",
+    "save": "loading",
     "pack": "engine",
 }
 

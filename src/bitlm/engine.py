@@ -564,7 +564,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .io import load, load_tokenizer_for
+    from .loading import load, load_tokenizer_for
 
     model = load(args.model)
     try:

@@ -80,7 +80,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .data import count_token_bytes
-    from .io import load_tokenizer_for
+    from .loading import load_tokenizer_for
 
     model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from .io import load, load_tokenizer_for, save
+    from .loading import load, load_tokenizer_for, save
 
     model = load(args.model)
     try:

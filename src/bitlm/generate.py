@@ -166,7 +166,7 @@ def add_head_act_argument(p) -> None:
 
 def load_for_generation(args):
     """The model named by --model, eval mode, with --head-act applied (packed models only)."""
-    from .io import load
+    from .loading import load
 
     model = load(args.model)
     model.eval()
@@ -197,7 +197,7 @@ def sampling_from_args(args) -> SamplingParams:
 def run(args) -> int:
     import sys
 
-    from .io import load_tokenizer_for
+    from .loading import load_tokenizer_for
 
     params = sampling_from_args(args)
     if args.max_new_tokens < 1:
@@ -245,7 +245,7 @@ def add_chat_arguments(p) -> None:
 def run_chat(args) -> int:
     import sys
 
-    from .io import load_tokenizer_for
+    from .loading import load_tokenizer_for
 
     params = sampling_from_args(args)
     model = load_for_generation(args)

@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     out: dict[str, Any] = {"environment": environment()}
     if args.model:
-        from .io import load
+        from .loading import load
 
         out["model"] = model_summary(load(args.model))
     if args.json:

@@ -62,7 +62,7 @@ class BitLMEval(TemplateLM):
         if model is None:
             if path is None:
                 raise ValueError("bitlm: give model_args path=<checkpoint> (or pass model= in Python)")
-            from .io import load, load_tokenizer_for
+            from .loading import load, load_tokenizer_for
 
             model = load(path)
             tokenizer = load_tokenizer_for(path, tokenizer)

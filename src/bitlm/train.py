@@ -411,7 +411,7 @@ def run(args) -> int:
         file_train = loaded.get("train", {}) if isinstance(loaded, dict) else {}
     init_model = None
     if args.init_from:
-        from .io import load
+        from .loading import load
 
         init_model = load(args.init_from)
         mcfg = init_model.config

@@ -1,9 +1,13 @@
-"""Model files in and out: ``bitlm.load`` / ``bitlm.save`` pick the format.
+"""Model file formats, one module each:
 
-    native   a bitlm checkpoint folder (``io.checkpoint``)
-    hf       a Hugging Face BitNetForCausalLM folder (``io.hf``), or a Llama / Mistral / Qwen2
-             folder, converted to BitNet b1.58 with the weights copied (``bitlm.convert``)
-    gguf     a llama.cpp GGUF file (``io.gguf``)
+    io.checkpoint   a bitlm checkpoint folder (native)
+    io.hf           a Hugging Face BitNetForCausalLM folder
+    io.gguf         a llama.cpp GGUF file
+    io.packed       a ``.bitlm`` packed model file (the container; ``bitlm.engine`` gives it meaning)
+    io.atomic       the one atomic-write helper every writer uses
+
+Choosing the format (``bitlm.load`` / ``bitlm.save``) is ``bitlm.loading``'s; nothing here
+imports it, nor the engine, the Llama converter or LoRA (tests/test_structure.py).
 
 Scale conventions of foreign formats (e.g. HF's weight_scale = 1/mean|W|) are converted only
 inside these modules; everything else in bitlm uses W ≈ s · T with s = mean|W|.
@@ -11,113 +15,7 @@ inside these modules; everything else in bitlm uses W ≈ s · T with s = mean|W
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
-__all__ = ["load", "save", "detect_format", "load_tokenizer_for"]
-
-
-def detect_format(path: str | Path) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    if p.is_file():
-        with open(p, "rb") as f:
-            magic = f.read(8)
-        if magic[:4] == b"GGUF":
-            return "gguf"
-        if magic[:8] == b"BITLMPAK":
-            return "packed"
-        raise ValueError(f"{p}: unrecognised model file (not GGUF, not a bitlm packed model)")
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        raise ValueError(f"{p}: folder has no config.json (not a bitlm checkpoint or Hugging Face model)")
-    try:
-        meta = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(meta, dict) and meta.get("format") == "bitlm-checkpoint":
-        return "native"
-    return "hf"
-
-
-def load(path: str | Path, **kw: Any):
-    """Load a model from a bitlm checkpoint folder, a Hugging Face folder, a GGUF or packed file."""
-    fmt = detect_format(path)
-    if fmt == "native":
-        from .checkpoint import load_checkpoint
-
-        model = load_checkpoint(path, **kw)[0]
-        if (Path(path) / "adapter.safetensors").is_file():  # a LoRA run: the base plus its adapters
-            from ..lora import load_lora
-
-            load_lora(model, path)
-        return model
-    if fmt == "hf":
-        from ..convert import convert_llama, is_llama_family
-
-        if is_llama_family(path):  # Llama / Mistral / Qwen2: converted to BitNet b1.58 for QAT
-            return convert_llama(path, **kw)
-        from .hf import load_hf
-
-        return load_hf(path, **kw)
-    if fmt == "gguf":
-        from .gguf import load_gguf
-
-        return load_gguf(path, **kw)
-    from ..engine import load_packed
-
-    return load_packed(path, **kw)
-
-
-def save(model, path: str | Path, format: str = "native", **kw: Any):
-    """Save ``model`` as ``native`` (checkpoint folder), ``hf`` (folder) or ``gguf`` (file)."""
-    if format == "native":
-        from .checkpoint import save_checkpoint
-
-        return save_checkpoint(model, path, **kw)
-    if format == "hf":
-        from .hf import save_hf
-
-        return save_hf(model, path, **kw)
-    if format == "gguf":
-        from .gguf import save_gguf
-
-        return save_gguf(model, path, **kw)
-    raise ValueError(f"unknown format {format!r}; choose native, hf or gguf")
-
-
-def load_tokenizer_for(model_path: str | Path, explicit: str | Path | None = None):
-    """The tokenizer to use with ``model_path``: ``explicit`` if given, else the tokenizer.json
-    stored with the model (in its folder, or beside a single-file model as <name>.tokenizer.json)."""
-    from ..data import load_tokenizer
-
-    if explicit is not None:
-        return load_tokenizer(explicit)
-    p = Path(model_path)
-    if p.is_file() and detect_format(p) == "packed":
-        from ..engine import read_header
-
-        tok_json = read_header(p).get("tokenizer")
-        if tok_json:
-            from tokenizers import Tokenizer as HFTokenizer
-
-            from ..data import Tokenizer
-
-            return Tokenizer(HFTokenizer.from_str(tok_json))
-    candidates = [p / "tokenizer.json"] if p.is_dir() else [p.with_suffix(".tokenizer.json"), p.parent / "tokenizer.json"]
-    for c in candidates:
-        if c.is_file():
-            return load_tokenizer(c)
-    if p.is_file() and detect_format(p) == "gguf":  # no sidecar: rebuild it from the GGUF vocabulary
-        from .gguf import gguf_tokenizer
-
-        tok = gguf_tokenizer(p)
-        if tok is not None:
-            return tok
-    raise FileNotFoundError(f"{p}: no tokenizer found with the model (looked for {', '.join(map(str, candidates))}); "
-                            "pass --tokenizer")
+__all__ = ["require_bitnet_graph"]
 
 
 def require_bitnet_graph(cfg, target: str) -> None:

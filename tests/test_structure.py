@@ -1,0 +1,47 @@
+"""The module layering the code relies on (docs/architecture.md): file formats (``bitlm.io``)
+sit below the modules that build models from them, so reading a format never pulls in the
+engine, the Llama converter or LoRA, and the format dispatch lives above them in
+``bitlm.loading``."""
+
+import ast
+from pathlib import Path
+
+import bitlm
+
+IO_DIR = Path(bitlm.__file__).parent / "io"
+FORBIDDEN = {"bitlm.engine", "bitlm.convert", "bitlm.lora", "bitlm.loading"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of every module imported anywhere in ``path`` (function bodies included)."""
+    pkg = ["bitlm", "io"]  # the package of every file in io/
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[: len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)  # `from .. import engine`
+    return names
+
+
+def test_io_never_imports_engine_convert_lora_or_loading():
+    files = sorted(IO_DIR.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "packed.py", "checkpoint.py", "hf.py", "gguf.py"}
+    bad = {f.name: sorted(m for m in _imported_modules(f) if any(m == b or m.startswith(b + ".") for b in FORBIDDEN))
+           for f in files}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_import_walker_sees_relative_and_lazy_imports(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def f():\n    from ..engine import load_packed\n    from .. import lora\n    import bitlm.convert\n")
+    assert {"bitlm.engine", "bitlm.lora", "bitlm.convert"} <= _imported_modules(f)
+
+
+def test_public_load_save_are_the_dispatch():
+    import bitlm.loading
+
+    assert bitlm.load is bitlm.loading.load and bitlm.save is bitlm.loading.save
