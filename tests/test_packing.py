@@ -9,6 +9,7 @@ import zlib
 import pytest
 import torch
 
+import bitlm
 from bitlm import packing as P
 from bitlm import quant as Q
 
@@ -271,6 +272,6 @@ def test_packed_weight_dequantize_and_convert():
         assert other.format == fmt and torch.equal(other.unpack(), t) and torch.equal(other.scale, s)
     with pytest.raises(ValueError, match="must be in"):
         pw.to_format("b1")  # ternary zeros do not fit a binary format
-    pb = P.pack(wf, "b1")  # bitlm.pack on a float tensor: quantise (b1: sign) and pack
+    pb = bitlm.pack(wf, "b1")  # bitlm.pack on a float tensor: quantise (b1: sign) and pack
     tb, sb = Q.weight_quantize(wf, "b1")
     assert torch.equal(pb.unpack(), tb) and torch.equal(pb.scale, sb)

@@ -73,7 +73,6 @@ __all__ = [
     "unpack_tensor",
     "pack_weight",
     "quantize_and_pack",
-    "pack",
 ]
 
 TILE_N = 16  # rows per tile of the native formats
@@ -429,16 +428,3 @@ def quantize_and_pack(w: torch.Tensor, format: str = "i2", groups: int = 1) -> P
     fmt = get_format(format)
     t, s = weight_quantize(w, "b1.58" if fmt.ternary else "b1", groups)
     return pack_weight(t, s, fmt.name, groups)
-
-
-def pack(obj: Any, format: str = "i2", **kwargs: Any) -> Any:
-    """``bitlm.pack``: a float weight tensor -> :class:`PackedWeight`; a model -> the packed
-    inference model built by ``bitlm.layers.convert`` (when that layer module provides it)."""
-    if isinstance(obj, torch.Tensor):
-        return quantize_and_pack(obj, format, **kwargs)
-    from . import layers
-
-    convert = getattr(layers, "convert", None)
-    if convert is None:
-        raise NotImplementedError("packing a whole model needs bitlm.layers.convert(), which is not available")
-    return convert(obj, format=format, **kwargs)
