@@ -35,7 +35,7 @@ The recipe (training-anchors a.3, c.8):
 
   3. *Warm-up quantisation* (HF "Fine-tuning LLMs to 1.58bit"): naive ternarisation of a pretrained
      model starts at the loss of a random one; ramping λ in ``x + λ·(q(x) − x).detach()`` from 0 to 1
-     lets the model adapt gradually.  :func:`lambda_schedule` gives the blog's ramps and
+     lets the model adapt gradually.  ``bitlm.layers.lambda_schedule`` gives the blog's ramps and
      ``TrainConfig.quant_warmup`` / ``quant_warmup_steps`` apply them in ``bitlm.train``.  (The blog
      saw little benefit at SmolLM-135M scale; on the tests' tiny model a linear warm-up and none end
      within 0.005 of each other after 60 steps.  It is meant for large pretrained models.)
@@ -51,7 +51,6 @@ hidden/heads, o_proj/MLP biases, a non-SiLU activation.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ import torch.nn as nn
 
 from .config import QUANTS, ModelConfig
 from .io.hf import HFFormatError, _read_float, _Tensors
-from .layers import BitLinear
+from .layers import LAMBDA_SCHEDULES, BitLinear, lambda_schedule  # re-exported: the schedule lives in layers
 from .model import BitNetModel, RMSNorm
 
 __all__ = [
@@ -80,7 +79,6 @@ __all__ = [
 #: HF architecture class → model_type; all three compute the LLaMA graph (Qwen2 adds q/k/v biases).
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 SUB_NORMS = ("identity", "rmsnorm")
-LAMBDA_SCHEDULES = ("none", "linear", "exponential", "sigmoid")
 # Tensors some writers add that carry no information (RoPE tables are recomputed).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 # transformers' class defaults where config.json omits a field (LlamaConfig / MistralConfig / Qwen2Config)
@@ -391,54 +389,6 @@ class _RmsProbe(nn.Module):
         self.acc[0] += float(rms.sum())
         self.acc[1] += rms.numel()
         return x
-
-
-# ---------------------------------------------------------------------------------------------
-# λ warm-up schedules (HF "Fine-tuning LLMs to 1.58bit", warm-up quantisation)
-# ---------------------------------------------------------------------------------------------
-
-_DEFAULT_K = {"exponential": 4.0, "sigmoid": 100.0}
-
-
-def lambda_schedule(kind: str, step: int, warmup_steps: int, *, k: float | None = None) -> float:
-    """λ for optimizer step ``step`` (0-based) of a warm-up over ``warmup_steps`` steps.
-
-    With t = step / warmup_steps (λ = 1 exactly once step ≥ warmup_steps, and always when
-    warmup_steps ≤ 0), the blog's schedules are:
-
-      * ``linear``:       λ = t                              (their best: min(step/1000, 1))
-      * ``exponential``:  λ = 1 − (1 − t)^k,  k = 4 default  (they tried k ∈ {4, 6, 8, 10})
-      * ``sigmoid``:      λ = 1 / (1 + e^(−k (t − 0.5))),  k = 100 default (their released
-                          sigmoid model; they tried k ∈ {15, 20, 25, 40, 100})
-      * ``none``:         λ = 1 (no warm-up: fully quantised from the first step)
-
-    ``kind`` may carry k as ``"sigmoid:25"`` / ``"exponential:6"`` (how ``TrainConfig.quant_warmup``
-    spells it).  A pure function of the step, so a resumed run sees the same λ sequence.
-    """
-    kind, _, k_text = kind.partition(":")
-    if kind not in LAMBDA_SCHEDULES:
-        raise ValueError(f"unknown quant warm-up schedule {kind!r}; choose one of {', '.join(LAMBDA_SCHEDULES)}")
-    if k_text:
-        if kind not in _DEFAULT_K:
-            raise ValueError(f"quant warm-up {kind!r} takes no k (got {k_text!r})")
-        try:
-            k = float(k_text)
-        except ValueError:
-            raise ValueError(f"quant warm-up {kind}:{k_text}: k must be a number") from None
-    if k is not None and not (math.isfinite(k) and k > 0):
-        raise ValueError(f"quant warm-up k must be a positive number, got {k}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if kind == "none" or warmup_steps <= 0 or step >= warmup_steps:
-        return 1.0
-    t = step / warmup_steps
-    if kind == "linear":
-        return t
-    k = _DEFAULT_K[kind] if k is None else k
-    if kind == "exponential":
-        return 1.0 - (1.0 - t) ** k
-    z = k * (t - 0.5)  # sigmoid, written to never overflow exp()
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 fake-quantises weights and activations in every forward pass with the straight-through estimator
 (see ``bitlm.quant``).  Optionally it normalises its input first (the FAQ's "BitLinear has a
 built-in RMSNorm"; the b1 paper's LN/SubLN), parameter-free so that ``prepare()`` never has to
-invent new weights.
+invent new weights.  ``set_quant_lambda`` and ``lambda_schedule`` give the λ warm-up (HF "Fine-tuning
+LLMs to 1.58bit"): λ ramps the fake quantisation in from 0 to 1.
 
 ``prepare(model)`` swaps ``nn.Linear`` modules for ``BitLinear`` *copying* the existing weights
 (peers that re-initialise them destroy the pretrained model), skipping output heads by default.
@@ -13,6 +14,7 @@ invent new weights.
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from . import quant as Q
 
-__all__ = ["BitLinear", "prepare", "set_quant_lambda", "NORMS"]
+__all__ = ["BitLinear", "prepare", "set_quant_lambda", "lambda_schedule", "LAMBDA_SCHEDULES", "NORMS"]
 
 NORMS = (None, "layernorm", "rmsnorm")
 
@@ -110,6 +112,53 @@ def set_quant_lambda(model: nn.Module, lam: float) -> None:
     for m in model.modules():
         if isinstance(m, BitLinear):
             m.quant_lambda.fill_(lam)
+
+
+# λ warm-up schedules (HF "Fine-tuning LLMs to 1.58bit", warm-up quantisation)
+
+LAMBDA_SCHEDULES = ("none", "linear", "exponential", "sigmoid")
+_DEFAULT_K = {"exponential": 4.0, "sigmoid": 100.0}
+
+
+def lambda_schedule(kind: str, step: int, warmup_steps: int, *, k: float | None = None) -> float:
+    """λ for optimizer step ``step`` (0-based) of a warm-up over ``warmup_steps`` steps.
+
+    With t = step / warmup_steps (λ = 1 exactly once step ≥ warmup_steps, and always when
+    warmup_steps ≤ 0), the blog's schedules are:
+
+      * ``linear``:       λ = t                              (their best: min(step/1000, 1))
+      * ``exponential``:  λ = 1 − (1 − t)^k,  k = 4 default  (they tried k ∈ {4, 6, 8, 10})
+      * ``sigmoid``:      λ = 1 / (1 + e^(−k (t − 0.5))),  k = 100 default (their released
+                          sigmoid model; they tried k ∈ {15, 20, 25, 40, 100})
+      * ``none``:         λ = 1 (no warm-up: fully quantised from the first step)
+
+    ``kind`` may carry k as ``"sigmoid:25"`` / ``"exponential:6"`` (how ``TrainConfig.quant_warmup``
+    spells it).  A pure function of the step, so a resumed run sees the same λ sequence.
+    """
+    kind, _, k_text = kind.partition(":")
+    if kind not in LAMBDA_SCHEDULES:
+        raise ValueError(f"unknown quant warm-up schedule {kind!r}; choose one of {', '.join(LAMBDA_SCHEDULES)}")
+    if k_text:
+        if kind not in _DEFAULT_K:
+            raise ValueError(f"quant warm-up {kind!r} takes no k (got {k_text!r})")
+        try:
+            k = float(k_text)
+        except ValueError:
+            raise ValueError(f"quant warm-up {kind}:{k_text}: k must be a number") from None
+    if k is not None and not (math.isfinite(k) and k > 0):
+        raise ValueError(f"quant warm-up k must be a positive number, got {k}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if kind == "none" or warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    t = step / warmup_steps
+    if kind == "linear":
+        return t
+    k = _DEFAULT_K[kind] if k is None else k
+    if kind == "exponential":
+        return 1.0 - (1.0 - t) ** k
+    z = k * (t - 0.5)  # sigmoid, written to never overflow exp()
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 DEFAULT_SKIP = ("lm_head", "*.lm_head", "output", "*.output", "embed_out", "*.embed_out")

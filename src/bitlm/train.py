@@ -110,7 +110,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.quant_warmup != "none":
-            from .convert import lambda_schedule
+            from .layers import lambda_schedule
 
             lambda_schedule(self.quant_warmup, 0, self.quant_warmup_steps)  # raises on a bad name / k
 
@@ -324,8 +324,7 @@ def train(
             lr, wd = set_schedule(opt, step, r)
             lam = None
             if tcfg.quant_warmup != "none":  # λ is a pure function of the step: resume stays bit-identical
-                from .convert import lambda_schedule
-                from .layers import set_quant_lambda
+                from .layers import lambda_schedule, set_quant_lambda
 
                 lam = lambda_schedule(tcfg.quant_warmup, step, tcfg.quant_warmup_steps)
                 set_quant_lambda(model, lam)
