@@ -16,12 +16,12 @@ Writes a table to stdout and JSON (CPU model, kernel tier, every number) to --js
 
 from __future__ import annotations
 
-import os
+import bitlm  # noqa: F401  sets OMP_WAIT_POLICY before torch loads (bitlm/__init__.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
-
+# isort: split
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys

@@ -28,12 +28,12 @@ other processes steal cores and bandwidth, and the numbers are only as good as t
 
 from __future__ import annotations
 
-import os
+import bitlm  # noqa: F401  sets OMP_WAIT_POLICY before torch loads (bitlm/__init__.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
-
+# isort: split
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys

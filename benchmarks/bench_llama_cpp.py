@@ -25,7 +25,7 @@ import os
 import sys
 
 if "--_run" not in sys.argv:  # not in the llama.cpp child: it keeps OpenMP's defaults (see below)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see bitlm/__init__.py
+    import bitlm  # noqa: F401  sets OMP_WAIT_POLICY before torch loads (bitlm/__init__.py)
 
 import argparse
 import json

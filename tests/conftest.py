@@ -5,10 +5,9 @@ test process can be an order of magnitude slower (thread oversubscription); the 
 have their own pool, which the kernel tests set explicitly.
 """
 
-import os
+import bitlm  # noqa: F401  sets OMP_WAIT_POLICY before torch loads (bitlm/__init__.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see bitlm.cli.main
-
-import torch  # noqa: E402
+# isort: split
+import torch
 
 torch.set_num_threads(1)

@@ -45,3 +45,19 @@ def test_public_load_save_are_the_dispatch():
     import bitlm.loading
 
     assert bitlm.load is bitlm.loading.load and bitlm.save is bitlm.loading.save
+
+
+def test_omp_wait_policy_is_set_by_importing_bitlm_alone():
+    """One place sets OMP_WAIT_POLICY=PASSIVE (bitlm/__init__.py): the CLI, tests and benchmarks
+    get it by importing bitlm before torch, and a user's own setting is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import bitlm.cli, os, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -45,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting make torch 10-15x slower as soon as another process
-    # holds a core (measured here: 12 s vs 0.8 s per training step of the demo model); passive
-    # waiting costs nothing measurable on an idle machine.  Must be set before torch loads.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY=PASSIVE is already set: importing bitlm.cli runs bitlm/__init__.py first.
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
