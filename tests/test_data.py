@@ -222,7 +222,7 @@ def test_fetch_debian_package_updates_once_as_root_and_caches(tmp_path, monkeypa
     deb = tmp_path / "pkg.deb"
     write_deb(deb, "fake-text", {"usr/share/doc/fake/hello.txt": b"hello\n"})
     monkeypatch.setenv("PATH", f"{_fake_apt(tmp_path, deb)}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(D, "_apt_updated", False)
+    monkeypatch.setattr(D.corpus, "_apt_updated", False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     root = D.fetch_debian_package("fake-text", tmp_path / "cache")
     assert (root / "usr/share/doc/fake/hello.txt").read_text() == "hello\n"
@@ -242,7 +242,7 @@ def test_fetch_debian_package_not_root_says_what_to_do(tmp_path, monkeypatch):
     deb = tmp_path / "pkg.deb"
     write_deb(deb, "fake-text", {"a.txt": b"a"})
     monkeypatch.setenv("PATH", f"{_fake_apt(tmp_path, deb)}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(D, "_apt_updated", False)
+    monkeypatch.setattr(D.corpus, "_apt_updated", False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(D.DataError, match="apt-get update") as e:
         D.fetch_debian_package("fake-text", tmp_path / "cache")
@@ -259,7 +259,7 @@ def test_missing_apt_is_a_data_error(tmp_path, monkeypatch):
 def test_extract_deb_without_dpkg(tmp_path, monkeypatch):
     deb = tmp_path / "x.deb"
     write_deb(deb, "x", {"usr/share/x/odd.txt": b"odd-length!"})
-    monkeypatch.setattr(D.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(D.corpus.shutil, "which", lambda _name: None)
     D._extract_deb(deb, tmp_path / "out")
     assert (tmp_path / "out/usr/share/x/odd.txt").read_bytes() == b"odd-length!"
 
@@ -452,7 +452,7 @@ def test_tokenizer_cache_hit_does_not_retrain(small_corpus, tmp_path, monkeypatc
     def boom(*_a, **_k):
         raise AssertionError("retrained despite a cache hit")
 
-    monkeypatch.setattr(D, "_train_bpe", boom)
+    monkeypatch.setattr(D.corpus, "_train_bpe", boom)
     t2 = D.train_tokenizer(small_corpus, 300, tmp_path)
     assert t2.hash() == t1.hash() and path.stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="retrained"):  # another vocab size is another key
@@ -477,7 +477,7 @@ def test_token_cache_layout_memmap_and_hit(small_corpus, small_tok, tmp_path, mo
     assert train.tolist() == expected
     assert val[0] == eos and val[-1] == eos and int((val == eos).sum()) == len(small_corpus.val) + 1
     monkeypatch.setattr(
-        D, "_encode_docs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
+        D.corpus, "_encode_docs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
     )
     train2, _ = D.tokenize_corpus(small_corpus, small_tok, tmp_path)
     assert np.array_equal(train, train2)

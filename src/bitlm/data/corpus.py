@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .io.atomic import atomic_write, atomic_write_bytes
+from ..io.atomic import atomic_write, atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
