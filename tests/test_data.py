@@ -117,7 +117,7 @@ def test_sword_package_reader_uses_conf(tmp_path):
     (sword / "mods.d/test.conf").write_text(
         "[Test]\nDataPath=./modules/texts/ztext/test/\nModDrv=zText\nEncoding=UTF-8\n"
     )
-    docs = D._read_sword_source(tmp_path, "web")
+    docs = D.corpus._read_sword_source(tmp_path, "web")
     assert [d.name for d in docs] == ["web/front", "web/Gen", "web/Hos", "web/Matt", "web/back"]
     assert all(d.source == "web" for d in docs)
 
@@ -185,7 +185,7 @@ def test_austen_and_mobydick_readers(tmp_path):
         lib / "janeaustenr/data/Rdata",
         {"emma": r_serialize(["EMMA", "", "Emma Woodhouse, handsome,   ", None, "clever"])},
     )
-    docs = D._read_austen(tmp_path, "austen")
+    docs = D.corpus._read_austen(tmp_path, "austen")
     assert docs == [D.Document("austen/emma", "EMMA\n\nEmma Woodhouse, handsome,\n\nclever", "austen")]
     moby = (
         "\ufeffThe Project Gutenberg EBook of Moby Dick\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK MOBY"
@@ -193,7 +193,7 @@ def test_austen_and_mobydick_readers(tmp_path):
         " Moby Dick\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\r\nlicence"
     )
     write_r_lazyload(lib / "tokenizers/data/Rdata", {"mobydick": r_serialize([moby])})
-    (doc,) = D._read_mobydick(tmp_path, "mobydick")
+    (doc,) = D.corpus._read_mobydick(tmp_path, "mobydick")
     assert doc.text == "Call me Ishmael.\n\n\nSome years ago"
 
 
@@ -222,7 +222,7 @@ def test_fetch_debian_package_updates_once_as_root_and_caches(tmp_path, monkeypa
     deb = tmp_path / "pkg.deb"
     write_deb(deb, "fake-text", {"usr/share/doc/fake/hello.txt": b"hello\n"})
     monkeypatch.setenv("PATH", f"{_fake_apt(tmp_path, deb)}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(D.corpus, "_apt_updated", False)
+    monkeypatch.setattr(D.fetch, "_apt_updated", False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     root = D.fetch_debian_package("fake-text", tmp_path / "cache")
     assert (root / "usr/share/doc/fake/hello.txt").read_text() == "hello\n"
@@ -242,7 +242,7 @@ def test_fetch_debian_package_not_root_says_what_to_do(tmp_path, monkeypatch):
     deb = tmp_path / "pkg.deb"
     write_deb(deb, "fake-text", {"a.txt": b"a"})
     monkeypatch.setenv("PATH", f"{_fake_apt(tmp_path, deb)}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(D.corpus, "_apt_updated", False)
+    monkeypatch.setattr(D.fetch, "_apt_updated", False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(D.DataError, match="apt-get update") as e:
         D.fetch_debian_package("fake-text", tmp_path / "cache")
@@ -259,8 +259,8 @@ def test_missing_apt_is_a_data_error(tmp_path, monkeypatch):
 def test_extract_deb_without_dpkg(tmp_path, monkeypatch):
     deb = tmp_path / "x.deb"
     write_deb(deb, "x", {"usr/share/x/odd.txt": b"odd-length!"})
-    monkeypatch.setattr(D.corpus.shutil, "which", lambda _name: None)
-    D._extract_deb(deb, tmp_path / "out")
+    monkeypatch.setattr(D.fetch.shutil, "which", lambda _name: None)
+    D.fetch._extract_deb(deb, tmp_path / "out")
     assert (tmp_path / "out/usr/share/x/odd.txt").read_bytes() == b"odd-length!"
 
 
@@ -452,7 +452,7 @@ def test_tokenizer_cache_hit_does_not_retrain(small_corpus, tmp_path, monkeypatc
     def boom(*_a, **_k):
         raise AssertionError("retrained despite a cache hit")
 
-    monkeypatch.setattr(D.corpus, "_train_bpe", boom)
+    monkeypatch.setattr(D.tokenizer, "_train_bpe", boom)
     t2 = D.train_tokenizer(small_corpus, 300, tmp_path)
     assert t2.hash() == t1.hash() and path.stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="retrained"):  # another vocab size is another key
@@ -477,11 +477,11 @@ def test_token_cache_layout_memmap_and_hit(small_corpus, small_tok, tmp_path, mo
     assert train.tolist() == expected
     assert val[0] == eos and val[-1] == eos and int((val == eos).sum()) == len(small_corpus.val) + 1
     monkeypatch.setattr(
-        D.corpus, "_encode_docs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
+        D.tokens, "_encode_docs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
     )
     train2, _ = D.tokenize_corpus(small_corpus, small_tok, tmp_path)
     assert np.array_equal(train, train2)
-    assert D._token_dtype(65535) == np.uint16 and D._token_dtype(65536) == np.uint32
+    assert D.tokens._token_dtype(65535) == np.uint16 and D.tokens._token_dtype(65536) == np.uint32
 
 
 def test_prepare_data_end_to_end(tmp_path):

@@ -102,7 +102,8 @@ PROBES = [TEXT, "Unseen: ζ∑ 😀 tabs\tand\r\n CRLF, 12345 numbers, it's they
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer, _train_bpe
+    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer
+    from bitlm.data.tokenizer import _train_bpe
 
     return Tokenizer(_train_bpe([TEXT] * 4, 280), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 
