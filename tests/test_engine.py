@@ -15,17 +15,12 @@ from bitlm.generate import generate_tokens
 from bitlm.io.checkpoint import save_checkpoint
 from bitlm.loading import load
 from bitlm.model import BitNetModel
+from helpers import tiny_model
 
 
 def sharpened(name, **kw):
     """A random model with larger weights so that logits are well separated (no greedy ties)."""
-    torch.manual_seed(0)
-    m = BitNetModel(preset(name, max_seq_len=96, **kw)).eval()
-    with torch.no_grad():
-        m.model.embed_tokens.weight.mul_(50)
-        if not m.config.tie_embeddings:
-            m.lm_head.weight.mul_(50)
-    return m
+    return tiny_model(name, sharpen=50, max_seq_len=96, **kw)
 
 
 CASES = [("tiny", "i2"), ("tiny", "t1"), ("tiny-2b4t", "i2"), ("tiny-2b4t", "t1"), ("tiny-bitnet", "b1")]

@@ -8,20 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitlm.config import preset
 from bitlm.engine import convert
 from bitlm.kernels import native
 from bitlm.model import BitNetModel
+from helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels unavailable (fused decode is native only)")
 
 
 def _model(name: str, **kw) -> BitNetModel:
-    torch.manual_seed(0)
-    m = BitNetModel(preset(name, max_seq_len=96, **kw)).eval()
-    with torch.no_grad():
-        m.model.embed_tokens.weight.mul_(50)  # well separated logits: no greedy ties
-    return m
+    return tiny_model(name, sharpen=50, sharpen_head=False, max_seq_len=96, **kw)  # no greedy ties
 
 
 def _decode(pm, prompt: torch.Tensor, steps: int, fused: bool, max_len: int = 64):

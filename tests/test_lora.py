@@ -29,8 +29,8 @@ from bitlm.lora import (
 )
 from bitlm.model import BitNetModel
 from bitlm.train import TrainConfig, lm_loss, train
-
-VOCAB = 64
+from helpers import VOCAB, pattern_data, tiny_model
+from helpers import tiny_config as cfg
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,13 +42,8 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def cfg(**kw):
-    return preset("tiny", vocab_size=VOCAB, max_seq_len=32, **kw)
-
-
 def base_model(seed=0, **kw) -> BitNetModel:
-    torch.manual_seed(seed)
-    return BitNetModel(cfg(**kw)).eval()
+    return tiny_model(seed=seed, vocab_size=VOCAB, max_seq_len=32, **kw)
 
 
 def ids(n=24, batch=2, seed=1):
@@ -65,34 +60,6 @@ def randomise_adapters(model, seed=5, scale=0.05):
 def codes(model) -> dict[str, torch.Tensor]:
     return {n: m.quantized_weight()[0].clone() for n, m in model.named_modules()
             if isinstance(m, BitLinear) and m.weight_quant != "fp"}
-
-
-class ArrayData:
-    """A minimal stand-in for bitlm.data.TokenData over a fixed token array."""
-
-    def __init__(self, tokens, vocab_size):
-        self.tokens = np.asarray(tokens, dtype=np.int64)
-        self.tokenizer = type("V", (), {"vocab_size": vocab_size, "save": lambda self, p: None})()
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
-        g = np.random.default_rng([seed, step, rank])
-        starts = g.integers(0, self.tokens.size - seq_len - 1, batch_size)
-        x = np.stack([self.tokens[s : s + seq_len] for s in starts])
-        y = np.stack([self.tokens[s + 1 : s + seq_len + 1] for s in starts])
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    def val_batches(self, batch_size, seq_len, max_batches=None):
-        for i in range(max_batches or 4):
-            yield self.batch(i, batch_size, seq_len, seed=12345)
-
-
-def pattern_data(n=20000, stride=1):
-    """Token i is (i·stride) mod VOCAB, 10 % noise: a learnable sequence; stride ≠ 1 is a new task."""
-    rng = np.random.default_rng(0)
-    base = (np.arange(n) * stride) % VOCAB
-    noise = rng.random(n) < 0.1
-    base[noise] = rng.integers(0, VOCAB, noise.sum())
-    return ArrayData(base, VOCAB)
 
 
 @pytest.fixture(scope="module")

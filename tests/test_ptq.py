@@ -12,6 +12,7 @@ from bitlm import ptq
 from bitlm import quant as Q
 from bitlm.config import preset
 from bitlm.model import BitNetModel
+from helpers import tiny_model
 
 
 class Toy(nn.Module):
@@ -36,8 +37,7 @@ def toy_with_weight(w: torch.Tensor) -> Toy:
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return BitNetModel(preset("tiny", quant="fp")).eval()
+    return tiny_model(quant="fp")
 
 
 @pytest.fixture(scope="module")

@@ -6,49 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitlm.config import preset
 from bitlm.io.checkpoint import CheckpointError
 from bitlm.train import TrainConfig, lr_at, train, weight_decay_at
-
-
-class VocabOnly:
-    def __init__(self, n):
-        self.vocab_size = n
-
-    def save(self, path):
-        pass
-
-
-class ArrayData:
-    """A minimal stand-in for bitlm.data.TokenData over a fixed token array."""
-
-    def __init__(self, tokens, vocab_size):
-        self.tokens = np.asarray(tokens, dtype=np.int64)
-        self.tokenizer = VocabOnly(vocab_size)
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
-        g = np.random.default_rng([seed, step, rank])
-        starts = g.integers(0, self.tokens.size - seq_len - 1, batch_size)
-        x = np.stack([self.tokens[s : s + seq_len] for s in starts])
-        y = np.stack([self.tokens[s + 1 : s + seq_len + 1] for s in starts])
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    def val_batches(self, batch_size, seq_len, max_batches=None):
-        for i in range(max_batches or 4):
-            yield self.batch(i, batch_size, seq_len, seed=12345)
-
-
-def pattern_data(vocab=64, n=20000):
-    # a learnable sequence: a repeating pattern with some noise
-    rng = np.random.default_rng(0)
-    base = np.tile(np.arange(vocab), n // vocab + 1)[:n]
-    noise = rng.random(n) < 0.1
-    base[noise] = rng.integers(0, vocab, noise.sum())
-    return ArrayData(base, vocab)
-
-
-def cfg(**kw):
-    return preset("tiny", vocab_size=64, max_seq_len=32, **kw)
+from helpers import ArrayData, pattern_data
+from helpers import tiny_config as cfg
 
 
 def tcfg(tmp_path, **kw):

@@ -1,0 +1,73 @@
+"""Shared test helpers: one tiny-model builder and one stand-in for ``bitlm.data.TokenData``.
+
+Imported as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for _data_writers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bitlm.config import ModelConfig, preset
+from bitlm.model import BitNetModel
+
+VOCAB = 64  # vocabulary of the pattern data and of tiny_config()'s models
+
+
+def tiny_config(name: str = "tiny", **overrides) -> ModelConfig:
+    """The ``name`` preset at the pattern data's scale: vocab 64, 32-token context."""
+    return preset(name, **{"vocab_size": VOCAB, "max_seq_len": 32, **overrides})
+
+
+def tiny_model(name: str = "tiny", seed: int = 0, sharpen: float | None = None, sharpen_head: bool = True,
+               **overrides) -> BitNetModel:
+    """A random ``BitNetModel(preset(name, **overrides))`` in eval mode, seeded with ``seed``.
+
+    ``sharpen`` multiplies the embedding (and an untied output head, with ``sharpen_head``) so that
+    logits are well separated: greedy decoding then has no near-ties that rounding could flip."""
+    torch.manual_seed(seed)
+    m = BitNetModel(preset(name, **overrides)).eval()
+    if sharpen is not None:
+        with torch.no_grad():
+            m.model.embed_tokens.weight.mul_(sharpen)
+            if sharpen_head and not m.config.tie_embeddings:
+                m.lm_head.weight.mul_(sharpen)
+    return m
+
+
+class ArrayData:
+    """A minimal stand-in for ``bitlm.data.TokenData`` over a fixed token array."""
+
+    def __init__(self, tokens, vocab_size: int) -> None:
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.tokenizer = VocabOnly(vocab_size)
+
+    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
+        g = np.random.default_rng([seed, step, rank])
+        starts = g.integers(0, self.tokens.size - seq_len - 1, batch_size)
+        x = np.stack([self.tokens[s : s + seq_len] for s in starts])
+        y = np.stack([self.tokens[s + 1 : s + seq_len + 1] for s in starts])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def val_batches(self, batch_size, seq_len, max_batches=None):
+        for i in range(max_batches or 4):
+            yield self.batch(i, batch_size, seq_len, seed=12345)
+
+
+class VocabOnly:
+    """A tokenizer stand-in: a vocabulary size, and a ``save`` that writes nothing."""
+
+    def __init__(self, n: int) -> None:
+        self.vocab_size = n
+
+    def save(self, path) -> None:
+        pass
+
+
+def pattern_data(vocab: int = VOCAB, n: int = 20000, stride: int = 1) -> ArrayData:
+    """Token i is (i·stride) mod vocab, 10 % noise: a learnable sequence; stride ≠ 1 is a new task."""
+    rng = np.random.default_rng(0)
+    base = (np.arange(n) * stride) % vocab
+    noise = rng.random(n) < 0.1
+    base[noise] = rng.integers(0, vocab, noise.sum())
+    return ArrayData(base, vocab)
