@@ -101,14 +101,15 @@ def linear(
     *,
     rmsnorm: bool | None = None,
 ) -> torch.Tensor:
-    """BitLinear inference: float32 (..., K) → float32 (..., N) = W · quant(norm(x)) (+ bias)."""
+    """BitLinear inference: float32 (..., K) → float32 (..., N) = W · quant(norm(x)) (+ bias).
+
+    Composed here, once, from the backend's two ops (:func:`quantize_rows` then :func:`matmul`);
+    a weight format without a native kernel runs both on the reference backend."""
     if x.dtype != torch.float32:
         x = x.float()
     impl = _impl(w)
-    if impl is reference:
-        return reference.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
-    # quantise natively even when the weight format needs the reference matmul
-    return impl.linear(x, w, bias, norm_weight, eps, rmsnorm=rmsnorm)
+    q, a = impl.quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
+    return impl.matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
 
 
 def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

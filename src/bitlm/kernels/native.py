@@ -22,7 +22,7 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows", "linear",
+__all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
 
@@ -283,22 +283,6 @@ def quantize_rows(
     if x.dim() == 2:
         return q, a
     return q.reshape(x.shape), a.reshape(x.shape[:-1])
-
-
-def linear(
-    x: torch.Tensor,
-    w: PackedWeight,
-    bias: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    rmsnorm: bool | None = None,
-) -> torch.Tensor:
-    if x.dim() == 2:
-        q, a = quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm)
-        return matmul(q, a, w, bias)
-    q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
-    return matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
 
 
 def _dense_weight(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:

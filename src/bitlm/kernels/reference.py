@@ -13,7 +13,8 @@
   reduction order is unspecified; the per-row ``1/sqrt`` is done in Python floats because
   torch's float64 ``sqrt`` is not correctly rounded.  It agrees with ``bitlm.quant.group_rms_norm`` (× weight) to
   float32 rounding, not bit for bit.
-* :func:`matmul` / :func:`linear` — the dequant epilogue in its one fixed order:
+* :func:`matmul` — the dequant epilogue in its one fixed order (``bitlm.kernels.linear`` is
+  :func:`quantize_rows` then :func:`matmul`, composed once for both backends):
   ``f = s_g / a_m`` (float32), ``y = float32(acc) · f`` then ``+ bias``.
 * :func:`dense_int8_matmul` — float32 activations × int8 weight rows × per-row scale (an int8
   output head), with the float32 summation order the C tiers use (16 lanes, mul then add).
@@ -29,7 +30,7 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "linear", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul",
+__all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul",
            "dense_int8a8_matmul"]
 
 _LANES = 16
@@ -118,21 +119,6 @@ def _epilogue(acc: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.T
 def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantised product of quantised activations (xq, a) and a packed weight: float32 (M, N)."""
     return _epilogue(gemm(xq, w), a.reshape(-1), w, bias)
-
-
-def linear(
-    x: torch.Tensor,
-    w: PackedWeight,
-    bias: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    rmsnorm: bool | None = None,
-) -> torch.Tensor:
-    """y = W·quant(norm(x)) (+ bias) for a float32 (..., K) input: float32 (..., N)."""
-    lead = x.shape[:-1]
-    q, a = quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
-    return matmul(q, a, w, bias).reshape(*lead, w.N)
 
 
 def _dense_lanes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
