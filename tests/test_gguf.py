@@ -28,8 +28,8 @@ from bitlm.io import gguf as G
 from bitlm.io import load as bitlm_load
 from bitlm.io import load_tokenizer_for
 from bitlm.io.gguf import GGUFFormatError, load_gguf, read_gguf, save_gguf
-from bitlm.io.hf import PROJECTIONS, FrozenTernaryLinear
-from bitlm.layers import BitLinear
+from bitlm.io.hf import PROJECTIONS
+from bitlm.layers import BitLinear, FrozenTernaryLinear
 from bitlm.model import BitNetModel
 
 gguf = pytest.importorskip("gguf")

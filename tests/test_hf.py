@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from bitlm import quant as Q
 from bitlm.config import ModelConfig
 from bitlm.io import hf as H
-from bitlm.io.hf import FrozenTernaryLinear, HFFormatError, load_hf, save_hf
-from bitlm.layers import BitLinear
+from bitlm.io.hf import HFFormatError, load_hf, save_hf
+from bitlm.layers import BitLinear, FrozenTernaryLinear, ternary_latent, thaw
 from bitlm.model import BitNetModel
 
 transformers = pytest.importorskip("transformers")
@@ -199,7 +199,7 @@ def test_scale_pinning_frozen_layer_and_latent():
     x = torch.randn(5, 48, generator=g)
     ref = BitLinear(48, 32)
     with torch.no_grad():
-        ref.weight.copy_(H.ternary_latent(t, s))
+        ref.weight.copy_(ternary_latent(t, s))
     assert torch.equal(ref.quantized_weight()[0], t)  # latent: exact T ...
     assert torch.allclose(ref.quantized_weight()[1], s, rtol=1e-6, atol=0)  # ... and s to rounding
     assert torch.allclose(m(x), ref(x), rtol=1e-5, atol=1e-7)
@@ -296,7 +296,7 @@ def test_packed_as_trainable_bitlinear(tmp_path):
     fp = load_hf(folder, quant="fp")
     assert type(fp.model.layers[0].mlp.up_proj) is torch.nn.Linear
     # thaw(): the same latents from an already loaded frozen model, e.g. for a native checkpoint
-    thawed = H.thaw(load_hf(folder))
+    thawed = thaw(load_hf(folder))
     assert not any(isinstance(m, FrozenTernaryLinear) for m in thawed.modules())
     assert all(torch.equal(a, b) for a, b in zip(thawed.state_dict().values(), qat.state_dict().values()))
 

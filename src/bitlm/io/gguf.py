@@ -46,7 +46,7 @@ arrays ``bitlm.ternary_tensors`` (names) and ``bitlm.ternary_scales`` (:data:`SC
 llama.cpp ignores them.  :func:`load_gguf` reverses the encoding: every non-zero dequantised
 weight of a projection must have the same magnitude (all blocks' d equal), giving T = sign(W);
 s is the exact scale from ``bitlm.ternary_scales`` when that rounds to the stored d (else d,
-e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.io.hf.FrozenTernaryLinear`.
+e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.layers.FrozenTernaryLinear`.
 So bitlm → GGUF → bitlm reproduces the logits bit for bit, and → GGUF again the same bytes.
 
 A projection whose blocks have *different* d (e.g. llama-quantize run on a float model) is not
@@ -97,10 +97,11 @@ import torch
 
 from .. import quant as Q
 from ..config import ModelConfig
+from ..layers import FrozenTernaryLinear, ternary_latent
 from ..model import BitNetModel
 from . import require_bitnet_graph
 from .atomic import atomic_write, atomic_write_text
-from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, assemble_model, ternary_latent
+from .hf import PROJECTIONS, _export_check, _ternary_of, assemble_model
 
 __all__ = [
     "GGUFFormatError",
@@ -553,7 +554,7 @@ def load_gguf(
     :class:`~bitlm.model.BitNetModel` in eval mode.
 
     ``quant`` chooses the projection modules, as in :func:`bitlm.io.hf.load_hf`: None (default)
-    → :class:`~bitlm.io.hf.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
+    → :class:`~bitlm.layers.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
     trainable ``BitLinear`` latents (s/p)·T that re-quantise to T and s; "fp" → ``nn.Linear``
     with s·T (activations unquantised).  Projections that are not one-scale ternary tensors
     raise :class:`GGUFFormatError` unless ``allow_non_ternary`` (then: ``BitLinear`` latents
