@@ -160,9 +160,9 @@ def test_pack_all_81_byte_patterns_match_transformers():
 def test_unpack_rejects_code_3_and_bad_shapes():
     with pytest.raises(ValueError, match="code 3"):
         H.unpack_ternary_hf(torch.full((1, 3), 0b11, dtype=torch.uint8), 4)
-    with pytest.raises(ValueError, match="packed rows"):
+    with pytest.raises(ValueError, match="packed data has shape"):
         H.unpack_ternary_hf(torch.zeros(2, 3, dtype=torch.uint8), 9)
-    with pytest.raises(ValueError, match="ternary"):
+    with pytest.raises(ValueError, match="values must be in"):
         H.pack_ternary_hf(torch.tensor([[2, 0]]))
 
 

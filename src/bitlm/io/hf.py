@@ -81,6 +81,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..layers import BitLinear, FrozenTernaryLinear, ternary_latent, thaw  # re-exported (__all__)
 from ..model import BitNetModel
+from ..packing import pack_tensor, unpack_tensor
 from . import require_bitnet_graph
 from .atomic import atomic_dir
 
@@ -191,32 +192,18 @@ def _check_scales(effective: list[tuple[str, float]], linear_class: str | None, 
 
 def pack_ternary_hf(t: torch.Tensor) -> torch.Tensor:
     """T ∈ {-1,0,1} of shape [out, in] → uint8 [ceil(out/4), in]; byte-identical to
-    transformers' ``pack_weights`` (rows r, r+R, r+2R, r+3R in bits 0-1, 2-3, 4-5, 6-7)."""
-    if t.dim() != 2:
-        raise ValueError(f"expected a 2-D ternary weight, got shape {tuple(t.shape)}")
-    ti = t.detach().to(torch.int16)
-    if ti.numel() and (ti.min() < -1 or ti.max() > 1):
-        raise ValueError("weight is not ternary (values outside {-1, 0, 1})")
-    out, k = ti.shape
-    r = (out + 3) // 4
-    codes = torch.zeros(4 * r, k, dtype=torch.uint8, device=t.device)  # padding rows keep code 0
-    codes[:out] = (ti + 1).to(torch.uint8)
-    c = codes.view(4, r, k)  # (block i, row r, column)
-    return c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6)
+    transformers' ``pack_weights``.  The layout is :mod:`bitlm.packing`'s ``"hf"`` format (its one
+    implementation); this accepts integral float tensors too."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        t = t.to(torch.int16)
+    return pack_tensor(t, "hf")
 
 
 def unpack_ternary_hf(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """uint8 [ceil(out/4), in] → int8 T of shape [out_features, in] (inverse of :func:`pack_ternary_hf`)."""
-    if packed.dim() != 2 or packed.dtype != torch.uint8:
+    if packed.dim() != 2:
         raise ValueError(f"expected a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    r, k = packed.shape
-    if (out_features + 3) // 4 != r:
-        raise ValueError(f"{r} packed rows cannot hold {out_features} output rows (need {(out_features + 3) // 4})")
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(4, 1, 1)
-    codes = ((packed.unsqueeze(0) >> shifts) & 3).reshape(4 * r, k)[:out_features]  # (out, in)
-    if bool((codes == 3).any()):
-        raise ValueError("invalid 2-bit code 3 (only 0, 1, 2 encode -1, 0, +1)")
-    return codes.to(torch.int8) - 1
+    return unpack_tensor(packed, "hf", out_features, packed.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
