@@ -67,9 +67,10 @@ def hf_cfg(kv=2, tied=True, act="relu2"):
     )
 
 
-def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinear", seed: int = 0) -> Path:
+def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinear", seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
     """A folder as microsoft's tools / transformers' docs make it, independent of bitlm.io.hf:
-    transformers' own ``pack_weights`` and the documented scale conventions."""
+    transformers' own ``pack_weights`` and the documented scale conventions; floats in ``dtype``."""
     from transformers.integrations.bitnet import pack_weights
 
     torch.manual_seed(seed)
@@ -81,9 +82,9 @@ def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinea
         if k.endswith("_proj.weight") and variant == "packed":
             beta = v.float().abs().mean().clamp(min=1e-5)
             out[k] = pack_weights((v.float() / beta).round().clamp(-1, 1).clone())  # it mutates its input
-            out[k[: -len("weight")] + "weight_scale"] = (1 / beta if linear_class == "bitlinear" else beta).reshape(1)
+            out[k[: -len("weight")] + "weight_scale"] = (1 / beta if linear_class == "bitlinear" else beta).reshape(1).to(dtype)
         elif k != "lm_head.weight" or not cfg.tie_word_embeddings:
-            out[k] = v.float().contiguous()
+            out[k] = v.to(dtype).contiguous()
     path.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     c = cfg.to_dict()
@@ -349,8 +350,8 @@ def test_round_trips_are_exact(tmp_path):
         m2 = load_hf(save_hf(m1, tmp_path / f"rt-{lc}", linear_class=lc, dtype=torch.float32))
         assert torch.equal(our_logits(m1, x), our_logits(m2, x)), lc
     # bf16 storage: one rounding on the first save, then a fixed point (file bytes identical)
-    save_hf(m2, tmp_path / "bf1", linear_class="bitlinear")
-    save_hf(load_hf(tmp_path / "bf1"), tmp_path / "bf2", linear_class="bitlinear")
+    save_hf(m2, tmp_path / "bf1", linear_class="bitlinear", dtype=torch.bfloat16)
+    save_hf(load_hf(tmp_path / "bf1"), tmp_path / "bf2", linear_class="bitlinear", dtype=torch.bfloat16)
     f1, f2 = load_file(str(tmp_path / "bf1" / "model.safetensors")), load_file(str(tmp_path / "bf2" / "model.safetensors"))
     assert f1.keys() == f2.keys() and all(torch.equal(f1[k], f2[k]) for k in f1)
     assert f1["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
@@ -362,6 +363,54 @@ def test_round_trips_are_exact(tmp_path):
     # a frozen model saved as master weights re-quantises to its own T and s (no s·p trap)
     again = load_hf(save_hf(m2, tmp_path / "frozen-master", packed=False, dtype=torch.float32))
     assert_parity(our_logits(again, x), our_logits(m2, x), "frozen -> master weights -> BitLinear")
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    """Every tensor of folder ``a``'s model.safetensors is in ``b``'s with the same dtype, shape and bytes."""
+    fa, fb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = fa[k], fb[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, (k, x.dtype, y.dtype)
+        assert torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("variant,linear_class,dtype", [
+    ("packed", "bitlinear", torch.float32),
+    ("packed", "autobitlinear", torch.float32),
+    ("packed", "bitlinear", torch.bfloat16),
+    ("online", None, torch.float32),
+])
+def test_hf_round_trip_is_lossless_by_default(tmp_path, variant, linear_class, dtype):
+    """HF → bitlm → HF with default arguments gives back every tensor bit for bit (dtype and
+    linear_class follow the source folder), and transformers computes the same logits."""
+    src = write_hf_folder(tmp_path / "src", hf_cfg(tied=False), variant, linear_class or "bitlinear", dtype=dtype)
+    back = save_hf(load_hf(src), tmp_path / "back", packed=variant == "packed")
+    same_tensors(src, back)
+    assert json.loads((back / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    x = ids()
+    assert torch.equal(hf_logits(src, x), hf_logits(back, x))
+
+
+def test_export_cli_hf_to_hf_is_lossless_by_default(tmp_path):
+    from bitlm.cli import main
+
+    src = write_hf_folder(tmp_path / "src", hf_cfg(tied=False), "packed", "autobitlinear")
+    assert main(["export", "--model", str(src), "--format", "hf", "--out", str(tmp_path / "auto")]) == 0
+    same_tensors(src, tmp_path / "auto")
+    assert main(["export", "--model", str(src), "--format", "hf", "--out", str(tmp_path / "bf"),
+                 "--dtype", "bfloat16"]) == 0
+    assert load_file(str(tmp_path / "bf" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_bitlm_model_saves_in_its_own_dtype_by_default(tmp_path):
+    model = bitlm_model(tied=False)
+    folder = save_hf(model, tmp_path / "m")
+    f = load_file(str(folder / "model.safetensors"))
+    assert {t.dtype for t in f.values()} == {torch.float32, torch.uint8}
+    assert torch.equal(our_logits(load_hf(folder), ids()), our_logits(load_hf(save_hf(model, tmp_path / "u", dtype=torch.float32)), ids()))
+    assert load_file(str(save_hf(model, tmp_path / "bf", dtype=torch.bfloat16) / "model.safetensors"))[
+        "model.norm.weight"].dtype == torch.bfloat16
 
 
 def test_sharded_save_and_tokenizer(tmp_path):

@@ -87,6 +87,7 @@ from .atomic import atomic_dir
 
 __all__ = [
     "HFFormatError",
+    "HFSource",
     "FrozenTernaryLinear",
     "load_hf",
     "save_hf",
@@ -112,6 +113,7 @@ _ARCH_TO_ACT = {"bitnet-2b4t": "relu2", "bitnet-b1.58": "silu"}
 # Tensors some writers add that carry no information (RoPE tables are recomputed).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_CODE_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -209,6 +211,17 @@ def unpack_ternary_hf(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HFSource:
+    """What a loaded folder stored, so that :func:`save_hf` writes it back unchanged by default:
+    the dtype of every float tensor, the raw ``weight_scale`` values and their ``linear_class``
+    (None for master-weight folders)."""
+
+    dtypes: dict[str, torch.dtype]
+    weight_scales: dict[str, torch.Tensor]
+    linear_class: str | None
 
 
 @dataclass
@@ -567,6 +580,10 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
     sd: dict[str, torch.Tensor] = {n: _read_float(src, n, shape, dtype) for n, shape in floats.items()}
     frozen: dict[str, FrozenTernaryLinear] = {}
     scales: list[tuple[str, float]] = []
+    # What save_hf needs to write the folder back unchanged: every float tensor's stored dtype
+    # and the stored weight_scale values (fl(1/r) is not injective, so s alone may not give r back).
+    source_dtypes = {n: _CODE_DTYPE[src.info(n)[0]] for n in sorted(expected) if src.info(n)[0] in _CODE_DTYPE}
+    raw_scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
         for proj, (out, inp) in projs.items():
             name = f"model.layers.{i}.{proj}"
@@ -575,6 +592,7 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
             else:
                 t, s = _read_ternary(src, name, out, inp, hc.linear_class)
                 scales.append((name, float(s)))
+                raw_scales[name + ".weight_scale"] = src.get(name + ".weight_scale").reshape(1).clone()
                 if quant is None:
                     frozen[name] = FrozenTernaryLinear.from_ternary(t, s, dtype)
                     continue
@@ -586,6 +604,8 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
     model = assemble_model(cfg, sd, frozen, src.source, HFFormatError)
     model.hf_folder = folder
     model.hf_config = hc.raw
+    model.hf_source = HFSource(dtypes=source_dtypes, weight_scales=raw_scales,
+                               linear_class=(hc.linear_class or "bitlinear") if hc.packed else None)
     return model
 
 
@@ -661,8 +681,8 @@ def save_hf(
     model: BitNetModel,
     folder: str | Path,
     packed: bool = True,
-    linear_class: str = "bitlinear",
-    dtype: torch.dtype = torch.bfloat16,
+    linear_class: str | None = None,
+    dtype: torch.dtype | None = None,
     *,
     tokenizer: Any = None,
     max_shard_bytes: int | None = None,
@@ -677,8 +697,14 @@ def save_hf(
     unpacks in every forward; ``"autobitlinear"``: s, 2B4T's choice, unpacked once at load), and
     ``quantization_mode: offline``.  ``packed=False``: float master weights; b1.58 models get an
     ``autobitlinear``/``online`` quantization_config so transformers ternarises them as bitlm
-    does (``linear_class`` is then ignored), fp models get none.  Embeddings, norms, lm_head and
-    scales are stored in ``dtype``.  ``tokenizer``: a ``tokenizers.Tokenizer``, an object with
+    does (``linear_class`` is then ignored), fp models get none.
+
+    ``dtype=None`` (default) is lossless: every tensor is stored in the dtype the model carries
+    (float32 for bitlm-trained models), or, for a model loaded by :func:`load_hf`, in the dtype the
+    source folder stored it in (``model.hf_source``), so HF → bitlm → HF gives back the same
+    tensors.  A float ``dtype`` (e.g. ``torch.bfloat16``, as Microsoft's release) stores
+    embeddings, norms, lm_head, float weights and scales in it.  ``linear_class=None``: the loaded
+    folder's class, else ``"bitlinear"``.  ``tokenizer``: a ``tokenizers.Tokenizer``, an object with
     ``save_pretrained``, or a path to a tokenizer file / folder to copy.  The folder is written
     to a temp sibling and renamed into place (an existing folder is replaced).
     """
@@ -687,13 +713,29 @@ def save_hf(
     if cfg.arch not in _ARCH_TO_ACT:
         raise ValueError(f"arch {cfg.arch!r} cannot be saved as BitNetForCausalLM (LayerNorm/GELU graph); "
                          f"only {', '.join(_ARCH_TO_ACT)} can")
+    source: HFSource | None = getattr(model, "hf_source", None)
+    if linear_class is None:
+        linear_class = (source.linear_class if source is not None else None) or "bitlinear"
     _scale_multiplies(linear_class)  # validates the name
     if packed and cfg.quant == "fp":
         raise ValueError("an fp model has no ternary weights to pack; use packed=False")
     if not packed and cfg.quant == "b1":
         raise ValueError("binary (b1) models must be saved packed: transformers' online mode ternarises")
-    if not dtype.is_floating_point:
+    if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a float dtype, got {dtype}")
+
+    def store_dtype(name: str, carried: torch.dtype) -> torch.dtype:
+        """``dtype`` if given, else the source folder's dtype of ``name``, else the model's."""
+        if dtype is not None:
+            return dtype
+        return source.dtypes.get(name, carried) if source is not None else carried
+
+    def scale_tensor(name: str, s: torch.Tensor, carried: torch.dtype) -> torch.Tensor:
+        sdt = store_dtype(name, carried)
+        raw = source.weight_scales.get(name) if source is not None and source.linear_class == linear_class else None
+        if raw is not None and raw.dtype == sdt and torch.equal(hf_scale_to_absmean(raw, linear_class), s.reshape(1)):
+            return raw  # the stored value itself (several r can share fl(1/r) = s)
+        return absmean_to_hf_scale(s, linear_class, sdt)
     if packed and any(out % 4 for out, _ in _proj_shapes(cfg).values()):
         raise ValueError("transformers' packed layers need every projection's out_features divisible by 4")
 
@@ -704,7 +746,7 @@ def save_hf(
         if name.startswith("model.layers.") and any(f".{proj}." in name for proj in PROJECTIONS):
             continue  # projections below
         if name.startswith(("model.", "lm_head.")) and name.endswith(".weight"):
-            tensors[name] = p.detach().to(dtype).contiguous()
+            tensors[name] = p.detach().to(store_dtype(name, p.dtype)).contiguous()
     warm = []
     for i in range(cfg.n_layers):
         for proj in PROJECTIONS:
@@ -714,20 +756,21 @@ def save_hf(
             lam = getattr(m, "quant_lambda", None)
             if lam is not None and float(lam) != 1.0:
                 warm.append(name)
+            wdt = store_dtype(name + ".weight", m.weight.dtype)
             if packed:
                 t, s = _ternary_of(name, m)
                 tensors[name + ".weight"] = pack_ternary_hf(t)
-                tensors[name + ".weight_scale"] = absmean_to_hf_scale(s, linear_class, dtype)
+                tensors[name + ".weight_scale"] = scale_tensor(name + ".weight_scale", s, m.weight.dtype)
             elif isinstance(m, FrozenTernaryLinear):  # s·T would re-quantise to s·p: store a latent
                 t, s = m.quantized_weight()
-                tensors[name + ".weight"] = ternary_latent(t, s, dtype)
+                tensors[name + ".weight"] = ternary_latent(t, s, wdt)
             else:
-                tensors[name + ".weight"] = m.weight.detach().to(dtype).contiguous()
+                tensors[name + ".weight"] = m.weight.detach().to(wdt).contiguous()
     if warm:
         warnings.warn(f"{len(warm)} projections (first: {warm[0]}) have quant_lambda < 1 (warm-up not finished); "
                       "the saved model is fully quantised", stacklevel=2)
 
-    config = hf_config_dict(cfg, packed=packed, linear_class=linear_class, dtype=dtype,
+    config = hf_config_dict(cfg, packed=packed, linear_class=linear_class, dtype=tensors["model.embed_tokens.weight"].dtype,
                             bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
