@@ -226,7 +226,7 @@ def test_scale_pinning_frozen_layer_and_latent():
 )
 def test_hf_folder_to_bitlm_parity(tmp_path, variant, linear_class, kv, tied, act):
     folder = write_hf_folder(tmp_path / "m", hf_cfg(kv, tied, act), variant, linear_class or "bitlinear")
-    model = load_hf(folder, quant="fp" if variant == "plain" else None)
+    model = load_hf(folder)
     expect_arch = {"relu2": "bitnet-2b4t", "silu": "bitnet-b1.58"}[act]
     assert model.config.arch == expect_arch and model.config.tie_embeddings == tied
     proj = model.model.layers[0].self_attn.k_proj
@@ -234,6 +234,37 @@ def test_hf_folder_to_bitlm_parity(tmp_path, variant, linear_class, kv, tied, ac
     assert type(proj) is expect_type
     x = ids()
     assert_parity(our_logits(model, x), hf_logits(folder, x), f"HF->bitlm {variant}/{linear_class}/kv{kv}/{act}")
+
+
+@pytest.mark.parametrize("act", ["relu2", "silu", "swish"])
+def test_folder_without_quantization_config_runs_as_transformers_does(tmp_path, act):
+    """transformers builds plain nn.Linear layers when config.json has no quantization_config;
+    bitlm.load computes the same (quant='fp') by default and says so; quant='b1.58' reads the
+    float weights as latent weights instead (also said)."""
+    from bitlm.io import load
+
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(kv=2, tied=False, act=act), "plain")
+    with pytest.warns(UserWarning, match=r"no quantization_config: loading the float weights unquantised \(quant='fp'\)"):
+        model = load(folder)
+    assert model.config.quant == "fp"
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    x = ids()
+    ref = hf_logits(folder, x)
+    got = our_logits(model, x)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), float((got - ref).abs().max())
+    with pytest.warns(UserWarning, match="reading the float weights as b1.58 latent weights"):
+        qat = load_hf(folder, quant="b1.58")
+    assert type(qat.model.layers[0].mlp.up_proj) is BitLinear and qat.config.quant == "b1.58"
+    assert torch.equal(qat.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_hidden_act_transformers_accepts_but_bitlm_cannot_is_refused(tmp_path):
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(act="gelu"), "plain")  # transformers' BitNet tests use gelu
+    hf_logits(folder, ids())  # transformers runs it
+    with pytest.raises(HFFormatError) as e:
+        load_hf(folder)
+    msg = str(e.value)
+    assert str(folder / "config.json") in msg and "hidden_act 'gelu'" in msg and "\n" not in msg
 
 
 def test_2b4t_config_maps_to_the_2b4t_preset(tmp_path):

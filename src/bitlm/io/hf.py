@@ -13,7 +13,9 @@ Folder
     ``rope_theta`` (4.x), tie_word_embeddings (class default **false**; 2B4T sets true).
     ``hidden_act`` picks the bitlm architecture: ``relu2`` → ``bitnet-2b4t`` (2B4T's ReLU²-GLU),
     ``silu`` → ``bitnet-b1.58`` (SwiGLU; the 1bitLLM-style model that llama.cpp's ``bitnet``
-    graph computes).  Both have the same SubLN skeleton, which is why both are this class.
+    graph computes; ``swish`` is the same function).  Both have the same SubLN skeleton, which is
+    why both are this class.  transformers accepts any of its activations here (its BitNet tests
+    use ``gelu``); bitlm refuses the others with an error naming the field.
     LLaMA folders are refused: they lack attn_sub_norm / ffn_sub_norm, so no bitlm
     architecture computes the same function.
     Optional ``quantization_config``: ``{"quant_method": "bitnet", "linear_class":
@@ -39,8 +41,10 @@ stored in one of three variants:
     ``packed[r, c] = Σ_{i=0..3} code[i·R + r, c] << 2i`` — the four codes of a byte come from
     the row blocks r, r+R, r+2R, r+3R (dim 0, *not* adjacent rows), block 0 in the low bits;
     padding rows hold code 0; code 3 never occurs.  transformers itself needs out % 4 == 0.
-(b) master weights (no quantization_config, or ``autobitlinear`` + ``online``): float
-    [out, in] latent weights, ternarised by absmean in every forward.
+(b) float weights: with ``autobitlinear`` + ``online``, latent weights that transformers
+    ternarises by absmean in every forward; *without* quantization_config, plain float weights
+    that transformers runs unquantised (``load_hf`` does the same by default, ``quant="b1.58"``
+    reads them as latent weights instead).
 (c) either of the above split over shards.
 
 The scale trap
@@ -278,8 +282,9 @@ def read_hf_config(folder: str | Path) -> HFConfig:
         )
     act = _field(raw, "hidden_act", str, path, "relu2")
     if act not in _ACT_TO_ARCH:
-        raise HFFormatError(f"{path}: unsupported hidden_act {act!r}; bitlm supports relu2 (bitnet-2b4t) "
-                            "and silu (bitnet-b1.58)")
+        raise HFFormatError(f"{path}: hidden_act {act!r} is not supported; transformers' BitNet gates the FFN "
+                            "with any of its activations, bitlm's graphs with relu2 (bitnet-2b4t) or silu/swish "
+                            "(bitnet-b1.58) only")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise HFFormatError(f"{path}: {key}=true is not supported (bitlm projections have no bias)")
@@ -525,23 +530,36 @@ def load_hf(folder: str | Path, quant: str | None = None, *, dtype: torch.dtype 
 
     ``quant`` chooses the projection modules:
 
-      * None (default): packed checkpoints → :class:`FrozenTernaryLinear` (exactly the stored T
-        and s); master weights → trainable ``BitLinear`` b1.58 (ready for QAT).  Note that
-        transformers runs a float folder *without* quantization_config unquantised: use
-        ``quant="fp"`` to reproduce that.
+      * None (default): what transformers computes.  Packed checkpoints →
+        :class:`FrozenTernaryLinear` (exactly the stored T and s); master weights with an
+        ``online`` quantization_config → trainable ``BitLinear`` b1.58 (ready for QAT); a folder
+        *without* quantization_config → plain ``nn.Linear`` ("fp"), because transformers runs
+        such a folder (e.g. its own BitNet test configs) with float linear layers.
       * "b1.58": trainable ``BitLinear`` everywhere; packed weights become latents
-        (s/p)·T (:func:`ternary_latent`) that re-quantise to the stored T and s.
+        (s/p)·T (:func:`ternary_latent`) that re-quantise to the stored T and s, and the float
+        weights of a folder without quantization_config are read as b1.58 latent weights.
       * "fp": plain ``nn.Linear`` (packed weights dequantised to s·T, activations unquantised).
       * "b1": binary ``BitLinear`` — master-weight folders only.
 
-    The folder is recorded as ``model.hf_folder`` (tokenizer files stay there) and the raw
-    config as ``model.hf_config``.  Raises :class:`HFFormatError` naming the file and tensor.
+    A folder without quantization_config says which reading it got with a ``UserWarning``.
+    The folder is recorded as ``model.hf_folder`` (tokenizer files stay there), the raw config as
+    ``model.hf_config`` and what it stored as ``model.hf_source`` (:class:`HFSource`, used by
+    :func:`save_hf`).  Raises :class:`HFFormatError` naming the file and tensor.
     """
     folder = Path(folder)
     if quant not in (None, "fp", "b1", "b1.58"):
         raise ValueError(f"quant must be None, 'fp', 'b1' or 'b1.58', got {quant!r}")
     hc = read_hf_config(folder)
     cfg_path = folder / "config.json"
+    if not hc.quantized:
+        if quant is None:
+            quant = "fp"
+            warnings.warn(f"{cfg_path}: no quantization_config: loading the float weights unquantised (quant='fp'), "
+                          "as transformers computes this folder; load_hf(..., quant='b1.58') reads them as b1.58 "
+                          "latent weights instead", stacklevel=2)
+        elif quant != "fp":
+            warnings.warn(f"{cfg_path}: no quantization_config: reading the float weights as {quant} latent weights "
+                          f"(quant={quant!r}); transformers runs this folder unquantised", stacklevel=2)
     try:
         cfg = ModelConfig(**hc.model, quant=quant or "b1.58")
     except ValueError as e:
