@@ -813,6 +813,9 @@ def save_gguf(
                          f"{', '.join(_ARCH_TO_ACTIVATION)} can be written as GGUF")
     if cfg.quant == "fp":
         raise ValueError("an fp model has no ternary weights; GGUF export writes TQ1_0/TQ2_0 projections")
+    if cfg.rope_scaling:  # llama.cpp would need a rope_freqs tensor; bitlm writes plain RoPE only
+        raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
+                         "written as GGUF by bitlm; only plain RoPE models can")
     qtype = gguf.GGMLQuantizationType.TQ2_0 if ternary_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     if not cfg.tie_embeddings:
         warnings.warn("untied model: output.weight is written, which bitlm reads but mainline llama.cpp "

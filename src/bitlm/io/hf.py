@@ -735,6 +735,9 @@ def save_hf(
     if linear_class is None:
         linear_class = (source.linear_class if source is not None else None) or "bitlinear"
     _scale_multiplies(linear_class)  # validates the name
+    if cfg.rope_scaling:
+        raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
+                         "saved as BitNetForCausalLM by bitlm; only plain RoPE models can")
     if packed and cfg.quant == "fp":
         raise ValueError("an fp model has no ternary weights to pack; use packed=False")
     if not packed and cfg.quant == "b1":
