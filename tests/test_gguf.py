@@ -676,7 +676,7 @@ def test_llama_cpp_tokenizes_like_bitlm_llama3_style(tmp_path):
 @needs_llama
 def test_llama_cpp_computes_relu2_models_wrong(recited, tokenizer):
     """Documented discrepancy: llama.cpp's bitnet graph hard-codes the SiLU gate, so a 2B4T-style
-    (ReLU²) model — with bitnet.feed_forward_activation = "relu2" in the file — is computed as a
+    (ReLU²) model — with bitnet.hidden_activation = "relu2" in the file — is computed as a
     different function.  (The same training and export for a SiLU model agree to < 1 %.)"""
     prompt = tokenizer.encode(TEXT)[:64]
     errs = {}
