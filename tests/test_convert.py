@@ -209,7 +209,9 @@ def test_missing_and_unexpected_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("patch,match", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "'low_freq_factor'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"head_dim": 32}, "head_dim=32"),
@@ -224,6 +226,85 @@ def test_unsupported_config_fields(tmp_path, patch, match):
     with pytest.raises(ConvertError, match=match) as e:
         convert_llama(folder)
     assert str(e.value).startswith(str(folder / "config.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.1 / 3.2 RoPE scaling (rope_type "llama3")
+# ---------------------------------------------------------------------------------------------
+
+# θ and head_dim 16 give wavelengths 6.3, 32, 167, 862, ...: with original_max_position_embeddings
+# = 64 (low_freq_factor 1, high_freq_factor 4) the first is kept, the second interpolated, the rest
+# divided by the factor, so all three branches of the formula are exercised.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_parity_with_transformers(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from bitlm.model import rope_inv_freq
+
+    hf = hf_model("llama", rope_parameters=dict(LLAMA3), max_position_embeddings=256)
+    folder = save(hf, tmp_path / "llama31")
+    m = convert_llama(folder, quant="fp")
+    assert m.config.rope_scaling == {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
+    assert m.config.rope_theta == 500000.0 and m.config.max_seq_len == 256
+    # the frequencies: exactly transformers' (same float32 operations)
+    ref_inv, attn_factor = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    ours = rope_inv_freq(m.config.head_dim, m.config.rope_theta, m.config.rope_scaling)
+    assert attn_factor == 1.0 and torch.equal(ours, ref_inv)
+    plain = rope_inv_freq(m.config.head_dim, m.config.rope_theta)
+    assert ours[0] == plain[0] and ours[-1] == plain[-1] / 8 and plain[1] / 8 < ours[1] < plain[1]
+    # the logits, over positions well past original_max_position_embeddings
+    x = ids(n=150)
+    with torch.no_grad():
+        ref = hf(x).logits
+        got = m(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the scaling matters: the same weights with plain RoPE compute something else
+    unscaled = BitNetModel(m.config.replace(rope_scaling=None))
+    unscaled.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert (unscaled.eval()(x) - ref).abs().max() > 1e-3
+    # the transformers 4.x spelling (rope_theta + rope_scaling) converts to the same config
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw["rope_theta"] = 500000.0
+    raw["rope_scaling"] = {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert convert_llama(folder, quant="fp").config == m.config
+
+
+def test_llama3_rope_scaling_in_the_packed_engine_and_refused_by_exports(tmp_path):
+    from bitlm.engine import convert as pack_model
+    from bitlm.io.gguf import save_gguf
+    from bitlm.io.hf import save_hf
+
+    folder = save(hf_model("llama", rope_parameters=dict(LLAMA3), max_position_embeddings=256), tmp_path / "l")
+    m = convert_llama(folder, quant="b1.58", sub_norms="rmsnorm")
+    pm = pack_model(m)
+    assert pm.config.rope_scaling == m.config.rope_scaling
+    x = ids(n=120)
+    with torch.no_grad():
+        ref = m(x)
+    err = (pm(x) - ref).abs() / ref.abs().max()
+    assert (err < 1e-5).float().mean() > 0.9 and err.max() < 0.02, err.max()
+    # token by token (the decode path builds its own cos/sin per position)
+    cache = pm.new_cache(x.shape[0], 130)
+    pm(x[:, :100], cache=cache)
+    for t in range(100, 120):
+        step = pm(x[:, t:t + 1], cache=cache)
+    err = (step[:, -1] - ref[:, 119]).abs() / ref.abs().max()
+    assert err.max() < 0.02, err.max()
+    # a bitlm checkpoint keeps the scaling (and older checkpoints without the field still load)
+    from bitlm.config import ModelConfig
+
+    assert ModelConfig.from_dict(m.config.to_dict()) == m.config
+    assert ModelConfig.from_dict({k: v for k, v in m.config.to_dict().items() if k != "rope_scaling"}).rope_scaling is None
+    with pytest.raises(ValueError, match="rope_scaling 'llama3'.*GGUF"):
+        save_gguf(m, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="rope_scaling 'llama3'.*BitNetForCausalLM"):
+        save_hf(m, tmp_path / "hf")
 
 
 def test_load_routes_llama_family_to_convert(tmp_path):

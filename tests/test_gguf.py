@@ -26,8 +26,8 @@ import torch
 from bitlm.config import ModelConfig
 from bitlm.io import gguf as G
 from bitlm.io.gguf import GGUFFormatError, load_gguf, read_gguf, save_gguf
-from bitlm.io.hf import PROJECTIONS, FrozenTernaryLinear
-from bitlm.layers import BitLinear
+from bitlm.io.hf import PROJECTIONS
+from bitlm.layers import BitLinear, FrozenTernaryLinear
 from bitlm.loading import load as bitlm_load
 from bitlm.loading import load_tokenizer_for
 from bitlm.model import BitNetModel
@@ -471,9 +471,36 @@ def test_per_block_scales_are_refused_unless_allowed(tmp_path, saved):
 def test_activation_key(tmp_path, saved):
     _, path = saved
     raises_naming(rewrite(path, tmp_path / "a.gguf", keys={G.ACTIVATION_KEY: "gelu"}), G.ACTIVATION_KEY, "'gelu'")
-    with pytest.warns(UserWarning, match="assuming 'silu'"):
-        m = load_gguf(rewrite(path, tmp_path / "b.gguf", keys={G.ACTIVATION_KEY: None}))
-    assert m.config.arch == "bitnet-b1.58"
+    # neither key: refused (silu and relu2 models have the same tensors), unless the caller says which
+    neither = rewrite(path, tmp_path / "b.gguf", keys={G.ACTIVATION_KEY: None, G.LEGACY_ACTIVATION_KEY: None})
+    msg = raises_naming(neither, G.ACTIVATION_KEY, "missing key")
+    assert "\n" not in msg
+    assert load_gguf(neither, activation="relu2").config.arch == "bitnet-2b4t"
+    raises_naming(path, G.ACTIVATION_KEY, "activation='relu2' was asked for", activation="relu2")
+    # the two keys disagreeing is refused
+    raises_naming(rewrite(path, tmp_path / "c.gguf", keys={G.LEGACY_ACTIVATION_KEY: "relu2"}),
+                  G.LEGACY_ACTIVATION_KEY, "contradicts")
+
+
+def test_activation_key_is_llama_cpp_standard(tmp_path, saved):
+    """llama.cpp's key is <arch>.hidden_activation (what the BitNet ReLU² fixes write and read);
+    bitlm writes it, and still writes and reads its own earlier key."""
+    m, path = saved
+    assert G.ACTIVATION_KEY == "bitnet.hidden_activation"
+    with read_gguf(path) as f:
+        assert f.metadata["bitnet.hidden_activation"] == "silu"
+        assert f.metadata["bitnet.feed_forward_activation"] == "silu"
+    # a file with only the standard key (as other tools write it): relu2 → bitnet-2b4t
+    std = rewrite(path, tmp_path / "std.gguf", keys={"bitnet.feed_forward_activation": None,
+                                                     "bitnet.hidden_activation": "relu2"})
+    assert load_gguf(std).config.arch == "bitnet-2b4t"
+    # a file bitlm wrote before the change (legacy key only) still loads, bit-exact
+    old = rewrite(path, tmp_path / "old.gguf", keys={"bitnet.hidden_activation": None})
+    m2 = load_gguf(old)
+    assert m2.config.arch == "bitnet-b1.58"
+    ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m2(ids), load_gguf(path)(ids))
 
 
 def test_save_refuses_what_gguf_cannot_hold(tmp_path):
@@ -650,7 +677,7 @@ def test_llama_cpp_tokenizes_like_bitlm_llama3_style(tmp_path):
 @needs_llama
 def test_llama_cpp_computes_relu2_models_wrong(recited, tokenizer):
     """Documented discrepancy: llama.cpp's bitnet graph hard-codes the SiLU gate, so a 2B4T-style
-    (ReLU²) model — with bitnet.feed_forward_activation = "relu2" in the file — is computed as a
+    (ReLU²) model — with bitnet.hidden_activation = "relu2" in the file — is computed as a
     different function.  (The same training and export for a SiLU model agree to < 1 %.)"""
     prompt = tokenizer.encode(TEXT)[:64]
     errs = {}

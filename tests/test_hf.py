@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from bitlm import quant as Q
 from bitlm.config import ModelConfig
 from bitlm.io import hf as H
-from bitlm.io.hf import FrozenTernaryLinear, HFFormatError, load_hf, save_hf
-from bitlm.layers import BitLinear
+from bitlm.io.hf import HFFormatError, load_hf, save_hf
+from bitlm.layers import BitLinear, FrozenTernaryLinear, ternary_latent, thaw
 from bitlm.model import BitNetModel
 
 transformers = pytest.importorskip("transformers")
@@ -67,9 +68,10 @@ def hf_cfg(kv=2, tied=True, act="relu2"):
     )
 
 
-def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinear", seed: int = 0) -> Path:
+def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinear", seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
     """A folder as microsoft's tools / transformers' docs make it, independent of bitlm.io.hf:
-    transformers' own ``pack_weights`` and the documented scale conventions."""
+    transformers' own ``pack_weights`` and the documented scale conventions; floats in ``dtype``."""
     from transformers.integrations.bitnet import pack_weights
 
     torch.manual_seed(seed)
@@ -81,9 +83,9 @@ def write_hf_folder(path: Path, cfg, variant: str, linear_class: str = "bitlinea
         if k.endswith("_proj.weight") and variant == "packed":
             beta = v.float().abs().mean().clamp(min=1e-5)
             out[k] = pack_weights((v.float() / beta).round().clamp(-1, 1).clone())  # it mutates its input
-            out[k[: -len("weight")] + "weight_scale"] = (1 / beta if linear_class == "bitlinear" else beta).reshape(1)
+            out[k[: -len("weight")] + "weight_scale"] = (1 / beta if linear_class == "bitlinear" else beta).reshape(1).to(dtype)
         elif k != "lm_head.weight" or not cfg.tie_word_embeddings:
-            out[k] = v.float().contiguous()
+            out[k] = v.to(dtype).contiguous()
     path.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     c = cfg.to_dict()
@@ -160,9 +162,9 @@ def test_pack_all_81_byte_patterns_match_transformers():
 def test_unpack_rejects_code_3_and_bad_shapes():
     with pytest.raises(ValueError, match="code 3"):
         H.unpack_ternary_hf(torch.full((1, 3), 0b11, dtype=torch.uint8), 4)
-    with pytest.raises(ValueError, match="packed rows"):
+    with pytest.raises(ValueError, match="packed data has shape"):
         H.unpack_ternary_hf(torch.zeros(2, 3, dtype=torch.uint8), 9)
-    with pytest.raises(ValueError, match="ternary"):
+    with pytest.raises(ValueError, match="values must be in"):
         H.pack_ternary_hf(torch.tensor([[2, 0]]))
 
 
@@ -199,7 +201,7 @@ def test_scale_pinning_frozen_layer_and_latent():
     x = torch.randn(5, 48, generator=g)
     ref = BitLinear(48, 32)
     with torch.no_grad():
-        ref.weight.copy_(H.ternary_latent(t, s))
+        ref.weight.copy_(ternary_latent(t, s))
     assert torch.equal(ref.quantized_weight()[0], t)  # latent: exact T ...
     assert torch.allclose(ref.quantized_weight()[1], s, rtol=1e-6, atol=0)  # ... and s to rounding
     assert torch.allclose(m(x), ref(x), rtol=1e-5, atol=1e-7)
@@ -225,7 +227,9 @@ def test_scale_pinning_frozen_layer_and_latent():
 )
 def test_hf_folder_to_bitlm_parity(tmp_path, variant, linear_class, kv, tied, act):
     folder = write_hf_folder(tmp_path / "m", hf_cfg(kv, tied, act), variant, linear_class or "bitlinear")
-    model = load_hf(folder, quant="fp" if variant == "plain" else None)
+    with warnings.catch_warnings():  # the plain variant says it loads as fp (tested below)
+        warnings.simplefilter("ignore", UserWarning)
+        model = load_hf(folder)
     expect_arch = {"relu2": "bitnet-2b4t", "silu": "bitnet-b1.58"}[act]
     assert model.config.arch == expect_arch and model.config.tie_embeddings == tied
     proj = model.model.layers[0].self_attn.k_proj
@@ -233,6 +237,37 @@ def test_hf_folder_to_bitlm_parity(tmp_path, variant, linear_class, kv, tied, ac
     assert type(proj) is expect_type
     x = ids()
     assert_parity(our_logits(model, x), hf_logits(folder, x), f"HF->bitlm {variant}/{linear_class}/kv{kv}/{act}")
+
+
+@pytest.mark.parametrize("act", ["relu2", "silu", "swish"])
+def test_folder_without_quantization_config_runs_as_transformers_does(tmp_path, act):
+    """transformers builds plain nn.Linear layers when config.json has no quantization_config;
+    bitlm.load computes the same (quant='fp') by default and says so; quant='b1.58' reads the
+    float weights as latent weights instead (also said)."""
+    from bitlm.loading import load
+
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(kv=2, tied=False, act=act), "plain")
+    with pytest.warns(UserWarning, match=r"no quantization_config: loading the float weights unquantised \(quant='fp'\)"):
+        model = load(folder)
+    assert model.config.quant == "fp"
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    x = ids()
+    ref = hf_logits(folder, x)
+    got = our_logits(model, x)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), float((got - ref).abs().max())
+    with pytest.warns(UserWarning, match="reading the float weights as b1.58 latent weights"):
+        qat = load_hf(folder, quant="b1.58")
+    assert type(qat.model.layers[0].mlp.up_proj) is BitLinear and qat.config.quant == "b1.58"
+    assert torch.equal(qat.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_hidden_act_transformers_accepts_but_bitlm_cannot_is_refused(tmp_path):
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(act="gelu"), "plain")  # transformers' BitNet tests use gelu
+    hf_logits(folder, ids())  # transformers runs it
+    with pytest.raises(HFFormatError) as e:
+        load_hf(folder)
+    msg = str(e.value)
+    assert str(folder / "config.json") in msg and "hidden_act 'gelu'" in msg and "\n" not in msg
 
 
 def test_2b4t_config_maps_to_the_2b4t_preset(tmp_path):
@@ -296,7 +331,7 @@ def test_packed_as_trainable_bitlinear(tmp_path):
     fp = load_hf(folder, quant="fp")
     assert type(fp.model.layers[0].mlp.up_proj) is torch.nn.Linear
     # thaw(): the same latents from an already loaded frozen model, e.g. for a native checkpoint
-    thawed = H.thaw(load_hf(folder))
+    thawed = thaw(load_hf(folder))
     assert not any(isinstance(m, FrozenTernaryLinear) for m in thawed.modules())
     assert all(torch.equal(a, b) for a, b in zip(thawed.state_dict().values(), qat.state_dict().values()))
 
@@ -349,8 +384,8 @@ def test_round_trips_are_exact(tmp_path):
         m2 = load_hf(save_hf(m1, tmp_path / f"rt-{lc}", linear_class=lc, dtype=torch.float32))
         assert torch.equal(our_logits(m1, x), our_logits(m2, x)), lc
     # bf16 storage: one rounding on the first save, then a fixed point (file bytes identical)
-    save_hf(m2, tmp_path / "bf1", linear_class="bitlinear")
-    save_hf(load_hf(tmp_path / "bf1"), tmp_path / "bf2", linear_class="bitlinear")
+    save_hf(m2, tmp_path / "bf1", linear_class="bitlinear", dtype=torch.bfloat16)
+    save_hf(load_hf(tmp_path / "bf1"), tmp_path / "bf2", linear_class="bitlinear", dtype=torch.bfloat16)
     f1, f2 = load_file(str(tmp_path / "bf1" / "model.safetensors")), load_file(str(tmp_path / "bf2" / "model.safetensors"))
     assert f1.keys() == f2.keys() and all(torch.equal(f1[k], f2[k]) for k in f1)
     assert f1["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
@@ -362,6 +397,54 @@ def test_round_trips_are_exact(tmp_path):
     # a frozen model saved as master weights re-quantises to its own T and s (no s·p trap)
     again = load_hf(save_hf(m2, tmp_path / "frozen-master", packed=False, dtype=torch.float32))
     assert_parity(our_logits(again, x), our_logits(m2, x), "frozen -> master weights -> BitLinear")
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    """Every tensor of folder ``a``'s model.safetensors is in ``b``'s with the same dtype, shape and bytes."""
+    fa, fb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = fa[k], fb[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, (k, x.dtype, y.dtype)
+        assert torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("variant,linear_class,dtype", [
+    ("packed", "bitlinear", torch.float32),
+    ("packed", "autobitlinear", torch.float32),
+    ("packed", "bitlinear", torch.bfloat16),
+    ("online", None, torch.float32),
+])
+def test_hf_round_trip_is_lossless_by_default(tmp_path, variant, linear_class, dtype):
+    """HF → bitlm → HF with default arguments gives back every tensor bit for bit (dtype and
+    linear_class follow the source folder), and transformers computes the same logits."""
+    src = write_hf_folder(tmp_path / "src", hf_cfg(tied=False), variant, linear_class or "bitlinear", dtype=dtype)
+    back = save_hf(load_hf(src), tmp_path / "back", packed=variant == "packed")
+    same_tensors(src, back)
+    assert json.loads((back / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    x = ids()
+    assert torch.equal(hf_logits(src, x), hf_logits(back, x))
+
+
+def test_export_cli_hf_to_hf_is_lossless_by_default(tmp_path):
+    from bitlm.cli import main
+
+    src = write_hf_folder(tmp_path / "src", hf_cfg(tied=False), "packed", "autobitlinear")
+    assert main(["export", "--model", str(src), "--format", "hf", "--out", str(tmp_path / "auto")]) == 0
+    same_tensors(src, tmp_path / "auto")
+    assert main(["export", "--model", str(src), "--format", "hf", "--out", str(tmp_path / "bf"),
+                 "--dtype", "bfloat16"]) == 0
+    assert load_file(str(tmp_path / "bf" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_bitlm_model_saves_in_its_own_dtype_by_default(tmp_path):
+    model = bitlm_model(tied=False)
+    folder = save_hf(model, tmp_path / "m")
+    f = load_file(str(folder / "model.safetensors"))
+    assert {t.dtype for t in f.values()} == {torch.float32, torch.uint8}
+    assert torch.equal(our_logits(load_hf(folder), ids()), our_logits(load_hf(save_hf(model, tmp_path / "u", dtype=torch.float32)), ids()))
+    assert load_file(str(save_hf(model, tmp_path / "bf", dtype=torch.bfloat16) / "model.safetensors"))[
+        "model.norm.weight"].dtype == torch.bfloat16
 
 
 def test_sharded_save_and_tokenizer(tmp_path):

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from bitlm.config import preset
 from bitlm.io.checkpoint import load_checkpoint, save_checkpoint
-from bitlm.io.hf import FrozenTernaryLinear, load_hf, save_hf
-from bitlm.layers import BitLinear
+from bitlm.io.hf import load_hf, save_hf
+from bitlm.layers import BitLinear, FrozenTernaryLinear
 from bitlm.lora import (
     LoRALinear,
     add_lora,

@@ -54,6 +54,10 @@ class ModelConfig:
     # For models converted from LLaMA-family checkpoints (bitlm.convert); defaults = the papers' graph.
     sub_norm: bool = True  # False: nn.Identity in place of attn_sub_norm / ffn_sub_norm (no SubLN)
     qkv_bias: bool = False  # bias on q/k/v (Qwen2); o/gate/up/down never have one
+    # RoPE frequency scaling in transformers' rope_parameters spelling: None = plain RoPE, or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"} (Llama 3.1 / 3.2; applied by bitlm.model.rope_inv_freq)
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +99,8 @@ class ModelConfig:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.act_granularity not in ("token", "tensor"):
             raise ConfigError(f"act_granularity must be 'token' or 'tensor', got {self.act_granularity!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +116,25 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(rs: Any) -> None:
+    """``ModelConfig.rope_scaling``: only ``rope_type: "llama3"`` with its four numbers
+    (transformers' own checks: factor ≥ 1, low_freq_factor < high_freq_factor)."""
+    if not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
+        raise ConfigError(f"rope_scaling must be None or a dict with rope_type 'llama3', got {rs!r}")
+    extra = sorted(set(rs) - {"rope_type", *ROPE_SCALING_KEYS})
+    if extra:
+        raise ConfigError(f"rope_scaling: unknown key(s) {', '.join(extra)}")
+    for k in ROPE_SCALING_KEYS:
+        v = rs.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"rope_scaling.{k} must be a positive number, got {v!r}")
+    if rs["factor"] < 1 or rs["low_freq_factor"] >= rs["high_freq_factor"]:
+        raise ConfigError(f"rope_scaling needs factor >= 1 and low_freq_factor < high_freq_factor, got {rs!r}")
 
 
 # ---------------------------------------------------------------------------------------------

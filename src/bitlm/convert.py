@@ -44,8 +44,9 @@ Supported folders: ``LlamaForCausalLM``, ``MistralForCausalLM`` (same graph; a s
 caps ``max_seq_len`` at the window, where full causal attention is identical) and
 ``Qwen2ForCausalLM`` (q/k/v biases → ``ModelConfig.qkv_bias``).  config.json + safetensors (single
 file or sharded); pickled ``.bin`` files are refused (loading them could run code).  Refused with a
-one-line error naming the field: RoPE scaling (llama3/yarn/linear/dynamic), head_dim ≠
-hidden/heads, o_proj/MLP biases, a non-SiLU activation.
+one-line error naming the field: RoPE scaling other than Llama 3.1's ``llama3`` (which is
+computed: ``ModelConfig.rope_scaling``), head_dim ≠ hidden/heads, o_proj/MLP biases, a
+non-SiLU activation.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import QUANTS, ModelConfig
+from .config import QUANTS, ModelConfig, check_rope_scaling
 from .io.hf import HFFormatError, _read_float, _Tensors
 from .layers import LAMBDA_SCHEDULES, BitLinear, lambda_schedule  # re-exported: the schedule lives in layers
 from .model import BitNetModel, RMSNorm
@@ -144,7 +145,7 @@ def read_llama_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any
     num_attention_heads → n_heads, num_key_value_heads (null → MHA) → n_kv_heads, vocab_size,
     max_position_embeddings → max_seq_len (capped by an active sliding window), rms_norm_eps →
     norm_eps, RoPE θ from ``rope_parameters.rope_theta`` (transformers 5.x) or ``rope_theta`` (4.x;
-    default 10000), tie_word_embeddings (class default false), initializer_range → init_std.
+    default 10000), ``rope_type: llama3`` parameters (either spelling) → rope_scaling, tie_word_embeddings (class default false), initializer_range → init_std.
     Raises :class:`ConvertError` naming config.json and the field for anything the LLaMA graph of
     bitlm does not compute.
     """
@@ -164,18 +165,7 @@ def read_llama_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any
     if raw.get("mlp_bias"):
         raise ConvertError(f"{path}: mlp_bias=true is not supported (bitlm's MLP projections have no bias)")
 
-    theta = _get(raw, "rope_theta", (int, float), path, 10000.0)  # RotaryEmbeddingConfigMixin.default_theta
-    rope = raw.get("rope_parameters")
-    if rope is not None:
-        if not isinstance(rope, dict):
-            raise ConvertError(f"{path}: field 'rope_parameters' must be an object, got {rope!r}")
-        if rope.get("rope_type", "default") != "default":
-            raise ConvertError(f"{path}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported "
-                               "(plain RoPE only; llama3/yarn/linear/dynamic scaling change the frequencies)")
-        theta = _get(rope, "rope_theta", (int, float), path, theta)
-    scaling = raw.get("rope_scaling")
-    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"):
-        raise ConvertError(f"{path}: rope_scaling {scaling!r} is not supported (plain RoPE only)")
+    theta, rope_scaling = _read_rope(raw, path)
 
     d = _get(raw, "hidden_size", int, path)
     heads = _get(raw, "num_attention_heads", int, path)
@@ -204,8 +194,42 @@ def read_llama_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any
         tie_embeddings=_get(raw, "tie_word_embeddings", bool, path, False),
         init_std=float(_get(raw, "initializer_range", (int, float), path, 0.02)),
         qkv_bias=family == "qwen2",
+        rope_scaling=rope_scaling,
     )
     return model, raw
+
+
+def _read_rope(raw: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None]:
+    """(θ, ModelConfig.rope_scaling) from ``rope_parameters`` (transformers 5.x) or ``rope_theta`` +
+    ``rope_scaling`` (4.x).  Plain RoPE and Llama 3.1's "llama3" scaling are computed; the other
+    types (linear/dynamic/yarn/longrope) change the frequencies differently and are refused."""
+    theta = _get(raw, "rope_theta", (int, float), path, 10000.0)  # RotaryEmbeddingConfigMixin.default_theta
+    # transformers 5.x: a non-empty legacy rope_scaling replaces rope_parameters (convert_rope_params_to_dict)
+    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = raw.get(field)
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        raise ConvertError(f"{path}: field {field!r} must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = _get(params, "rope_theta", (int, float), path, theta)
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ConvertError(f"{path}: {field}.rope_type {rope_type!r} is not supported (plain RoPE and llama3 only; "
+                           "linear/dynamic/yarn/longrope scaling change the frequencies differently)")
+    scaling: dict[str, Any] = {"rope_type": "llama3"}
+    for k in ("factor", "low_freq_factor", "high_freq_factor"):
+        scaling[k] = _get(params, k, (int, float), path)
+    # transformers' fallback (standardize_rope_params): the model's own max_position_embeddings
+    default_orig = raw.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    scaling["original_max_position_embeddings"] = _get(params, "original_max_position_embeddings", int, path,
+                                                       default_orig if default_orig is not None else ...)
+    try:
+        check_rope_scaling(scaling)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {field}: {e}") from None
+    return float(theta), scaling
 
 
 # ---------------------------------------------------------------------------------------------

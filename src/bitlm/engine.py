@@ -216,7 +216,7 @@ class PackedModel:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
         if B == 1 and T == 1 and cache is not None and self._fused_decode_ok():
             return self._decode_fused(input_ids, cache)
-        cos, sin = rope_cos_sin(torch.arange(past, past + T), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(past, past + T), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = self.embed.rows(input_ids).reshape(B * T, cfg.d_model)  # (B*T, d) float32, a fresh tensor
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         # Peak memory is a prefill's: temporaries are dropped as soon as they are dead, RoPE and
@@ -346,7 +346,7 @@ class PackedModel:
         pos = cache.pos
         dec = self._decoder(cache)
         x = self.embed.rows(input_ids.reshape(1)).reshape(cfg.d_model).contiguous()  # a fresh copy
-        cos, sin = rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         dec.step(x, pos, cos, sin)
         cache.advance(1)
         return self._final(x.view(1, cfg.d_model), 1, 1)

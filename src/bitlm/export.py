@@ -1,7 +1,7 @@
 """``bitlm export``: write a model in another runtime's format.
 
     bitlm export --model PATH --format gguf|hf --out PATH [--ternary-type tq2_0|tq1_0]
-                 [--head-type f16|f32|q8_0] [--dtype bfloat16|float16|float32] [--tokenizer PATH]
+                 [--head-type f16|f32|q8_0] [--dtype auto|bfloat16|float16|float32] [--tokenizer PATH]
 
 ``--model`` is anything ``bitlm.load`` reads (a native checkpoint folder, a Hugging Face
 BitNetForCausalLM folder, a GGUF file).  ``gguf`` writes a llama.cpp ``bitnet`` file
@@ -26,8 +26,9 @@ def add_arguments(p) -> None:
                    help="GGUF ternary type: tq2_0 (2.06 bpw, faster) or tq1_0 (1.69 bpw)")
     p.add_argument("--head-type", default="f16", choices=("f16", "f32", "q8_0"),
                    help="GGUF storage of the embedding / output head")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="HF storage of embeddings, norms and scales (bfloat16 as Microsoft's release)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="HF storage of embeddings, norms and scales: auto (default, lossless: the dtype the "
+                        "model carries or its source folder stored) or a dtype (bfloat16 as Microsoft's release)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or folder (default: the model's own)")
 
 
@@ -53,6 +54,6 @@ def run(args) -> int:
         ids = {} if tok is None else {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                                       "pad_token_id": tok.pad_id}
         out = save(model, args.out, format="hf", tokenizer=None if tok is None else tok.backend,
-                   dtype=getattr(torch, args.dtype), **ids)
+                   dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), **ids)
     print(f"wrote {out}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from . import quant as Q
 
-__all__ = ["BitLinear", "prepare", "set_quant_lambda", "lambda_schedule", "LAMBDA_SCHEDULES", "NORMS"]
+__all__ = ["BitLinear", "FrozenTernaryLinear", "prepare", "set_quant_lambda", "lambda_schedule", "LAMBDA_SCHEDULES",
+           "ternary_latent", "thaw", "NORMS"]
 
 NORMS = (None, "layernorm", "rmsnorm")
 
@@ -215,3 +217,89 @@ def prepare(
         new.train(lin.training)
         setattr(parent, child_name, new)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen ternary weights (packed HF / GGUF checkpoints: T and s fixed, s pinned)
+# ---------------------------------------------------------------------------------------------
+
+
+def ternary_latent(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A latent weight whose absmean quantisation returns exactly T and (to float rounding) s.
+
+    W = (s / p)·T with p the fraction of non-zeros: mean|W| = s, and |W/s| ∈ {0, 1/p ≥ 1} rounds
+    and clips back to T.  (s·T itself would re-quantise to the scale s·p.)
+    """
+    tf = t.float()
+    p = tf.abs().mean()
+    if float(p) == 0.0:
+        return torch.zeros_like(tf, dtype=dtype)
+    s = torch.as_tensor(s, dtype=torch.float32).reshape(())
+    return (tf * (s / p)).to(dtype)
+
+
+class FrozenTernaryLinear(BitLinear):
+    """A :class:`~bitlm.layers.BitLinear` whose ternary weight T and scale s are fixed.
+
+    ``weight`` holds s·T (exact: T ∈ {-1,0,1}) with ``requires_grad=False``; the ``weight_scale``
+    buffer pins s, so :meth:`quantized_weight` returns exactly (T, s) — which absmean
+    re-quantisation of s·T would not (mean|s·T| = s·p, p the fraction of non-zeros).  The forward is the same
+    per-token absmax int8 fake-quantisation of activations as BitLinear, then ``F.linear`` with
+    s·T.  ``quant_lambda`` is ignored: this layer is for inference and export; to fine-tune,
+    load with ``quant="b1.58"``.  ``model.to(dtype)`` casts ``weight`` and ``weight_scale``
+    together, so the pair stays consistent.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, act_bits: int | None = 8,
+                 act_granularity: str = "token", act_groups: int = 1, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, weight_quant="b1.58", act_bits=act_bits,
+                         act_granularity=act_granularity, act_groups=act_groups, device=device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.register_buffer("weight_scale", torch.ones(1, device=device, dtype=dtype))
+
+    @classmethod
+    def from_ternary(cls, t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32,
+                     **kw: Any) -> FrozenTernaryLinear:
+        m = cls(t.shape[1], t.shape[0], device="meta", **kw)
+        weight, scale = _frozen_tensors(t, s, dtype)
+        m.weight = nn.Parameter(weight, requires_grad=False)
+        m.weight_scale = scale
+        m.quant_lambda = torch.tensor(1.0)
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen ternary, act_bits={self.act_bits}"
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.weight_scale.detach().float().reshape(1)
+        t = Q.round_half_even(self.weight.detach().float() / s).clamp(-1, 1).to(torch.int8)
+        return t, s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        if self.act_bits is not None:
+            x = Q.fake_quant_activation(x, self.act_bits, self.act_granularity, self.act_groups)
+        return F.linear(x, self.weight)
+
+
+def thaw(model: nn.Module) -> nn.Module:
+    """Replace every :class:`FrozenTernaryLinear` of ``model`` (in place) by a trainable
+    ``BitLinear`` holding the latent :func:`ternary_latent` (T exact, s to float rounding), so
+    that the model can be fine-tuned or saved as a native checkpoint.  Returns ``model``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FrozenTernaryLinear):
+            t, s = m.quantized_weight()
+            new = BitLinear(m.in_features, m.out_features, bias=False, act_bits=m.act_bits,
+                            act_granularity=m.act_granularity, act_groups=m.act_groups,
+                            device=m.weight.device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(ternary_latent(t, s, m.weight.dtype))
+            new.train(m.training)
+            model.set_submodule(name, new)
+    return model
+
+
+def _frozen_tensors(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·T, s) in ``dtype``: s is rounded to ``dtype`` first so that weight == weight_scale · T exactly."""
+    sd = torch.as_tensor(s).detach().reshape(1).to(dtype)
+    return t.to(dtype) * sd, sd

@@ -71,8 +71,7 @@ from safetensors.torch import save_file
 
 from . import quant as Q
 from .io.atomic import atomic_write, atomic_write_text
-from .io.hf import FrozenTernaryLinear
-from .layers import BitLinear
+from .layers import BitLinear, FrozenTernaryLinear, ternary_latent, thaw
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -395,7 +394,6 @@ def _merged_base(base: nn.Linear, dw: torch.Tensor, mode: str) -> nn.Linear:
                                                    act_granularity=base.act_granularity, act_groups=base.act_groups)
             new.train(base.training)
             return new.to(base.weight.device)
-        from .io.hf import ternary_latent
 
         with torch.no_grad():  # a latent that re-quantises to exactly T and (to rounding) s
             base.weight.copy_(ternary_latent(t, s, base.weight.dtype))
@@ -515,7 +513,6 @@ def prepare_lora_training(model: nn.Module, tcfg: Any, resume_from: str | Path |
     """What ``bitlm.train`` does with ``lora_rank > 0``: packed (frozen) projections become latent
     BitLinears (so the base saves as a native checkpoint; the codes stay exactly T), adapters are
     added per the TrainConfig, and on resume their values are loaded from the checkpoint."""
-    from .io.hf import thaw
 
     if any(isinstance(m, FrozenTernaryLinear) for m in model.modules()):
         thaw(model)

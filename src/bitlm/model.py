@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .layers import BitLinear
 
-__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules", "attend", "rope_cos_sin", "apply_rope"]
+__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules", "attend", "rope_cos_sin", "rope_inv_freq",
+           "apply_rope"]
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +78,28 @@ def make_linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE's D/2 inverse frequencies θ^(-2i/D), float32; ``scaling`` (``ModelConfig.rope_scaling``)
+    applies Llama 3.1's "llama3" rescaling as transformers computes it (float32, same operations):
+    wavelengths above original_max_position_embeddings / low_freq_factor are slowed by ``factor``,
+    those below original_max_position_embeddings / high_freq_factor kept, the band between
+    interpolated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if not scaling:
+        return inv_freq
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
     return emb.cos(), emb.sin()
@@ -248,7 +269,7 @@ class BitNetModel(nn.Module):
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         pos = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)

@@ -14,12 +14,19 @@ then a gated FFN with ``ffn_sub_norm`` before ``ffn_down``, and ``token_embd`` a
 head.  The FFN gate is **hard-coded SiLU** (``build_ffn(..., LLM_FFN_SILU, LLM_FFN_PAR)``): that
 is bitlm's ``bitnet-b1.58`` (SwiGLU).  bitlm's ``bitnet-2b4t`` (microsoft/bitnet-b1.58-2B-4T,
 ReLU² gate) has the same tensors, so llama.cpp runs such a file without complaint and computes
-the wrong function.  GGUF has no key for the FFN activation, so bitlm writes one:
+the wrong function.  The key that says which activation a model uses is llama.cpp's
+``<arch>.hidden_activation`` (the proposed BitNet ReLU² fix for llama.cpp and the converter fixes
+of microsoft/BitNet write and read it):
 
-    ``bitnet.feed_forward_activation`` = ``"silu"`` | ``"relu2"``   (:data:`ACTIVATION_KEY`)
+    ``bitnet.hidden_activation`` = ``"silu"`` | ``"relu2"``   (:data:`ACTIVATION_KEY`)
 
-llama.cpp ignores it today; :func:`load_gguf` reads it (absent → ``"silu"``, llama.cpp's
-reading, with a warning), and a runtime that honours it computes 2B4T-style models correctly.
+bitlm writes it, plus its own earlier key ``bitnet.feed_forward_activation``
+(:data:`LEGACY_ACTIVATION_KEY`) with the same value so that older bitlm versions read new files.
+:func:`load_gguf` reads the standard key first, then the legacy one (both present and different:
+refused).  A file with neither is refused with :class:`GGUFFormatError` naming the file and the
+key — guessing would be wrong for half of the BitNet models — unless the caller says which
+(``load_gguf(..., activation="silu")``, e.g. for llama.cpp's own converter output of a 1bitLLM
+model, whose graph is SiLU).
 
 Tensors (GGUF name ← bitlm parameter; GGUF lists dims innermost first, i.e. [in, out])
 -------------------------------------------------------------------------------------
@@ -46,7 +53,7 @@ arrays ``bitlm.ternary_tensors`` (names) and ``bitlm.ternary_scales`` (:data:`SC
 llama.cpp ignores them.  :func:`load_gguf` reverses the encoding: every non-zero dequantised
 weight of a projection must have the same magnitude (all blocks' d equal), giving T = sign(W);
 s is the exact scale from ``bitlm.ternary_scales`` when that rounds to the stored d (else d,
-e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.io.hf.FrozenTernaryLinear`.
+e.g. for llama.cpp's converter output), pinned in a :class:`~bitlm.layers.FrozenTernaryLinear`.
 So bitlm → GGUF → bitlm reproduces the logits bit for bit, and → GGUF again the same bytes.
 
 A projection whose blocks have *different* d (e.g. llama-quantize run on a float model) is not
@@ -97,15 +104,17 @@ import torch
 
 from .. import quant as Q
 from ..config import ModelConfig
+from ..layers import FrozenTernaryLinear, ternary_latent
 from ..model import BitNetModel
 from . import require_bitnet_graph
 from .atomic import atomic_write, atomic_write_text
-from .hf import PROJECTIONS, FrozenTernaryLinear, _export_check, _ternary_of, assemble_model, ternary_latent
+from .hf import PROJECTIONS, _export_check, _ternary_of, assemble_model
 
 __all__ = [
     "GGUFFormatError",
     "ARCH",
     "ACTIVATION_KEY",
+    "LEGACY_ACTIVATION_KEY",
     "SCALES_KEY",
     "NAMES_KEY",
     "ACTIVATIONS",
@@ -123,8 +132,10 @@ __all__ = [
 
 #: llama.cpp's architecture name (``LLM_ARCH_BITNET`` → "bitnet" in llama-arch.cpp).
 ARCH = "bitnet"
-#: bitlm's key for the FFN gate activation (llama.cpp has none and hard-codes SiLU).
-ACTIVATION_KEY = f"{ARCH}.feed_forward_activation"
+#: llama.cpp's key for the FFN gate activation (its bitnet graph hard-codes SiLU today).
+ACTIVATION_KEY = f"{ARCH}.hidden_activation"
+#: the key bitlm wrote before it used the standard one; still written and read.
+LEGACY_ACTIVATION_KEY = f"{ARCH}.feed_forward_activation"
 #: bitlm's keys for the exact float32 per-tensor scales (TQ blocks hold them rounded to f16).
 NAMES_KEY, SCALES_KEY = "bitlm.ternary_tensors", "bitlm.ternary_scales"
 #: activation value → bitlm architecture (the rest of the graph is the same).
@@ -425,20 +436,34 @@ def _key(f: GGUFFile, key: str, kind: type, default: Any = ...) -> Any:
                           f"expected {kind.__name__}")
 
 
-def _read_config(f: GGUFFile, quant: str | None) -> ModelConfig:
+def _read_activation(f: GGUFFile, activation: str | None) -> str:
+    """The FFN activation: the standard key, else bitlm's legacy key, else the caller's ``activation``;
+    a file that says nothing is refused (silu and relu2 models have the same tensors)."""
+    found = {k: f.metadata[k] for k in (ACTIVATION_KEY, LEGACY_ACTIVATION_KEY) if k in f.metadata}
+    for key, v in found.items():
+        if v not in ACTIVATIONS:
+            raise GGUFFormatError(f"{f.path}: key {key!r} = {v!r} is not supported "
+                                  f"(expected one of {', '.join(ACTIVATIONS)})")
+    if len(set(found.values())) > 1:
+        raise GGUFFormatError(f"{f.path}: key {ACTIVATION_KEY!r} = {found[ACTIVATION_KEY]!r} contradicts "
+                              f"{LEGACY_ACTIVATION_KEY!r} = {found[LEGACY_ACTIVATION_KEY]!r}")
+    act = next(iter(found.values()), None)
+    if activation is not None and act is not None and activation != act:
+        raise GGUFFormatError(f"{f.path}: key {next(iter(found))!r} = {act!r} but activation={activation!r} was asked for")
+    act = act or activation
+    if act is None:
+        raise GGUFFormatError(f"{f.path}: missing key {ACTIVATION_KEY!r} (the FFN activation, 'silu' or 'relu2', "
+                              "cannot be told from the tensors; pass activation='silu' or 'relu2' to load_gguf)")
+    return act
+
+
+def _read_config(f: GGUFFile, quant: str | None, activation: str | None = None) -> ModelConfig:
     arch = f.metadata.get("general.architecture")
     if arch != ARCH:
         raise GGUFFormatError(f"{f.path}: architecture {arch!r} (key 'general.architecture') is not supported; "
                               f"bitlm reads llama.cpp '{ARCH}' files")
     a = ARCH
-    act = f.metadata.get(ACTIVATION_KEY)
-    if act is None:
-        warnings.warn(f"{f.path}: no {ACTIVATION_KEY!r} key; assuming 'silu' (what llama.cpp's bitnet graph "
-                      "computes, bitlm arch 'bitnet-b1.58'). A 2B4T-style model needs 'relu2'.", stacklevel=3)
-        act = "silu"
-    if act not in ACTIVATIONS:
-        raise GGUFFormatError(f"{f.path}: key {ACTIVATION_KEY!r} = {act!r} is not supported "
-                              f"(expected one of {', '.join(ACTIVATIONS)})")
+    act = _read_activation(f, activation)
     d = _key(f, f"{a}.embedding_length", int)
     heads = _key(f, f"{a}.attention.head_count", int)
     if "token_embd.weight" not in f.tensors:
@@ -548,27 +573,32 @@ def load_gguf(
     *,
     dtype: torch.dtype = torch.float32,
     allow_non_ternary: bool = False,
+    activation: str | None = None,
 ) -> BitNetModel:
     """Load a llama.cpp ``bitnet`` GGUF (written by bitlm or llama.cpp's converter) as a
     :class:`~bitlm.model.BitNetModel` in eval mode.
 
     ``quant`` chooses the projection modules, as in :func:`bitlm.io.hf.load_hf`: None (default)
-    → :class:`~bitlm.io.hf.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
+    → :class:`~bitlm.layers.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
     trainable ``BitLinear`` latents (s/p)·T that re-quantise to T and s; "fp" → ``nn.Linear``
     with s·T (activations unquantised).  Projections that are not one-scale ternary tensors
     raise :class:`GGUFFormatError` unless ``allow_non_ternary`` (then: ``BitLinear`` latents
     holding the dequantised weights, or ``nn.Linear`` for "fp", with a warning).
 
-    The architecture comes from :data:`ACTIVATION_KEY` (absent → "silu" → ``bitnet-b1.58``,
-    warned).  Attached: ``model.gguf_path``, ``model.gguf_metadata`` (all keys but the
+    The architecture comes from :data:`ACTIVATION_KEY` ("silu" → ``bitnet-b1.58``, "relu2" →
+    ``bitnet-2b4t``), else :data:`LEGACY_ACTIVATION_KEY`, else ``activation`` (for files that
+    do not say, e.g. llama.cpp's converter output); a file without either key and no
+    ``activation`` is refused.  Attached: ``model.gguf_path``, ``model.gguf_metadata`` (all keys but the
     ``tokenizer.ggml.*`` arrays) and ``model.tokenizer`` (the sidecar ``<name>.tokenizer.json``
     if present, else rebuilt from the GGUF vocabulary, else None).
     """
     if quant not in (None, "fp", "b1.58"):
         raise ValueError(f"quant must be None, 'fp' or 'b1.58', got {quant!r}")
+    if activation not in (None, *ACTIVATIONS):
+        raise ValueError(f"activation must be None or one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     path = Path(path)
     with read_gguf(path) as f:
-        cfg = _read_config(f, quant)
+        cfg = _read_config(f, quant, activation)
         model = _load_tensors(f, cfg, quant, dtype, allow_non_ternary)
         meta = f.metadata
     model.gguf_path = path
@@ -783,6 +813,9 @@ def save_gguf(
                          f"{', '.join(_ARCH_TO_ACTIVATION)} can be written as GGUF")
     if cfg.quant == "fp":
         raise ValueError("an fp model has no ternary weights; GGUF export writes TQ1_0/TQ2_0 projections")
+    if cfg.rope_scaling:  # llama.cpp would need a rope_freqs tensor; bitlm writes plain RoPE only
+        raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
+                         "written as GGUF by bitlm; only plain RoPE models can")
     qtype = gguf.GGMLQuantizationType.TQ2_0 if ternary_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     if not cfg.tie_embeddings:
         warnings.warn("untied model: output.weight is written, which bitlm reads but mainline llama.cpp "
@@ -842,6 +875,7 @@ def save_gguf(
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_string(ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])
+        w.add_string(LEGACY_ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])  # read by bitlm < this key
         w.add_array(NAMES_KEY, list(exact))
         w.add_array(SCALES_KEY, list(exact.values()))  # python floats → GGUF float32 (exact: they are)
         if vocab is None:

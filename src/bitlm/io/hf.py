@@ -13,7 +13,9 @@ Folder
     ``rope_theta`` (4.x), tie_word_embeddings (class default **false**; 2B4T sets true).
     ``hidden_act`` picks the bitlm architecture: ``relu2`` → ``bitnet-2b4t`` (2B4T's ReLU²-GLU),
     ``silu`` → ``bitnet-b1.58`` (SwiGLU; the 1bitLLM-style model that llama.cpp's ``bitnet``
-    graph computes).  Both have the same SubLN skeleton, which is why both are this class.
+    graph computes; ``swish`` is the same function).  Both have the same SubLN skeleton, which is
+    why both are this class.  transformers accepts any of its activations here (its BitNet tests
+    use ``gelu``); bitlm refuses the others with an error naming the field.
     LLaMA folders are refused: they lack attn_sub_norm / ffn_sub_norm, so no bitlm
     architecture computes the same function.
     Optional ``quantization_config``: ``{"quant_method": "bitnet", "linear_class":
@@ -39,8 +41,10 @@ stored in one of three variants:
     ``packed[r, c] = Σ_{i=0..3} code[i·R + r, c] << 2i`` — the four codes of a byte come from
     the row blocks r, r+R, r+2R, r+3R (dim 0, *not* adjacent rows), block 0 in the low bits;
     padding rows hold code 0; code 3 never occurs.  transformers itself needs out % 4 == 0.
-(b) master weights (no quantization_config, or ``autobitlinear`` + ``online``): float
-    [out, in] latent weights, ternarised by absmean in every forward.
+(b) float weights: with ``autobitlinear`` + ``online``, latent weights that transformers
+    ternarises by absmean in every forward; *without* quantization_config, plain float weights
+    that transformers runs unquantised (``load_hf`` does the same by default, ``quant="b1.58"``
+    reads them as latent weights instead).
 (c) either of the above split over shards.
 
 The scale trap
@@ -54,12 +58,13 @@ s > 1 on load triggers a warning that the file probably uses the other conventio
 
 Scale pinning
 -------------
-A packed tensor is loaded as :class:`FrozenTernaryLinear`, which stores W = s·T and s itself.
+A packed tensor is loaded as :class:`~bitlm.layers.FrozenTernaryLinear`, which stores W = s·T and s itself.
 Re-quantising s·T by absmean would give the right T but the wrong scale, mean|s·T| = s·p with p the
 fraction of non-zeros (≈ 0.69 for Gaussian weights), so the scale must be pinned, as transformers'
 offline layers also keep ``weight_scale``.  To fine-tune a packed model instead, ``quant="b1.58"``
 loads ordinary ``BitLinear`` latents (s/p)·T, which re-quantise to exactly T and to s up to float
-rounding of the mean (:func:`ternary_latent`); :func:`thaw` does the same to a loaded model.
+rounding of the mean (:func:`~bitlm.layers.ternary_latent`); :func:`~bitlm.layers.thaw` does the same
+to a loaded model.
 """
 
 from __future__ import annotations
@@ -74,19 +79,19 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .. import quant as Q
 from ..config import ModelConfig
-from ..layers import BitLinear
+from ..layers import BitLinear, FrozenTernaryLinear, ternary_latent, thaw  # re-exported (__all__)
 from ..model import BitNetModel
+from ..packing import pack_tensor, unpack_tensor
 from . import require_bitnet_graph
 from .atomic import atomic_dir
 
 __all__ = [
     "HFFormatError",
+    "HFSource",
     "FrozenTernaryLinear",
     "load_hf",
     "save_hf",
@@ -112,6 +117,7 @@ _ARCH_TO_ACT = {"bitnet-2b4t": "relu2", "bitnet-b1.58": "silu"}
 # Tensors some writers add that carry no information (RoPE tables are recomputed).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_CODE_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -192,123 +198,34 @@ def _check_scales(effective: list[tuple[str, float]], linear_class: str | None, 
 
 def pack_ternary_hf(t: torch.Tensor) -> torch.Tensor:
     """T ∈ {-1,0,1} of shape [out, in] → uint8 [ceil(out/4), in]; byte-identical to
-    transformers' ``pack_weights`` (rows r, r+R, r+2R, r+3R in bits 0-1, 2-3, 4-5, 6-7)."""
-    if t.dim() != 2:
-        raise ValueError(f"expected a 2-D ternary weight, got shape {tuple(t.shape)}")
-    ti = t.detach().to(torch.int16)
-    if ti.numel() and (ti.min() < -1 or ti.max() > 1):
-        raise ValueError("weight is not ternary (values outside {-1, 0, 1})")
-    out, k = ti.shape
-    r = (out + 3) // 4
-    codes = torch.zeros(4 * r, k, dtype=torch.uint8, device=t.device)  # padding rows keep code 0
-    codes[:out] = (ti + 1).to(torch.uint8)
-    c = codes.view(4, r, k)  # (block i, row r, column)
-    return c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6)
+    transformers' ``pack_weights``.  The layout is :mod:`bitlm.packing`'s ``"hf"`` format (its one
+    implementation); this accepts integral float tensors too."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        t = t.to(torch.int16)
+    return pack_tensor(t, "hf")
 
 
 def unpack_ternary_hf(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """uint8 [ceil(out/4), in] → int8 T of shape [out_features, in] (inverse of :func:`pack_ternary_hf`)."""
-    if packed.dim() != 2 or packed.dtype != torch.uint8:
+    if packed.dim() != 2:
         raise ValueError(f"expected a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    r, k = packed.shape
-    if (out_features + 3) // 4 != r:
-        raise ValueError(f"{r} packed rows cannot hold {out_features} output rows (need {(out_features + 3) // 4})")
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(4, 1, 1)
-    codes = ((packed.unsqueeze(0) >> shifts) & 3).reshape(4 * r, k)[:out_features]  # (out, in)
-    if bool((codes == 3).any()):
-        raise ValueError("invalid 2-bit code 3 (only 0, 1, 2 encode -1, 0, +1)")
-    return codes.to(torch.int8) - 1
-
-
-def ternary_latent(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A latent weight whose absmean quantisation returns exactly T and (to float rounding) s.
-
-    W = (s / p)·T with p the fraction of non-zeros: mean|W| = s, and |W/s| ∈ {0, 1/p ≥ 1} rounds
-    and clips back to T.  (s·T itself would re-quantise to the scale s·p.)
-    """
-    tf = t.float()
-    p = tf.abs().mean()
-    if float(p) == 0.0:
-        return torch.zeros_like(tf, dtype=dtype)
-    s = torch.as_tensor(s, dtype=torch.float32).reshape(())
-    return (tf * (s / p)).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# The frozen ternary layer used for packed checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-class FrozenTernaryLinear(BitLinear):
-    """A :class:`~bitlm.layers.BitLinear` whose ternary weight T and scale s are fixed.
-
-    ``weight`` holds s·T (exact: T ∈ {-1,0,1}) with ``requires_grad=False``; the ``weight_scale``
-    buffer pins s, so :meth:`quantized_weight` returns exactly (T, s) — which absmean
-    re-quantisation of s·T would not (see the module docstring).  The forward is the same
-    per-token absmax int8 fake-quantisation of activations as BitLinear, then ``F.linear`` with
-    s·T.  ``quant_lambda`` is ignored: this layer is for inference and export; to fine-tune,
-    load with ``quant="b1.58"``.  ``model.to(dtype)`` casts ``weight`` and ``weight_scale``
-    together, so the pair stays consistent.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, act_bits: int | None = 8,
-                 act_granularity: str = "token", act_groups: int = 1, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias=False, weight_quant="b1.58", act_bits=act_bits,
-                         act_granularity=act_granularity, act_groups=act_groups, device=device, dtype=dtype)
-        self.weight.requires_grad_(False)
-        self.register_buffer("weight_scale", torch.ones(1, device=device, dtype=dtype))
-
-    @classmethod
-    def from_ternary(cls, t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32,
-                     **kw: Any) -> FrozenTernaryLinear:
-        m = cls(t.shape[1], t.shape[0], device="meta", **kw)
-        weight, scale = _frozen_tensors(t, s, dtype)
-        m.weight = nn.Parameter(weight, requires_grad=False)
-        m.weight_scale = scale
-        m.quant_lambda = torch.tensor(1.0)
-        return m
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, frozen ternary, act_bits={self.act_bits}"
-
-    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.weight_scale.detach().float().reshape(1)
-        t = Q.round_half_even(self.weight.detach().float() / s).clamp(-1, 1).to(torch.int8)
-        return t, s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        if self.act_bits is not None:
-            x = Q.fake_quant_activation(x, self.act_bits, self.act_granularity, self.act_groups)
-        return F.linear(x, self.weight)
-
-
-def thaw(model: nn.Module) -> nn.Module:
-    """Replace every :class:`FrozenTernaryLinear` of ``model`` (in place) by a trainable
-    ``BitLinear`` holding the latent :func:`ternary_latent` (T exact, s to float rounding), so
-    that the model can be fine-tuned or saved as a native checkpoint.  Returns ``model``."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, FrozenTernaryLinear):
-            t, s = m.quantized_weight()
-            new = BitLinear(m.in_features, m.out_features, bias=False, act_bits=m.act_bits,
-                            act_granularity=m.act_granularity, act_groups=m.act_groups,
-                            device=m.weight.device, dtype=m.weight.dtype)
-            with torch.no_grad():
-                new.weight.copy_(ternary_latent(t, s, m.weight.dtype))
-            new.train(m.training)
-            model.set_submodule(name, new)
-    return model
-
-
-def _frozen_tensors(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s·T, s) in ``dtype``: s is rounded to ``dtype`` first so that weight == weight_scale · T exactly."""
-    sd = torch.as_tensor(s).detach().reshape(1).to(dtype)
-    return t.to(dtype) * sd, sd
+    return unpack_tensor(packed, "hf", out_features, packed.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HFSource:
+    """What a loaded folder stored, so that :func:`save_hf` writes it back unchanged by default:
+    the dtype of every float tensor, the raw ``weight_scale`` values and their ``linear_class``
+    (None for master-weight folders)."""
+
+    dtypes: dict[str, torch.dtype]
+    weight_scales: dict[str, torch.Tensor]
+    linear_class: str | None
 
 
 @dataclass
@@ -365,8 +282,9 @@ def read_hf_config(folder: str | Path) -> HFConfig:
         )
     act = _field(raw, "hidden_act", str, path, "relu2")
     if act not in _ACT_TO_ARCH:
-        raise HFFormatError(f"{path}: unsupported hidden_act {act!r}; bitlm supports relu2 (bitnet-2b4t) "
-                            "and silu (bitnet-b1.58)")
+        raise HFFormatError(f"{path}: hidden_act {act!r} is not supported; transformers' BitNet gates the FFN "
+                            "with any of its activations, bitlm's graphs with relu2 (bitnet-2b4t) or silu/swish "
+                            "(bitnet-b1.58) only")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise HFFormatError(f"{path}: {key}=true is not supported (bitlm projections have no bias)")
@@ -612,23 +530,36 @@ def load_hf(folder: str | Path, quant: str | None = None, *, dtype: torch.dtype 
 
     ``quant`` chooses the projection modules:
 
-      * None (default): packed checkpoints → :class:`FrozenTernaryLinear` (exactly the stored T
-        and s); master weights → trainable ``BitLinear`` b1.58 (ready for QAT).  Note that
-        transformers runs a float folder *without* quantization_config unquantised: use
-        ``quant="fp"`` to reproduce that.
+      * None (default): what transformers computes.  Packed checkpoints →
+        :class:`FrozenTernaryLinear` (exactly the stored T and s); master weights with an
+        ``online`` quantization_config → trainable ``BitLinear`` b1.58 (ready for QAT); a folder
+        *without* quantization_config → plain ``nn.Linear`` ("fp"), because transformers runs
+        such a folder (e.g. its own BitNet test configs) with float linear layers.
       * "b1.58": trainable ``BitLinear`` everywhere; packed weights become latents
-        (s/p)·T (:func:`ternary_latent`) that re-quantise to the stored T and s.
+        (s/p)·T (:func:`ternary_latent`) that re-quantise to the stored T and s, and the float
+        weights of a folder without quantization_config are read as b1.58 latent weights.
       * "fp": plain ``nn.Linear`` (packed weights dequantised to s·T, activations unquantised).
       * "b1": binary ``BitLinear`` — master-weight folders only.
 
-    The folder is recorded as ``model.hf_folder`` (tokenizer files stay there) and the raw
-    config as ``model.hf_config``.  Raises :class:`HFFormatError` naming the file and tensor.
+    A folder without quantization_config says which reading it got with a ``UserWarning``.
+    The folder is recorded as ``model.hf_folder`` (tokenizer files stay there), the raw config as
+    ``model.hf_config`` and what it stored as ``model.hf_source`` (:class:`HFSource`, used by
+    :func:`save_hf`).  Raises :class:`HFFormatError` naming the file and tensor.
     """
     folder = Path(folder)
     if quant not in (None, "fp", "b1", "b1.58"):
         raise ValueError(f"quant must be None, 'fp', 'b1' or 'b1.58', got {quant!r}")
     hc = read_hf_config(folder)
     cfg_path = folder / "config.json"
+    if not hc.quantized:
+        if quant is None:
+            quant = "fp"
+            warnings.warn(f"{cfg_path}: no quantization_config: loading the float weights unquantised (quant='fp'), "
+                          "as transformers computes this folder; load_hf(..., quant='b1.58') reads them as b1.58 "
+                          "latent weights instead", stacklevel=2)
+        elif quant != "fp":
+            warnings.warn(f"{cfg_path}: no quantization_config: reading the float weights as {quant} latent weights "
+                          f"(quant={quant!r}); transformers runs this folder unquantised", stacklevel=2)
     try:
         cfg = ModelConfig(**hc.model, quant=quant or "b1.58")
     except ValueError as e:
@@ -667,6 +598,10 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
     sd: dict[str, torch.Tensor] = {n: _read_float(src, n, shape, dtype) for n, shape in floats.items()}
     frozen: dict[str, FrozenTernaryLinear] = {}
     scales: list[tuple[str, float]] = []
+    # What save_hf needs to write the folder back unchanged: every float tensor's stored dtype
+    # and the stored weight_scale values (fl(1/r) is not injective, so s alone may not give r back).
+    source_dtypes = {n: _CODE_DTYPE[src.info(n)[0]] for n in sorted(expected) if src.info(n)[0] in _CODE_DTYPE}
+    raw_scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
         for proj, (out, inp) in projs.items():
             name = f"model.layers.{i}.{proj}"
@@ -675,6 +610,7 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
             else:
                 t, s = _read_ternary(src, name, out, inp, hc.linear_class)
                 scales.append((name, float(s)))
+                raw_scales[name + ".weight_scale"] = src.get(name + ".weight_scale").reshape(1).clone()
                 if quant is None:
                     frozen[name] = FrozenTernaryLinear.from_ternary(t, s, dtype)
                     continue
@@ -686,6 +622,8 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
     model = assemble_model(cfg, sd, frozen, src.source, HFFormatError)
     model.hf_folder = folder
     model.hf_config = hc.raw
+    model.hf_source = HFSource(dtypes=source_dtypes, weight_scales=raw_scales,
+                               linear_class=(hc.linear_class or "bitlinear") if hc.packed else None)
     return model
 
 
@@ -761,8 +699,8 @@ def save_hf(
     model: BitNetModel,
     folder: str | Path,
     packed: bool = True,
-    linear_class: str = "bitlinear",
-    dtype: torch.dtype = torch.bfloat16,
+    linear_class: str | None = None,
+    dtype: torch.dtype | None = None,
     *,
     tokenizer: Any = None,
     max_shard_bytes: int | None = None,
@@ -777,8 +715,14 @@ def save_hf(
     unpacks in every forward; ``"autobitlinear"``: s, 2B4T's choice, unpacked once at load), and
     ``quantization_mode: offline``.  ``packed=False``: float master weights; b1.58 models get an
     ``autobitlinear``/``online`` quantization_config so transformers ternarises them as bitlm
-    does (``linear_class`` is then ignored), fp models get none.  Embeddings, norms, lm_head and
-    scales are stored in ``dtype``.  ``tokenizer``: a ``tokenizers.Tokenizer``, an object with
+    does (``linear_class`` is then ignored), fp models get none.
+
+    ``dtype=None`` (default) is lossless: every tensor is stored in the dtype the model carries
+    (float32 for bitlm-trained models), or, for a model loaded by :func:`load_hf`, in the dtype the
+    source folder stored it in (``model.hf_source``), so HF → bitlm → HF gives back the same
+    tensors.  A float ``dtype`` (e.g. ``torch.bfloat16``, as Microsoft's release) stores
+    embeddings, norms, lm_head, float weights and scales in it.  ``linear_class=None``: the loaded
+    folder's class, else ``"bitlinear"``.  ``tokenizer``: a ``tokenizers.Tokenizer``, an object with
     ``save_pretrained``, or a path to a tokenizer file / folder to copy.  The folder is written
     to a temp sibling and renamed into place (an existing folder is replaced).
     """
@@ -787,13 +731,32 @@ def save_hf(
     if cfg.arch not in _ARCH_TO_ACT:
         raise ValueError(f"arch {cfg.arch!r} cannot be saved as BitNetForCausalLM (LayerNorm/GELU graph); "
                          f"only {', '.join(_ARCH_TO_ACT)} can")
+    source: HFSource | None = getattr(model, "hf_source", None)
+    if linear_class is None:
+        linear_class = (source.linear_class if source is not None else None) or "bitlinear"
     _scale_multiplies(linear_class)  # validates the name
+    if cfg.rope_scaling:
+        raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
+                         "saved as BitNetForCausalLM by bitlm; only plain RoPE models can")
     if packed and cfg.quant == "fp":
         raise ValueError("an fp model has no ternary weights to pack; use packed=False")
     if not packed and cfg.quant == "b1":
         raise ValueError("binary (b1) models must be saved packed: transformers' online mode ternarises")
-    if not dtype.is_floating_point:
+    if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a float dtype, got {dtype}")
+
+    def store_dtype(name: str, carried: torch.dtype) -> torch.dtype:
+        """``dtype`` if given, else the source folder's dtype of ``name``, else the model's."""
+        if dtype is not None:
+            return dtype
+        return source.dtypes.get(name, carried) if source is not None else carried
+
+    def scale_tensor(name: str, s: torch.Tensor, carried: torch.dtype) -> torch.Tensor:
+        sdt = store_dtype(name, carried)
+        raw = source.weight_scales.get(name) if source is not None and source.linear_class == linear_class else None
+        if raw is not None and raw.dtype == sdt and torch.equal(hf_scale_to_absmean(raw, linear_class), s.reshape(1)):
+            return raw  # the stored value itself (several r can share fl(1/r) = s)
+        return absmean_to_hf_scale(s, linear_class, sdt)
     if packed and any(out % 4 for out, _ in _proj_shapes(cfg).values()):
         raise ValueError("transformers' packed layers need every projection's out_features divisible by 4")
 
@@ -804,7 +767,7 @@ def save_hf(
         if name.startswith("model.layers.") and any(f".{proj}." in name for proj in PROJECTIONS):
             continue  # projections below
         if name.startswith(("model.", "lm_head.")) and name.endswith(".weight"):
-            tensors[name] = p.detach().to(dtype).contiguous()
+            tensors[name] = p.detach().to(store_dtype(name, p.dtype)).contiguous()
     warm = []
     for i in range(cfg.n_layers):
         for proj in PROJECTIONS:
@@ -814,20 +777,21 @@ def save_hf(
             lam = getattr(m, "quant_lambda", None)
             if lam is not None and float(lam) != 1.0:
                 warm.append(name)
+            wdt = store_dtype(name + ".weight", m.weight.dtype)
             if packed:
                 t, s = _ternary_of(name, m)
                 tensors[name + ".weight"] = pack_ternary_hf(t)
-                tensors[name + ".weight_scale"] = absmean_to_hf_scale(s, linear_class, dtype)
+                tensors[name + ".weight_scale"] = scale_tensor(name + ".weight_scale", s, m.weight.dtype)
             elif isinstance(m, FrozenTernaryLinear):  # s·T would re-quantise to s·p: store a latent
                 t, s = m.quantized_weight()
-                tensors[name + ".weight"] = ternary_latent(t, s, dtype)
+                tensors[name + ".weight"] = ternary_latent(t, s, wdt)
             else:
-                tensors[name + ".weight"] = m.weight.detach().to(dtype).contiguous()
+                tensors[name + ".weight"] = m.weight.detach().to(wdt).contiguous()
     if warm:
         warnings.warn(f"{len(warm)} projections (first: {warm[0]}) have quant_lambda < 1 (warm-up not finished); "
                       "the saved model is fully quantised", stacklevel=2)
 
-    config = hf_config_dict(cfg, packed=packed, linear_class=linear_class, dtype=dtype,
+    config = hf_config_dict(cfg, packed=packed, linear_class=linear_class, dtype=tensors["model.embed_tokens.weight"].dtype,
                             bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
