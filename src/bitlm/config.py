@@ -79,6 +79,15 @@ class ModelConfig:
     def gated_ffn(self) -> bool:
         return self.arch != "bitnet"
 
+    @property
+    def linear_params(self) -> int:
+        """Weights of the projections (attention and FFN), i.e. parameters without embeddings,
+        head and norms — the size measure the training recipes' size rows are chosen by."""
+        d, hd = self.d_model, self.head_dim
+        attn = 2 * d * self.n_heads * hd + 2 * d * self.kv_heads * hd
+        ffn = (3 if self.gated_ffn else 2) * d * self.ffn_dim
+        return self.n_layers * (attn + ffn)
+
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
