@@ -163,3 +163,71 @@ def test_sequence_longer_than_context_is_an_error():
     model = BitNetModel(preset("tiny"))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+# -- b1 activation granularity: per tensor in training, per token at inference (item 14) ---------
+
+
+def _act_probe(train_gran, eval_gran):
+    lin = BitLinear(2, 2, weight_quant="fp", act_granularity=train_gran, act_granularity_eval=eval_gran)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2))  # output = the fake-quantised activation itself
+    return lin
+
+
+def test_per_tensor_vs_per_token_hand_computed():
+    x = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    lin = _act_probe("tensor", "token")
+    # per tensor: γ = 4, a = 127/4 = 31.75; x·a = [[31.75, -63.5], [127, 15.875]] → [[32, -64], [127, 16]]
+    per_tensor = torch.tensor([[32.0, -64.0], [127.0, 16.0]]) / 31.75
+    # per token: row 0 γ = 2, a = 63.5 → [63.5, -127] → [64, -127] (ties to even); row 1 as above
+    per_token = torch.tensor([[64.0 / 63.5, -127.0 / 63.5], [127.0 / 31.75, 16.0 / 31.75]])
+    assert torch.allclose(lin.train()(x), per_tensor, atol=1e-6)
+    assert torch.allclose(lin.eval()(x), per_token, atol=1e-6)
+
+
+def test_b1_model_trains_per_tensor_and_evaluates_per_token():
+    cfg = preset("tiny-bitnet", max_seq_len=16)
+    assert cfg.quant == "b1" and cfg.train_act_granularity == "tensor" and cfg.act_granularity_eval == "token"
+    assert preset("tiny").train_act_granularity == "token"  # b1.58: per token throughout
+    torch.manual_seed(0)
+    model = BitNetModel(cfg)
+    lins = [m for _, m in linear_modules(model)]
+    assert lins and all(m.act_granularity == "tensor" and m.act_granularity_eval == "token" for m in lins)
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        # per tensor couples the rows of a batch (one γ for all); per token does not
+        assert not torch.equal(model.train()(x)[:1], model.train()(x[:1]))
+        model.eval()
+        assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
+
+
+def test_granularity_does_not_change_the_ste_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    grads = []
+    for gran in ("tensor", "token"):
+        lin = BitLinear(8, 4, weight_quant="b1", act_granularity=gran).train()
+        with torch.no_grad():
+            lin.weight.copy_(torch.linspace(-1, 1, 32).reshape(4, 8))
+        xi = x.clone().requires_grad_(True)
+        lin(xi).sum().backward()
+        wq = Q.fake_quant_weight(lin.weight.detach(), "b1")
+        assert torch.allclose(xi.grad, wq.sum(0).expand_as(xi))  # identity through the activation quantiser
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_old_configs_keep_their_granularity():
+    old = preset("tiny-bitnet").to_dict()
+    del old["act_granularity_eval"]
+    old["act_granularity"] = "token"  # what every file written before the split stores
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.train_act_granularity == "token" and cfg.act_granularity_eval == "token"
+    old["act_granularity"] = "tensor"  # an old per-tensor model evaluated per tensor too
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.train_act_granularity == "tensor" and cfg.act_granularity_eval == "tensor"
+    lin = BitNetModel(cfg).model.layers[0].self_attn.q_proj
+    assert lin.act_granularity_eval == "tensor"
+    # a new config (no saved file) with only act_granularity set keeps the per-token evaluation
+    assert build_config("tiny", overrides=["act_granularity=tensor"]).act_granularity_eval == "token"

@@ -47,7 +47,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     act_bits: int = 8
-    act_granularity: str = "token"  # "token" or "tensor" (b1 paper's training variant)
+    # Activation absmax granularity.  ``act_granularity`` applies in training mode (model.train());
+    # None = the paper's choice for the quant: "tensor" for b1 (2310.11453: "per tensor during
+    # training"), "token" otherwise (b1.58: per token throughout).  ``act_granularity_eval`` applies
+    # in eval mode (eval, generation; pack/export require "token", the only inference granularity
+    # of both papers).  Files written before act_granularity_eval existed evaluate with their
+    # act_granularity, as they did then (see from_dict).
+    act_granularity: str | None = None
+    act_granularity_eval: str = "token"
     weight_groups: int = 1
     act_groups: int = 1
     init_std: float = 0.02
@@ -80,6 +87,13 @@ class ModelConfig:
         return self.arch != "bitnet"
 
     @property
+    def train_act_granularity(self) -> str:
+        """``act_granularity`` with None resolved: per tensor for b1 (the b1 paper), else per token."""
+        if self.act_granularity is not None:
+            return self.act_granularity
+        return "tensor" if self.quant == "b1" else "token"
+
+    @property
     def linear_params(self) -> int:
         """Weights of the projections (attention and FFN), i.e. parameters without embeddings,
         head and norms — the size measure the training recipes' size rows are chosen by."""
@@ -102,23 +116,39 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        if self.act_granularity not in ("token", "tensor"):
-            raise ConfigError(f"act_granularity must be 'token' or 'tensor', got {self.act_granularity!r}")
+        if self.act_granularity not in (None, "token", "tensor"):
+            raise ConfigError(f"act_granularity must be 'token', 'tensor' or None, got {self.act_granularity!r}")
+        if self.act_granularity_eval not in ("token", "tensor"):
+            raise ConfigError(f"act_granularity_eval must be 'token' or 'tensor', got {self.act_granularity_eval!r}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "config", *, saved: bool = True) -> ModelConfig:
+        """A config from a dict.  ``saved``: ``d`` is a config as a file stores it (to_dict of some
+        bitlm version), so fields added since get the value that reproduces that version's numerics."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**(upgrade_saved(d) if saved else d))
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+
+def upgrade_saved(d: dict[str, Any]) -> dict[str, Any]:
+    """Fill fields that a stored config predates with the values its writer computed with.
+
+    * ``act_granularity_eval`` (added with the b1 paper's train/inference split): before it, one
+      ``act_granularity`` applied in training and in eval, so an old file evaluates with it.
+    """
+    d = dict(d)
+    if "act_granularity" in d and "act_granularity_eval" not in d:
+        d["act_granularity_eval"] = d["act_granularity"] or "token"
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +253,10 @@ def build_config(
             raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a JSON object")
-        d.update(loaded.get("model", loaded))
+        d.update(upgrade_saved(loaded.get("model", loaded)))
     d.update(parse_overrides(overrides))
     d.update({k: v for k, v in kw.items() if v is not None})
-    return ModelConfig.from_dict(d, source=str(file or name or "config"))
+    return ModelConfig.from_dict(d, source=str(file or name or "config"), saved=False)
 
 
 __all__ = ["ARCHS", "QUANTS", "ConfigError", "ModelConfig", "PRESETS", "preset", "build_config", "parse_overrides"]

@@ -382,7 +382,10 @@ def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if not isinstance(lin, BitLinear):
         raise ValueError(f"cannot pack {type(lin).__name__}: only BitLinear projections have ternary/binary weights "
                          "(an fp model must be trained with quant=b1.58/b1, or quantised with bitlm.ptq)")
-    if lin.act_bits != 8 or lin.act_granularity != "token" or lin.act_groups != 1 or lin.norm is not None:
+    if getattr(lin, "act_granularity_eval", lin.act_granularity) != "token":
+        raise ValueError("act_granularity_eval='tensor': the packed engine quantises activations per token "
+                         "(both papers' inference); this model evaluates per tensor")
+    if lin.act_bits != 8 or lin.act_groups != 1 or lin.norm is not None:
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
         raise ValueError("the packed engine supports biases only on q/k/v projections")

@@ -31,8 +31,11 @@ class BitLinear(nn.Linear):
     Args:
         weight_quant: "b1.58" (ternary absmean), "b1" (binary, mean-centred sign) or "fp" (none).
         act_bits: activation bits (8 in the papers); ``None`` keeps activations in high precision.
-        act_granularity: "token" (default, both papers at inference, b1.58 in training) or
-            "tensor" (the b1 paper's training variant).
+        act_granularity: absmax granularity in training mode — "token" (b1.58) or "tensor" (the
+            b1 paper: "per tensor during training").
+        act_granularity_eval: granularity in eval mode (``module.eval()``); None = the same as
+            ``act_granularity``.  Both papers quantise per token at inference, which is what the
+            packed engine computes; ``bitlm.model`` passes the config's value ("token" by default).
         weight_groups / act_groups: group quantisation (2310.11453 Eq. 13-15).
         norm: None, "layernorm" or "rmsnorm" — parameter-free normalisation before quantisation;
             with act_groups > 1 it is the group normalisation of Eq. 15.
@@ -49,6 +52,7 @@ class BitLinear(nn.Linear):
         weight_quant: str = "b1.58",
         act_bits: int | None = 8,
         act_granularity: str = "token",
+        act_granularity_eval: str | None = None,
         weight_groups: int = 1,
         act_groups: int = 1,
         norm: str | None = None,
@@ -62,8 +66,10 @@ class BitLinear(nn.Linear):
             raise ValueError(f"weight_quant must be one of {Q.WEIGHT_QUANTS}, got {weight_quant!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if act_granularity not in ("token", "tensor"):
-            raise ValueError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
+        act_granularity_eval = act_granularity if act_granularity_eval is None else act_granularity_eval
+        for name, g in (("act_granularity", act_granularity), ("act_granularity_eval", act_granularity_eval)):
+            if g not in ("token", "tensor"):
+                raise ValueError(f"{name} must be 'token' or 'tensor', got {g!r}")
         if out_features % weight_groups:
             raise ValueError(f"out_features={out_features} not divisible by weight_groups={weight_groups}")
         if in_features % act_groups:
@@ -71,6 +77,7 @@ class BitLinear(nn.Linear):
         self.weight_quant = weight_quant
         self.act_bits = act_bits
         self.act_granularity = act_granularity
+        self.act_granularity_eval = act_granularity_eval
         self.weight_groups = weight_groups
         self.act_groups = act_groups
         self.norm = norm
@@ -80,7 +87,7 @@ class BitLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_bits={self.act_bits}, "
-            f"act={self.act_granularity}, groups=({self.weight_groups},{self.act_groups}), norm={self.norm}"
+            f"act={self.act_granularity}/{self.act_granularity_eval}, groups=({self.weight_groups},{self.act_groups}), norm={self.norm}"
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +105,8 @@ class BitLinear(nn.Linear):
         lam = self.quant_lambda
         x = self.normalize(x)
         if self.act_bits is not None:
-            x = Q.fake_quant_activation(x, self.act_bits, self.act_granularity, self.act_groups, lam)
+            gran = self.act_granularity if self.training else self.act_granularity_eval
+            x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
         w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam)
         return F.linear(x, w, self.bias)
 

@@ -68,7 +68,8 @@ def make_linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> 
         return nn.Linear(d_in, d_out, bias=bias)
     return BitLinear(
         d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits,
-        act_granularity=cfg.act_granularity, weight_groups=cfg.weight_groups, act_groups=cfg.act_groups,
+        act_granularity=cfg.train_act_granularity, act_granularity_eval=cfg.act_granularity_eval,
+        weight_groups=cfg.weight_groups, act_groups=cfg.act_groups,
     )
 
 
