@@ -14,6 +14,10 @@ Three architectures share one transformer implementation (``bitlm.model``):
 
 ``quant`` is orthogonal: "fp" (plain nn.Linear — the baseline every comparison uses), "b1" or
 "b1.58".  Embeddings, norms and the output head are never quantised.
+
+Activation granularity follows the papers: b1 quantises activations per tensor in training and per
+token at inference (2310.11453 §2), b1.58 per token throughout; ``act_granularity`` (training
+mode, None = the quant's paper default) and ``act_granularity_eval`` (eval mode) hold the split.
 """
 
 from __future__ import annotations
