@@ -231,3 +231,85 @@ def test_old_configs_keep_their_granularity():
     assert lin.act_granularity_eval == "tensor"
     # a new config (no saved file) with only act_granularity set keeps the per-token evaluation
     assert build_config("tiny", overrides=["act_granularity=tensor"]).act_granularity_eval == "token"
+
+
+# -- group quantisation / group norm / η variant wired into the model (item 15) -----------------
+
+
+def test_group_norms_hand_computed():
+    from bitlm.model import GroupLayerNorm, RMSNorm
+
+    x = torch.tensor([[1.0, 3.0, 10.0, 14.0]])
+    rms = RMSNorm(4, eps=0.0, groups=2)
+    with torch.no_grad():
+        rms.weight.copy_(torch.tensor([1.0, 2.0, 1.0, 2.0]))
+    # group [1, 3]: mean square 5; group [10, 14]: mean square 148
+    expect = torch.tensor([[1 / 5**0.5, 2 * 3 / 5**0.5, 10 / 148**0.5, 2 * 14 / 148**0.5]])
+    assert torch.allclose(rms(x), expect)
+    ln = GroupLayerNorm(4, eps=0.0, groups=2)
+    with torch.no_grad():
+        ln.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        ln.bias.fill_(0.5)
+    # group [1, 3]: mean 2, var 1 → [-1, 1]; group [10, 14]: mean 12, var 4 → [-1, 1]
+    assert torch.allclose(ln(x), torch.tensor([[-0.5, 2.5, -2.5, 4.5]]))
+
+
+def test_group_options_reach_every_layer():
+    cfg = preset("tiny-bitnet", weight_groups=2, weight_group_dim="parallel", act_groups=2, norm_groups=4,
+                 act_nonneg=True)
+    m = BitNetModel(cfg)
+    blk = m.model.layers[0]
+    att, mlp = blk.self_attn, blk.mlp
+    assert att.q_proj.weight_group_dim == "out" and mlp.up_proj.weight_group_dim == "out"  # column-parallel
+    assert att.o_proj.weight_group_dim == "in" and mlp.down_proj.weight_group_dim == "in"  # row-parallel
+    assert att.q_proj.quantized_weight()[1].numel() == 2 and att.q_proj.act_groups == 2
+    assert [n for n, lin in linear_modules(m) if lin.act_nonneg][:1] == ["model.layers.0.mlp.up_proj"]  # feeds GELU
+    assert sum(lin.act_nonneg for _, lin in linear_modules(m)) == cfg.n_layers
+    assert all(mod.groups == 4 for mod in (blk.input_layernorm, blk.post_attention_layernorm, att.attn_sub_norm,
+                                           mlp.ffn_sub_norm))
+    assert type(m.model.norm) is nn.LayerNorm  # the final norm (before the full-precision head) stays whole
+    gated = BitNetModel(preset("tiny", act_nonneg=True)).model.layers[0].mlp
+    assert gated.gate_proj.act_nonneg and not gated.up_proj.act_nonneg and not gated.down_proj.act_nonneg
+    with pytest.raises(ConfigError, match="norm_groups=3"):
+        preset("tiny", norm_groups=3)
+    with pytest.raises(ConfigError, match="weight_group_dim"):
+        preset("tiny", weight_group_dim="rows")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-bitnet", "tiny-2b4t"])
+def test_one_group_reproduces_the_ungrouped_model_exactly(name):
+    x = torch.randint(0, 500, (2, 10))
+    outs = []
+    for kw in ({}, dict(weight_groups=1, weight_group_dim="parallel", act_groups=1, norm_groups=1, act_nonneg=False),
+               dict(weight_group_dim="in")):
+        torch.manual_seed(0)
+        m = BitNetModel(preset(name, **kw))
+        outs += [m.train()(x), m.eval()(x)]
+    for i in (2, 4):
+        assert torch.equal(outs[0], outs[i]) and torch.equal(outs[1], outs[i + 1])
+    # RMSNorm(groups=1) is the LLaMA formula bit for bit
+    from bitlm.model import RMSNorm
+
+    h = torch.randn(3, 64)
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.equal(RMSNorm(64)(h), torch.ones(64) * ref)
+
+
+def test_grouped_models_pack_or_refuse_naming_the_option(tmp_path):
+    from bitlm.engine import convert
+    from bitlm.io.hf import save_hf
+
+    x = torch.randint(0, 500, (1, 9))
+    for name in ("tiny", "tiny-2b4t", "tiny-bitnet"):  # output-row weight groups: packed exactly (gated FFNs too)
+        torch.manual_seed(0)
+        m = BitNetModel(preset(name, weight_groups=4)).eval()
+        with torch.no_grad():
+            assert torch.allclose(convert(m)(x), m(x), atol=1e-4), name
+    for kw, option in ((dict(norm_groups=2), "norm_groups"), (dict(act_nonneg=True), "act_nonneg"),
+                       (dict(act_groups=2), "act_groups"), (dict(act_granularity_eval="tensor"), "act_granularity_eval"),
+                       (dict(weight_groups=2, weight_group_dim="parallel"), "weight_group_dim")):
+        m = BitNetModel(preset("tiny-2b4t", **kw))
+        with pytest.raises(ValueError, match=option):
+            convert(m)
+        with pytest.raises(ValueError, match=option):
+            save_hf(m, tmp_path / "hf")

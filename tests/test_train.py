@@ -210,3 +210,23 @@ def test_train_help_names_the_sources(capsys):
     for cell in ("125M 2.4e-3", "13B 4.0e-4", "700M 1.5e-3 → 1.0e-3", "1.3B 1.2e-3 → 8.0e-4", "2310.11453",
                  "FAQ", "750", "375"):
         assert cell in text, cell
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-bitnet"])
+def test_grouped_nonneg_model_trains_and_reloads(tmp_path, base):
+    from bitlm.io.checkpoint import load_checkpoint
+
+    kw = dict(weight_groups=2, weight_group_dim="parallel", act_groups=2, norm_groups=2, act_nonneg=True)
+    mcfg = preset(base, vocab_size=64, max_seq_len=32, **kw)
+    recipe = mcfg.quant
+    res = train(mcfg, tcfg(tmp_path, recipe=recipe, max_steps=12, eval_every=12, eval_batches=2), pattern_data(),
+                log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(res.val["loss"])
+    model, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert model.config == mcfg
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), res.model.eval()(x))

@@ -59,8 +59,26 @@ class ModelConfig:
     # act_granularity, as they did then (see from_dict).
     act_granularity: str | None = None
     act_granularity_eval: str = "token"
+    # Group quantisation / normalisation (2310.11453 Eq. 13-15, "model-parallel"): parameters
+    # computed per group, never across groups.  weight_groups split each projection's weight
+    # along weight_group_dim: "out" (output rows, every projection), "in" (input columns, every
+    # projection) or "parallel" (the Megatron partition: output rows for the column-parallel
+    # q/k/v/gate/up, input columns for the row-parallel o/down).  act_groups: absmax γ (and η)
+    # per group of input features of every projection.  norm_groups: mean/variance (LayerNorm) or
+    # mean square (RMSNorm) per group of features in every norm in front of a projection
+    # (input, post-attention and the two sub-norms; the final norm before the head stays whole).
     weight_groups: int = 1
+    weight_group_dim: str = "out"
     act_groups: int = 1
+    norm_groups: int = 1
+    # The non-negative (η) activation variant of 2310.11453 Eq. 6 on the inputs of the projections
+    # whose output feeds the FFN non-linearity (up_proj of the bitnet GELU FFN, gate_proj of the
+    # gated FFNs).  The paper's "activations before the non-linear functions" is read as the
+    # BitLinear inputs on the path into the non-linearity: BitLinear inputs are the only
+    # activations the paper quantises (quantising the non-linearity's own input would add a
+    # quantiser no matmul consumes).  See bitlm.quant for the γ used.  The b1.58 paper dropped
+    # the zero point ("all activations to [-Q_b, Q_b]"); off by default, and packing refuses it.
+    act_nonneg: bool = False
     init_std: float = 0.02
     # For models converted from LLaMA-family checkpoints (bitlm.convert); defaults = the papers' graph.
     sub_norm: bool = True  # False: nn.Identity in place of attn_sub_norm / ffn_sub_norm (no SubLN)
@@ -122,6 +140,17 @@ class ModelConfig:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.act_granularity not in (None, "token", "tensor"):
             raise ConfigError(f"act_granularity must be 'token', 'tensor' or None, got {self.act_granularity!r}")
+        if self.weight_group_dim not in ("out", "in", "parallel"):
+            raise ConfigError(f"weight_group_dim must be 'out', 'in' or 'parallel', got {self.weight_group_dim!r}")
+        widths = {"d_model": self.d_model, "ffn width": self.ffn_dim}
+        for name, widths_split in (("weight_groups", {**widths, "k/v width": self.kv_heads * self.head_dim}),
+                                   ("act_groups", widths), ("norm_groups", widths)):
+            g = getattr(self, name)
+            if int(g) < 1:
+                raise ConfigError(f"{name} must be positive, got {g}")
+            for what, n in widths_split.items():
+                if n % g:
+                    raise ConfigError(f"{name}={g} does not divide the {what} {n}")
         if self.act_granularity_eval not in ("token", "tensor"):
             raise ConfigError(f"act_granularity_eval must be 'token' or 'tensor', got {self.act_granularity_eval!r}")
 

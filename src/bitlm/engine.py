@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import kernels
 from .config import ModelConfig
 from .io.atomic import atomic_write
-from .model import KVCache, rope_cos_sin
+from .model import KVCache, inference_blockers, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
 __all__ = ["PackedBitLinear", "PackedModel", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
@@ -410,6 +410,8 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     the same functions training used, so the packed model computes the same ternary layer)."""
     cfg = model.config
     fmt = _fmt_for(cfg, format)
+    if blockers := inference_blockers(cfg):
+        raise ValueError(f"cannot pack this model: {blockers[0]}")
     embed = embed or head
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
@@ -424,9 +426,8 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
                 packed[f"{name}_b"] = f32(lin.bias)
         if cfg.gated_ffn:
             (tg, sg), (tu, su) = _quantized(mlp.gate_proj), _quantized(mlp.up_proj)
-            if sg.numel() != 1 or su.numel() != 1:
-                raise ValueError("weight groups > 1 are not supported by the packed engine for gated FFNs")
-            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=2)
+            # G weight groups of gate rows then G of up rows: 2G groups over the fused rows
+            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=sg.numel() + su.numel())
         else:
             t, s = _quantized(mlp.up_proj)
             packed["up"] = pack_weight(t, s, fmt)

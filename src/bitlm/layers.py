@@ -37,6 +37,10 @@ class BitLinear(nn.Linear):
             ``act_granularity``.  Both papers quantise per token at inference, which is what the
             packed engine computes; ``bitlm.model`` passes the config's value ("token" by default).
         weight_groups / act_groups: group quantisation (2310.11453 Eq. 13-15).
+        weight_group_dim: "out" (weight groups split output rows: the column-parallel partition)
+            or "in" (input columns: the row-parallel partition).
+        act_nonneg: quantise the input with the non-negative (η, zero-point) variant of Eq. 6,
+            x ≈ q/a + η with η = min x and γ = max x - η (``bitlm.quant`` explains the γ).
         norm: None, "layernorm" or "rmsnorm" — parameter-free normalisation before quantisation;
             with act_groups > 1 it is the group normalisation of Eq. 15.
         quant_lambda: λ of warm-up quantisation, 1.0 = fully quantised (a buffer, saved with the
@@ -58,6 +62,8 @@ class BitLinear(nn.Linear):
         norm: str | None = None,
         norm_eps: float = 1e-5,
         quant_lambda: float = 1.0,
+        weight_group_dim: str = "out",
+        act_nonneg: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -70,8 +76,12 @@ class BitLinear(nn.Linear):
         for name, g in (("act_granularity", act_granularity), ("act_granularity_eval", act_granularity_eval)):
             if g not in ("token", "tensor"):
                 raise ValueError(f"{name} must be 'token' or 'tensor', got {g!r}")
-        if out_features % weight_groups:
-            raise ValueError(f"out_features={out_features} not divisible by weight_groups={weight_groups}")
+        if weight_group_dim not in Q.GROUP_DIMS:
+            raise ValueError(f"weight_group_dim must be one of {Q.GROUP_DIMS}, got {weight_group_dim!r}")
+        split = out_features if weight_group_dim == "out" else in_features
+        if weight_groups < 1 or split % weight_groups:
+            raise ValueError(f"{'out' if weight_group_dim == 'out' else 'in'}_features={split} not divisible by "
+                             f"weight_groups={weight_groups}")
         if in_features % act_groups:
             raise ValueError(f"in_features={in_features} not divisible by act_groups={act_groups}")
         self.weight_quant = weight_quant
@@ -79,6 +89,8 @@ class BitLinear(nn.Linear):
         self.act_granularity = act_granularity
         self.act_granularity_eval = act_granularity_eval
         self.weight_groups = weight_groups
+        self.weight_group_dim = weight_group_dim
+        self.act_nonneg = bool(act_nonneg)
         self.act_groups = act_groups
         self.norm = norm
         self.norm_eps = norm_eps
@@ -87,7 +99,8 @@ class BitLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_bits={self.act_bits}, "
-            f"act={self.act_granularity}/{self.act_granularity_eval}, groups=({self.weight_groups},{self.act_groups}), norm={self.norm}"
+            f"act={self.act_granularity}/{self.act_granularity_eval}{', nonneg' if self.act_nonneg else ''}, "
+            f"groups=({self.weight_groups}/{self.weight_group_dim},{self.act_groups}), norm={self.norm}"
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,15 +112,18 @@ class BitLinear(nn.Linear):
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer weight and its per-group scale, ``W ≈ s · T`` (what packing stores)."""
-        return Q.weight_quantize(self.weight, self.weight_quant, self.weight_groups)
+        return Q.weight_quantize(self.weight, self.weight_quant, self.weight_groups, self.weight_group_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.quant_lambda
         x = self.normalize(x)
         if self.act_bits is not None:
             gran = self.act_granularity if self.training else self.act_granularity_eval
-            x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
-        w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam)
+            if self.act_nonneg:
+                x = Q.fake_quant_activation_nonneg(x, self.act_bits, gran, self.act_groups, lam)
+            else:
+                x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
+        w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam, self.weight_group_dim)
         return F.linear(x, w, self.bias)
 
 
@@ -134,6 +150,7 @@ def prepare(
     norm: str | None = None,
     norm_eps: float = 1e-5,
     quant_lambda: float = 1.0,
+    weight_group_dim: str = "out",
     skip: tuple[str, ...] = DEFAULT_SKIP,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a ``BitLinear`` holding the same
@@ -164,6 +181,7 @@ def prepare(
             norm=norm,
             norm_eps=norm_eps,
             quant_lambda=quant_lambda,
+            weight_group_dim=weight_group_dim,
             device=lin.weight.device,
             dtype=lin.weight.dtype,
         )
