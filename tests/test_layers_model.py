@@ -313,3 +313,12 @@ def test_grouped_models_pack_or_refuse_naming_the_option(tmp_path):
             convert(m)
         with pytest.raises(ValueError, match=option):
             save_hf(m, tmp_path / "hf")
+
+
+def test_saved_configs_store_the_resolved_granularity():
+    cfg = preset("tiny-bitnet")
+    assert cfg.act_granularity is None and cfg.to_dict()["act_granularity"] == "tensor"
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a resumed run compares equal
+    assert preset("tiny", act_granularity="token") == preset("tiny")
+    assert preset("tiny-bitnet", act_granularity="token") != preset("tiny-bitnet")
+    assert cfg.replace(quant="b1.58").train_act_granularity == "token"  # None follows the quant

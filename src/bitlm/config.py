@@ -156,7 +156,18 @@ class ModelConfig:
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with ``act_granularity`` resolved: a file stores the granularity its model
+        trained with, whatever the default for its quant becomes later."""
+        d = dataclasses.asdict(self)
+        d["act_granularity"] = self.train_act_granularity
+        return d
+
+    def __eq__(self, other: object) -> bool:  # equal when they build the same model (None = its resolved value)
+        if not isinstance(other, ModelConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, like any non-frozen dataclass
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config", *, saved: bool = True) -> ModelConfig:
