@@ -322,3 +322,14 @@ def test_saved_configs_store_the_resolved_granularity():
     assert preset("tiny", act_granularity="token") == preset("tiny")
     assert preset("tiny-bitnet", act_granularity="token") != preset("tiny-bitnet")
     assert cfg.replace(quant="b1.58").train_act_granularity == "token"  # None follows the quant
+
+
+def test_lora_effective_weight_follows_input_dim_groups():
+    from bitlm.lora import _effective_weight
+
+    torch.manual_seed(0)
+    lin = BitLinear(8, 4, weight_groups=2, weight_group_dim="in")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = F.linear(Q.fake_quant_activation(x), _effective_weight(lin))
+        assert torch.allclose(lin.eval()(x), ref, atol=1e-6)  # the weight the forward multiplies by
