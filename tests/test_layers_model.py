@@ -333,3 +333,13 @@ def test_lora_effective_weight_follows_input_dim_groups():
     with torch.no_grad():
         ref = F.linear(Q.fake_quant_activation(x), _effective_weight(lin))
         assert torch.allclose(lin.eval()(x), ref, atol=1e-6)  # the weight the forward multiplies by
+
+
+def test_packed_bitlinear_refuses_what_it_cannot_pack():
+    from bitlm.engine import PackedBitLinear
+
+    with pytest.raises(ValueError, match="act_nonneg"):
+        PackedBitLinear.from_bitlinear(BitLinear(8, 4, act_nonneg=True))
+    with pytest.raises(ValueError, match="weight_group_dim"):
+        PackedBitLinear.from_bitlinear(BitLinear(8, 4, weight_groups=2, weight_group_dim="in"))
+    PackedBitLinear.from_bitlinear(BitLinear(8, 4, weight_groups=2))  # output-row groups pack

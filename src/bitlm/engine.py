@@ -70,6 +70,9 @@ class PackedBitLinear:
         """Pack a trained ``BitLinear`` (its built-in norm, if RMSNorm, is fused into the kernel)."""
         if lin.norm == "layernorm":
             raise ValueError("PackedBitLinear fuses RMSNorm only; apply LayerNorm before the layer")
+        if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
+            raise ValueError("PackedBitLinear packs symmetric activations and output-row weight groups only "
+                             f"(act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r})")
         t, s = lin.quantized_weight()
         return cls(pack_weight(t, s, format, lin.weight_groups), None, lin.norm_eps, lin.norm == "rmsnorm")
 
@@ -385,6 +388,9 @@ def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if getattr(lin, "act_granularity_eval", lin.act_granularity) != "token":
         raise ValueError("act_granularity_eval='tensor': the packed engine quantises activations per token "
                          "(both papers' inference); this model evaluates per tensor")
+    if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
+        raise ValueError(f"act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r}: the packed engine "
+                         "runs symmetric activations and output-row weight groups only")
     if lin.act_bits != 8 or lin.act_groups != 1 or lin.norm is not None:
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
