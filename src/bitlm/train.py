@@ -313,7 +313,7 @@ def train(
 
     tcfg.validate()
     r = tcfg.resolved(model_cfg)
-    lrs = f"{r['lr']:g}" + (f" → {r['lr2']:g}" if r["lr2"] is not None else "")
+    lrs = _sci(r["lr"]) + (f" → {_sci(r['lr2'])}" if r["lr2"] is not None else "")
     wds = f"{r['weight_decay']:g}" + (f" → {r['weight_decay2']:g}" if r["weight_decay2"] is not None else "")
     log(f"recipe {r['row']}: lr {lrs}, weight decay {wds}, warm-up {r['warmup_steps']} of {r['max_steps']} steps")
     out = Path(tcfg.out_dir)
