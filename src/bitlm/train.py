@@ -447,7 +447,10 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", default="small", help="model preset (see bitlm.config.PRESETS)")
     p.add_argument("--config", default=None, help="JSON file with model (and optional 'train') fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                   help="model config override, e.g. --set quant=b1 (repeatable)")
+                   help="model config override, e.g. --set quant=b1 (repeatable); paper options: "
+                        "act_granularity=tensor|token (training; default per tensor for b1, per token otherwise), "
+                        "act_granularity_eval, weight_groups, weight_group_dim=out|in|parallel, act_groups, "
+                        "norm_groups, act_nonneg (see bitlm.config.ModelConfig)")
     p.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="K=V",
                    help="train config override, e.g. --train-set lr2=5e-4 (repeatable)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
