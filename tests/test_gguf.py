@@ -509,8 +509,8 @@ def test_save_refuses_what_gguf_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="no llama.cpp equivalent"):
         save_gguf(BitNetModel(ModelConfig(arch="bitnet", quant="b1", vocab_size=VOCAB, d_model=64, n_layers=1,
                                           n_heads=4)), tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="act_bits"):
-        save_gguf(tiny(act_granularity="tensor"), tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="act_granularity_eval"):
+        save_gguf(tiny(act_granularity_eval="tensor"), tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="ternary_type"):
         save_gguf(tiny(), tmp_path / "x.gguf", ternary_type="i2_s")
     with pytest.warns(UserWarning, match="llama.cpp\\s+refuses"):

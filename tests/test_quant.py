@@ -195,3 +195,62 @@ def test_fake_quant_binary_values():
 def test_bits_per_weight():
     assert Q.bits_per_weight("b1") == 1.0
     assert Q.bits_per_weight("b1.58") == pytest.approx(math.log2(3))
+
+
+# --- η variant with γ = range, input-dim weight groups (issue 10 item 15) ---------------------
+
+
+def test_activation_nonneg_range_hand_computed():
+    x = t([[-1.0, 0.0, 1.0, 3.0]])
+    q, a, eta = Q.activation_quantize_nonneg(x, gamma="range")
+    # η = -1, γ = max - η = 4, a = 127/4 = 31.75; (x - η)·a = [0, 31.75, 63.5, 127] → ties to even
+    assert eta.flatten().tolist() == [-1.0] and a.flatten().tolist() == pytest.approx([31.75])
+    assert q.tolist() == [[0.0, 32.0, 64.0, 127.0]]
+    y = Q.fake_quant_activation_nonneg(x)
+    assert torch.allclose(y, t([[-1.0, 32 / 31.75 - 1, 64 / 31.75 - 1, 3.0]]))
+    # Eq. 6 as printed (γ = max|x| = 3) saturates; the range variant never does
+    big = t([[-4.0, -1.0, 1.0, 4.0]])
+    assert Q.fake_quant_activation_nonneg(big, gamma="absmax")[0, 2:].tolist() == pytest.approx([0.0, 0.0])
+    assert torch.allclose(Q.fake_quant_activation_nonneg(big), big, atol=8 / 127)
+
+
+def test_activation_nonneg_groups_and_per_tensor():
+    x = t([[0.0, 2.0, -3.0, 1.0], [1.0, 4.0, -1.0, -1.0]])
+    _, a, eta = Q.activation_quantize_nonneg(x, groups=2, gamma="range")
+    assert eta.tolist() == [[0.0, -3.0], [1.0, -1.0]]  # one η per token and feature group (Eq. 14)
+    assert a.flatten().tolist() == pytest.approx([127 / 2, 127 / 4, 127 / 3, 127 / 1e-5])  # constant group: γ clamped
+    _, a, eta = Q.activation_quantize_nonneg(x, granularity="tensor", gamma="range")
+    assert eta.flatten().tolist() == [-3.0] and a.flatten().tolist() == pytest.approx([127 / 7])
+
+
+def test_activation_nonneg_ste_identity():
+    x = t([[-1.0, 0.5, 2.0, 9.0]]).requires_grad_(True)
+    (Q.fake_quant_activation_nonneg(x) * t([[1.0, 2.0, 3.0, 4.0]])).sum().backward()
+    assert x.grad.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+
+
+def test_weight_groups_along_input_dim():
+    w = t([[1.0, -1.0, 0.1, 0.3], [2.0, 0.0, -0.2, 0.0]])
+    tq, s = Q.ternary_quantize(w, groups=2, dim="in")
+    # group 0 = columns 0-1: mean|W| = 1.0; group 1 = columns 2-3: mean|W| = 0.15
+    assert s.tolist() == pytest.approx([1.0, 0.15])
+    assert tq.tolist() == [[1, -1, 1, 1], [1, 0, -1, 0]]
+    deq = Q.dequantize_weight(tq, s, dim="in")
+    assert torch.allclose(deq, t([[1.0, -1.0, 0.15, 0.15], [1.0, 0.0, -0.15, 0.0]]))
+    tb, beta, alpha = Q.binary_quantize(w, groups=2, dim="in")
+    assert alpha.tolist() == pytest.approx([0.5, 0.05]) and beta.tolist() == pytest.approx([1.0, 0.15])
+    assert tb.tolist() == [[1, -1, 1, 1], [1, -1, -1, -1]]
+    with pytest.raises(ValueError, match="groups"):
+        Q.ternary_quantize(w, groups=3, dim="in")
+    with pytest.raises(ValueError, match="group dim"):
+        Q.ternary_quantize(w, dim="rows")
+
+
+def test_one_group_is_the_ungrouped_quantiser_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    for dim in ("out", "in"):
+        for fn in (Q.ternary_quantize, Q.binary_quantize):
+            for a, b in zip(fn(w), fn(w, 1, dim)):
+                assert torch.equal(a, b)
+        assert torch.equal(Q.fake_quant_weight(w, "b1.58"), Q.fake_quant_weight(w, "b1.58", 1, 1.0, dim))

@@ -357,7 +357,7 @@ def test_left_truncation_to_max_seq_len(tiny):
 def test_per_tensor_activation_models_are_scored_one_by_one(tiny):
     _, tok = tiny
     torch.manual_seed(3)
-    model = BitNetModel(preset("tiny", act_granularity="tensor")).eval()
+    model = BitNetModel(preset("tiny", act_granularity="tensor", act_granularity_eval="tensor")).eval()
     reqs = [([1, 2, 3, 4, 5, 6], [7, 8]), ([9], [10]), ([11, 12], [13, 14, 15])]
     ref = [_reference_logprob(model, c, k)[0] for c, k in reqs]
     got = [ll for ll, _ in T.loglikelihood(model, reqs, batch_size=8)]

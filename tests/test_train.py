@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitlm.config import preset
 from bitlm.io.checkpoint import CheckpointError
 from bitlm.train import TrainConfig, lr_at, train, weight_decay_at
 from helpers import ArrayData, pattern_data
@@ -103,3 +104,91 @@ def test_vocab_and_seq_len_checks(tmp_path):
         train(cfg(), tcfg(tmp_path), ArrayData(np.arange(1000) % 100, 100), log=lambda *a: None)
     with pytest.raises(ValueError, match="max_seq_len"):
         train(cfg(), tcfg(tmp_path, seq_len=64), pattern_data(), log=lambda *a: None)
+
+
+# -- per-size recipe rows (issue 10 item 13) ----------------------------------------------------
+
+B1_ROWS = [("bitnet-125m", 2.4e-3, 0.01), ("bitnet-350m", 1.2e-3, 0.01), ("bitnet-760m", 1e-3, 0.01),
+           ("bitnet-1.3b", 8e-4, 0.01), ("bitnet-2.7b", 6.4e-4, 0.01), ("bitnet-6.7b", 4.8e-4, 0.01),
+           ("bitnet-13b", 4e-4, 0.05), ("bitnet-30b", 4e-4, 0.05)]  # 2310.11453 Tables 5-6
+B158_ROWS = [("b1.58-700m", 1.5e-3, 1e-3), ("b1.58-1.3b", 1.2e-3, 8e-4), ("b1.58-3b", 1.2e-3, 8e-4),
+             ("b1.58-3.9b", 1.2e-3, 8e-4)]  # FAQ Table 2
+
+
+@pytest.mark.parametrize("name, lr, wd", B1_ROWS)
+def test_b1_paper_presets_get_their_paper_row(name, lr, wd):
+    r = TrainConfig(recipe="b1", max_steps=40_000).resolved(preset(name))
+    assert r["lr"] == lr and r["weight_decay"] == wd and r["lr2"] is None
+    assert r["warmup_steps"] == 750 and r["betas"] == (0.9, 0.98) and r["grad_clip"] == 0.0 and r["schedule"] == "poly"
+
+
+@pytest.mark.parametrize("name, lr, lr2", B158_ROWS)
+def test_b158_paper_presets_get_their_paper_row(name, lr, lr2):
+    r = TrainConfig(recipe="b1.58", max_steps=100_000).resolved(preset(name))
+    assert r["lr"] == lr and r["lr2"] == lr2
+    assert r["weight_decay"] == 0.1 and r["weight_decay2"] == 0.0 and r["warmup_steps"] == 375
+    assert r["betas"] == (0.9, 0.95)
+
+
+def test_fp_baseline_rows():
+    assert TrainConfig(recipe="fp").resolved(preset("b1.58-700m"))["lr"] == 2.5e-4
+    assert TrainConfig(recipe="fp").resolved(preset("b1.58-1.3b"))["lr"] == 2.0e-4
+
+
+def test_recipe_rows_between_and_below_and_above():
+    # tiny CPU presets and anything below the smallest row: the smallest row
+    assert TrainConfig(recipe="b1").resolved(preset("tiny-bitnet"))["lr"] == 2.4e-3
+    assert TrainConfig(recipe="b1.58").resolved(preset("tiny"))["lr"] == 1.5e-3
+    # between rows: the nearer by parameter ratio.  d=1280, 24 layers: 472M linear weights, between
+    # 350M (302M) and 760M (679M); ratio 1.56 vs 1.44 → the 760M row
+    mid = preset("bitnet-350m", d_model=1280, n_heads=16)
+    assert TrainConfig(recipe="b1").resolved(mid)["lr"] == 1e-3
+    lower = preset("bitnet-350m", d_model=1152, n_heads=16)  # 382M: ratio 1.27 vs 1.78 → the 350M row
+    assert TrainConfig(recipe="b1").resolved(lower)["lr"] == 1.2e-3
+    huge = preset("bitnet-30b", n_layers=96)  # above the largest row: the largest
+    assert TrainConfig(recipe="b1").resolved(huge)["weight_decay"] == 0.05
+    assert "30B" in TrainConfig(recipe="b1").resolved(huge)["row"]
+
+
+def test_user_values_override_the_row():
+    r = TrainConfig(recipe="b1", lr=5e-3, weight_decay=0.2, warmup_steps=7).resolved(preset("bitnet-13b"))
+    assert r["lr"] == 5e-3 and r["weight_decay"] == 0.2 and r["warmup_steps"] == 7
+    r = TrainConfig(recipe="b1.58", lr=2.4e-3).resolved(preset("b1.58-1.3b"))
+    assert r["lr"] == 2.4e-3 and r["lr2"] == pytest.approx(1.6e-3)  # the row's 2/3 ratio
+
+
+def test_short_runs_warm_up_for_the_papers_fraction():
+    assert TrainConfig(recipe="b1", max_steps=4000).resolved()["warmup_steps"] == 75  # 750 / 40K of the run
+    assert TrainConfig(recipe="b1", max_steps=80_000).resolved()["warmup_steps"] == 750  # never more than the paper's
+    assert TrainConfig(recipe="b1.58", max_steps=100).resolved()["warmup_steps"] == 1
+
+
+def test_train_help_names_the_sources(capsys):
+    from bitlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cell in ("125M 2.4e-3", "13B 4.0e-4", "700M 1.5e-3 → 1.0e-3", "1.3B 1.2e-3 → 8.0e-4", "2310.11453",
+                 "FAQ", "750", "375"):
+        assert cell in text, cell
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-bitnet"])
+def test_grouped_nonneg_model_trains_and_reloads(tmp_path, base):
+    from bitlm.io.checkpoint import load_checkpoint
+
+    kw = dict(weight_groups=2, weight_group_dim="parallel", act_groups=2, norm_groups=2, act_nonneg=True)
+    mcfg = preset(base, vocab_size=64, max_seq_len=32, **kw)
+    recipe = mcfg.quant
+    res = train(mcfg, tcfg(tmp_path, recipe=recipe, max_steps=12, eval_every=12, eval_batches=2), pattern_data(),
+                log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(res.val["loss"])
+    model, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert model.config == mcfg
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), res.model.eval()(x))

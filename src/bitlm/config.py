@@ -14,6 +14,10 @@ Three architectures share one transformer implementation (``bitlm.model``):
 
 ``quant`` is orthogonal: "fp" (plain nn.Linear — the baseline every comparison uses), "b1" or
 "b1.58".  Embeddings, norms and the output head are never quantised.
+
+Activation granularity follows the papers: b1 quantises activations per tensor in training and per
+token at inference (2310.11453 §2), b1.58 per token throughout; ``act_granularity`` (training
+mode, None = the quant's paper default) and ``act_granularity_eval`` (eval mode) hold the split.
 """
 
 from __future__ import annotations
@@ -47,9 +51,34 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     act_bits: int = 8
-    act_granularity: str = "token"  # "token" or "tensor" (b1 paper's training variant)
+    # Activation absmax granularity.  ``act_granularity`` applies in training mode (model.train());
+    # None = the paper's choice for the quant: "tensor" for b1 (2310.11453: "per tensor during
+    # training"), "token" otherwise (b1.58: per token throughout).  ``act_granularity_eval`` applies
+    # in eval mode (eval, generation; pack/export require "token", the only inference granularity
+    # of both papers).  Files written before act_granularity_eval existed evaluate with their
+    # act_granularity, as they did then (see from_dict).
+    act_granularity: str | None = None
+    act_granularity_eval: str = "token"
+    # Group quantisation / normalisation (2310.11453 Eq. 13-15, "model-parallel"): parameters
+    # computed per group, never across groups.  weight_groups split each projection's weight
+    # along weight_group_dim: "out" (output rows, every projection), "in" (input columns, every
+    # projection) or "parallel" (the Megatron partition: output rows for the column-parallel
+    # q/k/v/gate/up, input columns for the row-parallel o/down).  act_groups: absmax γ (and η)
+    # per group of input features of every projection.  norm_groups: mean/variance (LayerNorm) or
+    # mean square (RMSNorm) per group of features in every norm in front of a projection
+    # (input, post-attention and the two sub-norms; the final norm before the head stays whole).
     weight_groups: int = 1
+    weight_group_dim: str = "out"
     act_groups: int = 1
+    norm_groups: int = 1
+    # The non-negative (η) activation variant of 2310.11453 Eq. 6 on the inputs of the projections
+    # whose output feeds the FFN non-linearity (up_proj of the bitnet GELU FFN, gate_proj of the
+    # gated FFNs).  The paper's "activations before the non-linear functions" is read as the
+    # BitLinear inputs on the path into the non-linearity: BitLinear inputs are the only
+    # activations the paper quantises (quantising the non-linearity's own input would add a
+    # quantiser no matmul consumes).  See bitlm.quant for the γ used.  The b1.58 paper dropped
+    # the zero point ("all activations to [-Q_b, Q_b]"); off by default, and packing refuses it.
+    act_nonneg: bool = False
     init_std: float = 0.02
     # For models converted from LLaMA-family checkpoints (bitlm.convert); defaults = the papers' graph.
     sub_norm: bool = True  # False: nn.Identity in place of attn_sub_norm / ffn_sub_norm (no SubLN)
@@ -83,6 +112,22 @@ class ModelConfig:
     def gated_ffn(self) -> bool:
         return self.arch != "bitnet"
 
+    @property
+    def train_act_granularity(self) -> str:
+        """``act_granularity`` with None resolved: per tensor for b1 (the b1 paper), else per token."""
+        if self.act_granularity is not None:
+            return self.act_granularity
+        return "tensor" if self.quant == "b1" else "token"
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the projections (attention and FFN), i.e. parameters without embeddings,
+        head and norms — the size measure the training recipes' size rows are chosen by."""
+        d, hd = self.d_model, self.head_dim
+        attn = 2 * d * self.n_heads * hd + 2 * d * self.kv_heads * hd
+        ffn = (3 if self.gated_ffn else 2) * d * self.ffn_dim
+        return self.n_layers * (attn + ffn)
+
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
@@ -97,22 +142,48 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        if self.act_granularity not in ("token", "tensor"):
-            raise ConfigError(f"act_granularity must be 'token' or 'tensor', got {self.act_granularity!r}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+        if self.act_granularity not in (None, "token", "tensor"):
+            raise ConfigError(f"act_granularity must be 'token', 'tensor' or None, got {self.act_granularity!r}")
+        if self.weight_group_dim not in ("out", "in", "parallel"):
+            raise ConfigError(f"weight_group_dim must be 'out', 'in' or 'parallel', got {self.weight_group_dim!r}")
+        widths = {"d_model": self.d_model, "ffn width": self.ffn_dim}
+        for name, widths_split in (("weight_groups", {**widths, "k/v width": self.kv_heads * self.head_dim}),
+                                   ("act_groups", widths), ("norm_groups", widths)):
+            g = getattr(self, name)
+            if int(g) < 1:
+                raise ConfigError(f"{name} must be positive, got {g}")
+            for what, n in widths_split.items():
+                if n % g:
+                    raise ConfigError(f"{name}={g} does not divide the {what} {n}")
+        if self.act_granularity_eval not in ("token", "tensor"):
+            raise ConfigError(f"act_granularity_eval must be 'token' or 'tensor', got {self.act_granularity_eval!r}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with ``act_granularity`` resolved: a file stores the granularity its model
+        trained with, whatever the default for its quant becomes later."""
+        d = dataclasses.asdict(self)
+        d["act_granularity"] = self.train_act_granularity
+        return d
+
+    def __eq__(self, other: object) -> bool:  # equal when they build the same model (None = its resolved value)
+        if not isinstance(other, ModelConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, like any non-frozen dataclass
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "config", *, saved: bool = True) -> ModelConfig:
+        """A config from a dict.  ``saved``: ``d`` is a config as a file stores it (to_dict of some
+        bitlm version), so fields added since get the value that reproduces that version's numerics."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**(upgrade_saved(d) if saved else d))
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -135,6 +206,18 @@ def check_rope_scaling(rs: Any) -> None:
             raise ConfigError(f"rope_scaling.{k} must be a positive number, got {v!r}")
     if rs["factor"] < 1 or rs["low_freq_factor"] >= rs["high_freq_factor"]:
         raise ConfigError(f"rope_scaling needs factor >= 1 and low_freq_factor < high_freq_factor, got {rs!r}")
+
+
+def upgrade_saved(d: dict[str, Any]) -> dict[str, Any]:
+    """Fill fields that a stored config predates with the values its writer computed with.
+
+    * ``act_granularity_eval`` (added with the b1 paper's train/inference split): before it, one
+      ``act_granularity`` applied in training and in eval, so an old file evaluates with it.
+    """
+    d = dict(d)
+    if "act_granularity" in d and "act_granularity_eval" not in d:
+        d["act_granularity_eval"] = d["act_granularity"] or "token"
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +322,10 @@ def build_config(
             raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a JSON object")
-        d.update(loaded.get("model", loaded))
+        d.update(upgrade_saved(loaded.get("model", loaded)))
     d.update(parse_overrides(overrides))
     d.update({k: v for k, v in kw.items() if v is not None})
-    return ModelConfig.from_dict(d, source=str(file or name or "config"))
+    return ModelConfig.from_dict(d, source=str(file or name or "config"), saved=False)
 
 
 __all__ = ["ARCHS", "QUANTS", "ConfigError", "ModelConfig", "PRESETS", "preset", "build_config", "parse_overrides"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import kernels
 from .config import ModelConfig
 from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
-from .model import KVCache, rope_cos_sin
+from .model import KVCache, inference_blockers, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
 __all__ = ["PackedBitLinear", "PackedModel", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
@@ -51,6 +51,9 @@ class PackedBitLinear:
         """Pack a trained ``BitLinear`` (its built-in norm, if RMSNorm, is fused into the kernel)."""
         if lin.norm == "layernorm":
             raise ValueError("PackedBitLinear fuses RMSNorm only; apply LayerNorm before the layer")
+        if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
+            raise ValueError("PackedBitLinear packs symmetric activations and output-row weight groups only "
+                             f"(act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r})")
         t, s = lin.quantized_weight()
         return cls(pack_weight(t, s, format, lin.weight_groups), None, lin.norm_eps, lin.norm == "rmsnorm")
 
@@ -363,7 +366,13 @@ def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if not isinstance(lin, BitLinear):
         raise ValueError(f"cannot pack {type(lin).__name__}: only BitLinear projections have ternary/binary weights "
                          "(an fp model must be trained with quant=b1.58/b1, or quantised with bitlm.ptq)")
-    if lin.act_bits != 8 or lin.act_granularity != "token" or lin.act_groups != 1 or lin.norm is not None:
+    if getattr(lin, "act_granularity_eval", lin.act_granularity) != "token":
+        raise ValueError("act_granularity_eval='tensor': the packed engine quantises activations per token "
+                         "(both papers' inference); this model evaluates per tensor")
+    if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
+        raise ValueError(f"act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r}: the packed engine "
+                         "runs symmetric activations and output-row weight groups only")
+    if lin.act_bits != 8 or lin.act_groups != 1 or lin.norm is not None:
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
         raise ValueError("the packed engine supports biases only on q/k/v projections")
@@ -388,6 +397,8 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     the same functions training used, so the packed model computes the same ternary layer)."""
     cfg = model.config
     fmt = _fmt_for(cfg, format)
+    if blockers := inference_blockers(cfg):
+        raise ValueError(f"cannot pack this model: {blockers[0]}")
     embed = embed or head
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
@@ -402,9 +413,8 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
                 packed[f"{name}_b"] = f32(lin.bias)
         if cfg.gated_ffn:
             (tg, sg), (tu, su) = _quantized(mlp.gate_proj), _quantized(mlp.up_proj)
-            if sg.numel() != 1 or su.numel() != 1:
-                raise ValueError("weight groups > 1 are not supported by the packed engine for gated FFNs")
-            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=2)
+            # G weight groups of gate rows then G of up rows: 2G groups over the fused rows
+            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=sg.numel() + su.numel())
         else:
             t, s = _quantized(mlp.up_proj)
             packed["up"] = pack_weight(t, s, fmt)

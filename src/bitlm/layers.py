@@ -35,9 +35,16 @@ class BitLinear(nn.Linear):
     Args:
         weight_quant: "b1.58" (ternary absmean), "b1" (binary, mean-centred sign) or "fp" (none).
         act_bits: activation bits (8 in the papers); ``None`` keeps activations in high precision.
-        act_granularity: "token" (default, both papers at inference, b1.58 in training) or
-            "tensor" (the b1 paper's training variant).
+        act_granularity: absmax granularity in training mode — "token" (b1.58) or "tensor" (the
+            b1 paper: "per tensor during training").
+        act_granularity_eval: granularity in eval mode (``module.eval()``); None = the same as
+            ``act_granularity``.  Both papers quantise per token at inference, which is what the
+            packed engine computes; ``bitlm.model`` passes the config's value ("token" by default).
         weight_groups / act_groups: group quantisation (2310.11453 Eq. 13-15).
+        weight_group_dim: "out" (weight groups split output rows: the column-parallel partition)
+            or "in" (input columns: the row-parallel partition).
+        act_nonneg: quantise the input with the non-negative (η, zero-point) variant of Eq. 6,
+            x ≈ q/a + η with η = min x and γ = max x - η (``bitlm.quant`` explains the γ).
         norm: None, "layernorm" or "rmsnorm" — parameter-free normalisation before quantisation;
             with act_groups > 1 it is the group normalisation of Eq. 15.
         quant_lambda: λ of warm-up quantisation, 1.0 = fully quantised (a buffer, saved with the
@@ -53,11 +60,14 @@ class BitLinear(nn.Linear):
         weight_quant: str = "b1.58",
         act_bits: int | None = 8,
         act_granularity: str = "token",
+        act_granularity_eval: str | None = None,
         weight_groups: int = 1,
         act_groups: int = 1,
         norm: str | None = None,
         norm_eps: float = 1e-5,
         quant_lambda: float = 1.0,
+        weight_group_dim: str = "out",
+        act_nonneg: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -66,16 +76,25 @@ class BitLinear(nn.Linear):
             raise ValueError(f"weight_quant must be one of {Q.WEIGHT_QUANTS}, got {weight_quant!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if act_granularity not in ("token", "tensor"):
-            raise ValueError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
-        if out_features % weight_groups:
-            raise ValueError(f"out_features={out_features} not divisible by weight_groups={weight_groups}")
+        act_granularity_eval = act_granularity if act_granularity_eval is None else act_granularity_eval
+        for name, g in (("act_granularity", act_granularity), ("act_granularity_eval", act_granularity_eval)):
+            if g not in ("token", "tensor"):
+                raise ValueError(f"{name} must be 'token' or 'tensor', got {g!r}")
+        if weight_group_dim not in Q.GROUP_DIMS:
+            raise ValueError(f"weight_group_dim must be one of {Q.GROUP_DIMS}, got {weight_group_dim!r}")
+        split = out_features if weight_group_dim == "out" else in_features
+        if weight_groups < 1 or split % weight_groups:
+            raise ValueError(f"{'out' if weight_group_dim == 'out' else 'in'}_features={split} not divisible by "
+                             f"weight_groups={weight_groups}")
         if in_features % act_groups:
             raise ValueError(f"in_features={in_features} not divisible by act_groups={act_groups}")
         self.weight_quant = weight_quant
         self.act_bits = act_bits
         self.act_granularity = act_granularity
+        self.act_granularity_eval = act_granularity_eval
         self.weight_groups = weight_groups
+        self.weight_group_dim = weight_group_dim
+        self.act_nonneg = bool(act_nonneg)
         self.act_groups = act_groups
         self.norm = norm
         self.norm_eps = norm_eps
@@ -84,7 +103,8 @@ class BitLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_bits={self.act_bits}, "
-            f"act={self.act_granularity}, groups=({self.weight_groups},{self.act_groups}), norm={self.norm}"
+            f"act={self.act_granularity}/{self.act_granularity_eval}{', nonneg' if self.act_nonneg else ''}, "
+            f"groups=({self.weight_groups}/{self.weight_group_dim},{self.act_groups}), norm={self.norm}"
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,14 +116,18 @@ class BitLinear(nn.Linear):
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer weight and its per-group scale, ``W ≈ s · T`` (what packing stores)."""
-        return Q.weight_quantize(self.weight, self.weight_quant, self.weight_groups)
+        return Q.weight_quantize(self.weight, self.weight_quant, self.weight_groups, self.weight_group_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.quant_lambda
         x = self.normalize(x)
         if self.act_bits is not None:
-            x = Q.fake_quant_activation(x, self.act_bits, self.act_granularity, self.act_groups, lam)
-        w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam)
+            gran = self.act_granularity if self.training else self.act_granularity_eval
+            if self.act_nonneg:
+                x = Q.fake_quant_activation_nonneg(x, self.act_bits, gran, self.act_groups, lam)
+            else:
+                x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
+        w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam, self.weight_group_dim)
         return F.linear(x, w, self.bias)
 
 
@@ -177,6 +201,7 @@ def prepare(
     norm: str | None = None,
     norm_eps: float = 1e-5,
     quant_lambda: float = 1.0,
+    weight_group_dim: str = "out",
     skip: tuple[str, ...] = DEFAULT_SKIP,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a ``BitLinear`` holding the same
@@ -207,6 +232,7 @@ def prepare(
             norm=norm,
             norm_eps=norm_eps,
             quant_lambda=quant_lambda,
+            weight_group_dim=weight_group_dim,
             device=lin.weight.device,
             dtype=lin.weight.dtype,
         )

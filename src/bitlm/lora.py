@@ -358,7 +358,7 @@ def _effective_weight(base: nn.Module) -> torch.Tensor:
     """The weight the base's forward multiplies by (float32): s·T for quantised layers."""
     if isinstance(base, BitLinear) and base.weight_quant != "fp":
         t, s = base.quantized_weight()
-        return Q.dequantize_weight(t, s)
+        return Q.dequantize_weight(t, s, dim=base.weight_group_dim)
     return base.weight.detach().float()
 
 

@@ -14,6 +14,13 @@ Two config flags exist for models converted from LLaMA-family checkpoints (``bit
 ``sub_norm=False`` makes both SubLN norms identities (the LLaMA graph), ``qkv_bias=True`` gives
 q/k/v a bias (Qwen2).
 
+Group options (2310.11453 Eq. 13-15; ``bitlm.config`` documents them): ``weight_groups`` along
+``weight_group_dim`` ("parallel": output rows for q/k/v/gate/up, input columns for o/down),
+``act_groups`` for every BitLinear input, ``norm_groups`` for the four block norms (not the final
+one); ``act_nonneg`` quantises the input of the projection feeding the FFN non-linearity (up for
+GELU, gate for the gated FFNs) with the η variant.  ``inference_blockers`` names the ones that
+packing and export cannot carry.
+
 Every W is a ``BitLinear`` when quant ∈ {b1, b1.58} and a plain ``nn.Linear`` for ``fp``; the
 norms, embeddings and output head are the same in both, so ``fp`` is the exact baseline.
 Parameter names follow transformers' BitNetForCausalLM (``model.layers.N.self_attn.q_proj`` ...)
@@ -31,45 +38,73 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quant as Q
 from .config import ModelConfig
 from .layers import BitLinear
 
-__all__ = ["BitNetModel", "KVCache", "RMSNorm", "make_linear", "linear_modules", "attend", "rope_cos_sin", "rope_inv_freq",
-           "apply_rope"]
+__all__ = ["BitNetModel", "KVCache", "RMSNorm", "GroupLayerNorm", "make_linear", "inference_blockers", "linear_modules",
+           "attend", "rope_cos_sin", "rope_inv_freq", "apply_rope"]
 
 
 class RMSNorm(nn.Module):
-    """LLaMA/BitNet RMSNorm: computed in float32, weight applied after casting back (as HF does)."""
+    """LLaMA/BitNet RMSNorm: computed in float32, weight applied after casting back (as HF does).
+    ``groups`` > 1: the mean square per group of features (group normalisation, 2310.11453 Eq. 15)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, groups: int = 1) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.groups = eps, groups
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.groups > 1:
+            return self.weight * Q.group_rms_norm(x.float(), self.groups, self.eps).to(dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int, sub: bool = False) -> nn.Module:
+class GroupLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose mean and variance are taken per group of features (Group Normalisation
+    over the feature dim, 2310.11453 Eq. 15), then the usual affine weight and bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, groups: int = 2) -> None:
+        super().__init__(dim, eps=eps)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Q.group_layer_norm(x, self.groups, self.eps) * self.weight + self.bias
+
+
+def make_norm(cfg: ModelConfig, dim: int, sub: bool = False, groups: int = 1) -> nn.Module:
     """The block's norm; ``sub=True`` marks the SubLN sites, which ``cfg.sub_norm=False`` turns into
-    identities (a converted LLaMA has no norm there, and an RMSNorm would change its function)."""
+    identities (a converted LLaMA has no norm there, and an RMSNorm would change its function).
+    ``groups`` > 1 takes the statistics per group of features (``cfg.norm_groups``)."""
     if sub and not cfg.sub_norm:
         return nn.Identity()
     if cfg.arch == "bitnet":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    return RMSNorm(dim, cfg.norm_eps)
+        return nn.LayerNorm(dim, eps=cfg.norm_eps) if groups == 1 else GroupLayerNorm(dim, cfg.norm_eps, groups)
+    return RMSNorm(dim, cfg.norm_eps, groups)
 
 
-def make_linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
-    """nn.Linear for fp, BitLinear for b1 / b1.58 (norms live in the model, so norm=None here)."""
+def make_linear(
+    cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False, *, row_parallel: bool = False,
+    feeds_activation: bool = False,
+) -> nn.Linear:
+    """nn.Linear for fp, BitLinear for b1 / b1.58 (norms live in the model, so norm=None here).
+    ``row_parallel`` marks o/down (their weight groups split input columns under
+    weight_group_dim="parallel"); ``feeds_activation`` marks the projection whose output goes
+    into the FFN non-linearity (the η variant's site when ``cfg.act_nonneg``)."""
     if cfg.quant == "fp":
         return nn.Linear(d_in, d_out, bias=bias)
+    dim = cfg.weight_group_dim
+    if dim == "parallel":
+        dim = "in" if row_parallel else "out"
     return BitLinear(
         d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits,
-        act_granularity=cfg.act_granularity, weight_groups=cfg.weight_groups, act_groups=cfg.act_groups,
+        act_granularity=cfg.train_act_granularity, act_granularity_eval=cfg.act_granularity_eval,
+        weight_groups=cfg.weight_groups, act_groups=cfg.act_groups, weight_group_dim=dim,
+        act_nonneg=cfg.act_nonneg and feeds_activation,
     )
 
 
@@ -175,8 +210,8 @@ class Attention(nn.Module):
         self.q_proj = make_linear(cfg, d, cfg.n_heads * hd, cfg.qkv_bias)
         self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
-        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True)
-        self.o_proj = make_linear(cfg, cfg.n_heads * hd, d)
+        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True, groups=cfg.norm_groups)
+        self.o_proj = make_linear(cfg, cfg.n_heads * hd, d, row_parallel=True)
 
     def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = h.shape
@@ -200,10 +235,10 @@ class MLP(nn.Module):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.ffn_dim
         if cfg.gated_ffn:
-            self.gate_proj = make_linear(cfg, d, f)
-        self.up_proj = make_linear(cfg, d, f)
-        self.ffn_sub_norm = make_norm(cfg, f, sub=True)
-        self.down_proj = make_linear(cfg, f, d)
+            self.gate_proj = make_linear(cfg, d, f, feeds_activation=True)
+        self.up_proj = make_linear(cfg, d, f, feeds_activation=not cfg.gated_ffn)
+        self.ffn_sub_norm = make_norm(cfg, f, sub=True, groups=cfg.norm_groups)
+        self.down_proj = make_linear(cfg, f, d, row_parallel=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         arch = self.cfg.arch
@@ -219,9 +254,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = make_norm(cfg, cfg.d_model)
+        self.input_layernorm = make_norm(cfg, cfg.d_model, groups=cfg.norm_groups)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model, groups=cfg.norm_groups)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache):
@@ -298,3 +333,25 @@ class BitNetModel(nn.Module):
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The projection layers (everything but the output head), in state-dict order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+
+
+def inference_blockers(cfg: ModelConfig) -> list[str]:
+    """The options of ``cfg`` that bitlm's inference formats (the packed engine, HF BitNet, GGUF)
+    do not compute, each as "option=value: why"; empty when the model can be packed/exported
+    (given a b1/b1.58 quant).  Training and eval in torch support all of them."""
+    out = []
+    if cfg.norm_groups != 1:
+        out.append(f"norm_groups={cfg.norm_groups}: packed and exported models normalise over all features")
+    if cfg.quant == "fp":  # plain nn.Linear: the quantisation options below do nothing
+        return out
+    if cfg.act_nonneg:
+        out.append("act_nonneg=True: packed and exported models quantise activations symmetrically (no η)")
+    if cfg.act_groups != 1:
+        out.append(f"act_groups={cfg.act_groups}: packed and exported models take one absmax per token")
+    if cfg.act_granularity_eval != "token":
+        out.append(f"act_granularity_eval={cfg.act_granularity_eval!r}: packed and exported models quantise "
+                   "activations per token")
+    if cfg.weight_groups != 1 and cfg.weight_group_dim != "out":
+        out.append(f"weight_group_dim={cfg.weight_group_dim!r} (weight_groups={cfg.weight_groups}): packed weights "
+                   "hold per-group scales along output rows only")
+    return out

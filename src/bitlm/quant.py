@@ -17,8 +17,14 @@ Conventions, written down once and used everywhere else in the package:
     ``a = (2^(b-1)-1) / max|x|`` (max clamped ≥ 1e-5).  For 8 bits: a = 127/max|x|, clamp to
     [-128, 127] — the reference-code reading of the paper's Q_b/γ clip (the -128 end is never hit).
   * Groups: weight groups split the *output* dimension (dim 0 of an ``nn.Linear`` weight, the
-    column-parallel partition); activation groups split the *feature* dimension (the last dim).
+    column-parallel partition) by default, or the *input* dimension (``dim="in"``, dim 1: the
+    row-parallel partition); activation groups split the *feature* dimension (the last dim).
     Each group gets its own α_g, β_g, γ_g, η_g (b1 paper Eq. 13-15): no communication across groups.
+  * Non-negative (η) variant (b1 Eq. 6): x ≈ q/a + η with η = min x and q in [0, 2^(b-1)-1].
+    Eq. 6 as printed keeps γ = max|x|, which saturates everything above γ + η — for an input of
+    both signs (min ≈ -max) every positive value comes back as ≈ 0.  The text says the values are
+    "scaled into [0, Q_b]"; ``gamma="range"`` (γ = max x - η) does exactly that and is what
+    ``BitLinear(act_nonneg=True)`` uses; ``gamma="absmax"`` is the printed formula.
   * Straight-through estimator: ``x + (q(x) - x).detach()`` — forward sees q(x), backward sees the
     identity (also where the clamp saturates); scales receive no gradient.
 """
@@ -36,6 +42,7 @@ __all__ = [
     "dequantize_weight",
     "activation_quantize",
     "activation_quantize_nonneg",
+    "fake_quant_activation_nonneg",
     "group_layer_norm",
     "group_rms_norm",
     "ste",
@@ -67,15 +74,26 @@ def _check_groups(n: int, groups: int, what: str) -> None:
         raise ValueError(f"{what}: {n} is not divisible into {groups} groups")
 
 
-def _grouped_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """View an (out, in) weight as (G, out/G * in): one row per partition group."""
-    _check_groups(w.shape[0], groups, "weight groups")
-    return w.reshape(groups, -1)
+GROUP_DIMS = ("out", "in")
 
 
-def _expand_group_scale(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _grouped_rows(w: torch.Tensor, groups: int, dim: str = "out") -> torch.Tensor:
+    """View an (out, in) weight as (G, out·in/G): one row per partition group (output rows for
+    ``dim="out"``, input columns for ``dim="in"``)."""
+    if dim == "out":
+        _check_groups(w.shape[0], groups, "weight groups")
+        return w.reshape(groups, -1)
+    if dim == "in":
+        _check_groups(w.shape[1], groups, "weight groups (input dim)")
+        return w.reshape(w.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
+    raise ValueError(f"weight group dim must be one of {GROUP_DIMS}, got {dim!r}")
+
+
+def _expand_group_scale(scale: torch.Tensor, shape: torch.Size, dim: str = "out") -> torch.Tensor:
     """(G,) per-group scales → broadcastable against an (out, in) weight."""
     groups = scale.numel()
+    if dim == "in":
+        return scale.reshape(1, groups).repeat_interleave(shape[1] // groups, dim=1)  # (1, in)
     return scale.reshape(groups, 1).expand(groups, shape[0] // groups).reshape(shape[0], 1)
 
 
@@ -84,7 +102,7 @@ def _expand_group_scale(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def ternary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_quantize(w: torch.Tensor, groups: int = 1, dim: str = "out") -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 absmean quantisation (2402.17764 Eq. 1-3).
 
     s_g = max(mean_g |W|, 1e-5);  T = RoundClip(W / s_g, -1, 1);  W ≈ s_g · T.
@@ -93,13 +111,15 @@ def ternary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, to
     The paper writes W/(γ+ε); we clamp the scale instead (reference code) — identical away from 0.
     """
     wf = w.detach().float()
-    rows = _grouped_rows(wf, groups)  # (G, out/G*in)
+    rows = _grouped_rows(wf, groups, dim)  # (G, out*in/G)
     s = rows.abs().mean(dim=1).clamp(min=SCALE_EPS)  # (G,)
-    t = round_half_even(wf / _expand_group_scale(s, wf.shape)).clamp(-1, 1)
+    t = round_half_even(wf / _expand_group_scale(s, wf.shape, dim)).clamp(-1, 1)
     return t.to(torch.int8), s
 
 
-def binary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def binary_quantize(
+    w: torch.Tensor, groups: int = 1, dim: str = "out"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BitNet (b1) binarisation (2310.11453 Eq. 1-3, 12; groups Eq. 13).
 
     α_g = mean_g(W);  T = Sign(W - α_g) with Sign(v) = +1 if v > 0 else -1 (zero maps to -1, as in
@@ -108,28 +128,32 @@ def binary_quantize(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, tor
     Returns ``(T, β, α)``: T int8 in {-1, +1}, β and α float32 of shape ``(groups,)``.  W ≈ β · T.
     """
     wf = w.detach().float()
-    rows = _grouped_rows(wf, groups)
+    rows = _grouped_rows(wf, groups, dim)
     alpha = rows.mean(dim=1)  # (G,)
     beta = rows.abs().mean(dim=1).clamp(min=SCALE_EPS)
-    centred = wf - _expand_group_scale(alpha, wf.shape)
+    centred = wf - _expand_group_scale(alpha, wf.shape, dim)
     t = torch.where(centred > 0, 1, -1).to(torch.int8)
     return t, beta, alpha
 
 
-def weight_quantize(w: torch.Tensor, weight_quant: str, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quantize(
+    w: torch.Tensor, weight_quant: str, groups: int = 1, dim: str = "out"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a weight to ``(T, s)`` with W ≈ s · T, for ``weight_quant`` in {"b1", "b1.58"}."""
     if weight_quant == "b1.58":
-        return ternary_quantize(w, groups)
+        return ternary_quantize(w, groups, dim)
     if weight_quant == "b1":
-        t, beta, _ = binary_quantize(w, groups)
+        t, beta, _ = binary_quantize(w, groups, dim)
         return t, beta
     raise ValueError(f"weight_quant must be 'b1' or 'b1.58', got {weight_quant!r}")
 
 
-def dequantize_weight(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, dim: str = "out"
+) -> torch.Tensor:
     """W = s_g · T — the inverse of :func:`weight_quantize` (exact on the quantisation grid)."""
     s = scale.reshape(-1).float()
-    return (t.float() * _expand_group_scale(s, t.shape)).to(dtype)
+    return (t.float() * _expand_group_scale(s, t.shape, dim)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,25 +197,36 @@ def activation_quantize(
 
 
 def activation_quantize_nonneg(
-    x: torch.Tensor, bits: int = 8, granularity: str = "token", groups: int = 1
+    x: torch.Tensor, bits: int = 8, granularity: str = "token", groups: int = 1, gamma: str = "absmax"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The non-negative variant for inputs of non-linearities (2310.11453 Eq. 6).
+    """The non-negative (zero-point) variant of 2310.11453 Eq. 6.
 
-    η = min x,  γ = max|x| (as written in the paper: γ is not max - min),
-    q = clamp(round((x - η) · a), 0, 2^(b-1) - 1) with a = (2^(b-1) - 1) / γ,  x ≈ q / a + η.
+    η = min x,  q = clamp(round((x - η) · a), 0, 2^(b-1) - 1),  a = (2^(b-1) - 1) / γ,
+    x ≈ q / a + η, with γ = max|x| (``gamma="absmax"``, Eq. 6 as printed: values with x - η > γ
+    saturate, exactly as the paper's Clip does) or γ = max x - η (``gamma="range"``: the values
+    span [0, 2^(b-1) - 1] exactly, "scaled into [0, Q_b]" as the text says; see module docstring).
+    η and γ are per token or per tensor, and per feature group.
 
-    Returns ``(q, a, η)``.  Values with x - η > γ saturate, exactly as the paper's Clip does.
+    Returns ``(q, a, η)``.
     """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"activation bits must be in [2, 16], got {bits}")
     qmax = 2 ** (bits - 1) - 1
     xg = _grouped_features(x.float(), groups)
     if granularity == "token":
-        eta = xg.amin(dim=-1, keepdim=True)
+        dims: int | tuple[int, ...] = -1
     elif granularity == "tensor":
         dims = tuple(i for i in range(xg.dim()) if i != xg.dim() - 2)
-        eta = xg.amin(dim=dims, keepdim=True)
     else:
         raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
-    a = qmax / _absmax(xg, granularity).clamp(min=SCALE_EPS)
+    eta = xg.amin(dim=dims, keepdim=True)
+    if gamma == "absmax":
+        g = xg.abs().amax(dim=dims, keepdim=True)
+    elif gamma == "range":
+        g = xg.amax(dim=dims, keepdim=True) - eta
+    else:
+        raise ValueError(f"gamma must be 'absmax' or 'range', got {gamma!r}")
+    a = qmax / g.clamp(min=SCALE_EPS)
     q = round_half_even((xg - eta) * a).clamp(0, qmax)
     return q.reshape(x.shape), a.squeeze(-1), eta.squeeze(-1)
 
@@ -244,13 +279,13 @@ def ste(x: torch.Tensor, q: torch.Tensor, lam: float | torch.Tensor = 1.0) -> to
 
 
 def fake_quant_weight(
-    w: torch.Tensor, weight_quant: str, groups: int = 1, lam: float | torch.Tensor = 1.0
+    w: torch.Tensor, weight_quant: str, groups: int = 1, lam: float | torch.Tensor = 1.0, dim: str = "out"
 ) -> torch.Tensor:
     """Forward: s·T (in ``w``'s dtype); backward: identity to ``w`` (STE, no gradient to s)."""
     if weight_quant == "fp":
         return w
-    t, s = weight_quantize(w, weight_quant, groups)
-    return ste(w, dequantize_weight(t, s, w.dtype), lam)
+    t, s = weight_quantize(w, weight_quant, groups, dim)
+    return ste(w, dequantize_weight(t, s, w.dtype, dim), lam)
 
 
 def fake_quant_activation(
@@ -263,3 +298,17 @@ def fake_quant_activation(
     """Forward: q/a (in ``x``'s dtype); backward: identity to ``x`` (STE)."""
     q, a = activation_quantize(x.detach(), bits, granularity, groups)
     return ste(x, _dequant_act(q, a, groups).to(x.dtype), lam)
+
+
+def fake_quant_activation_nonneg(
+    x: torch.Tensor,
+    bits: int = 8,
+    granularity: str = "token",
+    groups: int = 1,
+    lam: float | torch.Tensor = 1.0,
+    gamma: str = "range",
+) -> torch.Tensor:
+    """The η variant as fake quantisation: forward q/a + η (in ``x``'s dtype); backward identity."""
+    q, a, eta = activation_quantize_nonneg(x.detach(), bits, granularity, groups, gamma)
+    deq = _grouped_features(q, groups) / a.unsqueeze(-1) + eta.unsqueeze(-1)
+    return ste(x, deq.reshape(x.shape).to(x.dtype), lam)

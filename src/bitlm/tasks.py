@@ -338,7 +338,10 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 
 def _per_tensor_activations(model: torch.nn.Module) -> bool:
-    return any(getattr(m, "act_granularity", "token") == "tensor" for m in model.modules())
+    def gran(m):  # BitLinear: one granularity in training mode, another in eval mode (b1 paper)
+        return getattr(m, "act_granularity" if m.training else "act_granularity_eval", getattr(m, "act_granularity", "token"))
+
+    return any(gran(m) == "tensor" for m in model.modules())
 
 
 @torch.no_grad()

@@ -2,13 +2,30 @@
 
 Recipes (training-anchors (a), (f.3)):
 
-  * ``b1``    BitNet 2023 (2310.11453 App. A): linear warm-up, polynomial (power 1) decay to 0,
-              Adam β = (0.9, 0.98), weight decay 0.01, no gradient clipping, high LR.
-  * ``b1.58`` BitNet b1.58 FAQ: two stages — linear warm-up then linear decay from peak ``lr``;
-              at the midpoint the peak drops to ``lr2`` and weight decay goes 0.1 → 0;
-              Adam β = (0.9, 0.95).  The visible loss drop at the switch is expected.
-  * ``fp``    LLaMA-style baseline: warm-up + cosine decay to 10 % of peak, Adam β = (0.9, 0.95),
-              weight decay 0.1, clipping 1.0, the papers' lower LR (≈ 1/6 of BitNet's).
+  * ``b1``    BitNet 2023 (2310.11453 App. A, Tables 5-6): linear warm-up (750 of 40K updates),
+              polynomial (power 1) decay to 0, Adam β = (0.9, 0.98), weight decay 0.01
+              (0.05 at 13B and 30B), no gradient clipping; peak LR per model size, 2.4e-3 (125M)
+              down to 4e-4 (13B/30B).
+  * ``b1.58`` BitNet b1.58 FAQ (Tables 1-2): two stages — linear warm-up (375 steps of ~100K)
+              then linear decay from peak ``lr``; at the midpoint the peak drops to ``lr2`` and
+              weight decay goes 0.1 → 0; Adam β = (0.9, 0.95); LR 1.5e-3 → 1e-3 (700M),
+              1.2e-3 → 8e-4 (1.3B, 3B, 3.9B).  The visible loss drop at the switch is expected.
+  * ``fp``    the FAQ's LLaMA baseline: LR 2.5e-4 (700M), 2e-4 (1.3B, 3B), weight decay 0.1,
+              375 warm-up steps, Adam β = (0.9, 0.95); warm-up + cosine decay to 10 % of peak
+              and clipping 1.0 (LLaMA practice: the FAQ does not give the baseline's schedule).
+
+Size rows: every recipe has one row per paper model size (``RECIPE_ROWS``).  A run takes the row
+nearest to its model by non-embedding parameter count on a log scale (the ratio closer to 1; ties
+go to the smaller row), each row being represented by the count of the paper's own shape (the
+config preset of that name).  So every paper preset gets exactly its paper row; a model between two
+rows gets the row it is closer to by ratio; anything smaller than the smallest row (the CPU
+presets tiny/small/base) gets the smallest row (b1: 125M, b1.58/fp: 700M) and anything larger the
+largest.  Without a model (``resolved()`` alone) the smallest row is used.  Explicit ``lr``,
+``lr2``, ``weight_decay``, ``weight_decay2`` and ``warmup_steps`` always override the row.
+
+Warm-up: the paper's count (750 updates of 40K for b1, 375 steps of ~100K for b1.58 and fp) for a
+run at least as long as the paper's; a shorter run warms up for the same fraction of its steps
+(at least one step), so a 1000-step CPU run is not mostly warm-up.
 
 Resume is bit-identical: every batch is a pure function of (seed, step, micro-step), the model
 is initialised from the seed, and a checkpoint holds parameters, optimizer moments and the step;
@@ -29,17 +46,66 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, build_config, parse_overrides
+from .config import ModelConfig, build_config, parse_overrides, preset
 from .model import BitNetModel
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "b1": dict(lr=2.4e-3, lr2=None, schedule="poly", betas=(0.9, 0.98), weight_decay=0.01, weight_decay2=None,
-               grad_clip=0.0, warmup_frac=0.0375),  # 750 / 20k-40k updates
-    "b1.58": dict(lr=1.5e-3, lr2=1.0e-3, schedule="two-stage", betas=(0.9, 0.95), weight_decay=0.1,
-                  weight_decay2=0.0, grad_clip=0.0, warmup_frac=0.0375),
-    "fp": dict(lr=2.5e-4, lr2=None, schedule="cosine", betas=(0.9, 0.95), weight_decay=0.1, weight_decay2=None,
-               grad_clip=1.0, warmup_frac=0.0375),
+    # size-independent parts; lr, lr2 and weight_decay come from the size row (RECIPE_ROWS)
+    "b1": dict(schedule="poly", betas=(0.9, 0.98), weight_decay2=None, grad_clip=0.0,
+               warmup=750, paper_steps=40_000, source="2310.11453 App. A"),
+    "b1.58": dict(schedule="two-stage", betas=(0.9, 0.95), weight_decay2=0.0, grad_clip=0.0,
+                  warmup=375, paper_steps=100_000, source="b1.58 FAQ Table 2"),
+    "fp": dict(schedule="cosine", betas=(0.9, 0.95), weight_decay2=None, grad_clip=1.0,
+               warmup=375, paper_steps=100_000, source="b1.58 FAQ Table 2, LLaMA baseline"),
 }
+
+#: Per-size rows: (size label, config preset with the paper's shape, peak lr, stage-2 lr, weight decay).
+#: b1: 2310.11453 Table 5 LRs, Table 6 weight decay (0.05 at 13B/30B "for training stability").
+#: b1.58: FAQ Table 2 (3B and 3.9B share the 1.3B values).  fp: the FAQ's LLaMA baselines (the
+#: table gives no 3.9B baseline).  b1.58 paper steps: 100B tokens at 1M tokens per batch.
+RECIPE_ROWS: dict[str, list[tuple[str, str, float, float | None, float]]] = {
+    "b1": [
+        ("125M", "bitnet-125m", 2.4e-3, None, 0.01), ("350M", "bitnet-350m", 1.2e-3, None, 0.01),
+        ("760M", "bitnet-760m", 1.0e-3, None, 0.01), ("1.3B", "bitnet-1.3b", 8.0e-4, None, 0.01),
+        ("2.7B", "bitnet-2.7b", 6.4e-4, None, 0.01), ("6.7B", "bitnet-6.7b", 4.8e-4, None, 0.01),
+        ("13B", "bitnet-13b", 4.0e-4, None, 0.05), ("30B", "bitnet-30b", 4.0e-4, None, 0.05),
+    ],
+    "b1.58": [
+        ("700M", "b1.58-700m", 1.5e-3, 1.0e-3, 0.1), ("1.3B", "b1.58-1.3b", 1.2e-3, 8.0e-4, 0.1),
+        ("3B", "b1.58-3b", 1.2e-3, 8.0e-4, 0.1), ("3.9B", "b1.58-3.9b", 1.2e-3, 8.0e-4, 0.1),
+    ],
+    "fp": [
+        ("700M", "b1.58-700m", 2.5e-4, None, 0.1), ("1.3B", "b1.58-1.3b", 2.0e-4, None, 0.1),
+        ("3B", "b1.58-3b", 2.0e-4, None, 0.1),
+    ],
+}
+
+
+def recipe_row(recipe: str, model: ModelConfig | None = None) -> dict[str, Any]:
+    """The size row of ``recipe`` for ``model`` (module docstring: nearest by non-embedding
+    parameter count on a log scale; no model → the smallest row)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    rows = RECIPE_ROWS[recipe]
+    best = rows[0]
+    if model is not None:
+        n = model.linear_params
+        best = min(rows, key=lambda r: abs(math.log(n / preset(r[1]).linear_params)))  # min keeps the first on ties
+    size, _preset, lr, lr2, wd = best
+    return dict(size=size, lr=lr, lr2=lr2, weight_decay=wd)
+
+
+def _sci(x: float) -> str:
+    return f"{x:.1e}".replace("e-0", "e-")  # 2.4e-3, as the papers write it
+
+
+def recipe_table() -> str:
+    """One line per recipe with its size rows (for ``bitlm train --help``)."""
+    lines = []
+    for name, rows in RECIPE_ROWS.items():
+        cells = ", ".join(f"{s} {_sci(lr)}" + (f" → {_sci(lr2)}" if lr2 else "") for s, _p, lr, lr2, _wd in rows)
+        lines.append(f"{name} ({RECIPES[name]['source']}): {cells}")
+    return "; ".join(lines)
 
 
 @dataclass
@@ -79,24 +145,26 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     lora_dropout: float = 0.0
 
-    def resolved(self) -> dict[str, Any]:
-        """Recipe defaults filled in: the values the run really uses."""
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+    def resolved(self, model: ModelConfig | None = None) -> dict[str, Any]:
+        """Recipe defaults filled in for ``model``'s size row: the values the run really uses."""
+        row = recipe_row(self.recipe, model)
         r = RECIPES[self.recipe]
-        lr = self.lr if self.lr is not None else r["lr"]
-        if self.lr2 is not None or r["lr2"] is None:
+        lr = self.lr if self.lr is not None else row["lr"]
+        if self.lr2 is not None or row["lr2"] is None:
             lr2 = self.lr2
-        else:  # keep the recipe's stage-2 / stage-1 ratio (FAQ: 1.5e-3 -> 1e-3) for a custom peak
-            lr2 = r["lr2"] * lr / r["lr"]
+        else:  # keep the row's stage-2 / stage-1 ratio (FAQ: 1.5e-3 -> 1e-3) for a custom peak
+            lr2 = row["lr2"] * lr / row["lr"]
         out = dict(
             schedule=r["schedule"], lr=lr, lr2=lr2, betas=r["betas"],
-            weight_decay=self.weight_decay if self.weight_decay is not None else r["weight_decay"],
+            weight_decay=self.weight_decay if self.weight_decay is not None else row["weight_decay"],
             weight_decay2=self.weight_decay2 if self.weight_decay2 is not None else r["weight_decay2"],
             grad_clip=self.grad_clip if self.grad_clip is not None else r["grad_clip"],
-            max_steps=self.total_steps(),
+            max_steps=self.total_steps(), row=f"{self.recipe} {row['size']} ({r['source']})",
         )
-        out["warmup_steps"] = self.warmup_steps if self.warmup_steps is not None else max(1, round(r["warmup_frac"] * out["max_steps"]))
+        if self.warmup_steps is not None:
+            out["warmup_steps"] = self.warmup_steps
+        else:  # the paper's count, or the paper's fraction of a shorter run
+            out["warmup_steps"] = max(1, round(r["warmup"] * min(1.0, out["max_steps"] / r["paper_steps"])))
         return out
 
     def total_steps(self) -> int:
@@ -244,7 +312,10 @@ def train(
     from .io.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 
     tcfg.validate()
-    r = tcfg.resolved()
+    r = tcfg.resolved(model_cfg)
+    lrs = _sci(r["lr"]) + (f" → {_sci(r['lr2'])}" if r["lr2"] is not None else "")
+    wds = f"{r['weight_decay']:g}" + (f" → {r['weight_decay2']:g}" if r["weight_decay2"] is not None else "")
+    log(f"recipe {r['row']}: lr {lrs}, weight decay {wds}, warm-up {r['warmup_steps']} of {r['max_steps']} steps")
     out = Path(tcfg.out_dir)
     last = out / "last"
     if data is None:
@@ -375,10 +446,15 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", default="small", help="model preset (see bitlm.config.PRESETS)")
     p.add_argument("--config", default=None, help="JSON file with model (and optional 'train') fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                   help="model config override, e.g. --set quant=b1 (repeatable)")
+                   help="model config override, e.g. --set quant=b1 (repeatable); paper options: "
+                        "act_granularity=tensor|token (training; default per tensor for b1, per token otherwise), "
+                        "act_granularity_eval, weight_groups, weight_group_dim=out|in|parallel, act_groups, "
+                        "norm_groups, act_nonneg (see bitlm.config.ModelConfig)")
     p.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="K=V",
                    help="train config override, e.g. --train-set lr2=5e-4 (repeatable)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="default: the model's quant")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="training recipe (b1: BitNet 2310.11453 App. A; b1.58: the b1.58 FAQ's two-stage LR/WD; "
+                        "fp: the FAQ's LLaMA baseline); default: the model's quant")
     p.add_argument("--data", default="default", help="'default' (bundled corpus), a .txt/.jsonl/.parquet path, or hf:NAME")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", default="runs/train")
@@ -388,7 +464,15 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (stage 1). Default: the recipe's row for the model's size, the nearest "
+                        "paper size by non-embedding parameter count (smaller models: the smallest row) — "
+                        + recipe_table().replace("%", "%%")
+                        + ". b1.58 keeps the row's stage-2/stage-1 ratio for a custom --lr (--train-set lr2=... "
+                        "to set it). Warm-up: 750 (b1) / 375 (b1.58, fp) steps, or that fraction of a shorter run; "
+                        "weight decay: b1 0.01 (0.05 at 13B/30B), b1.58 0.1 → 0 at the midpoint, fp 0.1 "
+                        "(--train-set warmup_steps=/weight_decay=/weight_decay2= to override). "
+                        "The chosen row is printed when training starts")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)

@@ -27,3 +27,7 @@ def require_bitnet_graph(cfg, target: str) -> None:
                          "a converted LLaMA); convert with --sub-norms rmsnorm to get the BitNet graph")
     if getattr(cfg, "qkv_bias", False):
         raise ValueError(f"cannot export to {target}: q/k/v biases are not part of the BitNet graph")
+    from ..model import inference_blockers  # group norm / η / grouped activations: no runtime computes them
+
+    if blockers := inference_blockers(cfg):
+        raise ValueError(f"cannot export to {target}: {blockers[0]}")

@@ -638,9 +638,9 @@ def _export_check(name: str, m: nn.Module) -> None:
         raise ValueError(f"{name}: projections with bias cannot be saved as BitNetForCausalLM")
     if not isinstance(m, BitLinear):
         return
-    got = (m.act_bits, m.act_granularity, m.act_groups, m.norm, m.weight_groups)
+    got = (m.act_bits, m.act_granularity_eval, m.act_groups, m.norm, m.weight_groups)  # inference: eval granularity
     if got != (8, "token", 1, None, 1):
-        raise ValueError(f"{name}: (act_bits, act_granularity, act_groups, norm, weight_groups)={got}; the HF BitNet "
+        raise ValueError(f"{name}: (act_bits, act_granularity_eval, act_groups, norm, weight_groups)={got}; the HF BitNet "
                          "format computes (8, 'token', 1, None, 1)")
 
 
