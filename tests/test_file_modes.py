@@ -71,7 +71,7 @@ class TinyData:
 def tiny_gguf_model() -> BitNetModel:
     torch.manual_seed(0)  # d = 256: one TQ block per row, as GGUF needs
     return BitNetModel(ModelConfig(arch="bitnet-b1.58", vocab_size=300, d_model=256, n_layers=1, n_heads=4,
-                                   n_kv_heads=2, d_ff=256, max_seq_len=32)).eval()
+                                   n_kv_heads=2, d_ff=256, max_seq_len=32, tie_embeddings=True)).eval()
 
 
 def test_native_checkpoint_folder(tmp_path, umask, tok):
