@@ -16,8 +16,9 @@ Corruption: ``checksums`` holds the SHA-256 of every file in the folder and, und
 ``config.json``, of the metadata itself (canonical JSON of config.json without that entry).
 ``load_checkpoint`` verifies the metadata and every recorded file it may read (all but
 ``optimizer.pt``, which ``bitlm train --resume`` verifies before loading it); a mismatch is a
-``CheckpointError`` naming the file.  Verification reads each file once more (~1 s per 2 GB);
-``load_checkpoint(..., verify=False)`` or the environment variable ``BITLM_VERIFY=0`` skips it.
+``CheckpointError`` naming the file.  Hashing reads each file once more, on save and on load
+(SHA-256: 1-2 GB/s on one core); ``load_checkpoint(..., verify=False)`` or the environment
+variable ``BITLM_VERIFY=0`` skips the check on load.
 Checkpoints written before checksums existed (no ``checksums`` key) load unverified.
 """
 
