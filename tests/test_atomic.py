@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import sys
 
 import pytest
 
@@ -59,4 +61,94 @@ def test_failed_dir_keeps_old_checkpoint(tmp_path):
         (t / "f").write_text("half")
         raise KeyError("crash while writing")
     assert (d / "f").read_text() == "one"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]
+
+
+# --- overwriting a folder never leaves the path without a complete one ------------------------
+
+
+def _write_version(folder, v):
+    for name in ("a", "b", "c"):
+        (folder / name).write_text(v)
+
+
+def _complete_version(folder):
+    """The version a folder holds if it is complete (all three files, same content), else None."""
+    try:
+        vals = {(folder / n).read_text() for n in ("a", "b", "c")}
+    except OSError:
+        return None
+    return vals.pop() if len(vals) == 1 else None
+
+
+class Crash(BaseException):
+    """A process death at a chosen point (BaseException: nothing is meant to catch it)."""
+
+
+def _instrument(monkeypatch, final, crash_at, seen):
+    """Wrap every file-system step atomic_dir takes after the temp folder is written: before each
+    one, record which complete version ``final`` holds, and die at step number ``crash_at``."""
+    import bitlm.io.atomic as A
+
+    count = {"n": 0}
+
+    def wrap(fn):
+        def step(*a, **k):
+            seen.append(_complete_version(final))
+            count["n"] += 1
+            if count["n"] == crash_at:
+                raise Crash
+            return fn(*a, **k)
+
+        return step
+
+    for name in ("_exchange", "fsync_dir", "_fsync_file"):
+        monkeypatch.setattr(A, name, wrap(getattr(A, name)))
+    monkeypatch.setattr(A.os, "replace", wrap(os.replace))
+    monkeypatch.setattr(A.os, "chmod", wrap(os.chmod))
+    monkeypatch.setattr(A.shutil, "rmtree", wrap(A.shutil.rmtree))
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_overwrite_crash_at_any_step_leaves_a_complete_folder(tmp_path, monkeypatch):
+    final = tmp_path / "ckpt"
+    crash_at, finished = 1, False
+    while not finished:
+        with monkeypatch.context() as mp:
+            if final.exists():
+                shutil.rmtree(final)
+            with atomic_dir(final) as t:
+                _write_version(t, "old")
+            seen = []
+            count = _instrument(mp, final, crash_at, seen)
+            try:
+                with atomic_dir(final) as t:
+                    _write_version(t, "new")
+                finished = True
+            except Crash:
+                pass
+        seen.append(_complete_version(final))
+        assert None not in seen, f"crash at step {crash_at}: the path lacked a complete folder at some step ({seen})"
+        crash_at += 1
+    assert _complete_version(final) == "new"
+    assert crash_at > count["n"] > 5  # every step was a crash point once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_overwrite_swaps_in_one_exchange_on_linux(tmp_path, monkeypatch):
+    """The old folder is never renamed aside first (that leaves a moment without one)."""
+    import bitlm.io.atomic as A
+
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as t:
+        _write_version(t, "old")
+    calls = []
+    real = A._exchange
+    monkeypatch.setattr(A, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(A.os, "replace", lambda *a: pytest.fail(f"os.replace{a} while overwriting a folder"))
+    with atomic_dir(final) as t:
+        _write_version(t, "new")
+    assert len(calls) == 1 and calls[0][1] == final
+    assert _complete_version(final) == "new"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]

@@ -64,14 +64,18 @@ def test_checkpoint_errors(tmp_path):
     st = ck / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):  # the checksum
         load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):  # unverified: safetensors itself
+        load_checkpoint(ck, verify=False)
     ck = save_checkpoint(m, tmp_path / "ck2")
     meta = json.loads((ck / "config.json").read_text())
     meta["model"]["d_model"] = 128
     (ck / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(CheckpointError, match="config.json: corrupt"):
         load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="shape"):  # unverified: the tensor check still names it
+        load_checkpoint(ck, verify=False)
     (ck / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="invalid JSON"):
         load_checkpoint(ck)

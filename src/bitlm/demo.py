@@ -101,8 +101,10 @@ def run(args) -> int:
         print(f"\n-- greedy samples, {quant}:")
         for t in texts:
             print("  " + " ".join(t.split()))
-    (out / "results.json").write_text(json.dumps({"rows": rows, "samples": samples, "steps": steps,
-                                                   "seconds": time.time() - t_start}, indent=2) + "\n")
+    from .io.atomic import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "samples": samples, "steps": steps,
+                                                        "seconds": time.time() - t_start}, indent=2) + "\n")
     print(f"\nresults: {out / 'results.json'}; checkpoints: {out}/b1.58/last, {out}/fp/last "
           f"(try: bitlm generate --model {out}/b1.58/last --prompt 'It is')")
     print(f"total time {time.time() - t_start:.0f}s")

@@ -402,7 +402,9 @@ def _run_table1(args) -> int:
         print(f"  {r['model']} W{r['wbits']} {r['node']} {r['op']}: {r['computed']:.4f} vs {r['published']:.2f} "
               f"(delta {r['delta']:+.2f} J; {known})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seq_len": args.seq_len, "table1": rows}, indent=2))
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"seq_len": args.seq_len, "table1": rows}, indent=2))
     return 0
 
 
@@ -441,5 +443,7 @@ def run(args) -> int:
             if twin is not None:
                 print(f"{r.name} @ {r.node}: fp{args.fp_bits} / {r.quant} = {twin.total_j / r.total_j:.1f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"reports": [r.to_dict() for r in reports]}, indent=2))
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"reports": [r.to_dict() for r in reports]}, indent=2))
     return 0

@@ -107,7 +107,9 @@ def run(args) -> int:
         results["lm"] = r
         print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  bpb {r['bpb']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
     return 0
 
 

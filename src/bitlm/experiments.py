@@ -348,8 +348,12 @@ def _plt():
 
 
 def _save_fig(fig, path: Path) -> str:
+    from .io.atomic import atomic_write
+
     fig.tight_layout()
-    fig.savefig(path, dpi=90)  # dpi 90 keeps each PNG well under 200 KB for the docs
+    # dpi 90 keeps each PNG well under 200 KB for the docs; the temp file's name has no image
+    # suffix, so the format is named
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png"))
     _plt().close(fig)
     return path.name
 
@@ -691,10 +695,12 @@ def run_experiment(name: str, setup: Setup | None = None, out: str | Path | None
     res.update(experiment=name, seconds=seconds, setup=asdict(setup), command=command,
                corpus={k: v for k, v in ctx.data.stats.items() if isinstance(v, (int, float, str))})
     md = res.pop("markdown")
-    (outp / "results.md").write_text(
+    from .io.atomic import atomic_write_text
+
+    atomic_write_text(outp / "results.md",
         md + f"\nCommand: `{command or 'bitlm experiment ' + name}`; wall time {seconds / 60:.1f} min "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads).\n")
-    (outp / "results.json").write_text(json.dumps(_jsonable(res), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(outp / "results.json", json.dumps(_jsonable(res), indent=1, allow_nan=False) + "\n")
     ctx.say(f"done in {seconds / 60:.1f} min: {outp / 'results.md'}, {outp / 'results.json'}, "
             f"{', '.join(res['plots'])}")
     return res

@@ -493,7 +493,7 @@ def save_lora_checkpoint(model: nn.Module, path: str | Path, **kw: Any) -> Path:
     """A native checkpoint of the base (``save_checkpoint`` with ``kw``) plus the adapter files,
     written into one temp folder that replaces ``path`` atomically."""
     from .io.atomic import atomic_dir
-    from .io.checkpoint import save_checkpoint
+    from .io.checkpoint import record_checksums, save_checkpoint
 
     path = Path(path)
     cfg: LoRAConfig = model.lora_config
@@ -506,6 +506,7 @@ def save_lora_checkpoint(model: nn.Module, path: str | Path, **kw: Any) -> Path:
             os.replace(f, tmp / f.name)
         inner.rmdir()
         save_lora(model, tmp)
+        record_checksums(tmp, [ADAPTER_FILE, CONFIG_FILE])  # the adapters are verified on load like the base
     return path
 
 

@@ -30,6 +30,14 @@ run at least as long as the paper's; a shorter run warms up for the same fractio
 Resume is bit-identical: every batch is a pure function of (seed, step, micro-step), the model
 is initialised from the seed, and a checkpoint holds parameters, optimizer moments and the step;
 the LR/WD schedule is a pure function of the step.
+
+Nothing is lost when a run stops early: ``OUT/last`` is written every ``save_every`` steps and
+every ``save_every_minutes`` of wall time (default 10), at the end, and when the loop is left
+early — on SIGINT / SIGTERM the current optimizer step is finished, a checkpoint saved and
+``TrainingInterrupted`` raised (``bitlm train`` exits 130 / 143); on an exception between steps
+the last completed step is saved before the exception goes on.  A second signal stops at once
+without saving.  ``kill -9`` loses only the steps since the last checkpoint: ``--resume``
+continues from it bit-identically, and metrics.jsonl is cut back to that step.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +140,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = none by step count
+    save_every_minutes: float = 10.0  # wall time between checkpoints; 0 = none by time
     data: str = "default"
     tokenizer: str | None = None  # tokenizer.json / HF folder; None = train a BPE on the corpus
     vocab_size: int | None = None  # BPE size when training a tokenizer; None = model vocab_size
@@ -286,6 +298,72 @@ def evaluate_loss(model, batches, bf16: bool = False) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT / SIGTERM after finishing a step and saving ``checkpoint``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: training stopped at once, the step in progress not saved."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"second {signal.Signals(signum).name}: stopped without saving the step in progress")
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM handlers for the loop: the first signal only sets ``signum`` (the loop
+    finishes its step and saves); a second one raises TrainingAborted at once.  Installed only
+    in the main thread (Python allows handlers nowhere else); the old handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.forced = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.forced = True
+            raise TrainingAborted(signum)
+        self.signum = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+_clock = time.monotonic  # wall clock of save_every_minutes (tests replace it)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows past ``step`` (steps a killed run did after its last checkpoint, which
+    the resumed run does again) and a torn last line; rewritten atomically."""
+    from .io.atomic import atomic_write_text
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
 @dataclass
 class TrainResult:
     model: BitNetModel
@@ -309,7 +387,14 @@ def train(
     ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
     from tqdm.auto import tqdm
 
-    from .io.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+    from .io.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        read_meta,
+        save_checkpoint,
+        verify_checksums,
+        verify_enabled,
+    )
 
     tcfg.validate()
     r = tcfg.resolved(model_cfg)
@@ -348,7 +433,12 @@ def train(
         opt_file = last / "optimizer.pt"
         if not opt_file.is_file():
             raise CheckpointError(f"{opt_file}: missing (cannot resume without optimizer state)")
-        opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+        if verify_enabled():
+            verify_checksums(last, meta, ["optimizer.pt"])
+        try:
+            opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{opt_file}: corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     elif init_model is not None:
         model = init_model
     else:
@@ -366,18 +456,27 @@ def train(
     metrics_path = out / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()
+    if resume:
+        _trim_metrics(metrics_path, start)
     metrics = open(metrics_path, "a")
 
     def record(d: dict[str, Any]) -> None:
         metrics.write(json.dumps(d) + "\n")
         metrics.flush()
 
+    saved_step = start if resume else -1  # the step that OUT/last holds (-1: none written by this run)
+    saving = False
+
     def save(step: int) -> None:
+        nonlocal saved_step, saved_at, saving
         saver = save_checkpoint
         if tcfg.lora_rank:  # the base as a native checkpoint + adapter.safetensors, one atomic folder
             from .lora import save_lora_checkpoint as saver
+        saving = True
         saver(model, last, optimizer_state=opt.state_dict(), train_config=tcfg.to_dict(), step=step,
-                        tokenizer=data.tokenizer, extra={"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}})
+              tokenizer=data.tokenizer, extra={"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}})
+        saving = False
+        saved_step, saved_at = step, _clock()
 
     total = r["max_steps"]
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
@@ -387,8 +486,15 @@ def train(
     bar = tqdm(total=total, initial=start, disable=not tcfg.progress, desc=f"train {model_cfg.quant}", unit="step",
                dynamic_ncols=True, leave=False)
     loss_ema = None
+    saved_at = _clock()
+    save_secs = 60.0 * tcfg.save_every_minutes if tcfg.save_every_minutes and tcfg.save_every_minutes > 0 else 0.0
+    in_update = False  # inside opt.step(): the parameters may be half-updated, never save them
+    stop = _StopSignals()
     try:
+        stop.install()
         while step < total:
+            if stop.signum is not None:
+                break
             if tcfg.max_time is not None and time.time() - t0 > tcfg.max_time:
                 log(f"stopping at step {step}: --max-time {tcfg.max_time:.0f}s reached")
                 break
@@ -412,7 +518,9 @@ def train(
             gnorm = None
             if r["grad_clip"] and r["grad_clip"] > 0:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"]))
+            in_update = True
             opt.step()
+            in_update = False
             opt.zero_grad(set_to_none=True)
             step += 1
             loss_ema = loss_sum if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_sum
@@ -428,12 +536,30 @@ def train(
                 val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches), tcfg.bf16)
                 record({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "time": time.time() - t0})
                 bar.write(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < total:
+            if step < total and ((tcfg.save_every and step % tcfg.save_every == 0)
+                                 or (save_secs and _clock() - saved_at >= save_secs)):
                 save(step)
+        if stop.signum is not None and step < total:
+            if saved_step != step:
+                save(step)
+            raise TrainingInterrupted(stop.signum, step, last)
+        save(step)
+    except BaseException as e:
+        # left between steps (an error, a KeyboardInterrupt raised by other code): the model and
+        # optimizer hold the last completed step, keep it; not after a second signal (the user
+        # wants out now), not mid-update, not when saving is what failed
+        if (not stop.forced and not in_update and not saving and not isinstance(e, TrainingInterrupted)
+                and step > max(saved_step, 0)):
+            try:
+                save(step)
+                log(f"{type(e).__name__} at step {step}: saved a checkpoint of the {step} completed steps to {last}")
+            except Exception as save_error:  # the original exception is the one to report
+                log(f"could not save a checkpoint after {type(e).__name__}: {save_error}")
+        raise
     finally:
+        stop.restore()
         bar.close()
         metrics.close()
-    save(step)
     return TrainResult(model, step, val, out, time.time() - t0, (step - start) * tokens_per_step)
 
 
@@ -476,7 +602,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint OUT/last every N steps (default 0: off)")
+    p.add_argument("--save-every-minutes", type=float, default=None,
+                   help="checkpoint OUT/last every M minutes of wall time (default 10; 0: off)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--init-from", default=None, help="start from any model bitlm.load() reads")
     p.add_argument("--lora-rank", type=int, default=None, help="train only rank-R LoRA adapters on the frozen model")
@@ -506,8 +634,8 @@ def run(args) -> int:
     cli = dict(recipe=args.recipe or tkw.get("recipe") or mcfg.quant, data=args.data, tokenizer=args.tokenizer,
                out_dir=args.out, max_steps=args.max_steps, tokens=args.tokens, max_time=args.max_time,
                batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
-               seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, lora_rank=args.lora_rank,
-               lora_alpha=args.lora_alpha)
+               seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+               save_every_minutes=args.save_every_minutes, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     tkw.update({k: v for k, v in cli.items() if v is not None})
     if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
         tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
@@ -516,7 +644,15 @@ def run(args) -> int:
     if args.no_progress or os.environ.get("CI"):
         tkw["progress"] = False
     tcfg = TrainConfig(**tkw)
-    res = train(mcfg, tcfg, resume=args.resume, init_model=init_model)
+    try:
+        res = train(mcfg, tcfg, resume=args.resume, init_model=init_model)
+    except TrainingInterrupted as e:  # the step was finished and saved: say where, exit 128 + signal
+        print(f"bitlm train: stopped by {signal.Signals(e.signum).name} after step {e.step}; checkpoint saved to "
+              f"{e.checkpoint} (continue with --resume)", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingAborted as e:
+        print(f"bitlm train: {e}; {Path(tcfg.out_dir) / 'last'} holds the last checkpoint", file=sys.stderr)
+        return 128 + e.signum
     v = res.val or {}
     print(f"done: {res.step} steps, {res.tokens:,} tokens in {res.seconds:.0f}s; "
           f"val loss {v.get('loss', float('nan')):.4f} ppl {v.get('ppl', float('nan')):.2f}; checkpoint {res.out_dir / 'last'}")

@@ -4,7 +4,8 @@ A file is written to a temp sibling, flushed and fsynced, given the normal mode 
 (``0o666`` less the process umask; ``mkstemp``'s private ``0o600`` never leaks through), renamed
 over the target, and the folder is fsynced so that the rename itself survives a power cut.
 A folder (a checkpoint, an HF export) is built in a temp sibling folder (mode ``0o777`` less the
-umask), every file in it fsynced, then swapped with the old folder in one ``renameat2
+umask; every file in it gets a new file's mode, whatever its writer used — safetensors writes
+``0o600`` — and is fsynced), then swapped with the old folder in one ``renameat2
 (RENAME_EXCHANGE)`` call where the kernel has it, so that the target path always names a
 complete folder, the old one or the new one.  On failure nothing at the target changes and the
 temp sibling is removed.
@@ -118,10 +119,19 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~umask())
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
+        mask = umask()
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                p = Path(root, d)
+                if not p.is_symlink():
+                    os.chmod(p, 0o777 & ~mask)
             for f in files:
                 p = Path(root, f)
                 if p.is_file() and not p.is_symlink():
+                    # writers inside the folder may create files private (safetensors: 0o600;
+                    # shutil.copy2 keeps the source's mode): give them a new file's mode
+                    executable = os.stat(p).st_mode & 0o111
+                    os.chmod(p, (0o777 if executable else 0o666) & ~mask)
                     _fsync_file(p)
             fsync_dir(root)
         if final.is_dir() and not final.is_symlink() and _exchange(tmp, final):
