@@ -88,7 +88,8 @@ def test_metadata_values_are_covered(tmp_path):
 
 
 def test_tokenizer_file_is_covered(tmp_path):
-    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer, _train_bpe
+    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer
+    from bitlm.data.tokenizer import _train_bpe
 
     tok = Tokenizer(_train_bpe(["the cat sat on the mat. " * 20], 270), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
     ck = save_checkpoint(_model(), tmp_path / "ck", tokenizer=tok)

@@ -52,7 +52,8 @@ def assert_no_temp_left(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tok():
-    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer, _train_bpe
+    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer
+    from bitlm.data.tokenizer import _train_bpe
 
     return Tokenizer(_train_bpe(["the cat sat on the mat. " * 40] * 4, 280), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 
