@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitlm.cli import main
+from bitlm.cli import VERBS, main
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 
@@ -101,6 +101,109 @@ def files(tmp_path_factory) -> dict[str, str]:
     return f
 
 
+# (id, argv with {name} placeholders for files, what the one error line must name)
+MODEL_VERBS = {  # verb -> extra arguments it needs besides --model
+    "eval": "--text 'the cat'",
+    "generate": "--prompt 'the cat' --max-new-tokens 2",
+    "chat": "--max-new-tokens 2",
+    "info": "",
+    "pack": "--out {dir}/out.bitlm",
+    "export": "--format hf --out {dir}/out-hf",
+    "train": "{train_args} --max-steps 1 --out {dir}/run-init --init-from",  # --model → --init-from
+}
+
+
+def _model_cases() -> list[tuple[str, str, str]]:
+    cases = []
+    for verb, extra in MODEL_VERBS.items():
+        flag = "" if verb == "train" else "--model"
+        for kind, needle in (("missing", "no-such-model"), ("text", "notes.txt"), ("nocfg", "nocfg"),
+                             ("ck_trunc", "model.safetensors"), ("packed_trunc", "trunc.bitlm"),
+                             ("packed_garbage", "garbage.bitlm")):
+            cases.append((f"{verb}-{kind}", f"{verb} {extra} {flag} {{{kind}}}", needle))
+    # corrupt GGUF (needs the gguf package to get as far as reading it)
+    for verb in ("info", "eval", "pack"):
+        cases.append((f"{verb}-gguf_trunc", f"{verb} {MODEL_VERBS[verb]} --model {{gguf_trunc}}", "trunc.gguf"))
+    return cases
+
+
+CASES: list[tuple[str, str, str]] = _model_cases() + [
+    # wrong kind: a packed file where trainable weights are needed
+    ("pack-packed", "pack --model {packed} --out {dir}/again.bitlm", "m.bitlm"),
+    ("export-packed", "export --model {packed} --format gguf --out {dir}/x.gguf", "m.bitlm"),
+    ("train-init-packed", "train {train_args} --max-steps 1 --out {dir}/run-p --init-from {packed}", "m.bitlm"),
+    # tokenizers and data that are not what they claim
+    ("eval-tokenizer-text", "eval --model {ck} --text 'the cat' --tokenizer {text}", "notes.txt"),
+    ("eval-tokenizer-missing", "eval --model {ck} --text 'the cat' --tokenizer {dir}/tok.json", "tok.json"),
+    ("eval-data-missing", "eval --model {ck} --data {dir}/nodata.txt", "nodata.txt"),
+    ("generate-tokenizer-missing", "generate --model {ck} --prompt hi --tokenizer {dir}/tok.json", "tok.json"),
+    ("train-data-missing", "train --preset tiny --max-steps 1 --data {dir}/nodata.txt --out {dir}/r", "nodata.txt"),
+    ("train-tokenizer-text", "train --preset tiny --max-steps 1 --data {text} --tokenizer {text} --out {dir}/r",
+     "notes.txt"),
+    # bad option values
+    ("eval-tasks-unknown", "eval --model {ck} --tasks nosuchtask", "nosuchtask"),
+    ("eval-seq-len", "eval --model {ck} --text 'the cat' --seq-len 0", "--seq-len"),
+    ("eval-batch-size", "eval --model {ck} --text 'the cat' --batch-size 0", "--batch-size"),
+    ("eval-max-tokens", "eval --model {ck} --text 'the cat' --max-tokens -1", "--max-tokens"),
+    ("generate-max-new-tokens", "generate --model {ck} --prompt hi --max-new-tokens -1", "--max-new-tokens"),
+    ("generate-temperature", "generate --model {ck} --prompt hi --temperature -1", "temperature"),
+    ("generate-top-p", "generate --model {ck} --prompt hi --top-p 2", "top_p"),
+    ("generate-top-k", "generate --model {ck} --prompt hi --top-k 0", "top_k"),
+    ("chat-max-new-tokens", "chat --model {packed} --max-new-tokens -1", "--max-new-tokens"),
+    ("train-negative-steps", "train {train_args} --max-steps -3 --out {dir}/r", "max_steps"),
+    ("train-unknown-preset", "train --preset nosuch --max-steps 1", "nosuch"),
+    ("train-set-no-equals", "train --preset tiny --set d_model --max-steps 1", "d_model"),
+    ("train-set-unknown", "train --preset tiny --set colour=red --max-steps 1", "colour"),
+    ("train-set-bad-int", "train --preset tiny --set d_model=wide --max-steps 1", "d_model"),
+    ("train-train-set-unknown", "train --preset tiny --train-set colour=red --max-steps 1", "colour"),
+    ("train-set-with-init", "train {train_args} --max-steps 1 --out {dir}/r --init-from {ck} --set d_model=32",
+     "--set"),
+    ("train-config-missing", "train --config {dir}/nocfg.json --max-steps 1", "nocfg.json"),
+    ("train-config-bad-json", "train --config {cfg_bad} --max-steps 1", "cfg-bad.json"),
+    ("train-config-train-key", "train --config {cfg_train_key} --max-steps 1", "'foo'"),
+    ("train-config-train-type", "train --preset tiny --config {cfg_train_type}", "max_steps"),
+    ("train-config-model-type", "train --config {cfg_model_type} --max-steps 1", "d_model"),
+    # --resume: nothing there, corrupt optimizer state, corrupt weights
+    ("train-resume-none", "train {train_args} --max-steps 2 --out {run_none} --resume", "run-none"),
+    ("train-resume-badopt", "train {train_args} --max-steps 2 --out {run_badopt} --resume", "optimizer.pt"),
+    ("train-resume-trunc", "train {train_args} --max-steps 2 --out {run_trunc} --resume", "model.safetensors"),
+    # convert: only a Llama / Mistral / Qwen2 folder will do
+    ("convert-missing", "convert --model {missing} --out {dir}/cv", "no-such-model"),
+    ("convert-text", "convert --model {text} --out {dir}/cv", "notes.txt: a file"),
+    ("convert-nocfg", "convert --model {nocfg} --out {dir}/cv", "nocfg"),
+    ("convert-bitlm-checkpoint", "convert --model {ck} --out {dir}/cv", "ck"),
+    ("convert-trunc", "convert --model {llama_trunc} --out {dir}/cv", "model.safetensors"),
+    ("convert-calibration-missing", "convert --model {llama_trunc} --out {dir}/cv --sub-norms rmsnorm "
+     "--tokenizer-from {ck} --calibration-text {dir}/nocal.txt", "nocal.txt"),
+    # energy: presets and config files, no model file
+    ("energy-unknown-preset", "energy --preset nosuch", "nosuch"),
+    ("energy-config-missing", "energy --config {dir}/nocfg.json", "nocfg.json"),
+    ("energy-config-bad-json", "energy --config {cfg_bad}", "cfg-bad.json"),
+    ("energy-config-model-type", "energy --config {cfg_model_type}", "d_model"),
+    ("energy-set-unknown", "energy --preset tiny --set colour=red", "colour"),
+    ("energy-seq-len", "energy --preset tiny --seq-len 0", "--seq-len"),
+    # demo
+    ("demo-unknown-preset", "demo --preset nosuch --out {dir}/demo", "nosuch"),
+    ("demo-set-unknown", "demo --preset tiny --set colour=red --out {dir}/demo", "colour"),
+    ("demo-negative-steps", "demo --preset tiny --max-steps -1 --out {dir}/demo", "--max-steps"),
+    ("demo-minutes", "demo --preset tiny --minutes 0 --out {dir}/demo", "--minutes"),
+    ("demo-batch-size", "demo --preset tiny --batch-size 0 --max-steps 1 --out {dir}/demo", "--batch-size"),
+    ("demo-data-missing", "demo --preset tiny --max-steps 1 --data {dir}/nodata.txt --out {dir}/demo", "nodata.txt"),
+    # experiment
+    ("experiment-unknown", "experiment nosuch --quick --out {dir}/ex", "nosuch"),
+    ("experiment-negative-steps", "experiment compare --quick --steps -1 --out {dir}/ex", "--steps"),
+    ("experiment-scale", "experiment compare --scale 0 --out {dir}/ex", "--scale"),
+    ("experiment-lrs", "experiment lr --quick --lrs 1e-3,fast --out {dir}/ex", "--lrs"),
+    ("experiment-widths", "experiment scaling --quick --widths 64,wide --out {dir}/ex", "--widths"),
+    ("experiment-data-missing", "experiment compare --quick --data {dir}/nodata.txt --out {dir}/ex", "nodata.txt"),
+    ("experiment-tasks-unknown", "experiment compare --quick --tasks nosuchtask --out {dir}/ex", "nosuchtask"),
+]
+
+
+def test_table_covers_every_verb():
+    assert {argv.split()[0] for _, argv, _ in CASES} == set(VERBS)
+
+
 def _check_one_line(verb: str, rc: int, out: str, err: str, needle: str) -> None:
     assert "Traceback" not in out + err, err
     assert rc == 2, (rc, err)
@@ -108,6 +211,19 @@ def _check_one_line(verb: str, rc: int, out: str, err: str, needle: str) -> None
     assert len(lines) == 1, err
     assert lines[0].startswith(f"bitlm {verb}: error: "), err
     assert needle in lines[0], (needle, err)
+
+
+@pytest.mark.parametrize("case_id,argv,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case_id, argv, needle, files, capsys, monkeypatch):
+    if "gguf" in case_id:
+        pytest.importorskip("gguf")
+    monkeypatch.setenv("BITLM_DEBUG", "")  # the one-line form even where a developer set it
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))  # chat
+    args = shlex.split(argv.format(**files))
+    capsys.readouterr()
+    rc = main(args)
+    cap = capsys.readouterr()
+    _check_one_line(args[0], rc, cap.out, cap.err, needle)
 
 
 # --------------------------------------------------------------------------------------------
