@@ -1130,7 +1130,7 @@ def _hf_documents(spec: str, text_field: str, hf_kwargs: dict[str, Any] | None) 
     except ImportError:
         raise DataError(
             f"{spec}: Hugging Face datasets need the optional package 'datasets', which is not installed: "
-            "pip install 'bitlm[datasets]'"
+            "pip install 'bitlm[datasets]' (or pip install datasets)"
         ) from None
     kwargs = {"split": "train", **(hf_kwargs or {})}
     try:
