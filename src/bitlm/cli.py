@@ -5,7 +5,11 @@ Each verb lives in the module that owns the work; that module exposes
 imported only when their verb runs, so ``bitlm --help`` stays fast.
 
 Errors that are the user's (bad file, bad option) are raised as ``BitlmError`` (or ValueError /
-FileNotFoundError) and printed as one line ``bitlm <verb>: error: ...`` with exit status 2.
+FileNotFoundError) and printed as one line ``bitlm <verb>: error: ...`` with exit status 2; so is
+a missing optional package (``ModuleNotFoundError`` naming one of ``OPTIONAL_PACKAGES``), with
+the extra that installs it.  Anything else is a bug in bitlm: one line ``bitlm <verb>: internal
+error: ...`` and exit status 1, or the full traceback with ``BITLM_DEBUG=1``.  argparse's own
+errors (unknown option, bad choice) keep its usage message and exit status 2.
 """
 
 from __future__ import annotations
@@ -31,8 +35,45 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# import name of an optional package -> the extra in pyproject.toml that installs it
+OPTIONAL_PACKAGES: dict[str, str] = {
+    "transformers": "hf",
+    "accelerate": "hf",
+    "gguf": "gguf",
+    "lm_eval": "eval",
+    "matplotlib": "plot",
+    "datasets": "datasets",
+    "pyarrow": "datasets",
+    "llama_cpp": "llama",
+}
+# bitlm's own dependencies (pyproject.toml [project] dependencies), by import name
+REQUIRED_PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "tqdm")
+
+
 class BitlmError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+# exceptions whose message is written for the user (bad file, bad option, diverged run)
+USER_ERRORS = (BitlmError, ValueError, OSError, FloatingPointError)
+
+
+def missing_package_message(e: ImportError) -> str | None:
+    """One line for an ImportError that means "a package is not installed", else None."""
+    if not isinstance(e, ModuleNotFoundError) or not e.name:
+        return None
+    root = e.name.split(".")[0]
+    if root in OPTIONAL_PACKAGES:
+        return (f"this needs the optional package '{root}', which is not installed: "
+                f"pip install 'bitlm[{OPTIONAL_PACKAGES[root]}]'")
+    if root in REQUIRED_PACKAGES:
+        return f"bitlm's dependency '{root}' is not installed: pip install 'bitlm' (or pip install {root})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,21 +100,40 @@ def main(argv: list[str] | None = None) -> int:
     verb = argv[0]
     if verb not in VERBS:
         parser.error(f"unknown verb {verb!r}; choose one of {', '.join(VERBS)}")
-    mod = importlib.import_module(VERBS[verb][0])
-    vp = argparse.ArgumentParser(prog=f"bitlm {verb}", description=VERBS[verb][1])
-    mod.add_arguments(vp)
-    args = vp.parse_args(argv[1:])
+    debug = bool(os.environ.get("BITLM_DEBUG"))
     try:
+        mod = importlib.import_module(VERBS[verb][0])
+        vp = argparse.ArgumentParser(prog=f"bitlm {verb}", description=VERBS[verb][1])
+        mod.add_arguments(vp)
+        args = vp.parse_args(argv[1:])  # SystemExit(2) with usage on a bad option: not caught below
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print(f"bitlm {verb}: interrupted", file=sys.stderr)
         return 130
-    except (BitlmError, ValueError, OSError) as e:
-        if os.environ.get("BITLM_DEBUG"):
+    except USER_ERRORS as e:
+        if debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"bitlm {verb}: error: {msg}", file=sys.stderr)
+        print(f"bitlm {verb}: error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        if debug:
+            raise
+        msg = missing_package_message(e)
+        if msg is not None:
+            print(f"bitlm {verb}: error: {msg}", file=sys.stderr)
+            return 2
+        _internal_error(verb, e)
+        return 1
+    except Exception as e:  # a bug in bitlm: say so in one line, keep the traceback for BITLM_DEBUG=1
+        if debug:
+            raise
+        _internal_error(verb, e)
+        return 1
+
+
+def _internal_error(verb: str, e: BaseException) -> None:
+    print(f"bitlm {verb}: internal error: {type(e).__name__}: {_first_line(e)} "
+          "(set BITLM_DEBUG=1 for the traceback; please report it)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model config field(s): {', '.join(unknown)}")
+        check_field_types(cls, d, source)
         return cls(**(upgrade_saved(d) if saved else d))
 
     def replace(self, **kw: Any) -> ModelConfig:
@@ -303,6 +304,45 @@ def _coerce(raw: str, typ: str, key: str) -> Any:
     return raw
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON config file as a dict; errors name the file."""
+    p = Path(path)
+    try:
+        loaded = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a JSON config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: invalid JSON ({getattr(e, 'msg', e)}"
+                          + (f" at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ")")) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a JSON object")
+    return loaded
+
+
+def check_field_types(cls: type, d: dict[str, Any], source: str) -> None:
+    """Refuse values of the wrong JSON type for ``cls``'s fields (a string where an int belongs), so
+    that the error names the field instead of surfacing later as an arithmetic TypeError."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, v in d.items():
+        typ = types.get(key)
+        if typ is None or (v is None and "None" in typ):
+            continue
+        if typ.startswith("bool"):
+            ok = isinstance(v, bool)
+        elif typ.startswith("int"):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif typ.startswith("float"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif typ.startswith("str"):
+            ok = isinstance(v, str)
+        else:  # tuples, dicts: not checked here
+            ok = True
+        if not ok:
+            raise ConfigError(f"{source}: field {key!r} must be {typ}, got {type(v).__name__} {v!r}")
+
+
 def build_config(
     name: str | None = None, file: str | Path | None = None, overrides: list[str] | None = None, **kw: Any
 ) -> ModelConfig:
@@ -313,19 +353,16 @@ def build_config(
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
         d.update(PRESETS[name])
     if file:
-        p = Path(file)
-        try:
-            loaded = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a JSON object")
-        d.update(upgrade_saved(loaded.get("model", loaded)))
+        loaded = read_config_file(file)
+        # {"model": {...}, "train": {...}}, or the model fields at the top level (beside "train")
+        model = loaded["model"] if "model" in loaded else {k: v for k, v in loaded.items() if k != "train"}
+        if not isinstance(model, dict):
+            raise ConfigError(f"{file}: section 'model' must be a JSON object")
+        d.update(upgrade_saved(model))
     d.update(parse_overrides(overrides))
     d.update({k: v for k, v in kw.items() if v is not None})
     return ModelConfig.from_dict(d, source=str(file or name or "config"), saved=False)
 
 
-__all__ = ["ARCHS", "QUANTS", "ConfigError", "ModelConfig", "PRESETS", "preset", "build_config", "parse_overrides"]
+__all__ = ["ARCHS", "QUANTS", "ConfigError", "ModelConfig", "PRESETS", "preset", "build_config", "parse_overrides",
+           "read_config_file", "check_field_types"]

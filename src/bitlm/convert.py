@@ -442,13 +442,16 @@ def run(args) -> int:
 
     folder = Path(args.model)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise FileNotFoundError(f"{folder}: " + ("a file, not a Hugging Face model folder" if folder.exists()
+                                                  else "no such folder"))
     tok_src = Path(args.tokenizer_from) if args.tokenizer_from else folder
     tokenizer = None
     if args.tokenizer_from or (folder / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_src)
     if args.calibration_text and (tokenizer is None or args.sub_norms != "rmsnorm"):
         raise ValueError("--calibration-text needs --sub-norms rmsnorm and a tokenizer (--tokenizer-from)")
+    if args.calibration_text and not Path(args.calibration_text).is_file():  # before the conversion, not after
+        raise FileNotFoundError(f"{args.calibration_text}: no such file (--calibration-text)")
     model = convert_llama(folder, quant=args.quant, sub_norms=args.sub_norms, dtype=getattr(torch, args.dtype),
                           quant_lambda=args.quant_lambda)
     if args.calibration_text:

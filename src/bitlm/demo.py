@@ -48,6 +48,10 @@ def run(args) -> int:
     from .generate import SamplingParams, generate
     from .train import TrainConfig, train
 
+    for opt, v in (("--minutes", args.minutes), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                   ("--max-steps", args.max_steps)):
+        if v is not None and v <= 0:  # checked before the corpus is read and tokenised
+            raise ValueError(f"{opt} must be positive, got {v}")
     t_start = time.time()
     out = Path(args.out)
     print("bitlm demo: BitNet b1.58 vs fp on the bundled corpus "

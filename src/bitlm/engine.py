@@ -574,8 +574,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .loading import load, load_tokenizer_for
+    from .loading import detect_format, load, load_tokenizer_for
 
+    if detect_format(args.model) == "packed":
+        raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
+                         "HF folder or GGUF it was packed from")
     model = load(args.model)
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)

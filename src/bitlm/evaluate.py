@@ -82,6 +82,10 @@ def run(args) -> int:
     from .data import count_token_bytes
     from .loading import load_tokenizer_for
 
+    for opt, v, least in (("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1),
+                          ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 1)):
+        if v is not None and v < least:
+            raise ValueError(f"{opt} must be >= {least}, got {v}")
     model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
     results: dict[str, Any] = {"model": str(args.model)}

@@ -738,6 +738,16 @@ def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
     return max(10, int(minutes * 60 / (n_models * per)))
 
 
+def _number_list(opt: str, text: str, typ: type) -> list:
+    try:
+        values = [typ(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{opt}: expected comma-separated {typ.__name__}s, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{opt}: values must be positive, got {text!r}")
+    return values
+
+
 def run(args) -> int:
     if args.name not in _RUNNERS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
@@ -746,10 +756,16 @@ def run(args) -> int:
         from .tasks import parse_task_list
 
         over["tasks"] = parse_task_list(args.tasks)
+    for opt, v in (("--scale", args.scale), ("--steps", args.steps), ("--minutes", args.minutes)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{opt} must be positive, got {v}")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     if args.lrs:
-        over["lrs"] = [float(v) for v in args.lrs.split(",")]
+        over["lrs"] = _number_list("--lrs", args.lrs, float)
     if args.widths:
-        over["widths"] = [int(v) for v in args.widths.split(",")]
+        over["widths"] = _number_list("--widths", args.widths, int)
+    _plt()  # fail now, not after minutes of training, when matplotlib is missing
     setup = Setup.build(args.name, args.scale, args.quick, **over)
     from .data import prepare_data
 

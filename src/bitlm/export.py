@@ -35,8 +35,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from .loading import load, load_tokenizer_for, save
+    from .loading import detect_format, load, load_tokenizer_for, save
 
+    if detect_format(args.model) == "packed":  # inference-only: the latent weights are gone
+        raise ValueError(f"{args.model}: a packed model cannot be exported; pass the checkpoint, "
+                         "HF folder or GGUF it was packed from")
     model = load(args.model)
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)

@@ -191,6 +191,8 @@ def add_arguments(p) -> None:
 def sampling_from_args(args) -> SamplingParams:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     params.validate()
+    if args.max_new_tokens < 1:  # generate and chat alike (chat's room for history is max_seq_len - this)
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return params
 
 
@@ -200,8 +202,6 @@ def run(args) -> int:
     from .loading import load_tokenizer_for
 
     params = sampling_from_args(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
     sys.stdout.write(args.prompt)

@@ -437,8 +437,9 @@ def train(
             verify_checksums(last, meta, ["optimizer.pt"])
         try:
             opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{opt_file}: corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged file raises (IndexError, EOFError, ...)
+            raise CheckpointError(f"{opt_file}: corrupt or truncated, not a torch optimizer state ({type(e).__name__}); "
+                                  "restore it or start again without --resume") from None
     elif init_model is not None:
         model = init_model
     else:
@@ -450,7 +451,11 @@ def train(
     model.train()
     opt = make_optimizer(model, r, tcfg.adam_eps)
     if opt_state is not None:
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError) as e:  # another model's (or a damaged) optimizer state
+            raise CheckpointError(f"{last / 'optimizer.pt'}: does not fit the model ({e}); "
+                                  "restore it or start again without --resume") from None
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -612,18 +617,31 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def train_section(path: str | Path) -> dict[str, Any]:
+    """The "train" section of a JSON config file, its keys checked against TrainConfig."""
+    from .config import ConfigError, check_field_types, read_config_file
+
+    loaded = read_config_file(path)
+    section = loaded.get("train", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: section 'train' must be a JSON object")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} in section 'train'")
+    check_field_types(TrainConfig, section, f"{path}: section 'train'")
+    return section
+
+
 def run(args) -> int:
-    file_train: dict[str, Any] = {}
-    if args.config:
-        try:
-            loaded = json.loads(Path(args.config).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{args.config}: config file not found") from None
-        file_train = loaded.get("train", {}) if isinstance(loaded, dict) else {}
+    file_train = train_section(args.config) if args.config else {}
     init_model = None
     if args.init_from:
-        from .loading import load
+        from .loading import detect_format, load
 
+        if detect_format(args.init_from) == "packed":
+            raise ValueError(f"{args.init_from}: --init-from needs a checkpoint, HF folder or GGUF model with "
+                             "trainable weights, not a packed file")
         init_model = load(args.init_from)
         mcfg = init_model.config
         if args.overrides:

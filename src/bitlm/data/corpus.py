@@ -361,7 +361,8 @@ def _parquet_documents(p: Path, text_field: str) -> list[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(
-            f"{p}: reading .parquet needs pyarrow; `pip install pyarrow` (or bitlm[datasets])"
+            f"{p}: reading .parquet needs the optional package 'pyarrow', which is not installed: "
+            "pip install 'bitlm[datasets]'"
         ) from None
     try:
         pf = pq.ParquetFile(p)
@@ -391,7 +392,8 @@ def _hf_documents(spec: str, text_field: str, hf_kwargs: dict[str, Any] | None) 
         import datasets
     except ImportError:
         raise DataError(
-            f"{spec}: Hugging Face datasets are read with `datasets`; `pip install datasets`"
+            f"{spec}: Hugging Face datasets need the optional package 'datasets', which is not installed: "
+            "pip install 'bitlm[datasets]' (or pip install datasets)"
         ) from None
     kwargs = {"split": "train", **(hf_kwargs or {})}
     try:

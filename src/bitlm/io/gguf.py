@@ -179,7 +179,8 @@ def _gguf():
     try:
         import gguf
     except ImportError:  # pragma: no cover - gguf is in the [gguf] and [dev] extras
-        raise ImportError("GGUF support needs the 'gguf' package: pip install 'bitlm[gguf]'") from None
+        # ModuleNotFoundError with .name: bitlm.cli reports it as a missing optional package
+        raise ModuleNotFoundError("GGUF support needs the 'gguf' package: pip install 'bitlm[gguf]'", name="gguf") from None
     return gguf
 
 

@@ -1,0 +1,348 @@
+"""Bad input to every ``bitlm`` verb ends in one line ``bitlm VERB: error: ...`` that names the
+file or field at fault, exit status 2, and no traceback.
+
+The table crosses the verbs (``bitlm.cli.VERBS``) with the kinds of mistake a user makes: a path
+that does not exist, the wrong kind of file (a text file, a packed file where trainable weights
+are needed, a folder without config.json), a corrupt file (truncated safetensors / .bitlm /
+GGUF, a garbage optimizer.pt), a bad option value, and a missing optional package.  Cells that do
+not apply to a verb (``energy`` reads no model file) are simply not in the table.  The cases run
+in-process through ``bitlm.cli.main``; the missing-package cases run in one subprocess whose
+import system refuses the package, as on a machine without it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitlm.cli import VERBS, main
+
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Tiny good files and their broken variants, built once: name -> path."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from bitlm.config import preset
+    from bitlm.data import Tokenizer
+    from bitlm.engine import convert, save_packed
+    from bitlm.io.checkpoint import save_checkpoint
+    from bitlm.model import BitNetModel
+
+    d = tmp_path_factory.mktemp("cli_errors")
+    backend = HFTok(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend)
+    torch.manual_seed(0)
+    model = BitNetModel(preset("tiny", max_seq_len=64))
+    f = {"dir": str(d), "missing": str(d / "no-such-model"), "ck": str(save_checkpoint(model, d / "ck", tokenizer=tok))}
+    f["packed"] = str(save_packed(convert(model), d / "m.bitlm", tokenizer=tok))
+    (d / "notes.txt").write_text(TEXT)
+    f["text"] = str(d / "notes.txt")
+    (d / "nocfg").mkdir()
+    (d / "nocfg" / "model.safetensors").write_bytes(b"\0" * 64)
+    f["nocfg"] = str(d / "nocfg")
+    # corrupt files: the good ones cut short
+    shutil.copytree(d / "ck", d / "ck-trunc")
+    st = d / "ck-trunc" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    f["ck_trunc"] = str(d / "ck-trunc")
+    raw = Path(f["packed"]).read_bytes()
+    (d / "trunc.bitlm").write_bytes(raw[: len(raw) // 2])
+    f["packed_trunc"] = str(d / "trunc.bitlm")
+    (d / "garbage.bitlm").write_bytes(b"BITLMPAK" + b"\x07" * 40)
+    f["packed_garbage"] = str(d / "garbage.bitlm")
+    (d / "trunc.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (9).to_bytes(8, "little")
+                                   + (20).to_bytes(8, "little") + b"\x05\x00")  # header, then nothing
+    f["gguf_trunc"] = str(d / "trunc.gguf")
+    # a Llama folder whose weights are cut short (bitlm convert / bitlm.load's HF path)
+    (d / "llama").mkdir()
+    (d / "llama" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    (d / "llama" / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    f["llama_trunc"] = str(d / "llama")
+    # config files for train / energy
+    (d / "cfg-train-key.json").write_text(json.dumps({"model": {"d_model": 64}, "train": {"foo": 1}}))
+    f["cfg_train_key"] = str(d / "cfg-train-key.json")
+    (d / "cfg-train-only.json").write_text(json.dumps({"train": {"max_steps": "many"}}))
+    f["cfg_train_type"] = str(d / "cfg-train-only.json")
+    (d / "cfg-model-type.json").write_text(json.dumps({"model": {"d_model": "wide"}}))
+    f["cfg_model_type"] = str(d / "cfg-model-type.json")
+    (d / "cfg-bad.json").write_text("{not json")
+    f["cfg_bad"] = str(d / "cfg-bad.json")
+    # a real one-step run to --resume from, then copies with a broken optimizer.pt / weights
+    common = ["--preset", "tiny", "--set", "max_seq_len=64", "--data", f["text"], "--tokenizer", f["ck"],
+              "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
+    f["train_args"] = shlex.join(common)
+    assert main(["train", *common, "--max-steps", "1", "--out", str(d / "run")]) == 0
+    shutil.copytree(d / "run", d / "run-badopt")
+    (d / "run-badopt" / "last" / "optimizer.pt").write_bytes(b"this is not a torch file\n" * 4)
+    f["run_badopt"] = str(d / "run-badopt")
+    shutil.copytree(d / "run", d / "run-trunc")
+    st = d / "run-trunc" / "last" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])
+    f["run_trunc"] = str(d / "run-trunc")
+    f["run_none"] = str(d / "run-none")
+    return f
+
+
+# (id, argv with {name} placeholders for files, what the one error line must name)
+MODEL_VERBS = {  # verb -> extra arguments it needs besides --model
+    "eval": "--text 'the cat'",
+    "generate": "--prompt 'the cat' --max-new-tokens 2",
+    "chat": "--max-new-tokens 2",
+    "info": "",
+    "pack": "--out {dir}/out.bitlm",
+    "export": "--format hf --out {dir}/out-hf",
+    "train": "{train_args} --max-steps 1 --out {dir}/run-init --init-from",  # --model → --init-from
+}
+
+
+def _model_cases() -> list[tuple[str, str, str]]:
+    cases = []
+    for verb, extra in MODEL_VERBS.items():
+        flag = "" if verb == "train" else "--model"
+        for kind, needle in (("missing", "no-such-model"), ("text", "notes.txt"), ("nocfg", "nocfg"),
+                             ("ck_trunc", "model.safetensors"), ("packed_trunc", "trunc.bitlm"),
+                             ("packed_garbage", "garbage.bitlm")):
+            cases.append((f"{verb}-{kind}", f"{verb} {extra} {flag} {{{kind}}}", needle))
+    # corrupt GGUF (needs the gguf package to get as far as reading it)
+    for verb in ("info", "eval", "pack"):
+        cases.append((f"{verb}-gguf_trunc", f"{verb} {MODEL_VERBS[verb]} --model {{gguf_trunc}}", "trunc.gguf"))
+    return cases
+
+
+CASES: list[tuple[str, str, str]] = _model_cases() + [
+    # wrong kind: a packed file where trainable weights are needed
+    ("pack-packed", "pack --model {packed} --out {dir}/again.bitlm", "m.bitlm"),
+    ("export-packed", "export --model {packed} --format gguf --out {dir}/x.gguf", "m.bitlm"),
+    ("train-init-packed", "train {train_args} --max-steps 1 --out {dir}/run-p --init-from {packed}", "m.bitlm"),
+    # tokenizers and data that are not what they claim
+    ("eval-tokenizer-text", "eval --model {ck} --text 'the cat' --tokenizer {text}", "notes.txt"),
+    ("eval-tokenizer-missing", "eval --model {ck} --text 'the cat' --tokenizer {dir}/tok.json", "tok.json"),
+    ("eval-data-missing", "eval --model {ck} --data {dir}/nodata.txt", "nodata.txt"),
+    ("generate-tokenizer-missing", "generate --model {ck} --prompt hi --tokenizer {dir}/tok.json", "tok.json"),
+    ("train-data-missing", "train --preset tiny --max-steps 1 --data {dir}/nodata.txt --out {dir}/r", "nodata.txt"),
+    ("train-tokenizer-text", "train --preset tiny --max-steps 1 --data {text} --tokenizer {text} --out {dir}/r",
+     "notes.txt"),
+    # bad option values
+    ("eval-tasks-unknown", "eval --model {ck} --tasks nosuchtask", "nosuchtask"),
+    ("eval-seq-len", "eval --model {ck} --text 'the cat' --seq-len 0", "--seq-len"),
+    ("eval-batch-size", "eval --model {ck} --text 'the cat' --batch-size 0", "--batch-size"),
+    ("eval-max-tokens", "eval --model {ck} --text 'the cat' --max-tokens -1", "--max-tokens"),
+    ("generate-max-new-tokens", "generate --model {ck} --prompt hi --max-new-tokens -1", "--max-new-tokens"),
+    ("generate-temperature", "generate --model {ck} --prompt hi --temperature -1", "temperature"),
+    ("generate-top-p", "generate --model {ck} --prompt hi --top-p 2", "top_p"),
+    ("generate-top-k", "generate --model {ck} --prompt hi --top-k 0", "top_k"),
+    ("chat-max-new-tokens", "chat --model {packed} --max-new-tokens -1", "--max-new-tokens"),
+    ("train-negative-steps", "train {train_args} --max-steps -3 --out {dir}/r", "max_steps"),
+    ("train-unknown-preset", "train --preset nosuch --max-steps 1", "nosuch"),
+    ("train-set-no-equals", "train --preset tiny --set d_model --max-steps 1", "d_model"),
+    ("train-set-unknown", "train --preset tiny --set colour=red --max-steps 1", "colour"),
+    ("train-set-bad-int", "train --preset tiny --set d_model=wide --max-steps 1", "d_model"),
+    ("train-train-set-unknown", "train --preset tiny --train-set colour=red --max-steps 1", "colour"),
+    ("train-set-with-init", "train {train_args} --max-steps 1 --out {dir}/r --init-from {ck} --set d_model=32",
+     "--set"),
+    ("train-config-missing", "train --config {dir}/nocfg.json --max-steps 1", "nocfg.json"),
+    ("train-config-bad-json", "train --config {cfg_bad} --max-steps 1", "cfg-bad.json"),
+    ("train-config-train-key", "train --config {cfg_train_key} --max-steps 1", "'foo'"),
+    ("train-config-train-type", "train --preset tiny --config {cfg_train_type}", "max_steps"),
+    ("train-config-model-type", "train --config {cfg_model_type} --max-steps 1", "d_model"),
+    # --resume: nothing there, corrupt optimizer state, corrupt weights
+    ("train-resume-none", "train {train_args} --max-steps 2 --out {run_none} --resume", "run-none"),
+    ("train-resume-badopt", "train {train_args} --max-steps 2 --out {run_badopt} --resume", "optimizer.pt"),
+    ("train-resume-trunc", "train {train_args} --max-steps 2 --out {run_trunc} --resume", "model.safetensors"),
+    # convert: only a Llama / Mistral / Qwen2 folder will do
+    ("convert-missing", "convert --model {missing} --out {dir}/cv", "no-such-model"),
+    ("convert-text", "convert --model {text} --out {dir}/cv", "notes.txt: a file"),
+    ("convert-nocfg", "convert --model {nocfg} --out {dir}/cv", "nocfg"),
+    ("convert-bitlm-checkpoint", "convert --model {ck} --out {dir}/cv", "ck"),
+    ("convert-trunc", "convert --model {llama_trunc} --out {dir}/cv", "model.safetensors"),
+    ("convert-calibration-missing", "convert --model {llama_trunc} --out {dir}/cv --sub-norms rmsnorm "
+     "--tokenizer-from {ck} --calibration-text {dir}/nocal.txt", "nocal.txt"),
+    # energy: presets and config files, no model file
+    ("energy-unknown-preset", "energy --preset nosuch", "nosuch"),
+    ("energy-config-missing", "energy --config {dir}/nocfg.json", "nocfg.json"),
+    ("energy-config-bad-json", "energy --config {cfg_bad}", "cfg-bad.json"),
+    ("energy-config-model-type", "energy --config {cfg_model_type}", "d_model"),
+    ("energy-set-unknown", "energy --preset tiny --set colour=red", "colour"),
+    ("energy-seq-len", "energy --preset tiny --seq-len 0", "--seq-len"),
+    # demo
+    ("demo-unknown-preset", "demo --preset nosuch --out {dir}/demo", "nosuch"),
+    ("demo-set-unknown", "demo --preset tiny --set colour=red --out {dir}/demo", "colour"),
+    ("demo-negative-steps", "demo --preset tiny --max-steps -1 --out {dir}/demo", "--max-steps"),
+    ("demo-minutes", "demo --preset tiny --minutes 0 --out {dir}/demo", "--minutes"),
+    ("demo-batch-size", "demo --preset tiny --batch-size 0 --max-steps 1 --out {dir}/demo", "--batch-size"),
+    ("demo-data-missing", "demo --preset tiny --max-steps 1 --data {dir}/nodata.txt --out {dir}/demo", "nodata.txt"),
+    # experiment
+    ("experiment-unknown", "experiment nosuch --quick --out {dir}/ex", "nosuch"),
+    ("experiment-negative-steps", "experiment compare --quick --steps -1 --out {dir}/ex", "--steps"),
+    ("experiment-scale", "experiment compare --scale 0 --out {dir}/ex", "--scale"),
+    ("experiment-lrs", "experiment lr --quick --lrs 1e-3,fast --out {dir}/ex", "--lrs"),
+    ("experiment-widths", "experiment scaling --quick --widths 64,wide --out {dir}/ex", "--widths"),
+    ("experiment-data-missing", "experiment compare --quick --data {dir}/nodata.txt --out {dir}/ex", "nodata.txt"),
+    ("experiment-tasks-unknown", "experiment compare --quick --tasks nosuchtask --out {dir}/ex", "nosuchtask"),
+]
+
+
+def test_table_covers_every_verb():
+    assert {argv.split()[0] for _, argv, _ in CASES} == set(VERBS)
+
+
+def _check_one_line(verb: str, rc: int, out: str, err: str, needle: str) -> None:
+    assert "Traceback" not in out + err, err
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"bitlm {verb}: error: "), err
+    assert needle in lines[0], (needle, err)
+
+
+@pytest.mark.parametrize("case_id,argv,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case_id, argv, needle, files, capsys, monkeypatch):
+    if "gguf" in case_id:
+        pytest.importorskip("gguf")
+    monkeypatch.setenv("BITLM_DEBUG", "")  # the one-line form even where a developer set it
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))  # chat
+    args = shlex.split(argv.format(**files))
+    capsys.readouterr()
+    rc = main(args)
+    cap = capsys.readouterr()
+    _check_one_line(args[0], rc, cap.out, cap.err, needle)
+
+
+# --------------------------------------------------------------------------------------------
+# Missing optional packages: a subprocess whose imports of the package fail as if not installed
+# --------------------------------------------------------------------------------------------
+
+_BLOCKED_RUNNER = textwrap.dedent("""
+    import contextlib, importlib.abc, io, json, sys
+
+    blocked = set(sys.argv[1].split(","))
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in blocked:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    from bitlm.cli import main
+
+    results = []
+    for argv in json.loads(sys.argv[2]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+        results.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+    print(json.dumps(results))
+""")
+
+# (id, blocked package, argv, what the line must name)
+OPTIONAL_CASES = [
+    ("export-gguf", "gguf", "export --model {ck} --format gguf --out {dir}/o.gguf", "bitlm[gguf]"),
+    ("info-gguf-file", "gguf", "info --model {gguf_trunc}", "bitlm[gguf]"),
+    ("train-parquet", "pyarrow", "train --preset tiny --max-steps 1 --data {dir}/d.parquet --out {dir}/r", "bitlm[datasets]"),
+    ("eval-hf-dataset", "datasets", "eval --model {ck} --data hf:someone/corpus", "bitlm[datasets]"),
+    ("experiment-plot", "matplotlib", "experiment compare --quick --out {dir}/ex", "bitlm[plot]"),
+    ("generate-transformers", "transformers", "generate --model {ck} --prompt hi --max-new-tokens 1", None),
+]
+
+
+@pytest.fixture(scope="module")
+def optional_results(files):
+    Path(files["dir"], "d.parquet").write_bytes(b"PAR1" + b"\0" * 16 + b"PAR1")
+    blocked = sorted({c[1] for c in OPTIONAL_CASES})
+    argvs = [shlex.split(c[2].format(**files)) for c in OPTIONAL_CASES]
+    r = subprocess.run([sys.executable, "-c", _BLOCKED_RUNNER, ",".join(blocked), json.dumps(argvs)],
+                       capture_output=True, text=True, timeout=300, cwd=files["dir"])
+    assert r.returncode == 0, r.stderr
+    return dict(zip([c[0] for c in OPTIONAL_CASES], json.loads(r.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize("case_id,package,argv,needle", OPTIONAL_CASES, ids=[c[0] for c in OPTIONAL_CASES])
+def test_missing_optional_package_is_one_line(case_id, package, argv, needle, optional_results):
+    res = optional_results[case_id]
+    verb = argv.split()[0]
+    if needle is None:  # a verb that never needs the package works without it
+        assert res["rc"] == 0, res["err"]
+        assert "Traceback" not in res["err"]
+        return
+    _check_one_line(verb, res["rc"], res["out"], res["err"], f"'{package}'")
+    assert needle in res["err"], res["err"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bugs in bitlm itself: one line that says so (exit 1), the traceback with BITLM_DEBUG=1
+# --------------------------------------------------------------------------------------------
+
+
+def _broken_run(args):
+    raise KeyError("layers.0.weight")
+
+
+def test_internal_error_is_one_line_and_exit_1(monkeypatch, capsys):
+    import bitlm.info
+
+    monkeypatch.setattr(bitlm.info, "run", _broken_run)
+    monkeypatch.delenv("BITLM_DEBUG", raising=False)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "bitlm info: internal error: KeyError: 'layers.0.weight' (set BITLM_DEBUG=1 for the traceback; please report it)"]
+    monkeypatch.setenv("BITLM_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["info"])
+
+
+def test_unknown_module_not_found_is_an_internal_error(monkeypatch, capsys):
+    """A missing module that is not an optional package is bitlm's bug, not the user's."""
+    import bitlm.info
+
+    def run(args):
+        raise ModuleNotFoundError("No module named 'bitlm.nosuch'", name="bitlm.nosuch")
+
+    monkeypatch.setattr(bitlm.info, "run", run)
+    monkeypatch.delenv("BITLM_DEBUG", raising=False)
+    assert main(["info"]) == 1
+    assert "internal error: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_argparse_errors_keep_usage_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pack", "--model", "x"])  # --out missing
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bitlm pack") and "--out" in err
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (ModuleNotFoundError("No module named 'gguf.constants'", name="gguf.constants"), "pip install 'bitlm[gguf]'"),
+    (ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval"), "pip install 'bitlm[eval]'"),
+    (ModuleNotFoundError("No module named 'safetensors'", name="safetensors"), "dependency 'safetensors'"),
+    (ModuleNotFoundError("No module named 'bitlm.x'", name="bitlm.x"), None),
+    (ImportError("cannot import name 'foo' from 'gguf'", name="gguf"), None),  # installed, but not what we need
+])
+def test_missing_package_message(exc, expected):
+    from bitlm.cli import missing_package_message
+
+    msg = missing_package_message(exc)
+    assert msg == expected if expected is None else expected in msg
