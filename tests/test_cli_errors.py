@@ -346,3 +346,30 @@ def test_missing_package_message(exc, expected):
 
     msg = missing_package_message(exc)
     assert msg == expected if expected is None else expected in msg
+
+
+def test_interrupt_exit_status_follows_the_signal(monkeypatch, capsys):
+    """A SIGTERM turned into KeyboardInterrupt by training (demo / experiment call train()) exits
+    143, not Ctrl-C's 130."""
+    import sys
+    import types
+
+    from bitlm import cli
+
+    class Stopped(KeyboardInterrupt):
+        signum = 15
+
+    fake = types.ModuleType("bitlm_fake_verb")
+    fake.add_arguments = lambda p: None
+
+    def run(args):
+        raise Stopped("SIGTERM at step 3")
+
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "bitlm_fake_verb", fake)
+    monkeypatch.setitem(cli.VERBS, "demo", ("bitlm_fake_verb", "fake"))
+    assert cli.main(["demo"]) == 143
+    fake.run = lambda args: (_ for _ in ()).throw(KeyboardInterrupt())
+    assert cli.main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert "bitlm demo: interrupted: SIGTERM at step 3" in err and "Traceback" not in err

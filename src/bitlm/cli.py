@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_arguments(vp)
         args = vp.parse_args(argv[1:])  # SystemExit(2) with usage on a bad option: not caught below
         return int(mod.run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"bitlm {verb}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or training's SIGINT/SIGTERM handler (which carries .signum)
+        print(f"bitlm {verb}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))
     except USER_ERRORS as e:
         if debug:
             raise
