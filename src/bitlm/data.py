@@ -1215,6 +1215,12 @@ class Tokenizer:
     never forge document boundaries.  Special ids are inserted by id (``eos_id``), never by text.
     ``decode`` keeps special tokens, so for byte-level BPE ``decode(encode(s)) == s`` for every
     string ``s``, and ``count_token_bytes(encode(s)) == utf8_len(s)``.
+
+    ``add_bos`` says whether the tokenizer's own configuration puts a BOS in front of a text (a
+    Llama-3 / 2B4T ``tokenizer.json`` post-processor ``<|begin_of_text|> $A``, or a GGUF's
+    ``tokenizer.ggml.add_bos_token``).  ``encode(text, add_special_tokens=True)`` then prepends
+    ``bos_id`` once; a leading literal BOS text (a chat template's ``{{ bos_token }}``) is that BOS,
+    never a second one.  bitlm's own tokenizers configure none, so for them it is plain ``encode``.
     """
 
     def __init__(
@@ -1223,6 +1229,7 @@ class Tokenizer:
         eos_token: str | None = None,
         bos_token: str | None = None,
         pad_token: str | None = None,
+        add_bos: bool | None = None,
     ):
         self.backend = backend
         if hasattr(backend, "encode_special_tokens"):  # tokenizers >= 0.19
@@ -1241,6 +1248,12 @@ class Tokenizer:
         self.pad_token = pad
         self.pad_id: int | None = backend.token_to_id(pad) if pad else None
         self._token_bytes: np.ndarray | None = None
+        # What the post-processor puts around an empty text is what it adds to every text (as
+        # transformers' fast tokenizers do when tokenizer.json has one): BOS if it leads with one.
+        added = backend.encode("", add_special_tokens=True).ids if backend.post_processor is not None else []
+        if added and not (bos_token and backend.token_to_id(bos_token) is not None):
+            self.bos_id, self.bos_token = added[0], backend.id_to_token(added[0])  # BOS named only there
+        self.add_bos: bool = bool(added[:1] == [self.bos_id]) if add_bos is None else bool(add_bos)
 
     def _find_special(self, names: Sequence[str]) -> str | None:
         for n in names:
@@ -1252,8 +1265,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` a leading BOS where ``add_bos`` says so."""
+        if not (add_special_tokens and self.add_bos):
+            return self.backend.encode(text, add_special_tokens=False).ids
+        if text.startswith(self.bos_token):  # the text brings its own BOS (a chat template's)
+            text = text[len(self.bos_token) :]
+        return [self.bos_id, *self.backend.encode(text, add_special_tokens=False).ids]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -1279,7 +1297,7 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "pad_token": self.pad_token,
             "unk_token": None,
-            "add_bos_token": False,
+            "add_bos_token": self.add_bos,  # what tokenizer.json's post-processor does
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
