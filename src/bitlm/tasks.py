@@ -60,8 +60,13 @@ Metrics (lm-eval's ``process_results``):
 ``encode(context + continuation)`` and split after ``len(encode(context))`` tokens; whitespace at
 the end of the context is moved into the continuation first.  The input is left-truncated to the
 model's ``max_seq_len``.  Requests are de-duplicated and sorted by length, so each batch holds
-similar lengths; rows are right-padded, which a causal model never sees.  No BOS is added, and an
-empty context is replaced by the EOS id.
+similar lengths; rows are right-padded, which a causal model never sees.
+
+**BOS.**  Encoding follows the tokenizer's own configuration, as lm-eval's HFLM does with its
+default ``add_bos_token=None``: a tokenizer that puts a BOS in front of a text (Llama-3 / BitNet
+2B4T: ``<|begin_of_text|>``; ``Tokenizer.add_bos``) gets one at the start of the context and of
+context + continuation, so the BOS stays in the context; an empty context becomes that BOS.
+bitlm's own tokenizers add none: no BOS, and an empty context becomes the EOS id.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ __all__ = [
     "data_root",
     "load_task",
     "parse_task_list",
+    "adds_bos",
+    "encode_text",
     "encode_pair",
     "loglikelihood",
     "score_items",
@@ -103,6 +110,7 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     eos_id: int
+    # optional: add_bos (bool) and bos_id, with encode(text, add_special_tokens=True) -> [bos_id, ...]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -315,25 +323,40 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
 # ---------------------------------------------------------------------------------------------
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's configuration puts a BOS in front of a text (``Tokenizer.add_bos``)."""
+    return bool(getattr(tokenizer, "add_bos", False))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as a model input: with one leading BOS when the tokenizer adds one, else plain ids."""
+    if adds_bos(tokenizer):
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    return list(tokenizer.encode(text))
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's ``TemplateLM`` encoding of a (context, continuation) pair into token ids.
 
     Trailing whitespace of the context moves to the continuation (so " word" tokenises as a
     word-initial token).  Then ``context + continuation`` is encoded whole and split after
     ``len(encode(context))`` tokens, which keeps merges across the boundary as the model would see them.
-    An empty context becomes ``[eos_id]``.
+    Both encodings carry the BOS when the tokenizer adds one, so it ends up in the context.
+    An empty context becomes ``[bos_id]`` for such tokenizers and ``[eos_id]`` otherwise (HFLM's
+    ``prefix_token_id``).
     """
     if context == "":
+        prefix = int(tokenizer.bos_id) if adds_bos(tokenizer) else int(tokenizer.eos_id)
         cont = list(tokenizer.encode(continuation))
-        if cont and cont[0] == tokenizer.eos_id:
+        if cont and cont[0] == prefix:
             return cont[:1], cont[1:]
-        return [tokenizer.eos_id], cont
+        return [prefix], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = list(tokenizer.encode(context + continuation))
-    ctx = list(tokenizer.encode(context))
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
     return ctx, whole[len(ctx) :]
 
 
