@@ -19,7 +19,8 @@ the registration has to run before the harness looks the model up.  Either of th
 
 ``model_args``:
 
-* ``path``: a checkpoint folder, HF folder or GGUF file (``bitlm.load``).
+* ``path``: anything ``bitlm.load`` reads: a checkpoint folder, HF folder, GGUF file or packed
+  ``.bitlm`` file (the packed engine runs on the CPU).
 * ``tokenizer``: a tokenizer.json; by default the one stored with the model.
 * ``device``: lm-eval's CLI asks for "cuda" by default; without CUDA the CPU is used.
 * ``batch_size``: give it as lm-eval's own ``--batch_size``, which defaults to 1.  Putting it in
@@ -46,7 +47,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from .tasks import adds_bos, loglikelihood
+from .tasks import adds_bos, loglikelihood, model_device
 
 __all__ = ["BitLMEval", "main"]
 
@@ -91,8 +92,12 @@ class BitLMEval(TemplateLM):
                           stacklevel=2)
             device = None
         if device is not None:
-            self.model.to(device)
-        self._device = next(self.model.parameters()).device
+            if hasattr(self.model, "to"):
+                self.model.to(device)
+            elif torch.device(device).type != "cpu":
+                warnings.warn(f"bitlm: the packed engine runs on the CPU; device {device!r} is ignored",
+                              stacklevel=2)
+        self._device = model_device(self.model)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" → default
         self._max_length = int(max_length) if max_length else int(model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)

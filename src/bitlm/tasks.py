@@ -67,6 +67,9 @@ default ``add_bos_token=None``: a tokenizer that puts a BOS in front of a text (
 2B4T: ``<|begin_of_text|>``; ``Tokenizer.add_bos``) gets one at the start of the context and of
 context + continuation, so the BOS stays in the context; an empty context becomes that BOS.
 bitlm's own tokenizers add none: no BOS, and an empty context becomes the EOS id.
+
+Any model that ``bitlm.load`` reads can be scored: the torch modules (checkpoints, HF folders,
+GGUF) and the packed engine (``.bitlm`` files), which has no parameters to ask for a device.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ __all__ = [
     "adds_bos",
     "encode_text",
     "encode_pair",
+    "model_device",
     "loglikelihood",
     "score_items",
     "evaluate_tasks",
@@ -360,8 +364,17 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return ctx, whole[len(ctx) :]
 
 
-def _per_tensor_activations(model: torch.nn.Module) -> bool:
-    return any(getattr(m, "act_granularity", "token") == "tensor" for m in model.modules())
+def _per_tensor_activations(model: Any) -> bool:
+    # the packed engine has no modules(): it only packs per-token activations (engine.convert)
+    modules = getattr(model, "modules", None)
+    return modules is not None and any(getattr(m, "act_granularity", "token") == "tensor" for m in modules())
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its parameters' device; the CPU for the packed engine."""
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -400,7 +413,7 @@ def loglikelihood(
     max_length = int(max_length or (cfg.max_seq_len if cfg is not None else 2048))
     vocab = cfg.vocab_size if cfg is not None else None
     if device is None:
-        device = next(model.parameters()).device
+        device = model_device(model)
     Key = tuple[tuple[int, ...], tuple[int, ...]]
     pieces: list[list[Key]] = []  # per request: its (context, continuation piece) keys
     for i, (ctx, cont) in enumerate(requests):
