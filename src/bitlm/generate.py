@@ -144,10 +144,13 @@ def generate(
                 if on_text and len(text) > len(emitted):
                     on_text(text[len(emitted):])
                 return text
-        # only emit text that can no longer change (a partial UTF-8 sequence decodes to U+FFFD)
-        if on_text and not text.endswith("\ufffd") and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-            emitted = text
+        # only emit text that can no longer change: not a partial UTF-8 sequence (it decodes to
+        # U+FFFD), and not the start of a stop string, which must never reach the stream
+        hold = max((n for s in stop or () for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        safe = text[: len(text) - hold]
+        if on_text and not safe.endswith("\ufffd") and len(safe) > len(emitted):
+            on_text(safe[len(emitted):])
+            emitted = safe
     text = tokenizer.decode(out)
     if on_text and len(text) > len(emitted):
         on_text(text[len(emitted):])
