@@ -137,6 +137,15 @@ def test_bitlm_tokenizer_is_unchanged(plain, tmp_path):
     assert load_tokenizer(tmp_path / "tok").add_bos is False
 
 
+def test_a_post_processor_that_only_appends_adds_no_bos():
+    from tokenizers import processors
+
+    tk = _bpe(["<|endoftext|>"])
+    tk.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)])
+    tok = Tokenizer(tk)
+    assert not tok.add_bos and tok.encode("the cat", add_special_tokens=True) == tok.encode("the cat")
+
+
 def test_saved_llama3_tokenizer_keeps_its_bos(l3, tmp_path):
     l3.save(tmp_path / "tok")
     assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["add_bos_token"] is True

@@ -1248,12 +1248,15 @@ class Tokenizer:
         self.pad_token = pad
         self.pad_id: int | None = backend.token_to_id(pad) if pad else None
         self._token_bytes: np.ndarray | None = None
-        # What the post-processor puts around an empty text is what it adds to every text (as
-        # transformers' fast tokenizers do when tokenizer.json has one): BOS if it leads with one.
-        added = backend.encode("", add_special_tokens=True).ids if backend.post_processor is not None else []
-        if added and not (bos_token and backend.token_to_id(bos_token) is not None):
-            self.bos_id, self.bos_token = added[0], backend.id_to_token(added[0])  # BOS named only there
-        self.add_bos: bool = bool(added[:1] == [self.bos_id]) if add_bos is None else bool(add_bos)
+        # tokenizer.json's post-processor decides, as in transformers' fast tokenizers: the tokens
+        # it puts in front of a probe text (Llama-3: <|begin_of_text|>) are what it adds to every text
+        lead: list[int] = []
+        if backend.post_processor is not None:
+            bare, full = (backend.encode("a", add_special_tokens=f).ids for f in (False, True))
+            lead = next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), [])
+        if lead and not (bos_token and backend.token_to_id(bos_token) is not None):
+            self.bos_id, self.bos_token = lead[0], backend.id_to_token(lead[0])  # BOS named only there
+        self.add_bos: bool = bool(lead[:1] == [self.bos_id]) if add_bos is None else bool(add_bos)
 
     def _find_special(self, names: Sequence[str]) -> str | None:
         for n in names:
