@@ -133,17 +133,48 @@ def test_generate_matches_full_forward_greedy():
     assert toks == seq[len(prompt):]
 
 
+class Scripted:
+    """A model that always predicts the next token of a fixed script (CharTok ids), so the text a
+    generation produces is known in advance; counts the decode steps it is asked for."""
+
+    def __init__(self, script: str):
+        self.script = CharTok().encode(script)
+        self.config = preset("tiny", vocab_size=257)
+        self.calls = 0
+
+    def new_cache(self, batch=1, max_len=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(pos=0, max_len=max_len)
+
+    def __call__(self, ids, cache=None, last_only=False):
+        self.calls += 1
+        cache.pos += ids.shape[1]
+        n = self.calls - 1  # tokens generated so far
+        logits = torch.zeros(1, 1, 257)
+        logits[0, 0, self.script[n] if n < len(self.script) else 0] = 1.0
+        return logits
+
+
 def test_generate_text_stop_and_stream():
     torch.manual_seed(0)
     m = BitNetModel(preset("tiny", vocab_size=257)).eval()
     tok = CharTok()
     pieces = []
     full = generate(m, tok, "ab", 20, on_text=pieces.append)
-    assert "".join(pieces) == full
-    if len(full) > 3:
-        stop = full[2:4]
-        cut = generate(m, tok, "ab", 20, stop=[stop])
-        assert cut == full[: full.find(stop)]
+    assert full and "".join(pieces) == full  # the stream is the whole text
+    # stop strings, on a model whose text is known: the output ends right before the first stop
+    script = "hello world. STOP and more text after it"
+    assert generate(Scripted(script), tok, "ab", 40) == script
+    for stops, want in [(["STOP"], "hello world. "), (["d. S", "STOP"], "hello worl"), (["o w"], "hell"),
+                        (["never"], script)]:
+        m = Scripted(script)
+        pieces = []
+        cut = generate(m, tok, "ab", 40, stop=stops, on_text=pieces.append)
+        assert cut == want and "".join(pieces) == want, stops
+        if want != script:  # generation ends as soon as the stop string is complete
+            first = min(script.find(s) + len(s) for s in stops if s in script)
+            assert m.calls == first, stops
 
 
 def test_prompt_longer_than_context():

@@ -206,7 +206,18 @@ def test_pack_generate_chat_cli(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "bitlm.cli", "chat", "--model", str(tmp_path / "m.bitlm"),
                         "--max-new-tokens", "5"], input="hello\nthe cat\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.strip().splitlines()) >= 1
+    # each reply is what generate gives for the same prompt (template "plain", history included), greedy
+    from bitlm.generate import CHAT_TEMPLATES, chat_prompt, chat_prompt_ids, generate
+    from bitlm.io import load_tokenizer_for
+
+    pm, tok = load(tmp_path / "m.bitlm"), load_tokenizer_for(tmp_path / "m.bitlm")
+    stop = CHAT_TEMPLATES["plain"]["stop"]
+    msgs = [("User", "hello")]
+    want1 = generate(pm, tok, chat_prompt_ids(tok, msgs, "plain"), 5, stop=stop)
+    msgs += [("Assistant", want1.strip()), ("User", "the cat")]
+    want2 = generate(pm, tok, chat_prompt_ids(tok, msgs, "plain"), 5, stop=stop)
+    assert want2 == generate(pm, tok, chat_prompt(msgs, "plain"), 5, stop=stop)  # bitlm tokenizer: same ids
+    assert want1.strip() and r.stdout == f"{want1}\n{want2}\n"
 
 
 def test_public_pack_api():

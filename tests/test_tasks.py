@@ -378,6 +378,51 @@ def test_tiny_model_on_all_tasks(tiny):
     assert again["tasks"]["lambada"]["perplexity"] == pytest.approx(out["tasks"]["lambada"]["perplexity"], rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def packed_file(tiny, tmp_path_factory):
+    """The tiny model as a .bitlm file (with its tokenizer), as ``bitlm pack`` writes it."""
+    import bitlm
+    from bitlm.engine import save_packed
+
+    model, tok = tiny
+    return save_packed(bitlm.pack(model), tmp_path_factory.mktemp("packed") / "m.bitlm", tokenizer=tok)
+
+
+#: The packed engine's logits equal the checkpoint's to about 1e-4 of their largest magnitude
+#: (tests/test_engine.py); summed over a continuation's tokens that stays within 1e-4 relative.
+PACKED_REL = 1e-4
+
+
+@needs_data
+def test_tasks_on_the_packed_engine_match_the_checkpoint(tiny, packed_file, tmp_path):
+    """Every task runs on the packed engine (what ``bitlm.load`` gives for a .bitlm file), with per-item
+    log-likelihoods equal to the checkpoint's within the packed tolerance and the same accuracies."""
+    import bitlm
+    from bitlm.cli import main
+    from bitlm.engine import PackedModel
+
+    model, tok = tiny
+    packed = bitlm.load(packed_file)
+    assert isinstance(packed, PackedModel)
+    ref = T.evaluate_tasks(model, tok, "all", limit=5, batch_size=4, progress=False, log_samples=True)
+    got = T.evaluate_tasks(packed, tok, "all", limit=5, batch_size=4, progress=False, log_samples=True)
+    for name in T.TASKS:
+        r, g = ref["tasks"][name], got["tasks"][name]
+        assert g["n"] == r["n"] == 5, name
+        for sr, sg in zip(r["samples"], g["samples"]):
+            assert sg["logprobs"] == pytest.approx(sr["logprobs"], rel=PACKED_REL, abs=1e-5), name
+            assert sg["acc"] == sr["acc"] and sg.get("acc_norm") == sr.get("acc_norm"), name
+        assert g["acc"] == r["acc"] and g.get("acc_norm") == r.get("acc_norm"), name
+    # the command users run on a packed file (an AttributeError before)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(packed_file), "--tasks", "arc_easy,lambada", "--limit", "5",
+                 "--json", str(out)]) == 0
+    cli = json.loads(out.read_text())["tasks"]["tasks"]
+    assert cli["arc_easy"]["acc"] == ref["tasks"]["arc_easy"]["acc"]
+    ref_ppl = ref["tasks"]["lambada"]["perplexity"]  # exp(mean NLL): compare the NLLs
+    assert math.log(cli["lambada"]["perplexity"]) == pytest.approx(math.log(ref_ppl), rel=PACKED_REL)
+
+
 # ---------------------------------------------------------------------------------------------
 # lm-evaluation-harness parity
 # ---------------------------------------------------------------------------------------------
@@ -546,6 +591,27 @@ def test_adapter_loads_a_checkpoint_by_path(tiny, tmp_path):
     ((ll, greedy),) = lm._loglikelihood_tokens([(("", ""), *reqs[0])], disable_tqdm=True)
     ((ref_ll, ref_greedy),) = T.loglikelihood(model, reqs)
     assert ll == pytest.approx(ref_ll, abs=1e-5) and greedy == ref_greedy
+
+
+@needs_lm_eval
+def test_adapter_runs_the_packed_engine(tiny, packed_file):
+    from lm_eval.api.instance import Instance
+
+    from bitlm.lm_eval_adapter import BitLMEval
+
+    model, tok = tiny
+    lm = BitLMEval(path=str(packed_file), batch_size="4", device="cpu")
+    reqs = [Instance("loglikelihood", {}, ("Question: why?\nAnswer:", " because"), 0),
+            Instance("loglikelihood", {}, ("Question: why?\nAnswer:", " the sun"), 1)]
+    got = lm.loglikelihood(reqs, disable_tqdm=True)
+    ref = BitLMEval(model=model, tokenizer=tok).loglikelihood(reqs, disable_tqdm=True)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in ref], rel=PACKED_REL, abs=1e-5)
+    assert [g for _, g in got] == [g for _, g in ref]
+    text = "the sun gives energy to plants. "
+    (rolled,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert rolled == pytest.approx(_reference_logprob(model, [tok.eos_id], tok.encode(text))[0], rel=PACKED_REL)
+    (gen,) = lm.generate_until([Instance("generate_until", {}, ("Question:", {"until": ["\n"], "max_gen_toks": 4}), 0)])
+    assert isinstance(gen, str) and "\n" not in gen
 
 
 @needs_lm_eval

@@ -5,13 +5,19 @@ Perplexity is computed over non-overlapping windows of the model's context (ever
 once, the first token of each window without context, as nanoGPT/llm.c do); bits-per-byte is
 total NLL / (ln 2 · UTF-8 bytes of the scored text), which makes models with different
 tokenizers comparable.
+
+BOS: the text is scored as one document.  When the tokenizer puts a BOS in front of a text
+(Llama-3 / BitNet 2B4T ``<|begin_of_text|>``, ``Tokenizer.add_bos``), the token stream is
+``[BOS] + encode(text)``: the first window starts with the BOS, the BOS itself is not scored, and
+every token of the text is (the first one given the BOS).  Later windows continue the same
+document, without another BOS.  bitlm's own tokenizers add none, so the first text token is the
+first window's unscored context, as before.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,7 +109,9 @@ def run(args) -> int:
             from .data import load_text_source
 
             text = load_text_source(args.data).val_text
-        ids = tok.encode(text)
+        from .tasks import encode_text
+
+        ids = encode_text(tok, text)  # a leading BOS where the tokenizer adds one (see the module doc)
         if args.max_tokens is not None:
             ids = ids[: args.max_tokens + 1]
         n_bytes = count_token_bytes(ids[1:], tok)  # UTF-8 bytes the scored tokens stand for
@@ -113,7 +121,7 @@ def run(args) -> int:
     if args.json:
         from .io.atomic import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -6,16 +6,24 @@ engine alike.
 
 Sampling order (as in transformers / llama.cpp): repetition penalty → temperature → top-k →
 top-p → draw.  ``temperature == 0`` is greedy (argmax, no randomness).
+
+BOS: a prompt gets one leading BOS when the tokenizer's configuration adds one (Llama-3 / BitNet
+2B4T ``<|begin_of_text|>``; ``Tokenizer.add_bos``), as transformers and llama.cpp encode it; a
+prompt that starts with the BOS text already keeps just that one.  bitlm's own tokenizers add none.
+Chat templates' special tokens (2B4T's ``<|eot_id|>``) are inserted by id where the vocabulary
+has them; user text is always encoded as text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "sample_next", "generate_tokens", "generate", "add_arguments", "run"]
+__all__ = ["SamplingParams", "sample_next", "generate_tokens", "generate", "chat_prompt", "chat_prompt_ids",
+           "add_arguments", "run"]
 
 
 @dataclass(frozen=True)
@@ -112,12 +120,16 @@ def generate_tokens(
 
 
 def generate(
-    model, tokenizer, prompt: str, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
-    stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+    model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 64,
+    params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """Generate a completion of ``prompt`` (text in, text out).  ``on_text`` receives each new
-    piece of text as it is produced; generation ends at EOS, a stop string, or the token limit."""
-    ids = tokenizer.encode(prompt)
+    """Generate a completion of ``prompt`` (text, or token ids used as they are; text out).
+    ``on_text`` receives each new piece of text as it is produced; generation ends at EOS, a stop
+    string, or the token limit.  A text prompt gets the tokenizer's BOS (see the module doc)."""
+    from .tasks import encode_text
+
+    ids = encode_text(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     out: list[int] = []
     emitted = ""
     for tok in generate_tokens(model, ids, max_new_tokens, params, getattr(tokenizer, "eos_id", None)):
@@ -132,10 +144,13 @@ def generate(
                 if on_text and len(text) > len(emitted):
                     on_text(text[len(emitted):])
                 return text
-        # only emit text that can no longer change (a partial UTF-8 sequence decodes to U+FFFD)
-        if on_text and not text.endswith("\ufffd") and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-            emitted = text
+        # only emit text that can no longer change: not a partial UTF-8 sequence (it decodes to
+        # U+FFFD), and not the start of a stop string, which must never reach the stream
+        hold = max((n for s in stop or () for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        safe = text[: len(text) - hold]
+        if on_text and not safe.endswith("\ufffd") and len(safe) > len(emitted):
+            on_text(safe[len(emitted):])
+            emitted = safe
     text = tokenizer.decode(out)
     if on_text and len(text) > len(emitted):
         on_text(text[len(emitted):])
@@ -234,6 +249,34 @@ def chat_prompt(messages: list[tuple[str, str]], template: str = "plain") -> str
     return "".join(t["turn"].format(role=r, content=c) for r, c in messages) + t["assistant"]
 
 
+_SPECIAL = re.compile(r"(<\|[^|<>\s]+\|>)")
+
+
+def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]], template: str = "plain") -> list[int]:
+    """``chat_prompt`` as model input: the template's own special tokens (``<|eot_id|>``) by id
+    where the vocabulary has them, the text between them encoded as text, one BOS in front when
+    the tokenizer adds one.  Without such tokens this is exactly the encoding of ``chat_prompt``."""
+    from .tasks import adds_bos
+
+    t = CHAT_TEMPLATES[template]
+    backend = getattr(tokenizer, "backend", None)
+    special = (lambda s: backend.token_to_id(s)) if backend is not None else (lambda s: None)
+    runs: list[str | int] = [""]  # text runs and special ids, alternating
+    for fmt, fields in [(t["turn"], {"role": r, "content": c}) for r, c in messages] + [(t["assistant"], {})]:
+        for piece in _SPECIAL.split(fmt):
+            sid = special(piece) if _SPECIAL.fullmatch(piece) else None
+            if sid is None:
+                runs[-1] += piece.format(**fields)  # user content only ever lands in a text run
+            else:
+                runs += [sid, ""]
+    ids: list[int] = []
+    for run in runs:
+        ids += [run] if isinstance(run, int) else (list(tokenizer.encode(run)) if run else [])
+    if adds_bos(tokenizer) and ids[:1] != [int(tokenizer.bos_id)]:  # a template's own BOS is the one
+        ids.insert(0, int(tokenizer.bos_id))
+    return ids
+
+
 def add_chat_arguments(p) -> None:
     p.add_argument("--model", required=True, help="packed model file (fast engine), checkpoint, HF folder or GGUF")
     p.add_argument("--tokenizer", default=None)
@@ -266,14 +309,13 @@ def run_chat(args) -> int:
         if line in ("/exit", "/quit"):
             break
         messages.append(("User", line))
-        ids = tok.encode(chat_prompt(messages, args.template))
+        ids = chat_prompt_ids(tok, messages, args.template)
         room = model.config.max_seq_len - args.max_new_tokens
         while len(ids) > room and len(messages) > 1:  # drop the oldest turns that no longer fit
             messages.pop(0)
-            ids = tok.encode(chat_prompt(messages, args.template))
+            ids = chat_prompt_ids(tok, messages, args.template)
         sys.stdout.write("bot> " if interactive else "")
-        reply = generate(model, tok, chat_prompt(messages, args.template), args.max_new_tokens, params,
-                         t["stop"] + (args.stop or []),
+        reply = generate(model, tok, ids, args.max_new_tokens, params, t["stop"] + (args.stop or []),
                          lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -19,7 +19,8 @@ the registration has to run before the harness looks the model up.  Either of th
 
 ``model_args``:
 
-* ``path``: a checkpoint folder, HF folder or GGUF file (``bitlm.load``).
+* ``path``: anything ``bitlm.load`` reads: a checkpoint folder, HF folder, GGUF file or packed
+  ``.bitlm`` file (the packed engine runs on the CPU).
 * ``tokenizer``: a tokenizer.json; by default the one stored with the model.
 * ``device``: lm-eval's CLI asks for "cuda" by default; without CUDA the CPU is used.
 * ``batch_size``: give it as lm-eval's own ``--batch_size``, which defaults to 1.  Putting it in
@@ -27,6 +28,13 @@ the registration has to run before the harness looks the model up.  Either of th
 * ``max_length``: defaults to the model's ``max_seq_len``.
 
 Passing an in-memory ``model=`` / ``tokenizer=`` is for tests and notebooks.
+
+BOS as HFLM with its default ``add_bos_token=None``: ``tok_encode`` follows the tokenizer (one
+leading BOS for Llama-3 / 2B4T tokenizers, none for bitlm's), and ``prefix_token_id`` (the
+context of an empty-context request and of the first rolling window) is the BOS for tokenizers
+that add one, else EOS.  One difference: HFLM's rolling log-likelihood encodes the document *with*
+its BOS and then prefixes another, so it scores the BOS token itself; here the document is
+encoded without it, so the prefix BOS is the only one and exactly the document's tokens are scored.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from .tasks import loglikelihood
+from .tasks import adds_bos, loglikelihood, model_device
 
 __all__ = ["BitLMEval", "main"]
 
@@ -84,8 +92,12 @@ class BitLMEval(TemplateLM):
                           stacklevel=2)
             device = None
         if device is not None:
-            self.model.to(device)
-        self._device = next(self.model.parameters()).device
+            if hasattr(self.model, "to"):
+                self.model.to(device)
+            elif torch.device(device).type != "cpu":
+                warnings.warn(f"bitlm: the packed engine runs on the CPU; device {device!r} is ignored",
+                              stacklevel=2)
+        self._device = model_device(self.model)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" → default
         self._max_length = int(max_length) if max_length else int(model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
@@ -96,11 +108,18 @@ class BitLMEval(TemplateLM):
         return int(self.tokenizer.eos_id)
 
     @property
+    def prefix_token_id(self) -> int:
+        return int(self.tokenizer.bos_id) if adds_bos(self.tokenizer) else self.eot_token_id
+
+    @property
     def max_length(self) -> int:
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return list(self.tokenizer.encode(string))
+        # None (lm-eval's default) = the tokenizer's own configuration, as HFLM does
+        if add_special_tokens is False or not adds_bos(self.tokenizer):
+            return list(self.tokenizer.encode(string))
+        return list(self.tokenizer.encode(string, add_special_tokens=True))
 
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -118,7 +137,7 @@ class BitLMEval(TemplateLM):
         out = []
         for (text,) in [r.args for r in requests]:
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.eot_token_id,
+                token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
             scores = loglikelihood(self.model, windows, batch_size=self.batch_size, max_length=self.max_length,
                                    device=self._device)

@@ -60,8 +60,16 @@ Metrics (lm-eval's ``process_results``):
 ``encode(context + continuation)`` and split after ``len(encode(context))`` tokens; whitespace at
 the end of the context is moved into the continuation first.  The input is left-truncated to the
 model's ``max_seq_len``.  Requests are de-duplicated and sorted by length, so each batch holds
-similar lengths; rows are right-padded, which a causal model never sees.  No BOS is added, and an
-empty context is replaced by the EOS id.
+similar lengths; rows are right-padded, which a causal model never sees.
+
+**BOS.**  Encoding follows the tokenizer's own configuration, as lm-eval's HFLM does with its
+default ``add_bos_token=None``: a tokenizer that puts a BOS in front of a text (Llama-3 / BitNet
+2B4T: ``<|begin_of_text|>``; ``Tokenizer.add_bos``) gets one at the start of the context and of
+context + continuation, so the BOS stays in the context; an empty context becomes that BOS.
+bitlm's own tokenizers add none: no BOS, and an empty context becomes the EOS id.
+
+Any model that ``bitlm.load`` reads can be scored: the torch modules (checkpoints, HF folders,
+GGUF) and the packed engine (``.bitlm`` files), which has no parameters to ask for a device.
 """
 
 from __future__ import annotations
@@ -89,7 +97,10 @@ __all__ = [
     "data_root",
     "load_task",
     "parse_task_list",
+    "adds_bos",
+    "encode_text",
     "encode_pair",
+    "model_device",
     "loglikelihood",
     "score_items",
     "evaluate_tasks",
@@ -103,6 +114,7 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     eos_id: int
+    # optional: add_bos (bool) and bos_id, with encode(text, add_special_tokens=True) -> [bos_id, ...]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -315,33 +327,60 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
 # ---------------------------------------------------------------------------------------------
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's configuration puts a BOS in front of a text (``Tokenizer.add_bos``)."""
+    return bool(getattr(tokenizer, "add_bos", False))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as a model input: with one leading BOS when the tokenizer adds one, else plain ids."""
+    if adds_bos(tokenizer):
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    return list(tokenizer.encode(text))
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's ``TemplateLM`` encoding of a (context, continuation) pair into token ids.
 
     Trailing whitespace of the context moves to the continuation (so " word" tokenises as a
     word-initial token).  Then ``context + continuation`` is encoded whole and split after
     ``len(encode(context))`` tokens, which keeps merges across the boundary as the model would see them.
-    An empty context becomes ``[eos_id]``.
+    Both encodings carry the BOS when the tokenizer adds one, so it ends up in the context.
+    An empty context becomes ``[bos_id]`` for such tokenizers and ``[eos_id]`` otherwise (HFLM's
+    ``prefix_token_id``).
     """
     if context == "":
+        prefix = int(tokenizer.bos_id) if adds_bos(tokenizer) else int(tokenizer.eos_id)
         cont = list(tokenizer.encode(continuation))
-        if cont and cont[0] == tokenizer.eos_id:
+        if cont and cont[0] == prefix:
             return cont[:1], cont[1:]
-        return [tokenizer.eos_id], cont
+        return [prefix], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = list(tokenizer.encode(context + continuation))
-    ctx = list(tokenizer.encode(context))
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
     return ctx, whole[len(ctx) :]
 
 
-def _per_tensor_activations(model: torch.nn.Module) -> bool:
+def _per_tensor_activations(model: Any) -> bool:
+    # the packed engine has no modules(): it only packs per-token activations (engine.convert)
+    modules = getattr(model, "modules", None)
+    if modules is None:
+        return False
+
     def gran(m):  # BitLinear: one granularity in training mode, another in eval mode (b1 paper)
         return getattr(m, "act_granularity" if m.training else "act_granularity_eval", getattr(m, "act_granularity", "token"))
 
-    return any(gran(m) == "tensor" for m in model.modules())
+    return any(gran(m) == "tensor" for m in modules())
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its parameters' device; the CPU for the packed engine."""
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -380,7 +419,7 @@ def loglikelihood(
     max_length = int(max_length or (cfg.max_seq_len if cfg is not None else 2048))
     vocab = cfg.vocab_size if cfg is not None else None
     if device is None:
-        device = next(model.parameters()).device
+        device = model_device(model)
     Key = tuple[tuple[int, ...], tuple[int, ...]]
     pieces: list[list[Key]] = []  # per request: its (context, continuation piece) keys
     for i, (ctx, cont) in enumerate(requests):

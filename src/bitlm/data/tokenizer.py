@@ -53,6 +53,12 @@ class Tokenizer:
     never forge document boundaries.  Special ids are inserted by id (``eos_id``), never by text.
     ``decode`` keeps special tokens, so for byte-level BPE ``decode(encode(s)) == s`` for every
     string ``s``, and ``count_token_bytes(encode(s)) == utf8_len(s)``.
+
+    ``add_bos`` says whether the tokenizer's own configuration puts a BOS in front of a text (a
+    Llama-3 / 2B4T ``tokenizer.json`` post-processor ``<|begin_of_text|> $A``, or a GGUF's
+    ``tokenizer.ggml.add_bos_token``).  ``encode(text, add_special_tokens=True)`` then prepends
+    ``bos_id`` once; a leading literal BOS text (a chat template's ``{{ bos_token }}``) is that BOS,
+    never a second one.  bitlm's own tokenizers configure none, so for them it is plain ``encode``.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class Tokenizer:
         eos_token: str | None = None,
         bos_token: str | None = None,
         pad_token: str | None = None,
+        add_bos: bool | None = None,
     ):
         self.backend = backend
         if hasattr(backend, "encode_special_tokens"):  # tokenizers >= 0.19
@@ -79,6 +86,15 @@ class Tokenizer:
         self.pad_token = pad
         self.pad_id: int | None = backend.token_to_id(pad) if pad else None
         self._token_bytes: np.ndarray | None = None
+        # tokenizer.json's post-processor decides, as in transformers' fast tokenizers: the tokens
+        # it puts in front of a probe text (Llama-3: <|begin_of_text|>) are what it adds to every text
+        lead: list[int] = []
+        if backend.post_processor is not None:
+            bare, full = (backend.encode("a", add_special_tokens=f).ids for f in (False, True))
+            lead = next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), [])
+        if lead and not (bos_token and backend.token_to_id(bos_token) is not None):
+            self.bos_id, self.bos_token = lead[0], backend.id_to_token(lead[0])  # BOS named only there
+        self.add_bos: bool = bool(lead[:1] == [self.bos_id]) if add_bos is None else bool(add_bos)
 
     def _find_special(self, names: Sequence[str]) -> str | None:
         for n in names:
@@ -90,8 +106,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` a leading BOS where ``add_bos`` says so."""
+        if not (add_special_tokens and self.add_bos):
+            return self.backend.encode(text, add_special_tokens=False).ids
+        if text.startswith(self.bos_token):  # the text brings its own BOS (a chat template's)
+            text = text[len(self.bos_token) :]
+        return [self.bos_id, *self.backend.encode(text, add_special_tokens=False).ids]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -117,7 +138,7 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "pad_token": self.pad_token,
             "unk_token": None,
-            "add_bos_token": False,
+            "add_bos_token": self.add_bos,  # what tokenizer.json's post-processor does
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }

@@ -74,7 +74,7 @@ tokenizer.json / folder) the GGUF gets llama.cpp's ``gpt2`` BPE vocabulary: ``to
 up to the model's vocab size → ``[PADn]`` UNUSED), ``merges``, bos/eos/pad ids,
 ``tokenizer.ggml.pre`` = ``"gpt-2"`` (llama.cpp's name for the GPT-2 split regex that bitlm's
 byte-level BPE uses) or ``"llama-bpe"`` (LLaMA 3 / 2B4T tokenizers), and
-``add_bos_token = false`` (bitlm never prepends BOS).  The exact tokenizer is also written
+``add_bos_token`` as the tokenizer's ``add_bos`` (false for bitlm's own tokenizers).  The exact tokenizer is also written
 beside the model as ``<name>.tokenizer.json``, where
 ``bitlm.io.load_tokenizer_for`` finds it.  :func:`load_gguf` rebuilds a tokenizer from the GGUF
 vocabulary (:func:`gguf_tokenizer`; ``gpt-2`` and ``llama-bpe`` pre-tokenizers) and attaches it
@@ -891,7 +891,7 @@ def save_gguf(
             w.add_eos_token_id(vocab["eos"])
             if vocab["pad"] is not None:
                 w.add_pad_token_id(vocab["pad"])
-            w.add_add_bos_token(False)  # bitlm never prepends BOS: llama-cli must not either
+            w.add_add_bos_token(bool(getattr(tok, "add_bos", False)))  # as the tokenizer does (bitlm's: never)
             w.add_add_eos_token(False)
         for tname, arr, raw_dtype in tensors:
             w.add_tensor(tname, arr, raw_dtype=raw_dtype)
@@ -981,4 +981,5 @@ def _tokenizer_from_metadata(path: Path, meta: dict[str, Any]) -> Any:
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     return Tokenizer(backend, tok_at("tokenizer.ggml.eos_token_id"), tok_at("tokenizer.ggml.bos_token_id"),
-                     tok_at("tokenizer.ggml.padding_token_id"))
+                     tok_at("tokenizer.ggml.padding_token_id"),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3", "llama-v3"))))
