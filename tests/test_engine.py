@@ -208,7 +208,7 @@ def test_pack_generate_chat_cli(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     # each reply is what generate gives for the same prompt (template "plain", history included), greedy
     from bitlm.generate import CHAT_TEMPLATES, chat_prompt, chat_prompt_ids, generate
-    from bitlm.io import load_tokenizer_for
+    from bitlm.loading import load_tokenizer_for
 
     pm, tok = load(tmp_path / "m.bitlm"), load_tokenizer_for(tmp_path / "m.bitlm")
     stop = CHAT_TEMPLATES["plain"]["stop"]

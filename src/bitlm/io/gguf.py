@@ -76,7 +76,7 @@ up to the model's vocab size → ``[PADn]`` UNUSED), ``merges``, bos/eos/pad ids
 byte-level BPE uses) or ``"llama-bpe"`` (LLaMA 3 / 2B4T tokenizers), and
 ``add_bos_token`` as the tokenizer's ``add_bos`` (false for bitlm's own tokenizers).  The exact tokenizer is also written
 beside the model as ``<name>.tokenizer.json``, where
-``bitlm.io.load_tokenizer_for`` finds it.  :func:`load_gguf` rebuilds a tokenizer from the GGUF
+``bitlm.loading.load_tokenizer_for`` finds it.  :func:`load_gguf` rebuilds a tokenizer from the GGUF
 vocabulary (:func:`gguf_tokenizer`; ``gpt-2`` and ``llama-bpe`` pre-tokenizers) and attaches it
 as ``model.tokenizer`` (the sidecar wins when present).
 
@@ -185,7 +185,7 @@ def _gguf():
 
 
 def tokenizer_sidecar(path: str | Path) -> Path:
-    """``model.gguf`` → ``model.tokenizer.json`` (where ``bitlm.io.load_tokenizer_for`` looks)."""
+    """``model.gguf`` → ``model.tokenizer.json`` (where ``bitlm.loading.load_tokenizer_for`` looks)."""
     return Path(path).with_suffix(".tokenizer.json")
 
 
