@@ -8,6 +8,10 @@ import pytest
 from bitlm.experiments import EXPERIMENTS, Setup, fit_power_law, power_law, run_experiment
 
 
+# the experiments train on the default corpus: downloaded from Debian on first use
+needs_corpus = pytest.mark.network
+
+
 @pytest.fixture(scope="module")
 def data():
     from bitlm.data import prepare_data
@@ -32,6 +36,7 @@ def _read(out):
     return res, md
 
 
+@needs_corpus
 def test_compare(tmp_path, data):
     res, md = _read_after(run_experiment("compare", tiny("compare"), tmp_path, progress=False, data=data), tmp_path)
     assert [r["quant"] for r in res["rows"]] == ["fp", "b1", "b1.58"]
@@ -51,6 +56,7 @@ def _read_after(_res, out):
     return _read(out)
 
 
+@needs_corpus
 def test_ptq(tmp_path, data):
     from bitlm.ptq import METHODS
 
@@ -62,6 +68,7 @@ def test_ptq(tmp_path, data):
     assert "Random" in md and "gptq" in md
 
 
+@needs_corpus
 def test_scaling(tmp_path, data):
     res, md = _read_after(run_experiment("scaling", tiny("scaling"), tmp_path, progress=False, data=data), tmp_path)
     assert len(res["rows"]) == 2 * 4
@@ -71,6 +78,7 @@ def test_scaling(tmp_path, data):
     assert "L(N) = a·N^b + c" in md
 
 
+@needs_corpus
 def test_lr(tmp_path, data):
     res, md = _read_after(run_experiment("lr", tiny("lr", lrs=(1e-3, 1e3)), tmp_path, progress=False, data=data),
                           tmp_path)
