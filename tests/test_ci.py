@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import ALLOW_NO_NATIVE, native_required
 
 ROOT = Path(__file__).resolve().parent.parent

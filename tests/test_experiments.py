@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bitlm.experiments import EXPERIMENTS, Setup, fit_power_law, power_law, run_experiment
-
+from bitlm.experiments import EXPERIMENTS, NAMES, Setup, fit_power_law, power_law, run_experiment
 
 # the experiments train on the default corpus: downloaded from Debian on first use
 needs_corpus = pytest.mark.network
@@ -73,9 +72,20 @@ def test_scaling(tmp_path, data):
     res, md = _read_after(run_experiment("scaling", tiny("scaling"), tmp_path, progress=False, data=data), tmp_path)
     assert len(res["rows"]) == 2 * 4
     assert set(res["fits"]) == {"fp", "b1.58"}
-    for f in res["fits"].values():  # 4 points: a fit or a stated reason, never a crash
-        assert f["ok"] or f["reason"]
     assert "L(N) = a·N^b + c" in md
+    for q, f in res["fits"].items():
+        pts = [r for r in res["rows"] if r["quant"] == q]
+        assert len(pts) == 4 and all(np.isfinite(r["val_loss"]) for r in pts), pts
+        # the recorded fit is the fit of the recorded points (whether those 4 tiny runs give a
+        # power law or not is up to 3 training steps; what is reported must follow from them)
+        refit = fit_power_law([r["linear_weights"] for r in pts], [r["val_loss"] for r in pts])
+        assert f == json.loads(json.dumps(refit)), q
+        # and the markdown shows it: the fitted numbers, or the reason there is no fit
+        row = [line for line in md.splitlines() if line.startswith(f"| {NAMES[q]} ") and "|" in line[2:]][-1]
+        if f["ok"]:
+            assert f"{f['a']:.4g}" in row and f"{f['b']:.4f}" in row and f["method"] in row, row
+        else:
+            assert f["reason"] in row and "| - |" in row, row
 
 
 @needs_corpus
