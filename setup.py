@@ -7,10 +7,15 @@ own flags — per-ISA flags go on one file only (``x86_avx2.c`` gets ``-mavx2 -m
 ``x86_avx512.c`` the AVX-512 set), never on the whole library, so that the dispatcher and the
 generic code run on any CPU.
 
-A missing or failing compiler never fails the install: the error is reported as a warning and
-the package runs on its pure-torch reference path (``bitlm.kernels.backend_info()`` says why).
+On x86-64 Linux, the platform the kernels are written and tested for, a failed build of the
+library FAILS the install, so that a broken compiler set-up cannot pass CI on the slow pure-torch
+path.  Set ``BITLM_ALLOW_NO_NATIVE=1`` to install without the kernels anyway (the error becomes a
+warning, bitlm runs on its pure-torch reference kernels and ``bitlm.kernels.backend_info()`` says
+why; the test suite honours the same variable).  On other platforms a failed build is always
+only a warning.  ``BITLM_NO_NATIVE=1`` skips the build altogether.
+
 A tier whose file fails to compile (e.g. an old compiler without AVX-512 VNNI) is dropped and
-the library is built without it.
+the library is built without it: the generic and lower tiers still give the same numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+# Where the native library must build (see the module docstring); the same rule as tests/conftest.py.
+NATIVE_REQUIRED = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+ALLOW_NO_NATIVE = "BITLM_ALLOW_NO_NATIVE"
+
+
+def _allow_no_native() -> bool:
+    return os.environ.get(ALLOW_NO_NATIVE, "").strip().lower() not in ("", "0", "false", "no")
 
 # -ffp-contract=off: the dequant epilogue and the RMSNorm must round exactly like torch's
 # separate multiply and add; GCC would otherwise fuse a*b+c into an FMA in the tier files.
@@ -39,17 +51,24 @@ BASE_FILES = ["generic.c", "threadpool.c", "decode.c"]
 
 
 class BuildKernels(build_ext):
-    """Compile csrc/*.c file by file with per-file flags; never fail the install."""
+    """Compile csrc/*.c file by file with per-file flags; a failure is fatal on x86-64 Linux unless
+    BITLM_ALLOW_NO_NATIVE is set, a warning elsewhere."""
 
     def build_extension(self, ext: Extension) -> None:
         if ext.name != "bitlm._bitlm_kernels":
             return super().build_extension(ext)
         try:
             self._build_kernels(ext)
-        except Exception as e:  # noqa: BLE001 - any compiler/linker problem must not fail pip
+        except Exception as e:  # noqa: BLE001 - any compiler/linker problem: decided below
             stale = self.get_ext_fullpath(ext.name)
             if os.path.exists(stale):  # an older build must not ship as if it were this one
                 os.remove(stale)
+            if NATIVE_REQUIRED and not _allow_no_native():
+                raise RuntimeError(
+                    f"bitlm: building the native kernels failed ({type(e).__name__}: {e}). On x86-64 Linux "
+                    f"they are required; install a C compiler (gcc) or set {ALLOW_NO_NATIVE}=1 to install "
+                    "without them (bitlm then runs its slow pure-torch reference kernels)"
+                ) from e
             msg = (
                 f"bitlm: building the native kernels failed ({type(e).__name__}: {e}); "
                 "installing without them - bitlm will use its pure-torch reference kernels"
@@ -104,7 +123,9 @@ def _ext_modules() -> list[Extension]:
     # sources are listed for sdists / change detection; BuildKernels compiles them itself
     sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
     headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h")]
-    return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers)]
+    # optional=True: when a failed build is allowed (see BuildKernels), an in-place/editable build
+    # must not then fail copying the library that was never built
+    return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers, optional=True)]
 
 
 if sysconfig.get_config_var("CC") is None and not os.environ.get("CC"):

@@ -40,6 +40,7 @@ def test_checkpoint_round_trip(tmp_path, name):
     save_checkpoint(m, tmp_path / "ck", step=7, train_config={"recipe": "b1.58"})
     m2, meta = load_checkpoint(tmp_path / "ck")
     assert meta["step"] == 7 and m2.config == m.config
+    assert m.state_dict().keys() == m2.state_dict().keys()
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
     if m.config.tie_embeddings:

@@ -419,6 +419,7 @@ def test_warmup_sets_lambda_per_step_and_resume_is_bit_identical(tmp_path):
         T.lm_loss = orig
     resumed = train(full.model.config, t, data, resume=True, **quiet)
     assert resumed.step == 10
+    assert full.model.state_dict().keys() == resumed.model.state_dict().keys()
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), f"{k} differs after resume"
 
@@ -506,6 +507,7 @@ def test_cli_convert_then_train_init_from(tmp_path, pretrained_llama, monkeypatc
     model, meta = load_checkpoint(ckpt)
     assert meta["converted_from"]["architectures"] == ["LlamaForCausalLM"] and model.config.sub_norm is False
     ref = convert_llama(folder)
+    assert ref.state_dict().keys() == model.state_dict().keys()
     for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
     text = tmp_path / "text.txt"

@@ -154,11 +154,29 @@ def test_reproduces_bitnet_table_1():
     for r in rows:
         key = (r["model"], r["wbits"], r["node"], r["op"].lower())
         if key in E.TABLE1_KNOWN_MISSES:
-            # 0.034 vs 0.04 and 0.135 vs 0.14: see docs/energy.md
-            assert abs(r["computed"] - r["published"]) < 0.01, r
-            assert round(r["computed"], 2) != r["published"]  # if this starts passing, update the docs
+            # docs/energy.md: with Table 2's printed 0.007 pJ INT8 add these two cells come out
+            # 0.0340 and 0.1348 J where the paper prints 0.04 and 0.14: within one unit of the
+            # printed last digit, not within its rounding
+            assert r["published"] - 0.01 < r["computed"] < r["published"], r
         else:
             assert round(r["computed"], 2) == r["published"], r
+
+
+@pytest.mark.parametrize("int8_add_pj", [0.00731, 0.00737, 0.00743])
+def test_table_1_is_reproduced_whole_with_the_unrounded_int8_add(monkeypatch, int8_add_pj):
+    """docs/energy.md's explanation of the two misses: an effective 7 nm INT8 add energy between
+    0.00730 and 0.00744 pJ (printed 0.007 in Table 2) reproduces all 36 cells at 2 decimals."""
+    monkeypatch.setitem(E.ENERGY_PJ["7nm"]["int8"], "add", int8_add_pj)
+    rows = E.table1()
+    assert len(rows) == 36
+    assert [r for r in rows if round(r["computed"], 2) != r["published"]] == []
+
+
+@pytest.mark.parametrize("int8_add_pj", [0.0072, 0.0075])
+def test_table_1_int8_add_window_is_narrow(monkeypatch, int8_add_pj):
+    # just outside the window some W1 7 nm ADD cell misses again: the explanation is specific
+    monkeypatch.setitem(E.ENERGY_PJ["7nm"]["int8"], "add", int8_add_pj)
+    assert [r for r in E.table1() if round(r["computed"], 2) != r["published"]]
 
 
 def test_b158_per_op_ratio():

@@ -68,21 +68,6 @@ class FixedDistributionModel(nn.Module):
         return self.logw.expand(*ids.shape, -1).clone()
 
 
-class HFTokenizer:
-    """The ``encode/decode/vocab_size/eos_id`` interface over a ``tokenizers.Tokenizer``."""
-
-    def __init__(self, tk):
-        self.tk = tk
-        self.vocab_size = tk.get_vocab_size()
-        self.eos_id = tk.token_to_id("<eos>")
-
-    def encode(self, s: str) -> list[int]:
-        return self.tk.encode(s).ids
-
-    def decode(self, ids) -> str:
-        return self.tk.decode(list(ids))
-
-
 def _train_tokenizer(texts: list[str], vocab_size: int = 512):
     """A byte-level BPE trained on ``texts``, wrapped in bitlm.data.Tokenizer (the wrapper the CLI uses)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -93,10 +78,8 @@ def _train_tokenizer(texts: list[str], vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer)
-    try:
-        from bitlm.data import Tokenizer as BitlmTokenizer
-    except ImportError:  # keep the scorer's tests independent of the data module
-        return HFTokenizer(tk)
+    from bitlm.data import Tokenizer as BitlmTokenizer
+
     return BitlmTokenizer(tk)
 
 
@@ -479,6 +462,7 @@ metric_list:
     ours = T.evaluate_tasks(model, tok, ["arc_easy"], limit=n, batch_size=16, progress=False, log_samples=True)
     mine = ours["tasks"]["arc_easy"]
     assert res["acc,none"] == pytest.approx(mine["acc"]) and res["acc_norm,none"] == pytest.approx(mine["acc_norm"])
+    assert len(samples) == len(mine["samples"]) == n
     for s, m in zip(samples, mine["samples"]):
         assert [ll for ll, _ in s["filtered_resps"]] == pytest.approx(m["logprobs"], abs=1e-6)
         assert (s["acc"], s["acc_norm"]) == (m["acc"], m["acc_norm"])
@@ -534,8 +518,7 @@ def test_lm_eval_own_task_yaml_matches_bitlm(task, tiny, tmp_path, monkeypatch):
     from bitlm.lm_eval_adapter import BitLMEval
 
     yaml_src = Path(os.path.dirname(lm_eval.tasks.__file__)) / LM_EVAL_YAMLS[task]
-    if not yaml_src.is_file():
-        pytest.skip(f"this lm-eval version has no {yaml_src}")
+    assert yaml_src.is_file(), f"lm-eval {lm_eval.__version__} has no {yaml_src}: update LM_EVAL_YAMLS"
     model, tok = tiny
     n = 10
     docs, split = _raw_docs(task, n)
@@ -551,6 +534,7 @@ def test_lm_eval_own_task_yaml_matches_bitlm(task, tiny, tmp_path, monkeypatch):
         assert res["acc_norm,none"] == pytest.approx(mine["acc_norm"])
     if task == "lambada":
         assert res["perplexity,none"] == pytest.approx(mine["perplexity"], rel=1e-6)
+    assert len(samples) == len(mine["samples"]) == n
     for s, m in zip(samples, mine["samples"]):
         assert [ll for ll, _ in s["filtered_resps"]] == pytest.approx(m["logprobs"], abs=1e-6)
 
@@ -583,8 +567,6 @@ def test_adapter_loads_a_checkpoint_by_path(tiny, tmp_path):
     from bitlm.lm_eval_adapter import BitLMEval
 
     model, tok = tiny
-    if not hasattr(tok, "save"):
-        pytest.skip("bitlm.data.Tokenizer not available")
     bitlm.save(model, tmp_path / "ckpt", tokenizer=tok)
     lm = BitLMEval(path=str(tmp_path / "ckpt"), batch_size="4")
     reqs = [(tok.encode("Question: why?\nAnswer:"), tok.encode(" because"))]

@@ -86,6 +86,7 @@ def test_resume_is_bit_identical(tmp_path):
         T.lm_loss = orig
     resumed = train(cfg(), t, data, resume=True, log=lambda *a: None)
     assert resumed.step == 12
+    assert full.model.state_dict().keys() == resumed.model.state_dict().keys()
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), f"{k} differs after resume"
 
