@@ -174,7 +174,7 @@ def test_every_declared_dependency_is_imported():
     unused_core = {_req_name(r) for r in proj["dependencies"]} - src_dists
     assert not unused_core, f"core dependencies that nothing in src/ imports: {sorted(unused_core)}"
     # extras: imported by the package, the tests, the benchmarks or setup.py
-    local = {"bitlm", "conftest", "_data_writers", *(p.stem for p in _py_files("benchmarks"))}
+    local = {"bitlm", "setup", *(p.stem for p in _py_files("tests", "benchmarks"))}
     everything = _third_party(_imports(_py_files("src", "tests", "benchmarks") + [ROOT / "setup.py"]), local)
     all_dists = set().union(*(_dists_of(m) for m in everything))
     extras = {(name, _req_name(r)) for name, reqs in proj["optional-dependencies"].items() for r in reqs}
