@@ -71,3 +71,8 @@ def pattern_data(vocab: int = VOCAB, n: int = 20000, stride: int = 1) -> ArrayDa
     noise = rng.random(n) < 0.1
     base[noise] = rng.integers(0, vocab, noise.sum())
     return ArrayData(base, vocab)
+
+
+def random_data(vocab: int = VOCAB, n: int = 20000, seed: int = 0) -> ArrayData:
+    """Uniformly random tokens: for tests of the training loop's mechanics, not of learning."""
+    return ArrayData(np.random.default_rng(seed).integers(0, vocab, n), vocab)

@@ -14,6 +14,7 @@ import torch
 from bitlm.config import preset
 from bitlm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bitlm.model import BitNetModel
+from helpers import random_data
 
 
 def _model(seed=0) -> BitNetModel:
@@ -127,17 +128,6 @@ def test_lora_checkpoint_covers_the_adapters(tmp_path):
         bitlm.load(tmp_path / "run")
 
 
-class TinyData:
-    """The two things train() asks of a TokenData: batches and a tokenizer to save."""
-
-    tokenizer = type("NoTok", (), {"vocab_size": 64, "save": lambda self, path: None})()
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
-        g = torch.Generator().manual_seed(seed * 1000 + step)
-        x = torch.randint(0, 64, (batch_size, seq_len + 1), generator=g)
-        return x[:, :-1], x[:, 1:]
-
-
 def test_resume_refuses_a_corrupt_optimizer_state(tmp_path, monkeypatch):
     from bitlm.train import TrainConfig, train
 
@@ -147,15 +137,15 @@ def test_resume_refuses_a_corrupt_optimizer_state(tmp_path, monkeypatch):
         return TrainConfig(max_steps=steps, batch_size=2, seq_len=16, eval_every=0, progress=False,
                            out_dir=str(tmp_path / "run"))
 
-    train(cfg, tc(2), TinyData(), log=lambda *a: None)
+    train(cfg, tc(2), random_data(), log=lambda *a: None)
     opt = tmp_path / "run" / "last" / "optimizer.pt"
     raw = bytearray(opt.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     opt.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"last/optimizer\.pt: corrupt"):
-        train(cfg, tc(4), TinyData(), resume=True, log=lambda *a: None)
+        train(cfg, tc(4), random_data(), resume=True, log=lambda *a: None)
     # unverified (or a checkpoint from before checksums), a torn file is still named, not a traceback
     monkeypatch.setenv("BITLM_VERIFY", "0")
     opt.write_bytes(bytes(raw[: len(raw) // 3]))
     with pytest.raises(CheckpointError, match=r"last/optimizer\.pt: corrupt or truncated"):
-        train(cfg, tc(4), TinyData(), resume=True, log=lambda *a: None)
+        train(cfg, tc(4), random_data(), resume=True, log=lambda *a: None)

@@ -15,6 +15,7 @@ import torch
 
 from bitlm.config import ModelConfig, preset
 from bitlm.model import BitNetModel
+from helpers import random_data
 
 UMASK = 0o027  # group may read, others nothing: differs from both 0o600 and the usual 0o644
 FILE, DIR = 0o666 & ~UMASK, 0o777 & ~UMASK
@@ -56,17 +57,6 @@ def tok():
     from bitlm.data.tokenizer import _train_bpe
 
     return Tokenizer(_train_bpe(["the cat sat on the mat. " * 40] * 4, 280), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
-
-
-class TinyData:
-    """The two things train() asks of a TokenData: batches and a tokenizer to save."""
-
-    tokenizer = type("NoTok", (), {"vocab_size": 64, "save": lambda self, path: None})()
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
-        g = torch.Generator().manual_seed(seed * 1000 + step)
-        x = torch.randint(0, 64, (batch_size, seq_len + 1), generator=g)
-        return x[:, :-1], x[:, 1:]
 
 
 def tiny_gguf_model() -> BitNetModel:
@@ -152,7 +142,7 @@ def test_hf_export_copies_a_private_tokenizer_with_normal_modes(tmp_path, umask,
 def test_training_run_folder(tmp_path, umask):
     from bitlm.train import TrainConfig, train
 
-    data = TinyData()
+    data = random_data()
     tc = TrainConfig(max_steps=2, batch_size=2, seq_len=16, eval_every=0, log_every=1, progress=False,
                      out_dir=str(tmp_path / "run"))
     train(preset("tiny", vocab_size=64, max_seq_len=32), tc, data, log=lambda *a: None)

@@ -21,6 +21,7 @@ import bitlm.train as T
 from bitlm.config import preset
 from bitlm.io.checkpoint import load_checkpoint
 from bitlm.train import TrainConfig, TrainingAborted, TrainingInterrupted, train
+from helpers import random_data
 
 STEPS = 60  # the test signals at step ~3: ~57 steps (>= 0.3 s) to spare before the run would end
 QUIET = dict(log=lambda *a: None)
@@ -29,15 +30,6 @@ QUIET = dict(log=lambda *a: None)
 # ---------------------------------------------------------------------------------------------
 # In-process: the loop's own rules
 # ---------------------------------------------------------------------------------------------
-
-
-class TinyData:
-    tokenizer = type("NoTok", (), {"vocab_size": 64, "save": lambda self, path: None})()
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0):
-        g = torch.Generator().manual_seed(seed * 1000 + step)
-        x = torch.randint(0, 64, (batch_size, seq_len + 1), generator=g)
-        return x[:, :-1], x[:, 1:]
 
 
 def _cfg():
@@ -82,18 +74,18 @@ def _saved_steps(monkeypatch) -> list[int]:
 
 
 def test_sigterm_in_process_finishes_the_step_saves_and_resumes(tmp_path, monkeypatch):
-    full = train(_cfg(), _tc(tmp_path / "full"), TinyData(), **QUIET)
+    full = train(_cfg(), _tc(tmp_path / "full"), random_data(), **QUIET)
     _hook_loss(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))  # during step index 3
     old = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as ei:
-        train(_cfg(), _tc(tmp_path / "b"), TinyData(), **QUIET)
+        train(_cfg(), _tc(tmp_path / "b"), random_data(), **QUIET)
     e = ei.value
     assert (e.signum, e.step, e.checkpoint) == (signal.SIGTERM, 4, tmp_path / "b" / "last")  # step 3 was finished
     assert isinstance(e, KeyboardInterrupt)  # callers that only know Ctrl-C still stop
     assert signal.getsignal(signal.SIGTERM) is old  # handlers given back
     assert load_checkpoint(e.checkpoint)[1]["step"] == 4
     monkeypatch.undo()
-    resumed = train(_cfg(), _tc(tmp_path / "b"), TinyData(), resume=True, **QUIET)
+    resumed = train(_cfg(), _tc(tmp_path / "b"), random_data(), resume=True, **QUIET)
     assert resumed.step == 8 and _same_state(full.model.state_dict(), resumed.model.state_dict())
 
 
@@ -104,23 +96,23 @@ def test_second_signal_stops_at_once_without_saving(tmp_path, monkeypatch):
 
     _hook_loss(monkeypatch, 3, two)
     with pytest.raises(TrainingAborted) as ei:
-        train(_cfg(), _tc(tmp_path / "b", save_every=1), TinyData(), **QUIET)
+        train(_cfg(), _tc(tmp_path / "b", save_every=1), random_data(), **QUIET)
     assert ei.value.signum == signal.SIGINT and isinstance(ei.value, KeyboardInterrupt)
     assert load_checkpoint(tmp_path / "b" / "last")[1]["step"] == 2  # only the periodic save before it
 
 
 def test_exception_between_steps_saves_the_completed_ones(tmp_path, monkeypatch):
-    full = train(_cfg(), _tc(tmp_path / "full"), TinyData(), **QUIET)
+    full = train(_cfg(), _tc(tmp_path / "full"), random_data(), **QUIET)
 
     def boom():
         raise RuntimeError("out of data")
 
     _hook_loss(monkeypatch, 6, boom)  # in step index 5: 5 steps completed, none saved (save_every=0)
     with pytest.raises(RuntimeError, match="out of data"):
-        train(_cfg(), _tc(tmp_path / "b", save_every_minutes=0), TinyData(), **QUIET)
+        train(_cfg(), _tc(tmp_path / "b", save_every_minutes=0), random_data(), **QUIET)
     assert load_checkpoint(tmp_path / "b" / "last")[1]["step"] == 5
     monkeypatch.undo()
-    resumed = train(_cfg(), _tc(tmp_path / "b"), TinyData(), resume=True, **QUIET)
+    resumed = train(_cfg(), _tc(tmp_path / "b"), random_data(), resume=True, **QUIET)
     assert _same_state(full.model.state_dict(), resumed.model.state_dict())
 
 
@@ -139,7 +131,7 @@ def test_exception_inside_the_optimizer_update_saves_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     with pytest.raises(MemoryError):
-        train(_cfg(), _tc(tmp_path / "b", save_every=1), TinyData(), **QUIET)
+        train(_cfg(), _tc(tmp_path / "b", save_every=1), random_data(), **QUIET)
     assert load_checkpoint(tmp_path / "b" / "last")[1]["step"] == 2
 
 
@@ -155,23 +147,23 @@ def test_checkpoints_by_wall_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "lm_loss", slow)
     saved = _saved_steps(monkeypatch)
-    train(_cfg(), _tc(tmp_path / "a", max_steps=10, save_every_minutes=1.0), TinyData(), **QUIET)
+    train(_cfg(), _tc(tmp_path / "a", max_steps=10, save_every_minutes=1.0), random_data(), **QUIET)
     assert saved == [3, 6, 9, 10]  # 75 s >= 60 s since the last save, and the final save
     saved.clear()
-    train(_cfg(), _tc(tmp_path / "b", max_steps=10, save_every_minutes=0), TinyData(), **QUIET)
+    train(_cfg(), _tc(tmp_path / "b", max_steps=10, save_every_minutes=0), random_data(), **QUIET)
     assert saved == [10]  # 0 disables
     saved.clear()
-    train(_cfg(), _tc(tmp_path / "c", max_steps=10, save_every=4, save_every_minutes=1.0), TinyData(), **QUIET)
+    train(_cfg(), _tc(tmp_path / "c", max_steps=10, save_every=4, save_every_minutes=1.0), random_data(), **QUIET)
     assert saved == [3, 4, 7, 8, 10]  # both rules, each from the last save of either
 
 
 def test_resume_trims_metrics_of_lost_steps(tmp_path):
-    train(_cfg(), _tc(tmp_path / "a", max_steps=4), TinyData(), **QUIET)
+    train(_cfg(), _tc(tmp_path / "a", max_steps=4), random_data(), **QUIET)
     m = tmp_path / "a" / "metrics.jsonl"
     rows = m.read_text().splitlines()
     # as if killed after logging steps 5 and 6 (one line torn) while the checkpoint holds step 4
     m.write_text("\n".join(rows) + "\n" + json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
-    train(_cfg(), _tc(tmp_path / "a", max_steps=6), TinyData(), resume=True, **QUIET)
+    train(_cfg(), _tc(tmp_path / "a", max_steps=6), random_data(), resume=True, **QUIET)
     steps = [json.loads(r)["step"] for r in m.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
