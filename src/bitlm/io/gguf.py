@@ -1,9 +1,28 @@
-"""llama.cpp GGUF files in and out: :func:`save_gguf`, :func:`load_gguf`.
+"""GGUF files in and out, for llama.cpp, bitnet.cpp and ik_llama.cpp: :func:`save_gguf`, :func:`load_gguf`.
 
-The files use llama.cpp's ``bitnet`` architecture (``LLM_ARCH_BITNET``, ``src/models/bitnet.cpp``
-in llama.cpp; written with the ``gguf`` package's ``GGUFWriter``), so mainline llama.cpp and
-llama-cpp-python load them as they are.  ``docs/gguf.md`` has the user-facing account, including
-what llama.cpp computes for which model.
+With TQ2_0 / TQ1_0 projections the files use llama.cpp's ``bitnet`` architecture
+(``LLM_ARCH_BITNET``, ``src/models/bitnet.cpp`` in llama.cpp; written with the ``gguf``
+package's ``GGUFWriter``), so mainline llama.cpp and llama-cpp-python load them as they are.
+``docs/gguf.md`` has the user-facing account, including what each runtime computes for which model.
+
+The BitNet runtimes' files
+--------------------------
+bitnet.cpp (I2_S) and ik_llama.cpp (IQ2_BN, IQ2_BN_R4, IQ1_BN; it reads I2_S only to requantise
+it) have their own tensor types, whose byte layouts live in :mod:`bitlm.io.gguf_types`, and run
+2B4T-style models in the architecture ``bitnet-b1.58`` (the name of Microsoft's published
+``ggml-model-i2_s.gguf``) or ``bitnet-25`` (the same graph under its first name).  Both build
+that graph with ``build_bitnet_158``: llama's keys and tensor names, ``attn_sub_norm`` /
+``ffn_sub_norm``, a **hard-coded ReLU²** gate (no key is read; bitlm's ``bitnet-2b4t``), and
+``output.weight`` when present, else ``token_embd`` (tied).  Their ``bitnet`` architecture is the
+SiLU graph above.  So :func:`load_gguf` reads ``bitnet-b1.58`` and ``bitnet-25`` as
+``bitnet-2b4t`` (refusing a file whose ``<arch>.hidden_activation`` claims anything but relu2),
+and :func:`save_gguf` writes ReLU² models with ``ternary_type="i2_s"`` as ``bitnet-b1.58``, with
+the IQ types as ``bitnet-25`` (the name every ik_llama.cpp with 2B4T support knows), and SiLU
+models as ``bitnet``; ``<arch>.hidden_activation`` is written in every case (the runtimes
+ignore it).  I2_S holds bitlm's one float32 scale per tensor exactly, IQ2_BN / IQ2_BN_R4 hold it
+exactly in every row's float32 scale, IQ1_BN rounds it to f16 (like TQ, with the exact value in
+``bitlm.ternary_scales``).  A file whose IQ rows carry *different* scales (llama-quantize's
+max-based scale of float weights) is refused like a TQ file with different block scales.
 
 What llama.cpp's ``bitnet`` graph computes, and the one thing it does not say
 -----------------------------------------------------------------------------
