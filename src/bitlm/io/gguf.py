@@ -277,9 +277,12 @@ class GGUFFile:
     _mm: Any = field(default=None, repr=False)
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes (a read-only view): typed for F32/F16, uint8 blocks otherwise."""
+        """The tensor's bytes (a read-only view): typed for F32/F16, uint8 blocks per row for
+        ggml's block types, flat uint8 for the BitNet runtimes' types (I2_S ends in a tail)."""
         info = self.tensors[name]
         buf = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        if info.ggml_type in GT.TYPE_NAMES:
+            return buf
         if info.ggml_type in _FLOAT_TYPES:
             return buf.view(_FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
         return buf.reshape(*info.shape[:-1], -1)  # (…, bytes per row)
@@ -304,9 +307,8 @@ class GGUFFile:
         """(T int8 [rows, n], scale per row float32) of an I2_S / IQ1_BN / IQ2_BN / IQ2_BN_R4
         tensor (``bitlm.io.gguf_types``); refuses bytes that do not fit the type's layout."""
         info = self.tensors[name]
-        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         try:
-            return GT.decode(info.ggml_type, raw, info.dims)
+            return GT.decode(info.ggml_type, self.raw(name), info.dims)
         except ValueError as e:
             raise self.err(name, f"({info.type_name}) {e}") from None
 
