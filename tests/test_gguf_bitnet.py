@@ -103,6 +103,7 @@ def test_microsoft_i2s_file_loads_exactly(tmp_path, arch):
     with read_gguf(path) as f:
         assert f.tensors["blk.0.attn_q.weight"].type_name == "I2_S"
         assert f.tensors["blk.0.attn_q.weight"].nbytes == 256 * 256 // 4 + 32
+        assert f.raw("blk.0.attn_q.weight").shape == (256 * 256 // 4 + 32,)  # the tail splits into no rows
 
 
 @pytest.mark.parametrize("type_id", [GT.IQ2_BN, GT.IQ2_BN_R4, GT.IQ1_BN])
