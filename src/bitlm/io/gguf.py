@@ -681,8 +681,9 @@ def load_gguf(
     allow_non_ternary: bool = False,
     activation: str | None = None,
 ) -> BitNetModel:
-    """Load a llama.cpp ``bitnet`` GGUF (written by bitlm or llama.cpp's converter) as a
-    :class:`~bitlm.model.BitNetModel` in eval mode.
+    """Load a GGUF as a :class:`~bitlm.model.BitNetModel` in eval mode: llama.cpp's ``bitnet``
+    (written by bitlm or llama.cpp's converter) or the BitNet runtimes' ``bitnet-b1.58`` /
+    ``bitnet-25`` (Microsoft's I2_S file, ik_llama.cpp's IQ2_BN / IQ2_BN_R4 / IQ1_BN; always ReLU²).
 
     ``quant`` chooses the projection modules, as in :func:`bitlm.io.hf.load_hf`: None (default)
     → :class:`~bitlm.layers.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
@@ -951,7 +952,7 @@ def save_gguf(
         raise ValueError(f"arch {cfg.arch!r} has no llama.cpp equivalent (LayerNorm/GELU graph); only "
                          f"{', '.join(_ARCH_TO_ACTIVATION)} can be written as GGUF")
     if cfg.quant == "fp":
-        raise ValueError("an fp model has no ternary weights; GGUF export writes TQ1_0/TQ2_0 projections")
+        raise ValueError("an fp model has no ternary weights; GGUF export writes ternary projections")
     if cfg.rope_scaling:  # llama.cpp would need a rope_freqs tensor; bitlm writes plain RoPE only
         raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
                          "written as GGUF by bitlm; only plain RoPE models can")
