@@ -315,3 +315,24 @@ def test_pack_reads_an_i2s_file(tmp_path):
     ref = logits(load_gguf(path), x)
     got = logits(load(out), x)  # the native engine: same T and s, its own int8 kernels
     assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "pack"])
+def test_cli_reports_a_bad_tensor_in_one_line(tmp_path, capsys, verb):
+    from bitlm.cli import main
+
+    m = tiny(arch="bitnet-2b4t")
+    t, s = m.model.layers[0].self_attn.o_proj.quantized_weight()
+    raw = GT.encode(GT.I2_S, t.numpy(), s.numpy()[0])
+    raw[100] = 0xFF
+    path = microsoft_style(m, tmp_path / "bad.gguf", override={"blk.0.attn_output.weight": (raw, tuple(t.shape), GT.I2_S)})
+    extra = {"generate": ["--prompt", "x"], "eval": ["--data", str(tmp_path / "none.txt")],
+             "pack": ["--out", str(tmp_path / "o.bitlm")]}[verb]
+    (tmp_path / "none.txt").write_text("some text " * 50)
+    try:
+        rc = main([verb, "--model", str(path), *extra])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"bitlm {verb}: error: ") and "'blk.0.attn_output.weight' (I2_S) holds the unused code 0b11" in err[0]
