@@ -512,7 +512,7 @@ def test_save_refuses_what_gguf_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="act_granularity_eval"):
         save_gguf(tiny(act_granularity_eval="tensor"), tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="ternary_type"):
-        save_gguf(tiny(), tmp_path / "x.gguf", ternary_type="i2_s")
+        save_gguf(tiny(), tmp_path / "x.gguf", ternary_type="q4_0")
     with pytest.warns(UserWarning, match="llama.cpp\\s+refuses"):
         save_gguf(tiny(tied=False), tmp_path / "untied.gguf")
 

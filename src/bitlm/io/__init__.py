@@ -2,7 +2,8 @@
 
     io.checkpoint   a bitlm checkpoint folder (native)
     io.hf           a Hugging Face BitNetForCausalLM folder
-    io.gguf         a llama.cpp GGUF file
+    io.gguf         a GGUF file (llama.cpp, bitnet.cpp, ik_llama.cpp)
+    io.gguf_types   the BitNet runtimes' GGUF tensor types (I2_S, IQ2_BN, IQ2_BN_R4, IQ1_BN)
     io.packed       a ``.bitlm`` packed model file (the container; ``bitlm.engine`` gives it meaning)
     io.atomic       the one atomic-write helper every writer uses
 

@@ -1,9 +1,28 @@
-"""llama.cpp GGUF files in and out: :func:`save_gguf`, :func:`load_gguf`.
+"""GGUF files in and out, for llama.cpp, bitnet.cpp and ik_llama.cpp: :func:`save_gguf`, :func:`load_gguf`.
 
-The files use llama.cpp's ``bitnet`` architecture (``LLM_ARCH_BITNET``, ``src/models/bitnet.cpp``
-in llama.cpp; written with the ``gguf`` package's ``GGUFWriter``), so mainline llama.cpp and
-llama-cpp-python load them as they are.  ``docs/gguf.md`` has the user-facing account, including
-what llama.cpp computes for which model.
+With TQ2_0 / TQ1_0 projections the files use llama.cpp's ``bitnet`` architecture
+(``LLM_ARCH_BITNET``, ``src/models/bitnet.cpp`` in llama.cpp; written with the ``gguf``
+package's ``GGUFWriter``), so mainline llama.cpp and llama-cpp-python load them as they are.
+``docs/gguf.md`` has the user-facing account, including what each runtime computes for which model.
+
+The BitNet runtimes' files
+--------------------------
+bitnet.cpp (I2_S) and ik_llama.cpp (IQ2_BN, IQ2_BN_R4, IQ1_BN; it reads I2_S only to requantise
+it) have their own tensor types, whose byte layouts live in :mod:`bitlm.io.gguf_types`, and run
+2B4T-style models in the architecture ``bitnet-b1.58`` (the name of Microsoft's published
+``ggml-model-i2_s.gguf``) or ``bitnet-25`` (the same graph under its first name).  Both build
+that graph with ``build_bitnet_158``: llama's keys and tensor names, ``attn_sub_norm`` /
+``ffn_sub_norm``, a **hard-coded ReLU²** gate (no key is read; bitlm's ``bitnet-2b4t``), and
+``output.weight`` when present, else ``token_embd`` (tied).  Their ``bitnet`` architecture is the
+SiLU graph above.  So :func:`load_gguf` reads ``bitnet-b1.58`` and ``bitnet-25`` as
+``bitnet-2b4t`` (refusing a file whose ``<arch>.hidden_activation`` claims anything but relu2),
+and :func:`save_gguf` writes ReLU² models with ``ternary_type="i2_s"`` as ``bitnet-b1.58``, with
+the IQ types as ``bitnet-25`` (the name every ik_llama.cpp with 2B4T support knows), and SiLU
+models as ``bitnet``; ``<arch>.hidden_activation`` is written in every case (the runtimes
+ignore it).  I2_S holds bitlm's one float32 scale per tensor exactly, IQ2_BN / IQ2_BN_R4 hold it
+exactly in every row's float32 scale, IQ1_BN rounds it to f16 (like TQ, with the exact value in
+``bitlm.ternary_scales``).  A file whose IQ rows carry *different* scales (llama-quantize's
+max-based scale of float weights) is refused like a TQ file with different block scales.
 
 What llama.cpp's ``bitnet`` graph computes, and the one thing it does not say
 -----------------------------------------------------------------------------
@@ -106,6 +125,7 @@ from .. import quant as Q
 from ..config import ModelConfig
 from ..layers import FrozenTernaryLinear, ternary_latent
 from ..model import BitNetModel
+from . import gguf_types as GT
 from . import require_bitnet_graph
 from .atomic import atomic_write, atomic_write_text
 from .hf import PROJECTIONS, _export_check, _ternary_of, assemble_model
@@ -140,8 +160,15 @@ LEGACY_ACTIVATION_KEY = f"{ARCH}.feed_forward_activation"
 NAMES_KEY, SCALES_KEY = "bitlm.ternary_tensors", "bitlm.ternary_scales"
 #: activation value → bitlm architecture (the rest of the graph is the same).
 ACTIVATIONS = {"silu": "bitnet-b1.58", "relu2": "bitnet-2b4t"}
+#: the BitNet runtimes' ReLU² architecture names (bitnet.cpp and ik_llama.cpp: ``build_bitnet_158``,
+#: ReLU² hard-coded, optional ``output.weight``).  ``bitnet-25`` is the name of the first 2B4T
+#: files (ik_llama.cpp PR #337); Microsoft renamed it ``bitnet-b1.58`` in April 2025 (the
+#: published ``ggml-model-i2_s.gguf``), same tensors, same graph.
+RELU2_ARCHS = ("bitnet-b1.58", "bitnet-25")
+#: every general.architecture bitlm reads
+ARCHS = (ARCH, *RELU2_ARCHS)
 _ARCH_TO_ACTIVATION = {v: k for k, v in ACTIVATIONS.items()}
-TERNARY_TYPES = ("tq2_0", "tq1_0")
+TERNARY_TYPES = ("tq2_0", "tq1_0", "i2_s", "iq2_bn", "iq1_bn", "iq2_bn_r4")
 HEAD_TYPES = ("f16", "f32", "q8_0")
 QK_K = 256  # TQ1_0 / TQ2_0 block length along a row (ggml's QK_K)
 
@@ -160,7 +187,9 @@ _NORM_TO_GGUF = {
 _F32, _F16, _Q8_0, _BF16, _TQ1_0, _TQ2_0 = 0, 1, 8, 30, 34, 35
 _FLOAT_TYPES = {_F32: "<f4", _F16: "<f2"}  # read directly; BF16 and quantised types via gguf.quants
 # llama_ftype values for general.file_type (LLAMA_FTYPE_MOSTLY_TQ1_0 / _TQ2_0)
-_FILE_TYPE = {"tq1_0": 36, "tq2_0": 37}
+_FILE_TYPE = {"tq1_0": 36, "tq2_0": 37,
+              "i2_s": 40,  # LLAMA_FTYPE_MOSTLY_I2_S, as in Microsoft's published 2B4T file
+              "iq1_bn": 136, "iq2_bn": 137, "iq2_bn_r4": 337}  # ik_llama.cpp's llama.h
 
 # GGUF token types (gguf.TokenType)
 _TT_NORMAL, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 3, 4, 5, 6
@@ -229,6 +258,8 @@ class GGUFTensorInfo:
 
     @property
     def type_name(self) -> str:
+        if self.ggml_type in GT.TYPE_NAMES:
+            return GT.TYPE_NAMES[self.ggml_type]
         try:
             return _gguf().GGMLQuantizationType(self.ggml_type).name
         except ValueError:
@@ -246,9 +277,12 @@ class GGUFFile:
     _mm: Any = field(default=None, repr=False)
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes (a read-only view): typed for F32/F16, uint8 blocks otherwise."""
+        """The tensor's bytes (a read-only view): typed for F32/F16, uint8 blocks per row for
+        ggml's block types, flat uint8 for the BitNet runtimes' types (I2_S ends in a tail)."""
         info = self.tensors[name]
         buf = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        if info.ggml_type in GT.TYPE_NAMES:
+            return buf
         if info.ggml_type in _FLOAT_TYPES:
             return buf.view(_FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
         return buf.reshape(*info.shape[:-1], -1)  # (…, bytes per row)
@@ -256,6 +290,9 @@ class GGUFFile:
     def floats(self, name: str) -> np.ndarray:
         """The tensor dequantised to float32 (a fresh array), in numpy order."""
         info = self.tensors[name]
+        if info.ggml_type in GT.TYPE_NAMES:
+            t, d = self.ternary(name)
+            return (t.astype(np.float32) * d[:, None]).reshape(info.shape)
         raw = self.raw(name)
         if info.ggml_type in _FLOAT_TYPES:
             return raw.astype(np.float32)
@@ -265,6 +302,15 @@ class GGUFFile:
         except (NotImplementedError, ValueError) as e:
             raise self.err(name, f"has type {info.type_name}, which bitlm cannot dequantise ({e})") from None
         return np.asarray(out, dtype=np.float32).reshape(info.shape)
+
+    def ternary(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(T int8 [rows, n], scale per row float32) of an I2_S / IQ1_BN / IQ2_BN / IQ2_BN_R4
+        tensor (``bitlm.io.gguf_types``); refuses bytes that do not fit the type's layout."""
+        info = self.tensors[name]
+        try:
+            return GT.decode(info.ggml_type, self.raw(name), info.dims)
+        except ValueError as e:
+            raise self.err(name, f"({info.type_name}) {e}") from None
 
     def err(self, name: str, msg: str) -> GGUFFormatError:
         return GGUFFormatError(f"{self.path}: tensor {name!r} {msg}")
@@ -393,6 +439,13 @@ def _parse(path: Path, mm: Any, gguf: Any) -> GGUFFile:
 
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, ggml_type, dims, offset in infos:
+        if ggml_type in GT.TYPE_NAMES:  # the BitNet runtimes' own types, unknown to the gguf package
+            problem = GT.shape_problem(ggml_type, dims)
+            if problem:
+                raise GGUFFormatError(f"{path}: tensor {name!r} ({GT.TYPE_NAMES[ggml_type]}) {problem}")
+            tensors[name] = _tensor_info(path, c, name, ggml_type, dims, data_start, offset, alignment,
+                                         GT.nbytes(ggml_type, dims))
+            continue
         try:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
@@ -401,14 +454,33 @@ def _parse(path: Path, mm: Any, gguf: Any) -> GGUFFile:
             raise GGUFFormatError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of "
                                   f"its type's block of {block}")
         nbytes = math.prod(dims) // block * type_size
-        start = data_start + offset
-        if offset % alignment:
-            raise GGUFFormatError(f"{path}: tensor {name!r} has misaligned data offset {offset}")
-        if start + nbytes > c.size:
-            raise GGUFFormatError(f"{path}: tensor {name!r} is truncated: its data ends at byte {start + nbytes} "
-                                  f"but the file has {c.size} bytes")
-        tensors[name] = GGUFTensorInfo(name, ggml_type, dims, start, nbytes)
+        tensors[name] = _tensor_info(path, c, name, ggml_type, dims, data_start, offset, alignment, nbytes)
+    _check_extents(path, tensors, alignment)
     return GGUFFile(path, version, meta, tensors, mm)
+
+
+def _tensor_info(path: Path, c: _Cursor, name: str, ggml_type: int, dims: tuple[int, ...], data_start: int,
+                 offset: int, alignment: int, nbytes: int) -> GGUFTensorInfo:
+    start = data_start + offset
+    if offset % alignment:
+        raise GGUFFormatError(f"{path}: tensor {name!r} has misaligned data offset {offset}")
+    if start + nbytes > c.size:
+        raise GGUFFormatError(f"{path}: tensor {name!r} is truncated: its data ends at byte {start + nbytes} "
+                              f"but the file has {c.size} bytes")
+    return GGUFTensorInfo(name, ggml_type, dims, start, nbytes)
+
+
+def _check_extents(path: Path, tensors: dict[str, GGUFTensorInfo], alignment: int) -> None:
+    """Each tensor's bytes end before the next tensor's begin; an I2_S tensor fills exactly its
+    n/4 + 32 bytes (plus alignment padding) — a file from a writer with another I2_S size is refused."""
+    order = sorted(tensors.values(), key=lambda i: i.offset)
+    for cur, nxt in zip(order, order[1:]):
+        room = nxt.offset - cur.offset
+        padded = -(-cur.nbytes // alignment) * alignment
+        if room < cur.nbytes or (cur.ggml_type == GT.I2_S and room > padded):
+            raise GGUFFormatError(f"{path}: tensor {cur.name!r} ({cur.type_name}, dims {list(cur.dims)}) has "
+                                  f"{room} bytes before the next tensor; its type needs {cur.nbytes}"
+                                  + (f" (padded to {padded})" if padded != cur.nbytes else ""))
 
 
 # =============================================================================================
@@ -437,9 +509,20 @@ def _key(f: GGUFFile, key: str, kind: type, default: Any = ...) -> Any:
                           f"expected {kind.__name__}")
 
 
-def _read_activation(f: GGUFFile, activation: str | None) -> str:
+def _read_activation(f: GGUFFile, activation: str | None, arch: str = ARCH) -> str:
     """The FFN activation: the standard key, else bitlm's legacy key, else the caller's ``activation``;
-    a file that says nothing is refused (silu and relu2 models have the same tensors)."""
+    a file that says nothing is refused (silu and relu2 models have the same tensors).  The
+    BitNet runtimes' ``bitnet-b1.58`` / ``bitnet-25`` graphs are ReLU², whatever a key says."""
+    if arch in RELU2_ARCHS:
+        key = f"{arch}.hidden_activation"
+        said = f.metadata.get(key, "relu2")
+        if said != "relu2":
+            raise GGUFFormatError(f"{f.path}: key {key!r} = {said!r}, but the {arch!r} graph of bitnet.cpp and "
+                                  "ik_llama.cpp is ReLU² (relu2); a SiLU model belongs in architecture 'bitnet'")
+        if activation not in (None, "relu2"):
+            raise GGUFFormatError(f"{f.path}: architecture {arch!r} is ReLU² (relu2), but activation={activation!r} "
+                                  "was asked for")
+        return "relu2"
     found = {k: f.metadata[k] for k in (ACTIVATION_KEY, LEGACY_ACTIVATION_KEY) if k in f.metadata}
     for key, v in found.items():
         if v not in ACTIVATIONS:
@@ -460,11 +543,11 @@ def _read_activation(f: GGUFFile, activation: str | None) -> str:
 
 def _read_config(f: GGUFFile, quant: str | None, activation: str | None = None) -> ModelConfig:
     arch = f.metadata.get("general.architecture")
-    if arch != ARCH:
+    if arch not in ARCHS:
         raise GGUFFormatError(f"{f.path}: architecture {arch!r} (key 'general.architecture') is not supported; "
-                              f"bitlm reads llama.cpp '{ARCH}' files")
-    a = ARCH
-    act = _read_activation(f, activation)
+                              f"bitlm reads {', '.join(repr(a) for a in ARCHS)}")
+    a = arch
+    act = _read_activation(f, activation, arch)
     d = _key(f, f"{a}.embedding_length", int)
     heads = _key(f, f"{a}.attention.head_count", int)
     if "token_embd.weight" not in f.tensors:
@@ -527,11 +610,32 @@ def _ternary(f: GGUFFile, name: str) -> tuple[torch.Tensor, float, float] | np.n
     """(T int8, s, c) when every non-zero weight of ``name`` has one magnitude s, with c the
     value of the optional ``.scale`` tensor (1.0 if absent; W = c·s·T); otherwise the
     dequantised float weights (times c)."""
+    c = _scale_tensor(f, name)
+    if f.tensors[name].ggml_type in GT.TYPE_NAMES:  # codes and scales straight from the bytes
+        t, d = f.ternary(name)
+        if not np.isfinite(d).all():
+            raise f.err(name, "has a scale that is inf or nan")
+        used = np.unique(d[(t != 0).any(axis=1) & (d != 0)])  # a zero row or scale holds no information
+        if used.size > 1:
+            return (t.astype(np.float32) * d[:, None]) * np.float32(c)
+        s = float(abs(used[0])) if used.size else Q.SCALE_EPS
+        if used.size and used[0] < 0:
+            t = -t
+        t = np.where(d[:, None] == 0, 0, t).astype(np.int8)
+        return torch.from_numpy(t.reshape(f.tensors[name].shape)), s, c
     w = f.floats(name)
     if not np.isfinite(w).all():
         raise f.err(name, "contains inf or nan")
     absw = np.abs(w)
     nz = absw[absw != 0]
+    if nz.size and not (nz == nz[0]).all():
+        return w * np.float32(c)
+    s = float(nz[0]) if nz.size else Q.SCALE_EPS  # an all-zero tensor: any scale computes the same
+    return torch.from_numpy(np.sign(w).astype(np.int8)), s, c
+
+
+def _scale_tensor(f: GGUFFile, name: str) -> float:
+    """The optional ``.scale`` tensor of a projection (1.0 when absent)."""
     scale_name = name.removesuffix(".weight") + ".scale"
     c = 1.0
     if scale_name in f.tensors:  # llama.cpp multiplies the matmul result by it (build_lora_mm)
@@ -539,10 +643,7 @@ def _ternary(f: GGUFFile, name: str) -> tuple[torch.Tensor, float, float] | np.n
         if sc.size != 1 or not np.isfinite(sc).all() or sc[0] <= 0:
             raise f.err(scale_name, f"must hold one positive finite value, got {sc.tolist()}")
         c = float(sc[0])
-    if nz.size and not (nz == nz[0]).all():
-        return w * np.float32(c)
-    s = float(nz[0]) if nz.size else Q.SCALE_EPS  # an all-zero tensor: any scale computes the same
-    return torch.from_numpy(np.sign(w).astype(np.int8)), s, c
+    return c
 
 
 def _exact_scales(f: GGUFFile) -> dict[str, float]:
@@ -560,6 +661,10 @@ def _exact_scales(f: GGUFFile) -> dict[str, float]:
 
 def _describe_non_ternary(f: GGUFFile, name: str, w: np.ndarray) -> str:
     info = f.tensors[name]
+    if info.ggml_type in (GT.IQ1_BN, GT.IQ2_BN, GT.IQ2_BN_R4):
+        d = np.unique(f.ternary(name)[1])
+        return (f"its {info.type_name} rows have {d.size} different scales d ({d.min():.4g} .. {d.max():.4g}), "
+                "as llama-quantize makes from float weights")
     if info.ggml_type in (_TQ1_0, _TQ2_0):
         d = f.raw(name).reshape(-1, info.nbytes // (math.prod(info.dims) // QK_K))[:, -2:].copy().view("<f2")
         d = np.unique(d[d != 0].astype(np.float32))
@@ -576,8 +681,9 @@ def load_gguf(
     allow_non_ternary: bool = False,
     activation: str | None = None,
 ) -> BitNetModel:
-    """Load a llama.cpp ``bitnet`` GGUF (written by bitlm or llama.cpp's converter) as a
-    :class:`~bitlm.model.BitNetModel` in eval mode.
+    """Load a GGUF as a :class:`~bitlm.model.BitNetModel` in eval mode: llama.cpp's ``bitnet``
+    (written by bitlm or llama.cpp's converter) or the BitNet runtimes' ``bitnet-b1.58`` /
+    ``bitnet-25`` (Microsoft's I2_S file, ik_llama.cpp's IQ2_BN / IQ2_BN_R4 / IQ1_BN; always ReLU²).
 
     ``quant`` chooses the projection modules, as in :func:`bitlm.io.hf.load_hf`: None (default)
     → :class:`~bitlm.layers.FrozenTernaryLinear` holding exactly the stored T and s; "b1.58" →
@@ -655,7 +761,9 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
         else:
             t, s, c = got
             if gname in exact:
-                if np.float32(np.float16(exact[gname])) == np.float32(s):
+                f16 = f.tensors[gname].ggml_type in (_F16, _TQ1_0, _TQ2_0, GT.IQ1_BN)  # scales stored as f16
+                rounded = np.float32(np.float16(exact[gname])) if f16 else np.float32(exact[gname])
+                if rounded == np.float32(s):
                     s = exact[gname]
                 else:  # the tensor was rewritten by another tool: trust what llama.cpp computes with
                     ignored.append(gname)
@@ -720,6 +828,32 @@ def _encode_ternary(t: torch.Tensor, s16: np.float32, qtype: Any, name: str, ggu
     if not (np.all(d[nonzero] == s16) and np.all(d[~nonzero] == 0)):  # pragma: no cover - gguf changed
         raise RuntimeError(f"{name}: gguf's {qtype.name} quantiser did not store the scale exactly")
     return raw, qtype
+
+
+def gguf_architecture(bitlm_arch: str, ternary_type: str) -> str:
+    """The GGUF ``general.architecture`` bitlm writes for a model of ``bitlm_arch`` with
+    projections of ``ternary_type``: llama.cpp's ``bitnet`` for TQ types and SiLU models (the
+    runtimes' SiLU BitNet graph); for ReLU² models, bitnet.cpp's ``bitnet-b1.58`` (the name of
+    the published 2B4T file) with I2_S, ik_llama.cpp's ``bitnet-25`` (the name every ik_llama.cpp
+    with 2B4T support knows) with the IQ types."""
+    if ternary_type in ("tq2_0", "tq1_0") or _ARCH_TO_ACTIVATION.get(bitlm_arch) != "relu2":
+        return ARCH
+    return "bitnet-b1.58" if ternary_type == "i2_s" else "bitnet-25"
+
+
+def _encode_bn(t: torch.Tensor, s: torch.Tensor, type_id: int, name: str) -> tuple[Any, Any]:
+    """((bytes, numpy shape), type id) of s·T in a bitnet.cpp / ik_llama.cpp type, or
+    (F16 s·T, None) when the shape does not fit the type (exact either way)."""
+    sf = np.float32(s.reshape(-1)[0].float())
+    if not (np.isfinite(sf) and sf > 0):
+        raise ValueError(f"{name}: scale {float(sf)!r} cannot be stored")
+    tn = t.numpy().astype(np.int8)
+    if GT.shape_problem(type_id, (tn.shape[1], tn.shape[0])):  # F16 holds s₁₆·T exactly
+        return (tn.astype(np.float32) * _f16_scale(s, name)).astype(np.float16), None
+    if type_id == GT.IQ1_BN:
+        sf = _f16_scale(s, name)  # the row scale is f16: what ik_llama.cpp computes with
+    raw = GT.encode(type_id, tn, sf)
+    return (raw, tn.shape), type_id
 
 
 def _vocab(tokenizer: Any, vocab_size: int) -> tuple[Any, dict[str, Any] | None]:
@@ -790,9 +924,14 @@ def save_gguf(
     head_type: str = "f16",
     name: str | None = None,
 ) -> Path:
-    """Write ``model`` as a llama.cpp ``bitnet`` GGUF file; returns its path.
+    """Write ``model`` as a GGUF file for llama.cpp, bitnet.cpp or ik_llama.cpp; returns its path.
 
-    ``ternary_type``: "tq2_0" (2.06 bits/weight, the faster kernels) or "tq1_0" (1.69).
+    ``ternary_type`` picks the projections' type and with it the runtime and architecture
+    (:func:`gguf_architecture`): "tq2_0" (2.06 bits/weight) or "tq1_0" (1.69) → mainline
+    llama.cpp's ``bitnet``; "i2_s" (2.0, one float32 scale per tensor) → bitnet.cpp;
+    "iq2_bn" / "iq2_bn_r4" (2.0, a float32 scale per row) or "iq1_bn" (1.625, an f16 scale per
+    row) → ik_llama.cpp.  ReLU² models (bitnet-2b4t) go to the runtimes' ReLU² architecture
+    (``bitnet-b1.58`` for I2_S, ``bitnet-25`` for the IQ types), SiLU models to ``bitnet``.
     ``head_type``: storage of ``token_embd`` (and ``output`` when untied): "f16" (default, as
     llama.cpp's converter), "f32" (exact) or "q8_0".  ``tokenizer``: see the module docstring;
     written into the GGUF and as ``<name>.tokenizer.json`` beside it.  Untied models get an
@@ -813,14 +952,17 @@ def save_gguf(
         raise ValueError(f"arch {cfg.arch!r} has no llama.cpp equivalent (LayerNorm/GELU graph); only "
                          f"{', '.join(_ARCH_TO_ACTIVATION)} can be written as GGUF")
     if cfg.quant == "fp":
-        raise ValueError("an fp model has no ternary weights; GGUF export writes TQ1_0/TQ2_0 projections")
+        raise ValueError("an fp model has no ternary weights; GGUF export writes ternary projections")
     if cfg.rope_scaling:  # llama.cpp would need a rope_freqs tensor; bitlm writes plain RoPE only
         raise ValueError(f"rope_scaling {cfg.rope_scaling.get('rope_type')!r} (scaled RoPE frequencies) cannot be "
                          "written as GGUF by bitlm; only plain RoPE models can")
-    qtype = gguf.GGMLQuantizationType.TQ2_0 if ternary_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
-    if not cfg.tie_embeddings:
-        warnings.warn("untied model: output.weight is written, which bitlm reads but mainline llama.cpp "
-                      "refuses (its bitnet graph uses token_embd as the output head)", stacklevel=2)
+    qtype = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0}.get(ternary_type)
+    bn_type = GT.TERNARY_TYPE_IDS.get(ternary_type)
+    arch = gguf_architecture(cfg.arch, ternary_type)
+    if not cfg.tie_embeddings and arch == ARCH:
+        warnings.warn(f"untied model: output.weight is written, which bitlm reads but mainline llama.cpp "
+                      f"refuses (its {ARCH!r} graph, like ik_llama.cpp's, uses token_embd as the output head)",
+                      stacklevel=2)
 
     tok, vocab = (None, None) if tokenizer is None else _vocab(tokenizer, cfg.vocab_size)
 
@@ -833,13 +975,22 @@ def save_gguf(
         base = ours.removesuffix(".weight")
         if base.endswith(tuple(PROJECTIONS)):
             m = model.get_submodule(base)
+            groups = getattr(m, "weight_groups", 1)
+            if groups != 1:
+                raise ValueError(f"{base}: {groups} weight scale groups; GGUF {ternary_type.upper()} as bitlm writes it "
+                                 "holds one scale per tensor, so the model cannot be written exactly")
             _export_check(base, m)
             lam = getattr(m, "quant_lambda", None)
             if lam is not None and float(lam) != 1.0:
                 warm.append(base)
             t, s = _ternary_of(base, m)
-            s16 = _f16_scale(s, base)
             exact[theirs] = float(s.reshape(-1)[0].float())
+            if bn_type is not None:
+                tensors.append((theirs, *_encode_bn(t, s, bn_type, base)))
+                if tensors[-1][2] is None:
+                    fallback.append(theirs)
+                continue
+            s16 = _f16_scale(s, base)
             if t.shape[1] % QK_K == 0:
                 tensors.append((theirs, *_encode_ternary(t, s16, qtype, base, gguf)))
             else:  # TQ needs rows of 256: F16 holds s16·T exactly
@@ -854,14 +1005,18 @@ def save_gguf(
         else:
             tensors.append((theirs, *_encode_float(w, head_type, ours, gguf)))
     if fallback:
-        warnings.warn(f"{len(fallback)} projections (first: {fallback[0]}) have rows that are not a multiple of "
-                      f"{QK_K}; written as F16 s·T (exact, but without llama.cpp's ternary kernels)", stacklevel=2)
+        need = {None: f"rows not a multiple of {QK_K}", GT.I2_S: f"rows not a multiple of {GT.I2S_BLOCK}",
+                GT.IQ2_BN_R4: f"rows not a multiple of {GT.BN_BLOCK} or a row count not a multiple of 4"
+                }.get(bn_type, f"rows not a multiple of {GT.BN_BLOCK}")
+        warnings.warn(f"{len(fallback)} projections (first: {fallback[0]}) do not fit {ternary_type.upper()} "
+                      f"({need}); written as F16 s·T (exact, but without the runtime's ternary kernels)",
+                      stacklevel=2)
     if warm:
         warnings.warn(f"{len(warm)} projections (first: {warm[0]}) have quant_lambda < 1 (warm-up not finished); "
                       "the saved model is fully quantised", stacklevel=2)
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), ARCH)
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or f"bitlm {cfg.arch}")
         w.add_file_type(_FILE_TYPE[ternary_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -875,8 +1030,10 @@ def save_gguf(
         w.add_rope_dimension_count(cfg.head_dim)  # full rotary, NEOX pairing (no q/k permutation)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_string(ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])
-        w.add_string(LEGACY_ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])  # read by bitlm < this key
+        # llama.cpp's <arch>.hidden_activation; the ReLU² runtimes' graphs hard-code it and ignore the key
+        w.add_string(f"{arch}.hidden_activation", _ARCH_TO_ACTIVATION[cfg.arch])
+        if arch == ARCH:
+            w.add_string(LEGACY_ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])  # read by bitlm < this key
         w.add_array(NAMES_KEY, list(exact))
         w.add_array(SCALES_KEY, list(exact.values()))  # python floats → GGUF float32 (exact: they are)
         if vocab is None:
@@ -894,7 +1051,10 @@ def save_gguf(
             w.add_add_bos_token(bool(getattr(tok, "add_bos", False)))  # as the tokenizer does (bitlm's: never)
             w.add_add_eos_token(False)
         for tname, arr, raw_dtype in tensors:
-            w.add_tensor(tname, arr, raw_dtype=raw_dtype)
+            if raw_dtype in GT.TYPE_NAMES:  # unknown to gguf: bytes (as int8, which it does not reinterpret)
+                w.add_tensor(tname, arr[0].view(np.int8), raw_shape=arr[1], raw_dtype=raw_dtype)
+            else:
+                w.add_tensor(tname, arr, raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -960,7 +1120,9 @@ def _tokenizer_from_metadata(path: Path, meta: dict[str, Any]) -> Any:
         merges.append((m[:i], m[i + 1 :]))
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != _TT_UNUSED}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre is None:  # Microsoft's 2B4T files carry LLaMA 3's vocabulary without naming its pre-tokenizer
+        pre = "llama-bpe" if "<|begin_of_text|>" in vocab else "gpt-2"
     if pre in ("llama-bpe", "llama3", "llama-v3"):
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
