@@ -14,6 +14,7 @@ total / every).  ``$BITLM_PROGRESS`` forces ``bar``, ``plain`` or ``off``.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -121,8 +122,10 @@ class Progress:
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
-                             file=self.stream)
+            # a terminal that reports 0 columns (a bare pty: docker -t, script) would get an empty bar
+            width = {} if _columns(self.stream) else {"ncols": 100, "nrows": 24}
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=not width, leave=leave,
+                             file=self.stream, **width)
 
     # -- tqdm-like API --------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class Progress:
         if rate > 0 and not any(k.endswith("/s") for k in self.postfix):
             parts.append(f"{rate:.3g} {self.unit}/s")
         parts.append(f"elapsed {_duration(elapsed)}")
-        if final:
+        if final or (self.total and self.n >= self.total):
             parts.append("done" if self.total is None or self.n >= self.total else "stopped")
         elif self.total and rate > 0:
             parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
@@ -210,6 +213,13 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def _columns(stream: Any) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 80  # not a real file descriptor (a test's stream): tqdm's own default applies
 
 
 def progress(iterable: Iterable[Any] | None = None, **kw: Any) -> Progress:
