@@ -102,7 +102,7 @@ def run(args) -> int:
     val_bytes = count_token_bytes(val_tokens[1 : n_val + 1], data.tokenizer)
     for quant, kw in runs.items():
         mcfg = base.replace(quant=quant)
-        tcfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, eval_every=max(steps // 4, 1),
+        tcfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, eval_every=max(-(-steps // 4), 1),
                            eval_batches=8, out_dir=str(out / quant), progress=not args.no_progress, data=args.data, **kw)
         print(f"== {quant}: {mcfg.arch}, d={mcfg.d_model}, layers={mcfg.n_layers}, recipe {kw['recipe']} "
               f"(peak lr {kw['lr']:g})")
