@@ -36,7 +36,7 @@ def perplexity(
 ) -> dict[str, float]:
     """Score ``tokens`` in non-overlapping windows: returns loss (nats/token), ppl, tokens, and
     bpb when ``n_bytes`` (UTF-8 bytes of the scored text) is given."""
-    from tqdm.auto import tqdm
+    from .data.common import progress as progress_bar
 
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     arr = np.asarray(tokens, dtype=np.int64)
@@ -53,7 +53,7 @@ def perplexity(
     was = model.training
     model.eval()
     nll, count = 0.0, 0
-    for chunk in tqdm(batches, disable=not progress, desc="eval", leave=False):
+    for chunk in progress_bar(batches, enabled=progress, desc="eval", unit="batch"):
         n = min(seq_len, arr.size - 1 - chunk[0])
         x = torch.from_numpy(np.stack([arr[s : s + n] for s in chunk]))  # (B, n)
         y = torch.from_numpy(np.stack([arr[s + 1 : s + 1 + n] for s in chunk]))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -772,7 +771,7 @@ def run(args) -> int:
     data = prepare_data(setup.data, vocab_size=setup.vocab_size)
     if args.minutes and args.steps is None:
         setup.steps = _fit_steps(args.name, setup, data, args.minutes)
-    progress = not (args.no_progress or os.environ.get("CI"))
+    progress = not args.no_progress  # plain lines when not on a terminal (bitlm.data.common.progress)
     command = "bitlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
     run_experiment(args.name, setup, args.out, progress=progress, data=data, command=command)
     return 0

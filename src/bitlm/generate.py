@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "sample_next", "generate_tokens", "generate", "chat_prompt", "chat_prompt_ids",
+__all__ = ["SamplingParams", "SAMPLE_DEFAULTS", "sample_next", "generate_tokens", "generate", "chat_prompt", "chat_prompt_ids",
            "add_arguments", "run"]
 
 
@@ -43,6 +43,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+#: What ``--sample`` samples with (llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95);
+#: ``bitlm demo`` shows samples drawn with these.
+SAMPLE_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.0, seed=0)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -164,7 +169,10 @@ def generate(
 
 def add_sampling_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default without --sample)")
+    p.add_argument("--sample", action="store_true",
+                   help=f"sample instead of greedy: temperature {SAMPLE_DEFAULTS.temperature:g}, top-k {SAMPLE_DEFAULTS.top_k}, "
+                        f"top-p {SAMPLE_DEFAULTS.top_p:g} unless --temperature/--top-k/--top-p say otherwise")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -205,6 +213,10 @@ def add_arguments(p) -> None:
 
 def sampling_from_args(args) -> SamplingParams:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if getattr(args, "sample", False):
+        d = SAMPLE_DEFAULTS
+        params = SamplingParams(args.temperature or d.temperature, d.top_k if args.top_k is None else args.top_k,
+                                d.top_p if args.top_p is None else args.top_p, args.repetition_penalty, args.seed)
     params.validate()
     if args.max_new_tokens < 1:  # generate and chat alike (chat's room for history is max_seq_len - this)
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

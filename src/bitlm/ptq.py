@@ -716,7 +716,7 @@ def _apply_smoothquant(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
 
 
 def _apply_gptq(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
-    from tqdm.auto import tqdm
+    from .data.common import progress
 
     if m.weight == "ternary":
         grid = Grid("ternary", ternary_scale=o["ternary_scale"])
@@ -726,14 +726,14 @@ def _apply_gptq(qmodel, targets, calib_ids, m: PTQMethod, o) -> None:
     stages = _trace_stages(qmodel, targets, calib_ids[:1])
     hessians = {} if o["sequential"] else _stage_hessians(qmodel, targets, stages, calib_ids, bs, stop=False)
     done: set[str] = set()
-    bar = tqdm(total=len(targets), desc=m.name, unit="layer", disable=not o["progress"])
+    bar = progress(total=len(targets), desc=m.name, unit="layer", enabled=o["progress"])
     try:
         for stage in stages:
             if o["sequential"]:  # inputs as the already-quantised prefix of the model produces them
                 hessians = _stage_hessians(qmodel, targets, [stage], calib_ids, bs, stop=True)
             h = hessians[stage[0]]
             for name in stage:
-                bar.set_postfix_str(name)
+                bar.set_postfix(layer=name)
                 lin = targets[name]
                 qw = gptq_quantize(
                     lin.weight,

@@ -413,7 +413,7 @@ def loglikelihood(
     Models that quantise activations per *tensor* (``act_granularity="tensor"``) would let padding and
     the other rows change a row's result, so they are scored one request at a time.
     """
-    from tqdm.auto import tqdm
+    from .data.common import progress as progress_bar
 
     cfg = getattr(model, "config", None)
     max_length = int(max_length or (cfg.max_seq_len if cfg is not None else 2048))
@@ -441,7 +441,7 @@ def loglikelihood(
     model.eval()
     results: dict[Key, tuple[float, bool]] = {}
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc=desc, enabled=progress, unit="batch"):
             inps = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in batch]
             width = max(len(x) for x in inps)
             x = torch.zeros(len(batch), width, dtype=torch.long)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -385,8 +384,7 @@ def train(
 ) -> TrainResult:
     """Train ``model_cfg`` under ``tcfg``; ``data`` is a ``bitlm.data.TokenData`` (built from
     ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
-    from tqdm.auto import tqdm
-
+    from .data.common import progress
     from .io.checkpoint import (
         CheckpointError,
         load_checkpoint,
@@ -488,8 +486,7 @@ def train(
     t0 = time.time()
     val = None
     step = start
-    bar = tqdm(total=total, initial=start, disable=not tcfg.progress, desc=f"train {model_cfg.quant}", unit="step",
-               dynamic_ncols=True, leave=False)
+    bar = progress(total=total, initial=start, enabled=tcfg.progress, desc=f"train {model_cfg.quant}", unit="step")
     loss_ema = None
     saved_at = _clock()
     save_secs = 60.0 * tcfg.save_every_minutes if tcfg.save_every_minutes and tcfg.save_every_minutes > 0 else 0.0
@@ -531,8 +528,8 @@ def train(
             loss_ema = loss_sum if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_sum
             elapsed = time.time() - t0
             tps = (step - start) * tokens_per_step / max(elapsed, 1e-9)
+            bar.set_postfix(**{"loss": f"{loss_ema:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             if step % tcfg.log_every == 0 or step == total:
                 record({"step": step, "loss": loss_sum, "lr": lr, "wd": wd, "grad_norm": gnorm,
                         "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed,
@@ -659,7 +656,7 @@ def run(args) -> int:
         tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
     if args.bf16:
         tkw["bf16"] = True
-    if args.no_progress or os.environ.get("CI"):
+    if args.no_progress:  # elsewhere than a terminal (CI, a log) progress is plain lines, not redraws
         tkw["progress"] = False
     tcfg = TrainConfig(**tkw)
     try:

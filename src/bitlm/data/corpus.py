@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import DataError, _progress
+from .common import DataError, progress
 from .fetch import fetch_debian_package
 from .rdata import _STRSXP, RVector, read_r_lazyload
 from .sword import _sword_module_dirs, read_ztext_module
@@ -318,7 +318,7 @@ def load_corpus(
             if n not in names:
                 names.append(n)
     docs: list[Document] = []
-    for n in _progress(names, desc="corpus sources", unit="src"):
+    for n in progress(names, desc="corpus sources", unit="src"):
         docs.extend(_source_documents(n, cache_dir))
     # fixed split granularity for named corpora: independent of which sources are combined
     return split_documents(docs, val_fraction, chunk_chars=CHUNK_CHARS, name=name)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io.atomic import atomic_write, atomic_write_bytes
-from .common import DataError, _progress, cache_root
+from .common import DataError, cache_root, progress
 from .corpus import DEFAULT_VAL_FRACTION, Corpus, Document, load_text_source
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -46,7 +46,7 @@ def _encode_docs(docs: Sequence[Document], tok: Tokenizer, dtype: Any, desc: str
     pieces: list[np.ndarray] = [np.array([tok.eos_id], dtype=dtype)]
     eos = np.array([tok.eos_id], dtype=dtype)
     step = 64  # encode_batch parallelises across documents; batches keep the progress bar alive
-    for i in _progress(range(0, len(docs), step), desc=desc, unit="batch"):
+    for i in progress(range(0, len(docs), step), desc=desc, unit="batch"):
         for ids in tok.encode_batch([d.text for d in docs[i : i + step]]):
             pieces.append(np.asarray(ids, dtype=dtype))
             pieces.append(eos)
