@@ -465,10 +465,19 @@ def test_cli_serve_starts_and_exits_0_on_sigterm(model_file):
         r = requests.post(url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "temperature": 0},
                           timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        p.send_signal(signal.SIGTERM)
+        # SIGTERM while a stream runs: it finishes (graceful shutdown), then the process exits 0
+        body = {"prompt": "the dog ran", "max_tokens": 60, "temperature": 0, "stream": True}
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            assert next(lines).startswith("data: ")
+            p.send_signal(signal.SIGTERM)
+            rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert "shut down" in out
+        with pytest.raises(requests.ConnectionError):  # nothing listens any more
+            requests.get(url + "/health", timeout=5)
     finally:
         if p.poll() is None:
             p.kill()
@@ -574,3 +583,43 @@ test_split: test
     for smp, m in zip(samples, mine["samples"]):
         assert [ll for ll, _ in smp["filtered_resps"]] == pytest.approx(m["logprobs"], rel=1e-4, abs=1e-4)
         assert (smp["acc"], smp["acc_norm"]) == (m["acc"], m["acc_norm"])
+
+
+def test_chat_jinja_template_renders_like_transformers(tmp_path, engine):
+    """A tokenizer_config.json chat_template beside the model: the prompt ids equal transformers'
+    apply_chat_template on the same tokenizer, and the template's <|eot_id|> ends the reply."""
+    transformers = pytest.importorskip("transformers")
+    pm, _ = engine
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from bitlm.data import Tokenizer
+
+    backend = HFTok(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([TEXT * 50], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>")
+    template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] | trim }}"
+                "<|eot_id|>{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+    path = save_packed(pm, tmp_path / "j.bitlm", tokenizer=tok)
+    cfg = {"chat_template": template, "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+           "tokenizer_class": "PreTrainedTokenizerFast"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    msgs = [{"role": "system", "content": "be brief "}, {"role": "user", "content": "the cat sat"}]
+    want = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    s = Server(path, parallel=1)
+    try:
+        s.wait_ready()
+        assert s.state.template.name == "jinja"
+        assert s.state.template.render_ids(msgs) == list(want)
+        r = s.client().chat.completions.create(model="j.bitlm", messages=msgs, max_tokens=12, temperature=0)
+        assert r.usage.prompt_tokens == len(want)
+        assert r.choices[0].message.content == generate(pm, tok, list(want), 12, stop=["<|eot_id|>"])
+    finally:
+        s.stop()

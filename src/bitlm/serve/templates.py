@@ -27,24 +27,34 @@ from ..generate import _SPECIAL, CHAT_TEMPLATES, chat_prompt_ids
 __all__ = ["ChatTemplate", "find_jinja_template"]
 
 
-def find_jinja_template(model_path: str | Path) -> str | None:
-    """The ``chat_template`` of a ``tokenizer_config.json`` stored with the model, if any."""
+def find_jinja_template(model_path: str | Path) -> dict[str, str] | None:
+    """The ``chat_template`` of a ``tokenizer_config.json`` stored with the model, with the
+    ``bos_token`` / ``eos_token`` texts it names (what transformers passes the template), if any."""
     p = Path(model_path)
     for c in ([p / "tokenizer_config.json"] if p.is_dir() else [p.with_suffix(".tokenizer_config.json"),
                                                                  p.parent / "tokenizer_config.json"]):
         if c.is_file():
             try:
-                t = json.loads(c.read_text(encoding="utf-8")).get("chat_template")
+                cfg = json.loads(c.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise ValueError(f"{c}: cannot read the chat template: {e}") from None
+            t = cfg.get("chat_template")
             if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
                 t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-            return t if isinstance(t, str) and t.strip() else None
+            if not (isinstance(t, str) and t.strip()):
+                return None
+            out = {"template": t}
+            for k in ("bos_token", "eos_token"):
+                v = cfg.get(k)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    out[k] = v
+            return out
     return None
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer, template: str = "auto", jinja: str | None = None) -> None:
+    def __init__(self, tokenizer, template: str = "auto", jinja: dict[str, str] | None = None) -> None:
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend", None)
         self._special = (lambda s: backend.token_to_id(s)) if backend is not None else (lambda s: None)
@@ -66,7 +76,9 @@ class ChatTemplate:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-            self._jinja = env.from_string(jinja)
+            self._jinja = env.from_string(jinja["template"])
+            self._bos = jinja.get("bos_token", getattr(tokenizer, "bos_token", ""))
+            self._eos = jinja.get("eos_token", getattr(tokenizer, "eos_token", ""))
             eot = self._special("<|eot_id|>")
             self.stop: list[str] = ["<|eot_id|>"] if eot is not None else []
         elif template in CHAT_TEMPLATES:
@@ -81,8 +93,8 @@ class ChatTemplate:
             turns = [(str(m["role"]).capitalize(), m["content"]) for m in messages]
             return chat_prompt_ids(self.tokenizer, turns, self.name)
         tok = self.tokenizer
-        text = self._jinja.render(messages=messages, add_generation_prompt=True,
-                                  bos_token=getattr(tok, "bos_token", ""), eos_token=getattr(tok, "eos_token", ""))
+        text = self._jinja.render(messages=messages, add_generation_prompt=True, bos_token=self._bos,
+                                  eos_token=self._eos)
         ids: list[int] = []
         for piece in _SPECIAL.split(text):
             sid = self._special(piece) if _SPECIAL.fullmatch(piece) else None
