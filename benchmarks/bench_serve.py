@@ -72,9 +72,10 @@ def byte_tokenizer(path: Path) -> Path:
 
 
 class Proc:
-    """A server subprocess; ``url`` once it answers /health (or /v1/models) with 200."""
+    """A server subprocess; ``url`` once ``ready_path`` answers 200 (bitlm: /health, 503 while loading)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], port_re: str | None, port: int | None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], port_re: str | None, port: int | None,
+                 ready_path: str = "/health") -> None:
         self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         if port_re is not None:
@@ -92,12 +93,11 @@ class Proc:
         while time.time() < deadline:
             if self.p.poll() is not None:
                 raise RuntimeError("server exited:\n" + "".join(self.lines))
-            for probe in ("/health", "/v1/models"):
-                try:
-                    if requests.get(self.url + probe, timeout=5).status_code == 200:
-                        return
-                except requests.RequestException:
-                    pass
+            try:
+                if requests.get(self.url + ready_path, timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
             time.sleep(0.2)
         raise TimeoutError("server not ready after 600 s")
 
@@ -211,7 +211,7 @@ def llama_side(args, env) -> tuple[list[dict] | None, str]:
     port = s.getsockname()[1]
     s.close()
     srv = Proc([sys.executable, "-m", "llama_cpp.server", "--model", str(g), "--host", "127.0.0.1", "--port", str(port),
-                "--n_ctx", str(args.ctx), "--n_threads", str(os.cpu_count())], env, None, port)
+                "--n_ctx", str(args.ctx), "--n_threads", str(os.cpu_count())], env, None, port, "/v1/models")
     try:
         rng = random.Random(0)
         prompt = "".join(chr(rng.randrange(97, 123)) for _ in range(args.prompt_tokens))
