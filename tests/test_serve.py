@@ -266,6 +266,8 @@ def test_stream_stop_string_never_leaks(server, engine):
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": [], "max_tokens": 3}, "prompt"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "stop": [1]}, "stop"),
+    ({"prompt": [[1, "a"]]}, "prompt"),
 ])
 def test_bad_completion_bodies_are_400_naming_the_field(server, body, param):
     r = requests.post(server.url + "/v1/completions", json=body, timeout=10)
@@ -281,6 +283,9 @@ def test_errors_through_the_client(server):
     assert e.value.body["param"].startswith("messages")
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="tiny.bitlm", messages=[])
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]},
+                      timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"

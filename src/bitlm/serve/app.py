@@ -98,10 +98,15 @@ class ApiError(Exception):
 
 def _validation_error(e: ValidationError) -> ApiError:
     err = e.errors()[0]
-    param = ".".join(str(x) for x in err.get("loc", ()) if not isinstance(x, str) or not x.startswith("function"))
-    # union members show up in the location ("prompt.str"): name the field the user wrote
-    param = param.split(".")[0] if param.split(".")[0] in ("prompt", "stop", "content") else param
+    # union members show up in the location ("prompt.str", "messages.0.content.list[_Part]"): keep
+    # only the names and indices the user wrote
+    loc = [str(x) for x in err.get("loc", ()) if not (isinstance(x, str) and (x in _TYPE_NAMES or "[" in x
+                                                                            or x.startswith("function")))]
+    param = ".".join(loc)
     return ApiError(400, f"{param}: {err.get('msg', 'invalid value')}", param or None)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "_Part", "_Message"}
 
 
 # ---------------------------------------------------------------------------------------------
