@@ -430,7 +430,8 @@ def test_concurrent_load_with_cancellations(model_file):
         rows = m["bitlm_decode_sequences_total"] - m0["bitlm_decode_sequences_total"]
         assert rows / steps > 1.5  # sequences really decoded together
         assert m["bitlm_process_resident_memory_bytes"] < m["bitlm_memory_bound_bytes"]
-        assert not any(k.startswith("bitlm_http_requests_total") and 'status="5' in k for k in m)
+        # no 5xx on the API (/health answers 503 by design while the model loads, before the test starts)
+        assert not [k for k in m if k.startswith("bitlm_http_requests_total") and 'status="5' in k and "/v1/" in k]
     finally:
         s.stop()
 

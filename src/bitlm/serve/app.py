@@ -184,12 +184,27 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type_=kind).response()
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        key = (request.url.path if request.url.path in _ROUTES else "other", response.status_code)
-        state.http_requests[key] = state.http_requests.get(key, 0) + 1
-        return response
+    class _Count:
+        """Counts responses by route and status, from the status the app really sends (a plain ASGI
+        wrapper: it neither buffers nor wraps streams, and a client leaving mid-stream is no error)."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path = scope.get("path", "")
+
+            async def counted(message) -> None:
+                if message["type"] == "http.response.start":
+                    key = (path if path in _ROUTES else "other", message["status"])
+                    state.http_requests[key] = state.http_requests.get(key, 0) + 1
+                await send(message)
+
+            await self.inner(scope, receive, counted)
+
+    app.add_middleware(_Count)
 
     def auth(request: Request) -> None:
         if state.api_key is None:
