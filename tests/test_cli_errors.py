@@ -110,6 +110,7 @@ MODEL_VERBS = {  # verb -> extra arguments it needs besides --model
     "pack": "--out {dir}/out.bitlm",
     "export": "--format hf --out {dir}/out-hf",
     "train": "{train_args} --max-steps 1 --out {dir}/run-init --init-from",  # --model → --init-from
+    "serve": "--port 0 --parallel 1",  # loads after the port is open: a bad model stops the server
 }
 
 
@@ -263,6 +264,7 @@ OPTIONAL_CASES = [
     ("train-parquet", "pyarrow", "train --preset tiny --max-steps 1 --data {dir}/d.parquet --out {dir}/r", "bitlm[datasets]"),
     ("eval-hf-dataset", "datasets", "eval --model {ck} --data hf:someone/corpus", "bitlm[datasets]"),
     ("experiment-plot", "matplotlib", "experiment compare --quick --out {dir}/ex", "bitlm[plot]"),
+    ("serve-fastapi", "fastapi", "serve --model {packed} --port 0", "bitlm[serve]"),
     ("generate-transformers", "transformers", "generate --model {ck} --prompt hi --max-new-tokens 1", None),
 ]
 

@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("bitlm.convert", "convert a Llama / Mistral / Qwen2 HF folder to a BitNet b1.58 checkpoint for QAT"),
     "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
     "export": ("bitlm.export", "write a model as a llama.cpp GGUF file or a Hugging Face folder"),
+    "serve": ("bitlm.serve", "OpenAI-compatible HTTP server with continuous batching (chat, completions, streaming)"),
     "experiment": ("bitlm.experiments", "re-run the papers' comparisons at CPU scale: compare, ptq, scaling, lr"),
 }
 
@@ -45,6 +46,11 @@ OPTIONAL_PACKAGES: dict[str, str] = {
     "datasets": "datasets",
     "pyarrow": "datasets",
     "llama_cpp": "llama",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "starlette": "serve",
+    "pydantic": "serve",
+    "jinja2": "serve",
 }
 # bitlm's own dependencies (pyproject.toml [project] dependencies), by import name
 REQUIRED_PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "tqdm")

@@ -28,7 +28,7 @@ from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_pack
 from .model import KVCache, inference_blockers, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
-__all__ = ["PackedBitLinear", "PackedModel", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
+__all__ = ["PackedBitLinear", "PackedModel", "KVPool", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
            "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
 
 DENSE_TYPES = ("f32", "bf16", "int8")
@@ -89,9 +89,13 @@ class Dense:
             return r.float() * self.scale[ids].unsqueeze(-1)
         return r.float()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Output head: float32 (M, d) → (M, V) logits."""
+    def matmul(self, x: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+        """Output head: float32 (M, d) → (M, V) logits.  ``rowwise``: each row's logits are the
+        same bits as for that row alone (the native bf16/int8 heads always are; an f32 head then
+        runs one product per row, since BLAS sums in another order for M > 1)."""
         if self.kind == "f32":
+            if rowwise and x.shape[0] > 1:
+                return torch.cat([F.linear(r, self.weight) for r in x.split(1)])
             return F.linear(x, self.weight)
         if self.kind == "bf16":  # float32 x, bf16 rows read as is (2 bytes per weight)
             return kernels.dense_bf16_matmul(x, self.weight)
@@ -290,8 +294,8 @@ class PackedModel:
                              "(pack it with --head int8)")
         self._head_act = mode
 
-    def _final(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Final norm + output head: (B*T, d) → logits (B, T, V)."""
+    def _final(self, x: torch.Tensor, B: int, T: int, rowwise: bool = False) -> torch.Tensor:
+        """Final norm + output head: (B*T, d) → logits (B, T, V); ``rowwise`` see ``Dense.matmul``."""
         cfg = self.config
         if self._head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 head
             if cfg.arch == "bitnet":
@@ -305,7 +309,53 @@ class PackedModel:
         else:
             xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
             h = self.final_norm * xf
-        return self.head.matmul(h).view(B, T, -1)
+        return self.head.matmul(h, rowwise).view(B, T, -1)
+
+    # -- batched decode (serving) ----------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_batch(self, input_ids: torch.Tensor | list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of N independent sequences: token ``input_ids[i]`` at position
+        ``caches[i].pos`` of sequence i, each with its own (batch-1) cache → logits (N, V).
+
+        Every projection runs once for all N rows (the kernels' GEMM with M = N: the weights are
+        read once per step); attention runs per sequence over its own cache.  Activations are
+        quantised per token and the integer products are exact, so row i's logits are the same
+        bits whatever else is in the batch — and the same bits as the per-op single-sequence
+        path (``forward`` with ``fused_decode = False``)."""
+        cfg = self.config
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        N = ids.numel()
+        if N != len(caches) or N == 0:
+            raise ValueError(f"decode_batch: {N} tokens for {len(caches)} caches")
+        pos = [c.pos for c in caches]
+        for p_, c in zip(pos, caches):
+            if p_ + 1 > cfg.max_seq_len:
+                raise ValueError(f"sequence of {p_ + 1} tokens exceeds max_seq_len={cfg.max_seq_len}")
+            if p_ + 1 > c.max_len:
+                raise ValueError(f"KV cache overflow: {p_ + 1} tokens > capacity {c.max_len}")
+        cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (N, D)
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): one position per row, broadcast over heads
+        x = self.embed.rows(ids).reshape(N, cfg.d_model)
+        H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        for i, L in enumerate(self.layers):
+            xq, a = self._norm_quant(x, L.input_norm, L.input_norm_b)
+            q = _rope_(kernels.matmul(xq, a, L.q, L.q_b).view(N, H, D), cos, sin)
+            k = _rope_(kernels.matmul(xq, a, L.k, L.k_b).view(N, Hkv, D), cos, sin)
+            v = kernels.matmul(xq, a, L.v, L.v_b).view(N, Hkv, D)
+            del xq, a
+            att = torch.empty(N, H * D)
+            for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
+                kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
+                att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
+            del q, k, v
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            del att
+            x = x + kernels.matmul(aq, aa, L.o)
+            del aq, aa
+            x = x + self._ffn(L, x)
+        for c in caches:
+            c.advance(1)
+        return self._final(x, N, 1, rowwise=True).view(N, -1)
 
     # -- fused native decode ---------------------------------------------------------------------
     #: Decode one token per native call (``bitlm_decode_step``) when the native kernels are in
@@ -353,6 +403,48 @@ class PackedModel:
         dec.step(x, pos, cos, sin)
         cache.advance(1)
         return self._final(x.view(1, cfg.d_model), 1, 1)
+
+
+class KVPool:
+    """``n`` key/value caches of ``ctx`` tokens each (batch 1), allocated once: the slots a
+    server decodes in.  Memory is bounded at start-up by :attr:`nbytes`; a slot is handed out by
+    :meth:`acquire` and rewound (not freed) by :meth:`release`."""
+
+    def __init__(self, model, n: int, ctx: int) -> None:
+        if n < 1 or ctx < 2:
+            raise ValueError(f"a KV pool needs >= 1 slot of >= 2 tokens, got {n} x {ctx}")
+        self.ctx = ctx
+        self.caches: list[KVCache] = [model.new_cache(1, ctx) for _ in range(n)]
+        self._free = list(range(n - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        """A free slot's index (its cache rewound to position 0), or None when all are busy."""
+        if not self._free:
+            return None
+        i = self._free.pop()
+        self.caches[i].pos = 0
+        return i
+
+    def release(self, i: int) -> None:
+        if i in self._free:
+            raise ValueError(f"KV slot {i} released twice")
+        self.caches[i].pos = 0
+        self._free.append(i)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+    def tokens_used(self) -> int:
+        busy = set(range(len(self.caches))) - set(self._free)
+        return sum(self.caches[i].pos for i in busy)
 
 
 # ---------------------------------------------------------------------------------------------

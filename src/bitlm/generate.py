@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "SAMPLE_DEFAULTS", "sample_next", "generate_tokens", "generate", "chat_prompt", "chat_prompt_ids",
+__all__ = ["SamplingParams", "SAMPLE_DEFAULTS", "sample_next", "generate_tokens", "generate", "TextStream", "chat_prompt",
+           "chat_prompt_ids",
            "add_arguments", "run"]
 
 
@@ -124,6 +125,54 @@ def generate_tokens(
             logits = model(nxt.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 
+class TextStream:
+    """Incremental detokenisation with stop strings, shared by ``generate`` and the server.
+
+    ``push(token)`` returns the new text that can no longer change: never a partial UTF-8
+    sequence (it decodes to U+FFFD), never text that may start a stop string (held back until the
+    next tokens resolve it), and never anything from a stop string on.  After a stop string
+    appears, :attr:`stopped` names it and :attr:`text` ends just before it; ``finish()`` flushes
+    what was held back when generation ends otherwise."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop or () if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped: str | None = None
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """The text so far (up to the stop string, if one was found)."""
+        return self._text
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[len(self.emitted):] if len(upto) > len(self.emitted) else ""
+        if piece:
+            self.emitted = upto
+        return piece
+
+    def push(self, token: int) -> str:
+        if self.stopped is not None:
+            raise ValueError("TextStream: push after a stop string")
+        self.ids.append(int(token))
+        text = self._text = self.tokenizer.decode(self.ids)
+        if self.stop:
+            hits = [(text.find(s), s) for s in self.stop if s in text]
+            if hits:
+                at, self.stopped = min(hits)
+                self._text = text[:at]
+                return self._emit(self._text)
+        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        safe = text[: len(text) - hold]
+        return "" if safe.endswith("\ufffd") else self._emit(safe)
+
+    def finish(self) -> str:
+        """What is left to emit at the end of generation (held-back text included)."""
+        return self._emit(self._text)
+
+
 def generate(
     model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 64,
     params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
@@ -135,31 +184,20 @@ def generate(
     from .tasks import encode_text
 
     ids = encode_text(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    out: list[int] = []
-    emitted = ""
-    for tok in generate_tokens(model, ids, max_new_tokens, params, getattr(tokenizer, "eos_id", None)):
-        if tok == getattr(tokenizer, "eos_id", None):
+    stream = TextStream(tokenizer, stop)
+    eos = getattr(tokenizer, "eos_id", None)
+    for tok in generate_tokens(model, ids, max_new_tokens, params, eos):
+        if tok == eos:
             break
-        out.append(tok)
-        text = tokenizer.decode(out)
-        if stop:
-            hits = [text.find(s) for s in stop if s and s in text]
-            if hits:
-                text = text[: min(hits)]
-                if on_text and len(text) > len(emitted):
-                    on_text(text[len(emitted):])
-                return text
-        # only emit text that can no longer change: not a partial UTF-8 sequence (it decodes to
-        # U+FFFD), and not the start of a stop string, which must never reach the stream
-        hold = max((n for s in stop or () for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        safe = text[: len(text) - hold]
-        if on_text and not safe.endswith("\ufffd") and len(safe) > len(emitted):
-            on_text(safe[len(emitted):])
-            emitted = safe
-    text = tokenizer.decode(out)
-    if on_text and len(text) > len(emitted):
-        on_text(text[len(emitted):])
-    return text
+        piece = stream.push(tok)
+        if on_text and piece:
+            on_text(piece)
+        if stream.stopped is not None:
+            return stream.text
+    piece = stream.finish()
+    if on_text and piece:
+        on_text(piece)
+    return stream.text
 
 
 # ---------------------------------------------------------------------------------------------

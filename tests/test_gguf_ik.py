@@ -1,0 +1,142 @@
+"""Parity with a real BitNet runtime: ik_llama.cpp runs bitlm's I2_S and IQ2_BN exports.
+
+Optional, like the llama.cpp parity tests: set ``BITLM_IK_LLAMA_BIN`` to the folder holding an
+ik_llama.cpp build's ``llama-cli``, ``llama-perplexity`` and ``llama-quantize`` (CPU build, see
+docs/gguf.md "Running the files in bitnet.cpp and ik_llama.cpp").  A tiny 2B4T-style (ReLU²,
+sub-norms, tied head) b1.58 model learns a text by heart; bitlm exports it as IQ2_BN (ik's own
+type, read directly) and as I2_S (Microsoft's type, which ik_llama.cpp runs after
+``llama-quantize --allow-requantize ... iq2_bn``).  Both must give bitlm's greedy continuation
+and bitlm's perplexity, computed the way ``llama-perplexity`` computes it (chunks of ``n_ctx``
+tokens, the second half of each scored), up to the runtime's int8 activation rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitlm.config import ModelConfig
+from bitlm.io.gguf import save_gguf
+from bitlm.model import BitNetModel
+
+IK_BIN = os.environ.get("BITLM_IK_LLAMA_BIN")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not IK_BIN, reason="BITLM_IK_LLAMA_BIN (an ik_llama.cpp build's bin folder) not set"),
+]
+
+TEXT = ("A small model learns a fixed text by heart. It reads the words again and again, until every "
+        "next token is certain. Then greedy decoding walks the same path in any runtime that computes the "
+        "same function: bitlm in torch, ik_llama.cpp in C. The quick brown fox jumps over the lazy dog; pack "
+        "my box with five dozen liquor jugs. How vexingly quick daft zebras jump! ")
+N_CTX = 64
+
+
+def _bin(name: str) -> str:
+    p = Path(IK_BIN) / name
+    assert p.is_file(), f"{p}: not found in BITLM_IK_LLAMA_BIN"
+    return str(p)
+
+
+def _run(*args: str, timeout: int = 300) -> str:
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from bitlm.data import EOS_TOKEN, PAD_TOKEN, Tokenizer
+    from bitlm.data.tokenizer import _train_bpe
+
+    return Tokenizer(_train_bpe([TEXT] * 4, 280), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def recited(tokenizer):
+    """A 2B4T-style b1.58 model that recites TEXT (rows of 512, as ik's IQ kernels want)."""
+    data = torch.tensor(tokenizer.encode(TEXT) * 4)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="bitnet-2b4t", vocab_size=320, d_model=512, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=1024, max_seq_len=256, tie_embeddings=True)
+    model = BitNetModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - N_CTX - 1, (8,), generator=g).tolist()
+        x = torch.stack([data[s : s + N_CTX] for s in starts])
+        y = torch.stack([data[s + 1 : s + N_CTX + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def bitlm_ppl(model, tokens: list[int]) -> float:
+    """llama-perplexity's number: chunks of N_CTX tokens, the tokens after the first half scored."""
+    first, nll, count = N_CTX // 2, 0.0, 0
+    with torch.no_grad():
+        for c in range(len(tokens) // N_CTX):
+            chunk = torch.tensor([tokens[c * N_CTX : (c + 1) * N_CTX]])
+            logp = torch.log_softmax(model(chunk)[0].double(), dim=-1)  # (T, V)
+            for i in range(first, N_CTX - 1):
+                nll -= float(logp[i, chunk[0, i + 1]])
+                count += 1
+    return math.exp(nll / count)
+
+
+def bitlm_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
+    out, margin = list(prompt), float("inf")
+    with torch.no_grad():
+        for _ in range(n):
+            lg = model(torch.tensor([out]))[0, -1]
+            top = lg.topk(2).values
+            margin = min(margin, float(top[0] - top[1]))
+            out.append(int(lg.argmax()))
+    return out[len(prompt):], margin
+
+
+@pytest.fixture(scope="module")
+def files(recited, tokenizer, tmp_path_factory):
+    """gguf type -> the file ik_llama.cpp runs (I2_S requantised by ik's own llama-quantize)."""
+    d = tmp_path_factory.mktemp("ik")
+    iq2 = save_gguf(recited, d / "m-iq2_bn.gguf", ternary_type="iq2_bn", tokenizer=tokenizer)
+    i2s = save_gguf(recited, d / "m-i2_s.gguf", ternary_type="i2_s", tokenizer=tokenizer)
+    requant = d / "m-i2_s-as-iq2_bn.gguf"
+    _run(_bin("llama-quantize"), "--allow-requantize", str(i2s), str(requant), "iq2_bn")
+    return {"iq2_bn": iq2, "i2_s": requant}
+
+
+@pytest.mark.parametrize("kind", ["iq2_bn", "i2_s"])
+def test_ik_llama_greedy_tokens_equal_bitlm(recited, tokenizer, files, kind):
+    prompt_text = TEXT[:40]
+    prompt = tokenizer.encode(prompt_text)
+    ours, margin = bitlm_greedy(recited, prompt, 16)
+    assert margin > 0.5, f"training left near-ties (margin {margin:.3f}): the comparison would be meaningless"
+    out = _run(_bin("llama-cli"), "-m", str(files[kind]), "-p", prompt_text, "-n", "16", "--temp", "0",
+               "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "-no-cnv", "--simple-io",
+               "--log-disable")
+    want = tokenizer.decode(ours)
+    assert prompt_text + want in out, f"ik_llama.cpp wrote {out[-600:]!r}, bitlm {want!r}"
+
+
+@pytest.mark.parametrize("kind", ["iq2_bn", "i2_s"])
+def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_path):
+    text = TEXT * 6
+    tokens = tokenizer.encode(text)
+    assert len(tokens) >= 2 * N_CTX
+    (tmp_path / "t.txt").write_text(text)
+    out = _run(_bin("llama-perplexity"), "-m", str(files[kind]), "-f", str(tmp_path / "t.txt"), "-c", str(N_CTX),
+               "-b", str(N_CTX), "-t", "1")
+    m = re.search(r"Final estimate: PPL over (\d+) chunks for n_ctx=\d+ = ([0-9.]+)", out)
+    assert m, out[-2000:]
+    assert int(m.group(1)) == len(tokens) // N_CTX  # the same tokens: ik tokenises the text as bitlm does
+    theirs, ours = float(m.group(2)), bitlm_ppl(recited, tokens)
+    assert abs(math.log(theirs) - math.log(ours)) < 0.02, (theirs, ours)  # int8 activation rounding only
