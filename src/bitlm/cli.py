@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("bitlm.convert", "convert a Llama / Mistral / Qwen2 HF folder to a BitNet b1.58 checkpoint for QAT"),
     "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
     "export": ("bitlm.export", "write a model as a llama.cpp GGUF file or a Hugging Face folder"),
+    "checkpoint": ("bitlm.checkpoints", "consolidate a distributed (multi-rank) checkpoint into one native checkpoint"),
     "experiment": ("bitlm.experiments", "re-run the papers' comparisons at CPU scale: compare, ptq, scaling, lr"),
 }
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         vp = argparse.ArgumentParser(prog=f"bitlm {verb}", description=VERBS[verb][1])
         mod.add_arguments(vp)
         args = vp.parse_args(argv[1:])  # SystemExit(2) with usage on a bad option: not caught below
+        args.argv = argv[1:]  # the verb's own options as given (bitlm train --nproc re-executes them)
         return int(mod.run(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C, or training's SIGINT/SIGTERM handler (which carries .signum)
         print(f"bitlm {verb}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
