@@ -224,3 +224,17 @@ def test_nproc_execs_torchrun(tmp_path):
     assert p.stdout.count("done: 2 steps") == 1  # rank 0 alone prints
     meta = json.loads((tmp_path / "o" / "last" / "config.json").read_text())
     assert meta["format"] == "bitlm-dcp" and meta["world_size"] == 2 and meta["parallel"] == "ddp"
+
+
+def test_fsdp_b158_scale_is_the_whole_tensors_absmean_for_uneven_shards():
+    """A BitLinear of 5 output rows on 2 FSDP2 ranks (3 + 2 rows): quantising the sharded weight
+    uses Σ|w| / numel of the whole tensor (not the shard's mean, which differs), T equals the
+    one-process T, and the forward (which FSDP2 runs on the gathered weight) equals one process."""
+    p = _torchrun(2, [str(HERE / "_fsdp_scale_worker.py")], timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert rep["sharded"] and rep["local_rows"] == [3, 16]
+    assert abs(rep["local_mean"] - rep["want"]) > 0.1  # a shard's own mean would be wrong
+    assert rep["global"] == pytest.approx(rep["want"], rel=1e-6)
+    assert rep["scale"] == pytest.approx(rep["want"], rel=1e-6)
+    assert rep["t_equal"] and rep["y_close"] and rep["dtensor_in_forward"] is False
