@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("bitlm.convert", "convert a Llama / Mistral / Qwen2 HF folder to a BitNet b1.58 checkpoint for QAT"),
     "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
     "export": ("bitlm.export", "write a model as a llama.cpp GGUF file or a Hugging Face folder"),
+    "data": ("bitlm.data.shards", "tokenize a corpus once into memory-mapped token shards (bitlm data prepare)"),
     "checkpoint": ("bitlm.checkpoints", "consolidate a distributed (multi-rank) checkpoint into one native checkpoint"),
     "experiment": ("bitlm.experiments", "re-run the papers' comparisons at CPU scale: compare, ptq, scaling, lr"),
 }

@@ -499,9 +499,16 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, tqdm, P, ck) ->
     out = Path(tcfg.out_dir)
     last = out / "last"
     if data is None:
-        from .data import prepare_data
+        from .data import is_shard_dir, load_shards, prepare_data
 
-        data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
+        if is_shard_dir(tcfg.data):  # bitlm data prepare: memory-mapped shards, each rank reads its slice
+            if tcfg.tokenizer is not None:
+                raise ValueError(f"--tokenizer: the shards in {tcfg.data} carry their own tokenizer; drop --tokenizer")
+            data = load_shards(tcfg.data)
+        else:
+            data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
+    if hasattr(data, "streams"):  # sharded data: one slice of the training tokens per data stream
+        data.streams = ga * d.world
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
     if tcfg.seq_len > model_cfg.max_seq_len:
