@@ -142,7 +142,7 @@ def main() -> None:
             for q in quants:  # interleaved: every quant once per round
                 runs.setdefault((p, q), []).append(_child(args, p, q))
     rows = []
-    for (p, q), rs in runs.items():
+    for rs in runs.values():
         step = statistics.median(r["step_s"] for r in rs)
         rows.append({**rs[0], "step_s": step, "tok_s": rs[0]["batch"] * rs[0]["seq"] / step,
                      "peak_mb": max(r["peak_mb"] for r in rs), "rounds": [r["step_s"] for r in rs]})

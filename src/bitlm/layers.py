@@ -134,8 +134,20 @@ class BitLinear(nn.Linear):
             w = w.full_tensor()
         return Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _lambda(self) -> float | torch.Tensor:
+        """λ as a Python float (so that λ = 1 takes the short STE path), read from the buffer only
+        when the buffer has changed (its version counter: no device sync per forward on CUDA).
+        Under torch.compile the buffer itself (compiled code fuses the multiply anyway)."""
         lam = self.quant_lambda
+        if torch.compiler.is_compiling():
+            return lam
+        key = (lam._version, lam.data_ptr())
+        if getattr(self, "_lam_key", None) != key:
+            self._lam_key, self._lam_value = key, float(lam)
+        return self._lam_value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam = self._lambda()
         x = self.normalize(x)
         if self.act_bits is not None:
             gran = self.act_granularity if self.training else self.act_granularity_eval
