@@ -38,6 +38,15 @@ early — on SIGINT / SIGTERM the current optimizer step is finished, a checkpoi
 the last completed step is saved before the exception goes on.  A second signal stops at once
 without saving.  ``kill -9`` loses only the steps since the last checkpoint: ``--resume``
 continues from it bit-identically, and metrics.jsonl is cut back to that step.
+
+Devices and data parallelism (``bitlm.parallel``): ``device`` / ``precision`` / ``compile`` place
+the run; under torchrun ``parallel`` = ddp | fsdp wraps the model, ``batch_size`` is per rank and
+micro-batch (global batch = batch_size × world size × grad_accum; ``global_batch`` sets
+grad_accum), rank r's micro-batch m is data stream r·grad_accum + m (so 2 ranks equal 1 process
+with grad_accum 2), rank 0 alone logs, the logged loss is the global-batch mean and validation
+is reduced over ranks.  Signals, ``max_time`` and wall-time saves are agreed by all ranks.
+Parallel runs save distributed checkpoints (``bitlm.io.dcp``), which resume on any world size
+with the same world size × grad_accum.
 """
 
 from __future__ import annotations
