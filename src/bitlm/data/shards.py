@@ -70,7 +70,8 @@ class _ShardWriter:
             return
         data = np.concatenate(self.buf).astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
         name = f"{self.split}_{len(self.files):05d}.bin"
-        (self.folder / name).write_bytes(data)  # inside the atomic temp folder
+        tmp = self.folder  # the temp folder of prepare_shards' atomic_dir: visible only when complete
+        (tmp / name).write_bytes(data)
         self.content.update(data)
         self.files.append({"file": name, "tokens": self.fill, "sha256": "sha256:" + hashlib.sha256(data).hexdigest()})
         self.buf, self.fill = [], 0
