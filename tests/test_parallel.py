@@ -165,6 +165,8 @@ def test_killed_rank_ends_the_run_with_an_error_in_bounded_time(tmp_path):
     assert p.returncode != 0
     assert "SIGKILL" in p.stderr or "Signal 9" in p.stderr or "exitcode  : -9" in p.stderr, p.stderr[-2000:]
     assert took < 90
+    # the survivor says what happened in one line (not a traceback of an "internal error")
+    assert "rank 0: lost contact with another rank of the run" in p.stderr and "--resume" in p.stderr, p.stderr[-3000:]
     step = _stopped_at(out)
     assert step >= 2 and step % 2 == 0  # a complete checkpoint from before the kill
     tkw.update(max_steps=step + 2, resume=True)

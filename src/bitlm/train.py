@@ -718,6 +718,11 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, tqdm, P, ck) ->
                 log(f"{type(e).__name__} at step {step}: saved a checkpoint of the {step} completed steps to {last}")
             except Exception as save_error:  # the original exception is the one to report
                 log(f"could not save a checkpoint after {type(e).__name__}: {save_error}")
+        if d.distributed and _is_peer_failure(e):  # not a bug of this rank: say what happened, and what now
+            held = f"{last} (step {saved_step})" if saved_step >= 0 else "no checkpoint of this run"
+            raise ConnectionError(f"rank {d.rank}: lost contact with another rank of the run at step {step} (it died "
+                                  f"or hangs: {_first_line(e)}); the last complete checkpoint is {held}; "
+                                  "continue with --resume") from e
         raise
     finally:
         stop.restore()
@@ -729,6 +734,23 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, tqdm, P, ck) ->
 
 def _silent(*a, **k) -> None:
     pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or stopped answering (gloo / nccl
+    connection errors, the process group's timeout), not an error of this rank's own."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())) or isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "timed out", "Timed out"))
 
 
 # ---------------------------------------------------------------------------------------------
