@@ -55,6 +55,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     (d / "nocfg").mkdir()
     (d / "nocfg" / "model.safetensors").write_bytes(b"\0" * 64)
     f["nocfg"] = str(d / "nocfg")
+    (d / "badshards").mkdir()
+    (d / "badshards" / "index.json").write_text('{"format": "something-else"}')
     # corrupt files: the good ones cut short
     shutil.copytree(d / "ck", d / "ck-trunc")
     st = d / "ck-trunc" / "model.safetensors"
@@ -190,6 +192,15 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("demo-minutes", "demo --preset tiny --minutes 0 --out {dir}/demo", "--minutes"),
     ("demo-batch-size", "demo --preset tiny --batch-size 0 --max-steps 1 --out {dir}/demo", "--batch-size"),
     ("demo-data-missing", "demo --preset tiny --max-steps 1 --data {dir}/nodata.txt --out {dir}/demo", "nodata.txt"),
+    # devices, data parallelism, distributed checkpoints
+    ("train-device-unknown", "train --preset tiny --max-steps 1 --device tpu", "--device 'tpu'"),
+    ("train-parallel-no-torchrun", "train --preset tiny --max-steps 1 --parallel ddp", "--parallel ddp needs torchrun"),
+    ("train-precision", "train --preset tiny --max-steps 1 --train-set precision=fp16", "--precision 'fp16'"),
+    ("data-missing", "data prepare --data {dir}/nodata.txt --out {dir}/sh", "nodata.txt"),
+    ("data-shard-tokens", "data prepare --data {text} --out {dir}/sh --shard-tokens 10", "--shard-tokens"),
+    ("train-shards-bad-index", "train --preset tiny --max-steps 1 --data {dir}/badshards --out {dir}/r", "index.json"),
+    ("checkpoint-missing", "checkpoint consolidate {dir}/nodcp --out {dir}/c", "nodcp"),
+    ("checkpoint-native", "checkpoint consolidate {ck} --out {dir}/c", "not a distributed bitlm checkpoint"),
     # experiment
     ("experiment-unknown", "experiment nosuch --quick --out {dir}/ex", "nosuch"),
     ("experiment-negative-steps", "experiment compare --quick --steps -1 --out {dir}/ex", "--steps"),

@@ -254,3 +254,46 @@ def test_one_group_is_the_ungrouped_quantiser_exactly():
             for a, b in zip(fn(w), fn(w, 1, dim)):
                 assert torch.equal(a, b)
         assert torch.equal(Q.fake_quant_weight(w, "b1.58"), Q.fake_quant_weight(w, "b1.58", 1, 1.0, dim))
+
+
+def test_ste_short_path_forward_is_q_exactly_and_gradient_unchanged():
+    """λ = 1: one autograd node (not sub + add), the forward value q itself (x + (q - x) may
+    miss q in the last bit), and the identity gradient the x + (q - x).detach() form gives."""
+    torch.manual_seed(3)
+    w = (torch.randn(64, 48) * 0.02).requires_grad_()
+    q = Q.dequantize_weight(*Q.ternary_quantize(w))
+    y = Q.ste(w, q)
+    assert type(y.grad_fn).__name__ == "_StraightThroughBackward"
+    assert torch.equal(y, q)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w2 = w.detach().clone().requires_grad_()
+    (w2 + (q - w2).detach()).backward(g)
+    assert torch.equal(w.grad, w2.grad)
+    with torch.no_grad():  # eval: q, no autograd node
+        assert torch.equal(Q.ste(w, q), q)
+
+
+def test_bitlinear_takes_the_short_ste_path_and_matches_the_long_one():
+    from bitlm.layers import BitLinear, set_quant_lambda
+
+    torch.manual_seed(0)
+    lin = BitLinear(32, 16)
+    x = torch.randn(4, 32, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    gw, gx = lin.weight.grad.clone(), x.grad.clone()
+    # the long form: λ as a tensor (what BitLinear passed before)
+    lam = torch.tensor(1.0)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = lin.weight.detach().clone().requires_grad_()
+    xq = Q.fake_quant_activation(x2, 8, "token", 1, lam)
+    y2 = torch.nn.functional.linear(xq, Q.fake_quant_weight(w2, "b1.58", 1, lam))
+    y2.sum().backward()
+    assert torch.allclose(y, y2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gw, w2.grad, rtol=1e-5, atol=1e-6) and torch.allclose(gx, x2.grad, rtol=1e-5, atol=1e-6)
+    # λ changed through the buffer is seen at once (the cached float follows the buffer's version)
+    set_quant_lambda(lin, 0.0)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight))
+    lin.load_state_dict({**lin.state_dict(), "quant_lambda": torch.tensor(1.0)})
+    assert torch.allclose(lin(x), y, rtol=1e-6, atol=1e-7)

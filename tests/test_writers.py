@@ -21,7 +21,7 @@ ALLOWED = {
     "_write_meta": "io.checkpoint: writes into the temp folder of save_checkpoint's atomic_dir",
     "fetch_debian_package": "data: the completion marker inside a mkdtemp tree that is renamed into place",
     "_probe_main": "demo: resets the kernel's peak-RSS counter by writing /proc/self/clear_refs, not a file",
-    "train": "train: metrics.jsonl, an append-only log flushed per line; resume rewrites it atomically",
+    "_train": "train: metrics.jsonl, an append-only log flushed per line; resume rewrites it atomically",
 }
 WRITE_METHODS = {"write_text", "write_bytes", "savefig", "to_csv", "to_parquet", "to_json"}
 SAVE_FUNCS = {"save_file", "save", "dump"}  # safetensors save_file, torch.save / np.save, json.dump

@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "energy": ("bitlm.energy", "arithmetic energy of a forward pass (BitNet 2310.11453 §2.3, Table 1)"),
     "export": ("bitlm.export", "write a model as a llama.cpp GGUF file or a Hugging Face folder"),
     "serve": ("bitlm.serve", "OpenAI-compatible HTTP server with continuous batching (chat, completions, streaming)"),
+    "data": ("bitlm.data.shards", "tokenize a corpus once into memory-mapped token shards (bitlm data prepare)"),
+    "checkpoint": ("bitlm.checkpoints", "consolidate a distributed (multi-rank) checkpoint into one native checkpoint"),
     "experiment": ("bitlm.experiments", "re-run the papers' comparisons at CPU scale: compare, ptq, scaling, lr"),
 }
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         vp = argparse.ArgumentParser(prog=f"bitlm {verb}", description=VERBS[verb][1])
         mod.add_arguments(vp)
         args = vp.parse_args(argv[1:])  # SystemExit(2) with usage on a bad option: not caught below
+        args.argv = argv[1:]  # the verb's own options as given (bitlm train --nproc re-executes them)
         return int(mod.run(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C, or training's SIGINT/SIGTERM handler (which carries .signum)
         print(f"bitlm {verb}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generate import add_head_act_argument, load_for_generation
+from .generate import add_device_argument, add_head_act_argument, load_for_generation
 
 __all__ = ["perplexity", "add_arguments", "run"]
 
@@ -50,13 +50,16 @@ def perplexity(
     full = [s for s in starts if s + seq_len <= arr.size - 1]  # whole windows are batched
     tail = [s for s in starts if s + seq_len > arr.size - 1]  # at most one short window
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+    from .generate import model_device
+
+    dev = model_device(model)
     was = model.training
     model.eval()
     nll, count = 0.0, 0
     for chunk in progress_bar(batches, enabled=progress, desc="eval", unit="batch"):
         n = min(seq_len, arr.size - 1 - chunk[0])
-        x = torch.from_numpy(np.stack([arr[s : s + n] for s in chunk]))  # (B, n)
-        y = torch.from_numpy(np.stack([arr[s + 1 : s + 1 + n] for s in chunk]))
+        x = torch.from_numpy(np.stack([arr[s : s + n] for s in chunk])).to(dev)  # (B, n)
+        y = torch.from_numpy(np.stack([arr[s + 1 : s + 1 + n] for s in chunk])).to(dev)
         logits = model(x)
         nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
         count += y.numel()
@@ -77,6 +80,7 @@ def add_arguments(p) -> None:
     p.add_argument("--text", default=None, help="score this literal text instead of --data")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--seq-len", type=int, default=None)
+    add_device_argument(p)
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (arc_easy,hellaswag,...) or 'all'")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--batch-size", type=int, default=8)

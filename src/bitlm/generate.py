@@ -111,8 +111,11 @@ def generate_tokens(
     gen = torch.Generator().manual_seed(params.seed)
     cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
     history = torch.tensor([prompt_ids], dtype=torch.long)
+    dev = model_device(model)
     with torch.inference_mode():
-        logits = model(history, cache=cache, last_only=True)[:, -1]
+        # sampling runs on the CPU (its generator, its history) whatever device the model is on:
+        # the same seed gives the same tokens everywhere the logits agree
+        logits = model(history.to(dev), cache=cache, last_only=True)[:, -1].float().cpu()
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, params, history, gen)
             tok = int(nxt.item())
@@ -122,7 +125,7 @@ def generate_tokens(
             history = torch.cat([history, nxt.view(1, 1)], dim=1)
             if cache.pos >= cache.max_len:
                 return
-            logits = model(nxt.view(1, 1), cache=cache, last_only=True)[:, -1]
+            logits = model(nxt.view(1, 1).to(dev), cache=cache, last_only=True)[:, -1].float().cpu()
 
 
 class TextStream:
@@ -225,12 +228,34 @@ def add_head_act_argument(p) -> None:
                         "like llama.cpp's q8_0 head) and reads the head at memory speed")
 
 
-def load_for_generation(args):
-    """The model named by --model, eval mode, with --head-act applied (packed models only)."""
-    from .loading import load
+def model_device(model) -> torch.device:
+    """Where a model's parameters are (the CPU for packed models, which hold no torch parameters)."""
+    params = getattr(model, "parameters", None)
+    p = next(params(), None) if callable(params) else None
+    return p.device if p is not None else torch.device("cpu")
 
+
+def add_device_argument(p) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available; the default) | cpu | cuda | mps — the torch path; "
+                        "packed models run on the CPU engine")
+
+
+def load_for_generation(args):
+    """The model named by --model, eval mode, on --device, with --head-act applied (packed models only)."""
+    from .loading import load
+    from .parallel import resolve_device
+
+    requested = getattr(args, "device", "auto") or "auto"
+    device = resolve_device(requested)  # an unavailable device is an error before the model loads
     model = load(args.model)
     model.eval()
+    if hasattr(model, "HEAD_ACTS"):  # packed: the native CPU engine
+        if requested not in ("auto", "cpu"):
+            raise ValueError(f"--device {requested}: {args.model} is a packed model, which runs on the CPU engine "
+                             "only; give a checkpoint for the torch path")
+    else:
+        model.to(device)
     if args.head_act != "f32":
         if not hasattr(model, "HEAD_ACTS"):
             raise ValueError(f"{args.model}: --head-act {args.head_act} needs a packed model file (bitlm pack)")
@@ -245,6 +270,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, HF folder, GGUF or packed model file")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF folder (default: the model's own)")
     p.add_argument("--prompt", required=True)
+    add_device_argument(p)
     add_sampling_arguments(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
 

@@ -115,11 +115,39 @@ class BitLinear(nn.Linear):
         return x
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The integer weight and its per-group scale, ``W ≈ s · T`` (what packing stores)."""
-        return Q.weight_quantize(self.weight, self.weight_quant, self.weight_groups, self.weight_group_dim)
+        """The integer weight and its per-group scale, ``W ≈ s · T`` (what packing stores).
+
+        A weight sharded by FSDP2 (a DTensor, outside the forward) is quantised shard by shard
+        without gathering it — T keeps the weight's placements — with the *whole* tensor's
+        absmean as s (``bitlm.parallel.global_absmean``: Σ|w| and the element count all-reduced,
+        exact for uneven shards), never a shard's own mean.  Other sharded cases are gathered."""
+        w = self.weight
+        if _is_dtensor(w):
+            if self.weight_quant == "b1.58" and self.weight_groups == 1:
+                from torch.distributed.tensor import DTensor
+
+                from .parallel import global_absmean
+
+                s = global_absmean(w).clamp(min=Q.SCALE_EPS).reshape(1)
+                t = Q.round_half_even(w.to_local().detach().float() / s).clamp(-1, 1).to(torch.int8)
+                return DTensor.from_local(t, w.device_mesh, w.placements, shape=w.shape, stride=w.stride()), s
+            w = w.full_tensor()
+        return Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim)
+
+    def _lambda(self) -> float | torch.Tensor:
+        """λ as a Python float (so that λ = 1 takes the short STE path), read from the buffer only
+        when the buffer has changed (its version counter: no device sync per forward on CUDA).
+        Under torch.compile the buffer itself (compiled code fuses the multiply anyway)."""
+        lam = self.quant_lambda
+        if torch.compiler.is_compiling():
+            return lam
+        key = (lam._version, lam.data_ptr())
+        if getattr(self, "_lam_key", None) != key:
+            self._lam_key, self._lam_value = key, float(lam)
+        return self._lam_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lam = self.quant_lambda
+        lam = self._lambda()
         x = self.normalize(x)
         if self.act_bits is not None:
             gran = self.act_granularity if self.training else self.act_granularity_eval
@@ -129,6 +157,10 @@ class BitLinear(nn.Linear):
                 x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
         w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam, self.weight_group_dim)
         return F.linear(x, w, self.bias)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
 
 
 def set_quant_lambda(model: nn.Module, lam: float) -> None:

@@ -2,6 +2,8 @@
 the module that owns it.
 
     native   a bitlm checkpoint folder (``io.checkpoint``; a LoRA run's adapters via ``bitlm.lora``)
+    dcp      a distributed bitlm checkpoint (``io.dcp``: torch.distributed.checkpoint shards of any
+             world size), read into one process
     hf       a Hugging Face BitNetForCausalLM folder (``io.hf``), or a Llama / Mistral / Qwen2
              folder, converted to BitNet b1.58 with the weights copied (``bitlm.convert``)
     gguf     a llama.cpp GGUF file (``io.gguf``)
@@ -41,6 +43,8 @@ def detect_format(path: str | Path) -> str:
         raise ValueError(f"{cfg}: invalid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(meta, dict) and meta.get("format") == "bitlm-checkpoint":
         return "native"
+    if isinstance(meta, dict) and meta.get("format") == "bitlm-dcp":  # io.dcp.FORMAT
+        return "dcp"
     return "hf"
 
 
@@ -56,6 +60,10 @@ def load(path: str | Path, **kw: Any):
 
             load_lora(model, path)
         return model
+    if fmt == "dcp":
+        from .io.dcp import load_dcp_model
+
+        return load_dcp_model(path)[0]
     if fmt == "hf":
         from .convert import convert_llama, is_llama_family
 

@@ -265,13 +265,34 @@ def group_rms_norm(x: torch.Tensor, groups: int = 1, eps: float = 1e-5) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``q`` itself; backward: the incoming gradient to ``x`` unchanged, none to ``q``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def ste(x: torch.Tensor, q: torch.Tensor, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Straight-through estimator with optional warm-up factor λ.
 
     Returns ``x + λ·(q - x).detach()``: the forward value is ``(1-λ)·x + λ·q`` and the gradient
     w.r.t. ``x`` is the identity (λ = 1 is the plain STE of 2310.11453 §2.2; 0 < λ < 1 is the
     HF warm-up quantisation used to fine-tune pretrained models).
+
+    λ = 1 given as a Python number (the usual case) takes a shorter path with the same gradient:
+    the forward value is ``q`` exactly (not ``x + (q - x)``, which can differ from q in the last
+    bit), computed without the two extra passes over the tensor and their autograd nodes.
     """
+    if not isinstance(lam, torch.Tensor) and lam == 1.0:
+        q = q.detach()
+        if x.requires_grad and torch.is_grad_enabled():
+            return _StraightThrough.apply(x, q)
+        return q
     d = (q - x).detach()
     if isinstance(lam, torch.Tensor) or lam != 1.0:
         d = d * lam

@@ -38,6 +38,15 @@ early — on SIGINT / SIGTERM the current optimizer step is finished, a checkpoi
 the last completed step is saved before the exception goes on.  A second signal stops at once
 without saving.  ``kill -9`` loses only the steps since the last checkpoint: ``--resume``
 continues from it bit-identically, and metrics.jsonl is cut back to that step.
+
+Devices and data parallelism (``bitlm.parallel``): ``device`` / ``precision`` / ``compile`` place
+the run; under torchrun ``parallel`` = ddp | fsdp wraps the model, ``batch_size`` is per rank and
+micro-batch (global batch = batch_size × world size × grad_accum; ``global_batch`` sets
+grad_accum), rank r's micro-batch m is data stream r·grad_accum + m (so 2 ranks equal 1 process
+with grad_accum 2), rank 0 alone logs, the logged loss is the global-batch mean and validation
+is reduced over ranks.  Signals, ``max_time`` and wall-time saves are agreed by all ranks.
+Parallel runs save distributed checkpoints (``bitlm.io.dcp``), which resume on any world size
+with the same world size × grad_accum.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -134,7 +144,17 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float | None = None
     adam_eps: float = 1e-8
-    bf16: bool = False
+    bf16: bool = False  # the old spelling of precision="bf16"
+    precision: str | None = None  # fp32 | bf16; None = bf16 on CUDA, fp32 elsewhere
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | mps
+    compile: bool = False  # torch.compile each transformer block
+    # data parallelism on torchrun (bitlm.parallel): batch_size is per rank and micro-batch, so the
+    # global batch is batch_size × world size × grad_accum sequences
+    parallel: str = "none"  # none | ddp | fsdp
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
+    dist_timeout: float = 600.0  # seconds a collective may wait for a dead or stuck rank
+    global_batch: int | None = None  # sequences per optimizer step; sets grad_accum = global / (batch_size × world)
+    checkpoint_format: str = "auto"  # native | dcp (torch.distributed.checkpoint); auto = dcp for --parallel runs
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 20
@@ -180,7 +200,12 @@ class TrainConfig:
 
     def total_steps(self) -> int:
         if self.tokens:
-            return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len * self.grad_accum)))
+            if self.global_batch:
+                return max(1, math.ceil(self.tokens / (self.global_batch * self.seq_len)))
+            from .parallel import torchrun_env
+
+            world = (torchrun_env() or {"world": 1})["world"] if self.parallel != "none" else 1
+            return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len * self.grad_accum * world)))
         return self.max_steps
 
     def validate(self) -> None:
@@ -188,6 +213,19 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        from .parallel import BACKENDS, DEVICES, PARALLEL, PRECISIONS
+
+        for opt, value, allowed in (("--device", self.device, DEVICES), ("--parallel", self.parallel, PARALLEL),
+                                    ("--dist-backend", self.dist_backend, BACKENDS),
+                                    ("--checkpoint-format", self.checkpoint_format, ("auto", "native", "dcp"))):
+            if value not in allowed:
+                raise ValueError(f"{opt} {value!r}: choose one of {', '.join(allowed)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"--global-batch must be >= 1, got {self.global_batch}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.quant_warmup != "none":
             from .layers import lambda_schedule
 
@@ -253,8 +291,8 @@ def set_schedule(opt: torch.optim.Optimizer, step: int, r: dict[str, Any]) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool = False, device_type: str = "cpu") -> torch.Tensor:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -277,16 +315,36 @@ def time_train_step(model_cfg: ModelConfig, data, batch_size: int, seq_len: int,
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, bf16: bool = False) -> dict[str, float]:
-    """Mean token loss (nats) and perplexity over an iterable of (x, y) batches."""
+def evaluate_loss(model, batches, bf16: bool = False, device=None, dist=None) -> dict[str, float]:
+    """Mean token loss (nats) and perplexity over an iterable of (x, y) batches.
+
+    ``device``: where the model is (batches are moved there).  ``dist`` (a ``bitlm.parallel.Dist``
+    of a data-parallel run): each rank scores its share of every batch's rows and the sums are
+    all-reduced, so every rank returns the loss over the whole validation set.  Every rank runs
+    one forward per batch (FSDP needs them all in each forward): a rank whose share is empty
+    scores one row with weight 0."""
+    from .parallel import all_reduce_sum, to_device
+
+    device = torch.device(device) if device is not None else None
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for x, y in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        weight = 1.0
+        if dist is not None and dist.distributed:
+            x, y = torch.tensor_split(x, dist.world)[dist.rank], torch.tensor_split(y, dist.world)[dist.rank]
+            if x.shape[0] == 0:
+                x, y, weight = x.new_zeros((1, x.shape[1])), y.new_zeros((1, y.shape[1])), 0.0
+        if device is not None:
+            x, y = to_device(x, device), to_device(y, device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        n += y.numel()
+        total += weight * F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                          reduction="sum").item()
+        n += int(weight) * y.numel()
+    if dist is not None:
+        total, n = all_reduce_sum([total, float(n)], dist)
+        n = int(n)
     model.train(was)
     loss = total / max(1, n)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
@@ -383,7 +441,13 @@ def train(
     log=print,
 ) -> TrainResult:
     """Train ``model_cfg`` under ``tcfg``; ``data`` is a ``bitlm.data.TokenData`` (built from
-    ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``."""
+    ``tcfg.data`` when None).  With ``resume`` the run continues from ``out_dir/last``.
+
+    Under torchrun with ``tcfg.parallel`` ddp / fsdp every rank calls this: rank r's micro-batch m
+    is data stream ``r × grad_accum + m``, the same streams one process with
+    ``grad_accum × world`` draws, so runs compare across world sizes; rank 0 alone logs, writes
+    metrics and shows progress."""
+    from . import parallel as P
     from .data.common import progress
     from .io.checkpoint import (
         CheckpointError,
@@ -393,18 +457,66 @@ def train(
         verify_checksums,
         verify_enabled,
     )
+    from .io.dcp import is_dcp, load_dcp, read_dcp_meta, save_dcp
 
     tcfg.validate()
+    d = P.init_distributed(tcfg.device, tcfg.parallel, tcfg.dist_backend, tcfg.dist_timeout)
+    try:
+        return _train(model_cfg, tcfg, data, d, resume=resume, init_model=init_model, log=log, progress=progress, P=P,
+                      ck=dict(CheckpointError=CheckpointError, load_checkpoint=load_checkpoint, read_meta=read_meta,
+                              save_checkpoint=save_checkpoint, verify_checksums=verify_checksums,
+                              verify_enabled=verify_enabled, is_dcp=is_dcp, load_dcp=load_dcp,
+                              read_dcp_meta=read_dcp_meta, save_dcp=save_dcp))
+    finally:
+        d.close()
+
+
+def _grad_accum(tcfg: TrainConfig, world: int) -> int:
+    """Micro-batches per rank and step: ``grad_accum``, or what ``global_batch`` asks for."""
+    if tcfg.global_batch is None:
+        return tcfg.grad_accum
+    per = tcfg.batch_size * world
+    if tcfg.global_batch % per:
+        raise ValueError(f"--global-batch {tcfg.global_batch} is not a multiple of --batch-size {tcfg.batch_size} "
+                         f"× world size {world} = {per}")
+    return tcfg.global_batch // per
+
+
+def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck) -> TrainResult:
+    CheckpointError = ck["CheckpointError"]
+    main = d.main
+    if not main:
+        log = _silent
+    ga = _grad_accum(tcfg, d.world)
+    precision = P.resolve_precision("bf16" if tcfg.bf16 else tcfg.precision, d.device)
+    bf16 = precision == "bf16"
+    dcp_format = tcfg.checkpoint_format == "dcp" or (tcfg.checkpoint_format == "auto" and d.distributed)
+    if d.distributed and not dcp_format:
+        raise ValueError("--checkpoint-format native: a --parallel run saves distributed checkpoints (dcp); "
+                         "`bitlm checkpoint consolidate` makes a native one")
+    if d.distributed and tcfg.lora_rank:
+        raise ValueError("--lora-rank with --parallel: LoRA fine-tuning runs in one process")
     r = tcfg.resolved(model_cfg)
     lrs = _sci(r["lr"]) + (f" → {_sci(r['lr2'])}" if r["lr2"] is not None else "")
     wds = f"{r['weight_decay']:g}" + (f" → {r['weight_decay2']:g}" if r["weight_decay2"] is not None else "")
     log(f"recipe {r['row']}: lr {lrs}, weight decay {wds}, warm-up {r['warmup_steps']} of {r['max_steps']} steps")
+    if d.distributed or d.device.type != "cpu" or tcfg.compile:
+        log(f"device {d.device}, {precision}, {tcfg.parallel} × {d.world} ranks ({d.backend or 'one process'}), "
+            f"global batch {tcfg.batch_size} × {d.world} × {ga} = {tcfg.batch_size * d.world * ga} sequences"
+            + (", torch.compile per block" if tcfg.compile else ""))
     out = Path(tcfg.out_dir)
     last = out / "last"
     if data is None:
-        from .data import prepare_data
+        from .data import is_shard_dir, load_shards, prepare_data
 
-        data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
+        if is_shard_dir(tcfg.data):  # bitlm data prepare: memory-mapped shards, each rank reads its slice
+            if tcfg.tokenizer is not None:
+                raise ValueError(f"--tokenizer: the shards in {tcfg.data} carry their own tokenizer; drop --tokenizer")
+            data = load_shards(tcfg.data)
+        else:
+            data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
+    if hasattr(data, "streams"):  # sharded data: one slice of the training tokens per data stream
+        data.streams = ga * d.world
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
     if tcfg.seq_len > model_cfg.max_seq_len:
@@ -413,31 +525,45 @@ def train(
     torch.manual_seed(tcfg.seed)
     start = 0
     opt_state = None
+    resume_dcp = resume and ck["is_dcp"](last)
     if resume:
-        meta = read_meta(last)
+        meta = ck["read_dcp_meta"](last) if resume_dcp else ck["read_meta"](last)
         saved_model = ModelConfig.from_dict(meta["model"])
         if saved_model != model_cfg:
             diff = [k for k in model_cfg.to_dict() if model_cfg.to_dict()[k] != saved_model.to_dict()[k]]
             raise CheckpointError(f"{last}: model config mismatch on resume (field {diff[0]!r}: "
                                   f"checkpoint {saved_model.to_dict()[diff[0]]!r}, now {model_cfg.to_dict()[diff[0]]!r})")
         saved_train = meta.get("train") or {}
-        for key in ("recipe", "batch_size", "seq_len", "grad_accum", "seed", "data", "quant_warmup", "quant_warmup_steps",
+        for key in ("recipe", "batch_size", "seq_len", "seed", "data", "quant_warmup", "quant_warmup_steps",
                     "lora_rank", "lora_alpha", "lora_targets"):
             if key in saved_train and saved_train[key] != getattr(tcfg, key):
                 raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
                                       f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
-        model, meta = load_checkpoint(last)
-        start = int(meta["step"])
-        opt_file = last / "optimizer.pt"
-        if not opt_file.is_file():
-            raise CheckpointError(f"{opt_file}: missing (cannot resume without optimizer state)")
-        if verify_enabled():
-            verify_checksums(last, meta, ["optimizer.pt"])
-        try:
-            opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged file raises (IndexError, EOFError, ...)
-            raise CheckpointError(f"{opt_file}: corrupt or truncated, not a torch optimizer state ({type(e).__name__}); "
-                                  "restore it or start again without --resume") from None
+        # the data streams of a step: world size × grad_accum must match (2 ranks × 1 = 1 process × 2)
+        saved_streams = int(saved_train.get("grad_accum", ga)) * int(meta.get("world_size", 1))
+        if "grad_accum" in saved_train and saved_streams != ga * d.world:
+            raise CheckpointError(f"{last}: global batch mismatch on resume: the checkpoint's run drew "
+                                  f"{saved_streams} micro-batches per step (world size × grad_accum), this one "
+                                  f"{ga * d.world}; set --grad-accum so that they match")
+        if resume_dcp:
+            model = init_model if init_model is not None else BitNetModel(model_cfg)
+            start = int(meta["step"])
+        else:
+            if d.distributed:
+                raise CheckpointError(f"{last}: a native checkpoint cannot resume a --parallel run; run the "
+                                      "one-process run with --checkpoint-format dcp to resume it on several ranks")
+            model, meta = ck["load_checkpoint"](last)
+            start = int(meta["step"])
+            opt_file = last / "optimizer.pt"
+            if not opt_file.is_file():
+                raise CheckpointError(f"{opt_file}: missing (cannot resume without optimizer state)")
+            if ck["verify_enabled"]():
+                ck["verify_checksums"](last, meta, ["optimizer.pt"])
+            try:
+                opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged file raises (IndexError, EOFError, ...)
+                raise CheckpointError(f"{opt_file}: corrupt or truncated, not a torch optimizer state ({type(e).__name__}); "
+                                      "restore it or start again without --resume") from None
     elif init_model is not None:
         model = init_model
     else:
@@ -446,8 +572,15 @@ def train(
         from .lora import prepare_lora_training
 
         model = prepare_lora_training(model, tcfg, last if resume else None)
+    model.to(d.device)
     model.train()
+    base = model
+    if tcfg.compile:
+        P.compile_blocks(base)
+    model = P.wrap_model(base, d, precision)
     opt = make_optimizer(model, r, tcfg.adam_eps)
+    if resume_dcp:
+        ck["load_dcp"](model, opt, last)
     if opt_state is not None:
         try:
             opt.load_state_dict(opt_state)
@@ -455,49 +588,67 @@ def train(
             raise CheckpointError(f"{last / 'optimizer.pt'}: does not fit the model ({e}); "
                                   "restore it or start again without --resume") from None
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
-    if resume:
-        _trim_metrics(metrics_path, start)
-    metrics = open(metrics_path, "a")
+    train_meta = {**tcfg.to_dict(), "grad_accum": ga}
+    metrics = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
+        if resume:
+            _trim_metrics(metrics_path, start)
+        metrics = open(metrics_path, "a")
 
-    def record(d: dict[str, Any]) -> None:
-        metrics.write(json.dumps(d) + "\n")
-        metrics.flush()
+    def record(row: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
 
     saved_step = start if resume else -1  # the step that OUT/last holds (-1: none written by this run)
     saving = False
+    recipe_meta = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}}
 
     def save(step: int) -> None:
         nonlocal saved_step, saved_at, saving
-        saver = save_checkpoint
-        if tcfg.lora_rank:  # the base as a native checkpoint + adapter.safetensors, one atomic folder
-            from .lora import save_lora_checkpoint as saver
         saving = True
-        saver(model, last, optimizer_state=opt.state_dict(), train_config=tcfg.to_dict(), step=step,
-              tokenizer=data.tokenizer, extra={"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}})
+        if dcp_format:
+            ck["save_dcp"](model, opt, last, {"model": model_cfg.to_dict(), "train": train_meta, "step": step,
+                                             "world_size": d.world, "parallel": tcfg.parallel, **recipe_meta},
+                           tokenizer=data.tokenizer)
+        else:
+            from .io import checkpoint as C
+
+            saver = C.save_checkpoint
+            if tcfg.lora_rank:  # the base as a native checkpoint + adapter.safetensors, one atomic folder
+                from .lora import save_lora_checkpoint as saver
+            saver(base, last, optimizer_state=opt.state_dict(), train_config=train_meta, step=step,
+                  tokenizer=data.tokenizer, extra=recipe_meta)
         saving = False
         saved_step, saved_at = step, _clock()
 
     total = r["max_steps"]
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * ga * d.world
     t0 = time.time()
     val = None
     step = start
-    bar = progress(total=total, initial=start, enabled=tcfg.progress, desc=f"train {model_cfg.quant}", unit="step")
+    bar = progress(total=total, initial=start, enabled=tcfg.progress and main, desc=f"train {model_cfg.quant}",
+                   unit="step")
     loss_ema = None
     saved_at = _clock()
     save_secs = 60.0 * tcfg.save_every_minutes if tcfg.save_every_minutes and tcfg.save_every_minutes > 0 else 0.0
     in_update = False  # inside opt.step(): the parameters may be half-updated, never save them
     stop = _StopSignals()
+    stopped_by = None
     try:
         stop.install()
         while step < total:
-            if stop.signum is not None:
+            # every rank takes these decisions together (a signal may reach one rank only)
+            sig, over = P.agree([float(stop.signum or 0),
+                                 float(tcfg.max_time is not None and time.time() - t0 > tcfg.max_time)], d)
+            if sig:
+                stopped_by = int(sig)
                 break
-            if tcfg.max_time is not None and time.time() - t0 > tcfg.max_time:
+            if over:
                 log(f"stopping at step {step}: --max-time {tcfg.max_time:.0f}s reached")
                 break
             lr, wd = set_schedule(opt, step, r)
@@ -506,20 +657,24 @@ def train(
                 from .layers import lambda_schedule, set_quant_lambda
 
                 lam = lambda_schedule(tcfg.quant_warmup, step, tcfg.quant_warmup_steps)
-                set_quant_lambda(model, lam)
+                set_quant_lambda(base, lam)
             loss_sum = 0.0
-            for micro in range(tcfg.grad_accum):
-                # micro-batch m of a step is what data-parallel rank m would see: grad accumulation
-                # over k micro-batches equals k ranks with the same global batch
-                x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=micro)
-                loss = lm_loss(model, x, y, tcfg.bf16)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged; lower the LR)")
-                (loss / tcfg.grad_accum).backward()
-                loss_sum += loss.item() / tcfg.grad_accum
+            for micro in range(ga):
+                # micro-batch m of rank r is data stream r·ga + m: grad accumulation over k
+                # micro-batches equals k ranks with the same global batch
+                x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=d.rank * ga + micro)
+                x, y = P.to_device(x, d.device), P.to_device(y, d.device)
+                with P.no_grad_sync(model, d, sync=micro == ga - 1):
+                    loss = lm_loss(model, x, y, bf16, d.device.type)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged; lower the LR)")
+                    (loss / ga).backward()
+                loss_sum += loss.item() / ga
+            loss_sum = P.all_reduce_mean(loss_sum, d)  # the mean over the global batch
             gnorm = None
             if r["grad_clip"] and r["grad_clip"] > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"]))
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+                gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             in_update = True
             opt.step()
             in_update = False
@@ -535,34 +690,66 @@ def train(
                         "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed,
                         **({"quant_lambda": lam} if lam is not None else {})})
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total):
-                val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches), tcfg.bf16)
+                val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches),
+                                    bf16, device=d.device, dist=d)
                 record({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "time": time.time() - t0})
-                bar.write(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
-            if step < total and ((tcfg.save_every and step % tcfg.save_every == 0)
-                                 or (save_secs and _clock() - saved_at >= save_secs)):
-                save(step)
-        if stop.signum is not None and step < total:
+                if main:
+                    bar.write(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+            if step < total:
+                (due,) = P.agree([float(bool((tcfg.save_every and step % tcfg.save_every == 0)
+                                             or (save_secs and _clock() - saved_at >= save_secs)))], d)
+                if due:
+                    save(step)
+        if stopped_by is not None and step < total:
             if saved_step != step:
                 save(step)
-            raise TrainingInterrupted(stop.signum, step, last)
+            raise TrainingInterrupted(stopped_by, step, last)
         save(step)
     except BaseException as e:
         # left between steps (an error, a KeyboardInterrupt raised by other code): the model and
         # optimizer hold the last completed step, keep it; not after a second signal (the user
-        # wants out now), not mid-update, not when saving is what failed
+        # wants out now), not mid-update, not when saving is what failed, and not in a
+        # data-parallel run (saving is a collective the other ranks are not in)
         if (not stop.forced and not in_update and not saving and not isinstance(e, TrainingInterrupted)
-                and step > max(saved_step, 0)):
+                and step > max(saved_step, 0) and not d.distributed):
             try:
                 save(step)
                 log(f"{type(e).__name__} at step {step}: saved a checkpoint of the {step} completed steps to {last}")
             except Exception as save_error:  # the original exception is the one to report
                 log(f"could not save a checkpoint after {type(e).__name__}: {save_error}")
+        if d.distributed and _is_peer_failure(e):  # not a bug of this rank: say what happened, and what now
+            held = f"{last} (step {saved_step})" if saved_step >= 0 else "no checkpoint of this run"
+            raise ConnectionError(f"rank {d.rank}: lost contact with another rank of the run at step {step} (it died "
+                                  f"or hangs: {_first_line(e)}); the last complete checkpoint is {held}; "
+                                  "continue with --resume") from e
         raise
     finally:
         stop.restore()
         bar.close()
-        metrics.close()
-    return TrainResult(model, step, val, out, time.time() - t0, (step - start) * tokens_per_step)
+        if metrics is not None:
+            metrics.close()
+    return TrainResult(base, step, val, out, time.time() - t0, (step - start) * tokens_per_step)
+
+
+def _silent(*a, **k) -> None:
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or stopped answering (gloo / nccl
+    connection errors, the process group's timeout), not an error of this rank's own."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())) or isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "timed out", "Timed out"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +788,23 @@ def add_arguments(p) -> None:
                         "weight decay: b1 0.01 (0.05 at 13B/30B), b1.58 0.1 → 0 at the midpoint, fp 0.1 "
                         "(--train-set warmup_steps=/weight_decay=/weight_decay2= to override). "
                         "The chosen row is printed when training starts")
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16 autocast on the device's type, or fp32 (default: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--device", default=None, help="auto (CUDA when available; the default) | cpu | cuda | mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--parallel", default=None,
+                   help="data parallelism under torchrun: none (default) | ddp | fsdp (FSDP2 fully_shard per block)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run N processes on this machine: execs torchrun --nproc-per-node N -m bitlm train ... "
+                        "(default --parallel ddp)")
+    p.add_argument("--dist-backend", default=None, help="auto (nccl on CUDA, gloo on the CPU) | gloo | nccl")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a collective waits for the other ranks before the run fails (default 600)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step: grad_accum = global / (batch size × world size)")
+    p.add_argument("--checkpoint-format", default=None,
+                   help="native | dcp (torch.distributed.checkpoint, one shard per rank); default dcp for --parallel")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint OUT/last every N steps (default 0: off)")
@@ -630,7 +833,39 @@ def train_section(path: str | Path) -> dict[str, Any]:
     return section
 
 
+def _exec_torchrun(args, argv: list[str]) -> int:
+    """``bitlm train --nproc N ...`` → ``python -m torch.distributed.run --nproc-per-node N -m bitlm
+    train ...`` in place of this process (the same options, less --nproc)."""
+    from .parallel import torchrun_env
+
+    if torchrun_env() is not None:
+        raise ValueError("--nproc inside torchrun: torchrun already started the processes; drop --nproc")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    if args.parallel is None:
+        rest += ["--parallel", "ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "bitlm", "train", *rest]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def run(args) -> int:
+    if args.nproc is not None:
+        return _exec_torchrun(args, list(getattr(args, "argv", [])))
     file_train = train_section(args.config) if args.config else {}
     init_model = None
     if args.init_from:
@@ -650,12 +885,17 @@ def run(args) -> int:
                out_dir=args.out, max_steps=args.max_steps, tokens=args.tokens, max_time=args.max_time,
                batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
                seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
-               save_every_minutes=args.save_every_minutes, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+               save_every_minutes=args.save_every_minutes, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+               precision=args.precision, device=args.device, parallel=args.parallel, dist_backend=args.dist_backend,
+               dist_timeout=args.dist_timeout, global_batch=args.global_batch,
+               checkpoint_format=args.checkpoint_format)
     tkw.update({k: v for k, v in cli.items() if v is not None})
     if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
         tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
     if args.bf16:
         tkw["bf16"] = True
+    if args.compile:
+        tkw["compile"] = True
     if args.no_progress:  # elsewhere than a terminal (CI, a log) progress is plain lines, not redraws
         tkw["progress"] = False
     tcfg = TrainConfig(**tkw)
@@ -669,6 +909,8 @@ def run(args) -> int:
         print(f"bitlm train: {e}; {Path(tcfg.out_dir) / 'last'} holds the last checkpoint", file=sys.stderr)
         return 128 + e.signum
     v = res.val or {}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"done: {res.step} steps, {res.tokens:,} tokens in {res.seconds:.0f}s; "
           f"val loss {v.get('loss', float('nan')):.4f} ppl {v.get('ppl', float('nan')):.2f}; checkpoint {res.out_dir / 'last'}")
     return 0

@@ -52,6 +52,7 @@ Modules (this package re-exports their public names; ``from bitlm.data import X`
 ``corpus``     Document, Corpus, the named sources, local files / HF datasets, the fixed split
 ``tokenizer``  Tokenizer, train / load a tokenizer, token byte lengths
 ``tokens``     the token cache, TokenData, prepare_data, batches, bits per byte
+``shards``     ``bitlm data prepare``: fixed-size token shards with an index; ShardData for training
 """
 
 
@@ -73,6 +74,7 @@ from .corpus import (
 )
 from .fetch import fetch_debian_package
 from .rdata import REnvironment, RPairList, RSpecial, RSymbol, RVector, r_unserialize, read_r_lazyload
+from .shards import ShardData, is_shard_dir, load_shards, prepare_shards
 from .sword import osis_to_text, read_ztext_module
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, TOKENIZER_TAG, Tokenizer, load_tokenizer, train_tokenizer
 from .tokens import (
@@ -108,6 +110,10 @@ __all__ = [
     "load_tokenizer",
     "tokenize_corpus",
     "prepare_data",
+    "prepare_shards",
+    "load_shards",
+    "is_shard_dir",
+    "ShardData",
     "get_batch",
     "iter_eval_batches",
     "utf8_len",

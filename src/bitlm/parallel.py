@@ -1,0 +1,277 @@
+"""Where training runs: the device, the precision, ``torch.compile``, and data parallelism on
+torchrun (DDP and FSDP2) — all through torch itself, no launcher or communication layer of our own.
+
+* **Device** (``resolve_device``): ``auto`` is CUDA when available, else the CPU (MPS only when
+  asked for).  Asking for a device that is not there is a one-line error naming ``--device``.
+* **Precision** (``resolve_precision``, ``autocast``): ``fp32`` or ``bf16`` autocast on the
+  device's own type; the default is bf16 on CUDA and fp32 elsewhere.
+* **Compile** (``compile_blocks``): ``torch.compile`` per transformer block, in place
+  (``Module.compile``), so state-dict keys stay those of the eager model.
+* **Batches** (``to_device``): on CUDA pinned and copied non-blocking; elsewhere moved plainly.
+* **Data parallelism** (``init_distributed``, ``wrap_model``): the rank, world size and local rank
+  come from torchrun's environment; the process group is gloo on the CPU and nccl on CUDA, with
+  a timeout so that a dead peer ends the others with an error rather than a hang; the 1-D device
+  mesh ``("dp",)`` carries DDP or FSDP2.  FSDP2 is ``fully_shard`` on each block, then on the root
+  (torchtitan's order), with a ``MixedPrecisionPolicy`` that reduces gradients in fp32.
+* **Global absmean** (``global_absmean``): a weight sharded as a DTensor (FSDP2 outside its
+  forward, e.g. a scale computed once per optimizer step) gets the whole tensor's mean|W| by
+  all-reducing Σ|w| and the element count — exact for uneven shards, unlike averaging per-shard
+  means.  Inside an FSDP2 forward the parameters are already unsharded, so ``BitLinear`` sees
+  the whole tensor there.
+
+The model file stays free of distributed code: this module wraps a built model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["DEVICES", "PRECISIONS", "PARALLEL", "BACKENDS", "resolve_device", "resolve_precision", "autocast",
+           "to_device", "compile_blocks", "Dist", "init_distributed", "wrap_model", "unwrap", "global_absmean",
+           "all_reduce_mean", "all_reduce_sum", "agree", "no_grad_sync", "torchrun_env"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("none", "ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """``auto|cpu|cuda|mps`` → a ``torch.device`` (``cuda:local_rank`` for CUDA)."""
+    name = name or "auto"
+    if name not in DEVICES:
+        raise ValueError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise ValueError(f"--device cuda: local rank {local_rank} but only {n} CUDA device(s) visible")
+        return torch.device("cuda", local_rank)
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``fp32`` / ``bf16``; None → bf16 on CUDA, fp32 elsewhere."""
+    if precision is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str = "fp32"):
+    """bf16 autocast on the device's own type (a no-op context for fp32)."""
+    dtype = torch.device(device).type
+    return torch.autocast(dtype, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on ``device``: pinned and copied non-blocking on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` each transformer block in place (state-dict keys unchanged)."""
+    for block in model.model.layers:
+        block.compile()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism
+# ---------------------------------------------------------------------------------------------
+
+
+def torchrun_env() -> dict[str, int] | None:
+    """(rank, world, local_rank) from torchrun's environment, or None outside torchrun."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    try:
+        return {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
+                "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    except ValueError:
+        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK in the environment are not integers "
+                         "(set by torchrun)") from None
+
+
+@dataclass
+class Dist:
+    """One process's place in the run: rank, world size, device, mesh (None: one process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    parallel: str = "none"
+    backend: str | None = None
+    mesh: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.mesh = None
+
+
+def init_distributed(device: str | None = "auto", parallel: str = "none", backend: str = "auto",
+                     timeout_s: float = 600.0) -> Dist:
+    """The process group and device mesh for ``parallel`` (``ddp``/``fsdp``) under torchrun, or
+    a one-process ``Dist`` for ``none``.  Raises ValueError (one line naming the option) for a
+    backend the device cannot use, or ``--parallel`` outside torchrun."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"--parallel {parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"--dist-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    env = torchrun_env()
+    if parallel == "none":
+        if env is not None and env["world"] > 1:
+            raise ValueError(f"--parallel none under torchrun with WORLD_SIZE={env['world']}: every rank would "
+                             "train the same model alone; pass --parallel ddp or fsdp")
+        return Dist(device=resolve_device(device))
+    if env is None:
+        raise ValueError(f"--parallel {parallel} needs torchrun (torchrun --nproc-per-node N -m bitlm train ... "
+                         "or bitlm train --nproc N)")
+    dev = resolve_device(device, env["local_rank"])
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl":
+        import torch.distributed as dist
+
+        if dev.type != "cuda" or not dist.is_nccl_available():
+            raise ValueError(f"--dist-backend nccl: needs CUDA devices and a torch built with NCCL (device is "
+                             f"{dev.type}); use --dist-backend gloo on the CPU")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    # FSDP2 on gloo must be given the CPU mesh (pytorch/pytorch#132471)
+    mesh = init_device_mesh(dev.type, (env["world"],), mesh_dim_names=("dp",))
+    return Dist(rank=env["rank"], world=env["world"], local_rank=env["local_rank"], device=dev,
+                parallel=parallel, backend=backend, mesh=mesh)
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, precision: str = "fp32") -> torch.nn.Module:
+    """DDP or FSDP2 (per block, then the root) around ``model`` (already on ``d.device``)."""
+    if d.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if d.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+        for block in model.model.layers:
+            fully_shard(block, mesh=d.mesh, mp_policy=mp)
+        fully_shard(model, mesh=d.mesh, mp_policy=mp)
+        return model
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The BitNetModel inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: torch.nn.Module, d: Dist, sync: bool):
+    """Skip the gradient all-reduce of a micro-batch that is not the last of its step."""
+    if sync or not d.distributed:
+        yield
+    elif d.parallel == "ddp":
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def all_reduce_mean(x: float, d: Dist) -> float:
+    """The mean of a float over the ranks (the float itself in one process)."""
+    if not d.distributed:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=d.device if d.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def agree(values: list[float], d: Dist) -> list[float]:
+    """The element-wise maximum over the ranks: decisions every rank must take together (stop on
+    a signal one rank got, stop at --max-time, save by wall time)."""
+    if not d.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def global_absmean(w: torch.Tensor) -> torch.Tensor:
+    """mean|W| of the whole tensor, also when ``w`` is a sharded DTensor: Σ|w| and the element
+    count are all-reduced (exact for uneven shards).  Float32, shape ()."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(w, DTensor):
+        return w.detach().float().abs().mean()
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    local = w.to_local().detach().float()
+    if not any(isinstance(p, Shard) for p in w.placements):  # replicated: every rank holds it all
+        return local.abs().mean()
+    stats = torch.stack([local.abs().sum(), torch.tensor(float(local.numel()), device=local.device)])
+    dist.all_reduce(stats, group=w.device_mesh.get_group())
+    return stats[0] / stats[1]

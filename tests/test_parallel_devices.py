@@ -1,0 +1,99 @@
+"""Devices, precision and torch.compile (bitlm.parallel) on the CPU: the device/precision rules,
+bf16 autocast on the device's own type, compiled blocks equal to eager, batches moved to the
+model's device in training, evaluation and generation, and a missing device as a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitlm import cli
+from bitlm import parallel as P
+from bitlm.train import TrainConfig, evaluate_loss, lm_loss, train
+from helpers import pattern_data, tiny_config, tiny_model
+
+
+def test_device_rules():
+    assert P.resolve_device("cpu") == torch.device("cpu")
+    assert P.resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        P.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^--device cuda: CUDA is not available"):
+            P.resolve_device("cuda")
+
+
+def test_precision_defaults_to_bf16_on_cuda_only():
+    assert P.resolve_precision(None, torch.device("cuda", 0)) == "bf16"
+    assert P.resolve_precision(None, torch.device("cpu")) == "fp32"
+    assert P.resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    with pytest.raises(ValueError, match="--precision"):
+        P.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_autocast_is_on_the_device_type():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with P.autocast(torch.device("cpu"), "bf16"):
+        assert lin(x).dtype == torch.bfloat16
+    with P.autocast(torch.device("cpu"), "fp32"):
+        assert lin(x).dtype == torch.float32
+
+
+def test_batches_go_to_the_device():
+    t = torch.arange(6).view(2, 3)
+    out = P.to_device(t, torch.device("cpu"))
+    assert out.device.type == "cpu" and torch.equal(out, t)
+
+
+def test_bf16_training_runs_on_the_cpu_with_autocast(tmp_path):
+    """precision=bf16 trains (autocast on "cpu") and its losses differ from fp32's: bf16 really ran."""
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        tc = TrainConfig(max_steps=3, batch_size=4, seq_len=16, eval_every=3, progress=False, lr=3e-3,
+                         out_dir=str(tmp_path / prec), precision=prec, device="cpu", save_every_minutes=0)
+        res = train(tiny_config(), tc, pattern_data(), log=lambda *a: None)
+        losses[prec] = res.val["loss"]
+    assert abs(losses["fp32"] - losses["bf16"]) > 0
+    assert abs(losses["fp32"] - losses["bf16"]) < 0.1
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: 20-50 s per model
+@pytest.mark.parametrize("quant", ["b1.58", "fp"])
+def test_compiled_blocks_equal_eager(quant):
+    """torch.compile per block (in place: the state-dict keys stay) gives the eager logits and
+    gradients (allclose) on the CPU."""
+    eager = tiny_model(quant=quant, vocab_size=64, max_seq_len=32).train()
+    comp = tiny_model(quant=quant, vocab_size=64, max_seq_len=32).train()
+    P.compile_blocks(comp)
+    assert comp.state_dict().keys() == eager.state_dict().keys()
+    x, y = pattern_data().batch(0, 2, 16)
+    le, lc = lm_loss(eager, x, y), lm_loss(comp, x, y)
+    assert torch.allclose(le, lc, rtol=1e-4, atol=1e-5)
+    le.backward()
+    lc.backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), comp.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), n
+
+
+def test_evaluate_loss_moves_batches_to_the_model_device():
+    m = tiny_model(vocab_size=64, max_seq_len=32)
+    data = pattern_data()
+    a = evaluate_loss(m, data.val_batches(4, 16, 2))
+    b = evaluate_loss(m, data.val_batches(4, 16, 2), device="cpu")
+    assert a == b
+
+
+def test_missing_device_is_a_one_line_error_for_train_eval_generate(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    m = tmp_path / "m"
+    from bitlm.io.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model(vocab_size=64, max_seq_len=32), m)
+    for argv in (["train", "--preset", "tiny", "--device", "cuda", "--max-steps", "1", "--out", str(tmp_path / "o")],
+                 ["eval", "--model", str(m), "--text", "hello", "--device", "cuda"],
+                 ["generate", "--model", str(m), "--prompt", "hi", "--device", "cuda"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--device cuda: CUDA is not available" in err, err
