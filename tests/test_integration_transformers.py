@@ -122,8 +122,20 @@ def test_bf16_model_is_close_to_transformers(tmp_path):
         BT.accelerate(model)
         got = model(x).logits
     assert got.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, BT.BitlmBf16Head)  # the tied bf16 head runs on bitlm's kernel
+    assert model.lm_head.weight_bf16.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still shared
     rel = float((got.float() - ref).abs().max() / ref.abs().max())
     assert rel < 0.05, rel  # transformers rounds q/a and every product to bf16, bitlm once
+
+
+def test_bf16_head_computes_torch_bf16_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 300, bias=False).to(torch.bfloat16)
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    ref = lin(x).float()
+    got = BT.BitlmBf16Head(lin.weight)(x)
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output rounding
 
 
 def _snapshot(model):

@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("bitlm.integrations.transformers needs transformers>=5.0 (pip install 'bitlm[transformers]')"
                       ) from e
 
-__all__ = ["BitlmLinear", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
+__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
            "from_pretrained", "METHOD"]
 
 #: The quantization method name registered with transformers.
@@ -108,6 +108,41 @@ class BitlmLinear(nn.Module):
         raise BitlmIntegrationError(
             f"{prefix.rstrip('.')}: a bitlm-accelerated model has no transformers state dict; save the model "
             "before bitlm.integrations.transformers.accelerate() (or save it with bitlm.save)")
+
+
+class BitlmBf16Head(nn.Module):
+    """A bf16 output head (``lm_head``) on bitlm's native bf16 kernel: the same weight tensor (a
+    tied embedding stays shared), ``y = Σ x·float32(w)`` in float32 in the kernel's fixed order,
+    rounded to bf16 once — what torch's bf16 ``F.linear`` computes up to summation order, read at
+    2 bytes per weight without converting the matrix."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight_bf16 = weight.detach()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=bfloat16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.in_features).float()
+        return kernels.dense_bf16_matmul(x2, self.weight_bf16).view(*lead, self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+def _head_swap(model: nn.Module) -> tuple[str, BitlmBf16Head] | None:
+    """The bf16 ``lm_head`` (no bias, CPU) to run on bitlm's bf16 kernel, else None (kept)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.bfloat16:
+        return None
+    if head.weight.device.type != "cpu":
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return None if name is None else (name, BitlmBf16Head(head.weight))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +233,7 @@ def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
     return out
 
 
-def accelerate(model: nn.Module, *, format: str = "i2") -> nn.Module:
+def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True) -> nn.Module:
     """Swap every transformers BitNet projection of ``model`` for a :class:`BitlmLinear`, in place.
 
     Accepts what transformers loads for ``BitNetForCausalLM`` (and any other model whose
@@ -206,11 +241,15 @@ def accelerate(model: nn.Module, *, format: str = "i2") -> nn.Module:
     ``autobitlinear``.  ``format``: the packed layout, ``"i2"`` (2 bits per weight, the fastest)
     or ``"t1"`` (1.6 bits).  Every layer is checked and packed before the first swap, so an
     error (:class:`BitlmIntegrationError`, naming the layer) leaves the model as it was.
-    Returns ``model``.
+    ``head``: also run a bf16 ``lm_head`` (not a BitNet projection; for 2B4T the largest read
+    per token) on bitlm's bf16 kernel (:class:`BitlmBf16Head`, same weights, float32 sums);
+    float32 heads stay torch's.  Returns ``model``.
     """
     if format not in ("i2", "t1"):
         raise BitlmIntegrationError(f"format must be 'i2' or 't1' (ternary, native kernels), got {format!r}")
-    swaps = _prepare(model, format)
+    swaps: list[tuple[str, nn.Module]] = list(_prepare(model, format))
+    if head and (h := _head_swap(model)) is not None:
+        swaps.append(h)
     for name, new in swaps:
         model.set_submodule(name, new)
     return model
