@@ -145,6 +145,49 @@ def time_engine(pm, ids: torch.Tensor, new: int) -> tuple[float, list[float]]:
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def time_modules(modules: list, head, reps: int = 5) -> float:
+    """One decode step's projections alone: every swapped module (and the head) called on one
+    bf16 token in model order, no transformers around them — the kernels' share of a step."""
+    xs = [torch.randn(1, 1, m.in_features).to(torch.bfloat16) for m in modules]
+    hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
+    ts = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for m, x in zip(modules, xs):
+                m(x)
+            head(hx)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def rss_child(args, kind: str) -> dict:
+    """Resident memory of one configuration in a fresh process (so freed memory of the other
+    does not count): transformers' own layers after the build, or the swapped model after
+    accelerate() and an 8-token generate."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--rss-only", kind, "--layers", str(args.layers),
+           "--linear-class", args.linear_class, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def rss_only(args) -> int:
+    import resource
+
+    from bitlm.integrations.transformers import accelerate
+
+    torch._dynamo.config.disable = True
+    model = build_hf(args.layers, args.linear_class)
+    if args.rss_only == "bitlm":
+        accelerate(model)
+        gc.collect()
+        time_generate(model, torch.randint(1000, 100000, (1, 64)), 8)
+    print(json.dumps({"rss_bytes": rss(), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
 def swap(model, modules: dict) -> None:
     for name, m in modules.items():
         model.set_submodule(name, m)
@@ -161,7 +204,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--eager", action="store_true", help="disable torch.compile (transformers compiles its BitNet helpers)")
     ap.add_argument("--json", default=str(HERE / "results" / "transformers.json"))
+    ap.add_argument("--rss-only", choices=["own", "bitlm"], help=argparse.SUPPRESS)  # the memory child
     args = ap.parse_args()
+    if args.rss_only:
+        torch.set_num_threads(args.threads)
+        kernels.set_num_threads(args.threads)
+        return rss_only(args)
 
     import transformers
     from transformers.utils import logging
@@ -182,9 +230,7 @@ def main() -> int:
     originals = dict(_bitnet_layers(model))
     own_proj_bytes = sum(b.numel() * b.element_size() for m in originals.values() for b in m.buffers())
     own_proj_bytes += sum(p.numel() * p.element_size() for m in originals.values() for p in m.parameters())
-    rss_own = rss()
-    print(f"built {args.layers}-layer 2B4T-shaped model ({args.linear_class}) in {build_s:.1f} s, RSS "
-          f"{rss_own / 2**20:.0f} MiB", file=sys.stderr)
+    print(f"built {args.layers}-layer 2B4T-shaped model ({args.linear_class}) in {build_s:.1f} s", file=sys.stderr)
 
     accelerate(model)
     swapped = {n: model.get_submodule(n) for n in originals}
@@ -217,12 +263,13 @@ def main() -> int:
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
                   file=sys.stderr)
 
-    # the swapped model alone: drop transformers' layers (and the engine) before measuring RSS
     swap(model, swapped)
-    del originals, pm
-    gc.collect()
-    rss_swapped = rss()
     assert not list(_bitnet_layers(model)) and all(isinstance(m, BitlmLinear) for m in swapped.values())
+    modules_s = time_modules(list(swapped.values()), model.lm_head)
+    del originals, pm, model
+    gc.collect()
+    mem = {k: rss_child(args, k) for k in ("own", "bitlm")}
+    rss_own, rss_swapped = mem["own"]["rss_bytes"], mem["bitlm"]["rss_bytes"]
 
     def med(x: list[float]) -> float:
         return statistics.median(x)
@@ -242,7 +289,9 @@ def main() -> int:
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
+        "decode_kernels_alone_ms": modules_s * 1e3,
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
+        "peak_rss_swapped_bytes": mem["bitlm"]["peak_rss_bytes"],
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -256,8 +305,12 @@ def main() -> int:
     print(f"decode: {out['decode_speedup_vs_transformers']:.1f}x transformers' own, "
           f"{100 * out['decode_vs_engine']:.0f} % of the engine; prefill: "
           f"{out['prefill_speedup_vs_transformers']:.1f}x, {100 * out['prefill_vs_engine']:.0f} % of the engine")
-    print(f"RSS: {rss_own / 2**20:.0f} MiB with transformers' layers, {rss_swapped / 2**20:.0f} MiB swapped "
-          f"(projections {own_proj_bytes / 2**20:.0f} -> {packed_bytes / 2**20:.0f} MiB)")
+    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
+          f"{len(swapped)} projections + head called alone) + {acc['decode_ms'] - modules_s * 1e3:.1f} ms in "
+          "transformers (norms, RoPE, cache, attention, generate)")
+    print(f"RSS (fresh processes): {rss_own / 2**20:.0f} MiB with transformers' layers, {rss_swapped / 2**20:.0f} MiB "
+          f"swapped after generating (peak {mem['bitlm']['peak_rss_bytes'] / 2**20:.0f} MiB); projections "
+          f"{own_proj_bytes / 2**20:.0f} -> {packed_bytes / 2**20:.0f} MiB")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
