@@ -195,6 +195,8 @@ def test_registered_method_on_full_precision_weights_matches_transformers_online
     assert not bitnet_layers(model) and sum(isinstance(m, BT.BitlmLinear) for m in model.modules()) == 14
     assert model.config.quantization_config.quant_method == "bitlm"
     assert torch.equal(model.generate(prompt(2), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
+    model = BT.from_pretrained(str(folders["fp"]), dtype=torch.float32)  # the helper takes this route too
+    assert torch.equal(model.generate(prompt(2), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
 
 
 @pytest.mark.parametrize("variant,linear_class", VARIANTS)
@@ -217,3 +219,19 @@ def test_bitlm_config_validates_its_fields():
         BT.BitlmConfig(linear_class="dense")
     with pytest.raises(BT.BitlmIntegrationError, match="format"):
         BT.accelerate(torch.nn.Linear(4, 4), format="hf")
+
+
+def test_text_generation_pipeline_is_unchanged_by_the_swap(folders):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(256)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2", bos_token="w1")
+    model = load(folders[("packed", "autobitlinear")])
+    text = " ".join(f"w{i}" for i in (5, 17, 99, 3, 42))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    ref = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
+    BT.accelerate(model)
+    got = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
+    assert got == ref and len(got.split()) == 17

@@ -42,6 +42,8 @@ The swapped model is inference-only (no gradient flows to the packed weights) an
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -214,6 +216,23 @@ def _bitnet_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, m
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS.  Unpacking and packing make large short-lived
+    tensors; glibc keeps their pages after free (its mmap threshold grows), which at 2B4T size
+    left ~1 GB resident after the swap (measured: RSS 1595 -> 1148 MiB on a 6-layer model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
     """Check and pack every BitNet projection; raises before anything is modified."""
     if not isinstance(model, nn.Module):
@@ -230,6 +249,8 @@ def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
         t, s, bias, source = _ternary_of(name, m)
         rms = getattr(m, "rms_norm", None)
         out.append((name, BitlmLinear(pack_weight(t, s.float().reshape(1), format), bias, rms, source)))
+        del t
+        _release_freed_memory()  # keeps the transient peak near one layer's temporaries
     return out
 
 
@@ -252,6 +273,8 @@ def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True) -> nn
         swaps.append(h)
     for name, new in swaps:
         model.set_submodule(name, new)
+    del swaps
+    _release_freed_memory()  # the replaced layers' tensors
     return model
 
 
