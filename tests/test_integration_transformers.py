@@ -35,8 +35,9 @@ def hf_env():
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch._dynamo.config, "disable", True)
+    # torch's own patch(): MonkeyPatch's undo deletes the key from torch's config module, which
+    # broke every later test that reads torch._dynamo.config.disable
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(disable=True):
         if importlib.util.find_spec("accelerate") is None:  # not an import: accelerate is no dependency
             mp.setattr(BitNetHfQuantizer, "validate_environment", lambda self, *a, **k: None)
         yield
@@ -234,4 +235,4 @@ def test_text_generation_pipeline_is_unchanged_by_the_swap(folders):
     ref = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
     BT.accelerate(model)
     got = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
-    assert got == ref and len(got.split()) == 17
+    assert got == ref and got.startswith(text) and len(got) >= len(text) + 2 * 12  # 12 new "wN" tokens
