@@ -45,9 +45,10 @@ def hf_env():
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch._dynamo.config, "disable", True)
-        if importlib.util.find_spec("accelerate") is None:  # not a bitlm dependency
+    # torch's own patch(): MonkeyPatch's undo deletes the key from torch's config module, which
+    # broke every later test that reads torch._dynamo.config.disable
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(disable=True):
+        if importlib.util.find_spec("accelerate") is None:  # not an import: accelerate is no dependency
             mp.setattr(BitNetHfQuantizer, "validate_environment", lambda self, *a, **k: None)
         yield
 

@@ -1,0 +1,402 @@
+"""bitlm's packed kernels inside transformers: every BitNet projection of a loaded transformers
+model (``BitLinear`` / ``AutoBitLinear`` from ``transformers.integrations.bitnet``) swapped in
+place for :class:`BitlmLinear`, an ``nn.Module`` backed by a packed i2 weight and the native
+kernels.  The model stays a transformers model: ``generate``, ``model(input_ids)``, the cache
+classes, ``GenerationConfig`` and pipelines are untouched; only the projections change.
+
+Two entry points:
+
+* ``accelerate(model)`` — swap a model already loaded by ``from_pretrained`` (either
+  ``weight_scale`` convention, offline-packed or online-quantised).  Everything is checked and
+  packed first; if any projection cannot be represented, ``BitlmIntegrationError`` names it and
+  the model is left untouched.
+* ``BitlmConfig`` — a quantization method registered with transformers' public hooks
+  (``register_quantization_config`` / ``register_quantizer``, method name ``"bitlm"``):
+  ``from_pretrained(path, quantization_config=BitlmConfig())`` loads the projections as
+  transformers' BitNet layers would, then swaps them.  transformers keeps a checkpoint's own
+  ``quantization_config`` when one is stored (a different method raises), so for a
+  pre-quantized BitNet checkpoint pass ``config=BitlmConfig.model_config(path)`` as well (or
+  call :func:`from_pretrained`).
+
+What a swapped projection computes (transformers' three layer kinds, in their own words):
+
+* ``BitLinear`` (``linear_class="bitlinear"``, packed uint8 + ``weight_scale`` that divides):
+  ``y = F.linear(q, T) / (weight_scale · a)``;
+* ``AutoBitLinear`` offline (``"autobitlinear"``, 2B4T: unpacked T, ``weight_scale``
+  multiplies): ``y = F.linear(q / a, T, bias) · weight_scale``;
+* ``AutoBitLinear`` online (latent float W): ``β = 1 / mean|W|`` (clamp 1e-5, per tensor),
+  ``T = clamp(round(W·β), -1, 1)``, ``y = F.linear(q / a, T / β)``;
+
+each with ``a = 127 / max(max|x|, 1e-5)`` per token and ``q = clamp(round(x·a), -128, 127)``
+(round half to even), after the layer's optional ``rms_norm``.  bitlm computes the same
+integers ``Σ q·T`` exactly and one float epilogue ``y = float32(Σ q·T) · (s / a)`` with
+``s = mean|W|`` (from ``bitlm.io.hf.hf_scale_to_absmean``).  The documented differences are
+float rounding only: bitlm's activation scale is ``(1 / max|x|) · 127`` (the kernel's), which
+may differ from ``127 / max|x|`` in the last bit and so, rarely, move one ``x·a`` across a
+rounding boundary of the int8 quantiser (one activation off by one step); and the epilogue
+rounds in its own order (~1e-7 relative).  In a bf16 / fp16 model transformers rounds ``q/a``
+and the product to that dtype; bitlm computes in float32 and rounds the output once.
+
+The swapped model is inference-only (no gradient flows to the packed weights) and CPU-only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..io.hf import hf_scale_to_absmean, unpack_ternary_hf
+from ..packing import PackedWeight, pack_weight
+
+try:  # the integration is useless without transformers: fail at import with the extra named
+    import transformers  # noqa: F401
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear, replace_with_bitnet_linear
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.utils.quantization_config import BitNetQuantConfig, QuantizationConfigMixin
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("bitlm.integrations.transformers needs transformers>=5.0 (pip install 'bitlm[transformers]')"
+                      ) from e
+
+__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
+           "from_pretrained", "METHOD"]
+
+#: The quantization method name registered with transformers.
+METHOD = "bitlm"
+
+
+class BitlmIntegrationError(ValueError):
+    """A projection bitlm cannot represent (the model is left untouched)."""
+
+
+class BitlmLinear(nn.Module):
+    """A transformers BitNet projection on bitlm's packed weight and native kernels.
+
+    ``forward(x)``: (optional ``rms_norm``, the source layer's own module) → per-token int8
+    absmax quantisation (``bitlm.kernels.quantize_rows``) → exact packed matmul with the float32
+    epilogue ``float32(Σ q·T) · (s / a) (+ bias)`` → the input's dtype.  Inference only.
+    """
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, rms_norm: nn.Module | None = None,
+                 source: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.K, weight.N
+        self.packed = weight  # PackedWeight: not a buffer, so model.to(dtype) cannot cast its scale
+        self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
+        self.rms_norm = rms_norm
+        self.source = source  # "bitlinear", "autobitlinear/offline", "autobitlinear/online"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_f32 is not None}, "
+                f"format={self.packed.format}, source={self.source}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        q, a = kernels.quantize_rows(x2)
+        y = kernels.matmul(q, a, self.packed, self.bias_f32)
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        raise BitlmIntegrationError(
+            f"{prefix.rstrip('.')}: a bitlm-accelerated model has no transformers state dict; save the model "
+            "before bitlm.integrations.transformers.accelerate() (or save it with bitlm.save)")
+
+
+class BitlmBf16Head(nn.Module):
+    """A bf16 output head (``lm_head``) on bitlm's native bf16 kernel: the same weight tensor (a
+    tied embedding stays shared), ``y = Σ x·float32(w)`` in float32 in the kernel's fixed order,
+    rounded to bf16 once — what torch's bf16 ``F.linear`` computes up to summation order, read at
+    2 bytes per weight without converting the matrix."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight_bf16 = weight.detach()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=bfloat16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.in_features).float()
+        return kernels.dense_bf16_matmul(x2, self.weight_bf16).view(*lead, self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+def _head_swap(model: nn.Module) -> tuple[str, BitlmBf16Head] | None:
+    """The bf16 ``lm_head`` (no bias, CPU) to run on bitlm's bf16 kernel, else None (kept)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.bfloat16:
+        return None
+    if head.weight.device.type != "cpu":
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return None if name is None else (name, BitlmBf16Head(head.weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading transformers' layers (check only: nothing here modifies the model)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scalar_scale(name: str, m: nn.Module) -> torch.Tensor:
+    ws = getattr(m, "weight_scale", None)
+    if not isinstance(ws, torch.Tensor) or ws.numel() != 1:
+        got = "none" if ws is None else f"shape {tuple(ws.shape)}"
+        raise BitlmIntegrationError(f"{name}.weight_scale: expected one per-tensor scale, got {got}")
+    v = float(ws.detach().float().reshape(()))
+    if not (v > 0 and v < float("inf")):
+        raise BitlmIntegrationError(f"{name}.weight_scale: must be a positive finite number, got {v}")
+    return ws
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise BitlmIntegrationError(f"{name}: weights are not loaded (meta tensor)")
+    if t.device.type != "cpu":
+        raise BitlmIntegrationError(f"{name}: on {t.device}; bitlm's kernels run on the CPU (model.to('cpu') first)")
+
+
+def _ternary_of(name: str, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """(T int8 (N, K), s float32 (1,), effective bias float32 or None, source) of one layer."""
+    w = m.weight
+    _check_tensor(name + ".weight", w)
+    bias = getattr(m, "bias", None)
+    if bias is not None:
+        _check_tensor(name + ".bias", bias)
+    if isinstance(m, BitLinear):  # packed rows, weight_scale divides
+        ws = _scalar_scale(name, m)
+        if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[0] * 4 != m.out_features or w.shape[1] != m.in_features:
+            raise BitlmIntegrationError(f"{name}.weight: expected packed uint8 ({m.out_features // 4}, "
+                                        f"{m.in_features}), got {w.dtype} {tuple(w.shape)}")
+        try:
+            t = unpack_ternary_hf(w.detach(), m.out_features)
+        except ValueError as e:
+            raise BitlmIntegrationError(f"{name}.weight: {e}") from None
+        s = hf_scale_to_absmean(ws, "bitlinear")
+        return t, s, None if bias is None else bias.detach().float(), "bitlinear"
+    if isinstance(m, AutoBitLinear):
+        wf = w.detach().float()
+        if not bool(torch.isfinite(wf).all()):
+            raise BitlmIntegrationError(f"{name}.weight: has non-finite values")
+        if m.online_quant:  # transformers' WeightQuant: one absmean scale per tensor, in float32
+            beta = 1.0 / wf.abs().mean().clamp_(min=1e-5)
+            t = (wf * beta).round().clamp(-1, 1).to(torch.int8)
+            s = (1.0 / beta).reshape(1)
+            return t, s, None if bias is None else bias.detach().float(), "autobitlinear/online"
+        ws = _scalar_scale(name, m)
+        t = wf.round()
+        if not bool((t == wf).all()) or bool((t.abs() > 1).any()):
+            bad = wf[(t != wf) | (t.abs() > 1)].unique()[:4].tolist()
+            raise BitlmIntegrationError(f"{name}.weight: an offline AutoBitLinear holds ternary values "
+                                        f"{{-1, 0, 1}}; found {bad}")
+        s = hf_scale_to_absmean(ws, "autobitlinear")
+        # transformers adds the bias before the weight_scale multiply: (x·T + b)·ws
+        eff_bias = None if bias is None else bias.detach().float() * ws.detach().float().reshape(1)
+        return t.to(torch.int8), s, eff_bias, "autobitlinear/offline"
+    raise TypeError(type(m).__name__)  # not reached: callers pass BitNet layers only
+
+
+def _bitnet_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if isinstance(m, (BitLinear, AutoBitLinear)):
+            yield name, m
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS.  Unpacking and packing make large short-lived
+    tensors; glibc keeps their pages after free (its mmap threshold grows), which at 2B4T size
+    left ~1 GB resident after the swap (measured: RSS 1595 -> 1148 MiB on a 6-layer model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
+    """Check and pack every BitNet projection; raises before anything is modified."""
+    if not isinstance(model, nn.Module):
+        raise BitlmIntegrationError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
+    layers = list(_bitnet_layers(model))
+    if not layers:
+        n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
+        hint = (f" (its {n_lin} nn.Linear layers run in full precision: the checkpoint has no quantization_config; "
+                "load it with quantization_config=BitlmConfig() to ternarise them)") if n_lin else ""
+        raise BitlmIntegrationError(f"{type(model).__name__}: no BitNet projections (transformers' BitLinear / "
+                                    f"AutoBitLinear) to accelerate{hint}")
+    out = []
+    for name, m in layers:
+        t, s, bias, source = _ternary_of(name, m)
+        rms = getattr(m, "rms_norm", None)
+        out.append((name, BitlmLinear(pack_weight(t, s.float().reshape(1), format), bias, rms, source)))
+        del t
+        _release_freed_memory()  # keeps the transient peak near one layer's temporaries
+    return out
+
+
+def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True) -> nn.Module:
+    """Swap every transformers BitNet projection of ``model`` for a :class:`BitlmLinear`, in place.
+
+    Accepts what transformers loads for ``BitNetForCausalLM`` (and any other model whose
+    projections are ``BitLinear`` / ``AutoBitLinear``): packed ``bitlinear``, offline or online
+    ``autobitlinear``.  ``format``: the packed layout, ``"i2"`` (2 bits per weight, the fastest)
+    or ``"t1"`` (1.6 bits).  Every layer is checked and packed before the first swap, so an
+    error (:class:`BitlmIntegrationError`, naming the layer) leaves the model as it was.
+    ``head``: also run a bf16 ``lm_head`` (not a BitNet projection; for 2B4T the largest read
+    per token) on bitlm's bf16 kernel (:class:`BitlmBf16Head`, same weights, float32 sums);
+    float32 heads stay torch's.  Returns ``model``.
+    """
+    if format not in ("i2", "t1"):
+        raise BitlmIntegrationError(f"format must be 'i2' or 't1' (ternary, native kernels), got {format!r}")
+    swaps: list[tuple[str, nn.Module]] = list(_prepare(model, format))
+    if head and (h := _head_swap(model)) is not None:
+        swaps.append(h)
+    for name, new in swaps:
+        model.set_submodule(name, new)
+    del swaps
+    _release_freed_memory()  # the replaced layers' tensors
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered quantization method
+# ---------------------------------------------------------------------------------------------
+
+
+@register_quantization_config(METHOD)
+class BitlmConfig(QuantizationConfigMixin):
+    """``quantization_config=BitlmConfig()``: load a BitNet model and run its projections on
+    bitlm's packed kernels.
+
+    ``linear_class`` / ``quantization_mode`` / ``use_rms_norm`` / ``rms_norm_eps`` say how the
+    checkpoint stores its projections, with the meaning of transformers' ``BitNetQuantConfig``;
+    ``BitlmConfig.model_config(path)`` copies them from a pre-quantized checkpoint.  Left at
+    None for a checkpoint without a ``quantization_config`` (full-precision master weights), the
+    projections are ternarised on load as transformers' online ``AutoBitLinear`` does (per-tensor
+    absmean).  ``format``: ``"i2"`` or ``"t1"``.  ``modules_to_not_convert``: as transformers'.
+    """
+
+    def __init__(self, linear_class: str | None = None, quantization_mode: str | None = None, use_rms_norm: bool = False,
+                 rms_norm_eps: float | None = 1e-6, format: str = "i2", modules_to_not_convert: list | None = None,
+                 **kwargs: Any) -> None:
+        self.quant_method = METHOD
+        self.linear_class = linear_class
+        self.quantization_mode = quantization_mode
+        self.use_rms_norm = use_rms_norm
+        self.rms_norm_eps = rms_norm_eps
+        self.format = format
+        self.modules_to_not_convert = modules_to_not_convert
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.linear_class not in (None, "bitlinear", "autobitlinear"):
+            raise ValueError(f"BitlmConfig.linear_class must be 'bitlinear', 'autobitlinear' or None, "
+                             f"got {self.linear_class!r}")
+        if self.quantization_mode not in (None, "offline", "online"):
+            raise ValueError(f"BitlmConfig.quantization_mode must be 'offline', 'online' or None, "
+                             f"got {self.quantization_mode!r}")
+        if self.format not in ("i2", "t1"):
+            raise ValueError(f"BitlmConfig.format must be 'i2' or 't1', got {self.format!r}")
+
+    def bitnet_config(self) -> BitNetQuantConfig:
+        """transformers' own BitNet config for the layers the checkpoint is loaded into."""
+        lc = self.linear_class or "autobitlinear"
+        mode = self.quantization_mode or ("offline" if self.linear_class else "online")
+        return BitNetQuantConfig(modules_to_not_convert=self.modules_to_not_convert, linear_class=lc,
+                                 quantization_mode=mode, use_rms_norm=self.use_rms_norm, rms_norm_eps=self.rms_norm_eps)
+
+    @classmethod
+    def model_config(cls, path: Any, *, format: str = "i2", **config_kwargs: Any):
+        """The checkpoint's model config with its ``bitnet`` quantization_config replaced by the
+        ``bitlm`` method (same storage fields), for ``from_pretrained(path, config=...)``."""
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path, **config_kwargs)
+        q = getattr(cfg, "quantization_config", None)
+        if q is None:
+            q = {}
+        elif not isinstance(q, dict):
+            q = q.to_dict()
+        if q and q.get("quant_method") not in ("bitnet", METHOD):
+            raise BitlmIntegrationError(f"{path}: quantization_config.quant_method is {q.get('quant_method')!r}; "
+                                        "bitlm runs BitNet checkpoints ('bitnet') only")
+        mine = cls(linear_class=q.get("linear_class", "bitlinear") if q else None,
+                   quantization_mode=q.get("quantization_mode", "offline") if q else None,
+                   use_rms_norm=q.get("use_rms_norm", False), rms_norm_eps=q.get("rms_norm_eps", 1e-6),
+                   format=format, modules_to_not_convert=q.get("modules_to_not_convert"))
+        cfg.quantization_config = mine.to_dict() if q else None
+        return cfg
+
+
+@register_quantizer(METHOD)
+class BitlmHfQuantizer(HfQuantizer):
+    """Loads the projections into transformers' own BitNet layers (so every stored convention
+    loads exactly as transformers loads it), then :func:`accelerate` swaps them."""
+
+    requires_calibration = False
+    quantization_config: BitlmConfig
+    serialized_names = {"weight": ["weight"]}  # as transformers' BitNet quantizer: the deserialize op's input
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        dm = kwargs.get("device_map")
+        devices = set(dm.values()) if isinstance(dm, dict) else ({dm} if dm is not None else set())
+        if devices - {"cpu", torch.device("cpu")}:
+            raise ValueError(f"bitlm runs on the CPU; got device_map={dm!r}")
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any) -> None:
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules)
+        bc = self.quantization_config.bitnet_config()
+        replace_with_bitnet_linear(model, modules_to_not_convert=self.modules_to_not_convert, quantization_config=bc)
+
+    def get_load_operations(self) -> dict:
+        bc = self.quantization_config.bitnet_config()
+        if bc.linear_class == "autobitlinear" and bc.quantization_mode == "offline":
+            from transformers.integrations.bitnet import BitNetDeserialize
+
+            return {"deserialize": BitNetDeserialize}
+        return {}
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        return accelerate(model, format=self.quantization_config.format)
+
+    def is_serializable(self) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def from_pretrained(path: Any, *, format: str = "i2", model_class: Any = None, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(path, config=BitlmConfig.model_config(path),
+    quantization_config=BitlmConfig(...))`` in one call: any BitNet checkpoint (pre-quantized in
+    either convention, online, or full-precision master weights) loaded onto bitlm's kernels."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    cfg_kw = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token", "trust_remote_code")
+              if k in kwargs}
+    cfg = BitlmConfig.model_config(path, format=format, **cfg_kw)
+    if cfg.quantization_config is None:  # full-precision master weights: ternarised on load
+        kwargs["quantization_config"] = BitlmConfig(format=format)
+    return model_class.from_pretrained(path, config=cfg, **kwargs)

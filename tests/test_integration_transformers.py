@@ -1,0 +1,238 @@
+"""bitlm.integrations.transformers: transformers' BitNet projections swapped for bitlm's packed
+kernels — layer outputs against transformers' own layers, greedy generation equal to
+transformers', refusals that leave the model untouched, and the registered ``bitlm`` method.
+
+Tolerance: a swapped layer computes the same integers as transformers' layer and one float
+epilogue in another order (~1e-7 relative); its activation scale ``(1/max|x|)·127`` may differ
+from transformers' ``127/max|x|`` in the last bit, which rarely moves one activation across an
+int8 rounding boundary (one quantisation step on that token).  So: most rows agree to fp32
+rounding, every row within a few quantisation steps; generation must be token-for-token equal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.integrations.bitnet import AutoBitLinear, BitLinear  # noqa: E402
+
+from bitlm.integrations import transformers as BT  # noqa: E402
+from test_hf import hf_cfg, write_hf_folder  # noqa: E402  (the offline tiny-checkpoint builders)
+
+VARIANTS = [("packed", "bitlinear"), ("packed", "autobitlinear"), ("online", "autobitlinear")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hf_env():
+    """As tests/test_hf.py: eager transformers (its torch.compile'd helpers compute the same
+    float32 math; compiling costs ~40 s on CPU), no accelerate import check, quiet logging."""
+    from transformers.quantizers.quantizer_bitnet import BitNetHfQuantizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    # torch's own patch(): MonkeyPatch's undo deletes the key from torch's config module, which
+    # broke every later test that reads torch._dynamo.config.disable
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(disable=True):
+        if importlib.util.find_spec("accelerate") is None:  # not an import: accelerate is no dependency
+            mp.setattr(BitNetHfQuantizer, "validate_environment", lambda self, *a, **k: None)
+        yield
+
+
+def load(folder, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+
+
+def bitnet_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BitLinear, AutoBitLinear))]
+
+
+def prompt(seed=1, n=10):
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfint")
+    out = {(v, lc): write_hf_folder(root / f"{v}-{lc}", hf_cfg(), v, lc, seed=3) for v, lc in VARIANTS}
+    out["fp"] = write_hf_folder(root / "fp", hf_cfg(), "fp", seed=3)  # no quantization_config
+    return out
+
+
+@pytest.mark.parametrize("variant,linear_class", VARIANTS)
+def test_each_swapped_layer_computes_what_transformers_layer_computes(folders, variant, linear_class):
+    model = load(folders[(variant, linear_class)])
+    layers = bitnet_layers(model)
+    assert len(layers) == 2 * 7
+    swapped = dict(BT._prepare(model, "i2"))
+    g = torch.Generator().manual_seed(0)
+    worst, clean = 0.0, []
+    for name, ref_layer in layers:
+        x = torch.randn(64, ref_layer.in_features, generator=g) * 3
+        with torch.no_grad():
+            ref = ref_layer(x)
+        got = swapped[name](x)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        rows = (got - ref).abs().amax(-1) / ref.abs().amax(-1)
+        worst = max(worst, float(rows.max()))
+        clean.append(rows < 1e-5)
+    clean = torch.cat(clean).float().mean()
+    assert clean >= 0.97, f"only {clean:.1%} of rows agree to float32 rounding"
+    assert worst < 0.05, worst  # a rounding flip moves one activation by one int8 step
+
+
+@pytest.mark.parametrize("variant,linear_class", VARIANTS)
+def test_greedy_generation_equals_transformers(folders, variant, linear_class):
+    model = load(folders[(variant, linear_class)])
+    x = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_logits = model(x).logits
+    ref = [model.generate(prompt(s), max_new_tokens=32, do_sample=False, min_new_tokens=32) for s in range(3)]
+    assert BT.accelerate(model) is model
+    assert not bitnet_layers(model)
+    assert sum(isinstance(m, BT.BitlmLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        got_logits = model(x).logits  # model(input_ids) unchanged
+    rel = (got_logits - ref_logits).abs().amax(-1) / ref_logits.abs().max()
+    assert float((rel < 1e-5).float().mean()) >= 0.9 and float(rel.max()) < 0.05
+    for s in range(3):
+        got = model.generate(prompt(s), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        assert got.shape == (1, 42)
+        assert torch.equal(got, ref[s]), f"seed {s}: {got.tolist()} != {ref[s].tolist()}"
+
+
+def test_static_cache_and_generation_config_work_after_the_swap(folders):
+    model = load(folders[("packed", "bitlinear")])
+    gc = transformers.GenerationConfig(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    ref = model.generate(prompt(7), generation_config=gc)
+    BT.accelerate(model)
+    assert torch.equal(model.generate(prompt(7), generation_config=gc), ref)
+    assert torch.equal(model.generate(prompt(7), generation_config=gc, cache_implementation="static"), ref)
+
+
+def test_bf16_model_is_close_to_transformers(tmp_path):
+    folder = write_hf_folder(tmp_path / "bf16", hf_cfg(), "packed", "autobitlinear", seed=4, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    x = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        BT.accelerate(model)
+        got = model(x).logits
+    assert got.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, BT.BitlmBf16Head)  # the tied bf16 head runs on bitlm's kernel
+    assert model.lm_head.weight_bf16.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still shared
+    rel = float((got.float() - ref).abs().max() / ref.abs().max())
+    assert rel < 0.05, rel  # transformers rounds q/a and every product to bf16, bitlm once
+
+
+def test_bf16_head_computes_torch_bf16_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 300, bias=False).to(torch.bfloat16)
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    ref = lin(x).float()
+    got = BT.BitlmBf16Head(lin.weight)(x)
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output rounding
+
+
+def _snapshot(model):
+    return [(n, type(m), m.weight.clone(), m.weight_scale.clone()) for n, m in bitnet_layers(model)]
+
+
+@pytest.mark.parametrize("corrupt", ["scale", "code3", "meta"])
+def test_refusal_names_the_layer_and_leaves_the_model_untouched(folders, corrupt):
+    model = load(folders[("packed", "bitlinear")])
+    last = model.model.layers[-1].mlp.down_proj  # the last layer: every earlier one would pack fine
+    if corrupt == "scale":
+        last.weight_scale.fill_(0.0)
+    elif corrupt == "code3":
+        last.weight[0, 0] = 0xFF
+    else:
+        last.weight = torch.empty(last.weight.shape, dtype=torch.uint8, device="meta")
+    before = _snapshot(model)
+    with pytest.raises(BT.BitlmIntegrationError, match=r"model\.layers\.1\.mlp\.down_proj"):
+        BT.accelerate(model)
+    after = _snapshot(model)
+    assert [(n, t) for n, t, *_ in after] == [(n, t) for n, t, *_ in before]
+    for (_, _, w0, s0), (_, _, w1, s1) in zip(before, after):
+        if w0.device.type != "meta":
+            assert torch.equal(w0, w1) and torch.equal(s0, s1)
+
+
+def test_offline_autobitlinear_with_non_ternary_weights_is_refused(folders):
+    model = load(folders[("packed", "autobitlinear")])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = 0.5
+    with pytest.raises(BT.BitlmIntegrationError, match=r"k_proj\.weight.*ternary"):
+        BT.accelerate(model)
+    assert len(bitnet_layers(model)) == 14
+
+
+def test_a_model_without_bitnet_layers_is_refused(folders):
+    model = load(folders["fp"])  # no quantization_config: transformers runs full precision
+    with pytest.raises(BT.BitlmIntegrationError, match="no BitNet projections.*quantization_config=BitlmConfig"):
+        BT.accelerate(model)
+
+
+def test_save_of_a_swapped_model_is_refused(folders):
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    with pytest.raises(BT.BitlmIntegrationError, match="no transformers state dict"):
+        model.state_dict()
+
+
+def test_registered_method_on_full_precision_weights_matches_transformers_online_mode(folders):
+    """``quantization_config=BitlmConfig()`` on a checkpoint without a quantization_config: the
+    projections are ternarised as transformers' online AutoBitLinear does, then packed."""
+    assert transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING["bitlm"] is BT.BitlmHfQuantizer
+    # the same float weights (same seed) with transformers' own online quantization_config
+    ref_model = load(folders[("online", "autobitlinear")])
+    assert ref_model.config.quantization_config.quantization_mode == "online"
+    ref = ref_model.generate(prompt(2), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    model = load(folders["fp"], quantization_config=BT.BitlmConfig())
+    assert not bitnet_layers(model) and sum(isinstance(m, BT.BitlmLinear) for m in model.modules()) == 14
+    assert model.config.quantization_config.quant_method == "bitlm"
+    assert torch.equal(model.generate(prompt(2), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
+    model = BT.from_pretrained(str(folders["fp"]), dtype=torch.float32)  # the helper takes this route too
+    assert torch.equal(model.generate(prompt(2), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("variant,linear_class", VARIANTS)
+def test_registered_method_on_prequantized_checkpoints(folders, variant, linear_class):
+    folder = folders[(variant, linear_class)]
+    ref = load(folder).generate(prompt(4), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    cfg = BT.BitlmConfig.model_config(str(folder))
+    assert cfg.quantization_config["linear_class"] == linear_class
+    a = load(folder, config=cfg)
+    b = BT.from_pretrained(str(folder), dtype=torch.float32)
+    for model in (a, b):
+        assert sum(isinstance(m, BT.BitlmLinear) for m in model.modules()) == 14 and not bitnet_layers(model)
+        assert torch.equal(model.generate(prompt(4), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
+
+
+def test_bitlm_config_validates_its_fields():
+    with pytest.raises(ValueError, match="format"):
+        BT.BitlmConfig(format="b1")
+    with pytest.raises(ValueError, match="linear_class"):
+        BT.BitlmConfig(linear_class="dense")
+    with pytest.raises(BT.BitlmIntegrationError, match="format"):
+        BT.accelerate(torch.nn.Linear(4, 4), format="hf")
+
+
+def test_text_generation_pipeline_is_unchanged_by_the_swap(folders):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(256)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2", bos_token="w1")
+    model = load(folders[("packed", "autobitlinear")])
+    text = " ".join(f"w{i}" for i in (5, 17, 99, 3, 42))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    ref = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
+    BT.accelerate(model)
+    got = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
+    assert got == ref and got.startswith(text) and len(got) >= len(text) + 2 * 12  # 12 new "wN" tokens
