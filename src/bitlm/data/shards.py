@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..io.atomic import atomic_dir
-from .common import DataError, _progress
+from .common import DataError, progress
 
 FORMAT = "bitlm-shards"
 VERSION = 1
@@ -105,7 +105,7 @@ def prepare_shards(source: str, out: str | os.PathLike[str], *, tokenizer: str |
             eos = np.array([tok.eos_id], dtype=dtype)
             w.add(eos)
             step = 64  # encode_batch parallelises across documents; batches keep the bar moving
-            for i in _progress(range(0, len(docs), step), desc=f"tokenize {split}", unit="batch"):
+            for i in progress(range(0, len(docs), step), desc=f"tokenize {split}", unit="batch"):
                 for ids in tok.encode_batch([d.text for d in docs[i : i + step]]):
                     w.add(np.asarray(ids, dtype=dtype))
                     w.add(eos)
