@@ -45,7 +45,7 @@ def _bin(name: str) -> str:
 
 
 def _run(*args: str, timeout: int = 300) -> str:
-    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"{args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
@@ -68,7 +68,7 @@ def recited(tokenizer):
     model = BitNetModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(300):
         starts = torch.randint(0, len(data) - N_CTX - 1, (8,), generator=g).tolist()
         x = torch.stack([data[s : s + N_CTX] for s in starts])
         y = torch.stack([data[s + 1 : s + N_CTX + 1] for s in starts])
@@ -110,7 +110,8 @@ def files(recited, tokenizer, tmp_path_factory):
     iq2 = save_gguf(recited, d / "m-iq2_bn.gguf", ternary_type="iq2_bn", tokenizer=tokenizer)
     i2s = save_gguf(recited, d / "m-i2_s.gguf", ternary_type="i2_s", tokenizer=tokenizer)
     requant = d / "m-i2_s-as-iq2_bn.gguf"
-    _run(_bin("llama-quantize"), "--allow-requantize", str(i2s), str(requant), "iq2_bn")
+    _run(_bin("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
+         str(i2s), str(requant), "iq2_bn")  # keep the f16 embedding (tied head) as bitlm wrote it
     return {"iq2_bn": iq2, "i2_s": requant}
 
 
@@ -121,15 +122,15 @@ def test_ik_llama_greedy_tokens_equal_bitlm(recited, tokenizer, files, kind):
     ours, margin = bitlm_greedy(recited, prompt, 16)
     assert margin > 0.5, f"training left near-ties (margin {margin:.3f}): the comparison would be meaningless"
     out = _run(_bin("llama-cli"), "-m", str(files[kind]), "-p", prompt_text, "-n", "16", "--temp", "0",
-               "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "-no-cnv", "--simple-io",
-               "--log-disable")
+               "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "--simple-io")
     want = tokenizer.decode(ours)
     assert prompt_text + want in out, f"ik_llama.cpp wrote {out[-600:]!r}, bitlm {want!r}"
 
 
 @pytest.mark.parametrize("kind", ["iq2_bn", "i2_s"])
 def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_path):
-    text = TEXT * 6
+    # the learnt text and the same words in reverse order (not learnt: a perplexity far from 1)
+    text = TEXT * 3 + (" ".join(reversed(TEXT.split())) + " ") * 3
     tokens = tokenizer.encode(text)
     assert len(tokens) >= 2 * N_CTX
     (tmp_path / "t.txt").write_text(text)
@@ -139,4 +140,4 @@ def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_p
     assert m, out[-2000:]
     assert int(m.group(1)) == len(tokens) // N_CTX  # the same tokens: ik tokenises the text as bitlm does
     theirs, ours = float(m.group(2)), bitlm_ppl(recited, tokens)
-    assert abs(math.log(theirs) - math.log(ours)) < 0.02, (theirs, ours)  # int8 activation rounding only
+    assert abs(math.log(theirs) - math.log(ours)) < 0.005, (theirs, ours)  # measured 18.7704 vs 18.7783: int8 activation rounding
