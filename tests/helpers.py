@@ -76,3 +76,16 @@ def pattern_data(vocab: int = VOCAB, n: int = 20000, stride: int = 1) -> ArrayDa
 def random_data(vocab: int = VOCAB, n: int = 20000, seed: int = 0) -> ArrayData:
     """Uniformly random tokens: for tests of the training loop's mechanics, not of learning."""
     return ArrayData(np.random.default_rng(seed).integers(0, vocab, n), vocab)
+
+
+def bitlm_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy tokens and the smallest top-1 / top-2 logit margin along the way (a runtime parity
+    test is meaningful only when no step is a near-tie)."""
+    out, margin = list(prompt), float("inf")
+    with torch.no_grad():
+        for _ in range(n):
+            lg = model(torch.tensor([out]))[0, -1]
+            top = lg.topk(2).values
+            margin = min(margin, float(top[0] - top[1]))
+            out.append(int(lg.argmax()))
+    return out[len(prompt):], margin

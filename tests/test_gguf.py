@@ -31,6 +31,7 @@ from bitlm.layers import BitLinear, FrozenTernaryLinear
 from bitlm.loading import load as bitlm_load
 from bitlm.loading import load_tokenizer_for
 from bitlm.model import BitNetModel
+from helpers import bitlm_greedy
 
 gguf = pytest.importorskip("gguf")
 QT = gguf.GGMLQuantizationType
@@ -614,18 +615,6 @@ class Llama:
 
     def close(self) -> None:
         self.llm.close()
-
-
-def bitlm_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
-    """Greedy tokens and the smallest top-1 / top-2 logit margin along the way."""
-    out, margin = list(prompt), float("inf")
-    with torch.no_grad():
-        for _ in range(n):
-            lg = model(torch.tensor([out]))[0, -1]
-            top = lg.topk(2).values
-            margin = min(margin, float(top[0] - top[1]))
-            out.append(int(lg.argmax()))
-    return out[len(prompt):], margin
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch
 from bitlm.config import ModelConfig
 from bitlm.io.gguf import save_gguf
 from bitlm.model import BitNetModel
+from helpers import bitlm_greedy
 
 IK_BIN = os.environ.get("BITLM_IK_LLAMA_BIN")
 pytestmark = [
@@ -90,17 +91,6 @@ def bitlm_ppl(model, tokens: list[int]) -> float:
                 nll -= float(logp[i, chunk[0, i + 1]])
                 count += 1
     return math.exp(nll / count)
-
-
-def bitlm_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
-    out, margin = list(prompt), float("inf")
-    with torch.no_grad():
-        for _ in range(n):
-            lg = model(torch.tensor([out]))[0, -1]
-            top = lg.topk(2).values
-            margin = min(margin, float(top[0] - top[1]))
-            out.append(int(lg.argmax()))
-    return out[len(prompt):], margin
 
 
 @pytest.fixture(scope="module")
