@@ -557,15 +557,19 @@ def create_app(state: ServerState) -> FastAPI:
             metric("process_resident_memory_bytes", "gauge", "resident memory of the server process", rss)
         return PlainTextResponse("".join(lines), media_type="text/plain; version=0.0.4")
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def plain_json(request: Request):
+        """/tokenize and /detokenize: the key checked, the model ready, the body parsed as JSON."""
         auth(request)
         state.ready()
         raw = await request.body()
         try:
-            data = json.loads(raw)
+            return json.loads(raw)
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        data = await plain_json(request)
         text = data.get("content", data.get("prompt")) if isinstance(data, dict) else None
         if not isinstance(text, str):
             raise ApiError(400, "content: a string to tokenize is required", "content")
@@ -579,13 +583,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        auth(request)
-        state.ready()
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        data = await plain_json(request)
         ids = data.get("tokens") if isinstance(data, dict) else None
         vocab = state.scheduler.model.config.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
