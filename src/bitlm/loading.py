@@ -15,9 +15,10 @@ This dispatch sits above ``bitlm.io`` (the formats) and the modules that build m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from .io import read_json
 
 __all__ = ["load", "save", "detect_format", "load_tokenizer_for"]
 
@@ -37,10 +38,7 @@ def detect_format(path: str | Path) -> str:
     cfg = p / "config.json"
     if not cfg.is_file():
         raise ValueError(f"{p}: folder has no config.json (not a bitlm checkpoint or Hugging Face model)")
-    try:
-        meta = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    meta = read_json(cfg)
     if isinstance(meta, dict) and meta.get("format") == "bitlm-checkpoint":
         return "native"
     if isinstance(meta, dict) and meta.get("format") == "bitlm-dcp":  # io.dcp.FORMAT

@@ -16,7 +16,20 @@ inside these modules; everything else in bitlm uses W ≈ s · T with s = mean|W
 
 from __future__ import annotations
 
-__all__ = ["require_bitnet_graph"]
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["require_bitnet_graph", "read_json"]
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """A JSON file's value (a folder's config.json, say); invalid JSON raises ``error`` naming the
+    file and the line.  Torch-free: ``bitlm.loading`` sniffs formats with it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def require_bitnet_graph(cfg, target: str) -> None:

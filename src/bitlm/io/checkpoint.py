@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, ModelConfig
 from ..model import BitNetModel
+from . import read_json
 from .atomic import atomic_dir
 
 FORMAT = "bitlm-checkpoint"
@@ -166,10 +167,7 @@ def read_meta(path: str | Path, *, verify: bool | None = None) -> dict[str, Any]
         raise CheckpointError(f"{path}: checkpoint not found")
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing (not a bitlm checkpoint folder)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    meta = read_json(cfg_file, CheckpointError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: not a bitlm checkpoint (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version") != VERSION:

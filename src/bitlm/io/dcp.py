@@ -30,6 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import BitNetModel
+from . import read_json
 from .atomic import atomic_dir
 
 FORMAT = "bitlm-dcp"
@@ -59,10 +60,7 @@ def read_dcp_meta(path: str | Path) -> dict[str, Any]:
     f = path / META
     if not f.is_file():
         raise DCPError(f"{f}: missing (not a bitlm checkpoint folder)")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DCPError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    meta = read_json(f, DCPError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DCPError(f"{f}: not a distributed bitlm checkpoint")
     if meta.get("version") != VERSION:
