@@ -47,6 +47,7 @@ def main() -> None:
     }
     if dist.get_rank() == 0:
         print("REPORT " + json.dumps(out))
+    dist.barrier()  # no rank closes its gloo connections while the other still uses them
     dist.destroy_process_group()
 
 

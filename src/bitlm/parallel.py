@@ -142,6 +142,9 @@ class Dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # every rank reaches here before any tears its connections down: gloo aborts a
+                # rank ("terminate called without an active exception") whose peer closed first
+                dist.barrier()
                 dist.destroy_process_group()
             self.mesh = None
 
