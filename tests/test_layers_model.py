@@ -276,6 +276,25 @@ def test_group_options_reach_every_layer():
         preset("tiny", weight_group_dim="rows")
 
 
+def test_group_scope_parallel_groups_only_the_row_parallel_inputs():
+    """group_scope="parallel": γ groups and norm groups only where tensor parallelism splits the
+    features (o/down inputs and the sub-norms before them); q/k/v/gate/up and the block norms whole."""
+    for name in ("tiny", "tiny-bitnet", "tiny-2b4t"):
+        cfg = preset(name, weight_groups=2, weight_group_dim="parallel", act_groups=2, norm_groups=2,
+                     group_scope="parallel")
+        m = BitNetModel(cfg)
+        blk = m.model.layers[0]
+        att, mlp = blk.self_attn, blk.mlp
+        assert att.o_proj.act_groups == 2 and mlp.down_proj.act_groups == 2
+        assert att.q_proj.act_groups == att.k_proj.act_groups == att.v_proj.act_groups == mlp.up_proj.act_groups == 1
+        assert att.attn_sub_norm.groups == 2 and mlp.ffn_sub_norm.groups == 2
+        assert getattr(blk.input_layernorm, "groups", 1) == 1 and getattr(blk.post_attention_layernorm, "groups", 1) == 1
+        out = m(torch.randint(0, cfg.vocab_size, (1, 8)))
+        assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
+    with pytest.raises(ConfigError, match="group_scope"):
+        preset("tiny", group_scope="rows")
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-bitnet", "tiny-2b4t"])
 def test_one_group_reproduces_the_ungrouped_model_exactly(name):
     x = torch.randint(0, 500, (2, 10))

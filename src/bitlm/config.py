@@ -67,10 +67,15 @@ class ModelConfig:
     # per group of input features of every projection.  norm_groups: mean/variance (LayerNorm) or
     # mean square (RMSNorm) per group of features in every norm in front of a projection
     # (input, post-attention and the two sub-norms; the final norm before the head stays whole).
+    # group_scope: where act_groups and norm_groups apply — "all" (every projection input and the
+    # four block norms) or "parallel" (the tensor-parallel partition of Eq. 13-15: only the inputs
+    # of the row-parallel o/down and the sub-norms right before them, whose features are split
+    # across ranks; q/k/v/gate/up see replicated inputs, so their γ and norms stay whole).
     weight_groups: int = 1
     weight_group_dim: str = "out"
     act_groups: int = 1
     norm_groups: int = 1
+    group_scope: str = "all"
     # The non-negative (η) activation variant of 2310.11453 Eq. 6 on the inputs of the projections
     # whose output feeds the FFN non-linearity (up_proj of the bitnet GELU FFN, gate_proj of the
     # gated FFNs).  The paper's "activations before the non-linear functions" is read as the
@@ -148,6 +153,8 @@ class ModelConfig:
             raise ConfigError(f"act_granularity must be 'token', 'tensor' or None, got {self.act_granularity!r}")
         if self.weight_group_dim not in ("out", "in", "parallel"):
             raise ConfigError(f"weight_group_dim must be 'out', 'in' or 'parallel', got {self.weight_group_dim!r}")
+        if self.group_scope not in ("all", "parallel"):
+            raise ConfigError(f"group_scope must be 'all' or 'parallel', got {self.group_scope!r}")
         widths = {"d_model": self.d_model, "ffn width": self.ffn_dim}
         for name, widths_split in (("weight_groups", {**widths, "k/v width": self.kv_heads * self.head_dim}),
                                    ("act_groups", widths), ("norm_groups", widths)):

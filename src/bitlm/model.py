@@ -17,7 +17,8 @@ q/k/v a bias (Qwen2).
 Group options (2310.11453 Eq. 13-15; ``bitlm.config`` documents them): ``weight_groups`` along
 ``weight_group_dim`` ("parallel": output rows for q/k/v/gate/up, input columns for o/down),
 ``act_groups`` for every BitLinear input, ``norm_groups`` for the four block norms (not the final
-one); ``act_nonneg`` quantises the input of the projection feeding the FFN non-linearity (up for
+one) — or, with ``group_scope="parallel"``, only for o/down's inputs and the two sub-norms in
+front of them (the features tensor parallelism splits); ``act_nonneg`` quantises the input of the projection feeding the FFN non-linearity (up for
 GELU, gate for the gated FFNs) with the η variant.  ``inference_blockers`` names the ones that
 packing and export cannot carry.
 
@@ -87,6 +88,18 @@ def make_norm(cfg: ModelConfig, dim: int, sub: bool = False, groups: int = 1) ->
     return RMSNorm(dim, cfg.norm_eps, groups)
 
 
+def act_groups(cfg: ModelConfig, row_parallel: bool) -> int:
+    """The activation groups of a projection: ``cfg.act_groups`` everywhere under
+    ``group_scope="all"``, only on the row-parallel o/down under ``"parallel"``."""
+    return cfg.act_groups if cfg.group_scope == "all" or row_parallel else 1
+
+
+def norm_groups(cfg: ModelConfig, sub: bool) -> int:
+    """The groups of a block norm: ``cfg.norm_groups`` for all four under ``group_scope="all"``,
+    only for the sub-norms (in front of o/down) under ``"parallel"``."""
+    return cfg.norm_groups if cfg.group_scope == "all" or sub else 1
+
+
 def make_linear(
     cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False, *, row_parallel: bool = False,
     feeds_activation: bool = False,
@@ -103,7 +116,7 @@ def make_linear(
     return BitLinear(
         d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits,
         act_granularity=cfg.train_act_granularity, act_granularity_eval=cfg.act_granularity_eval,
-        weight_groups=cfg.weight_groups, act_groups=cfg.act_groups, weight_group_dim=dim,
+        weight_groups=cfg.weight_groups, act_groups=act_groups(cfg, row_parallel), weight_group_dim=dim,
         act_nonneg=cfg.act_nonneg and feeds_activation,
     )
 
@@ -210,7 +223,7 @@ class Attention(nn.Module):
         self.q_proj = make_linear(cfg, d, cfg.n_heads * hd, cfg.qkv_bias)
         self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
-        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True, groups=cfg.norm_groups)
+        self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True, groups=norm_groups(cfg, True))
         self.o_proj = make_linear(cfg, cfg.n_heads * hd, d, row_parallel=True)
 
     def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
@@ -237,7 +250,7 @@ class MLP(nn.Module):
         if cfg.gated_ffn:
             self.gate_proj = make_linear(cfg, d, f, feeds_activation=True)
         self.up_proj = make_linear(cfg, d, f, feeds_activation=not cfg.gated_ffn)
-        self.ffn_sub_norm = make_norm(cfg, f, sub=True, groups=cfg.norm_groups)
+        self.ffn_sub_norm = make_norm(cfg, f, sub=True, groups=norm_groups(cfg, True))
         self.down_proj = make_linear(cfg, f, d, row_parallel=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -254,9 +267,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = make_norm(cfg, cfg.d_model, groups=cfg.norm_groups)
+        self.input_layernorm = make_norm(cfg, cfg.d_model, groups=norm_groups(cfg, False))
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = make_norm(cfg, cfg.d_model, groups=cfg.norm_groups)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model, groups=norm_groups(cfg, False))
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache):
