@@ -147,6 +147,9 @@ class BitLinear(nn.Linear):
         return self._lam_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp_forward = self.__dict__.get("tp_forward")
+        if tp_forward is not None:  # tensor-parallel shards: bitlm.tensor_parallel computes the scales
+            return tp_forward(self, x)
         lam = self._lambda()
         x = self.normalize(x)
         if self.act_bits is not None:

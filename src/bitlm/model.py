@@ -229,16 +229,17 @@ class Attention(nn.Module):
     def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = h.shape
         cfg = self.cfg
-        q = self.q_proj(h).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        # -1 heads: the local ones under tensor parallelism (n_heads / tp, n_kv_heads / tp)
+        q = self.q_proj(h).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(h).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(h).view(B, T, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
         a = attend(q, k, v, past)  # (B, H, T, D)
-        a = a.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H*D)
+        a = a.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(a))
 
 

@@ -13,6 +13,10 @@ torchrun (DDP and FSDP2) — all through torch itself, no launcher or communicat
   a timeout so that a dead peer ends the others with an error rather than a hang; the 1-D device
   mesh ``("dp",)`` carries DDP or FSDP2.  FSDP2 is ``fully_shard`` on each block, then on the root
   (torchtitan's order), with a ``MixedPrecisionPolicy`` that reduces gradients in fp32.
+* **Tensor parallelism** (``tp`` > 1): the mesh is 2-D ``("dp", "tp")``; ``wrap_model`` applies
+  ``bitlm.tensor_parallel.apply_tp`` on the ``tp`` dimension first, then FSDP2 on ``dp``
+  (torchtitan's order); ``dp_rank`` / ``dp_world`` say which data a rank reads (the ranks of one tp
+  group read the same batch).  DDP does not compose with it (use FSDP2).
 * **Global absmean** (``global_absmean``): a weight sharded as a DTensor (FSDP2 outside its
   forward, e.g. a scale computed once per optimizer step) gets the whole tensor's mean|W| by
   all-reducing Σ|w| and the element count — exact for uneven shards, unlike averaging per-shard
@@ -34,7 +38,7 @@ import torch
 
 __all__ = ["DEVICES", "PRECISIONS", "PARALLEL", "BACKENDS", "resolve_device", "resolve_precision", "autocast",
            "to_device", "compile_blocks", "Dist", "init_distributed", "wrap_model", "unwrap", "global_absmean",
-           "all_reduce_mean", "all_reduce_sum", "agree", "no_grad_sync", "torchrun_env"]
+           "all_reduce_mean", "all_reduce_sum", "agree", "no_grad_sync", "torchrun_env", "apply_tensor_parallel"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
@@ -121,7 +125,19 @@ class Dist:
     device: torch.device = torch.device("cpu")
     parallel: str = "none"
     backend: str | None = None
-    mesh: Any = None
+    mesh: Any = None  # the data-parallel mesh ("dp"): the whole world without tensor parallelism
+    tp: int = 1
+    tp_mesh: Any = None
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel replicas: the world size over the tp degree."""
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data stream: the index of its tp group."""
+        return self.mesh.get_local_rank() if self.tp > 1 else self.rank
 
     @property
     def main(self) -> bool:
@@ -146,24 +162,36 @@ class Dist:
                 # rank ("terminate called without an active exception") whose peer closed first
                 dist.barrier()
                 dist.destroy_process_group()
-            self.mesh = None
+            self.mesh = self.tp_mesh = None
 
 
 def init_distributed(device: str | None = "auto", parallel: str = "none", backend: str = "auto",
-                     timeout_s: float = 600.0) -> Dist:
-    """The process group and device mesh for ``parallel`` (``ddp``/``fsdp``) under torchrun, or
-    a one-process ``Dist`` for ``none``.  Raises ValueError (one line naming the option) for a
-    backend the device cannot use, or ``--parallel`` outside torchrun."""
+                     timeout_s: float = 600.0, tp: int = 1) -> Dist:
+    """The process group and device mesh for ``parallel`` (``ddp``/``fsdp``) and tensor
+    parallelism of degree ``tp`` under torchrun, or a one-process ``Dist`` for ``none``.  Raises
+    ValueError (one line naming the option) for a backend the device cannot use, ``--parallel`` /
+    ``--tp`` outside torchrun, or a ``--tp`` that does not divide the world size."""
     if parallel not in PARALLEL:
         raise ValueError(f"--parallel {parallel!r}: choose one of {', '.join(PARALLEL)}")
     if backend not in BACKENDS:
         raise ValueError(f"--dist-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
     env = torchrun_env()
+    if tp > 1 and env is None:
+        raise ValueError(f"--tp {tp} needs torchrun (torchrun --nproc-per-node N -m bitlm train ... "
+                         "or bitlm train --nproc N)")
+    if env is not None and env["world"] % tp:
+        raise ValueError(f"--tp {tp} does not divide the world size {env['world']}")
+    if tp > 1 and parallel == "ddp":
+        raise ValueError("--parallel ddp with --tp: DDP does not compose with tensor parallelism; use --parallel fsdp")
     if parallel == "none":
-        if env is not None and env["world"] > 1:
-            raise ValueError(f"--parallel none under torchrun with WORLD_SIZE={env['world']}: every rank would "
+        if env is not None and env["world"] > tp:
+            raise ValueError(f"--parallel none under torchrun with WORLD_SIZE={env['world']}"
+                             + (f" and --tp {tp}" if tp > 1 else "") + ": every rank would "
                              "train the same model alone; pass --parallel ddp or fsdp")
-        return Dist(device=resolve_device(device))
+        if tp == 1:
+            return Dist(device=resolve_device(device))
     if env is None:
         raise ValueError(f"--parallel {parallel} needs torchrun (torchrun --nproc-per-node N -m bitlm train ... "
                          "or bitlm train --nproc N)")
@@ -185,13 +213,29 @@ def init_distributed(device: str | None = "auto", parallel: str = "none", backen
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
     # FSDP2 on gloo must be given the CPU mesh (pytorch/pytorch#132471)
-    mesh = init_device_mesh(dev.type, (env["world"],), mesh_dim_names=("dp",))
+    tp_mesh = None
+    if tp > 1:
+        mesh2 = init_device_mesh(dev.type, (env["world"] // tp, tp), mesh_dim_names=("dp", "tp"))
+        mesh, tp_mesh = mesh2["dp"], mesh2["tp"]
+    else:
+        mesh = init_device_mesh(dev.type, (env["world"],), mesh_dim_names=("dp",))
     return Dist(rank=env["rank"], world=env["world"], local_rank=env["local_rank"], device=dev,
-                parallel=parallel, backend=backend, mesh=mesh)
+                parallel=parallel, backend=backend, mesh=mesh, tp=tp, tp_mesh=tp_mesh)
+
+
+def apply_tensor_parallel(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """Shard ``model`` over ``d``'s tp mesh (``bitlm.tensor_parallel.apply_tp``); a no-op at tp 1.
+    Call before ``compile_blocks`` and ``wrap_model`` (torchtitan's order)."""
+    if d.tp > 1:
+        from .tensor_parallel import apply_tp
+
+        apply_tp(model, d.tp_mesh)
+    return model
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, precision: str = "fp32") -> torch.nn.Module:
-    """DDP or FSDP2 (per block, then the root) around ``model`` (already on ``d.device``)."""
+    """DDP or FSDP2 (per block, then the root) around ``model`` (already on ``d.device``; with
+    tensor parallelism already sharded by ``apply_tensor_parallel``: FSDP2 then shards on dp)."""
     if d.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -216,7 +260,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @contextlib.contextmanager
 def no_grad_sync(model: torch.nn.Module, d: Dist, sync: bool):
     """Skip the gradient all-reduce of a micro-batch that is not the last of its step."""
-    if sync or not d.distributed:
+    if sync or d.parallel not in ("ddp", "fsdp"):
         yield
     elif d.parallel == "ddp":
         with model.no_sync():

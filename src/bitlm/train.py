@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, build_config, parse_overrides, preset
 from .model import BitNetModel
+from .tensor_parallel import tp_quant_mode
 
 RECIPES: dict[str, dict[str, Any]] = {
     # size-independent parts; lr, lr2 and weight_decay come from the size row (RECIPE_ROWS)
@@ -151,6 +152,12 @@ class TrainConfig:
     # data parallelism on torchrun (bitlm.parallel): batch_size is per rank and micro-batch, so the
     # global batch is batch_size × world size × grad_accum sequences
     parallel: str = "none"  # none | ddp | fsdp
+    # tensor parallelism (bitlm.tensor_parallel): tp ranks share each batch; world = dp × tp.
+    # tp_quant: "group" turns the model config into the paper's group mode (G = tp groups, no
+    # communication for scales); "global" requires a config without groups (exact parity with one
+    # process, one all-reduce per scale); None = the model config as it is
+    tp: int = 1
+    tp_quant: str | None = None
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
     dist_timeout: float = 600.0  # seconds a collective may wait for a dead or stuck rank
     global_batch: int | None = None  # sequences per optimizer step; sets grad_accum = global / (batch_size × world)
@@ -204,7 +211,7 @@ class TrainConfig:
                 return max(1, math.ceil(self.tokens / (self.global_batch * self.seq_len)))
             from .parallel import torchrun_env
 
-            world = (torchrun_env() or {"world": 1})["world"] if self.parallel != "none" else 1
+            world = (torchrun_env() or {"world": 1})["world"] // self.tp if self.parallel != "none" else 1
             return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len * self.grad_accum * world)))
         return self.max_steps
 
@@ -222,6 +229,10 @@ class TrainConfig:
                 raise ValueError(f"{opt} {value!r}: choose one of {', '.join(allowed)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.tp_quant not in (None, "group", "global"):
+            raise ValueError(f"--tp-quant {self.tp_quant!r}: choose one of group, global")
         if self.global_batch is not None and self.global_batch < 1:
             raise ValueError(f"--global-batch must be >= 1, got {self.global_batch}")
         if not self.dist_timeout > 0:
@@ -332,7 +343,7 @@ def evaluate_loss(model, batches, bf16: bool = False, device=None, dist=None) ->
     for x, y in batches:
         weight = 1.0
         if dist is not None and dist.distributed:
-            x, y = torch.tensor_split(x, dist.world)[dist.rank], torch.tensor_split(y, dist.world)[dist.rank]
+            x, y = torch.tensor_split(x, dist.dp_world)[dist.dp_rank], torch.tensor_split(y, dist.dp_world)[dist.dp_rank]
             if x.shape[0] == 0:
                 x, y, weight = x.new_zeros((1, x.shape[1])), y.new_zeros((1, y.shape[1])), 0.0
         if device is not None:
@@ -344,7 +355,7 @@ def evaluate_loss(model, batches, bf16: bool = False, device=None, dist=None) ->
         n += int(weight) * y.numel()
     if dist is not None:
         total, n = all_reduce_sum([total, float(n)], dist)
-        n = int(n)
+        total, n = total / dist.tp, int(n) // dist.tp  # the ranks of a tp group scored the same rows
     model.train(was)
     loss = total / max(1, n)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
@@ -460,7 +471,8 @@ def train(
     from .io.dcp import is_dcp, load_dcp, read_dcp_meta, save_dcp
 
     tcfg.validate()
-    d = P.init_distributed(tcfg.device, tcfg.parallel, tcfg.dist_backend, tcfg.dist_timeout)
+    model_cfg = tp_model_config(model_cfg, tcfg)
+    d = P.init_distributed(tcfg.device, tcfg.parallel, tcfg.dist_backend, tcfg.dist_timeout, tcfg.tp)
     try:
         return _train(model_cfg, tcfg, data, d, resume=resume, init_model=init_model, log=log, progress=progress, P=P,
                       ck=dict(CheckpointError=CheckpointError, load_checkpoint=load_checkpoint, read_meta=read_meta,
@@ -469,6 +481,25 @@ def train(
                               read_dcp_meta=read_dcp_meta, save_dcp=save_dcp))
     finally:
         d.close()
+
+
+def tp_model_config(model_cfg: ModelConfig, tcfg: TrainConfig) -> ModelConfig:
+    """The model config a ``--tp`` run trains: ``--tp-quant group`` → the paper's group mode for
+    ``tcfg.tp`` ranks; ``global`` refuses a config with groups (it would not be global).  Raises
+    ValueError naming ``--tp`` when the degree does not divide heads, KV heads, FFN width or vocab."""
+    from .tensor_parallel import check_tp, group_config
+
+    if tcfg.tp_quant == "group":
+        model_cfg = group_config(model_cfg, tcfg.tp)
+    elif tcfg.tp_quant == "global":
+        grouped = {k: getattr(model_cfg, k) for k in ("weight_groups", "act_groups", "norm_groups")
+                   if getattr(model_cfg, k) != 1}
+        if grouped:
+            k, v = next(iter(grouped.items()))
+            raise ValueError(f"--tp-quant global: the model config has {k}={v}; drop the groups or use --tp-quant group")
+    if tcfg.tp > 1:
+        check_tp(model_cfg, tcfg.tp)
+    return model_cfg
 
 
 def _grad_accum(tcfg: TrainConfig, world: int) -> int:
@@ -487,7 +518,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
     main = d.main
     if not main:
         log = _silent
-    ga = _grad_accum(tcfg, d.world)
+    ga = _grad_accum(tcfg, d.dp_world)
     precision = P.resolve_precision("bf16" if tcfg.bf16 else tcfg.precision, d.device)
     bf16 = precision == "bf16"
     dcp_format = tcfg.checkpoint_format == "dcp" or (tcfg.checkpoint_format == "auto" and d.distributed)
@@ -501,8 +532,9 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
     wds = f"{r['weight_decay']:g}" + (f" → {r['weight_decay2']:g}" if r["weight_decay2"] is not None else "")
     log(f"recipe {r['row']}: lr {lrs}, weight decay {wds}, warm-up {r['warmup_steps']} of {r['max_steps']} steps")
     if d.distributed or d.device.type != "cpu" or tcfg.compile:
-        log(f"device {d.device}, {precision}, {tcfg.parallel} × {d.world} ranks ({d.backend or 'one process'}), "
-            f"global batch {tcfg.batch_size} × {d.world} × {ga} = {tcfg.batch_size * d.world * ga} sequences"
+        tp_text = f", tensor parallel × {d.tp} ({tp_quant_mode(model_cfg, d.tp)} scales)" if d.tp > 1 else ""
+        log(f"device {d.device}, {precision}, {tcfg.parallel} × {d.dp_world} ranks{tp_text} ({d.backend or 'one process'}), "
+            f"global batch {tcfg.batch_size} × {d.dp_world} × {ga} = {tcfg.batch_size * d.dp_world * ga} sequences"
             + (", torch.compile per block" if tcfg.compile else ""))
     out = Path(tcfg.out_dir)
     last = out / "last"
@@ -516,7 +548,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
         else:
             data = prepare_data(tcfg.data, tokenizer=tcfg.tokenizer, vocab_size=tcfg.vocab_size or model_cfg.vocab_size)
     if hasattr(data, "streams"):  # sharded data: one slice of the training tokens per data stream
-        data.streams = ga * d.world
+        data.streams = ga * d.dp_world
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}")
     if tcfg.seq_len > model_cfg.max_seq_len:
@@ -540,11 +572,11 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
                 raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
                                       f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
         # the data streams of a step: world size × grad_accum must match (2 ranks × 1 = 1 process × 2)
-        saved_streams = int(saved_train.get("grad_accum", ga)) * int(meta.get("world_size", 1))
-        if "grad_accum" in saved_train and saved_streams != ga * d.world:
+        saved_streams = int(saved_train.get("grad_accum", ga)) * int(meta.get("dp", meta.get("world_size", 1)))
+        if "grad_accum" in saved_train and saved_streams != ga * d.dp_world:
             raise CheckpointError(f"{last}: global batch mismatch on resume: the checkpoint's run drew "
                                   f"{saved_streams} micro-batches per step (world size × grad_accum), this one "
-                                  f"{ga * d.world}; set --grad-accum so that they match")
+                                  f"{ga * d.dp_world}; set --grad-accum so that they match")
         if resume_dcp:
             model = init_model if init_model is not None else BitNetModel(model_cfg)
             start = int(meta["step"])
@@ -575,6 +607,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
     model.to(d.device)
     model.train()
     base = model
+    P.apply_tensor_parallel(base, d)  # TP first, then compile, then FSDP2 (torchtitan's order)
     if tcfg.compile:
         P.compile_blocks(base)
     model = P.wrap_model(base, d, precision)
@@ -613,7 +646,8 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
         saving = True
         if dcp_format:
             ck["save_dcp"](model, opt, last, {"model": model_cfg.to_dict(), "train": train_meta, "step": step,
-                                             "world_size": d.world, "parallel": tcfg.parallel, **recipe_meta},
+                                             "world_size": d.world, "parallel": tcfg.parallel, "dp": d.dp_world,
+                                             "tp": d.tp, "tp_quant": tp_quant_mode(model_cfg, d.tp), **recipe_meta},
                            tokenizer=data.tokenizer)
         else:
             from .io import checkpoint as C
@@ -627,7 +661,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
         saved_step, saved_at = step, _clock()
 
     total = r["max_steps"]
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * ga * d.world
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * ga * d.dp_world
     t0 = time.time()
     val = None
     step = start
@@ -662,7 +696,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
             for micro in range(ga):
                 # micro-batch m of rank r is data stream r·ga + m: grad accumulation over k
                 # micro-batches equals k ranks with the same global batch
-                x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=d.rank * ga + micro)
+                x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=d.dp_rank * ga + micro)
                 x, y = P.to_device(x, d.device), P.to_device(y, d.device)
                 with P.no_grad_sync(model, d, sync=micro == ga - 1):
                     loss = lm_loss(model, x, y, bf16, d.device.type)
@@ -798,6 +832,12 @@ def add_arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="run N processes on this machine: execs torchrun --nproc-per-node N -m bitlm train ... "
                         "(default --parallel ddp)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallelism degree under torchrun (world = dp × tp; composes with --parallel fsdp)")
+    p.add_argument("--tp-quant", default=None, choices=["group", "global"],
+                   help="scales under --tp: group = the BitNet paper's G = tp groups (no communication; the model "
+                        "config changes, one process runs it exactly), global = whole-tensor scales (one "
+                        "all-reduce each); default: the model config as it is")
     p.add_argument("--dist-backend", default=None, help="auto (nccl on CUDA, gloo on the CPU) | gloo | nccl")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="seconds a collective waits for the other ranks before the run fails (default 600)")
@@ -853,8 +893,9 @@ def _exec_torchrun(args, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    if args.parallel is None:
-        rest += ["--parallel", "ddp"]
+    if args.parallel is None:  # every rank in one tp group: no data parallelism; else ddp (fsdp with --tp)
+        tp = args.tp or 1
+        rest += ["--parallel", "none" if args.nproc == tp else "fsdp" if tp > 1 else "ddp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "bitlm", "train", *rest]
     sys.stdout.flush()
@@ -887,7 +928,7 @@ def run(args) -> int:
                seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                save_every_minutes=args.save_every_minutes, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                precision=args.precision, device=args.device, parallel=args.parallel, dist_backend=args.dist_backend,
-               dist_timeout=args.dist_timeout, global_batch=args.global_batch,
+               dist_timeout=args.dist_timeout, global_batch=args.global_batch, tp=args.tp, tp_quant=args.tp_quant,
                checkpoint_format=args.checkpoint_format)
     tkw.update({k: v for k, v in cli.items() if v is not None})
     if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
