@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,9 +53,22 @@ def train(a: dict) -> None:
         orig_close(d)
 
     P.apply_tensor_parallel, P.Dist.close = apply, close
-    T.train(tiny_config(a.get("preset", "tiny"), **a.get("overrides", {})), T.TrainConfig(**a["train"]),
-            pattern_data(), resume=bool(a.get("resume")), log=lambda *x: None)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    stop_after, calls, orig_loss = a.get("stop_after"), {"n": 0}, T.lm_loss
+    ga = int(a["train"].get("grad_accum", 1))
+
+    def loss(*x, **k):  # rank 0 alone gets SIGINT during step stop_after: the run saves and stops after it
+        calls["n"] += 1
+        if stop_after is not None and os.environ.get("RANK", "0") == "0" and calls["n"] == (stop_after - 1) * ga + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig_loss(*x, **k)
+
+    T.lm_loss = loss
+    try:
+        T.train(tiny_config(a.get("preset", "tiny"), **a.get("overrides", {})), T.TrainConfig(**a["train"]),
+                pattern_data(), resume=bool(a.get("resume")), log=lambda *x: None)
+    except T.TrainingInterrupted:
+        pass
+    if int(os.environ.get("RANK", "0")) == 0:
         print("REPORT " + json.dumps({"logits": seen.get("logits")}))
 
 

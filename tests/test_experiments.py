@@ -99,6 +99,18 @@ def test_lr(tmp_path, data):
     assert "diverged" in md
 
 
+@needs_corpus
+def test_groups(tmp_path, data):
+    res, md = _read_after(run_experiment("groups", tiny("groups", groups=(1, 2)), tmp_path, progress=False, data=data),
+                          tmp_path)
+    rows = {r["groups"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2} and all(r["val_ppl"] > 1 for r in rows.values())
+    # the same initial weights and batches: grouping alone changes the result, and only a little
+    assert rows[1]["val_loss"] != rows[2]["val_loss"]
+    assert abs(rows[1]["val_loss"] - rows[2]["val_loss"]) < 0.5
+    assert "| 2 |" in md and "groups.png" in md
+
+
 def test_power_law_fit_recovers_known_parameters():
     n = np.array([3e4, 1e5, 3e5, 1e6, 3e6])
     for a, b, c in [(50.0, -0.3, 2.5), (8.0, -0.12, 1.0), (1e3, -0.6, 3.2)]:

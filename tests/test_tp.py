@@ -146,3 +146,35 @@ def test_init_distributed_refuses_bad_tp_layouts(monkeypatch, world, tp, paralle
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match=needle):
         init_distributed("cpu", parallel, tp=tp)
+
+
+def test_group_mode_model_is_refused_by_one_scale_formats(tmp_path):
+    """A group-mode model cannot be written to the HF BitNet format (one scale per tensor, whole-
+    feature norms): a one-line ValueError naming a group option, no file."""
+    model = bitlm.BitNetModel(TP.group_config(preset("tiny"), 2))
+    with pytest.raises(ValueError, match=r"groups=2"):
+        bitlm.save(model, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow  # three torchrun runs
+def test_train_tp2_resume_is_bit_identical_and_reshards_to_one_process(tmp_path):
+    """TP=2 global: stopped after step 3 and resumed to 5 equals 5 straight (same split); the TP=2
+    checkpoint of step 3 resumes in one process (DCP reshards) and matches to float rounding."""
+    base = {**TRAIN, "tp": 2, "eval_every": 0}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _worker({"train": {**base, "out_dir": str(straight)}})
+    _worker({"train": {**base, "out_dir": str(split)}, "stop_after": 3})
+    assert read_dcp_meta(split / "last")["step"] == 3
+    _worker({"train": {**base, "out_dir": str(split)}, "resume": True})
+    a, b = bitlm.load(straight / "last").state_dict(), bitlm.load(split / "last").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one = tmp_path / "one"
+    _worker({"train": {**base, "out_dir": str(split)}, "stop_after": 3})
+    import shutil
+
+    shutil.copytree(split, one)
+    _worker({"train": {**TRAIN, "eval_every": 0, "out_dir": str(one), "checkpoint_format": "dcp"}, "resume": True},
+            nproc=1)
+    c = bitlm.load(one / "last").state_dict()
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-4

@@ -20,6 +20,9 @@ Four experiments, each trains on the bundled corpus (``bitlm.data``), evaluates,
     plots: loss vs N, and loss vs inference energy per token (the "inference-optimal" law).
   * ``lr``      — a peak-LR stability sweep for fp and b1.58 (2310.11453 §2.2, Fig. 5a: BitNet trains
     at learning rates where the fp16 Transformer diverges): final validation loss or "diverged".
+  * ``groups``  — one b1.58 shape trained with G = 1, 2, 4, 8 quantisation / normalisation groups
+    in the tensor-parallel group mode (2310.11453 Eq. 13-15; ``bitlm.tensor_parallel.group_config``:
+    what ``bitlm train --tp G --tp-quant group`` trains) on the same tokens: validation perplexity.
 
 Sizes.  ``--scale S`` multiplies the number of linear weights (width x sqrt(S)) and the tokens per
 model (steps x S); ``--quick`` is a seconds-long smoke run on a tiny model (the tests use it).
@@ -40,7 +43,7 @@ import numpy as np
 
 __all__ = ["EXPERIMENTS", "Setup", "fit_power_law", "power_law", "run_experiment", "add_arguments", "run"]
 
-EXPERIMENTS = ("compare", "ptq", "scaling", "lr")
+EXPERIMENTS = ("compare", "ptq", "scaling", "lr", "groups")
 
 # Peak LRs at this scale: the demo's values (bitlm.demo), BitNet above fp as in the papers (FAQ
 # Table 2: ≈ 6x), fp well above the 700M recipe's 2.5e-4 because tiny models tolerate more.  They
@@ -74,6 +77,7 @@ class Setup:
                               "openbookqa", "lambada")
     widths: tuple[int, ...] = (32, 64, 96, 128)  # scaling sweep (d_model; n_layers fixed)
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    groups: tuple[int, ...] = (1, 2, 4, 8)  # groups sweep (G of the tensor-parallel group mode)
     calib_seqs: int = 32  # PTQ calibration sequences of seq_len tokens
     eval_batch: int = 32
     data: str = "default"
@@ -121,6 +125,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ptq": {},
     "scaling": {},
     "lr": dict(steps=300),
+    "groups": dict(steps=300),
 }
 
 
@@ -654,10 +659,67 @@ def exp_lr(ctx: Context) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# groups
+# ---------------------------------------------------------------------------------------------
+
+
+def exp_groups(ctx: Context) -> dict[str, Any]:
+    from .tensor_parallel import group_config
+
+    s = ctx.setup
+    rows: list[dict[str, Any]] = []
+    curves: dict[int, dict[str, Any]] = {}
+    for i, g in enumerate(s.groups):
+        mcfg = group_config(s.model_config("b1.58"), g) if g > 1 else s.model_config("b1.58")
+        ctx.say(f"({i + 1}/{len(s.groups)}) BitNet b1.58 with G = {g}: d={mcfg.d_model} L={mcfg.n_layers}, "
+                f"{s.steps} steps")
+        tr = _train(ctx, f"g{g}", mcfg, RECIPE["b1.58"], LR["b1.58"], eval_every=max(1, s.steps // 8))
+        curves[g] = tr["curve"]
+        row: dict[str, Any] = {"groups": g, "train_seconds": tr["seconds"], "diverged": tr["diverged"]}
+        if tr["model"] is not None:
+            row.update(_val(ctx, tr["model"]))
+        rows.append(row)
+        ctx.say(f"G = {g}: val ppl {_num(row.get('val_ppl'))}")
+    base = next((r for r in rows if r["groups"] == 1 and "val_ppl" in r), None)
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    for g, c in curves.items():
+        ax[0].plot(c["val_step"], c["val_loss"], "o-", label=f"G = {g}", ms=3)
+    ok = [r for r in rows if "val_ppl" in r]
+    ax[1].plot([r["groups"] for r in ok], [r["val_ppl"] for r in ok], "o-")
+    ax[0].set(xlabel="step", ylabel="val loss (nats)", title="validation loss")
+    ax[1].set(xscale="log", xlabel="groups G", ylabel="val perplexity", title="final val perplexity vs G")
+    ax[1].set_xticks([r["groups"] for r in ok], [str(r["groups"]) for r in ok])
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    plots = [_save_fig(fig, ctx.out / "groups.png")]
+
+    tab = []
+    for r in rows:
+        delta = (f"{100 * (r['val_ppl'] / base['val_ppl'] - 1):+.2f}%" if base and "val_ppl" in r and r is not base
+                 else "")
+        tab.append([str(r["groups"]), "diverged" if r["diverged"] else _num(r.get("val_loss"), ".4f"),
+                    _num(r.get("val_ppl")), _num(r.get("val_bpb"), ".3f"), delta, f"{r['train_seconds']:.0f}"])
+    md = ("## groups: group quantisation and normalisation, G = " + ", ".join(map(str, s.groups))
+          + " (2310.11453 Eq. 13-15)\n\n"
+          + _setup_md(ctx, "BitNet b1.58, the same initial weights and batches for every G. G > 1 is the "
+                      "tensor-parallel group mode (what `bitlm train --tp G --tp-quant group` trains): G weight "
+                      "groups along output rows of q/k/v/gate/up and input columns of o/down, and G groups for "
+                      "the activation absmax of o/down's inputs and for the two sub-norms before them; G = 1 is "
+                      "the usual whole-tensor model. One seed per G: differences of about a percent are within "
+                      "run-to-run noise at this scale.")
+          + "\n\n" + _md_table(["G", "val loss", "val ppl", "val bpb", "ppl vs G = 1", "train s"], tab)
+          + "\n\n![groups](groups.png)\n")
+    return {"rows": rows, "curves": curves, "plots": plots, "markdown": md}
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver and CLI
 # ---------------------------------------------------------------------------------------------
 
-_RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr}
+_RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr, "groups": exp_groups}
 
 
 def _jsonable(x: Any) -> Any:
@@ -717,6 +779,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks, or 'all'")
     p.add_argument("--lrs", default=None, help="comma-separated peak LRs for the lr sweep")
     p.add_argument("--widths", default=None, help="comma-separated d_model values for the scaling sweep")
+    p.add_argument("--groups", default=None, help="comma-separated G values for the groups sweep (default 1,2,4,8)")
     p.add_argument("--data", default=None, help="'default' (bundled corpus) or a text file")
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -733,7 +796,7 @@ def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
         for q in ("fp", "b1.58"):  # mean of fp and b1.58: one step of the average variant
             per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2) / 2
     # scaling: `per` already sums one step of every width, and each width is trained twice
-    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs)}[name]
+    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups)}[name]
     return max(10, int(minutes * 60 / (n_models * per)))
 
 
@@ -764,6 +827,8 @@ def run(args) -> int:
         over["lrs"] = _number_list("--lrs", args.lrs, float)
     if args.widths:
         over["widths"] = _number_list("--widths", args.widths, int)
+    if getattr(args, "groups", None):
+        over["groups"] = _number_list("--groups", args.groups, int)
     _plt()  # fail now, not after minutes of training, when matplotlib is missing
     setup = Setup.build(args.name, args.scale, args.quick, **over)
     from .data import prepare_data

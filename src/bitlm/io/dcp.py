@@ -3,6 +3,7 @@
 
     <dir>/config.json       {"format": "bitlm-dcp", "version": 1, "model": ModelConfig,
                              "train": {...} | null, "step": int, "world_size": int, "parallel": str,
+                             "dp": int, "tp": int, "tp_quant": "group" | "global" | "mixed",
                              "tokenizer": "tokenizer.json" | null, ...}
     <dir>/.metadata         DCP's index of the state: {"model": model state dict, "optim": optimizer
     <dir>/__<r>_0.distcp    state dict (parameter names as keys)}, one data file per rank
@@ -14,7 +15,10 @@ checkpoint in place.
 
 Loading reshards: DCP reads each tensor into the layout the model has now, so a checkpoint of
 two FSDP ranks resumes in one process and a one-process checkpoint resumes on two ranks.
-``load_dcp_model`` reads only the model into a plain ``BitNetModel`` (what ``bitlm.load``,
+Tensor-parallel shards (DTensors over the tp mesh) are saved as whole tensors by DCP as well;
+``tp`` / ``tp_quant`` in config.json record how the run split and scaled them, and the model
+config itself carries the groups of ``group`` mode, so the one-process model computes exactly
+what the sharded one did.  ``load_dcp_model`` reads only the model into a plain ``BitNetModel`` (what ``bitlm.load``,
 ``bitlm pack`` and ``bitlm export`` get, and what ``bitlm checkpoint consolidate`` writes as a
 native checkpoint).
 """
