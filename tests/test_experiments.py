@@ -103,12 +103,13 @@ def test_lr(tmp_path, data):
 def test_groups(tmp_path, data):
     res, md = _read_after(run_experiment("groups", tiny("groups", groups=(1, 2)), tmp_path, progress=False, data=data),
                           tmp_path)
-    rows = {r["groups"]: r for r in res["rows"]}
-    assert set(rows) == {1, 2} and all(r["val_ppl"] > 1 for r in rows.values())
+    rows = {(r["groups"], r["seed"]): r for r in res["rows"]}
+    assert set(rows) == {(1, 0), (2, 0), (1, 1)} and all(r["val_ppl"] > 1 for r in rows.values())
+    rows = {g: rows[(g, 0)] for g in (1, 2)}
     # the same initial weights and batches: grouping alone changes the result, and only a little
     assert rows[1]["val_loss"] != rows[2]["val_loss"]
     assert abs(rows[1]["val_loss"] - rows[2]["val_loss"]) < 0.5
-    assert "| 2 |" in md and "groups.png" in md
+    assert "| G = 2 |" in md and "| G = 1, seed 1 |" in md and "groups.png" in md
 
 
 def test_power_law_fit_recovers_known_parameters():

@@ -66,8 +66,7 @@ def _expected_global_calls(name: str) -> dict[str, int]:
     return {"weight": n * weights, "act": n * 2, "norm": n * 2 * per_norm, "norm_backward": n * 2 * per_norm}
 
 
-@pytest.mark.parametrize("name", ["tiny", pytest.param("tiny-bitnet", marks=pytest.mark.slow),
-                                  pytest.param("tiny-2b4t", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tiny", "tiny-bitnet", "tiny-2b4t"])
 def test_tp2_equals_one_process_global_and_group(name):
     rep = _worker({"preset": name})
     for mode in ("global", "group"):
@@ -83,7 +82,6 @@ def test_tp2_equals_one_process_global_and_group(name):
     assert rep["group"]["counts"] == {"calls": 0, "bytes": 0}
 
 
-@pytest.mark.slow  # four processes: ~10 s on an idle 2-core machine, 25 s under load
 def test_fsdp2_times_tp_on_four_processes_equals_one_process():
     """A 2 (dp, FSDP2) × 2 (tp) mesh, GQA + tied embeddings (tiny-2b4t), global scales."""
     r = _worker({"preset": "tiny-2b4t", "dp": 2, "tp": 2, "modes": ["global"]}, nproc=4)["global"]

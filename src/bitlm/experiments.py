@@ -231,14 +231,15 @@ class Context:
 
 
 def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: float | None = None,
-           eval_every: int = 0) -> dict[str, Any]:
+           eval_every: int = 0, seed: int = 0) -> dict[str, Any]:
     """Train one model; returns {"model" (None if diverged), "seconds", "curve", "diverged", ...}."""
     from .train import TrainConfig, train
 
     s = ctx.setup
     tcfg = TrainConfig(recipe=recipe, lr=lr, max_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        eval_every=eval_every or s.steps, eval_batches=4, log_every=max(1, s.steps // 50),
-                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, grad_clip=grad_clip)
+                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, grad_clip=grad_clip,
+                       seed=seed)
     t0 = time.time()
     model, diverged, reason = None, False, None
     try:
@@ -668,26 +669,35 @@ def exp_groups(ctx: Context) -> dict[str, Any]:
 
     s = ctx.setup
     rows: list[dict[str, Any]] = []
-    curves: dict[int, dict[str, Any]] = {}
-    for i, g in enumerate(s.groups):
+    curves: dict[str, dict[str, Any]] = {}
+    # the G values, then G = 1 again with another seed (other initial weights and batches): the
+    # run-to-run noise the differences between G values are to be read against
+    runs = [(g, 0) for g in s.groups] + [(1, 1)]
+    for i, (g, seed) in enumerate(runs):
         mcfg = group_config(s.model_config("b1.58"), g) if g > 1 else s.model_config("b1.58")
-        ctx.say(f"({i + 1}/{len(s.groups)}) BitNet b1.58 with G = {g}: d={mcfg.d_model} L={mcfg.n_layers}, "
-                f"{s.steps} steps")
-        tr = _train(ctx, f"g{g}", mcfg, RECIPE["b1.58"], LR["b1.58"], eval_every=max(1, s.steps // 8))
-        curves[g] = tr["curve"]
-        row: dict[str, Any] = {"groups": g, "train_seconds": tr["seconds"], "diverged": tr["diverged"]}
+        label = f"G = {g}" + (f", seed {seed}" if seed else "")
+        ctx.say(f"({i + 1}/{len(runs)}) BitNet b1.58 with {label}: d={mcfg.d_model} L={mcfg.n_layers}, {s.steps} steps")
+        tr = _train(ctx, f"g{g}" + (f"-seed{seed}" if seed else ""), mcfg, RECIPE["b1.58"], LR["b1.58"],
+                    eval_every=max(1, s.steps // 8), seed=seed)
+        curves[label] = tr["curve"]
+        row: dict[str, Any] = {"groups": g, "seed": seed, "label": label, "train_seconds": tr["seconds"],
+                               "diverged": tr["diverged"]}
         if tr["model"] is not None:
             row.update(_val(ctx, tr["model"]))
         rows.append(row)
-        ctx.say(f"G = {g}: val ppl {_num(row.get('val_ppl'))}")
-    base = next((r for r in rows if r["groups"] == 1 and "val_ppl" in r), None)
+        ctx.say(f"{label}: val ppl {_num(row.get('val_ppl'))}")
+    base = next((r for r in rows if r["groups"] == 1 and r["seed"] == 0 and "val_ppl" in r), None)
 
     plt = _plt()
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for g, c in curves.items():
-        ax[0].plot(c["val_step"], c["val_loss"], "o-", label=f"G = {g}", ms=3)
-    ok = [r for r in rows if "val_ppl" in r]
-    ax[1].plot([r["groups"] for r in ok], [r["val_ppl"] for r in ok], "o-")
+    for label, c in curves.items():
+        ax[0].plot(c["val_step"], c["val_loss"], "o-" if "seed" not in label else "x--", label=label, ms=3)
+    ok = [r for r in rows if "val_ppl" in r and r["seed"] == 0]
+    ax[1].plot([r["groups"] for r in ok], [r["val_ppl"] for r in ok], "o-", label="seed 0")
+    noise = [r for r in rows if "val_ppl" in r and r["seed"] != 0]
+    if noise:
+        ax[1].plot([r["groups"] for r in noise], [r["val_ppl"] for r in noise], "x", ms=9, label="G = 1, seed 1")
+        ax[1].legend(fontsize=8)
     ax[0].set(xlabel="step", ylabel="val loss (nats)", title="validation loss")
     ax[1].set(xscale="log", xlabel="groups G", ylabel="val perplexity", title="final val perplexity vs G")
     ax[1].set_xticks([r["groups"] for r in ok], [str(r["groups"]) for r in ok])
@@ -700,7 +710,7 @@ def exp_groups(ctx: Context) -> dict[str, Any]:
     for r in rows:
         delta = (f"{100 * (r['val_ppl'] / base['val_ppl'] - 1):+.2f}%" if base and "val_ppl" in r and r is not base
                  else "")
-        tab.append([str(r["groups"]), "diverged" if r["diverged"] else _num(r.get("val_loss"), ".4f"),
+        tab.append([r["label"], "diverged" if r["diverged"] else _num(r.get("val_loss"), ".4f"),
                     _num(r.get("val_ppl")), _num(r.get("val_bpb"), ".3f"), delta, f"{r['train_seconds']:.0f}"])
     md = ("## groups: group quantisation and normalisation, G = " + ", ".join(map(str, s.groups))
           + " (2310.11453 Eq. 13-15)\n\n"
@@ -708,8 +718,8 @@ def exp_groups(ctx: Context) -> dict[str, Any]:
                       "tensor-parallel group mode (what `bitlm train --tp G --tp-quant group` trains): G weight "
                       "groups along output rows of q/k/v/gate/up and input columns of o/down, and G groups for "
                       "the activation absmax of o/down's inputs and for the two sub-norms before them; G = 1 is "
-                      "the usual whole-tensor model. One seed per G: differences of about a percent are within "
-                      "run-to-run noise at this scale.")
+                      "the usual whole-tensor model. The last row retrains G = 1 with seed 1 (other initial "
+                      "weights and batches): the run-to-run noise to read the differences against.")
           + "\n\n" + _md_table(["G", "val loss", "val ppl", "val bpb", "ppl vs G = 1", "train s"], tab)
           + "\n\n![groups](groups.png)\n")
     return {"rows": rows, "curves": curves, "plots": plots, "markdown": md}
