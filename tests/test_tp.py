@@ -8,7 +8,10 @@
 * FSDP2 × TP on a 2 × 2 mesh equals one process;
 * ``bitlm train --tp 2 --tp-quant group`` trains like the one-process emulation, records tp / mode
   in its distributed checkpoint, and ``bitlm.load`` of that checkpoint gives the TP model's logits;
-* the config-side pieces (group_config, tp_quant_mode, check_tp) and bad input in one process.
+* resume of a TP run is bit-identical, and its checkpoint resumes in one process (slow);
+  ``--parallel fsdp --tp 2`` training on 4 processes equals one process (slow);
+* the config-side pieces (group_config, tp_quant_mode, check_tp), the mesh checks of
+  init_distributed and bad input in one process; a group-mode model refused by the HF format.
 """
 
 from __future__ import annotations
@@ -176,3 +179,17 @@ def test_train_tp2_resume_is_bit_identical_and_reshards_to_one_process(tmp_path)
             nproc=1)
     c = bitlm.load(one / "last").state_dict()
     assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-4
+
+
+@pytest.mark.slow  # four processes training
+def test_train_fsdp_times_tp_equals_one_process(tmp_path):
+    """``--parallel fsdp --tp 2`` on 4 processes (2 data-parallel replicas × 2 tp ranks), global
+    scales, gradient clipping on: 5 steps equal one process with grad_accum 2 (same global batch)."""
+    one, ft = tmp_path / "one", tmp_path / "ft"
+    extra = {"grad_clip": 1.0}
+    _worker({"train": {**TRAIN, **extra, "out_dir": str(one), "checkpoint_format": "dcp", "grad_accum": 2}}, nproc=1)
+    _worker({"train": {**TRAIN, **extra, "out_dir": str(ft), "tp": 2, "parallel": "fsdp"}}, nproc=4)
+    meta = read_dcp_meta(ft / "last")
+    assert (meta["tp"], meta["dp"], meta["world_size"], meta["tp_quant"]) == (2, 2, 4, "global")
+    a, b = bitlm.load(one / "last").state_dict(), bitlm.load(ft / "last").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
