@@ -43,5 +43,5 @@ def require_bitnet_graph(cfg, target: str) -> None:
         raise ValueError(f"cannot export to {target}: q/k/v biases are not part of the BitNet graph")
     from ..model import inference_blockers  # group norm / η / grouped activations: no runtime computes them
 
-    if blockers := inference_blockers(cfg):
+    if blockers := inference_blockers(cfg, target):
         raise ValueError(f"cannot export to {target}: {blockers[0]}")

@@ -638,6 +638,10 @@ def _export_check(name: str, m: nn.Module) -> None:
         raise ValueError(f"{name}: projections with bias cannot be saved as BitNetForCausalLM")
     if not isinstance(m, BitLinear):
         return
+    if m.weight_groups != 1:
+        raise ValueError(f"{name}: weight_groups={m.weight_groups} (weight_group_dim={m.weight_group_dim!r}): the HF "
+                         "BitNet format holds one weight scale per tensor; export with requantize=True "
+                         "(bitlm export --requantize) to re-quantise to one scale and report the validation loss change")
     got = (m.act_bits, m.act_granularity_eval, m.act_groups, m.norm, m.weight_groups)  # inference: eval granularity
     if got != (8, "token", 1, None, 1):
         raise ValueError(f"{name}: (act_bits, act_granularity_eval, act_groups, norm, weight_groups)={got}; the HF BitNet "
