@@ -215,3 +215,52 @@ def test_blockers_left():
     gg = inference_blockers(m.config, "GGUF")
     assert any(b.startswith("norm_groups=4") for b in gg) and any(b.startswith("act_groups=2") for b in gg)
     assert inference_blockers(tiny_model("tiny", act_nonneg=True).config) != []
+
+
+# --- one-scale-per-tensor formats: refuse, or re-quantise when asked -------------------------
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from bitlm.data import Tokenizer
+
+    backend = HFTok(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["the cat sat on the mat. " * 50], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(backend)
+
+
+def test_hf_export_refuses_groups_or_requantizes_reporting_the_loss(tmp_path, capsys):
+    from bitlm.cli import main
+    from bitlm.export import requantize
+    from bitlm.io.checkpoint import save_checkpoint
+    from bitlm.loading import load, save
+
+    m = grouped("tiny-2b4t", "tp", vocab_size=512)
+    ck = save_checkpoint(m, tmp_path / "ck", tokenizer=_tokenizer())
+    with pytest.raises(ValueError, match=r"norm_groups=2: .*requantize"):
+        save(m, tmp_path / "hf0", format="hf")
+    only_weights = grouped("tiny-2b4t", "tp", vocab_size=512).config.replace(act_groups=1, norm_groups=1)
+    from bitlm.model import BitNetModel
+
+    with pytest.raises(ValueError, match=r"q_proj: weight_groups=2 .*requantize"):
+        save(BitNetModel(only_weights), tmp_path / "hf0", format="hf")
+    (tmp_path / "val.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 60)
+    assert main(["export", "--model", str(ck), "--format", "hf", "--out", str(tmp_path / "hf"), "--requantize",
+                 "--val-data", str(tmp_path / "val.txt"), "--val-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "requantized to one scale per tensor (was weight_groups=2" in out and "validation loss" in out, out
+    back = load(tmp_path / "hf")
+    assert back.config.weight_groups == back.config.act_groups == back.config.norm_groups == 1
+    flat, report = requantize(m)
+    assert "not measured" in report
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():  # the export is the requantised model (same ternary weights, one scale)
+        assert torch.allclose(back(ids), flat(ids), atol=1e-4 * flat(ids).abs().max().item())
+    # the library option: bitlm.save(..., requantize=True) prints the report with the loss
+    save(m, tmp_path / "hf2", format="hf", requantize=True, val_tokens=list(range(3, 200)))
+    assert "validation loss" in capsys.readouterr().out
+    assert requantize(flat)[0] is flat  # nothing grouped: unchanged

@@ -44,4 +44,6 @@ def require_bitnet_graph(cfg, target: str) -> None:
     from ..model import inference_blockers  # group norm / η / grouped activations: no runtime computes them
 
     if blockers := inference_blockers(cfg, target):
-        raise ValueError(f"cannot export to {target}: {blockers[0]}")
+        hint = ("; export with requantize=True (bitlm export --requantize) to drop the groups"
+                if blockers[0].startswith(("norm_groups", "act_groups")) else "")
+        raise ValueError(f"cannot export to {target}: {blockers[0]}{hint}")
