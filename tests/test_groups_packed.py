@@ -264,3 +264,21 @@ def test_hf_export_refuses_groups_or_requantizes_reporting_the_loss(tmp_path, ca
     save(m, tmp_path / "hf2", format="hf", requantize=True, val_tokens=list(range(3, 200)))
     assert "validation loss" in capsys.readouterr().out
     assert requantize(flat)[0] is flat  # nothing grouped: unchanged
+
+
+def test_grouped_checkpoint_packs_and_generates_from_the_cli(tmp_path, capsys):
+    from bitlm.cli import main
+    from bitlm.io.checkpoint import save_checkpoint
+    from bitlm.io.packed import read_header
+
+    ck = save_checkpoint(grouped("tiny-2b4t", "tp", vocab_size=512), tmp_path / "ck", tokenizer=_tokenizer())
+    assert main(["pack", "--model", str(ck), "--out", str(tmp_path / "g.bitlm"), "--format", "t1"]) == 0
+    packs = read_header(tmp_path / "g.bitlm")["packs"]
+    assert packs["layers.0.o"]["k_groups"] == 2 and "k_groups" not in packs["layers.0.q"]  # old files: no key
+    capsys.readouterr()
+    texts = []
+    for model in (tmp_path / "g.bitlm", ck):
+        assert main(["generate", "--model", str(model), "--prompt", "the cat", "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("the cat")
+    assert main(["info", "--model", str(tmp_path / "g.bitlm")]) == 0
