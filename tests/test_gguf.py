@@ -27,7 +27,7 @@ from bitlm.config import ModelConfig
 from bitlm.io import gguf as G
 from bitlm.io.gguf import GGUFFormatError, load_gguf, read_gguf, save_gguf
 from bitlm.io.hf import PROJECTIONS
-from bitlm.layers import BitLinear, FrozenTernaryLinear
+from bitlm.layers import BitLinear, FrozenTernaryLinear, thaw
 from bitlm.loading import load as bitlm_load
 from bitlm.loading import load_tokenizer_for
 from bitlm.model import BitNetModel
@@ -558,8 +558,14 @@ def test_weight_groups_round_trip_exactly_in_tq_blocks(tmp_path, dim, ttype):
     again = save_gguf(m2, tmp_path / "again.gguf", ternary_type=ttype, head_type="f32")
     assert path.read_bytes() == again.read_bytes()
     latent = load_gguf(path, quant="b1.58")  # trainable latents re-quantise to the same T, s_g
-    for name, (t, s) in quantized(latent).items():
-        assert torch.equal(t, q1[name][0]) and torch.allclose(s, q1[name][1], rtol=1e-6), name
+    thawed = thaw(load_gguf(path))  # and so do the frozen layers thawed for fine-tuning
+    for model in (latent, thawed):
+        for name, (t, s) in quantized(model).items():
+            assert torch.equal(t, q1[name][0]) and torch.allclose(s, q1[name][1], rtol=1e-6), name
+    if dim == "parallel":  # the loaded model packs to the same packed model as its source
+        from bitlm.engine import convert
+
+        assert torch.equal(convert(m2, "t1")(x), convert(m, "t1")(x))
 
 
 def test_column_groups_off_the_256_block_fall_back_to_exact_f16(tmp_path):
