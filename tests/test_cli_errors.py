@@ -50,6 +50,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     model = BitNetModel(preset("tiny", max_seq_len=64))
     f = {"dir": str(d), "missing": str(d / "no-such-model"), "ck": str(save_checkpoint(model, d / "ck", tokenizer=tok))}
     f["packed"] = str(save_packed(convert(model), d / "m.bitlm", tokenizer=tok))
+    grouped = BitNetModel(preset("tiny", max_seq_len=64, weight_groups=2, weight_group_dim="parallel", act_groups=2,
+                                 norm_groups=2, group_scope="parallel"))
+    f["ck_grouped"] = str(save_checkpoint(grouped, d / "ck-grouped", tokenizer=tok))
     (d / "notes.txt").write_text(TEXT)
     f["text"] = str(d / "notes.txt")
     (d / "nocfg").mkdir()
@@ -135,6 +138,10 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("pack-packed", "pack --model {packed} --out {dir}/again.bitlm", "m.bitlm"),
     ("export-packed", "export --model {packed} --format gguf --out {dir}/x.gguf", "m.bitlm"),
     ("train-init-packed", "train {train_args} --max-steps 1 --out {dir}/run-p --init-from {packed}", "m.bitlm"),
+    # group quantisation into formats that hold one scale per tensor (or no grouped norms)
+    ("export-hf-groups", "export --model {ck_grouped} --format hf --out {dir}/g-hf", "norm_groups=2"),
+    ("export-val-tokens", "export --model {ck_grouped} --format hf --out {dir}/g-hf --requantize --val-tokens 1",
+     "--val-tokens"),
     # tokenizers and data that are not what they claim
     ("eval-tokenizer-text", "eval --model {ck} --text 'the cat' --tokenizer {text}", "notes.txt"),
     ("eval-tokenizer-missing", "eval --model {ck} --text 'the cat' --tokenizer {dir}/tok.json", "tok.json"),

@@ -27,7 +27,7 @@ from bitlm.config import ModelConfig
 from bitlm.io import gguf as G
 from bitlm.io.gguf import GGUFFormatError, load_gguf, read_gguf, save_gguf
 from bitlm.io.hf import PROJECTIONS
-from bitlm.layers import BitLinear, FrozenTernaryLinear
+from bitlm.layers import BitLinear, FrozenTernaryLinear, thaw
 from bitlm.loading import load as bitlm_load
 from bitlm.loading import load_tokenizer_for
 from bitlm.model import BitNetModel
@@ -516,6 +516,77 @@ def test_save_refuses_what_gguf_cannot_hold(tmp_path):
         save_gguf(tiny(), tmp_path / "x.gguf", ternary_type="q4_0")
     with pytest.warns(UserWarning, match="llama.cpp\\s+refuses"):
         save_gguf(tiny(tied=False), tmp_path / "untied.gguf")
+
+
+def grouped_frozen_reference(model: BitNetModel) -> BitNetModel:
+    """``frozen_reference`` for weight groups: each projection frozen with its G scales."""
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, BitLinear):
+            t, s = m.quantized_weight()
+            ref.set_submodule(name, FrozenTernaryLinear.from_ternary(
+                t, s, weight_groups=m.weight_groups, weight_group_dim=m.weight_group_dim))
+    return ref.eval()
+
+
+@pytest.mark.parametrize("dim,ttype", [("parallel", "tq2_0"), ("out", "tq1_0"), ("in", "tq2_0")])
+def test_weight_groups_round_trip_exactly_in_tq_blocks(tmp_path, dim, ttype):
+    """Row groups: every 256-block's d is its row group's scale; column groups likewise when
+    in_features/G is a multiple of 256 (here 512/2 and 1024/2).  Read back: the same T and s_g."""
+    m = tiny("bitnet-2b4t", d=512, d_ff=1024, weight_groups=2, weight_group_dim=dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no F16 fallback
+        path = save_gguf(m, tmp_path / "g.gguf", ternary_type=ttype, head_type="f32")
+    with read_gguf(path) as f:
+        assert {f.tensors[n].ggml_type for n in f.tensors if n.endswith(tuple(f"{p}.weight" for p in (
+            "attn_q", "attn_output", "ffn_up", "ffn_down")))} == {int(QT[ttype.upper()])}
+        assert f.metadata[G.GROUPS_KEY] == 2 and f.metadata[G.GROUP_DIM_KEY] == dim
+        assert G.SCALES_KEY not in f.metadata  # a bitlm without groups refuses the file, never misreads it
+        blocks = f.floats("blk.0.ffn_down.weight")  # the two groups' f16 scales, block by block
+        t, s = m.model.layers[0].mlp.down_proj.quantized_weight()
+        if m.model.layers[0].mlp.down_proj.weight_group_dim == "in":
+            assert np.array_equal(np.abs(blocks[:, :512]).max(), np.float32(np.float16(float(s[0]))))
+            assert np.array_equal(np.abs(blocks[:, 512:]).max(), np.float32(np.float16(float(s[1]))))
+    m2 = load_gguf(path)
+    assert m2.config == m.config
+    q1, q2 = quantized(m), quantized(m2)
+    for name in q1:
+        assert torch.equal(q1[name][0], q2[name][0]) and torch.equal(q1[name][1], q2[name][1]), name
+        assert q2[name][1].numel() == 2
+    x = ids()
+    assert torch.equal(logits(m2, x), logits(grouped_frozen_reference(m), x))  # bit for bit
+    again = save_gguf(m2, tmp_path / "again.gguf", ternary_type=ttype, head_type="f32")
+    assert path.read_bytes() == again.read_bytes()
+    latent = load_gguf(path, quant="b1.58")  # trainable latents re-quantise to the same T, s_g
+    thawed = thaw(load_gguf(path))  # and so do the frozen layers thawed for fine-tuning
+    for model in (latent, thawed):
+        for name, (t, s) in quantized(model).items():
+            assert torch.equal(t, q1[name][0]) and torch.allclose(s, q1[name][1], rtol=1e-6), name
+    if dim == "parallel":  # the loaded model packs to the same packed model as its source
+        from bitlm.engine import convert
+
+        assert torch.equal(convert(m2, "t1")(x), convert(m, "t1")(x))
+
+
+def test_column_groups_off_the_256_block_fall_back_to_exact_f16(tmp_path):
+    m = tiny(d=256, weight_groups=2, weight_group_dim="in")  # 256/2 = 128: a block would span two groups
+    with pytest.warns(UserWarning, match="span two column groups"):
+        path = save_gguf(m, tmp_path / "g.gguf", head_type="f32")
+    with read_gguf(path) as f:
+        assert f.tensors["blk.0.attn_q.weight"].ggml_type == int(QT.F16)
+        assert f.tensors["blk.0.ffn_down.weight"].ggml_type == int(QT.TQ2_0)  # 512/2 = 256 fits
+    m2 = load_gguf(path)
+    for name, (t, s) in quantized(m).items():
+        t2, s2 = m2.get_submodule(name).quantized_weight()
+        assert torch.equal(t, t2) and torch.equal(s, s2), name
+
+
+@pytest.mark.parametrize("kw,option", [(dict(norm_groups=2), "norm_groups=2"), (dict(act_groups=2), "act_groups=2"),
+                                       (dict(weight_groups=2, act_groups=2, norm_groups=2, weight_group_dim="parallel",
+                                             group_scope="parallel"), "norm_groups=2")])
+def test_grouped_norms_and_activations_are_refused(tmp_path, kw, option):
+    with pytest.raises(ValueError, match=f"cannot export to GGUF.*{option}.*requantize"):
+        save_gguf(tiny(**kw), tmp_path / "x.gguf")
 
 
 # ---------------------------------------------------------------------------------------------

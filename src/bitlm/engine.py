@@ -8,12 +8,21 @@ fused RMSNorm + absmax quantiser, int32 accumulation, one float epilogue.  Norms
 and the residual stream stay float32; the embedding and output head are kept in f32, bf16 or
 int8 (per-row absmax scale) by option — for 2B4T the head is the largest read per token.
 
+Group quantisation and normalisation (``ModelConfig`` weight_groups / weight_group_dim /
+act_groups / norm_groups / group_scope, 2310.11453 Eq. 13-15) run exactly as the torch model
+defines them: output-row weight groups are one scale per row group; input-column weight groups
+and activation groups are K-slices (``bitlm.packing``), one int32 GEMM per slice and a fixed-order
+float sum (``bitlm.kernels.reference.sliced_matmul``); grouped norms take their statistics per
+feature slice.  A grouped model decodes on the per-op path (the fused native decode step,
+``csrc/decode.c``, runs ungrouped models only).
+
 The packed file (``.bitlm``) format is ``bitlm.io.packed``'s; this module maps a
 ``PackedModel`` to and from its header and named tensors (``save_packed`` / ``load_packed``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from . import quant as Q
 from .config import ModelConfig
 from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
-from .model import KVCache, inference_blockers, rope_cos_sin
-from .packing import PackedWeight, get_format, pack_weight
+from .model import KVCache, act_groups, inference_blockers, norm_groups, rope_cos_sin
+from .packing import PackedWeight, get_format, pack_weight, slice_scales
 
 __all__ = ["PackedBitLinear", "PackedModel", "KVPool", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
            "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
@@ -51,14 +61,17 @@ class PackedBitLinear:
         """Pack a trained ``BitLinear`` (its built-in norm, if RMSNorm, is fused into the kernel)."""
         if lin.norm == "layernorm":
             raise ValueError("PackedBitLinear fuses RMSNorm only; apply LayerNorm before the layer")
-        if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
-            raise ValueError("PackedBitLinear packs symmetric activations and output-row weight groups only "
-                             f"(act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r})")
-        t, s = lin.quantized_weight()
-        return cls(pack_weight(t, s, format, lin.weight_groups), None, lin.norm_eps, lin.norm == "rmsnorm")
+        if lin.act_nonneg:
+            raise ValueError("PackedBitLinear packs symmetric activations only (act_nonneg=True)")
+        m = cls(_pack_linear(lin, format, own_norm=True), None, lin.norm_eps, lin.norm == "rmsnorm")
+        m.groups = lin.act_groups  # BitLinear's built-in norm takes its statistics per act group too
+        return m
+
+    groups = 1  # activation (and built-in norm) groups
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.w, None, self.norm_weight, self.eps, rmsnorm=self.rmsnorm or None)
+        return kernels.linear(x, self.w, None, self.norm_weight, self.eps, rmsnorm=self.rmsnorm or None,
+                              groups=self.groups)
 
 
 class Dense:
@@ -200,14 +213,23 @@ class PackedModel:
         return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
 
     # -- forward ---------------------------------------------------------------------------------
-    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-        """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN)."""
+    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, sub: bool = False):
+        """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN).
+        ``sub``: the sub-norm site in front of o/down (its norm and activation groups under
+        group_scope="parallel"); grouped sites return ``a`` of shape (M, act groups)."""
+        cfg = self.config
+        ng, ag = norm_groups(cfg, sub), act_groups(cfg, sub)
         if w is None:  # no norm at this site (sub_norm=False)
-            return kernels.quantize_rows(x)
-        if self.config.arch == "bitnet":
-            h = F.layer_norm(x, (x.shape[-1],), w, b, self.config.norm_eps)
-            return kernels.quantize_rows(h)
-        return kernels.quantize_rows(x, w, self.config.norm_eps)
+            return kernels.quantize_rows(x, groups=ag)
+        if cfg.arch == "bitnet":
+            if ng == 1:
+                h = F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
+            else:  # bitlm.model.GroupLayerNorm, the same torch ops
+                h = Q.group_layer_norm(x, ng, cfg.norm_eps) * w + b
+            return kernels.quantize_rows(h, groups=ag)
+        if ng == ag:
+            return kernels.quantize_rows(x, w, cfg.norm_eps, groups=ag)
+        return kernels.quantize_rows(kernels.reference.rms_norm_rows(x, w, cfg.norm_eps, ng), groups=ag)
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         return self.forward(input_ids, cache, last_only)
@@ -241,7 +263,7 @@ class PackedModel:
                 k, v = cache.update(i, k, v)
             att = _attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, sub=True)
             del att
             x = x + kernels.matmul(aq, aa, L.o)  # a fresh tensor: the FFN below may add in place
             del aq, aa
@@ -271,7 +293,7 @@ class PackedModel:
             m.mul_(u)  # act(g) * u, in place on the fresh act(g)
             del g
         del u
-        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b)
+        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b, sub=True)
         del m
         return kernels.matmul(mq, ma, L.down)
 
@@ -348,7 +370,7 @@ class PackedModel:
                 kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
                 att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, sub=True)
             del att
             x = x + kernels.matmul(aq, aa, L.o)
             del aq, aa
@@ -366,6 +388,8 @@ class PackedModel:
         if not self.fused_decode or os.environ.get("BITLM_FUSED_DECODE", "1") == "0":
             return False
         if self.config.arch == "bitnet":  # LayerNorm + GELU, non-gated FFN: per-op path
+            return False
+        if _grouped(self.config):  # group quantisation / normalisation: per-op path (decode.c has none)
             return False
         if kernels.backend() != "native":
             return False
@@ -452,7 +476,13 @@ class KVPool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` uses any group option the fused decode step does not compute."""
+    return (cfg.act_groups > 1 or cfg.norm_groups > 1
+            or (cfg.weight_groups > 1 and cfg.weight_group_dim != "out"))
+
+
+def _quantized(lin, allow_bias: bool = False, own_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from .layers import BitLinear
 
     if not isinstance(lin, BitLinear):
@@ -461,14 +491,59 @@ def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if getattr(lin, "act_granularity_eval", lin.act_granularity) != "token":
         raise ValueError("act_granularity_eval='tensor': the packed engine quantises activations per token "
                          "(both papers' inference); this model evaluates per tensor")
-    if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
-        raise ValueError(f"act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r}: the packed engine "
-                         "runs symmetric activations and output-row weight groups only")
-    if lin.act_bits != 8 or lin.act_groups != 1 or lin.norm is not None:
+    if lin.act_nonneg:
+        raise ValueError("act_nonneg=True: the packed engine runs symmetric activations")
+    if lin.act_bits != 8 or (lin.norm is not None and not own_norm):
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
         raise ValueError("the packed engine supports biases only on q/k/v projections")
     return lin.quantized_weight()
+
+
+def _k_groups(lin) -> int:
+    """K-slices of a BitLinear's packed weight: its activation groups and input-column weight
+    groups, each slice inside one of both (their least common multiple)."""
+    gw = lin.weight_groups if lin.weight_group_dim == "in" else 1
+    return math.lcm(lin.act_groups, gw)
+
+
+def _scale_table(lin, s: torch.Tensor, kg: int) -> torch.Tensor:
+    """(k_groups x row groups) scales of ``lin``'s quantised weight (``bitlm.packing.slice_scales``)."""
+    return slice_scales(s, lin.weight_group_dim, kg).reshape(kg, -1)
+
+
+def _pack_linear(lin, fmt: str, allow_bias: bool = False, own_norm: bool = False) -> PackedWeight:
+    """One BitLinear → its PackedWeight: row-group scales, K-slices for column groups / act groups
+    (``own_norm``: the layer's built-in norm is applied by the caller, ``PackedBitLinear``)."""
+    t, s = _quantized(lin, allow_bias, own_norm)
+    kg = _k_groups(lin)
+    if kg == 1:
+        return pack_weight(t, s, fmt, s.numel())
+    table = _scale_table(lin, s, kg)
+    return pack_weight(t, table.reshape(-1), fmt, table.shape[1], kg)
+
+
+def _pack_fused(lins: list, fmt: str) -> PackedWeight:
+    """gate and up (same input) as one weight: their rows stacked, their row groups side by side."""
+    kgs = {_k_groups(lin) for lin in lins}
+    if len(kgs) != 1:
+        raise ValueError(f"gate and up projections are grouped differently along K ({sorted(kgs)})")
+    kg = kgs.pop()
+    ts, tables = [], []
+    for lin in lins:
+        t, s = _quantized(lin)
+        ts.append(t)
+        tables.append(_scale_table(lin, s, kg))
+    table = torch.cat(tables, dim=1)  # (kg, gate row groups + up row groups)
+    return pack_weight(torch.cat(ts), table.reshape(-1), fmt, table.shape[1], kg)
+
+
+def expected_k_groups(cfg: ModelConfig, row_parallel: bool) -> int:
+    """The K-slices ``convert`` packs a projection of ``cfg`` with (q/k/v/gate/up, or o/down)."""
+    dim = cfg.weight_group_dim
+    if dim == "parallel":
+        dim = "in" if row_parallel else "out"
+    return math.lcm(act_groups(cfg, row_parallel), cfg.weight_groups if dim == "in" else 1)
 
 
 def _fmt_for(cfg: ModelConfig, format: str | None) -> str:
@@ -499,19 +574,15 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
         packed = {}
         for name in ("q", "k", "v", "o"):
             lin = getattr(att, f"{name}_proj")
-            t, s = _quantized(lin, allow_bias=name != "o")
-            packed[name] = pack_weight(t, s, fmt)
+            packed[name] = _pack_linear(lin, fmt, allow_bias=name != "o")
             if lin.bias is not None:
                 packed[f"{name}_b"] = f32(lin.bias)
         if cfg.gated_ffn:
-            (tg, sg), (tu, su) = _quantized(mlp.gate_proj), _quantized(mlp.up_proj)
             # G weight groups of gate rows then G of up rows: 2G groups over the fused rows
-            packed["up"] = pack_weight(torch.cat([tg, tu]), torch.cat([sg, su]), fmt, groups=sg.numel() + su.numel())
+            packed["up"] = _pack_fused([mlp.gate_proj, mlp.up_proj], fmt)
         else:
-            t, s = _quantized(mlp.up_proj)
-            packed["up"] = pack_weight(t, s, fmt)
-        t, s = _quantized(mlp.down_proj)
-        packed["down"] = pack_weight(t, s, fmt)
+            packed["up"] = _pack_linear(mlp.up_proj, fmt)
+        packed["down"] = _pack_linear(mlp.down_proj, fmt)
         norms = dict(input_norm=blk.input_layernorm, attn_sub_norm=att.attn_sub_norm,
                      post_norm=blk.post_attention_layernorm, ffn_sub_norm=mlp.ffn_sub_norm)
         nt = {k: f32(v.weight) if hasattr(v, "weight") else None for k, v in norms.items()}  # Identity: None
@@ -550,6 +621,8 @@ def _tensor_table(pm: PackedModel) -> tuple[dict[str, torch.Tensor], dict[str, d
             tensors[f"{key}.data"] = w.data
             tensors[f"{key}.scale"] = w.scale
             packs[key] = {"format": w.format, "version": w.version, "N": w.N, "K": w.K, "groups": w.groups}
+            if w.k_groups > 1:  # absent in files of ungrouped models (and in every file before groups)
+                packs[key]["k_groups"] = w.k_groups
         for name in ("input_norm", "attn_sub_norm", "post_norm", "ffn_sub_norm", "q_b", "k_b", "v_b"):
             for suffix in ("", "_b") if name.endswith("norm") else ("",):
                 t = getattr(L, name + suffix)
@@ -602,14 +675,19 @@ def _from_tensors(path: Path, cfg: ModelConfig, header: dict, tensors: dict[str,
             raise PackedFormatError(f"{path}: missing tensor {name!r}")
         return tensors[name]
 
-    def packed(key: str, n: int, k: int) -> PackedWeight:
+    def packed(key: str, n: int, k: int, row_parallel: bool = False) -> PackedWeight:
         meta = header["packs"].get(key)
         if meta is None:
             raise PackedFormatError(f"{path}: missing packed weight {key!r}")
         if (meta["N"], meta["K"]) != (n, k):
             raise PackedFormatError(f"{path}: tensor {key!r} has shape ({meta['N']}, {meta['K']}), config expects ({n}, {k})")
+        kg = meta.get("k_groups", 1)
+        if kg != expected_k_groups(cfg, row_parallel):
+            raise PackedFormatError(f"{path}: tensor {key!r} has k_groups={kg}, the config's group options expect "
+                                    f"{expected_k_groups(cfg, row_parallel)}")
         try:
-            return PackedWeight(meta["format"], meta["version"], n, k, get(f"{key}.data"), get(f"{key}.scale"), meta["groups"])
+            return PackedWeight(meta["format"], meta["version"], n, k, get(f"{key}.data"), get(f"{key}.scale"),
+                                meta["groups"], kg)
         except ValueError as e:
             raise PackedFormatError(f"{path}: tensor {key!r}: {e}") from None
 
@@ -620,8 +698,8 @@ def _from_tensors(path: Path, cfg: ModelConfig, header: dict, tensors: dict[str,
         p = f"layers.{i}"
         kw: dict[str, Any] = dict(
             q=packed(f"{p}.q", cfg.n_heads * hd, d), k=packed(f"{p}.k", cfg.kv_heads * hd, d),
-            v=packed(f"{p}.v", cfg.kv_heads * hd, d), o=packed(f"{p}.o", d, cfg.n_heads * hd),
-            up=packed(f"{p}.up", n_up, d), down=packed(f"{p}.down", d, f),
+            v=packed(f"{p}.v", cfg.kv_heads * hd, d), o=packed(f"{p}.o", d, cfg.n_heads * hd, True),
+            up=packed(f"{p}.up", n_up, d), down=packed(f"{p}.down", d, f, True),
         )
         for name, width in (("input_norm", d), ("attn_sub_norm", cfg.n_heads * hd), ("post_norm", d), ("ffn_sub_norm", f)):
             if name.endswith("sub_norm") and not cfg.sub_norm:

@@ -285,12 +285,18 @@ def prepare(
 # ---------------------------------------------------------------------------------------------
 
 
-def ternary_latent(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ternary_latent(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32,
+                   groups: int = 1, dim: str = "out") -> torch.Tensor:
     """A latent weight whose absmean quantisation returns exactly T and (to float rounding) s.
 
     W = (s / p)·T with p the fraction of non-zeros: mean|W| = s, and |W/s| ∈ {0, 1/p ≥ 1} rounds
-    and clips back to T.  (s·T itself would re-quantise to the scale s·p.)
+    and clips back to T.  (s·T itself would re-quantise to the scale s·p.)  ``groups`` > 1: one
+    latent per weight group along ``dim`` (``bitlm.quant``), ``s`` holding the G scales.
     """
+    if groups > 1:
+        axis = 0 if dim == "out" else 1
+        sg = torch.as_tensor(s, dtype=torch.float32).reshape(-1)
+        return torch.cat([ternary_latent(tg, sg[g], dtype) for g, tg in enumerate(t.chunk(groups, dim=axis))], dim=axis)
     tf = t.float()
     p = tf.abs().mean()
     if float(p) == 0.0:
@@ -312,17 +318,20 @@ class FrozenTernaryLinear(BitLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, act_bits: int | None = 8,
-                 act_granularity: str = "token", act_groups: int = 1, device=None, dtype=None) -> None:
+                 act_granularity: str = "token", act_groups: int = 1, weight_groups: int = 1,
+                 weight_group_dim: str = "out", device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=False, weight_quant="b1.58", act_bits=act_bits,
-                         act_granularity=act_granularity, act_groups=act_groups, device=device, dtype=dtype)
+                         act_granularity=act_granularity, act_groups=act_groups, weight_groups=weight_groups,
+                         weight_group_dim=weight_group_dim, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
-        self.register_buffer("weight_scale", torch.ones(1, device=device, dtype=dtype))
+        self.register_buffer("weight_scale", torch.ones(weight_groups, device=device, dtype=dtype))
 
     @classmethod
     def from_ternary(cls, t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype = torch.float32,
                      **kw: Any) -> FrozenTernaryLinear:
+        """``s``: one scale, or ``weight_groups`` scales along ``weight_group_dim`` (given in ``kw``)."""
         m = cls(t.shape[1], t.shape[0], device="meta", **kw)
-        weight, scale = _frozen_tensors(t, s, dtype)
+        weight, scale = _frozen_tensors(t, s, dtype, m.weight_group_dim)
         m.weight = nn.Parameter(weight, requires_grad=False)
         m.weight_scale = scale
         m.quant_lambda = torch.tensor(1.0)
@@ -332,9 +341,10 @@ class FrozenTernaryLinear(BitLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen ternary, act_bits={self.act_bits}"
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.weight_scale.detach().float().reshape(1)
-        t = Q.round_half_even(self.weight.detach().float() / s).clamp(-1, 1).to(torch.int8)
-        return t, s
+        s = self.weight_scale.detach().float().reshape(-1)
+        w = self.weight.detach().float()
+        t = Q.round_half_even(w / Q._expand_group_scale(s, w.shape, self.weight_group_dim)).clamp(-1, 1)
+        return t.to(torch.int8), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
@@ -352,15 +362,20 @@ def thaw(model: nn.Module) -> nn.Module:
             t, s = m.quantized_weight()
             new = BitLinear(m.in_features, m.out_features, bias=False, act_bits=m.act_bits,
                             act_granularity=m.act_granularity, act_groups=m.act_groups,
+                            weight_groups=m.weight_groups, weight_group_dim=m.weight_group_dim,
                             device=m.weight.device, dtype=m.weight.dtype)
             with torch.no_grad():
-                new.weight.copy_(ternary_latent(t, s, m.weight.dtype))
+                new.weight.copy_(ternary_latent(t, s, m.weight.dtype, m.weight_groups, m.weight_group_dim))
             new.train(m.training)
             model.set_submodule(name, new)
     return model
 
 
-def _frozen_tensors(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s·T, s) in ``dtype``: s is rounded to ``dtype`` first so that weight == weight_scale · T exactly."""
-    sd = torch.as_tensor(s).detach().reshape(1).to(dtype)
-    return t.to(dtype) * sd, sd
+def _frozen_tensors(t: torch.Tensor, s: torch.Tensor | float, dtype: torch.dtype,
+                    dim: str = "out") -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·T, s) in ``dtype``: s is rounded to ``dtype`` first so that weight == weight_scale · T exactly
+    (per weight group along ``dim`` when s holds several scales)."""
+    sd = torch.as_tensor(s).detach().reshape(-1).to(dtype)
+    if sd.numel() == 1:
+        return t.to(dtype) * sd, sd
+    return t.to(dtype) * Q._expand_group_scale(sd, t.shape, dim).to(dtype), sd

@@ -79,8 +79,15 @@ def load(path: str | Path, **kw: Any):
     return load_packed(path, **kw)
 
 
-def save(model, path: str | Path, format: str = "native", **kw: Any):
-    """Save ``model`` as ``native`` (checkpoint folder), ``hf`` (folder) or ``gguf`` (file)."""
+def save(model, path: str | Path, format: str = "native", *, requantize: bool = False, val_tokens=None, **kw: Any):
+    """Save ``model`` as ``native`` (checkpoint folder), ``hf`` (folder) or ``gguf`` (file).
+    ``requantize=True``: save a copy without group options, one scale per tensor
+    (``bitlm.export.requantize``), printing the validation loss change on ``val_tokens``."""
+    if requantize:
+        from .export import requantize as requantize_groups
+
+        model, report = requantize_groups(model, val_tokens)
+        print(report)
     if format == "native":
         from .io.checkpoint import save_checkpoint
 

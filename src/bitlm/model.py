@@ -349,23 +349,25 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
 
 
-def inference_blockers(cfg: ModelConfig) -> list[str]:
-    """The options of ``cfg`` that bitlm's inference formats (the packed engine, HF BitNet, GGUF)
-    do not compute, each as "option=value: why"; empty when the model can be packed/exported
-    (given a b1/b1.58 quant).  Training and eval in torch support all of them."""
+def inference_blockers(cfg: ModelConfig, target: str = "packed") -> list[str]:
+    """The options of ``cfg`` that an inference format does not compute, each as "option=value:
+    why"; empty when the model can be packed/exported (given a b1/b1.58 quant).  Training and
+    eval in torch support all of them.
+
+    ``target="packed"``: bitlm's packed engine, which computes every group option (weight groups
+    along either dimension, activation groups, grouped norms, group_scope).  Any other target (a
+    foreign runtime: GGUF, HF BitNet) also refuses grouped norms and grouped activations, which
+    those graphs do not compute; weight groups are each writer's own business (``bitlm.io``)."""
     out = []
-    if cfg.norm_groups != 1:
-        out.append(f"norm_groups={cfg.norm_groups}: packed and exported models normalise over all features")
+    if target != "packed" and cfg.norm_groups != 1:
+        out.append(f"norm_groups={cfg.norm_groups}: {target} runtimes normalise over all features")
     if cfg.quant == "fp":  # plain nn.Linear: the quantisation options below do nothing
         return out
     if cfg.act_nonneg:
         out.append("act_nonneg=True: packed and exported models quantise activations symmetrically (no η)")
-    if cfg.act_groups != 1:
-        out.append(f"act_groups={cfg.act_groups}: packed and exported models take one absmax per token")
+    if target != "packed" and cfg.act_groups != 1:
+        out.append(f"act_groups={cfg.act_groups}: {target} runtimes take one absmax per token (or per block)")
     if cfg.act_granularity_eval != "token":
         out.append(f"act_granularity_eval={cfg.act_granularity_eval!r}: packed and exported models quantise "
                    "activations per token")
-    if cfg.weight_groups != 1 and cfg.weight_group_dim != "out":
-        out.append(f"weight_group_dim={cfg.weight_group_dim!r} (weight_groups={cfg.weight_groups}): packed weights "
-                   "hold per-group scales along output rows only")
     return out

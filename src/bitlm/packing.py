@@ -4,6 +4,7 @@ pack / unpack, which are the reference definition of every byte.
 A quantised weight is ``W ≈ s · T`` (``bitlm.quant``): ``T`` is an int8 (N, K) matrix over the
 format's alphabet ({-1, 0, +1} ternary, {-1, +1} binary), N = out_features, K = in_features,
 and ``s`` has one float32 per weight group (groups split N).  A format turns ``T`` into bytes:
+(column groups, which split K, are stored as K-slices: see "K-slices" below)
 
 ======  =======  ======  ===========================================================  ========
 name    version  bpw     layout                                                        kernels
@@ -51,6 +52,14 @@ Per-format byte layouts (n = 16t + r is the output row, k the input column, code
   Its ``weight_scale`` convention is converted in ``bitlm.io``, never here: a ``PackedWeight``
   always stores s = mean|W| (multiply).
 
+**K-slices** (input-column weight groups, per-group activation scales; 2310.11453 Eq. 13-15): a
+weight with ``k_groups`` = G > 1 is G independent (N, K/G) weights, slice j holding input columns
+``j·K/G .. (j+1)·K/G - 1``, each packed (and padded) on its own — so any K/G works with every
+format, no chunk has to straddle two slices.  ``data`` is the G packed slices stacked along the
+tile axis, shape ``(G · ceil(N/16), bytes(K/G))``; ``scale`` has G · groups values, slice j's
+row-group scales at ``j·groups .. (j+1)·groups - 1``.  The kernels run one GEMM per slice and sum
+the G float results in slice order (``bitlm.kernels.reference.matmul``).
+
 The kernels in ``csrc/bitlm_kernels.h`` compute ``Σ_k x·T`` for i2/t1/b1 directly on these
 bytes; ``hf`` weights are converted with :meth:`PackedWeight.to_format` (pure torch, exact).
 """
@@ -72,6 +81,8 @@ __all__ = [
     "pack_tensor",
     "unpack_tensor",
     "pack_weight",
+    "packed_shape",
+    "slice_scales",
     "quantize_and_pack",
 ]
 
@@ -340,8 +351,10 @@ def unpack_tensor(data: torch.Tensor, format: str, n: int, k: int) -> torch.Tens
 class PackedWeight:
     """A packed weight ``W ≈ s_g · T``: format, version, shape (N = out, K = in), bytes, scales.
 
-    ``scale`` is float32 of shape ``(groups,)``; group g covers output rows
+    ``scale`` is float32 of shape ``(k_groups · groups,)``; row group g covers output rows
     ``g·N/groups .. (g+1)·N/groups - 1`` (``bitlm.quant`` convention: s = mean|W|, multiply).
+    ``k_groups`` > 1 splits K into independently packed slices, each with its own ``groups``
+    row-group scales (module docstring, "K-slices"); :meth:`slices` gives them as weights.
     """
 
     format: str
@@ -351,23 +364,27 @@ class PackedWeight:
     data: torch.Tensor
     scale: torch.Tensor
     groups: int = 1
+    k_groups: int = 1
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)
         if self.version != fmt.version:
             raise ValueError(f"{self.format}: packed with version {self.version}, this bitlm reads "
                              f"version {fmt.version}")
-        self.N, self.K, self.groups = int(self.N), int(self.K), int(self.groups)
+        self.N, self.K, self.groups, self.k_groups = int(self.N), int(self.K), int(self.groups), int(self.k_groups)
         if self.N < 1 or self.K < 1:
             raise ValueError(f"PackedWeight needs N, K >= 1, got ({self.N}, {self.K})")
         if self.groups < 1 or self.N % self.groups:
             raise ValueError(f"N={self.N} is not divisible into groups={self.groups}")
-        _check_data(self.data, fmt.packed_shape(self.N, self.K), self.format)
+        if self.k_groups < 1 or self.K % self.k_groups:
+            raise ValueError(f"K={self.K} is not divisible into k_groups={self.k_groups}")
+        _check_data(self.data, packed_shape(fmt, self.N, self.K, self.k_groups), self.format)
         if not self.data.is_contiguous():
             self.data = self.data.contiguous()
         scale = torch.as_tensor(self.scale, dtype=torch.float32).reshape(-1)
-        if scale.numel() != self.groups:
-            raise ValueError(f"scale has {scale.numel()} values, expected groups={self.groups}")
+        if scale.numel() != self.groups * self.k_groups:
+            want = f"groups={self.groups}" + (f" x k_groups={self.k_groups}" if self.k_groups > 1 else "")
+            raise ValueError(f"scale has {scale.numel()} values, expected {want}")
         self.scale = scale.contiguous()
 
     @property
@@ -391,40 +408,90 @@ class PackedWeight:
         """Actual storage cost including padding (the nominal one is ``fmt.bits_per_weight``)."""
         return 8.0 * self.nbytes / (self.N * self.K)
 
+    def slices(self) -> list[PackedWeight]:
+        """The K-slices as ungrouped-along-K weights (N, K/k_groups), sharing this weight's memory;
+        ``[self]`` when ``k_groups`` == 1."""
+        if self.k_groups == 1:
+            return [self]
+        kk = self.K // self.k_groups
+        tiles = self.data.shape[0] // self.k_groups
+        return [PackedWeight(self.format, self.version, self.N, kk, self.data[j * tiles:(j + 1) * tiles],
+                             self.scale[j * self.groups:(j + 1) * self.groups], self.groups)
+                for j in range(self.k_groups)]
+
     def unpack(self) -> torch.Tensor:
         """T as int8 (N, K)."""
+        if self.k_groups > 1:
+            return torch.cat([w.unpack() for w in self.slices()], dim=1)
         return self.fmt.unpack(self.data, self.N, self.K)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = s_g · T as a dense (N, K) tensor."""
         from .quant import dequantize_weight
 
+        if self.k_groups > 1:
+            return torch.cat([w.dequantize(dtype) for w in self.slices()], dim=1)
         return dequantize_weight(self.unpack(), self.scale, dtype)
 
     def to_format(self, format: str) -> PackedWeight:
         """The same weight in another format (exact; binary weights fit any format, ternary
         weights with zeros do not fit ``b1``)."""
-        return pack_weight(self.unpack(), self.scale, format, self.groups)
+        return pack_weight(self.unpack(), self.scale, format, self.groups, self.k_groups)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "version": self.version, "N": self.N, "K": self.K,
-                "data": self.data, "scale": self.scale, "groups": self.groups}
+        d = {"format": self.format, "version": self.version, "N": self.N, "K": self.K,
+             "data": self.data, "scale": self.scale, "groups": self.groups}
+        if self.k_groups > 1:
+            d["k_groups"] = self.k_groups
+        return d
 
 
-def pack_weight(t: torch.Tensor, scale: torch.Tensor | float, format: str = "i2", groups: int | None = None) -> PackedWeight:
-    """Pack integer weights ``T`` (N, K) with their scales into a :class:`PackedWeight`."""
+def packed_shape(format: str | PackingFormat, n: int, k: int, k_groups: int = 1) -> tuple[int, int]:
+    """Shape of the packed bytes of an (n, k) weight cut into ``k_groups`` K-slices."""
+    fmt = get_format(format)
+    if k_groups == 1:
+        return fmt.packed_shape(n, k)
+    tiles, nbytes = fmt.packed_shape(n, k // k_groups)
+    return (k_groups * tiles, nbytes)
+
+
+def pack_weight(t: torch.Tensor, scale: torch.Tensor | float, format: str = "i2", groups: int | None = None,
+                k_groups: int = 1) -> PackedWeight:
+    """Pack integer weights ``T`` (N, K) with their scales into a :class:`PackedWeight`
+    (``k_groups`` > 1: K-slices packed one by one, ``scale`` holding k_groups x groups values)."""
     fmt = get_format(format)
     scale_t = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-    g = scale_t.numel() if groups is None else int(groups)
-    data = fmt.pack(t.detach().cpu())
-    return PackedWeight(fmt.name, fmt.version, t.shape[0], t.shape[1], data, scale_t, g)
+    g = scale_t.numel() // k_groups if groups is None else int(groups)
+    t = t.detach().cpu()
+    if k_groups > 1:
+        if t.shape[1] % k_groups:
+            raise ValueError(f"K={t.shape[1]} is not divisible into k_groups={k_groups}")
+        data = torch.cat([fmt.pack(ts.contiguous()) for ts in t.chunk(k_groups, dim=1)])
+    else:
+        data = fmt.pack(t)
+    return PackedWeight(fmt.name, fmt.version, t.shape[0], t.shape[1], data, scale_t, g, k_groups)
 
 
-def quantize_and_pack(w: torch.Tensor, format: str = "i2", groups: int = 1) -> PackedWeight:
+def slice_scales(s: torch.Tensor, dim: str, k_groups: int) -> torch.Tensor:
+    """Per-group weight scales (``bitlm.quant``: (G,) along ``dim``) → the (k_groups x row groups)
+    scale table of a :class:`PackedWeight` with ``k_groups`` K-slices (k_groups a multiple of G
+    for ``dim="in"``): output-row groups repeat for every slice, input-column groups give each
+    slice its group's scale."""
+    s = s.reshape(-1).float()
+    if dim == "in":
+        if k_groups % s.numel():
+            raise ValueError(f"{s.numel()} input-column weight groups do not divide k_groups={k_groups}")
+        return s.repeat_interleave(k_groups // s.numel())
+    return s.repeat(k_groups)
+
+
+def quantize_and_pack(w: torch.Tensor, format: str = "i2", groups: int = 1, dim: str = "out") -> PackedWeight:
     """Quantise a float (N, K) weight (absmean ternary for ternary formats, mean-centred sign for
-    ``b1``; ``bitlm.quant``) and pack it."""
+    ``b1``; ``bitlm.quant``) and pack it; ``dim="in"`` groups input columns (K-slices)."""
     from .quant import weight_quantize
 
     fmt = get_format(format)
-    t, s = weight_quantize(w, "b1.58" if fmt.ternary else "b1", groups)
+    t, s = weight_quantize(w, "b1.58" if fmt.ternary else "b1", groups, dim)
+    if dim == "in":
+        return pack_weight(t, s, fmt.name, 1, groups)
     return pack_weight(t, s, fmt.name, groups)

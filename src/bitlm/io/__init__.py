@@ -43,5 +43,7 @@ def require_bitnet_graph(cfg, target: str) -> None:
         raise ValueError(f"cannot export to {target}: q/k/v biases are not part of the BitNet graph")
     from ..model import inference_blockers  # group norm / η / grouped activations: no runtime computes them
 
-    if blockers := inference_blockers(cfg):
-        raise ValueError(f"cannot export to {target}: {blockers[0]}")
+    if blockers := inference_blockers(cfg, target):
+        hint = ("; export with requantize=True (bitlm export --requantize) to drop the groups"
+                if blockers[0].startswith(("norm_groups", "act_groups")) else "")
+        raise ValueError(f"cannot export to {target}: {blockers[0]}{hint}")

@@ -137,6 +137,9 @@ __all__ = [
     "LEGACY_ACTIVATION_KEY",
     "SCALES_KEY",
     "NAMES_KEY",
+    "GROUPS_KEY",
+    "GROUP_DIM_KEY",
+    "GROUP_SCALES_KEY",
     "ACTIVATIONS",
     "TERNARY_TYPES",
     "HEAD_TYPES",
@@ -158,6 +161,10 @@ ACTIVATION_KEY = f"{ARCH}.hidden_activation"
 LEGACY_ACTIVATION_KEY = f"{ARCH}.feed_forward_activation"
 #: bitlm's keys for the exact float32 per-tensor scales (TQ blocks hold them rounded to f16).
 NAMES_KEY, SCALES_KEY = "bitlm.ternary_tensors", "bitlm.ternary_scales"
+#: Weight groups (2310.11453 Eq. 13): their count and dimension ("out" | "in" | "parallel", as
+#: ``ModelConfig.weight_group_dim``), and the exact float32 scales, G per name of NAMES_KEY —
+#: written instead of SCALES_KEY, so a bitlm without groups refuses such a file.
+GROUPS_KEY, GROUP_DIM_KEY, GROUP_SCALES_KEY = "bitlm.weight_groups", "bitlm.weight_group_dim", "bitlm.ternary_group_scales"
 #: activation value → bitlm architecture (the rest of the graph is the same).
 ACTIVATIONS = {"silu": "bitnet-b1.58", "relu2": "bitnet-2b4t"}
 #: the BitNet runtimes' ReLU² architecture names (bitnet.cpp and ik_llama.cpp: ``build_bitnet_158``,
@@ -577,6 +584,8 @@ def _read_config(f: GGUFFile, quant: str | None, activation: str | None = None) 
             rope_theta=_key(f, f"{a}.rope.freq_base", float, 10000.0),  # llama.cpp's default
             norm_eps=_key(f, f"{a}.attention.layer_norm_rms_epsilon", float),
             tie_embeddings="output.weight" not in f.tensors,
+            weight_groups=_key(f, GROUPS_KEY, int, 1),
+            weight_group_dim=_key(f, GROUP_DIM_KEY, str, "out"),
         )
     except ValueError as e:
         raise GGUFFormatError(f"{f.path}: metadata describes no valid model: {e}") from None
@@ -632,6 +641,36 @@ def _ternary(f: GGUFFile, name: str) -> tuple[torch.Tensor, float, float] | np.n
         return w * np.float32(c)
     s = float(nz[0]) if nz.size else Q.SCALE_EPS  # an all-zero tensor: any scale computes the same
     return torch.from_numpy(np.sign(w).astype(np.int8)), s, c
+
+
+def _ternary_grouped(f: GGUFFile, name: str, groups: int, dim: str) -> tuple[torch.Tensor, list[float], float] | np.ndarray:
+    """:func:`_ternary` for a weight with ``groups`` scales along ``dim`` ("out" rows / "in"
+    columns): (T, [s_g], c) when every group's non-zero weights share one magnitude s_g."""
+    c = _scale_tensor(f, name)
+    w = f.floats(name)
+    if not np.isfinite(w).all():
+        raise f.err(name, "contains inf or nan")
+    rows = Q._grouped_rows(torch.from_numpy(np.abs(w)), groups, dim)  # (G, N·K/G)
+    scales = []
+    for r in rows:
+        nz = r[r != 0]
+        if nz.numel() and not bool((nz == nz[0]).all()):
+            return w * np.float32(c)
+        scales.append(float(nz[0]) if nz.numel() else Q.SCALE_EPS)
+    return torch.from_numpy(np.sign(w).astype(np.int8)), scales, c
+
+
+def _group_scales(f: GGUFFile, groups: int) -> dict[str, list[float]]:
+    """GGUF tensor name → its G exact float32 group scales (:data:`GROUP_SCALES_KEY`)."""
+    names, scales = f.metadata.get(NAMES_KEY), f.metadata.get(GROUP_SCALES_KEY)
+    if names is None and scales is None:
+        return {}
+    ok = (isinstance(names, list) and isinstance(scales, np.ndarray) and scales.dtype == np.float32
+          and scales.size == groups * len(names))
+    if not ok or not np.isfinite(scales).all() or (scales <= 0).any():
+        raise GGUFFormatError(f"{f.path}: keys {NAMES_KEY!r} / {GROUP_SCALES_KEY!r} must be a string array and a "
+                              f"float32 array of {groups} positive scales per name")
+    return {n: [float(v) for v in scales[i * groups:(i + 1) * groups]] for i, n in enumerate(names)}
 
 
 def _scale_tensor(f: GGUFFile, name: str) -> float:
@@ -735,6 +774,8 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
                               f"the metadata implies {list(reversed(shape))}")
 
     names = {v: k for k, v in tensor_name_map(cfg).items()}  # GGUF → bitlm
+    if cfg.weight_groups > 1:
+        return _load_grouped(f, cfg, expected, names, quant, dtype)
     exact = _exact_scales(f)
     ignored: list[str] = []
     sd: dict[str, torch.Tensor] = {}
@@ -786,6 +827,51 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
     return assemble_model(cfg, sd, frozen, str(f.path), GGUFFormatError)
 
 
+def _load_grouped(f: GGUFFile, cfg: ModelConfig, expected: dict[str, tuple[int, ...]], names: dict[str, str],
+                  quant: str | None, dtype: torch.dtype) -> BitNetModel:
+    """:func:`_load_tensors` for a file written with weight groups (:data:`GROUPS_KEY`): every
+    projection must be G-scale ternary (refused otherwise, naming the tensor); s_g is the exact
+    scale of :data:`GROUP_SCALES_KEY` when that rounds to the stored f16 value."""
+    groups = cfg.weight_groups
+    exact = _group_scales(f, groups)
+    sd: dict[str, torch.Tensor] = {}
+    frozen: dict[str, FrozenTernaryLinear] = {}
+    for gname in expected:
+        ours = names[gname]
+        base = ours.removesuffix(".weight")
+        if not base.endswith(tuple(PROJECTIONS)):
+            w = f.floats(gname)
+            if not np.isfinite(w).all():
+                raise f.err(gname, "contains inf or nan")
+            sd[ours] = torch.from_numpy(w).to(dtype)
+            continue
+        dim = cfg.weight_group_dim
+        if dim == "parallel":  # o / down split input columns (row-parallel), the rest output rows
+            dim = "in" if base.endswith(("o_proj", "down_proj")) else "out"
+        got = _ternary_grouped(f, gname, groups, dim)
+        if isinstance(got, np.ndarray):
+            raise f.err(gname, f"is not a {groups}-group ternary weight ({GROUPS_KEY} = {groups}, "
+                               f"{GROUP_DIM_KEY} = {cfg.weight_group_dim!r}): some group holds several magnitudes")
+        t, s, c = got
+        f16 = f.tensors[gname].ggml_type in (_F16, _TQ1_0, _TQ2_0)
+        for g, e in enumerate(exact.get(gname, [])):
+            if (np.float32(np.float16(e)) if f16 else np.float32(e)) == np.float32(s[g]):
+                s[g] = e
+        if c != 1.0:
+            s = [float(np.float32(v) * np.float32(c)) for v in s]
+        st = torch.tensor(s, dtype=torch.float32)
+        if quant is None:
+            frozen[base] = FrozenTernaryLinear.from_ternary(t, st, dtype, weight_groups=groups, weight_group_dim=dim)
+            continue
+        if quant == "b1.58":
+            sd[ours] = ternary_latent(t, st, dtype, groups, dim)
+        else:
+            sd[ours] = (t.float() * Q._expand_group_scale(st, t.shape, dim)).to(dtype)
+        if cfg.quant != "fp":
+            sd[base + ".quant_lambda"] = torch.tensor(1.0)
+    return assemble_model(cfg, sd, frozen, str(f.path), GGUFFormatError)
+
+
 # =============================================================================================
 # save_gguf
 # =============================================================================================
@@ -828,6 +914,33 @@ def _encode_ternary(t: torch.Tensor, s16: np.float32, qtype: Any, name: str, ggu
     if not (np.all(d[nonzero] == s16) and np.all(d[~nonzero] == 0)):  # pragma: no cover - gguf changed
         raise RuntimeError(f"{name}: gguf's {qtype.name} quantiser did not store the scale exactly")
     return raw, qtype
+
+
+def _encode_grouped(t: torch.Tensor, s: torch.Tensor, dim: str, qtype: Any, name: str,
+                    gguf: Any) -> tuple[tuple[np.ndarray, Any], str | None]:
+    """A weight with G scales along ``dim`` (output rows or input columns): TQ bytes whose every
+    256-block's d is its group's s₁₆ — exact when each block lies inside one group (rows of 256
+    for row groups; K/G a multiple of 256 for column groups) — else F16 s₁₆·T (exact too; the
+    reason is returned for the warning).  Checked like :func:`_encode_ternary`."""
+    n, k = t.shape
+    s16 = torch.tensor([float(_f16_scale(v.reshape(1), name)) for v in s.reshape(-1)], dtype=torch.float32)
+    per = Q._expand_group_scale(s16, t.shape, dim).expand(n, k).numpy()  # (N, K) s₁₆ of each weight
+    w = t.numpy().astype(np.float32) * per  # exact: f16 values · {-1, 0, 1}
+    groups = s16.numel()
+    if k % QK_K:
+        why = f"rows not a multiple of {QK_K}"
+    elif dim == "in" and (k // groups) % QK_K:
+        why = f"in_features/G = {k // groups} not a multiple of {QK_K}: a block would span two column groups"
+    else:
+        raw = gguf.quants.quantize(w, qtype)
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        d = raw.reshape(-1, type_size)[:, -2:].copy().view("<f2").astype(np.float32).reshape(-1)
+        want = per.reshape(-1, QK_K)[:, 0]  # each block's group scale
+        nonzero = np.abs(w).reshape(-1, QK_K).max(axis=1) != 0
+        if not (np.all(d[nonzero] == want[nonzero]) and np.all(d[~nonzero] == 0)):  # pragma: no cover
+            raise RuntimeError(f"{name}: gguf's {qtype.name} quantiser did not store the group scales exactly")
+        return (raw, qtype), None
+    return (w.astype(np.float16), None), why
 
 
 def gguf_architecture(bitlm_arch: str, ternary_type: str) -> str:
@@ -970,21 +1083,28 @@ def save_gguf(
     tensors: list[tuple[str, np.ndarray, Any]] = []
     fallback: list[str] = []
     warm: list[str] = []
-    exact: dict[str, float] = {}
+    exact: dict[str, list[float]] = {}
     for ours, theirs in tensor_name_map(cfg).items():
         base = ours.removesuffix(".weight")
         if base.endswith(tuple(PROJECTIONS)):
             m = model.get_submodule(base)
             groups = getattr(m, "weight_groups", 1)
-            if groups != 1:
+            if groups != 1 and bn_type is not None:
                 raise ValueError(f"{base}: {groups} weight scale groups; GGUF {ternary_type.upper()} as bitlm writes it "
-                                 "holds one scale per tensor, so the model cannot be written exactly")
-            _export_check(base, m)
+                                 "holds one scale per tensor, so the model cannot be written exactly (write tq2_0 / "
+                                 "tq1_0, whose 256-weight blocks hold group scales, or export with requantize=True)")
+            _export_check(base, m, weight_groups_ok=True)
             lam = getattr(m, "quant_lambda", None)
             if lam is not None and float(lam) != 1.0:
                 warm.append(base)
-            t, s = _ternary_of(base, m)
-            exact[theirs] = float(s.reshape(-1)[0].float())
+            t, s = _ternary_of(base, m, weight_groups_ok=True)
+            exact[theirs] = [float(v) for v in s.reshape(-1).float()]
+            if groups != 1:
+                enc, why = _encode_grouped(t, s, m.weight_group_dim, qtype, base, gguf)
+                tensors.append((theirs, *enc))
+                if why:
+                    fallback.append(f"{theirs} ({why})")
+                continue
             if bn_type is not None:
                 tensors.append((theirs, *_encode_bn(t, s, bn_type, base)))
                 if tensors[-1][2] is None:
@@ -1035,7 +1155,12 @@ def save_gguf(
         if arch == ARCH:
             w.add_string(LEGACY_ACTIVATION_KEY, _ARCH_TO_ACTIVATION[cfg.arch])  # read by bitlm < this key
         w.add_array(NAMES_KEY, list(exact))
-        w.add_array(SCALES_KEY, list(exact.values()))  # python floats → GGUF float32 (exact: they are)
+        if cfg.weight_groups == 1:
+            w.add_array(SCALES_KEY, [v[0] for v in exact.values()])  # python floats → GGUF float32 (exact)
+        else:  # G scales per tensor; no SCALES_KEY, so readers without groups refuse the file
+            w.add_uint32(GROUPS_KEY, cfg.weight_groups)
+            w.add_string(GROUP_DIM_KEY, cfg.weight_group_dim)
+            w.add_array(GROUP_SCALES_KEY, [x for v in exact.values() for x in v])
         if vocab is None:
             w.add_tokenizer_model("none")  # llama.cpp then runs on token ids only
         else:

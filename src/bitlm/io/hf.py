@@ -632,27 +632,32 @@ def _load(folder: Path, hc: HFConfig, cfg: ModelConfig, src: _Tensors, quant: st
 # ---------------------------------------------------------------------------------------------
 
 
-def _export_check(name: str, m: nn.Module) -> None:
-    """HF's layers quantise activations per token to int8 absmax, one weight scale per tensor."""
+def _export_check(name: str, m: nn.Module, weight_groups_ok: bool = False) -> None:
+    """HF's layers quantise activations per token to int8 absmax, one weight scale per tensor
+    (``weight_groups_ok``: the caller's format holds weight groups, GGUF TQ)."""
     if getattr(m, "bias", None) is not None:
         raise ValueError(f"{name}: projections with bias cannot be saved as BitNetForCausalLM")
     if not isinstance(m, BitLinear):
         return
-    got = (m.act_bits, m.act_granularity_eval, m.act_groups, m.norm, m.weight_groups)  # inference: eval granularity
-    if got != (8, "token", 1, None, 1):
+    if m.weight_groups != 1 and not weight_groups_ok:
+        raise ValueError(f"{name}: weight_groups={m.weight_groups} (weight_group_dim={m.weight_group_dim!r}): the HF "
+                         "BitNet format holds one weight scale per tensor; export with requantize=True "
+                         "(bitlm export --requantize) to re-quantise to one scale and report the validation loss change")
+    got = (m.act_bits, m.act_granularity_eval, m.act_groups, m.norm, 1 if weight_groups_ok else m.weight_groups)
+    if got != (8, "token", 1, None, 1):  # inference: eval granularity
         raise ValueError(f"{name}: (act_bits, act_granularity_eval, act_groups, norm, weight_groups)={got}; the HF BitNet "
                          "format computes (8, 'token', 1, None, 1)")
 
 
-def _ternary_of(name: str, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _ternary_of(name: str, m: nn.Module, weight_groups_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if not hasattr(m, "quantized_weight"):
         raise ValueError(f"{name}: {type(m).__name__} has no quantized weight (an fp model: use packed=False)")
     if isinstance(m, BitLinear) and m.weight_quant == "fp":
         raise ValueError(f"{name}: BitLinear with weight_quant='fp' cannot be packed (use packed=False)")
     t, s = m.quantized_weight()
-    if s.numel() != 1:
+    if s.numel() != 1 and not weight_groups_ok:
         raise ValueError(f"{name}: {s.numel()} weight groups; the HF BitNet format has one scale per tensor")
-    return t, s.reshape(1).float()
+    return t, s.reshape(-1).float()
 
 
 def hf_config_dict(cfg: ModelConfig, *, packed: bool, linear_class: str, dtype: torch.dtype,

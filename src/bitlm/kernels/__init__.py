@@ -71,12 +71,21 @@ def backend() -> str:
 
 def gemm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """int8 (M, K) activations × packed weight (N, K) → exact int32 (M, N) = xq · Tᵀ."""
-    return _impl(w).gemm(xq, w)
+    impl = _impl(w)
+    if w.k_groups > 1:  # K-slices: the exact int32 sum of the slices' products
+        kk = w.K // w.k_groups
+        return sum(impl.gemm(xq[:, j * kk:(j + 1) * kk].contiguous(), wj) for j, wj in enumerate(w.slices()))
+    return impl.gemm(xq, w)
 
 
 def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantised product: float32 (M, N) = float32(xq · Tᵀ) · (s_g / a_m) (+ bias)."""
-    return _impl(w).matmul(xq, a, w, bias)
+    """Dequantised product: float32 (M, N) = float32(xq · Tᵀ) · (s_g / a_m) (+ bias).  Grouped
+    activations (``a`` (M, G)) or a weight with K-slices: one product per slice, summed in slice
+    order (``reference.sliced_matmul``), on either backend."""
+    impl = _impl(w)
+    if w.k_groups > 1 or a.numel() != xq.shape[0]:
+        return reference.sliced_matmul(impl.matmul, xq, a, w, bias)
+    return impl.matmul(xq, a, w, bias)
 
 
 def quantize_rows(
@@ -85,11 +94,18 @@ def quantize_rows(
     eps: float = 1e-5,
     *,
     rmsnorm: bool | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm if ``norm_weight`` is given or ``rmsnorm=True``, then) per-row absmax int8
     quantisation of float32 (..., K): returns ``(q int8 (..., K), a float32 (...))`` with
-    ``x ≈ q / a``.  Without the norm it equals ``bitlm.quant.activation_quantize`` bit for bit."""
-    return _impl().quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm)
+    ``x ≈ q / a``.  Without the norm it equals ``bitlm.quant.activation_quantize`` bit for bit.
+    ``groups`` > 1: norm statistics and absmax per feature slice, ``a`` (..., groups)."""
+    impl = _impl()
+    if rmsnorm is None:
+        rmsnorm = norm_weight is not None
+    if groups != 1:
+        return reference.quantize_slices(impl.quantize_rows, x, norm_weight, eps, rmsnorm, groups)
+    return impl.quantize_rows(x, norm_weight, eps, rmsnorm=rmsnorm)
 
 
 def linear(
@@ -100,16 +116,28 @@ def linear(
     eps: float = 1e-5,
     *,
     rmsnorm: bool | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """BitLinear inference: float32 (..., K) → float32 (..., N) = W · quant(norm(x)) (+ bias).
 
     Composed here, once, from the backend's two ops (:func:`quantize_rows` then :func:`matmul`);
-    a weight format without a native kernel runs both on the reference backend."""
+    a weight format without a native kernel runs both on the reference backend.  ``groups``:
+    activation (and norm) groups, as in :func:`quantize_rows`."""
     if x.dtype != torch.float32:
         x = x.float()
     impl = _impl(w)
-    q, a = impl.quantize_rows(x.reshape(-1, x.shape[-1]), norm_weight, eps, rmsnorm=rmsnorm)
-    return impl.matmul(q, a, w, bias).reshape(*x.shape[:-1], w.N)
+    if rmsnorm is None:
+        rmsnorm = norm_weight is not None
+    x2 = x.reshape(-1, x.shape[-1])
+    if groups != 1:
+        q, a = reference.quantize_slices(impl.quantize_rows, x2, norm_weight, eps, rmsnorm, groups)
+    else:
+        q, a = impl.quantize_rows(x2, norm_weight, eps, rmsnorm=rmsnorm)
+    if w.k_groups > 1 or groups != 1:
+        y = reference.sliced_matmul(impl.matmul, q, a, w, bias)
+    else:
+        y = impl.matmul(q, a, w, bias)
+    return y.reshape(*x.shape[:-1], w.N)
 
 
 def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

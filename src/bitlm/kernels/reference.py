@@ -16,6 +16,15 @@
 * :func:`matmul` — the dequant epilogue in its one fixed order (``bitlm.kernels.linear`` is
   :func:`quantize_rows` then :func:`matmul`, composed once for both backends):
   ``f = s_g / a_m`` (float32), ``y = float32(acc) · f`` then ``+ bias``.
+* Groups (2310.11453 Eq. 13-15): ``quantize_rows(..., groups=G)`` normalises and quantises each
+  of the G feature slices of a row on its own — exactly ``quantize_rows`` of the slice, with the
+  slice of the norm gain — and returns ``a`` of shape (..., G); :func:`rms_norm_rows` is the
+  norm half alone (per ``groups`` slices), for a norm whose groups differ from the quantiser's.
+  A weight with K-slices (``PackedWeight.k_groups`` = G, input-column weight groups) or grouped
+  activations runs :func:`sliced_matmul`: slice j's product is :func:`matmul` of the slice
+  (int32 sums over K/G, epilogue ``float32(acc_j) · (s_{j,g} / a_{m,j})``), and the G float32
+  results are added in slice order ``((y_0 + y_1) + y_2) + ...``, then the bias.  Both backends
+  compose these from their own per-slice ops, so the native result is the reference's bit for bit.
 * :func:`dense_int8_matmul` — float32 activations × int8 weight rows × per-row scale (an int8
   output head), with the float32 summation order the C tiers use (16 lanes, mul then add).
 * :func:`dense_bf16_matmul` — float32 activations × bfloat16 weight rows (a bf16 output head),
@@ -30,7 +39,7 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "dense_int8_matmul", "dense_bf16_matmul",
+__all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "rms_norm_rows", "sliced_matmul", "quantize_slices", "dense_int8_matmul", "dense_bf16_matmul",
            "dense_int8a8_matmul"]
 
 _LANES = 16
@@ -69,12 +78,27 @@ def rms_sumsq(x: torch.Tensor) -> torch.Tensor:
     return lanes[:, 0] + lanes[:, 1]
 
 
+def _rms_norm(y: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The RMSNorm half of :func:`quantize_rows` on float32 (M, K) rows."""
+    k = y.shape[1]
+    # torch's float64 sqrt is not correctly rounded (1 ulp off for ~1% of inputs here), C's
+    # is: do the per-row scalar chain in Python floats (IEEE double, correctly rounded).
+    ss = rms_sumsq(y).tolist()
+    r = [1.0 / math.sqrt(v / k + float(eps)) for v in ss]
+    r = torch.tensor(r, dtype=torch.float64).to(torch.float32).reshape(-1, 1)  # (M, 1)
+    y = y * r
+    if norm_weight is not None:
+        y = y * norm_weight.to(torch.float32).reshape(1, k)
+    return y
+
+
 def quantize_rows(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
     rmsnorm: bool | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Optionally RMS-normalise and) absmax-quantise each row of a float32 (..., K) tensor.
 
@@ -83,27 +107,63 @@ def quantize_rows(
     ``y = (x · r) · norm_weight`` (float32, two roundings).  Then
     ``a = (1 / max(max|y|, 1e-5)) · 127`` and ``q = clamp(round_half_even(y · a), -128, 127)``.
 
-    Returns ``(q, a)``: int8 of x's shape and float32 of shape ``x.shape[:-1]``.
+    Returns ``(q, a)``: int8 of x's shape and float32 of shape ``x.shape[:-1]`` — or
+    ``x.shape[:-1] + (groups,)`` with ``groups`` > 1 (:func:`quantize_slices`).
     """
     if rmsnorm is None:
         rmsnorm = norm_weight is not None
+    if groups != 1:
+        return quantize_slices(quantize_rows, x, norm_weight, eps, rmsnorm, groups)
     if x.dtype != torch.float32:
         raise TypeError(f"quantize_rows expects float32 input, got {x.dtype}")
     lead, k = x.shape[:-1], x.shape[-1]
     y = x.reshape(-1, k)
     if rmsnorm:
-        # torch's float64 sqrt is not correctly rounded (1 ulp off for ~1% of inputs here), C's
-        # is: do the per-row scalar chain in Python floats (IEEE double, correctly rounded).
-        ss = rms_sumsq(y).tolist()
-        r = [1.0 / math.sqrt(v / k + float(eps)) for v in ss]
-        r = torch.tensor(r, dtype=torch.float64).to(torch.float32).reshape(-1, 1)  # (M, 1)
-        y = y * r
-        if norm_weight is not None:
-            y = y * norm_weight.to(torch.float32).reshape(1, k)
+        y = _rms_norm(y, norm_weight, eps)
     # --- from here on exactly bitlm.quant.activation_quantize(bits=8, token granularity) ---
     a = 127 / y.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)  # (M, 1) float32
     q = torch.round(y * a).clamp(-128, 127).to(torch.int8)
     return q.reshape(x.shape), a.reshape(lead)
+
+
+def _check_groups(k: int, groups: int, what: str) -> None:
+    if groups < 1 or k % groups:
+        raise ValueError(f"{what}: {k} features are not divisible into {groups} groups")
+
+
+def quantize_slices(op, x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, rmsnorm: bool,
+                    groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped :func:`quantize_rows` from an ungrouped one (``op``, either backend's): slice g of
+    every row (features ``g·K/G .. (g+1)·K/G - 1``) with gain slice g → (q (..., K), a (..., G))."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    _check_groups(k, groups, "activation groups")
+    x2 = x.reshape(-1, k)
+    kk = k // groups
+    nw = None if norm_weight is None else norm_weight.reshape(-1)
+    qs, as_ = [], []
+    for g in range(groups):
+        sl = slice(g * kk, (g + 1) * kk)
+        q, a = op(x2[:, sl].contiguous(), None if nw is None else nw[sl].contiguous(), eps, rmsnorm=rmsnorm)
+        qs.append(q)
+        as_.append(a.reshape(-1))
+    return torch.cat(qs, dim=1).reshape(x.shape), torch.stack(as_, dim=-1).reshape(*lead, groups)
+
+
+def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                  groups: int = 1) -> torch.Tensor:
+    """The RMSNorm half of :func:`quantize_rows` alone, statistics per group of ``groups`` feature
+    slices (float32 (..., K) → float32 (..., K)); ``quantize_rows(rms_norm_rows(x, w, eps, G),
+    groups=G)`` equals ``quantize_rows(x, w, eps, groups=G)`` bit for bit."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"rms_norm_rows expects float32 input, got {x.dtype}")
+    k = x.shape[-1]
+    _check_groups(k, groups, "norm groups")
+    kk = k // groups
+    y = x.reshape(-1, groups, kk).reshape(-1, kk)  # (M·G, K/G)
+    y = _rms_norm(y, None, eps).reshape(-1, k)
+    if norm_weight is not None:
+        y = y * norm_weight.to(torch.float32).reshape(1, k)
+    return y.reshape(x.shape)
 
 
 def _epilogue(acc: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -117,8 +177,34 @@ def _epilogue(acc: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.T
 
 
 def matmul(xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantised product of quantised activations (xq, a) and a packed weight: float32 (M, N)."""
+    """Dequantised product of quantised activations (xq, a) and a packed weight: float32 (M, N).
+    ``a`` of shape (M, G) (grouped activations) or a weight with K-slices: :func:`sliced_matmul`."""
+    if w.k_groups > 1 or a.numel() != xq.shape[0]:
+        return sliced_matmul(matmul, xq, a, w, bias)
     return _epilogue(gemm(xq, w), a.reshape(-1), w, bias)
+
+
+def sliced_matmul(op, xq: torch.Tensor, a: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The grouped product from an ungrouped ``op`` (either backend's matmul): activations with G_a
+    scales per row (``a`` (M, G_a)) × a weight of ``w.k_groups`` K-slices (a multiple of G_a:
+    each slice lies inside one activation group).  y = ((y_0 + y_1) + ...) + bias, y_j = op of
+    slice j with its activation group's scale."""
+    m = xq.shape[0]
+    a2 = a.reshape(m, -1)
+    ga, gk = a2.shape[1], w.k_groups
+    if gk % ga:
+        raise ValueError(f"{ga} activation groups do not fit a weight packed in {gk} K-slice(s) "
+                         f"(K={w.K}, N={w.N}): pack the weight with k_groups a multiple of {ga}")
+    if xq.shape[1] != w.K:
+        raise ValueError(f"xq has K={xq.shape[1]} but the weight has K={w.K}")
+    kk, per = w.K // gk, gk // ga
+    y = None
+    for j, wj in enumerate(w.slices()):
+        yj = op(xq[:, j * kk:(j + 1) * kk].contiguous(), a2[:, j // per].contiguous(), wj, None)
+        y = yj if y is None else y + yj
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, w.N)
+    return y
 
 
 def _dense_lanes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
