@@ -237,3 +237,49 @@ def test_cli_train_with_a_teacher(teacher_dir, tmp_path):
     meta = read_meta(tmp_path / "s" / "last")
     assert meta["train"]["kd_weight"] == 0.5 and meta["train"]["teacher_dtype"] == "bf16"
     assert meta["teacher"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.network  # the experiments train on the default corpus (downloaded on first use)
+def test_experiment_distill_end_to_end(tmp_path):
+    from bitlm.data import prepare_data
+    from bitlm.experiments import run_experiment
+    from test_experiments import tiny
+
+    res = run_experiment("distill", tiny("distill"), tmp_path, progress=False, data=prepare_data("default", vocab_size=2048))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["tag"] for r in rows] == ["teacher", "b1.58", "b1.58+ld", "b1.58+ld+ad"]
+    assert all({"val_ppl", "zero_shot"} <= set(r) for r in rows)
+    assert all(r["kl_to_teacher"] >= 0 for r in rows[1:])
+    assert "kd_weight" not in rows[1] and rows[2]["kd_temperature"] == 5.0 and rows[3]["kd_attention_layers"] == [0]
+    assert (tmp_path / "distill_loss.png").stat().st_size > 1000
+    md = (tmp_path / "results.md").read_text()
+    assert "logit KD" in md and "chance" in md and res["teacher"].endswith("last")
+    # the students distilled: their checkpoints name the teacher
+    assert read_meta(tmp_path / "ckpt" / "b1.58+ld" / "last")["train"]["teacher"] == res["teacher"]
+
+
+def test_captured_q_k_v_are_what_attention_uses():
+    """The relation tensors are the layer's own: Q and K after RoPE, V raw (GQA width) — attending
+    with them reproduces the attention output the block feeds to its sub-norm."""
+    from bitlm.distill import _QKVCapture
+    from bitlm.model import attend
+
+    torch.manual_seed(0)
+    model = BitNetModel(cfg(n_heads=4, n_kv_heads=2)).eval()
+    cap = _QKVCapture(model, [1])
+    seen = {}
+    model.model.layers[1].self_attn.attn_sub_norm.register_forward_pre_hook(lambda m, a: seen.update(a=a[0]))
+    x, _ = pattern_data().batch(0, 2, 16)
+    cap.active = True
+    with torch.no_grad():
+        model(x)
+    ((q, k, v),) = cap.take()
+    c = model.config
+    assert k.shape[-1] == v.shape[-1] == 2 * c.head_dim  # K/V at their own width, not repeated
+
+    def heads(t, h):
+        return t.view(2, 16, h, c.head_dim).transpose(1, 2)
+
+    a = attend(heads(q, 4), heads(k, 2), heads(v, 2), 0).transpose(1, 2).reshape(2, 16, -1)
+    assert torch.allclose(a, seen["a"], atol=1e-5)
+    cap.remove()

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from bitlm import tasks as T
-from test_tasks import HAS_DATA, LM_EVAL_YAMLS, _lm_eval_run, _raw_docs, _write_yaml, needs_data, needs_lm_eval
+from test_tasks import (
+    HAS_DATA,
+    LM_EVAL_YAMLS,
+    _raw_docs,
+    _write_yaml,
+    needs_data,
+    needs_lm_eval,
+)
 
 # ---------------------------------------------------------------------------------------------
 # by hand
@@ -128,12 +135,11 @@ def _parity(task, tiny, tmp_path, monkeypatch, *, k: int, n: int, pool: int | No
 
 @pytest.fixture(scope="module")
 def tiny():
-    from test_tasks import _train_tokenizer
-
     import torch
 
     from bitlm.config import preset
     from bitlm.model import BitNetModel
+    from test_tasks import _train_tokenizer
 
     texts = [c + k for n in T.TASKS for it in T.load_task(n, 40) for c, k in it.requests()] if HAS_DATA else ["x"]
     tok = _train_tokenizer(texts)

@@ -131,20 +131,21 @@ class _QKVCapture:
                 self.store[(layer, name)] = out
         return hook
 
-    def take(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _roped(self, a: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B, T, heads·head_dim) with RoPE applied per head at positions 0..T-1, as Attention does."""
         from .model import apply_rope, rope_cos_sin
 
-        cfg, out = self.cfg, []
+        cfg = self.cfg
+        B, T, _ = a.shape
+        cos, sin = rope_cos_sin(torch.arange(T, device=a.device), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        a = a.view(B, T, heads, cfg.head_dim).transpose(1, 2)
+        return apply_rope(a, cos.to(a.dtype), sin.to(a.dtype)).transpose(1, 2).reshape(B, T, heads * cfg.head_dim)
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = []
         for i in self.layers:
             q, k, v = (self.store[(i, n)] for n in ("q", "k", "v"))
-            B, T, _ = q.shape
-            cos, sin = rope_cos_sin(torch.arange(T, device=q.device), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-
-            def roped(a, h):
-                a = a.view(B, T, h, cfg.head_dim).transpose(1, 2)
-                return apply_rope(a, cos.to(a.dtype), sin.to(a.dtype)).transpose(1, 2).reshape(B, T, h * cfg.head_dim)
-
-            out.append((roped(q, cfg.n_heads), roped(k, cfg.kv_heads), v))
+            out.append((self._roped(q, self.cfg.n_heads), self._roped(k, self.cfg.kv_heads), v))
         self.store.clear()
         return out
 

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation on the BitNet papers' tasks, scored the way lm-evaluation-harness scores them.
+"""Zero- and few-shot evaluation on the BitNet papers' tasks, scored the way lm-evaluation-harness scores them.
 
 Tasks (the zero-shot columns of 2310.11453 Table 3 and 2402.17764 Table 2, minus StoryCloze and
 Winograd WSC273, which no installable package ships):
@@ -99,10 +99,10 @@ from __future__ import annotations
 
 import functools
 import gzip
-import random
 import importlib.util
 import json
 import math
+import random
 import re
 import time
 import warnings

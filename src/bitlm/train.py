@@ -47,6 +47,13 @@ with grad_accum 2), rank 0 alone logs, the logged loss is the global-batch mean 
 is reduced over ranks.  Signals, ``max_time`` and wall-time saves are agreed by all ranks.
 Parallel runs save distributed checkpoints (``bitlm.io.dcp``), which resume on any world size
 with the same world size × grad_accum.
+
+Knowledge distillation (``teacher``; ``bitlm.distill``): each micro-batch's loss becomes
+CE + kd_weight·τ²·KL(teacher ‖ student at τ) [+ kd_attention_weight·L_AD at
+``kd_attention_layers``]; the frozen teacher is loaded on every rank, metrics.jsonl adds
+``lm_loss`` / ``kd_loss`` / ``ad_loss`` (global-batch means) and the checkpoint's metadata the
+KD settings (``train``) and the teacher's shape (``teacher``); resume requires the same teacher
+and KD settings.
 """
 
 from __future__ import annotations
