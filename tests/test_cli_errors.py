@@ -225,6 +225,9 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("experiment-widths", "experiment scaling --quick --widths 64,wide --out {dir}/ex", "--widths"),
     ("experiment-data-missing", "experiment compare --quick --data {dir}/nodata.txt --out {dir}/ex", "nodata.txt"),
     ("experiment-tasks-unknown", "experiment compare --quick --tasks nosuchtask --out {dir}/ex", "nosuchtask"),
+    ("experiment-teacher-other", "experiment compare --quick --teacher {ck} --out {dir}/ex", "--teacher"),
+    ("experiment-teacher-vocab", "experiment distill --quick --teacher {ck} --out {dir}/ex", "512 tokens"),
+    ("experiment-teacher-missing", "experiment distill --quick --teacher {missing} --out {dir}/ex", "no-such-model"),
 ]
 
 

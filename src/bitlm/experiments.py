@@ -696,10 +696,19 @@ def _teacher_kl(ctx: Context, student, teacher, temperature: float = 1.0) -> flo
     return total / max(1, n)
 
 
-def exp_distill(ctx: Context) -> dict[str, Any]:
-    s = ctx.setup
+def _check_teacher(path: str, vocab_size: int):
+    """The teacher at ``path`` (frozen, eval), refused unless its vocabulary is the experiment's."""
     from .distill import load_teacher
 
+    teacher = load_teacher(path)
+    if teacher.config.vocab_size != vocab_size:
+        raise ValueError(f"--teacher {path}: its vocabulary has {teacher.config.vocab_size} tokens, the "
+                         f"experiment's {vocab_size}; distillation needs the same tokenizer")
+    return teacher
+
+
+def exp_distill(ctx: Context) -> dict[str, Any]:
+    s = ctx.setup
     eval_every = max(1, s.steps // 8)
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
@@ -717,10 +726,7 @@ def exp_distill(ctx: Context) -> dict[str, Any]:
         teacher_path = str(ctx.out / "ckpt" / "teacher" / "last")
         curves["teacher"] = tr["curve"]
         teacher_row = {"model": "fp teacher (same shape, same tokens)", "tag": "teacher", "train_seconds": tr["seconds"]}
-    teacher = load_teacher(teacher_path)
-    if teacher.config.vocab_size != s.vocab_size:
-        raise ValueError(f"--teacher {teacher_path}: its vocabulary has {teacher.config.vocab_size} tokens, the "
-                         f"experiment's {s.vocab_size}; distillation needs the same tokenizer")
+    teacher = _check_teacher(teacher_path, s.vocab_size)
     teacher_row.update(parameters=teacher.num_parameters(), **_val(ctx, teacher))
     teacher_row["zero_shot"] = _zero_shot(ctx, teacher)
     rows.append(teacher_row)
@@ -898,6 +904,8 @@ def run(args) -> int:
         over["widths"] = _number_list("--widths", args.widths, int)
     _plt()  # fail now, not after minutes of training, when matplotlib is missing
     setup = Setup.build(args.name, args.scale, args.quick, **over)
+    if setup.teacher:  # before minutes of corpus preparation
+        _check_teacher(setup.teacher, setup.vocab_size)
     from .data import prepare_data
 
     data = prepare_data(setup.data, vocab_size=setup.vocab_size)
