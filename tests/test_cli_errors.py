@@ -53,6 +53,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     grouped = BitNetModel(preset("tiny", max_seq_len=64, weight_groups=2, weight_group_dim="parallel", act_groups=2,
                                  norm_groups=2, group_scope="parallel"))
     f["ck_grouped"] = str(save_checkpoint(grouped, d / "ck-grouped", tokenizer=tok))
+    # a teacher with another vocabulary (bitlm train --teacher)
+    f["ck_v384"] = str(save_checkpoint(BitNetModel(preset("tiny", quant="fp", vocab_size=384, max_seq_len=64)),
+                                       d / "ck-v384"))
     (d / "notes.txt").write_text(TEXT)
     f["text"] = str(d / "notes.txt")
     (d / "nocfg").mkdir()
@@ -160,6 +163,19 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("generate-top-p", "generate --model {ck} --prompt hi --top-p 2", "top_p"),
     ("generate-top-k", "generate --model {ck} --prompt hi --top-k 0", "top_k"),
     ("chat-max-new-tokens", "chat --model {packed} --max-new-tokens -1", "--max-new-tokens"),
+    # knowledge distillation (bitlm.distill)
+    ("train-teacher-missing", "train {train_args} --max-steps 1 --out {dir}/r --teacher {missing}", "no-such-model"),
+    ("train-teacher-vocab", "train {train_args} --max-steps 1 --out {dir}/r --teacher {ck_v384}", "384 tokens"),
+    ("train-teacher-packed", "train {train_args} --max-steps 1 --out {dir}/r --teacher {packed}", "m.bitlm"),
+    ("train-kd-temperature", "train {train_args} --max-steps 1 --out {dir}/r --teacher {ck} --kd-temperature 0",
+     "--kd-temperature"),
+    ("train-kd-layer-no-teacher", "train {train_args} --max-steps 1 --out {dir}/r --kd-attention-layer 1",
+     "--kd-attention-layer"),
+    ("train-kd-layer-range", "train {train_args} --max-steps 1 --out {dir}/r --teacher {ck} --kd-attention-layer 9",
+     "--kd-attention-layer 9"),
+    # few-shot evaluation
+    ("eval-num-fewshot-negative", "eval --model {ck} --tasks arc_easy --num-fewshot -1", "--num-fewshot"),
+    ("eval-num-fewshot-no-tasks", "eval --model {ck} --text 'the cat' --num-fewshot 2", "--num-fewshot"),
     ("train-negative-steps", "train {train_args} --max-steps -3 --out {dir}/r", "max_steps"),
     ("train-unknown-preset", "train --preset nosuch --max-steps 1", "nosuch"),
     ("train-set-no-equals", "train --preset tiny --set d_model --max-steps 1", "d_model"),
@@ -225,6 +241,9 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("experiment-widths", "experiment scaling --quick --widths 64,wide --out {dir}/ex", "--widths"),
     ("experiment-data-missing", "experiment compare --quick --data {dir}/nodata.txt --out {dir}/ex", "nodata.txt"),
     ("experiment-tasks-unknown", "experiment compare --quick --tasks nosuchtask --out {dir}/ex", "nosuchtask"),
+    ("experiment-teacher-other", "experiment compare --quick --teacher {ck} --out {dir}/ex", "--teacher"),
+    ("experiment-teacher-vocab", "experiment distill --quick --teacher {ck} --out {dir}/ex", "512 tokens"),
+    ("experiment-teacher-missing", "experiment distill --quick --teacher {missing} --out {dir}/ex", "no-such-model"),
 ]
 
 

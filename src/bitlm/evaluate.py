@@ -1,5 +1,5 @@
 """Evaluation: loss, perplexity and bits-per-byte on a text or the validation split, and the
-zero-shot multiple-choice tasks of the BitNet papers (``bitlm.tasks``).
+zero-shot (or ``--num-fewshot`` K-shot) multiple-choice tasks of the BitNet papers (``bitlm.tasks``).
 
 Perplexity is computed over non-overlapping windows of the model's context (every token scored
 once, the first token of each window without context, as nanoGPT/llm.c do); bits-per-byte is
@@ -83,6 +83,12 @@ def add_arguments(p) -> None:
     add_device_argument(p)
     p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (arc_easy,hellaswag,...) or 'all'")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+                   help="K labelled examples before each task item, sampled as lm-eval-harness does (its seeded "
+                        "sampler, separators and exclusion rule; from the evaluation split, the only one the data "
+                        "ships; see bitlm.tasks). Default 0 (zero-shot)")
+    p.add_argument("--fewshot-seed", type=int, default=None,
+                   help="seed of the few-shot sampler (default 1234, lm-eval's fewshot_random_seed)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="write results to this JSON file")
     add_head_act_argument(p)
@@ -93,9 +99,12 @@ def run(args) -> int:
     from .loading import load_tokenizer_for
 
     for opt, v, least in (("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1),
-                          ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 1)):
+                          ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 1),
+                          ("--num-fewshot", args.num_fewshot, 0)):
         if v is not None and v < least:
             raise ValueError(f"{opt} must be >= {least}, got {v}")
+    if (args.num_fewshot or args.fewshot_seed is not None) and not args.tasks:
+        raise ValueError("--num-fewshot / --fewshot-seed apply to --tasks evaluation only")
     model = load_for_generation(args)
     tok = load_tokenizer_for(args.model, args.tokenizer)
     results: dict[str, Any] = {"model": str(args.model)}
@@ -103,7 +112,11 @@ def run(args) -> int:
         from .tasks import evaluate_tasks, parse_task_list
 
         names = parse_task_list(args.tasks)
-        res = evaluate_tasks(model, tok, names, limit=args.limit, batch_size=args.batch_size)
+        from .tasks import FEWSHOT_SEED
+
+        res = evaluate_tasks(model, tok, names, limit=args.limit, batch_size=args.batch_size,
+                             num_fewshot=args.num_fewshot,
+                             fewshot_seed=FEWSHOT_SEED if args.fewshot_seed is None else args.fewshot_seed)
         results["tasks"] = res
         _print_tasks(res)
     else:

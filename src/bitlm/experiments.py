@@ -23,6 +23,9 @@ Four experiments, each trains on the bundled corpus (``bitlm.data``), evaluates,
   * ``groups``  — one b1.58 shape trained with G = 1, 2, 4, 8 quantisation / normalisation groups
     in the tensor-parallel group mode (2310.11453 Eq. 13-15; ``bitlm.tensor_parallel.group_config``:
     what ``bitlm train --tp G --tp-quant group`` trains) on the same tokens: validation perplexity.
+  * ``distill`` — knowledge distillation (``bitlm.distill``, BitDistill 2510.13998): an fp teacher
+    (trained first at the same shape and tokens, or ``--teacher PATH``), then BitNet b1.58 at equal
+    tokens without a teacher, with logit KD, and with logit + attention-relation KD (last layer).
 
 Sizes.  ``--scale S`` multiplies the number of linear weights (width x sqrt(S)) and the tokens per
 model (steps x S); ``--quick`` is a seconds-long smoke run on a tiny model (the tests use it).
@@ -43,7 +46,7 @@ import numpy as np
 
 __all__ = ["EXPERIMENTS", "Setup", "fit_power_law", "power_law", "run_experiment", "add_arguments", "run"]
 
-EXPERIMENTS = ("compare", "ptq", "scaling", "lr", "groups")
+EXPERIMENTS = ("compare", "ptq", "scaling", "lr", "groups", "distill")
 
 # Peak LRs at this scale: the demo's values (bitlm.demo), BitNet above fp as in the papers (FAQ
 # Table 2: ≈ 6x), fp well above the 700M recipe's 2.5e-4 because tiny models tolerate more.  They
@@ -81,6 +84,10 @@ class Setup:
     calib_seqs: int = 32  # PTQ calibration sequences of seq_len tokens
     eval_batch: int = 32
     data: str = "default"
+    teacher: str = ""  # distill: a ready fp teacher (anything bitlm.load reads); "" = train one first
+    kd_weight: float = 1.0  # distill: BitDistill's λ (summarisation setting) and τ
+    kd_temperature: float = 5.0
+    kd_attention_weight: float = 1e3  # distill: γ of the attention-relation term (BitDistill summarisation)
 
     @classmethod
     def build(cls, name: str = "compare", scale: float = 1.0, quick: bool = False, **over: Any) -> Setup:
@@ -126,6 +133,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "scaling": {},
     "lr": dict(steps=300),
     "groups": dict(steps=300),
+    "distill": {},
 }
 
 
@@ -231,7 +239,7 @@ class Context:
 
 
 def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: float | None = None,
-           eval_every: int = 0, seed: int = 0) -> dict[str, Any]:
+           eval_every: int = 0, seed: int = 0, **train_kw: Any) -> dict[str, Any]:
     """Train one model; returns {"model" (None if diverged), "seconds", "curve", "diverged", ...}."""
     from .train import TrainConfig, train
 
@@ -239,7 +247,7 @@ def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: f
     tcfg = TrainConfig(recipe=recipe, lr=lr, max_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        eval_every=eval_every or s.steps, eval_batches=4, log_every=max(1, s.steps // 50),
                        out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, grad_clip=grad_clip,
-                       seed=seed)
+                       seed=seed, **train_kw)
     t0 = time.time()
     model, diverged, reason = None, False, None
     try:
@@ -253,17 +261,23 @@ def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: f
 
 
 def _read_curve(path: Path) -> dict[str, list]:
+    """Train loss (the LM loss alone for a distillation run, whose "loss" is the total), val loss
+    and, when present, the KD terms per logged step."""
     steps, loss, vsteps, vloss = [], [], [], []
+    kd: dict[str, list] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             d = json.loads(line)
             if "loss" in d:
                 steps.append(d["step"])
-                loss.append(d["loss"])
+                loss.append(d.get("lm_loss", d["loss"]))
+                for k in ("kd_loss", "ad_loss"):
+                    if k in d:
+                        kd.setdefault(k, []).append(d[k])
             if "val_loss" in d:
                 vsteps.append(d["step"])
                 vloss.append(d["val_loss"])
-    return {"step": steps, "loss": loss, "val_step": vsteps, "val_loss": vloss}
+    return {"step": steps, "loss": loss, "val_step": vsteps, "val_loss": vloss, **kd}
 
 
 def _val(ctx: Context, model) -> dict[str, float]:
@@ -723,13 +737,129 @@ def exp_groups(ctx: Context) -> dict[str, Any]:
           + "\n\n" + _md_table(["G", "val loss", "val ppl", "val bpb", "ppl vs G = 1", "train s"], tab)
           + "\n\n![groups](groups.png)\n")
     return {"rows": rows, "curves": curves, "plots": plots, "markdown": md}
+# distill
+# ---------------------------------------------------------------------------------------------
+
+DISTILL_RUNS = (("b1.58", "BitNet b1.58, no teacher", {}),
+                ("b1.58+ld", "b1.58 + logit KD", {"kd": True}),
+                ("b1.58+ld+ad", "b1.58 + logit KD + attention-relation KD", {"kd": True, "ad": True}))
+
+
+def _teacher_kl(ctx: Context, student, teacher, temperature: float = 1.0) -> float:
+    """Mean KL(teacher ‖ student) per token (nats, τ = 1) on the validation slice: how close the
+    student's next-token distribution came to the teacher's."""
+    import torch
+
+    from .distill import kd_logit_loss
+
+    toks, _ = ctx.val_slice()
+    s = ctx.setup
+    x = torch.from_numpy(np.asarray(toks[: (len(toks) - 1) // s.seq_len * s.seq_len], dtype=np.int64)).view(-1, s.seq_len)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], s.eval_batch):
+            b = x[i : i + s.eval_batch]
+            total += kd_logit_loss(student(b), teacher(b).float(), temperature).item() * b.numel()
+            n += b.numel()
+    return total / max(1, n)
+
+
+def _check_teacher(path: str, vocab_size: int):
+    """The teacher at ``path`` (frozen, eval), refused unless its vocabulary is the experiment's."""
+    from .distill import load_teacher
+
+    teacher = load_teacher(path)
+    if teacher.config.vocab_size != vocab_size:
+        raise ValueError(f"--teacher {path}: its vocabulary has {teacher.config.vocab_size} tokens, the "
+                         f"experiment's {vocab_size}; distillation needs the same tokenizer")
+    return teacher
+
+
+def exp_distill(ctx: Context) -> dict[str, Any]:
+    s = ctx.setup
+    eval_every = max(1, s.steps // 8)
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, Any]] = {}
+    if s.teacher:
+        teacher_path = s.teacher
+        ctx.say(f"(1/4) teacher: {teacher_path} (given)")
+        teacher_row: dict[str, Any] = {"model": f"fp teacher ({teacher_path})", "tag": "teacher", "train_seconds": 0.0}
+    else:
+        mcfg = s.model_config("fp")
+        ctx.say(f"(1/4) training the fp teacher: d={mcfg.d_model} L={mcfg.n_layers}, recipe fp, peak lr {LR['fp']:g}, "
+                f"{s.steps} steps")
+        tr = _train(ctx, "teacher", mcfg, "fp", LR["fp"], eval_every=eval_every)
+        if tr["model"] is None:
+            raise FloatingPointError(f"the fp teacher diverged: {tr['reason']}")
+        teacher_path = str(ctx.out / "ckpt" / "teacher" / "last")
+        curves["teacher"] = tr["curve"]
+        teacher_row = {"model": "fp teacher (same shape, same tokens)", "tag": "teacher", "train_seconds": tr["seconds"]}
+    teacher = _check_teacher(teacher_path, s.vocab_size)
+    teacher_row.update(parameters=teacher.num_parameters(), **_val(ctx, teacher))
+    teacher_row["zero_shot"] = _zero_shot(ctx, teacher)
+    rows.append(teacher_row)
+    mcfg = s.model_config("b1.58")
+    last_layer = mcfg.n_layers - 1
+    for i, (tag, label, kd) in enumerate(DISTILL_RUNS):
+        kw: dict[str, Any] = {}
+        if kd.get("kd"):
+            kw = dict(teacher=teacher_path, kd_weight=s.kd_weight, kd_temperature=s.kd_temperature)
+        if kd.get("ad"):
+            kw.update(kd_attention_layers=[last_layer], kd_attention_weight=s.kd_attention_weight)
+        ctx.say(f"({i + 2}/4) training {label}: peak lr {LR['b1.58']:g}, {s.steps} steps"
+                + (f", λ {s.kd_weight:g}, τ {s.kd_temperature:g}" if kw else "")
+                + (f", γ {s.kd_attention_weight:g} at layer {last_layer}" if kd.get("ad") else ""))
+        tr = _train(ctx, tag, mcfg, "b1.58", LR["b1.58"], eval_every=eval_every, **kw)
+        curves[tag] = tr["curve"]
+        row: dict[str, Any] = {"model": label, "tag": tag, "train_seconds": tr["seconds"], "diverged": tr["diverged"],
+                               **{k: v for k, v in kw.items() if k != "teacher"}}
+        if tr["model"] is not None:
+            row["parameters"] = tr["model"].num_parameters()
+            row.update(_val(ctx, tr["model"]))
+            row["kl_to_teacher"] = _teacher_kl(ctx, tr["model"], teacher)
+            row["zero_shot"] = _zero_shot(ctx, tr["model"])
+        rows.append(row)
+        ctx.say(f"{label}: val ppl {_num(row.get('val_ppl'))}, KL to teacher {_num(row.get('kl_to_teacher'), '.4f')}, "
+                f"zero-shot avg {_pct(row.get('zero_shot', {}).get('avg'))}%")
+    chance = _chance_row(s)
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    for tag, c in curves.items():
+        name = "fp teacher" if tag == "teacher" else next(lbl for t, lbl, _ in DISTILL_RUNS if t == tag)
+        ax[0].plot(c["step"], c["loss"], label=name, lw=1)
+        ax[1].plot(c["val_step"], c["val_loss"], "o-", label=name, ms=3)
+    ax[0].set(xlabel="step", ylabel="train LM loss (nats)", title="training loss (CE term)")
+    ax[1].set(xlabel="step", ylabel="val loss (nats)", title="validation loss")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    plots = [_save_fig(fig, ctx.out / "distill_loss.png")]
+
+    head = ["model", "val ppl", "val bpb", "KL to teacher", *[_short(t) for t in s.tasks], "zero-shot avg"]
+    tab = []
+    for r in rows:
+        zs = r.get("zero_shot", {})
+        tab.append([r["model"], _num(r.get("val_ppl")), _num(r.get("val_bpb"), ".3f"),
+                    _num(r.get("kl_to_teacher"), ".4f") if r["tag"] != "teacher" else "0",
+                    *[_pct(zs.get("tasks", {}).get(t)) for t in s.tasks], _pct(zs.get("avg"))])
+    tab.append(["chance", "", "", "", *[_pct(chance["tasks"][t]) for t in s.tasks], _pct(chance["avg"])])
+    md = ("## distill: BitNet b1.58 with and without an fp teacher (same shape, same tokens)\n\n" + _setup_md(
+        ctx, f"Students: b1.58 recipe, peak lr {LR['b1.58']:g}. KD (bitlm.distill, BitDistill Eq. 13): "
+        f"L = CE + λ·τ²·KL(teacher ‖ student at τ) [+ γ·L_AD, Q/K/V relations at layer {last_layer}], "
+        f"λ = {s.kd_weight:g}, τ = {s.kd_temperature:g}, γ = {s.kd_attention_weight:g}. 'KL to teacher': mean "
+        "KL(teacher ‖ student) per validation token at τ = 1 (nats). Accuracy is acc_norm where lm-eval reports it, "
+        "else acc.") + "\n\n" + _md_table(head, tab) + "\n\n![loss](distill_loss.png)\n")
+    return {"rows": rows, "chance": chance, "curves": curves, "plots": plots, "markdown": md,
+            "teacher": teacher_path}
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver and CLI
 # ---------------------------------------------------------------------------------------------
 
-_RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr, "groups": exp_groups}
+_RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr, "groups": exp_groups,
+            "distill": exp_distill}
 
 
 def _jsonable(x: Any) -> Any:
@@ -792,6 +922,8 @@ def add_arguments(p) -> None:
     p.add_argument("--groups", default=None, help="comma-separated G values for the groups sweep (default 1,2,4,8)")
     p.add_argument("--data", default=None, help="'default' (bundled corpus) or a text file")
     p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--teacher", default=None,
+                   help="distill: use this fp model as the teacher instead of training one (same tokenizer/vocab)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -806,7 +938,8 @@ def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
         for q in ("fp", "b1.58"):  # mean of fp and b1.58: one step of the average variant
             per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2) / 2
     # scaling: `per` already sums one step of every width, and each width is trained twice
-    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups)}[name]
+    # distill: 4 models, KD ≈ 1.3 steps; groups: the G values and one more seed of G = 1
+    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups) + 1, "distill": 5}[name]
     return max(10, int(minutes * 60 / (n_models * per)))
 
 
@@ -823,7 +956,10 @@ def _number_list(opt: str, text: str, typ: type) -> list:
 def run(args) -> int:
     if args.name not in _RUNNERS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    over: dict[str, Any] = {"steps": args.steps, "limit": args.limit, "data": args.data, "vocab_size": args.vocab_size}
+    over: dict[str, Any] = {"steps": args.steps, "limit": args.limit, "data": args.data, "vocab_size": args.vocab_size,
+                            "teacher": args.teacher}
+    if args.teacher and args.name != "distill":
+        raise ValueError("--teacher applies to `bitlm experiment distill` only")
     if args.tasks:
         from .tasks import parse_task_list
 
@@ -841,6 +977,8 @@ def run(args) -> int:
         over["groups"] = _number_list("--groups", args.groups, int)
     _plt()  # fail now, not after minutes of training, when matplotlib is missing
     setup = Setup.build(args.name, args.scale, args.quick, **over)
+    if setup.teacher:  # before minutes of corpus preparation
+        _check_teacher(setup.teacher, setup.vocab_size)
     from .data import prepare_data
 
     data = prepare_data(setup.data, vocab_size=setup.vocab_size)

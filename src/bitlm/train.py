@@ -47,6 +47,13 @@ with grad_accum 2), rank 0 alone logs, the logged loss is the global-batch mean 
 is reduced over ranks.  Signals, ``max_time`` and wall-time saves are agreed by all ranks.
 Parallel runs save distributed checkpoints (``bitlm.io.dcp``), which resume on any world size
 with the same world size × grad_accum.
+
+Knowledge distillation (``teacher``; ``bitlm.distill``): each micro-batch's loss becomes
+CE + kd_weight·τ²·KL(teacher ‖ student at τ) [+ kd_attention_weight·L_AD at
+``kd_attention_layers``]; the frozen teacher is loaded on every rank, metrics.jsonl adds
+``lm_loss`` / ``kd_loss`` / ``ad_loss`` (global-batch means) and the checkpoint's metadata the
+KD settings (``train``) and the teacher's shape (``teacher``); resume requires the same teacher
+and KD settings.
 """
 
 from __future__ import annotations
@@ -182,6 +189,13 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     lora_dropout: float = 0.0
+    # knowledge distillation (bitlm.distill): L = CE + kd_weight·τ²·KL(teacher‖student at τ) + kd_attention_weight·L_AD
+    teacher: str | None = None  # any model bitlm.load reads; None = no distillation
+    teacher_dtype: str = "fp32"  # fp32 | bf16
+    kd_weight: float = 1.0
+    kd_temperature: float = 5.0
+    kd_attention_layers: list[int] | None = None  # attention-relation distillation at these layers (-1 = last)
+    kd_attention_weight: float = 1e3
 
     def resolved(self, model: ModelConfig | None = None) -> dict[str, Any]:
         """Recipe defaults filled in for ``model``'s size row: the values the run really uses."""
@@ -237,6 +251,18 @@ class TrainConfig:
             raise ValueError(f"--global-batch must be >= 1, got {self.global_batch}")
         if not self.dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.teacher is not None:
+            from .distill import TEACHER_DTYPES
+
+            if self.teacher_dtype not in TEACHER_DTYPES:
+                raise ValueError(f"--teacher-dtype {self.teacher_dtype!r}: choose one of {', '.join(TEACHER_DTYPES)}")
+            if not self.kd_temperature > 0:
+                raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+            if not (self.kd_weight >= 0 and self.kd_attention_weight >= 0):
+                raise ValueError(f"--kd-weight / --kd-attention-weight must be >= 0, got {self.kd_weight}, "
+                                 f"{self.kd_attention_weight}")
+        elif self.kd_attention_layers:
+            raise ValueError("--kd-attention-layer needs --teacher")
         if self.quant_warmup != "none":
             from .layers import lambda_schedule
 
@@ -567,7 +593,8 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
                                   f"checkpoint {saved_model.to_dict()[diff[0]]!r}, now {model_cfg.to_dict()[diff[0]]!r})")
         saved_train = meta.get("train") or {}
         for key in ("recipe", "batch_size", "seq_len", "seed", "data", "quant_warmup", "quant_warmup_steps",
-                    "lora_rank", "lora_alpha", "lora_targets"):
+                    "lora_rank", "lora_alpha", "lora_targets", "teacher", "kd_weight", "kd_temperature",
+                    "kd_attention_layers", "kd_attention_weight"):
             if key in saved_train and saved_train[key] != getattr(tcfg, key):
                 raise CheckpointError(f"{last}: train config mismatch on resume (field {key!r}: "
                                       f"checkpoint {saved_train[key]!r}, now {getattr(tcfg, key)!r})")
@@ -612,6 +639,17 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
         P.compile_blocks(base)
     model = P.wrap_model(base, d, precision)
     opt = make_optimizer(model, r, tcfg.adam_eps)
+    distiller = None
+    if tcfg.teacher is not None:  # every rank loads its own frozen replica (bitlm.distill)
+        from .distill import Distiller, load_teacher
+
+        distiller = Distiller(load_teacher(tcfg.teacher, tcfg.teacher_dtype, d.device), base,
+                              weight=tcfg.kd_weight, temperature=tcfg.kd_temperature,
+                              attention_layers=tcfg.kd_attention_layers or (),
+                              attention_weight=tcfg.kd_attention_weight, teacher_path=tcfg.teacher)
+        log(f"distilling from {tcfg.teacher}: kd weight {tcfg.kd_weight:g}, temperature {tcfg.kd_temperature:g}"
+            + (f", attention relations at layer(s) {tcfg.kd_attention_layers} × {tcfg.kd_attention_weight:g}"
+               if tcfg.kd_attention_layers else ""))
     if resume_dcp:
         ck["load_dcp"](model, opt, last)
     if opt_state is not None:
@@ -640,6 +678,8 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
     saved_step = start if resume else -1  # the step that OUT/last holds (-1: none written by this run)
     saving = False
     recipe_meta = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}}
+    if distiller is not None:  # what the teacher was, beside its path and the KD settings in "train"
+        recipe_meta["teacher"] = distiller.describe()
 
     def save(step: int) -> None:
         nonlocal saved_step, saved_at, saving
@@ -693,18 +733,25 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
                 lam = lambda_schedule(tcfg.quant_warmup, step, tcfg.quant_warmup_steps)
                 set_quant_lambda(base, lam)
             loss_sum = 0.0
+            kd_sums: dict[str, float] = {}
             for micro in range(ga):
                 # micro-batch m of rank r is data stream r·ga + m: grad accumulation over k
                 # micro-batches equals k ranks with the same global batch
                 x, y = data.batch(step, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, rank=d.dp_rank * ga + micro)
                 x, y = P.to_device(x, d.device), P.to_device(y, d.device)
                 with P.no_grad_sync(model, d, sync=micro == ga - 1):
-                    loss = lm_loss(model, x, y, bf16, d.device.type)
+                    if distiller is None:
+                        loss = lm_loss(model, x, y, bf16, d.device.type)
+                    else:
+                        loss, parts = distiller.loss(model, x, y, bf16, d.device.type)
+                        for k, v in parts.items():
+                            kd_sums[k] = kd_sums.get(k, 0.0) + v / ga
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged; lower the LR)")
                     (loss / ga).backward()
                 loss_sum += loss.item() / ga
             loss_sum = P.all_reduce_mean(loss_sum, d)  # the mean over the global batch
+            kd_sums = {k: P.all_reduce_mean(v, d) for k, v in kd_sums.items()}
             gnorm = None
             if r["grad_clip"] and r["grad_clip"] > 0:
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
@@ -722,7 +769,7 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
             if step % tcfg.log_every == 0 or step == total:
                 record({"step": step, "loss": loss_sum, "lr": lr, "wd": wd, "grad_norm": gnorm,
                         "tokens": step * tokens_per_step, "tok_per_s": tps, "time": elapsed,
-                        **({"quant_lambda": lam} if lam is not None else {})})
+                        **({"quant_lambda": lam} if lam is not None else {}), **kd_sums})
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total):
                 val = evaluate_loss(model, data.val_batches(tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches),
                                     bf16, device=d.device, dist=d)
@@ -760,6 +807,8 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
     finally:
         stop.restore()
         bar.close()
+        if distiller is not None:
+            distiller.close()
         if metrics is not None:
             metrics.close()
     return TrainResult(base, step, val, out, time.time() - t0, (step - start) * tokens_per_step)
@@ -854,6 +903,18 @@ def add_arguments(p) -> None:
     p.add_argument("--init-from", default=None, help="start from any model bitlm.load() reads")
     p.add_argument("--lora-rank", type=int, default=None, help="train only rank-R LoRA adapters on the frozen model")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (adapter output × alpha/rank)")
+    p.add_argument("--teacher", default=None,
+                   help="knowledge distillation from this model (anything bitlm.load reads: an fp bitlm checkpoint, "
+                        "a Hugging Face Llama-family folder, GGUF); its vocabulary must be the student's. "
+                        "Loss: CE + W·τ²·KL(teacher ‖ student at temperature τ) (bitlm.distill, BitDistill Eq. 13)")
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default=None, help="the teacher's dtype (default fp32)")
+    p.add_argument("--kd-weight", type=float, default=None, help="λ of the logit-distillation term (default 1.0)")
+    p.add_argument("--kd-temperature", type=float, default=None, help="softmax temperature τ (default 5.0, BitDistill's)")
+    p.add_argument("--kd-attention-layer", type=int, action="append", default=None, metavar="L",
+                   help="add BitDistill's attention-relation distillation (Q, K, V relations) at layer L "
+                        "(-1 = the last; repeatable; the paper recommends one late layer)")
+    p.add_argument("--kd-attention-weight", type=float, default=None,
+                   help="γ of the attention-relation term (default 1e3; BitDistill uses 1e5 for classification)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -929,10 +990,15 @@ def run(args) -> int:
                save_every_minutes=args.save_every_minutes, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                precision=args.precision, device=args.device, parallel=args.parallel, dist_backend=args.dist_backend,
                dist_timeout=args.dist_timeout, global_batch=args.global_batch, tp=args.tp, tp_quant=args.tp_quant,
-               checkpoint_format=args.checkpoint_format)
+               checkpoint_format=args.checkpoint_format, teacher=args.teacher, teacher_dtype=args.teacher_dtype,
+               kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+               kd_attention_layers=args.kd_attention_layer, kd_attention_weight=args.kd_attention_weight)
     tkw.update({k: v for k, v in cli.items() if v is not None})
     if args.init_from and tkw.get("tokenizer") is None and (Path(args.init_from) / "tokenizer.json").is_file():
         tkw["tokenizer"] = args.init_from  # the model's own vocabulary: a freshly trained BPE would scramble its ids
+    if (args.teacher and tkw.get("tokenizer") is None and Path(args.teacher).is_dir()
+            and (Path(args.teacher) / "tokenizer.json").is_file()):
+        tkw["tokenizer"] = args.teacher  # the teacher's vocabulary: its logits are over its own token ids
     if args.bf16:
         tkw["bf16"] = True
     if args.compile:
