@@ -282,3 +282,30 @@ def test_cli_recipe_a8_then_a4(tmp_path, monkeypatch):
     assert stage2.model.layers[0].self_attn.o_proj.act_topk == 0.5
     for k, v in stage1.state_dict().items():  # lr 0: stage 2 still holds exactly stage 1's weights
         assert torch.equal(v, stage2.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# bitlm experiment activations (end to end, tiny)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.network  # trains on the default corpus (downloaded on first use), as tests/test_experiments.py
+def test_experiment_activations(tmp_path):
+    import json
+
+    from bitlm.data import prepare_data
+    from bitlm.experiments import Setup, run_experiment
+
+    s = Setup.build("activations", quick=True)
+    s.steps, s.val_tokens, s.limit, s.tasks = 4, 300, 2, ("piqa",)
+    run_experiment("activations", s, tmp_path, progress=False, data=prepare_data("default", vocab_size=2048))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in res["rows"]] == ["fp", "a8", "a4.8", "v2-a4"]
+    assert [(r["stage1_steps"], r["stage2_steps"]) for r in res["rows"]] == [(4, 0), (3, 1), (3, 1), (3, 1)]
+    rows = {r["key"]: r for r in res["rows"]}
+    assert rows["a4.8"]["sparsity"]["o"] == pytest.approx(0.5, abs=0.01)  # top-K 50 % on o_proj
+    assert 0.05 < rows["a4.8"]["sparsity"]["qkv"] < 0.25  # INT4 absmean: ~12 % zeros on Gaussian-like inputs
+    assert rows["a8"]["sparsity"]["o"] < 0.2
+    assert all(r["val_ppl"] > 1 for r in res["rows"])
+    assert (tmp_path / "activations_loss.png").stat().st_size > 1000
+    assert "BitNet a4.8" in (tmp_path / "results.md").read_text()

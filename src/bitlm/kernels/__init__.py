@@ -32,7 +32,7 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "backend", "backend_info",
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "hadamard", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -134,6 +134,14 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     at 2 bytes per weight; the matrix is never converted as a whole)."""
     nat = _native_or_none()
     return (nat or reference).dense_bf16_matmul(x, weight)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """BitNet v2's H-BitLinear transform: float32 (..., K) → (..., K), the orthonormal Walsh–Hadamard
+    transform of each row (block-diagonal with the largest power-of-two block dividing K), the
+    same float32 butterflies in the same order on every backend and tier (``csrc/hadamard_impl.h``)."""
+    nat = _native_or_none()
+    return (nat or reference).hadamard(x)
 
 
 def set_num_threads(n: int) -> int:
