@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .config import ModelConfig
+from .config import ACT_VARIANTS, ModelConfig
 from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
 from .model import KVCache, inference_blockers, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
@@ -200,14 +200,41 @@ class PackedModel:
         return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
 
     # -- forward ---------------------------------------------------------------------------------
-    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-        """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN)."""
+    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, site: str = "qkv"):
+        """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN).
+        ``site`` ("qkv", "o", "ffn_in", "down"): the projections it feeds, for ``act_variant``."""
+        if self.config.act_variant != "a8":
+            return self._variant_quant(x, w, b, site)
         if w is None:  # no norm at this site (sub_norm=False)
             return kernels.quantize_rows(x)
         if self.config.arch == "bitnet":
             h = F.layer_norm(x, (x.shape[-1],), w, b, self.config.norm_eps)
             return kernels.quantize_rows(h)
         return kernels.quantize_rows(x, w, self.config.norm_eps)
+
+    def _variant_quant(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, site: str):
+        """BitNet a4.8 / v2 activations (``config.ACT_VARIANTS``): the norm as ``bitlm.model``
+        computes it (torch), the Hadamard transform (native op), then 4-bit absmean codes — or
+        int8 absmax, top-K masked at a4.8's o_proj — in int8 containers: the int8 × ternary GEMM
+        then gives the exact int4 × ternary sums, with the usual ``s / a`` epilogue."""
+        cfg = self.config
+        bits, act_quant, topk, had = ACT_VARIANTS[cfg.act_variant][site]
+        if w is None:
+            h = x
+        elif cfg.arch == "bitnet":
+            h = F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
+        else:
+            h = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps))
+        if had:
+            h = kernels.hadamard(h)
+        if act_quant == "absmean":
+            return kernels.quantize_rows_absmean(h, bits)
+        xq, a = kernels.quantize_rows(h)
+        if topk is not None:
+            from .quant import topk_mask
+
+            xq = xq * topk_mask(h, topk)
+        return xq, a
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         return self.forward(input_ids, cache, last_only)
@@ -241,7 +268,7 @@ class PackedModel:
                 k, v = cache.update(i, k, v)
             att = _attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
             x = x + kernels.matmul(aq, aa, L.o)  # a fresh tensor: the FFN below may add in place
             del aq, aa
@@ -260,7 +287,7 @@ class PackedModel:
     def _ffn(self, L: PackedLayer, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sub-layer of (M, d) rows (without the residual add)."""
         cfg = self.config
-        hq, ha = self._norm_quant(x, L.post_norm, L.post_norm_b)
+        hq, ha = self._norm_quant(x, L.post_norm, L.post_norm_b, "ffn_in")
         u = kernels.matmul(hq, ha, L.up)
         del hq, ha
         if cfg.arch == "bitnet":
@@ -271,7 +298,7 @@ class PackedModel:
             m.mul_(u)  # act(g) * u, in place on the fresh act(g)
             del g
         del u
-        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b)
+        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b, "down")
         del m
         return kernels.matmul(mq, ma, L.down)
 
@@ -348,7 +375,7 @@ class PackedModel:
                 kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
                 att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
             x = x + kernels.matmul(aq, aa, L.o)
             del aq, aa
@@ -365,8 +392,8 @@ class PackedModel:
     def _fused_decode_ok(self) -> bool:
         if not self.fused_decode or os.environ.get("BITLM_FUSED_DECODE", "1") == "0":
             return False
-        if self.config.arch == "bitnet":  # LayerNorm + GELU, non-gated FFN: per-op path
-            return False
+        if self.config.arch == "bitnet" or self.config.act_variant != "a8":  # LayerNorm + GELU, non-gated
+            return False  # FFN, or 4-bit / Hadamard activations: the per-op path
         if kernels.backend() != "native":
             return False
         ok = self.__dict__.get("_native_layers")
@@ -464,7 +491,7 @@ def _quantized(lin, allow_bias: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if lin.act_nonneg or (lin.weight_groups > 1 and lin.weight_group_dim != "out"):
         raise ValueError(f"act_nonneg={lin.act_nonneg}, weight_group_dim={lin.weight_group_dim!r}: the packed engine "
                          "runs symmetric activations and output-row weight groups only")
-    if lin.act_bits != 8 or lin.act_groups != 1 or lin.norm is not None:
+    if (lin.act_bits, lin.act_quant) not in ((8, "absmax"), (4, "absmean")) or lin.act_groups != 1 or lin.norm is not None:
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
         raise ValueError("the packed engine supports biases only on q/k/v projections")
@@ -489,7 +516,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     the same functions training used, so the packed model computes the same ternary layer)."""
     cfg = model.config
     fmt = _fmt_for(cfg, format)
-    if blockers := inference_blockers(cfg):
+    if blockers := inference_blockers(cfg, packed_engine=True):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
     embed = embed or head
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731

@@ -351,7 +351,7 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
 
 
-def inference_blockers(cfg: ModelConfig) -> list[str]:
+def inference_blockers(cfg: ModelConfig, packed_engine: bool = False) -> list[str]:
     """The options of ``cfg`` that bitlm's inference formats (the packed engine, HF BitNet, GGUF)
     do not compute, each as "option=value: why"; empty when the model can be packed/exported
     (given a b1/b1.58 quant).  Training and eval in torch support all of them."""
@@ -360,9 +360,9 @@ def inference_blockers(cfg: ModelConfig) -> list[str]:
         out.append(f"norm_groups={cfg.norm_groups}: packed and exported models normalise over all features")
     if cfg.quant == "fp":  # plain nn.Linear: the quantisation options below do nothing
         return out
-    if cfg.act_variant != "a8":
-        out.append(f"act_variant={cfg.act_variant!r}: packed and exported models quantise every activation to int8 "
-                   "absmax (no 4-bit absmean, top-K or Hadamard)")
+    if cfg.act_variant != "a8" and not packed_engine:  # bitlm's own engine computes them
+        out.append(f"act_variant={cfg.act_variant!r}: exported models (GGUF, HF BitNet) quantise every activation "
+                   "to int8 absmax (no 4-bit absmean, top-K or Hadamard); only bitlm's packed engine runs it")
     if cfg.act_nonneg:
         out.append("act_nonneg=True: packed and exported models quantise activations symmetrically (no η)")
     if cfg.act_groups != 1:
