@@ -75,6 +75,16 @@ def test_topk_mask_by_hand_with_ties():
         Q.topk_mask(x, 0.0)
 
 
+def test_topk_mask_equals_a_stable_sort_on_tie_heavy_data():
+    torch.manual_seed(2)
+    x = torch.randint(-4, 5, (50, 24)).float()  # many ties at every threshold
+    for frac in (0.25, 0.5, 0.75):
+        k = int(24 * frac)
+        idx = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices[:, :k]
+        want = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+        assert torch.equal(Q.topk_mask(x, frac), want), frac
+
+
 def test_topk_fake_quant_is_int8_of_the_kept_half_and_ste_keeps_masked_gradients():
     torch.manual_seed(1)
     x = torch.randn(4, 64, requires_grad=True)
@@ -231,13 +241,18 @@ def test_checkpoint_records_the_variant(tmp_path):
     assert torch.equal(back.eval()(ids), m(ids))
 
 
-def test_inference_formats_refuse_the_4bit_variants(tmp_path):
+def test_exports_refuse_the_4bit_variants_the_packed_engine_runs_them(tmp_path):
     from bitlm.engine import pack
+    from bitlm.loading import save
 
     m = BitNetModel(tiny_config(act_variant="v2-a4")).eval()
     assert any("act_variant='v2-a4'" in b for b in inference_blockers(m.config))
-    with pytest.raises(ValueError, match="act_variant"):
-        pack(m)
+    assert not inference_blockers(m.config, packed_engine=True)
+    assert pack(m).config.act_variant == "v2-a4"
+    for fmt in ("hf", "gguf"):
+        with pytest.raises(ValueError, match="act_variant='v2-a4'"):
+            save(m, tmp_path / f"out-{fmt}", format=fmt)
+    assert not (tmp_path / "out-hf").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,13 @@ fused RMSNorm + absmax quantiser, int32 accumulation, one float epilogue.  Norms
 and the residual stream stay float32; the embedding and output head are kept in f32, bf16 or
 int8 (per-row absmax scale) by option — for 2B4T the head is the largest read per token.
 
+Models with ``act_variant`` a4.8 / v2-a8 / v2-a4 (BitNet a4.8, BitNet v2) run the same products
+on other activations: the norm in torch, the native Hadamard transform where the variant has it,
+then 4-bit absmean codes (or int8 top-K masked) in int8 containers — the int8 × ternary integer sums
+are then exactly the int4 × ternary ones.  They decode on the per-op path.  The torch model and the
+engine agree to float rounding, except that a4.8's top-K can break a near-tie at the K-th |x|
+differently (the two compute the attention output in different float orders).
+
 The packed file (``.bitlm``) format is ``bitlm.io.packed``'s; this module maps a
 ``PackedModel`` to and from its header and named tensors (``save_packed`` / ``load_packed``).
 """

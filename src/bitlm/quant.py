@@ -399,11 +399,13 @@ def topk_mask(x: torch.Tensor, frac: float = 0.5) -> torch.Tensor:
         raise ValueError(f"top-K fraction must be in (0, 1], got {frac}")
     d = x.shape[-1]
     k = max(1, int(math.floor(frac * d)))
-    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     if k >= d:
-        return mask.fill_(True)
-    idx = torch.sort(x.detach().abs(), dim=-1, descending=True, stable=True).indices[..., :k]
-    return mask.scatter_(-1, idx, True)
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    a = x.detach().abs()
+    thr = a.kthvalue(d - k + 1, dim=-1, keepdim=True).values  # the K-th largest |x|
+    above = a > thr
+    ties = a == thr  # of the entries at the threshold, the first (K - #above) by index are kept
+    return above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
 
 
 def fake_quant_activation_topk(
