@@ -166,7 +166,6 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("train-act-variant-unknown", "train --preset tiny --max-steps 1 --act-variant a2", "act_variant"),
     ("train-init-act-variant-unknown", "train --init-from {ck} --data {text} --seq-len 16 --batch-size 2 "
      "--max-steps 1 --out {dir}/r --act-variant a2", "--act-variant a2"),
-    ("pack-act-variant", "pack --model {ck_a48} --out {dir}/v.bitlm", "act_variant='a4.8'"),
     ("export-act-variant", "export --model {ck_a48} --format hf --out {dir}/v-hf", "act_variant='a4.8'"),
     ("train-config-missing", "train --config {dir}/nocfg.json --max-steps 1", "nocfg.json"),
     ("train-config-bad-json", "train --config {cfg_bad} --max-steps 1", "cfg-bad.json"),
