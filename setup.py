@@ -47,7 +47,7 @@ TIER_FILES = {
     "x86_avx2.c": (["-mavx2", "-mfma"], "BITLM_HAVE_AVX2"),
     "x86_avx512.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"], "BITLM_HAVE_AVX512"),
 }
-BASE_FILES = ["generic.c", "threadpool.c", "decode.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hadamard.c"]
 
 
 class BuildKernels(build_ext):
@@ -122,7 +122,7 @@ def _ext_modules() -> list[Extension]:
         return []
     # sources are listed for sdists / change detection; BuildKernels compiles them itself
     sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
-    headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h")]
+    headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h", "hadamard_impl.h")]
     # optional=True: when a failed build is allowed (see BuildKernels), an in-place/editable build
     # must not then fail copying the library that was never built
     return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers, optional=True)]

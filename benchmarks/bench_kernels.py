@@ -17,6 +17,10 @@ Measured in one run, for each thread count (default 1 and 2):
   ``F.linear``;
 * GEMM at M = 128 and 512 on the same shapes: GMAC/s per core and the ratio to torch fp32 /
   bf16 ``F.linear`` and ``torch._int_mm`` (int8 x int8 -> int32).
+* ``--variants``: the activation variants (``ModelConfig.act_variant``: a8, a4.8, v2-a8, v2-a4)
+  end to end in the packed engine — prefill tokens/s and per-token decode time of a 2-layer model
+  of the b1.58 700M shape (d 1536, FFN 4096) — and the Hadamard op alone (native vs torch
+  reference) at 1536 / 4096 / 2560 / 6912 features.  ``--variants-only`` runs just that part.
 
 Times are wall-clock medians of several repetitions through the public Python API (so the few
 microseconds of ctypes overhead per call are included; the per-call overhead is measured on a
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="runs/bench_kernels.json", help="where to write the JSON results")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one shape, small buffers: a smoke test")
+    ap.add_argument("--variants", action="store_true", help="also time the activation variants (a4.8, v2)")
+    ap.add_argument("--variants-only", action="store_true", help="time only the activation variants")
     args = ap.parse_args(argv)
 
     if native.load() is None:
@@ -343,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(), "threads": threads,
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }}
+    if args.variants_only:
+        return variants_main(res, threads, args)
     res["call_overhead_us"] = call_overhead_us(args.reps)
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
     read_bw = {b["threads"]: (b["read_GBps"], b["read_best_GBps"]) for b in res["bandwidth"]}
@@ -350,11 +358,92 @@ def main(argv: list[str] | None = None) -> int:
     vocab = 8192 if args.quick else 128256
     res["head"] = [r for t in threads for r in head_rows(t, args.reps, vocab, 2560)]
     res["gemm"] = [r for t in threads for r in gemm_rows(t, max(2, args.reps // 2), shapes, ms)]
+    if args.variants:
+        res["variants"] = [r for t in threads for r in variant_rows(t, args.reps, args.quick)]
     res["env"]["loadavg_after"] = os.getloadavg()
     print_tables(res)
+    if args.variants:
+        print_variants(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def variant_rows(threads: int, reps: int, quick: bool = False) -> list[dict]:
+    """Prefill and decode of the activation variants in the packed engine, and the Hadamard op."""
+    from bitlm.config import ModelConfig
+    from bitlm.engine import convert
+    from bitlm.kernels import reference
+    from bitlm.model import BitNetModel
+
+    set_threads(threads)
+    torch.set_num_threads(threads)
+    d, f, heads, prefill, decode = (256, 768, 4, 32, 8) if quick else (1536, 4096, 24, 128, 32)
+    rows: list[dict] = []
+    for width in ((256,) if quick else (1536, 4096, 2560, 6912)):
+        x = torch.randn(prefill, width)
+        tn = timeit(lambda x=x: native.hadamard(x), reps)["median"]
+        tr = timeit(lambda x=x: reference.hadamard(x), reps)["median"]
+        rows.append({"threads": threads, "op": "hadamard", "M": prefill, "K": width, "native_us": tn * 1e6,
+                     "reference_us": tr * 1e6})
+        print(f"  hadamard {threads}t {prefill}x{width}: native {tn * 1e6:.0f} us, torch {tr * 1e6:.0f} us", flush=True)
+    for variant in ("a8", "a4.8", "v2-a8", "v2-a4"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch="bitnet-2b4t", vocab_size=4096, d_model=d, d_ff=f, n_layers=2, n_heads=heads,
+                          max_seq_len=prefill + decode + 1, act_variant=variant)
+        pm = convert(BitNetModel(cfg).eval())
+        ids = torch.randint(0, 4096, (1, prefill))
+        t_pre = timeit(lambda pm=pm, ids=ids: pm(ids, last_only=True), max(2, reps // 2))["median"]
+
+        def run_decode(fused: bool, pm=pm, ids=ids) -> float:
+            pm.fused_decode = fused
+            cache = pm.new_cache(1)
+            pm(ids[:, :1], cache=cache)
+            t0 = time.perf_counter()
+            for i in range(decode):
+                pm(ids[:, i + 1 : i + 2], cache=cache)
+            return (time.perf_counter() - t0) / decode
+
+        modes = [("per-op", False)] + ([("fused", True)] if variant == "a8" else [])
+        for mode, fused in modes:
+            t_dec = statistics.median(run_decode(fused) for _ in range(max(2, reps // 2)))
+            rows.append({"threads": threads, "op": "model", "variant": variant, "decode_mode": mode, "d_model": d,
+                         "d_ff": f, "n_layers": 2, "prefill_tokens": prefill, "prefill_s": t_pre,
+                         "prefill_tok_s": prefill / t_pre, "decode_ms_per_token": t_dec * 1e3})
+            print(f"  {variant:6s} {threads}t: prefill {prefill / t_pre:7.0f} tok/s, decode ({mode}) "
+                  f"{t_dec * 1e3:6.2f} ms/token", flush=True)
+        pm.fused_decode = True
+    return rows
+
+
+def print_variants(res: dict) -> None:
+    e = res["env"]
+    print(f"\nActivation variants in the packed engine — {e['cpu']} — load average {e['loadavg_before']} / "
+          f"{e.get('loadavg_after')}:\n")
+    print("| thr | variant | decode path | prefill tok/s | decode ms/token |")
+    print("|---:|---|---|---:|---:|")
+    for r in res["variants"]:
+        if r["op"] == "model":
+            print(f"| {r['threads']} | {r['variant']} | {r['decode_mode']} | {r['prefill_tok_s']:.0f} | "
+                  f"{r['decode_ms_per_token']:.2f} |")
+    print("\n| thr | Hadamard M x K | native us | torch us |")
+    print("|---:|---|---:|---:|")
+    for r in res["variants"]:
+        if r["op"] == "hadamard":
+            print(f"| {r['threads']} | {r['M']}x{r['K']} | {r['native_us']:.0f} | {r['reference_us']:.0f} |")
+
+
+def variants_main(res: dict, threads: list[int], args) -> int:
+    res["variants"] = [r for t in threads for r in variant_rows(t, args.reps, args.quick)]
+    res["env"]["loadavg_after"] = os.getloadavg()
+    print_variants(res)
+    from bitlm.io.atomic import atomic_write_text
+
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(res, indent=1))
     print(f"\nwrote {out}")
     return 0
 

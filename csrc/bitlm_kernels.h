@@ -223,5 +223,15 @@ BITLM_API void bitlm_mem_copy(void *dst, const void *src, size_t n);
 
 #ifdef __cplusplus
 }
+/* ---- Hadamard transform (BitNet v2 H-BitLinear, arXiv 2504.18415 Eq. 3-4; csrc/hadamard.c) ----
+ * y[m, :] = (H / sqrt(B)) x[m, :] per block of B = bitlm_hadamard_block(k) features (the largest power
+ * of two dividing k; k itself for a power of two; 1 = identity for odd k), H the Sylvester matrix.
+ * Float32: log2(B) butterfly stages h = 1, 2, ..., B/2 ((a, b) -> (a + b, a - b) for the pairs
+ * (i, i + h) of every 2h-run), then one multiply by bitlm_hadamard_scale(B) = (float)(1/sqrt((double)B)).
+ * Identical on every tier and thread count.  x and y may be the same buffer; (m, k) row-major. */
+BITLM_API int64_t bitlm_hadamard_block(int64_t k);
+BITLM_API float bitlm_hadamard_scale(int64_t block);
+BITLM_API int bitlm_hadamard_f32(const float *x, int64_t m, int64_t k, float *y);
+
 #endif
 #endif /* BITLM_KERNELS_H */

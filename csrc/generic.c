@@ -13,6 +13,7 @@
 
 #include "internal.h"
 #include "attn_impl.h"
+#include "hadamard_impl.h"
 
 /* 16 lanes of int16 (GCC/Clang vector extension: lowered to whatever the baseline ISA has,
  * two SSE2 registers on x86-64, two NEON registers on aarch64).  codes[k][row] of a chunk. */
@@ -194,4 +195,5 @@ const bitlm_kernel_table bitlm_generic_table = {
     dense_generic,
     dense_i8a8_generic,
     bitlm_attn_head,
+    bitlm_hadamard_row,
 };

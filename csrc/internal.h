@@ -88,6 +88,8 @@ typedef struct bitlm_kernel_table {
     bitlm_dense_fn dense_bf16;
     bitlm_dense_fn dense_i8a8;
     bitlm_attn_fn attn;
+    /* appended: the Hadamard row transform (hadamard_impl.h, one definition compiled per tier) */
+    void (*hadamard)(float *x, int64_t k, int64_t block, float scale);
 } bitlm_kernel_table;
 
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_generic_table;

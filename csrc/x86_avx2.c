@@ -17,6 +17,7 @@
 
 #include "internal.h"
 #include "attn_impl.h"
+#include "hadamard_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -404,4 +405,5 @@ const bitlm_kernel_table bitlm_avx2_table = {
     dense_bf16_avx2,
     dense_i8a8_avx2,
     bitlm_attn_head,
+    bitlm_hadamard_row,
 };

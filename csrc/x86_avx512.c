@@ -25,6 +25,7 @@
 
 #include "internal.h"
 #include "attn_impl.h"
+#include "hadamard_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -513,4 +514,5 @@ const bitlm_kernel_table bitlm_avx512_table = {
     dense_bf16_avx512,
     dense_i8a8_avx512,
     bitlm_attn_head,
+    bitlm_hadamard_row,
 };

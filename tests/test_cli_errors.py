@@ -56,6 +56,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     # a teacher with another vocabulary (bitlm train --teacher)
     f["ck_v384"] = str(save_checkpoint(BitNetModel(preset("tiny", quant="fp", vocab_size=384, max_seq_len=64)),
                                        d / "ck-v384"))
+    f["ck_a48"] = str(save_checkpoint(BitNetModel(preset("tiny", max_seq_len=64, act_variant="a4.8")), d / "ck-a48",
+                                      tokenizer=tok))
     (d / "notes.txt").write_text(TEXT)
     f["text"] = str(d / "notes.txt")
     (d / "nocfg").mkdir()
@@ -184,6 +186,10 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("train-train-set-unknown", "train --preset tiny --train-set colour=red --max-steps 1", "colour"),
     ("train-set-with-init", "train {train_args} --max-steps 1 --out {dir}/r --init-from {ck} --set d_model=32",
      "--set"),
+    ("train-act-variant-unknown", "train --preset tiny --max-steps 1 --act-variant a2", "act_variant"),
+    ("train-init-act-variant-unknown", "train --init-from {ck} --data {text} --seq-len 16 --batch-size 2 "
+     "--max-steps 1 --out {dir}/r --act-variant a2", "--act-variant a2"),
+    ("export-act-variant", "export --model {ck_a48} --format hf --out {dir}/v-hf", "act_variant='a4.8'"),
     ("train-config-missing", "train --config {dir}/nocfg.json --max-steps 1", "nocfg.json"),
     ("train-config-bad-json", "train --config {cfg_bad} --max-steps 1", "cfg-bad.json"),
     ("train-config-train-key", "train --config {cfg_train_key} --max-steps 1", "'foo'"),

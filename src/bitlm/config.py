@@ -31,6 +31,25 @@ from typing import Any
 ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-2b4t")
 QUANTS = ("fp", "b1", "b1.58")
 
+# Activation variants (``ModelConfig.act_variant``): per projection site, the BitLinear activation
+# options (bits, act_quant, act_topk, hadamard).  Sites: "qkv" (q/k/v: attention input), "o" (o_proj:
+# the attention output), "ffn_in" (gate/up, or up of the bitnet GELU FFN), "down" (down_proj).
+# ``None`` bits = ModelConfig.act_bits (8 by default).  Sources: BitNet a4.8 (arXiv 2411.04965 §2.1,
+# Eq. 1, 7; top-K 50 % on o_proj only, down_proj stays int8 — its sparsity comes from ReLU²) and
+# BitNet v2 (arXiv 2504.18415 §2: H-BitLinear on o_proj and down_proj; "a8" = the 8-bit stage with the
+# Hadamard layers already in place, "a4" = 4-bit absmean everywhere).  Embeddings and the head stay
+# high precision (v2 §2).  The variants change no parameter: a checkpoint trained with one loads
+# into any other (the papers' recipe: 8-bit first, then continue with 4-bit, ``train --act-variant``).
+ACT_VARIANTS: dict[str, dict[str, tuple[int | None, str, float | None, bool]]] = {
+    "a8": {site: (None, "absmax", None, False) for site in ("qkv", "o", "ffn_in", "down")},
+    "a4.8": {"qkv": (4, "absmean", None, False), "o": (8, "absmax", 0.5, False),
+             "ffn_in": (4, "absmean", None, False), "down": (8, "absmax", None, False)},
+    "v2-a8": {"qkv": (8, "absmax", None, False), "o": (8, "absmax", None, True),
+              "ffn_in": (8, "absmax", None, False), "down": (8, "absmax", None, True)},
+    "v2-a4": {"qkv": (4, "absmean", None, False), "o": (4, "absmean", None, True),
+              "ffn_in": (4, "absmean", None, False), "down": (4, "absmean", None, True)},
+}
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model (unknown preset/arch, bad field)."""
@@ -84,6 +103,11 @@ class ModelConfig:
     # quantiser no matmul consumes).  See bitlm.quant for the γ used.  The b1.58 paper dropped
     # the zero point ("all activations to [-Q_b, Q_b]"); off by default, and packing refuses it.
     act_nonneg: bool = False
+    # Activation variant (see ACT_VARIANTS): "a8" (b1.58: int8 absmax everywhere, the default and
+    # what files written before this field computed), "a4.8" (BitNet a4.8), "v2-a8" / "v2-a4"
+    # (BitNet v2's H-BitLinear on o/down, 8- or 4-bit).  The others need per-token activations,
+    # act_bits=8, no act_groups / act_nonneg, and a quantised model (quant b1 / b1.58).
+    act_variant: str = "a8"
     init_std: float = 0.02
     # For models converted from LLaMA-family checkpoints (bitlm.convert); defaults = the papers' graph.
     sub_norm: bool = True  # False: nn.Identity in place of attn_sub_norm / ffn_sub_norm (no SubLN)
@@ -166,6 +190,18 @@ class ModelConfig:
                     raise ConfigError(f"{name}={g} does not divide the {what} {n}")
         if self.act_granularity_eval not in ("token", "tensor"):
             raise ConfigError(f"act_granularity_eval must be 'token' or 'tensor', got {self.act_granularity_eval!r}")
+        if self.act_variant not in ACT_VARIANTS:
+            raise ConfigError(f"unknown act_variant {self.act_variant!r}; choose one of {', '.join(ACT_VARIANTS)}")
+        if self.act_variant != "a8":
+            v = f"act_variant={self.act_variant!r}"
+            if self.quant == "fp":
+                raise ConfigError(f"{v} needs a quantised model (quant b1 or b1.58), got quant='fp'")
+            if self.act_bits != 8:
+                raise ConfigError(f"{v} fixes its own activation bits; it needs act_bits=8, got {self.act_bits}")
+            if self.act_groups != 1 or self.act_nonneg:
+                raise ConfigError(f"{v} quantises whole tokens symmetrically: it needs act_groups=1 and act_nonneg=False")
+            if self.train_act_granularity != "token" or self.act_granularity_eval != "token":
+                raise ConfigError(f"{v} quantises per token: set act_granularity='token' (and act_granularity_eval)")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

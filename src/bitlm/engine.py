@@ -15,6 +15,12 @@ and activation groups are K-slices (``bitlm.packing``), one int32 GEMM per slice
 float sum (``bitlm.kernels.reference.sliced_matmul``); grouped norms take their statistics per
 feature slice.  A grouped model decodes on the per-op path (the fused native decode step,
 ``csrc/decode.c``, runs ungrouped models only).
+Models with ``act_variant`` a4.8 / v2-a8 / v2-a4 (BitNet a4.8, BitNet v2) run the same products
+on other activations: the norm in torch, the native Hadamard transform where the variant has it,
+then 4-bit absmean codes (or int8 top-K masked) in int8 containers — the int8 × ternary integer sums
+are then exactly the int4 × ternary ones.  They decode on the per-op path.  The torch model and the
+engine agree to float rounding, except that a4.8's top-K can break a near-tie at the K-th |x|
+differently (the two compute the attention output in different float orders).
 
 The packed file (``.bitlm``) format is ``bitlm.io.packed``'s; this module maps a
 ``PackedModel`` to and from its header and named tensors (``save_packed`` / ``load_packed``).
@@ -33,7 +39,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from . import quant as Q
-from .config import ModelConfig
+from .config import ACT_VARIANTS, ModelConfig
 from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
 from .model import KVCache, act_groups, inference_blockers, norm_groups, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight, slice_scales
@@ -213,11 +219,15 @@ class PackedModel:
         return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
 
     # -- forward ---------------------------------------------------------------------------------
-    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, sub: bool = False):
+    def _norm_quant(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, site: str = "qkv"):
         """The norm before a BitLinear, fused with int8 quantisation (RMSNorm) or in torch (LN).
-        ``sub``: the sub-norm site in front of o/down (its norm and activation groups under
+        ``site`` ("qkv", "o", "ffn_in", "down"): the projections it feeds — for ``act_variant``,
+        and o/down are the sub-norm sites (their norm and activation groups under
         group_scope="parallel"); grouped sites return ``a`` of shape (M, act groups)."""
         cfg = self.config
+        if cfg.act_variant != "a8":
+            return self._variant_quant(x, w, b, site)
+        sub = site in ("o", "down")
         ng, ag = norm_groups(cfg, sub), act_groups(cfg, sub)
         if w is None:  # no norm at this site (sub_norm=False)
             return kernels.quantize_rows(x, groups=ag)
@@ -230,6 +240,30 @@ class PackedModel:
         if ng == ag:
             return kernels.quantize_rows(x, w, cfg.norm_eps, groups=ag)
         return kernels.quantize_rows(kernels.reference.rms_norm_rows(x, w, cfg.norm_eps, ng), groups=ag)
+
+    def _variant_quant(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, site: str):
+        """BitNet a4.8 / v2 activations (``config.ACT_VARIANTS``): the norm as ``bitlm.model``
+        computes it (torch), the Hadamard transform (native op), then 4-bit absmean codes — or
+        int8 absmax, top-K masked at a4.8's o_proj — in int8 containers: the int8 × ternary GEMM
+        then gives the exact int4 × ternary sums, with the usual ``s / a`` epilogue."""
+        cfg = self.config
+        bits, act_quant, topk, had = ACT_VARIANTS[cfg.act_variant][site]
+        if w is None:
+            h = x
+        elif cfg.arch == "bitnet":
+            h = F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
+        else:
+            h = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps))
+        if had:
+            h = kernels.hadamard(h)
+        if act_quant == "absmean":
+            return kernels.quantize_rows_absmean(h, bits)
+        xq, a = kernels.quantize_rows(h)
+        if topk is not None:
+            from .quant import topk_mask
+
+            xq = xq * topk_mask(h, topk)
+        return xq, a
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         return self.forward(input_ids, cache, last_only)
@@ -263,7 +297,7 @@ class PackedModel:
                 k, v = cache.update(i, k, v)
             att = _attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, sub=True)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
             x = x + kernels.matmul(aq, aa, L.o)  # a fresh tensor: the FFN below may add in place
             del aq, aa
@@ -282,7 +316,7 @@ class PackedModel:
     def _ffn(self, L: PackedLayer, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sub-layer of (M, d) rows (without the residual add)."""
         cfg = self.config
-        hq, ha = self._norm_quant(x, L.post_norm, L.post_norm_b)
+        hq, ha = self._norm_quant(x, L.post_norm, L.post_norm_b, "ffn_in")
         u = kernels.matmul(hq, ha, L.up)
         del hq, ha
         if cfg.arch == "bitnet":
@@ -293,7 +327,7 @@ class PackedModel:
             m.mul_(u)  # act(g) * u, in place on the fresh act(g)
             del g
         del u
-        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b, sub=True)
+        mq, ma = self._norm_quant(m, L.ffn_sub_norm, L.ffn_sub_norm_b, "down")
         del m
         return kernels.matmul(mq, ma, L.down)
 
@@ -370,7 +404,7 @@ class PackedModel:
                 kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
                 att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
             del q, k, v
-            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, sub=True)
+            aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
             x = x + kernels.matmul(aq, aa, L.o)
             del aq, aa
@@ -387,8 +421,8 @@ class PackedModel:
     def _fused_decode_ok(self) -> bool:
         if not self.fused_decode or os.environ.get("BITLM_FUSED_DECODE", "1") == "0":
             return False
-        if self.config.arch == "bitnet":  # LayerNorm + GELU, non-gated FFN: per-op path
-            return False
+        if self.config.arch == "bitnet" or self.config.act_variant != "a8":  # LayerNorm + GELU, non-gated
+            return False  # FFN, or 4-bit / Hadamard activations: the per-op path
         if _grouped(self.config):  # group quantisation / normalisation: per-op path (decode.c has none)
             return False
         if kernels.backend() != "native":
@@ -493,7 +527,7 @@ def _quantized(lin, allow_bias: bool = False, own_norm: bool = False) -> tuple[t
                          "(both papers' inference); this model evaluates per tensor")
     if lin.act_nonneg:
         raise ValueError("act_nonneg=True: the packed engine runs symmetric activations")
-    if lin.act_bits != 8 or (lin.norm is not None and not own_norm):
+    if (lin.act_bits, lin.act_quant) not in ((8, "absmax"), (4, "absmean")) or (lin.norm is not None and not own_norm):
         raise ValueError("the packed engine runs W1.58A8/W1A8 with per-token 8-bit activations and model-level norms")
     if lin.bias is not None and not allow_bias:
         raise ValueError("the packed engine supports biases only on q/k/v projections")
@@ -566,6 +600,10 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     fmt = _fmt_for(cfg, format)
     if blockers := inference_blockers(cfg):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
+    if cfg.act_variant != "a8" and _grouped(cfg):
+        raise ValueError(f"cannot pack this model: act_variant={cfg.act_variant!r} with group quantisation / "
+                         "normalisation (norm_groups, input-column weight groups): the packed engine "
+                         "runs the 4-bit / Hadamard activations ungrouped only")
     embed = embed or head
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []

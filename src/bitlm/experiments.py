@@ -1,6 +1,6 @@
 """``bitlm experiment <name>``: the papers' headline comparisons, re-run at CPU scale.
 
-Four experiments, each trains on the bundled corpus (``bitlm.data``), evaluates, and writes
+Five experiments, each trains on the bundled corpus (``bitlm.data``), evaluates, and writes
 ``results.json`` (every number), ``results.md`` (the tables) and PNG plots into ``--out``
 (default ``runs/experiments/<name>``):
 
@@ -26,6 +26,9 @@ Four experiments, each trains on the bundled corpus (``bitlm.data``), evaluates,
   * ``distill`` — knowledge distillation (``bitlm.distill``, BitDistill 2510.13998): an fp teacher
     (trained first at the same shape and tokens, or ``--teacher PATH``), then BitNet b1.58 at equal
     tokens without a teacher, with logit KD, and with logit + attention-relation KD (last layer).
+  * ``activations`` — fp vs b1.58 A8 vs BitNet a4.8 vs BitNet v2 (a4, H-BitLinear) at equal shape
+    and tokens, the quantised ones trained with 8-bit activations first and then switched (the
+    papers' recipe); validation perplexity, zero-shot, and the activation sparsity per site.
 
 Sizes.  ``--scale S`` multiplies the number of linear weights (width x sqrt(S)) and the tokens per
 model (steps x S); ``--quick`` is a seconds-long smoke run on a tiny model (the tests use it).
@@ -46,7 +49,7 @@ import numpy as np
 
 __all__ = ["EXPERIMENTS", "Setup", "fit_power_law", "power_law", "run_experiment", "add_arguments", "run"]
 
-EXPERIMENTS = ("compare", "ptq", "scaling", "lr", "groups", "distill")
+EXPERIMENTS = ("compare", "ptq", "scaling", "lr", "groups", "distill", "activations")
 
 # Peak LRs at this scale: the demo's values (bitlm.demo), BitNet above fp as in the papers (FAQ
 # Table 2: ≈ 6x), fp well above the 700M recipe's 2.5e-4 because tiny models tolerate more.  They
@@ -134,6 +137,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "lr": dict(steps=300),
     "groups": dict(steps=300),
     "distill": {},
+    "activations": dict(steps=300, limit=100),
 }
 
 
@@ -855,11 +859,196 @@ def exp_distill(ctx: Context) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# activations: BitNet a4.8 and BitNet v2 (4-bit activations) beside fp and b1.58 A8
+# ---------------------------------------------------------------------------------------------
+
+#: Fraction of each model's tokens trained after the switch to 4-bit activations.  The papers use
+#: 5 % (95B A8 + 5B A4 tokens); at a few hundred steps 5 % is too short for a learning-rate warm-up,
+#: so the default is 10 % (stated in the results).
+ACT_SWITCH_FRAC = 0.1
+
+# The papers' numbers (C4 valid PPL; lm-eval zero-shot Avg), smallest size of each paper: a4.8
+# Table 1 (700M, 100B tokens) and v2 Table 1 (400M, 100B tokens).  Compare methods within a paper.
+ACT_PAPERS = [
+    ("BitNet a4.8 Table 1, 700M", {"fp16 LLaMA": (11.44, 47.44), "b1.58 A8": (12.32, 46.17), "a4.8": (12.40, 45.72)}),
+    ("BitNet v2 Table 1, 400M", {"b1.58 A8": (13.37, 44.87), "a4.8": (13.61, 44.75), "v2 (a8)": (13.50, 44.33),
+                                 "v2 (a4)": (13.78, 43.95)}),
+]
+ACT_SITES = ("qkv", "o", "ffn_in", "down")
+
+
+def _train_stage(ctx: Context, tag: str, mcfg, *, steps: int, lr: float, init_model=None,
+                 stage2: bool = False) -> dict[str, Any]:
+    """One training run; ``stage2``: the 4-bit continuation — the low stage of b1.58's two-stage
+    schedule (peak lr·2/3, weight decay 0: where the papers' last 5 % of tokens falls), a fresh
+    optimizer, a short warm-up."""
+    from .train import TrainConfig, train
+
+    s = ctx.setup
+    kw: dict[str, Any] = {}
+    if stage2:
+        lr2 = lr * 2 / 3
+        kw = dict(lr=lr2, lr2=lr2, weight_decay=0.0, weight_decay2=0.0, warmup_steps=max(1, steps // 10))
+    else:
+        kw = dict(lr=lr)
+    recipe = "fp" if mcfg.quant == "fp" else "b1.58"
+    tcfg = TrainConfig(recipe=recipe, max_steps=steps, batch_size=s.batch_size, seq_len=s.seq_len,
+                       eval_every=max(1, steps // 4), eval_batches=4, log_every=max(1, steps // 50),
+                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, **kw)
+    t0 = time.time()
+    res = train(mcfg, tcfg, ctx.data, init_model=init_model, log=ctx.say)
+    return {"model": res.model.eval(), "seconds": time.time() - t0,
+            "curve": _read_curve(ctx.out / "ckpt" / tag / "metrics.jsonl")}
+
+
+def act_sparsity(model, ids) -> dict[str, float]:
+    """Fraction of exact zeros in each projection site's quantised input (a4.8 Table 2's
+    sparsity), over one forward pass of ``ids``: the activation each BitLinear feeds its matmul."""
+    import torch
+
+    from . import quant as Q
+    from .layers import BitLinear
+
+    sites = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "ffn_in",
+             "up_proj": "ffn_in", "down_proj": "down"}
+    zeros: dict[str, list[float]] = {k: [0.0, 0.0] for k in ACT_SITES}
+    hooks = []
+    for name, m in model.named_modules():
+        if not isinstance(m, BitLinear) or m.act_bits is None:
+            continue
+        site = sites[name.rsplit(".", 1)[-1]]
+
+        def hook(mod, args, site=site):
+            x = mod.normalize(args[0].detach().float())
+            if mod.hadamard:
+                x = Q.hadamard_transform(x)
+            if mod.act_quant == "absmean":
+                q, _ = Q.activation_quantize_absmean(x, mod.act_bits)
+            else:
+                q, _ = Q.activation_quantize(x, mod.act_bits)
+                if mod.act_topk is not None:
+                    q = q * Q.topk_mask(x, mod.act_topk)
+            zeros[site][0] += float((q == 0).sum())
+            zeros[site][1] += q.numel()
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: z / n for k, (z, n) in zeros.items() if n}
+
+
+def exp_activations(ctx: Context) -> dict[str, Any]:
+    """fp vs b1.58 A8 vs BitNet a4.8 vs BitNet v2 (a4), equal shape and equal tokens.
+
+    Every quantised model sees the same token count: stage 1 (8-bit activations, (1-f) of the
+    steps) then stage 2 (f of the steps, ``ACT_SWITCH_FRAC``) — with 8-bit activations for the A8
+    baseline, a4.8's hybrid INT4 / sparse INT8 for a4.8, and 4-bit H-BitLinear for v2, whose stage 1
+    is v2 (a8) (the Hadamard layers train from step 0, v2 §3).  The A8 baseline and a4.8 share one
+    stage-1 model, so the two differ only in the activations of the last f of the tokens."""
+    import torch
+
+    from .train import switch_act_variant
+
+    s = ctx.setup
+    n2 = max(1, int(round(s.steps * ACT_SWITCH_FRAC)))
+    n1 = max(1, s.steps - n2)
+    lr = LR["b1.58"]
+    rows, curves = [], {}
+
+    def finish(key: str, name: str, model, seconds: float, extra: dict[str, Any]) -> None:
+        ctx.say(f"evaluating {name} (val perplexity, zero-shot, activation sparsity)")
+        row: dict[str, Any] = {"key": key, "model": name, "train_seconds": seconds, **extra}
+        row.update(_val(ctx, model))
+        row["zero_shot"] = _zero_shot(ctx, model)
+        toks = ctx.val_slice()[0]
+        n = min(4, (toks.size - 1) // s.seq_len)
+        ids = torch.as_tensor(np.asarray(toks[: n * s.seq_len], dtype=np.int64)).reshape(n, s.seq_len)
+        row["sparsity"] = act_sparsity(model, ids) if key != "fp" else {}
+        rows.append(row)
+        ctx.say(f"{name}: val ppl {_num(row.get('val_ppl'))}, zero-shot avg {_pct(row['zero_shot'].get('avg'))}%")
+
+    ctx.say(f"(1/6) fp: {s.steps} steps, recipe fp, peak lr {LR['fp']:g}")
+    fp = _train_stage(ctx, "fp", s.model_config("fp"), steps=s.steps, lr=LR["fp"])
+    curves["fp"] = fp["curve"]
+    finish("fp", "fp (same shape)", fp["model"], fp["seconds"], {"stage1_steps": s.steps, "stage2_steps": 0})
+
+    ctx.say(f"(2/6) b1.58 stage 1 (A8): {n1} steps")
+    st1 = _train_stage(ctx, "a8-stage1", s.model_config("b1.58"), steps=n1, lr=lr)
+    ctx.say(f"(3/6) b1.58 A8 stage 2 (A8 continued): {n2} steps")
+    a8 = _train_stage(ctx, "a8", st1["model"].config, steps=n2, lr=lr,
+                      init_model=switch_act_variant(st1["model"], "a8"), stage2=True)
+    curves["a8"] = {"stage1": st1["curve"], "stage2": a8["curve"]}
+    finish("a8", "BitNet b1.58 (A8)", a8["model"], st1["seconds"] + a8["seconds"],
+           {"stage1_steps": n1, "stage2_steps": n2})
+
+    ctx.say(f"(4/6) BitNet a4.8 stage 2 (from the same stage-1 model): {n2} steps")
+    a48 = _train_stage(ctx, "a4.8", st1["model"].config.replace(act_variant="a4.8"), steps=n2, lr=lr,
+                       init_model=switch_act_variant(st1["model"], "a4.8"), stage2=True)
+    curves["a4.8"] = {"stage1": st1["curve"], "stage2": a48["curve"]}
+    finish("a4.8", "BitNet a4.8 (A8 → a4.8)", a48["model"], st1["seconds"] + a48["seconds"],
+           {"stage1_steps": n1, "stage2_steps": n2})
+
+    ctx.say(f"(5/6) BitNet v2 stage 1 (v2 a8: H-BitLinear, 8-bit): {n1} steps")
+    v1 = _train_stage(ctx, "v2-a8-stage1", s.model_config("b1.58").replace(act_variant="v2-a8"), steps=n1, lr=lr)
+    v1_val = _val(ctx, v1["model"])
+    ctx.say(f"(6/6) BitNet v2 stage 2 (v2 a4): {n2} steps")
+    v2 = _train_stage(ctx, "v2-a4", v1["model"].config.replace(act_variant="v2-a4"), steps=n2, lr=lr,
+                      init_model=switch_act_variant(v1["model"], "v2-a4"), stage2=True)
+    curves["v2-a4"] = {"stage1": v1["curve"], "stage2": v2["curve"]}
+    finish("v2-a4", "BitNet v2 (v2 a8 → a4)", v2["model"], v1["seconds"] + v2["seconds"],
+           {"stage1_steps": n1, "stage2_steps": n2, "stage1_val_ppl": v1_val["val_ppl"]})
+    chance = _chance_row(s)
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    ax[0].plot(curves["fp"]["step"], curves["fp"]["loss"], label="fp", lw=1)
+    for key, lab in (("a8", "b1.58 A8"), ("v2-a4", "v2: v2-a8 → a4")):
+        c1 = curves[key]["stage1"]
+        ax[0].plot(c1["step"], c1["loss"], label=lab + " (stage 1)", lw=1)
+    for key, lab in (("a8", "A8 → A8"), ("a4.8", "A8 → a4.8"), ("v2-a4", "v2-a8 → v2-a4")):
+        c2 = curves[key]["stage2"]
+        ax[1].plot([n1 + x for x in c2["step"]], c2["loss"], label=lab, lw=1)
+    ax[0].set(xlabel="step", ylabel="train loss (nats)", title="stage 1 (8-bit) and fp")
+    ax[1].set(xlabel="step", ylabel="train loss (nats)", title=f"stage 2: last {n2} steps")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    plots = [_save_fig(fig, ctx.out / "activations_loss.png")]
+
+    head = ["model", "val ppl", "val bpb", *[_short(t) for t in s.tasks], "zero-shot avg",
+            *[f"zeros {k}" for k in ACT_SITES]]
+    tab = []
+    for r in rows:
+        zs, sp = r.get("zero_shot", {}), r.get("sparsity", {})
+        tab.append([r["model"], _num(r.get("val_ppl")), _num(r.get("val_bpb"), ".3f"),
+                    *[_pct(zs.get("tasks", {}).get(t)) for t in s.tasks], _pct(zs.get("avg")),
+                    *[_pct(sp.get(k)) for k in ACT_SITES]])
+    tab.append(["chance", "", "", *[_pct(chance["tasks"][t]) for t in s.tasks], _pct(chance["avg"]),
+                *[""] * len(ACT_SITES)])
+    papers = [[src, m, f"{p:.2f}", f"{a:.2f}"] for src, d in ACT_PAPERS for m, (p, a) in d.items()]
+    md = ("## activations: fp vs b1.58 A8 vs BitNet a4.8 vs BitNet v2 (same shape, same tokens)\n\n" + _setup_md(
+        ctx, f"Quantised models: {n1} steps with 8-bit activations, then {n2} steps ({ACT_SWITCH_FRAC:.0%}) with "
+        "the variant switched on (`switch_act_variant`, fresh optimizer, low-stage LR "
+        f"{lr * 2 / 3:g}, weight decay 0); the A8 row continues with 8 bits the same way, from the same stage-1 "
+        f"model as a4.8. v2's stage 1 is v2 (a8) (Hadamard from step 0; its val ppl after stage 1: "
+        f"{_num(v1_val['val_ppl'])}). fp: {s.steps} steps, fp recipe. 'zeros X' = fraction of exact zeros in the "
+        "quantised input of the X projections (a4.8 Table 2's sparsity).") + "\n\n" + _md_table(head, tab)
+          + "\n\nThe papers (100B tokens; C4 PPL, zero-shot Avg; compare within a paper):\n\n"
+          + _md_table(["source", "model", "PPL", "Avg"], papers) + "\n\n![loss](activations_loss.png)\n")
+    return {"rows": rows, "chance": chance, "curves": curves, "plots": plots, "markdown": md,
+            "switch_frac": ACT_SWITCH_FRAC, "papers": {src: d for src, d in ACT_PAPERS}}
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver and CLI
 # ---------------------------------------------------------------------------------------------
 
 _RUNNERS = {"compare": exp_compare, "ptq": exp_ptq, "scaling": exp_scaling, "lr": exp_lr, "groups": exp_groups,
-            "distill": exp_distill}
+            "distill": exp_distill, "activations": exp_activations}
 
 
 def _jsonable(x: Any) -> Any:
@@ -939,7 +1128,8 @@ def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
             per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2) / 2
     # scaling: `per` already sums one step of every width, and each width is trained twice
     # distill: 4 models, KD ≈ 1.3 steps; groups: the G values and one more seed of G = 1
-    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups) + 1, "distill": 5}[name]
+    n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups) + 1, "distill": 5,
+                "activations": 3.2}[name]
     return max(10, int(minutes * 60 / (n_models * per)))
 
 

@@ -27,6 +27,7 @@ __all__ = ["BitLinear", "FrozenTernaryLinear", "prepare", "set_quant_lambda", "l
            "ternary_latent", "thaw", "NORMS"]
 
 NORMS = (None, "layernorm", "rmsnorm")
+ACT_QUANTS = ("absmax", "absmean")
 
 
 class BitLinear(nn.Linear):
@@ -49,6 +50,12 @@ class BitLinear(nn.Linear):
             with act_groups > 1 it is the group normalisation of Eq. 15.
         quant_lambda: λ of warm-up quantisation, 1.0 = fully quantised (a buffer, saved with the
             model, so that a resumed fine-tune continues with the same λ).
+        act_quant: "absmax" (the papers' int8: γ = max|x|) or "absmean" (BitNet a4.8 / v2 4-bit:
+            β = mean|x|, a = √7/β, q in [-8, 7]; per token only).
+        act_topk: None, or the fraction of features kept per token before absmax quantisation
+            (BitNet a4.8's sparsified o_proj input, 0.5 in the paper; STE through the mask).
+        hadamard: apply the orthonormal Walsh–Hadamard transform after the norm and before the
+            activation quantiser (BitNet v2's H-BitLinear, Eq. 7).  No parameters.
     """
 
     def __init__(
@@ -68,6 +75,9 @@ class BitLinear(nn.Linear):
         quant_lambda: float = 1.0,
         weight_group_dim: str = "out",
         act_nonneg: bool = False,
+        act_quant: str = "absmax",
+        act_topk: float | None = None,
+        hadamard: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -88,6 +98,15 @@ class BitLinear(nn.Linear):
                              f"weight_groups={weight_groups}")
         if in_features % act_groups:
             raise ValueError(f"in_features={in_features} not divisible by act_groups={act_groups}")
+        if act_quant not in ACT_QUANTS:
+            raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
+        if act_topk is not None and not 0.0 < act_topk <= 1.0:
+            raise ValueError(f"act_topk must be None or in (0, 1], got {act_topk!r}")
+        if (act_quant != "absmax" or act_topk is not None) and (
+                act_nonneg or act_groups != 1 or "tensor" in (act_granularity, act_granularity_eval)):
+            raise ValueError("act_quant='absmean' and act_topk quantise per token, without act_groups or act_nonneg")
+        if act_quant == "absmean" and act_topk is not None:
+            raise ValueError("act_topk applies to absmax (int8) activations, not act_quant='absmean'")
         self.weight_quant = weight_quant
         self.act_bits = act_bits
         self.act_granularity = act_granularity
@@ -95,6 +114,9 @@ class BitLinear(nn.Linear):
         self.weight_groups = weight_groups
         self.weight_group_dim = weight_group_dim
         self.act_nonneg = bool(act_nonneg)
+        self.act_quant = act_quant
+        self.act_topk = act_topk
+        self.hadamard = bool(hadamard)
         self.act_groups = act_groups
         self.norm = norm
         self.norm_eps = norm_eps
@@ -105,6 +127,9 @@ class BitLinear(nn.Linear):
             f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_bits={self.act_bits}, "
             f"act={self.act_granularity}/{self.act_granularity_eval}{', nonneg' if self.act_nonneg else ''}, "
             f"groups=({self.weight_groups}/{self.weight_group_dim},{self.act_groups}), norm={self.norm}"
+            + (f", act_quant={self.act_quant}" if self.act_quant != "absmax" else "")
+            + (f", act_topk={self.act_topk}" if self.act_topk is not None else "")
+            + (", hadamard" if self.hadamard else "")
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +177,15 @@ class BitLinear(nn.Linear):
             return tp_forward(self, x)
         lam = self._lambda()
         x = self.normalize(x)
+        if self.hadamard:
+            x = Q.hadamard_transform(x)
         if self.act_bits is not None:
             gran = self.act_granularity if self.training else self.act_granularity_eval
-            if self.act_nonneg:
+            if self.act_quant == "absmean":
+                x = Q.fake_quant_activation_absmean(x, self.act_bits, lam)
+            elif self.act_topk is not None:
+                x = Q.fake_quant_activation_topk(x, self.act_bits, self.act_topk, lam)
+            elif self.act_nonneg:
                 x = Q.fake_quant_activation_nonneg(x, self.act_bits, gran, self.act_groups, lam)
             else:
                 x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant as Q
-from .config import ModelConfig
+from .config import ACT_VARIANTS, ModelConfig
 from .layers import BitLinear
 
 __all__ = ["BitNetModel", "KVCache", "RMSNorm", "GroupLayerNorm", "make_linear", "inference_blockers", "linear_modules",
@@ -102,19 +102,22 @@ def norm_groups(cfg: ModelConfig, sub: bool) -> int:
 
 def make_linear(
     cfg: ModelConfig, d_in: int, d_out: int, bias: bool = False, *, row_parallel: bool = False,
-    feeds_activation: bool = False,
+    feeds_activation: bool = False, site: str = "qkv",
 ) -> nn.Linear:
     """nn.Linear for fp, BitLinear for b1 / b1.58 (norms live in the model, so norm=None here).
     ``row_parallel`` marks o/down (their weight groups split input columns under
     weight_group_dim="parallel"); ``feeds_activation`` marks the projection whose output goes
-    into the FFN non-linearity (the η variant's site when ``cfg.act_nonneg``)."""
+    into the FFN non-linearity (the η variant's site when ``cfg.act_nonneg``); ``site`` ("qkv", "o",
+    "ffn_in", "down") picks the activation treatment of ``cfg.act_variant`` (``config.ACT_VARIANTS``)."""
     if cfg.quant == "fp":
         return nn.Linear(d_in, d_out, bias=bias)
     dim = cfg.weight_group_dim
     if dim == "parallel":
         dim = "in" if row_parallel else "out"
+    bits, act_quant, act_topk, hadamard = ACT_VARIANTS[cfg.act_variant][site]
     return BitLinear(
-        d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits,
+        d_in, d_out, bias=bias, weight_quant=cfg.quant, act_bits=cfg.act_bits if bits is None else bits,
+        act_quant=act_quant, act_topk=act_topk, hadamard=hadamard,
         act_granularity=cfg.train_act_granularity, act_granularity_eval=cfg.act_granularity_eval,
         weight_groups=cfg.weight_groups, act_groups=act_groups(cfg, row_parallel), weight_group_dim=dim,
         act_nonneg=cfg.act_nonneg and feeds_activation,
@@ -224,7 +227,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = make_linear(cfg, d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.attn_sub_norm = make_norm(cfg, cfg.n_heads * hd, sub=True, groups=norm_groups(cfg, True))
-        self.o_proj = make_linear(cfg, cfg.n_heads * hd, d, row_parallel=True)
+        self.o_proj = make_linear(cfg, cfg.n_heads * hd, d, row_parallel=True, site="o")
 
     def forward(self, h, cos, sin, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = h.shape
@@ -249,10 +252,10 @@ class MLP(nn.Module):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.ffn_dim
         if cfg.gated_ffn:
-            self.gate_proj = make_linear(cfg, d, f, feeds_activation=True)
-        self.up_proj = make_linear(cfg, d, f, feeds_activation=not cfg.gated_ffn)
+            self.gate_proj = make_linear(cfg, d, f, feeds_activation=True, site="ffn_in")
+        self.up_proj = make_linear(cfg, d, f, feeds_activation=not cfg.gated_ffn, site="ffn_in")
         self.ffn_sub_norm = make_norm(cfg, f, sub=True, groups=norm_groups(cfg, True))
-        self.down_proj = make_linear(cfg, f, d, row_parallel=True)
+        self.down_proj = make_linear(cfg, f, d, row_parallel=True, site="down")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         arch = self.cfg.arch
@@ -363,6 +366,9 @@ def inference_blockers(cfg: ModelConfig, target: str = "packed") -> list[str]:
         out.append(f"norm_groups={cfg.norm_groups}: {target} runtimes normalise over all features")
     if cfg.quant == "fp":  # plain nn.Linear: the quantisation options below do nothing
         return out
+    if cfg.act_variant != "a8" and target != "packed":  # bitlm's own engine computes them
+        out.append(f"act_variant={cfg.act_variant!r}: {target} models quantise every activation "
+                   "to int8 absmax (no 4-bit absmean, top-K or Hadamard); only bitlm's packed engine runs it")
     if cfg.act_nonneg:
         out.append("act_nonneg=True: packed and exported models quantise activations symmetrically (no η)")
     if target != "packed" and cfg.act_groups != 1:

@@ -25,11 +25,27 @@ Conventions, written down once and used everywhere else in the package:
     both signs (min ≈ -max) every positive value comes back as ≈ 0.  The text says the values are
     "scaled into [0, Q_b]"; ``gamma="range"`` (γ = max x - η) does exactly that and is what
     ``BitLinear(act_nonneg=True)`` uses; ``gamma="absmax"`` is the printed formula.
+  * 4-bit activations (BitNet a4.8, arXiv 2411.04965 Eq. 7; BitNet v2, arXiv 2504.18415 Eq. 6):
+    per-token *absmean*, x ≈ q / a with a = √7 / β, β = mean|x| (clamped ≥ 1e-5), q in [-8, 7].
+    The clip is asymmetric as printed (RoundClip(·, -8, 7)); rounding is half to even as above.
+  * Top-K sparsification (a4.8 Eq. 1, from Q-Sparse 2407.10969): per token, the K = ⌊frac·d⌋
+    entries of largest |x| are kept (ties at the threshold: the lower feature index wins — a
+    stable sort, so the mask is deterministic), the rest are zero; then int8 absmax.  The STE
+    passes the gradient through the mask unchanged (Q-Sparse Eq. 13: ∂Y/∂X = ∂Y/∂(X⊙M), *not*
+    zeroed where masked).  No L2 re-scaling after top-K (a4.8's Eq. 1 has none).
+  * Hadamard transform (v2 Eq. 3-4, 8): the orthonormal Sylvester matrix H_m/√n over the last
+    dim, as a fast Walsh–Hadamard transform.  v2 only uses power-of-two widths; for other widths
+    (our choice, not the paper's) the transform is block-diagonal: ``hadamard_block(n)`` = the
+    largest power of two dividing n, one H per block (orthogonal, symmetric, self-inverse; mixes
+    outliers only within a block; n odd → identity).  It is a plain linear map of torch ops, so
+    its gradient is H·grad (Eq. 8) with no STE.
   * Straight-through estimator: ``x + (q(x) - x).detach()`` — forward sees q(x), backward sees the
     identity (also where the clamp saturates); scales receive no gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,6 +66,12 @@ __all__ = [
     "fake_quant_activation",
     "WEIGHT_QUANTS",
     "bits_per_weight",
+    "activation_quantize_absmean",
+    "fake_quant_activation_absmean",
+    "topk_mask",
+    "fake_quant_activation_topk",
+    "hadamard_block",
+    "hadamard_transform",
 ]
 
 #: Lower clamp for every absmean / absmax scale (FAQ reference code: ``.clamp(min=1e-5)``).
@@ -333,3 +355,108 @@ def fake_quant_activation_nonneg(
     q, a, eta = activation_quantize_nonneg(x.detach(), bits, granularity, groups, gamma)
     deq = _grouped_features(q, groups) / a.unsqueeze(-1) + eta.unsqueeze(-1)
     return ste(x, deq.reshape(x.shape).to(x.dtype), lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit absmean activations, top-K sparsification (BitNet a4.8) and the Hadamard transform
+# (BitNet v2's H-BitLinear)
+# ---------------------------------------------------------------------------------------------
+
+
+def activation_quantize_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmean quantisation (2411.04965 Eq. 7, 2504.18415 Eq. 6).
+
+    Q_INT4(x) = β/√7 · RoundClip(√7/(β+ε) · x, -8, 7), β = mean|x| over the last dim.  Written
+    here as x ≈ q / a with a = √Q / max(β, 1e-5) (the scale clamp of every other quantiser in
+    this module, in place of the paper's +ε), Q = 2^(b-1) - 1 = 7 for 4 bits, and q clipped to
+    [-Q-1, Q].  ``bits`` other than 4 are an extension (the papers use absmean for 4 bits only).
+
+    Returns ``(q, a)`` in float32: ``q`` holds integers, ``a`` has shape ``x.shape[:-1]``.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"absmean activation bits must be in [2, 8], got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    beta = xf.abs().mean(dim=-1, keepdim=True).clamp(min=SCALE_EPS)
+    a = math.sqrt(qmax) / beta  # float32: float32(√Q) / β
+    q = round_half_even(xf * a).clamp(-qmax - 1, qmax)
+    return q, a.squeeze(-1)
+
+
+def fake_quant_activation_absmean(x: torch.Tensor, bits: int = 4, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Forward: q/a of :func:`activation_quantize_absmean` (in ``x``'s dtype); backward: identity (STE)."""
+    q, a = activation_quantize_absmean(x.detach(), bits)
+    return ste(x, (q / a.unsqueeze(-1)).to(x.dtype), lam)
+
+
+def topk_mask(x: torch.Tensor, frac: float = 0.5) -> torch.Tensor:
+    """Bool mask of the K = ⌊frac · d⌋ largest-|x| entries of each token (the last dim).
+
+    Ties at the threshold go to the lower feature index (stable descending sort), so the mask is a
+    function of the values alone.  ``frac`` in (0, 1]; K is at least 1.
+    """
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"top-K fraction must be in (0, 1], got {frac}")
+    d = x.shape[-1]
+    k = max(1, int(math.floor(frac * d)))
+    if k >= d:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    a = x.detach().abs()
+    thr = a.kthvalue(d - k + 1, dim=-1, keepdim=True).values  # the K-th largest |x|
+    above = a > thr
+    ties = a == thr  # of the entries at the threshold, the first (K - #above) by index are kept
+    return above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+
+
+def fake_quant_activation_topk(
+    x: torch.Tensor, bits: int = 8, frac: float = 0.5, lam: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """a4.8's sparsified intermediate state (2411.04965 Eq. 1): (Q_INT8(x) ⊙ M), M = Top_K(|x|).
+
+    Forward: absmax ``bits``-bit fake quantisation per token, then the mask (γ = max|x| is always
+    inside the kept set, so mask-then-quantise would give the same numbers).  Backward: identity
+    to ``x`` everywhere, masked entries included (Q-Sparse Eq. 13).
+    """
+    xd = x.detach()
+    q, a = activation_quantize(xd, bits, "token")
+    deq = _dequant_act(q, a, 1) * topk_mask(xd, frac)
+    return ste(x, deq.to(x.dtype), lam)
+
+
+def hadamard_block(n: int) -> int:
+    """The Hadamard block size used for width n: n itself for a power of two, else the largest
+    power of two dividing n (block-diagonal transform; 1 for odd n)."""
+    if n < 1:
+        raise ValueError(f"Hadamard width must be positive, got {n}")
+    return n & -n
+
+
+def hadamard_scale(block: int) -> float:
+    """1/√block as the float32 every implementation multiplies by: computed in double, rounded once."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal fast Walsh–Hadamard transform over the last dim (2504.18415 Eq. 3-4).
+
+    y = (H_m / √B) x per block of B = ``hadamard_block(d)`` features, H_m the Sylvester matrix
+    (H_0 = 1, H_m = [[H, H], [H, -H]]).  Computed in float32 as log2(B) butterfly stages
+    h = 1, 2, 4, ..., B/2 — (a, b) → (a + b, a - b) for the pairs (i, i + h) of every 2h-run —
+    then one multiply by float32(1/√B): the native kernels (``bitlm.kernels.hadamard``) do the
+    same operations in the same order, so they agree to the bit.  Cast back to ``x``'s dtype.
+    Differentiable (a linear map; its gradient is the same transform, Eq. 8).
+    """
+    d = x.shape[-1]
+    block = hadamard_block(d)
+    y = x.float()
+    if block == 1:
+        return x
+    lead = y.shape[:-1]
+    h = 1
+    while h < block:
+        y = y.reshape(*lead, d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    y = y.reshape(*lead, d) * hadamard_scale(block)
+    return y.to(x.dtype)

@@ -901,6 +901,10 @@ def add_arguments(p) -> None:
                    help="checkpoint OUT/last every M minutes of wall time (default 10; 0: off)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--init-from", default=None, help="start from any model bitlm.load() reads")
+    p.add_argument("--act-variant", default=None, metavar="VARIANT",
+                   help="activation variant (bitlm.config.ACT_VARIANTS): a8 | a4.8 | v2-a8 | v2-a4; with "
+                        "--init-from, the papers' recipe: continue an 8-bit checkpoint with 4-bit activations "
+                        "(weights copied, optimizer fresh)")
     p.add_argument("--lora-rank", type=int, default=None, help="train only rank-R LoRA adapters on the frozen model")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (adapter output × alpha/rank)")
     p.add_argument("--teacher", default=None,
@@ -916,6 +920,38 @@ def add_arguments(p) -> None:
     p.add_argument("--kd-attention-weight", type=float, default=None,
                    help="γ of the attention-relation term (default 1e3; BitDistill uses 1e5 for classification)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _with_act_variant(cfg: ModelConfig, variant: str) -> ModelConfig:
+    from .config import ConfigError
+
+    try:
+        return cfg.replace(act_variant=variant)
+    except ConfigError as e:
+        raise ConfigError(f"--act-variant {variant}: {e}") from None
+
+
+def switch_act_variant(model: torch.nn.Module, variant: str, source: str | Path = "--init-from") -> BitNetModel:
+    """A new model with ``act_variant=variant`` holding ``model``'s weights (BitNet a4.8 / v2's
+    recipe: 8-bit activations first, then continue training with the 4-bit variant; the caller's
+    optimizer starts fresh).  The variants add no parameter, so every tensor must match by name and
+    shape; anything else is a one-line ValueError naming ``source``."""
+    from .layers import thaw
+
+    cfg = _with_act_variant(model.config, variant)
+    thaw(model)  # frozen ternary layers (packed HF folders) → trainable latent weights
+    new = BitNetModel(cfg).to(next(model.parameters()).dtype)
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    missing, extra = sorted(set(new_sd) - set(old_sd)), sorted(set(old_sd) - set(new_sd))
+    if missing or extra:
+        raise ValueError(f"{source}: --act-variant {variant}: tensors do not match the model (missing "
+                         f"{missing[:3]}, unexpected {extra[:3]})")
+    for k, v in new_sd.items():
+        if old_sd[k].shape != v.shape:
+            raise ValueError(f"{source}: --act-variant {variant}: tensor {k} has shape {tuple(old_sd[k].shape)}, "
+                             f"the model needs {tuple(v.shape)}")
+    new.load_state_dict(old_sd)
+    return new
 
 
 def train_section(path: str | Path) -> dict[str, Any]:
@@ -980,8 +1016,13 @@ def run(args) -> int:
         mcfg = init_model.config
         if args.overrides:
             raise ValueError("--set cannot change the architecture of an --init-from model")
+        if args.act_variant is not None:
+            init_model = switch_act_variant(init_model, args.act_variant, args.init_from)
+            mcfg = init_model.config
     else:
         mcfg = build_config(args.preset, args.config, args.overrides)
+        if args.act_variant is not None:
+            mcfg = _with_act_variant(mcfg, args.act_variant)
     tkw: dict[str, Any] = {**file_train, **parse_overrides(args.train_overrides, TrainConfig)}
     cli = dict(recipe=args.recipe or tkw.get("recipe") or mcfg.quant, data=args.data, tokenizer=args.tokenizer,
                out_dir=args.out, max_steps=args.max_steps, tokens=args.tokens, max_time=args.max_time,

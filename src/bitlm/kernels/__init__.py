@@ -32,7 +32,7 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "backend", "backend_info",
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "hadamard", "quantize_rows_absmean", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -162,6 +162,22 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     at 2 bytes per weight; the matrix is never converted as a whole)."""
     nat = _native_or_none()
     return (nat or reference).dense_bf16_matmul(x, weight)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """BitNet v2's H-BitLinear transform: float32 (..., K) → (..., K), the orthonormal Walsh–Hadamard
+    transform of each row (block-diagonal with the largest power-of-two block dividing K), the
+    same float32 butterflies in the same order on every backend and tier (``csrc/hadamard_impl.h``)."""
+    nat = _native_or_none()
+    return (nat or reference).hadamard(x)
+
+
+def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet a4.8 / v2 4-bit activations: per-row absmean codes in [-8, 7] as int8 (M, K) and
+    float32 (M,) scales (x ≈ q / a) — ready for :func:`matmul`, whose int8 × ternary sums are then
+    exactly the int4 × ternary ones.  Torch only (``reference``): the per-row cost is small beside
+    the product, and no native twin has been measured faster yet."""
+    return reference.quantize_rows_absmean(x.reshape(-1, x.shape[-1]), bits)
 
 
 def set_num_threads(n: int) -> int:

@@ -58,6 +58,7 @@ _SIGNATURES = {
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -331,6 +332,20 @@ def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     _check(lib.bitlm_dense_i8a8(xq.data_ptr(), a.data_ptr(), m, k, w.data_ptr(), s.data_ptr(), n, y.data_ptr()),
            "bitlm_dense_i8a8")
     return y
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.hadamard` (bit-identical on every tier)."""
+    lib = _lib or _need()
+    k = x.shape[-1]
+    if k < 1 or x.numel() == 0:
+        raise ValueError(f"hadamard: x must be a non-empty (..., K) tensor, got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous() or not x2.is_cpu:
+        x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+    y = torch.empty_like(x2)
+    _check(lib.bitlm_hadamard_f32(x2.data_ptr(), x2.shape[0], k, y.data_ptr()), "bitlm_hadamard_f32")
+    return y.reshape(x.shape)
 
 
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

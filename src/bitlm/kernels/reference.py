@@ -29,6 +29,12 @@
   output head), with the float32 summation order the C tiers use (16 lanes, mul then add).
 * :func:`dense_bf16_matmul` — float32 activations × bfloat16 weight rows (a bf16 output head),
   the same summation order, no scale.
+* :func:`hadamard` — BitNet v2's orthonormal Walsh–Hadamard transform of each row:
+  ``bitlm.quant.hadamard_transform`` itself (float32 butterflies h = 1, 2, ..., then one multiply
+  by float32(1/√B); block-diagonal for widths that are not powers of two).
+* :func:`quantize_rows_absmean` — the 4-bit absmean per-row quantiser of BitNet a4.8 / v2
+  (``bitlm.quant.activation_quantize_absmean``), codes in [-8, 7] in int8 containers, so that the
+  int8 × ternary :func:`gemm` gives the exact int4 × ternary sums.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ import torch
 
 from ..packing import PackedWeight
 
-__all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "rms_norm_rows", "sliced_matmul", "quantize_slices", "dense_int8_matmul", "dense_bf16_matmul",
-           "dense_int8a8_matmul"]
+__all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "rms_norm_rows", "sliced_matmul", "quantize_slices",
+           "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "hadamard", "quantize_rows_absmean"]
 
 _LANES = 16
 
@@ -276,3 +282,20 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     _check_dense(x, weight, torch.bfloat16, "a bfloat16")
     return _dense_lanes(x, weight.to(torch.float32))
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """float32 (..., K) → float32 (..., K): the orthonormal (block) Walsh–Hadamard transform of
+    each row, ``bitlm.quant.hadamard_transform`` — the definition the native tiers equal bit for bit."""
+    from ..quant import hadamard_transform
+
+    return hadamard_transform(x.to(torch.float32))
+
+
+def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmean quantisation (a4.8 Eq. 7): int8 (..., K) codes in [-2^(b-1), 2^(b-1) - 1]
+    and float32 (...,) scales a (x ≈ q / a), exactly ``bitlm.quant.activation_quantize_absmean``."""
+    from ..quant import activation_quantize_absmean
+
+    q, a = activation_quantize_absmean(x.to(torch.float32), bits)
+    return q.to(torch.int8), a
