@@ -165,6 +165,30 @@ BITLM_API int bitlm_dense_i8a8(const int8_t *xq, const float *a, int64_t m, int6
  * streams the matrix once: memory-bound at 2 bytes per weight. */
 BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y);
 
+/* ---- low-bit heads: 6-bit / 4-bit rows with per-group f16 scales (W6A8 / W4A8) -----------------
+ * For an output head stored with BITLM_HEAD_GROUP = 32 weights per scale group along K, symmetric:
+ *   W[n, k] ~ w[n, k] * s[n, g],  g = k / 32,  w in [-31, 31] (bits 6) or [-7, 7] (bits 4),
+ *   s an IEEE half (f16) per (row, group).
+ * Read with quantised activations as the W8A8 head is (xq int8 (M, K), a float32 (M,) from
+ * bitlm_quantize_rows, x ~ xq / a):
+ *   acc[m, n, g] = sum_{k in group g} xq[m, k] * w[n, k]              (exact int32, |acc| < 2^17)
+ *   sum = +0.0f;  for g = 0, 1, ...: sum = sum + (float)acc[m, n, g] * (float)s[n, g]
+ *   y[m, n] = sum / a[m]
+ * (float32, product rounded then added: no FMA; the f16 -> float conversion is exact), the same
+ * bits on every tier.  K is padded to a multiple of 32 with zero weights (and activations),
+ * N to a multiple of 16 with zero rows.
+ * Layout: rows in tiles of 16 (BITLM_TILE_N); tile t's groups one after the other, each a block
+ * of 256 bytes (bits 4) or 384 bytes (bits 6); code = w + 8 (bits 4) or w + 32 (bits 6).  In a
+ * block, operand o (0..7) holds k = 32g + 4o + b (b = 0..3) of tile row r:
+ *   low 4 bits of the code: byte 64*(o/2) + 4r + b, low nibble if o is even, high nibble if odd;
+ *   bits 6 only, high 2 bits: byte 256 + 64*(o/4) + 4r + b, bits 2*(o%4) .. 2*(o%4)+1.
+ * Scales: f16 bits, (tiles, groups, 16) — tile t, group g, row r at index (t*groups + g)*16 + r.
+ * Decode (M = 1) streams the matrix once at 4.5 (bits 4) or 6.5 (bits 6) bits per weight. */
+#define BITLM_HEAD_GROUP 32
+BITLM_API int64_t bitlm_head_bytes(int bits, int64_t n, int64_t k); /* packed bytes, or EINVAL */
+BITLM_API int bitlm_dense_lowbit(int bits, const int8_t *xq, const float *a, int64_t m, int64_t k, const uint8_t *w,
+                                 const uint16_t *scale, int64_t n, float *y);
+
 /* ---- fused decode step ------------------------------------------------------------------------
  * One token through every transformer block of a BitNet b1.58 / 2B4T style decoder (RMSNorm
  * sub-layer norms, gated FFN), in one call: what bitlm.engine.PackedModel.forward computes for

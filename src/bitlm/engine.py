@@ -32,6 +32,10 @@ __all__ = ["PackedBitLinear", "PackedModel", "KVPool", "convert", "pack", "save_
            "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
 
 DENSE_TYPES = ("f32", "bf16", "int8")
+#: Output-head-only storage: 6 / 4-bit rows with one f16 scale per 32 columns (bitlm.packing.pack_head),
+#: read with int8 activations (W6A8 / W4A8).  Not for embeddings (rows are read per token).
+LOWBIT_HEADS = {"int6": 6, "int4": 4}
+HEAD_TYPES = DENSE_TYPES + tuple(LOWBIT_HEADS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,16 +66,26 @@ class PackedBitLinear:
 
 
 class Dense:
-    """A high-precision matrix (embedding table / output head) stored as f32, bf16 or int8 rows."""
+    """A high-precision matrix (embedding table / output head) stored as f32, bf16 or int8 rows —
+    or, for an output head only, int6 / int4 groups (``weight`` the packed bytes, ``scale`` the
+    f16 group scales, ``shape`` (V, d); see ``bitlm.packing.pack_head``)."""
 
-    def __init__(self, kind: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        if kind not in DENSE_TYPES:
-            raise ValueError(f"dense type must be one of {DENSE_TYPES}, got {kind!r}")
+    def __init__(self, kind: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 shape: tuple[int, int] | None = None) -> None:
+        if kind not in HEAD_TYPES:
+            raise ValueError(f"dense type must be one of {HEAD_TYPES}, got {kind!r}")
         self.kind, self.weight, self.scale = kind, weight, scale  # scale: (V,) float32 for int8
+        self.shape = tuple(shape) if shape is not None else tuple(weight.shape)
+        self.bits = LOWBIT_HEADS.get(kind)
 
     @classmethod
     def from_float(cls, kind: str, w: torch.Tensor) -> Dense:
         w = w.detach().float()
+        if kind in LOWBIT_HEADS:
+            from .packing import pack_head
+
+            data, scale = pack_head(w, LOWBIT_HEADS[kind])
+            return cls(kind, data, scale, tuple(w.shape))
         if kind == "f32":
             return cls(kind, w.contiguous())
         if kind == "bf16":
@@ -84,6 +98,8 @@ class Dense:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup → float32 (..., d)."""
+        if self.bits is not None:
+            raise ValueError(f"an {self.kind} matrix is an output head only; embeddings are f32, bf16 or int8")
         r = self.weight[ids]
         if self.kind == "int8":
             return r.float() * self.scale[ids].unsqueeze(-1)
@@ -99,7 +115,18 @@ class Dense:
             return F.linear(x, self.weight)
         if self.kind == "bf16":  # float32 x, bf16 rows read as is (2 bytes per weight)
             return kernels.dense_bf16_matmul(x, self.weight)
+        if self.bits is not None:
+            raise ValueError(f"an {self.kind} head is read with quantised activations (matmul_q)")
         return kernels.dense_int8_matmul(x, self.weight, self.scale)
+
+    def matmul_q(self, xq: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Head read with int8 activations (xq, a) from ``kernels.quantize_rows``: W8A8 for an
+        int8 head, W6A8 / W4A8 for the low-bit heads; exact integer sums (row-independent)."""
+        if self.bits is not None:
+            return kernels.dense_lowbit_matmul(xq, a, self.weight, self.scale, self.bits, self.shape[0])
+        if self.kind != "int8":
+            raise ValueError(f"int8 activations need an int8, int6 or int4 head, this one is {self.kind}")
+        return kernels.dense_int8a8_matmul(xq, a, self.weight, self.scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         d = {f"{prefix}.weight": self.weight}
@@ -109,7 +136,8 @@ class Dense:
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + (self.scale.numel() * 4 if self.scale is not None else 0)
+        sc = self.scale.numel() * self.scale.element_size() if self.scale is not None else 0
+        return self.weight.numel() * self.weight.element_size() + sc
 
 
 #: Prefill runs the FFN in blocks of this many rows (its 2 x ffn_dim wide intermediates are the
@@ -283,27 +311,29 @@ class PackedModel:
 
     @property
     def head_act(self) -> str:
-        return self._head_act
+        return "int8" if self.head.bits is not None else self._head_act  # low-bit heads: always int8
 
     @head_act.setter
     def head_act(self, mode: str) -> None:
         if mode not in self.HEAD_ACTS:
             raise ValueError(f"head_act must be one of {self.HEAD_ACTS}, got {mode!r}")
-        if mode == "int8" and self.head.kind != "int8":
+        if mode == "int8" and self.head.kind not in ("int8", *LOWBIT_HEADS):
             raise ValueError(f"head_act='int8' needs an int8 output head, this model's is {self.head.kind} "
                              "(pack it with --head int8)")
+        if mode == "f32" and self.head.bits is not None:
+            raise ValueError(f"head_act='f32': this model's {self.head.kind} head is read with int8 activations only")
         self._head_act = mode
 
     def _final(self, x: torch.Tensor, B: int, T: int, rowwise: bool = False) -> torch.Tensor:
         """Final norm + output head: (B*T, d) → logits (B, T, V); ``rowwise`` see ``Dense.matmul``."""
         cfg = self.config
-        if self._head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 head
+        if self.head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 / W6A8 / W4A8
             if cfg.arch == "bitnet":
                 xq, a = kernels.quantize_rows(F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b,
                                                            cfg.norm_eps))
             else:
                 xq, a = kernels.quantize_rows(x, self.final_norm, cfg.norm_eps)
-            return kernels.dense_int8a8_matmul(xq, a, self.head.weight, self.head.scale).view(B, T, -1)
+            return self.head.matmul_q(xq, a).view(B, T, -1)
         if cfg.arch == "bitnet":
             h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
         else:
@@ -491,7 +521,12 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     fmt = _fmt_for(cfg, format)
     if blockers := inference_blockers(cfg):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
-    embed = embed or head
+    if head not in HEAD_TYPES:
+        raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head!r}")
+    if embed is not None and embed not in DENSE_TYPES:
+        raise ValueError(f"--embed {embed}: the embedding must be one of {DENSE_TYPES} (rows are read one token "
+                         "at a time; int6 / int4 are output-head formats)")
+    embed = embed or (head if head in DENSE_TYPES else "int8")
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
     for blk in model.model.layers:
@@ -575,6 +610,10 @@ def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
         tok_json = pm.tokenizer_json
     meta = {"model": pm.config.to_dict(), "format": pm.format, "embed": pm.embed.kind, "head": pm.head.kind,
             "tied_head": pm.head is pm.embed, "packs": packs}
+    if pm.head.bits is not None:
+        from .packing import HEAD_GROUP
+
+        meta["head_group"] = HEAD_GROUP
     return write_packed(path, meta, tensors, tokenizer=tok_json)
 
 
@@ -639,7 +678,21 @@ def _from_tensors(path: Path, cfg: ModelConfig, header: dict, tensors: dict[str,
         layers.append(PackedLayer(**kw))
 
     def dense(prefix: str, kind: str) -> Dense:
+        if kind not in HEAD_TYPES or (prefix == "embed" and kind not in DENSE_TYPES):
+            raise PackedFormatError(f"{path}: unknown {prefix} type {kind!r} (this bitlm reads {HEAD_TYPES})")
         w = get(f"{prefix}.weight")
+        if kind in LOWBIT_HEADS:
+            from .packing import HEAD_GROUP, head_nbytes
+
+            if header.get("head_group") != HEAD_GROUP:
+                raise PackedFormatError(f"{path}: {kind} head with group size {header.get('head_group')!r}, "
+                                        f"this bitlm reads groups of {HEAD_GROUP}")
+            nbytes, nscale = head_nbytes(LOWBIT_HEADS[kind], cfg.vocab_size, d)
+            sc = get(f"{prefix}.scale")
+            if w.dtype != torch.uint8 or w.numel() != nbytes or sc.dtype != torch.float16 or sc.numel() != nscale:
+                raise PackedFormatError(f"{path}: tensor '{prefix}.weight' / '{prefix}.scale' do not hold a "
+                                        f"{cfg.vocab_size}x{d} {kind} head")
+            return Dense(kind, w, sc, (cfg.vocab_size, d))
         if tuple(w.shape) != (cfg.vocab_size, d):
             raise PackedFormatError(f"{path}: tensor '{prefix}.weight' has shape {tuple(w.shape)}, expected {(cfg.vocab_size, d)}")
         return Dense(kind, w, tensors.get(f"{prefix}.scale"))
@@ -660,8 +713,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bitlm)")
     p.add_argument("--format", default=None, choices=["i2", "t1", "b1"],
                    help="i2 (ternary 2 bpw), t1 (ternary 1.6 bpw) or b1 (binary); default i2 / b1")
-    p.add_argument("--head", default="f32", choices=DENSE_TYPES, help="output head storage (bf16 or int8 halve or quarter the largest read of big-vocabulary models)")
-    p.add_argument("--embed", default=None, choices=DENSE_TYPES, help="embedding storage (default: as --head)")
+    p.add_argument("--head", default="f32", choices=HEAD_TYPES,
+                   help="output head storage: bf16 / int8 halve or quarter the largest read of big-vocabulary "
+                        "models; int6 / int4 (one f16 scale per 32 columns, read with int8 activations) cut it "
+                        "to 6.5 / 4.5 bits per weight")
+    p.add_argument("--embed", default=None, choices=DENSE_TYPES,
+                   help="embedding storage (default: as --head; int8 with an int6 / int4 head)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
 
 

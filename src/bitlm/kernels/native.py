@@ -24,7 +24,7 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
+           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "dense_lowbit_matmul", "Decoder", "ACTIVATIONS"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
 ABI_VERSION = 4
@@ -58,6 +58,8 @@ _SIGNATURES = {
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
+    "bitlm_dense_lowbit": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -340,6 +342,27 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((m, n), dtype=torch.float32)
     _check(lib.bitlm_dense_bf16(x2.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr()), "bitlm_dense_bf16")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
+                        n: int) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_lowbit_matmul` (bit-identical)."""
+    from ..packing import head_nbytes
+
+    lib = _lib or _need()
+    k = xq.shape[1]
+    nbytes, nscale = head_nbytes(bits, n, k)
+    if data.dtype != torch.uint8 or data.numel() != nbytes or not data.is_contiguous() or not data.is_cpu:
+        raise ValueError(f"int{bits} head data must be {nbytes} contiguous CPU uint8 values, got {data.dtype} x {data.numel()}")
+    if scale.dtype != torch.float16 or scale.numel() != nscale or not scale.is_contiguous() or not scale.is_cpu:
+        raise ValueError(f"int{bits} head scale must be {nscale} contiguous CPU float16 values")
+    xq = _xq(xq, k)
+    m = xq.shape[0]
+    a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.bitlm_dense_lowbit(bits, xq.data_ptr(), a.data_ptr(), m, k, data.data_ptr(), scale.data_ptr(), n,
+                                  y.data_ptr()), "bitlm_dense_lowbit")
+    return y
 
 
 # ---- fused decode step ---------------------------------------------------------------------------
