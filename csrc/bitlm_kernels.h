@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 4
+#define BITLM_ABI_VERSION 5
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -219,16 +219,28 @@ typedef struct bitlm_linear_desc {
 typedef struct bitlm_block_desc {
     bitlm_linear_desc q, k, v, o, up, down;
     const float *input_norm, *attn_sub_norm, *post_norm, *ffn_sub_norm; /* (K,) each, or NULL */
-    float *k_cache, *v_cache; /* (kv_heads, max_len, head_dim) float32 each */
+    float *k_cache, *v_cache; /* (kv_heads, max_len, head_dim) each, of the decoder's kv_type */
 } bitlm_block_desc;
 
 #define BITLM_ACT_SILU_GLU 1
 #define BITLM_ACT_RELU2_GLU 2
 
+/* KV cache types.  A row (one position of one kv head, D values) is rounded once, when written:
+ *   F32: as is;  F16: IEEE half, round to nearest even (overflow -> inf), read back exactly;
+ *   I8:  s = amax_j |x_j| / 127.0f (float32 division), q_j = clamp(rint(x_j / s), -127, 127)
+ *        (q = 0 when s = 0), read back as (float)q_j * s (one rounding) — per token, per head.
+ * The attention then runs exactly as for F32 on the values read back. */
+#define BITLM_KV_F32 0
+#define BITLM_KV_F16 1
+#define BITLM_KV_I8 2
+
 typedef struct bitlm_decoder_desc {
     int64_t n_layers, d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len, act;
     double eps;                     /* RMSNorm epsilon */
     const bitlm_block_desc *blocks; /* (n_layers,) */
+    int64_t kv_type;                /* BITLM_KV_*: blocks' k_cache / v_cache hold float, f16 or int8 */
+    float *const *kv_scales;        /* I8: 2 * n_layers (kv_heads, max_len) float32 arrays, k then v of
+                                     * each layer; NULL otherwise */
 } bitlm_decoder_desc;
 
 /* x: (d_model,) float32 residual stream, in: the token's embedding, out: the stream after the
@@ -237,6 +249,10 @@ typedef struct bitlm_decoder_desc {
  * inconsistent description (nothing is written then), or ENOMEM. */
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin);
+
+/* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
+ * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */
+BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

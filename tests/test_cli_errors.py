@@ -153,6 +153,12 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("generate-top-p", "generate --model {ck} --prompt hi --top-p 2", "top_p"),
     ("generate-top-k", "generate --model {ck} --prompt hi --top-k 0", "top_k"),
     ("chat-max-new-tokens", "chat --model {packed} --max-new-tokens -1", "--max-new-tokens"),
+    # head / KV types the file or the architecture cannot hold
+    ("pack-embed-int4", "pack --model {ck} --out {dir}/e.bitlm --head int4 --embed int4", "--embed"),
+    ("pack-head-int3", "pack --model {ck} --out {dir}/e.bitlm --head int3", "--head"),
+    ("generate-kv-checkpoint", "generate --model {ck} --prompt hi --kv int8", "--kv int8"),
+    ("eval-kv-checkpoint", "eval --model {ck} --text 'the cat' --kv f16", "--kv f16"),
+    ("chat-kv-unknown", "chat --model {packed} --kv int4", "--kv"),
     ("train-negative-steps", "train {train_args} --max-steps -3 --out {dir}/r", "max_steps"),
     ("train-unknown-preset", "train --preset nosuch --max-steps 1", "nosuch"),
     ("train-set-no-equals", "train --preset tiny --set d_model --max-steps 1", "d_model"),

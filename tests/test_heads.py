@@ -193,7 +193,7 @@ def test_lowbit_head_bad_input(tmp_path):
     m = _model()
     with pytest.raises(ValueError, match="--embed int4"):
         convert(m, "i2", head="int8", embed="int4")
-    with pytest.raises(ValueError, match="head type"):
+    with pytest.raises(ValueError, match="--head int3"):
         convert(m, "i2", head="int3")
     pm = convert(m, "i2", head="int4")
     with pytest.raises(ValueError, match="head_act='f32'"):

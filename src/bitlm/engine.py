@@ -28,7 +28,7 @@ from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_pack
 from .model import KVCache, inference_blockers, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight
 
-__all__ = ["PackedBitLinear", "PackedModel", "KVPool", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
+__all__ = ["PackedBitLinear", "PackedModel", "PackedKVCache", "KVPool", "kv_bytes_per_token", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
            "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
 
 DENSE_TYPES = ("f32", "bf16", "int8")
@@ -219,8 +219,23 @@ class PackedModel:
 
     training = False
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch, max_len, dtype=torch.float32)
+    #: KV cache type of new caches: "f16" (default), "f32" or "int8" (per token, per head scales);
+    #: a runtime choice (``--kv`` on generate / chat / serve / eval), never stored in the file.
+    KV_TYPES = ("f16", "f32", "int8")
+    _kv = "f16"
+
+    @property
+    def kv(self) -> str:
+        return self._kv
+
+    @kv.setter
+    def kv(self, kind: str) -> None:
+        if kind not in self.KV_TYPES:
+            raise ValueError(f"--kv {kind}: the KV cache type must be one of {self.KV_TYPES}")
+        self._kv = kind
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, kv: str | None = None) -> PackedKVCache:
+        return PackedKVCache(self.config, batch, max_len, kv or self._kv)
 
     def weight_bytes(self) -> dict[str, int]:
         lin = sum(w.nbytes for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
@@ -267,6 +282,8 @@ class PackedModel:
             q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, k, v)
+            elif self._kv != "f32":  # no cache: the same rounding points, so eval sees the KV type
+                k, v = PackedKVCache.read_back(k, self._kv), PackedKVCache.read_back(v, self._kv)
             att = _attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
             del q, k, v
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b)
@@ -418,9 +435,14 @@ class PackedModel:
             blocks.append(dict(q=L.q, k=L.k, v=L.v, o=L.o, up=L.up, down=L.down, q_b=L.q_b, k_b=L.k_b, v_b=L.v_b,
                                input_norm=L.input_norm, attn_sub_norm=L.attn_sub_norm, post_norm=L.post_norm,
                                ffn_sub_norm=L.ffn_sub_norm, k_cache=cache.k[i], v_cache=cache.v[i]))
+        kv = getattr(cache, "kv", "f32")  # a plain model.KVCache is float32
+        if kv == "int8":
+            for i, b in enumerate(blocks):
+                b.update(k_scale=cache.k_scale[i], v_scale=cache.v_scale[i])
         dec = native.Decoder(d_model=cfg.d_model, n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                              ffn_dim=cfg.ffn_dim, max_len=cache.max_len,
-                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks)
+                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks,
+                             kv=kv)
         cache._bitlm_decoder = (self, dec)
         return dec
 
@@ -433,6 +455,74 @@ class PackedModel:
         dec.step(x, pos, cos, sin)
         cache.advance(1)
         return self._final(x.view(1, cfg.d_model), 1, 1)
+
+
+class PackedKVCache(KVCache):
+    """The packed engine's KV cache: ``kv`` = "f32", "f16" or "int8" storage, (B, H_kv, max_len, D)
+    per layer (int8 adds float32 (B, H_kv, max_len) ``k_scale`` / ``v_scale``: one scale per
+    token and head).  A row is rounded once, when written, exactly as the fused native step
+    stores it (``BITLM_KV_*`` in csrc/bitlm_kernels.h): f16 round-to-nearest-even; int8
+    ``s = amax / 127``, ``q = clamp(round_half_even(x / s), -127, 127)``.  :meth:`update`
+    returns the float32 values read back (``float(f16)``, ``float(q) * s``), so every
+    attention — prefill, per-op decode, batched decode — sees what the fused step sees."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, kv: str = "f16") -> None:
+        dtypes = {"f32": torch.float32, "f16": torch.float16, "int8": torch.int8}
+        if kv not in dtypes:
+            raise ValueError(f"--kv {kv}: the KV cache type must be one of {tuple(dtypes)}")
+        super().__init__(cfg, batch, max_len, dtype=dtypes[kv])
+        self.kv = kv
+        if kv == "int8":
+            shape = (batch, cfg.kv_heads, self.max_len)
+            self.k_scale = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+            self.v_scale = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+
+    @staticmethod
+    def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (..., D) → (int8 (..., D), float32 (...,)) per row (the int8 cache's rounding)."""
+        s = x.abs().amax(-1) / 127.0
+        sd = s.unsqueeze(-1)
+        q = torch.where(sd > 0, torch.round(x / torch.where(sd > 0, sd, 1.0)), 0.0).clamp_(-127, 127)
+        return q.to(torch.int8), s
+
+    @classmethod
+    def read_back(cls, x: torch.Tensor, kv: str) -> torch.Tensor:
+        """float32 x as a ``kv`` cache would store and return it (the rounding of :meth:`update`)."""
+        if kv == "f16":
+            return x.to(torch.float16).float()
+        if kv == "int8":
+            q, s = cls.quantize_int8(x)
+            return q.float() * s.unsqueeze(-1)
+        return x
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv == "f32":
+            return super().update(layer, k, v)
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        if self.kv == "f16":
+            self.k[layer][:, :, self.pos : end] = k  # rounds to nearest even
+            self.v[layer][:, :, self.pos : end] = v
+            return self.k[layer][:, :, :end].float(), self.v[layer][:, :, :end].float()
+        out = []
+        for c, sc, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self.quantize_int8(x.float())
+            c[layer][:, :, self.pos : end] = q
+            sc[layer][:, :, self.pos : end] = s
+            out.append(c[layer][:, :, :end].float() * sc[layer][:, :, :end].unsqueeze(-1))
+        return out[0], out[1]
+
+    def nbytes(self) -> int:
+        extra = sum(t.numel() * 4 for t in self.k_scale + self.v_scale) if self.kv == "int8" else 0
+        return super().nbytes() + extra
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv: str) -> int:
+    """KV cache bytes per token of context (all layers, k and v)."""
+    per = {"f32": 4, "f16": 2, "int8": 1}[kv]
+    return 2 * cfg.n_layers * cfg.kv_heads * (cfg.head_dim * per + (4 if kv == "int8" else 0))
 
 
 class KVPool:
@@ -522,7 +612,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     if blockers := inference_blockers(cfg):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
     if head not in HEAD_TYPES:
-        raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head!r}")
+        raise ValueError(f"--head {head}: the output head type must be one of {HEAD_TYPES}")
     if embed is not None and embed not in DENSE_TYPES:
         raise ValueError(f"--embed {embed}: the embedding must be one of {DENSE_TYPES} (rows are read one token "
                          "at a time; int6 / int4 are output-head formats)")
@@ -713,11 +803,11 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bitlm)")
     p.add_argument("--format", default=None, choices=["i2", "t1", "b1"],
                    help="i2 (ternary 2 bpw), t1 (ternary 1.6 bpw) or b1 (binary); default i2 / b1")
-    p.add_argument("--head", default="f32", choices=HEAD_TYPES,
+    p.add_argument("--head", default="f32", metavar="{" + ",".join(HEAD_TYPES) + "}",
                    help="output head storage: bf16 / int8 halve or quarter the largest read of big-vocabulary "
                         "models; int6 / int4 (one f16 scale per 32 columns, read with int8 activations) cut it "
                         "to 6.5 / 4.5 bits per weight")
-    p.add_argument("--embed", default=None, choices=DENSE_TYPES,
+    p.add_argument("--embed", default=None, metavar="{" + ",".join(DENSE_TYPES) + "}",
                    help="embedding storage (default: as --head; int8 with an int6 / int4 head)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
 
@@ -725,6 +815,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .loading import detect_format, load, load_tokenizer_for
 
+    if args.head not in HEAD_TYPES:  # checked before the model loads
+        raise ValueError(f"--head {args.head}: the output head type must be one of {HEAD_TYPES}")
+    if args.embed is not None and args.embed not in DENSE_TYPES:
+        raise ValueError(f"--embed {args.embed}: the embedding must be one of {DENSE_TYPES} (int6 / int4 are "
+                         "output-head formats)")
     if detect_format(args.model) == "packed":
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")
