@@ -216,3 +216,16 @@ def test_lowbit_head_bad_input(tmp_path):
     write_packed(tmp_path / "g64.bitlm", json.loads(json.dumps(meta)), tensors)
     with pytest.raises(PackedFormatError, match="group size 64"):
         load_packed(tmp_path / "g64.bitlm")
+
+
+def test_pack_head_in_row_blocks_is_the_same_packing():
+    """Heads taller than one block (8192 rows) are packed block by block: same codes and scales."""
+    gen = torch.Generator().manual_seed(9)
+    wf = torch.randn(8192 + 40, 40, generator=gen)
+    data, scale = P.pack_head(wf, 4)
+    assert (data.numel(), scale.numel()) == P.head_nbytes(4, 8232, 40)
+    w, s = P.unpack_head(data, scale, 4, 8232, 40)
+    s_want = (torch.nn.functional.pad(wf, (0, 24)).view(8232, 2, 32).abs().amax(-1) / 7).to(torch.float16).float()
+    assert torch.equal(s, s_want)
+    sg = s.repeat_interleave(32, dim=1)[:, :40]
+    assert torch.equal(w.float(), torch.round(wf / sg).clamp(-7, 7))

@@ -239,7 +239,7 @@ class PackedModel:
 
     def weight_bytes(self) -> dict[str, int]:
         lin = sum(w.nbytes for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
-        tied = self.config.tie_embeddings
+        tied = self.head is self.embed  # a tied model with an int6 / int4 head stores both
         return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
 
     # -- forward ---------------------------------------------------------------------------------

@@ -475,6 +475,10 @@ def pack_head(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``s = f16(max|W_group| / Q)`` (Q = 31 or 7), ``w = clamp(round_half_even(W / float(s)), -Q, Q)``
     (0 where s is 0): the rounded scale is the one the codes are computed against."""
     n, k = w.shape
+    rows = 1 << 13  # a big head (128k x 2560) in blocks of whole tiles: bounded temporaries
+    if n > rows:
+        parts = [pack_head(w[r : r + rows], bits) for r in range(0, n, rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     tiles, groups, _ = _head_geometry(bits, n, k)
     qmax, off = (1 << (bits - 1)) - 1, 1 << (bits - 1)
     wp = torch.zeros(tiles * TILE_N, groups * HEAD_GROUP, dtype=torch.float32)
