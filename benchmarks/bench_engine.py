@@ -157,6 +157,36 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     return out
 
 
+def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int = 15) -> list[dict]:
+    """The output head alone, decode-shaped (M = 1): each head type of the preset's (V, d) shape
+    from the same random matrix, timed interleaved (rep by rep) so that a drifting bandwidth hits
+    them alike; medians and the GB/s each streams."""
+    from bitlm import kernels
+    from bitlm.config import preset
+    from bitlm.engine import Dense
+
+    cfg = preset(preset_name)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(cfg.vocab_size, cfg.d_model, generator=g) * 0.02
+    store = {h: Dense.from_float("int8" if h == "int8a8" else h, table) for h in heads}
+    xq, a = kernels.quantize_rows(torch.randn(1, cfg.d_model, generator=g))
+    rows = []
+    for t in threads:
+        kernels.set_num_threads(t)
+        times: dict[str, list[float]] = {h: [] for h in heads}
+        for _ in range(reps):
+            for h in heads:
+                t0 = time.perf_counter()
+                store[h].matmul_q(xq, a)
+                times[h].append(time.perf_counter() - t0)
+        for h in heads:
+            ts = sorted(times[h])
+            med = ts[len(ts) // 2]
+            rows.append({"head": h, "threads": t, "ms": med * 1e3, "bytes": store[h].nbytes,
+                         "gb_s": store[h].nbytes / med / 1e9})
+    return rows
+
+
 def _touch_torch_code() -> None:
     """Run the torch ops the engine uses once on tiny tensors, so that libtorch's code pages
     (~10 MB, paged in on first use) count in the baseline, not as model memory."""
@@ -284,6 +314,9 @@ def main() -> int:
     ap.add_argument("--depth", default="0",
                     help="context depths to decode at, comma separated (e.g. 0,1024,4096): the cache holds this many "
                          "tokens (random keys / values) before the 16-token prompt")
+    ap.add_argument("--head-gemv", action="store_true",
+                    help="time the output head alone (M = 1) for each --heads type that reads int8 activations "
+                         "(int8a8, int6, int4), interleaved, and exit")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_head-act", default="f32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -296,6 +329,14 @@ def main() -> int:
 
     os.environ.setdefault("BITLM_BACKEND", "native")
     from bitlm import kernels
+
+    if args.head_gemv:
+        rows = head_gemv(args.preset, args.heads.split(","), [int(t) for t in args.threads.split(",")])
+        print(f"{cpu_model()} — kernels: {kernels.backend_info().get('tier')}")
+        for r in rows:
+            print(f"head {r['head']:<7} threads {r['threads']}: {r['ms']:8.2f} ms  {r['bytes'] / 1e6:7.1f} MB  "
+                  f"{r['gb_s']:6.1f} GB/s")
+        return 0
 
     info = kernels.backend_info()
     threads = [int(t) for t in args.threads.split(",")]
