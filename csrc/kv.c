@@ -133,6 +133,19 @@ KV512 static inline __m512 kv_load16(int type, const void *c, const float *s, in
     return _mm512_mul_ps(v, _mm512_set1_ps(s[t]));
 }
 
+/* out = (sum_t e_t * v_t) / sum for D = 16 * NV, t outermost: every row is read once. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
+kv_v_rows(int type, const void *vc, const float *vs, int64_t T, const float *e, float sum, float *out, const int NV) {
+    const int64_t D = 16 * NV;
+    __m512 o[8];
+    for (int c = 0; c < NV; c++) o[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t++) {
+        const __m512 et = _mm512_set1_ps(e[t]);
+        for (int c = 0; c < NV; c++) o[c] = _mm512_add_ps(o[c], _mm512_mul_ps(et, kv_load16(type, vc, vs, t, D, 16 * c)));
+    }
+    for (int c = 0; c < NV; c++) _mm512_storeu_ps(out + 16 * c, _mm512_div_ps(o[c], _mm512_set1_ps(sum)));
+}
+
 /* D % 16 == 0: lane l of the score accumulator is exactly the generic lane l. */
 KV512 static void kv_attn_avx512(int type, const float *q, const void *kc, const float *ks, const void *vc,
                                  const float *vs, int64_t T, int64_t D, float scale, float *scores, float *out) {
@@ -152,6 +165,14 @@ KV512 static void kv_attn_avx512(int type, const float *q, const void *kc, const
         const float e = expf(scores[t] - m);
         scores[t] = e;
         sum = sum + e;
+    }
+    if (D == 128) { /* one pass over the rows, the 128 sums in registers (same order per element) */
+        kv_v_rows(type, vc, vs, T, scores, sum, out, 8);
+        return;
+    }
+    if (D == 64) {
+        kv_v_rows(type, vc, vs, T, scores, sum, out, 4);
+        return;
     }
     for (int64_t j = 0; j < D; j += 16) {
         __m512 o = _mm512_setzero_ps();

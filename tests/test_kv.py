@@ -170,3 +170,25 @@ def test_decoder_rejects_a_cache_of_another_type():
     del cache.k_scale
     with pytest.raises(AttributeError):
         pm(torch.tensor([[1]]), cache=cache)
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 48))
+def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
+    """The AVX-512 attention has register-resident paths for D = 64 / 128 and a general one
+    (D % 16 == 0); D = 48 also takes the general one: all equal the generic tier bit for bit."""
+    _native()
+    pm = convert(_model(d_model=2 * head_dim, n_heads=2, n_kv_heads=1), "i2")
+    assert pm.config.head_dim == head_dim
+    prompt = torch.randint(0, 512, (1, 20))
+    prev = native.tier()
+    try:
+        for kv in KVS:
+            outs = {}
+            for t in native.supported_tiers():
+                native.set_tier(t)
+                outs[t] = _decode(pm, prompt, 6, True, kv)[1]
+            first = next(iter(outs.values()))
+            for t, o in outs.items():
+                assert torch.equal(o, first), (kv, t)
+    finally:
+        native.set_tier(prev)
