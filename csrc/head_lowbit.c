@@ -287,7 +287,7 @@ BITLM_API int64_t bitlm_head_bytes(int bits, int64_t n, int64_t k) {
 
 BITLM_API int bitlm_dense_lowbit(int bits, const int8_t *xq, const float *a, int64_t m, int64_t k, const uint8_t *w,
                                  const uint16_t *scale, int64_t n, float *y) {
-    if ((bits != 4 && bits != 6) || !xq || !a || !w || !scale || !y || m < 0 || k < 0 || n < 0) return BITLM_EINVAL;
+    if ((bits != 4 && bits != 6) || !xq || !a || !w || !scale || !y || m < 0 || k < 1 || n < 0) return BITLM_EINVAL;
     if (m == 0 || n == 0) return 0;
     const int64_t G = (k + LB_G - 1) / LB_G, Kp = G * LB_G;
     int8_t *xp = aligned_alloc(64, (size_t)((m * Kp + 63) / 64 * 64));
