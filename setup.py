@@ -47,7 +47,7 @@ TIER_FILES = {
     "x86_avx2.c": (["-mavx2", "-mfma"], "BITLM_HAVE_AVX2"),
     "x86_avx512.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"], "BITLM_HAVE_AVX512"),
 }
-BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hadamard.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hadamard.c", "head_lowbit.c", "kv.c"]
 
 
 class BuildKernels(build_ext):

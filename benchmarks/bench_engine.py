@@ -10,6 +10,8 @@ own process so that peak RSS belongs to that configuration alone.
     python benchmarks/bench_engine.py --preset tiny-2b4t --decode-tokens 32 --prefill 64   # seconds, a smoke test
     python benchmarks/bench_engine.py --llama-cpp           # + llama.cpp TQ2_0/TQ1_0 side by side
     python benchmarks/bench_engine.py --per-op              # + decode on the per-op (Python-driven) path
+    python benchmarks/bench_engine.py --formats t1 --heads int8a8,int6,int4 --prefill ""   # low-bit heads
+    python benchmarks/bench_engine.py --kv f16,int8 --depth 0,1024,4096 --prefill ""       # long contexts
 
 Writes a table to stdout and JSON (CPU model, kernel tier, every number) to --json.
 """
@@ -60,16 +62,24 @@ def build_random_packed(preset_name: str, fmt: str, head: str, path: Path, seed:
                                   o=rand(d, cfg.n_heads * hd), up=rand(2 * f, d, groups=2), down=rand(d, f),
                                   input_norm=ones(d), attn_sub_norm=ones(cfg.n_heads * hd), post_norm=ones(d),
                                   ffn_sub_norm=ones(f)))
-    emb = Dense.from_float(head, torch.randn(cfg.vocab_size, d, generator=g) * 0.02)
-    pm = PackedModel(cfg, layers, emb, emb, torch.ones(d), format=fmt)
+    table = torch.randn(cfg.vocab_size, d, generator=g) * 0.02
+    head_d = Dense.from_float(head, table)
+    # int6 / int4 are head-only formats: the (tied) embedding rows then stay int8
+    emb = head_d if head_d.bits is None else Dense.from_float("int8", table)
+    pm = PackedModel(cfg, layers, emb, head_d, torch.ones(d), format=fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_packed(pm, path)
     print(file=sys.stderr)
     return path
 
 
-def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32") -> dict:
-    """Runs inside a fresh process: load (mmap), prefill, decode; reports speeds and peak RSS."""
+def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32", kv: str = "f16",
+            depth: int = 0) -> dict:
+    """Runs inside a fresh process: load (mmap), prefill, decode; reports speeds and peak RSS.
+
+    ``kv``: the KV cache type; ``depth``: decode after this many cached tokens of context.  The
+    cache is filled with random keys / values (rounded as the cache stores them) instead of a
+    ``depth``-token prefill — the decode reads the same bytes, in minutes less on a loaded VM."""
     from bitlm import kernels
     from bitlm.engine import load_packed
 
@@ -79,7 +89,11 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     base_rss = _hwm()  # python + torch + the kernel library, before the model exists
     t0 = time.perf_counter()
     pm = load_packed(path, verify=False)
-    pm.head_act = head_act
+    if pm.head.bits is None:  # int6 / int4 heads always read int8 activations
+        pm.head_act = head_act
+    pm.kv = kv
+    if depth + decode_tokens + 32 > pm.config.max_seq_len:  # RoPE runs at any position
+        pm.config.max_seq_len = depth + decode_tokens + 32
     out: dict = {"load_s": time.perf_counter() - t0}
     V = pm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -101,8 +115,14 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
         out[f"prefill_{n}_tok_s"] = n / best
     prompt = torch.randint(0, V, (1, 16), generator=g)
     cache = None
-    cache = pm.new_cache(1, 16 + decode_tokens + 1)
+    cache = pm.new_cache(1, depth + 16 + decode_tokens + 1)
     kv_peak = max(kv_peak, cache.nbytes())
+    if depth:
+        cfg = pm.config
+        for i in range(cfg.n_layers):
+            kv_rand = torch.randn(2, 1, cfg.kv_heads, depth, cfg.head_dim, generator=g)
+            cache.update(i, kv_rand[0], kv_rand[1])
+        cache.advance(depth)
     logits = pm(prompt, cache=cache, last_only=True)
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(4):  # warm-up decode steps (page in every weight)
@@ -120,6 +140,13 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     wb = pm.weight_bytes()
     out["bytes_per_token"] = wb["linear"] + (wb["head"] or wb["embedding"])
     out["kv_cache_bytes"] = cache.nbytes()
+    out["kv"], out["depth"] = kv, depth
+    # attention reads the cache up to the current position: depth + prompt + half the decode, on average
+    ctx = depth + 16 + decode_tokens // 2
+    from bitlm.engine import kv_bytes_per_token
+
+    out["kv_bytes_per_token"] = ctx * kv_bytes_per_token(pm.config, kv)
+    out["bytes_per_token"] += out["kv_bytes_per_token"]
     out["kv_cache_peak_bytes"] = kv_peak
     out["file_bytes"] = os.path.getsize(path)
     out["peak_rss_bytes"] = _hwm()
@@ -128,6 +155,36 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     # in this process (after the peak RSS is read: the probe's buffer is 1 GiB)
     out["bandwidth_after_gb_s"] = measure_bandwidth(threads)
     return out
+
+
+def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int = 15) -> list[dict]:
+    """The output head alone, decode-shaped (M = 1): each head type of the preset's (V, d) shape
+    from the same random matrix, timed interleaved (rep by rep) so that a drifting bandwidth hits
+    them alike; medians and the GB/s each streams."""
+    from bitlm import kernels
+    from bitlm.config import preset
+    from bitlm.engine import Dense
+
+    cfg = preset(preset_name)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(cfg.vocab_size, cfg.d_model, generator=g) * 0.02
+    store = {h: Dense.from_float("int8" if h == "int8a8" else h, table) for h in heads}
+    xq, a = kernels.quantize_rows(torch.randn(1, cfg.d_model, generator=g))
+    rows = []
+    for t in threads:
+        kernels.set_num_threads(t)
+        times: dict[str, list[float]] = {h: [] for h in heads}
+        for _ in range(reps):
+            for h in heads:
+                t0 = time.perf_counter()
+                store[h].matmul_q(xq, a)
+                times[h].append(time.perf_counter() - t0)
+        for h in heads:
+            ts = sorted(times[h])
+            med = ts[len(ts) // 2]
+            rows.append({"head": h, "threads": t, "ms": med * 1e3, "bytes": store[h].nbytes,
+                         "gb_s": store[h].nbytes / med / 1e9})
+    return rows
 
 
 def _touch_torch_code() -> None:
@@ -172,14 +229,16 @@ def measure_bandwidth(threads: int, gib: float = 1.0) -> float:
 def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
     """One fresh process per (format, head, threads[, per-op]) configuration of bitlm."""
     rows = []
+    kvs, depths = args.kv.split(","), [int(x) for x in args.depth.split(",")]
     for fmt in args.formats.split(","):
         for head in args.heads.split(","):
             # int8a8: the int8 head file, read with int8 activations (PackedModel.head_act)
             store, head_act = ("int8", "int8") if head == "int8a8" else (head, "f32")
             path = build_random_packed(args.preset, fmt, store, Path(args.cache_dir) / f"{args.preset}-{fmt}-{store}.bitlm")
-            for t, per_op in [(t, p) for p in ([False, True] if args.per_op else [False]) for t in threads]:
+            for t, per_op, kv, depth in [(t, p, kv, dp) for p in ([False, True] if args.per_op else [False])
+                                         for kv in kvs for dp in depths for t in threads]:
                 cmd = [sys.executable, __file__, "--_run", f"{path}:{t}", "--decode-tokens", str(args.decode_tokens),
-                       "--prefill", args.prefill, "--_head-act", head_act]
+                       "--prefill", args.prefill, "--_head-act", head_act, "--kv", kv, "--depth", str(depth)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(t), "BITLM_FUSED_DECODE": "0" if per_op else "1"}
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode != 0:
@@ -204,7 +263,7 @@ def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
     return rows
 
 
-_KEY = ("engine", "format", "head", "threads")
+_KEY = ("engine", "format", "head", "threads", "kv", "depth")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -236,7 +295,8 @@ def main() -> int:
     ap.add_argument("--formats", default="i2,t1")
     ap.add_argument("--heads", default="int8a8,int8,bf16",
                     help="output heads: int8a8 (int8 rows x int8 activations, like llama.cpp's q8_0), int8 "
-                         "(int8 rows x float activations), bf16, f32")
+                         "(int8 rows x float activations), bf16, f32, int6 / int4 (6 / 4-bit rows, one f16 scale "
+                         "per 32 columns, int8 activations)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prefill", default="128,512")
@@ -250,17 +310,33 @@ def main() -> int:
                          "projection, norm, RoPE, attention), the fused step's reference twin")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every configuration (bitlm and llama.cpp interleaved) and report medians")
+    ap.add_argument("--kv", default="f16", help="KV cache types, comma separated: f16 (the engine's default), f32, int8")
+    ap.add_argument("--depth", default="0",
+                    help="context depths to decode at, comma separated (e.g. 0,1024,4096): the cache holds this many "
+                         "tokens (random keys / values) before the 16-token prompt")
+    ap.add_argument("--head-gemv", action="store_true",
+                    help="time the output head alone (M = 1) for each --heads type that reads int8 activations "
+                         "(int8a8, int6, int4), interleaved, and exit")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_head-act", default="f32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefill = [int(x) for x in args.prefill.split(",") if x]
     if args._run:
         path, threads = args._run.rsplit(":", 1)
-        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, args._head_act)))
+        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, args._head_act, args.kv,
+                                 int(args.depth))))
         return 0
 
     os.environ.setdefault("BITLM_BACKEND", "native")
     from bitlm import kernels
+
+    if args.head_gemv:
+        rows = head_gemv(args.preset, args.heads.split(","), [int(t) for t in args.threads.split(",")])
+        print(f"{cpu_model()} — kernels: {kernels.backend_info().get('tier')}")
+        for r in rows:
+            print(f"head {r['head']:<7} threads {r['threads']}: {r['ms']:8.2f} ms  {r['bytes'] / 1e6:7.1f} MB  "
+                  f"{r['gb_s']:6.1f} GB/s")
+        return 0
 
     info = kernels.backend_info()
     threads = [int(t) for t in args.threads.split(",")]
@@ -274,7 +350,7 @@ def main() -> int:
             runs += llama_cpp_rows(args, threads)
     rows = aggregate(runs) if args.rounds > 1 else runs
 
-    hdr = (f"{'engine':<12}{'fmt':<7}{'head':<8}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
+    hdr = (f"{'engine':<12}{'fmt':<7}{'head':<8}{'kv':<5}{'depth':>6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
            f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
     print(f"\n{cpu_model()} — kernels: {info.get('backend')} {info.get('tier')}; bandwidth "
           + ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
@@ -283,7 +359,8 @@ def main() -> int:
     for r in rows:
         def g(k, fmt="{:.1f}", r=r):
             return fmt.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['engine']:<12}{r['format']:<7}{r['head']:<8}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
+        print(f"{r['engine']:<12}{r['format']:<7}{r['head']:<8}{r.get('kv', '-'):<5}{r.get('depth', 0):>6}"
+              f"{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
               f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
               f"{g('pct_of_roofline', '{:.0f}'):>7}"
               f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 4
+#define BITLM_ABI_VERSION 5
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -165,6 +165,30 @@ BITLM_API int bitlm_dense_i8a8(const int8_t *xq, const float *a, int64_t m, int6
  * streams the matrix once: memory-bound at 2 bytes per weight. */
 BITLM_API int bitlm_dense_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y);
 
+/* ---- low-bit heads: 6-bit / 4-bit rows with per-group f16 scales (W6A8 / W4A8) -----------------
+ * For an output head stored with BITLM_HEAD_GROUP = 32 weights per scale group along K, symmetric:
+ *   W[n, k] ~ w[n, k] * s[n, g],  g = k / 32,  w in [-31, 31] (bits 6) or [-7, 7] (bits 4),
+ *   s an IEEE half (f16) per (row, group).
+ * Read with quantised activations as the W8A8 head is (xq int8 (M, K), a float32 (M,) from
+ * bitlm_quantize_rows, x ~ xq / a):
+ *   acc[m, n, g] = sum_{k in group g} xq[m, k] * w[n, k]              (exact int32, |acc| < 2^17)
+ *   sum = +0.0f;  for g = 0, 1, ...: sum = sum + (float)acc[m, n, g] * (float)s[n, g]
+ *   y[m, n] = sum / a[m]
+ * (float32, product rounded then added: no FMA; the f16 -> float conversion is exact), the same
+ * bits on every tier.  K is padded to a multiple of 32 with zero weights (and activations),
+ * N to a multiple of 16 with zero rows.
+ * Layout: rows in tiles of 16 (BITLM_TILE_N); tile t's groups one after the other, each a block
+ * of 256 bytes (bits 4) or 384 bytes (bits 6); code = w + 8 (bits 4) or w + 32 (bits 6).  In a
+ * block, operand o (0..7) holds k = 32g + 4o + b (b = 0..3) of tile row r:
+ *   low 4 bits of the code: byte 64*(o/2) + 4r + b, low nibble if o is even, high nibble if odd;
+ *   bits 6 only, high 2 bits: byte 256 + 64*(o/4) + 4r + b, bits 2*(o%4) .. 2*(o%4)+1.
+ * Scales: f16 bits, (tiles, groups, 16) — tile t, group g, row r at index (t*groups + g)*16 + r.
+ * Decode (M = 1) streams the matrix once at 4.5 (bits 4) or 6.5 (bits 6) bits per weight. */
+#define BITLM_HEAD_GROUP 32
+BITLM_API int64_t bitlm_head_bytes(int bits, int64_t n, int64_t k); /* packed bytes, or EINVAL */
+BITLM_API int bitlm_dense_lowbit(int bits, const int8_t *xq, const float *a, int64_t m, int64_t k, const uint8_t *w,
+                                 const uint16_t *scale, int64_t n, float *y);
+
 /* ---- fused decode step ------------------------------------------------------------------------
  * One token through every transformer block of a BitNet b1.58 / 2B4T style decoder (RMSNorm
  * sub-layer norms, gated FFN), in one call: what bitlm.engine.PackedModel.forward computes for
@@ -195,16 +219,28 @@ typedef struct bitlm_linear_desc {
 typedef struct bitlm_block_desc {
     bitlm_linear_desc q, k, v, o, up, down;
     const float *input_norm, *attn_sub_norm, *post_norm, *ffn_sub_norm; /* (K,) each, or NULL */
-    float *k_cache, *v_cache; /* (kv_heads, max_len, head_dim) float32 each */
+    float *k_cache, *v_cache; /* (kv_heads, max_len, head_dim) each, of the decoder's kv_type */
 } bitlm_block_desc;
 
 #define BITLM_ACT_SILU_GLU 1
 #define BITLM_ACT_RELU2_GLU 2
 
+/* KV cache types.  A row (one position of one kv head, D values) is rounded once, when written:
+ *   F32: as is;  F16: IEEE half, round to nearest even (overflow -> inf), read back exactly;
+ *   I8:  s = amax_j |x_j| / 127.0f (float32 division), q_j = clamp(rint(x_j / s), -127, 127)
+ *        (q = 0 when s = 0), read back as (float)q_j * s (one rounding) — per token, per head.
+ * The attention then runs exactly as for F32 on the values read back. */
+#define BITLM_KV_F32 0
+#define BITLM_KV_F16 1
+#define BITLM_KV_I8 2
+
 typedef struct bitlm_decoder_desc {
     int64_t n_layers, d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len, act;
     double eps;                     /* RMSNorm epsilon */
     const bitlm_block_desc *blocks; /* (n_layers,) */
+    int64_t kv_type;                /* BITLM_KV_*: blocks' k_cache / v_cache hold float, f16 or int8 */
+    float *const *kv_scales;        /* I8: 2 * n_layers (kv_heads, max_len) float32 arrays, k then v of
+                                     * each layer; NULL otherwise */
 } bitlm_decoder_desc;
 
 /* x: (d_model,) float32 residual stream, in: the token's embedding, out: the stream after the
@@ -213,6 +249,10 @@ typedef struct bitlm_decoder_desc {
  * inconsistent description (nothing is written then), or ENOMEM. */
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin);
+
+/* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
+ * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */
+BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

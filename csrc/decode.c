@@ -30,8 +30,14 @@ static int linear_ok(const bitlm_linear_desc *L, int64_t n, int64_t k, int64_t *
 static int decoder_ok(const bitlm_decoder_desc *d, int64_t *gmax) {
     if (!d->blocks || d->n_layers < 1 || d->d_model < 1 || d->n_heads < 1 || d->kv_heads < 1 || d->head_dim < 2 ||
         d->head_dim % 2 || d->n_heads % d->kv_heads || d->ffn_dim < 1 || d->max_len < 1 ||
-        (d->act != BITLM_ACT_SILU_GLU && d->act != BITLM_ACT_RELU2_GLU))
+        (d->act != BITLM_ACT_SILU_GLU && d->act != BITLM_ACT_RELU2_GLU) ||
+        (d->kv_type != BITLM_KV_F32 && d->kv_type != BITLM_KV_F16 && d->kv_type != BITLM_KV_I8))
         return 0;
+    if (d->kv_type == BITLM_KV_I8) {
+        if (!d->kv_scales) return 0;
+        for (int64_t i = 0; i < 2 * d->n_layers; i++)
+            if (!d->kv_scales[i]) return 0;
+    }
     const int64_t dm = d->d_model, hd = d->n_heads * d->head_dim, kvd = d->kv_heads * d->head_dim;
     for (int64_t i = 0; i < d->n_layers; i++) {
         const bitlm_block_desc *b = &d->blocks[i];
@@ -262,13 +268,20 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         run_linears(tab, 3, ps, &pl_qkv, &pl_o);
         rope(yq, H, D, cos, sin);
         rope(yk, Hkv, D, cos, sin);
-        for (int64_t h = 0; h < Hkv; h++) {
-            memcpy(b->k_cache + (h * d->max_len + pos) * D, yk + h * D, (size_t)D * 4);
-            memcpy(b->v_cache + (h * d->max_len + pos) * D, yv + h * D, (size_t)D * 4);
+        const int kvt = (int)d->kv_type;
+        float *ksc = kvt == BITLM_KV_I8 ? d->kv_scales[2 * i] : NULL, *vsc = kvt == BITLM_KV_I8 ? d->kv_scales[2 * i + 1] : NULL;
+        for (int64_t h = 0; h < Hkv; h++) { /* the cache rows, rounded to the cache type (kv.c) */
+            bitlm_kv_store(kvt, b->k_cache, ksc, h * d->max_len + pos, yk + h * D, D);
+            bitlm_kv_store(kvt, b->v_cache, vsc, h * d->max_len + pos, yv + h * D, D);
         }
-        attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
-        bitlm_parallel_for_then(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), attn_run, &at,
-                                next_share, &pl_o);
+        const int attn_threads = bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD);
+        if (kvt == BITLM_KV_F32) {
+            attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
+            bitlm_parallel_for_then(H, 1, attn_threads, attn_run, &at, next_share, &pl_o);
+        } else {
+            bitlm_kv_attn_task at = {kvt, yq, b->k_cache, b->v_cache, ksc, vsc, T, D, H / Hkv, d->max_len, scale, scores, att};
+            bitlm_parallel_for_then(H, 1, attn_threads, bitlm_kv_attn_run, &at, next_share, &pl_o);
+        }
         xsum = quantize(tab, att, hd, b->attn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->o, xq, &xsum, a, f, y);
         run_linears(tab, 1, ps, &pl_o, &pl_up);

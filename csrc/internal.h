@@ -63,6 +63,21 @@ static inline void bitlm_i8a8_store(const bitlm_dense_problem *p, int64_t m, int
 typedef void (*bitlm_attn_fn)(const float *q, const float *kc, const float *vc, int64_t T, int64_t D, float scale,
                               float *scores, float *out);
 
+/* f16 / int8 KV caches of the fused decode step (kv.c; semantics in bitlm_kernels.h). */
+typedef struct bitlm_kv_attn_task {
+    int type;                 /* BITLM_KV_F16 or BITLM_KV_I8 */
+    const float *q;           /* (H, D) */
+    const void *kc, *vc;      /* (Hkv, max_len, D) of the type */
+    const float *ks, *vs;     /* (Hkv, max_len) row scales (int8), or NULL */
+    int64_t T, D, rep, max_len;
+    float scale;
+    float *scores, *out;      /* (H, T), (H, D) */
+} bitlm_kv_attn_task;
+/* Round row `row` (= kv_head * max_len + pos) of a cache of `type` from src (D floats). */
+BITLM_HIDDEN void bitlm_kv_store(int type, void *cache, float *scales, int64_t row, const float *src, int64_t D);
+/* bitlm_task_fn over query heads [b, e) of a bitlm_kv_attn_task. */
+BITLM_HIDDEN void bitlm_kv_attn_run(void *ctx, int64_t b, int64_t e);
+
 /* Lane fold of the documented 16-lane float sums: l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]. */
 static inline float bitlm_fold16f(float *l) {
     for (int j = 0; j < 8; j++) l[j] = l[j] + l[j + 8];

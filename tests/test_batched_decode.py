@@ -78,7 +78,10 @@ def test_kv_pool_bounds_memory_and_recycles_slots():
     pm = _packed("tiny", "i2", "f32")
     pool = KVPool(pm, 3, 16)
     cfg = pm.config
-    assert pool.nbytes == 3 * 2 * cfg.n_layers * cfg.kv_heads * 16 * cfg.head_dim * 4
+    assert pool.nbytes == 3 * 2 * cfg.n_layers * cfg.kv_heads * 16 * cfg.head_dim * 2  # f16 KV by default
+    pm.kv = "int8"  # one byte per value plus a float32 scale per token and head
+    assert KVPool(pm, 3, 16).nbytes == 3 * 2 * cfg.n_layers * cfg.kv_heads * 16 * (cfg.head_dim + 4)
+    pm.kv = "f16"
     slots = [pool.acquire() for _ in range(3)]
     assert sorted(slots) == [0, 1, 2] and pool.acquire() is None and pool.free == 0
     pm(torch.tensor([[1, 2, 3]]), cache=pool.caches[slots[1]])

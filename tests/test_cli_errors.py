@@ -178,6 +178,12 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     # few-shot evaluation
     ("eval-num-fewshot-negative", "eval --model {ck} --tasks arc_easy --num-fewshot -1", "--num-fewshot"),
     ("eval-num-fewshot-no-tasks", "eval --model {ck} --text 'the cat' --num-fewshot 2", "--num-fewshot"),
+    # head / KV types the file or the architecture cannot hold
+    ("pack-embed-int4", "pack --model {ck} --out {dir}/e.bitlm --head int4 --embed int4", "--embed"),
+    ("pack-head-int3", "pack --model {ck} --out {dir}/e.bitlm --head int3", "--head"),
+    ("generate-kv-checkpoint", "generate --model {ck} --prompt hi --kv int8", "--kv int8"),
+    ("eval-kv-checkpoint", "eval --model {ck} --text 'the cat' --kv f16", "--kv f16"),
+    ("chat-kv-unknown", "chat --model {packed} --kv int4", "--kv"),
     ("train-negative-steps", "train {train_args} --max-steps -3 --out {dir}/r", "max_steps"),
     ("train-unknown-preset", "train --preset nosuch --max-steps 1", "nosuch"),
     ("train-set-no-equals", "train --preset tiny --set d_model --max-steps 1", "d_model"),

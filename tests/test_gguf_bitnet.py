@@ -313,7 +313,9 @@ def test_pack_reads_an_i2s_file(tmp_path):
     assert main(["pack", "--model", str(path), "--out", str(out)]) == 0
     x = ids(b=1, t=8)
     ref = logits(load_gguf(path), x)
-    got = logits(load(out), x)  # the native engine: same T and s, its own int8 kernels
+    pm = load(out)
+    pm.kv = "f32"  # as the torch model's cache (the engine's default f16 KV: tests/test_kv.py)
+    got = logits(pm, x)  # the native engine: same T and s, its own int8 kernels
     assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 1e-3
 
 

@@ -322,14 +322,18 @@ def test_grouped_models_pack_or_refuse_naming_the_option(tmp_path):
     for name in ("tiny", "tiny-2b4t", "tiny-bitnet"):  # output-row weight groups: packed exactly (gated FFNs too)
         torch.manual_seed(0)
         m = BitNetModel(preset(name, weight_groups=4)).eval()
+        pm = convert(m)
+        pm.kv = "f32"  # the torch model's float32 keys / values (f16 KV: tests/test_kv.py)
         with torch.no_grad():
-            assert torch.allclose(convert(m)(x), m(x), atol=1e-4), name
+            assert torch.allclose(pm(x), m(x), atol=1e-4), name
     for kw, option in ((dict(norm_groups=2), "norm_groups"), (dict(act_groups=2), "act_groups"),
                        (dict(weight_groups=2, weight_group_dim="parallel"), "weight_groups=2")):
         torch.manual_seed(0)  # the packed engine computes every group option (tests/test_groups_packed.py)
         m = BitNetModel(preset("tiny-2b4t", **kw)).eval()
+        pm = convert(m)
+        pm.kv = "f32"
         with torch.no_grad():
-            assert torch.allclose(convert(m)(x), m(x), atol=1e-4), kw
+            assert torch.allclose(pm(x), m(x), atol=1e-4), kw
         with pytest.raises(ValueError, match=option):  # the HF BitNet graph does not
             save_hf(m, tmp_path / "hf")
     for kw, option in ((dict(act_nonneg=True), "act_nonneg"), (dict(act_granularity_eval="tensor"), "act_granularity_eval")):

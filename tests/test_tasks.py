@@ -387,6 +387,7 @@ def test_tasks_on_the_packed_engine_match_the_checkpoint(tiny, packed_file, tmp_
     model, tok = tiny
     packed = bitlm.load(packed_file)
     assert isinstance(packed, PackedModel)
+    packed.kv = "f32"  # the checkpoint's float32 keys / values (the f16 default: tests/test_kv.py)
     ref = T.evaluate_tasks(model, tok, "all", limit=5, batch_size=4, progress=False, log_samples=True)
     got = T.evaluate_tasks(packed, tok, "all", limit=5, batch_size=4, progress=False, log_samples=True)
     for name in T.TASKS:
@@ -399,7 +400,7 @@ def test_tasks_on_the_packed_engine_match_the_checkpoint(tiny, packed_file, tmp_
     # the command users run on a packed file (an AttributeError before)
     out = tmp_path / "r.json"
     assert main(["eval", "--model", str(packed_file), "--tasks", "arc_easy,lambada", "--limit", "5",
-                 "--json", str(out)]) == 0
+                 "--kv", "f32", "--json", str(out)]) == 0
     cli = json.loads(out.read_text())["tasks"]["tasks"]
     assert cli["arc_easy"]["acc"] == ref["tasks"]["arc_easy"]["acc"]
     ref_ppl = ref["tasks"]["lambada"]["perplexity"]  # exp(mean NLL): compare the NLLs
@@ -583,6 +584,7 @@ def test_adapter_runs_the_packed_engine(tiny, packed_file):
 
     model, tok = tiny
     lm = BitLMEval(path=str(packed_file), batch_size="4", device="cpu")
+    lm.model.kv = "f32"  # the checkpoint's float32 keys / values
     reqs = [Instance("loglikelihood", {}, ("Question: why?\nAnswer:", " because"), 0),
             Instance("loglikelihood", {}, ("Question: why?\nAnswer:", " the sun"), 1)]
     got = lm.loglikelihood(reqs, disable_tqdm=True)

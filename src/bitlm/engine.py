@@ -44,10 +44,14 @@ from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_pack
 from .model import KVCache, act_groups, inference_blockers, norm_groups, rope_cos_sin
 from .packing import PackedWeight, get_format, pack_weight, slice_scales
 
-__all__ = ["PackedBitLinear", "PackedModel", "KVPool", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
+__all__ = ["PackedBitLinear", "PackedModel", "PackedKVCache", "KVPool", "kv_bytes_per_token", "convert", "pack", "save_packed", "load_packed", "PackedFormatError",
            "read_header", "MAGIC", "VERSION", "add_arguments", "run"]
 
 DENSE_TYPES = ("f32", "bf16", "int8")
+#: Output-head-only storage: 6 / 4-bit rows with one f16 scale per 32 columns (bitlm.packing.pack_head),
+#: read with int8 activations (W6A8 / W4A8).  Not for embeddings (rows are read per token).
+LOWBIT_HEADS = {"int6": 6, "int4": 4}
+HEAD_TYPES = DENSE_TYPES + tuple(LOWBIT_HEADS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,16 +85,26 @@ class PackedBitLinear:
 
 
 class Dense:
-    """A high-precision matrix (embedding table / output head) stored as f32, bf16 or int8 rows."""
+    """A high-precision matrix (embedding table / output head) stored as f32, bf16 or int8 rows —
+    or, for an output head only, int6 / int4 groups (``weight`` the packed bytes, ``scale`` the
+    f16 group scales, ``shape`` (V, d); see ``bitlm.packing.pack_head``)."""
 
-    def __init__(self, kind: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        if kind not in DENSE_TYPES:
-            raise ValueError(f"dense type must be one of {DENSE_TYPES}, got {kind!r}")
+    def __init__(self, kind: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 shape: tuple[int, int] | None = None) -> None:
+        if kind not in HEAD_TYPES:
+            raise ValueError(f"dense type must be one of {HEAD_TYPES}, got {kind!r}")
         self.kind, self.weight, self.scale = kind, weight, scale  # scale: (V,) float32 for int8
+        self.shape = tuple(shape) if shape is not None else tuple(weight.shape)
+        self.bits = LOWBIT_HEADS.get(kind)
 
     @classmethod
     def from_float(cls, kind: str, w: torch.Tensor) -> Dense:
         w = w.detach().float()
+        if kind in LOWBIT_HEADS:
+            from .packing import pack_head
+
+            data, scale = pack_head(w, LOWBIT_HEADS[kind])
+            return cls(kind, data, scale, tuple(w.shape))
         if kind == "f32":
             return cls(kind, w.contiguous())
         if kind == "bf16":
@@ -103,6 +117,8 @@ class Dense:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup → float32 (..., d)."""
+        if self.bits is not None:
+            raise ValueError(f"an {self.kind} matrix is an output head only; embeddings are f32, bf16 or int8")
         r = self.weight[ids]
         if self.kind == "int8":
             return r.float() * self.scale[ids].unsqueeze(-1)
@@ -118,7 +134,18 @@ class Dense:
             return F.linear(x, self.weight)
         if self.kind == "bf16":  # float32 x, bf16 rows read as is (2 bytes per weight)
             return kernels.dense_bf16_matmul(x, self.weight)
+        if self.bits is not None:
+            raise ValueError(f"an {self.kind} head is read with quantised activations (matmul_q)")
         return kernels.dense_int8_matmul(x, self.weight, self.scale)
+
+    def matmul_q(self, xq: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Head read with int8 activations (xq, a) from ``kernels.quantize_rows``: W8A8 for an
+        int8 head, W6A8 / W4A8 for the low-bit heads; exact integer sums (row-independent)."""
+        if self.bits is not None:
+            return kernels.dense_lowbit_matmul(xq, a, self.weight, self.scale, self.bits, self.shape[0])
+        if self.kind != "int8":
+            raise ValueError(f"int8 activations need an int8, int6 or int4 head, this one is {self.kind}")
+        return kernels.dense_int8a8_matmul(xq, a, self.weight, self.scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         d = {f"{prefix}.weight": self.weight}
@@ -128,7 +155,8 @@ class Dense:
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + (self.scale.numel() * 4 if self.scale is not None else 0)
+        sc = self.scale.numel() * self.scale.element_size() if self.scale is not None else 0
+        return self.weight.numel() * self.weight.element_size() + sc
 
 
 #: Prefill runs the FFN in blocks of this many rows (its 2 x ffn_dim wide intermediates are the
@@ -210,12 +238,27 @@ class PackedModel:
 
     training = False
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch, max_len, dtype=torch.float32)
+    #: KV cache type of new caches: "f16" (default), "f32" or "int8" (per token, per head scales);
+    #: a runtime choice (``--kv`` on generate / chat / serve / eval), never stored in the file.
+    KV_TYPES = ("f16", "f32", "int8")
+    _kv = "f16"
+
+    @property
+    def kv(self) -> str:
+        return self._kv
+
+    @kv.setter
+    def kv(self, kind: str) -> None:
+        if kind not in self.KV_TYPES:
+            raise ValueError(f"--kv {kind}: the KV cache type must be one of {self.KV_TYPES}")
+        self._kv = kind
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, kv: str | None = None) -> PackedKVCache:
+        return PackedKVCache(self.config, batch, max_len, kv or self._kv)
 
     def weight_bytes(self) -> dict[str, int]:
         lin = sum(w.nbytes for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
-        tied = self.config.tie_embeddings
+        tied = self.head is self.embed  # a tied model with an int6 / int4 head stores both
         return {"linear": lin, "embedding": self.embed.nbytes, "head": 0 if tied else self.head.nbytes}
 
     # -- forward ---------------------------------------------------------------------------------
@@ -295,6 +338,8 @@ class PackedModel:
             q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, k, v)
+            elif self._kv != "f32":  # no cache: the same rounding points, so eval sees the KV type
+                k, v = PackedKVCache.read_back(k, self._kv), PackedKVCache.read_back(v, self._kv)
             att = _attend(q, k, v, past).transpose(1, 2).reshape(B * T, H * D)  # (B*T, H*D)
             del q, k, v
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
@@ -339,27 +384,29 @@ class PackedModel:
 
     @property
     def head_act(self) -> str:
-        return self._head_act
+        return "int8" if self.head.bits is not None else self._head_act  # low-bit heads: always int8
 
     @head_act.setter
     def head_act(self, mode: str) -> None:
         if mode not in self.HEAD_ACTS:
             raise ValueError(f"head_act must be one of {self.HEAD_ACTS}, got {mode!r}")
-        if mode == "int8" and self.head.kind != "int8":
+        if mode == "int8" and self.head.kind not in ("int8", *LOWBIT_HEADS):
             raise ValueError(f"head_act='int8' needs an int8 output head, this model's is {self.head.kind} "
                              "(pack it with --head int8)")
+        if mode == "f32" and self.head.bits is not None:
+            raise ValueError(f"head_act='f32': this model's {self.head.kind} head is read with int8 activations only")
         self._head_act = mode
 
     def _final(self, x: torch.Tensor, B: int, T: int, rowwise: bool = False) -> torch.Tensor:
         """Final norm + output head: (B*T, d) → logits (B, T, V); ``rowwise`` see ``Dense.matmul``."""
         cfg = self.config
-        if self._head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 head
+        if self.head_act == "int8":  # fused RMSNorm + quantiser (LayerNorm in torch), W8A8 / W6A8 / W4A8
             if cfg.arch == "bitnet":
                 xq, a = kernels.quantize_rows(F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b,
                                                            cfg.norm_eps))
             else:
                 xq, a = kernels.quantize_rows(x, self.final_norm, cfg.norm_eps)
-            return kernels.dense_int8a8_matmul(xq, a, self.head.weight, self.head.scale).view(B, T, -1)
+            return self.head.matmul_q(xq, a).view(B, T, -1)
         if cfg.arch == "bitnet":
             h = F.layer_norm(x, (cfg.d_model,), self.final_norm, self.final_norm_b, cfg.norm_eps)
         else:
@@ -446,9 +493,14 @@ class PackedModel:
             blocks.append(dict(q=L.q, k=L.k, v=L.v, o=L.o, up=L.up, down=L.down, q_b=L.q_b, k_b=L.k_b, v_b=L.v_b,
                                input_norm=L.input_norm, attn_sub_norm=L.attn_sub_norm, post_norm=L.post_norm,
                                ffn_sub_norm=L.ffn_sub_norm, k_cache=cache.k[i], v_cache=cache.v[i]))
+        kv = getattr(cache, "kv", "f32")  # a plain model.KVCache is float32
+        if kv == "int8":
+            for i, b in enumerate(blocks):
+                b.update(k_scale=cache.k_scale[i], v_scale=cache.v_scale[i])
         dec = native.Decoder(d_model=cfg.d_model, n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                              ffn_dim=cfg.ffn_dim, max_len=cache.max_len,
-                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks)
+                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks,
+                             kv=kv)
         cache._bitlm_decoder = (self, dec)
         return dec
 
@@ -461,6 +513,74 @@ class PackedModel:
         dec.step(x, pos, cos, sin)
         cache.advance(1)
         return self._final(x.view(1, cfg.d_model), 1, 1)
+
+
+class PackedKVCache(KVCache):
+    """The packed engine's KV cache: ``kv`` = "f32", "f16" or "int8" storage, (B, H_kv, max_len, D)
+    per layer (int8 adds float32 (B, H_kv, max_len) ``k_scale`` / ``v_scale``: one scale per
+    token and head).  A row is rounded once, when written, exactly as the fused native step
+    stores it (``BITLM_KV_*`` in csrc/bitlm_kernels.h): f16 round-to-nearest-even; int8
+    ``s = amax / 127``, ``q = clamp(round_half_even(x / s), -127, 127)``.  :meth:`update`
+    returns the float32 values read back (``float(f16)``, ``float(q) * s``), so every
+    attention — prefill, per-op decode, batched decode — sees what the fused step sees."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, kv: str = "f16") -> None:
+        dtypes = {"f32": torch.float32, "f16": torch.float16, "int8": torch.int8}
+        if kv not in dtypes:
+            raise ValueError(f"--kv {kv}: the KV cache type must be one of {tuple(dtypes)}")
+        super().__init__(cfg, batch, max_len, dtype=dtypes[kv])
+        self.kv = kv
+        if kv == "int8":
+            shape = (batch, cfg.kv_heads, self.max_len)
+            self.k_scale = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+            self.v_scale = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+
+    @staticmethod
+    def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (..., D) → (int8 (..., D), float32 (...,)) per row (the int8 cache's rounding)."""
+        s = x.abs().amax(-1) / 127.0
+        sd = s.unsqueeze(-1)
+        q = torch.where(sd > 0, torch.round(x / torch.where(sd > 0, sd, 1.0)), 0.0).clamp_(-127, 127)
+        return q.to(torch.int8), s
+
+    @classmethod
+    def read_back(cls, x: torch.Tensor, kv: str) -> torch.Tensor:
+        """float32 x as a ``kv`` cache would store and return it (the rounding of :meth:`update`)."""
+        if kv == "f16":
+            return x.to(torch.float16).float()
+        if kv == "int8":
+            q, s = cls.quantize_int8(x)
+            return q.float() * s.unsqueeze(-1)
+        return x
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv == "f32":
+            return super().update(layer, k, v)
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        if self.kv == "f16":
+            self.k[layer][:, :, self.pos : end] = k  # rounds to nearest even
+            self.v[layer][:, :, self.pos : end] = v
+            return self.k[layer][:, :, :end].float(), self.v[layer][:, :, :end].float()
+        out = []
+        for c, sc, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self.quantize_int8(x.float())
+            c[layer][:, :, self.pos : end] = q
+            sc[layer][:, :, self.pos : end] = s
+            out.append(c[layer][:, :, :end].float() * sc[layer][:, :, :end].unsqueeze(-1))
+        return out[0], out[1]
+
+    def nbytes(self) -> int:
+        extra = sum(t.numel() * 4 for t in self.k_scale + self.v_scale) if self.kv == "int8" else 0
+        return super().nbytes() + extra
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv: str) -> int:
+    """KV cache bytes per token of context (all layers, k and v)."""
+    per = {"f32": 4, "f16": 2, "int8": 1}[kv]
+    return 2 * cfg.n_layers * cfg.kv_heads * (cfg.head_dim * per + (4 if kv == "int8" else 0))
 
 
 class KVPool:
@@ -604,7 +724,12 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
         raise ValueError(f"cannot pack this model: act_variant={cfg.act_variant!r} with group quantisation / "
                          "normalisation (norm_groups, input-column weight groups): the packed engine "
                          "runs the 4-bit / Hadamard activations ungrouped only")
-    embed = embed or head
+    if head not in HEAD_TYPES:
+        raise ValueError(f"--head {head}: the output head type must be one of {HEAD_TYPES}")
+    if embed is not None and embed not in DENSE_TYPES:
+        raise ValueError(f"--embed {embed}: the embedding must be one of {DENSE_TYPES} (rows are read one token "
+                         "at a time; int6 / int4 are output-head formats)")
+    embed = embed or (head if head in DENSE_TYPES else "int8")
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
     for blk in model.model.layers:
@@ -686,6 +811,10 @@ def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
         tok_json = pm.tokenizer_json
     meta = {"model": pm.config.to_dict(), "format": pm.format, "embed": pm.embed.kind, "head": pm.head.kind,
             "tied_head": pm.head is pm.embed, "packs": packs}
+    if pm.head.bits is not None:
+        from .packing import HEAD_GROUP
+
+        meta["head_group"] = HEAD_GROUP
     return write_packed(path, meta, tensors, tokenizer=tok_json)
 
 
@@ -755,7 +884,21 @@ def _from_tensors(path: Path, cfg: ModelConfig, header: dict, tensors: dict[str,
         layers.append(PackedLayer(**kw))
 
     def dense(prefix: str, kind: str) -> Dense:
+        if kind not in HEAD_TYPES or (prefix == "embed" and kind not in DENSE_TYPES):
+            raise PackedFormatError(f"{path}: unknown {prefix} type {kind!r} (this bitlm reads {HEAD_TYPES})")
         w = get(f"{prefix}.weight")
+        if kind in LOWBIT_HEADS:
+            from .packing import HEAD_GROUP, head_nbytes
+
+            if header.get("head_group") != HEAD_GROUP:
+                raise PackedFormatError(f"{path}: {kind} head with group size {header.get('head_group')!r}, "
+                                        f"this bitlm reads groups of {HEAD_GROUP}")
+            nbytes, nscale = head_nbytes(LOWBIT_HEADS[kind], cfg.vocab_size, d)
+            sc = get(f"{prefix}.scale")
+            if w.dtype != torch.uint8 or w.numel() != nbytes or sc.dtype != torch.float16 or sc.numel() != nscale:
+                raise PackedFormatError(f"{path}: tensor '{prefix}.weight' / '{prefix}.scale' do not hold a "
+                                        f"{cfg.vocab_size}x{d} {kind} head")
+            return Dense(kind, w, sc, (cfg.vocab_size, d))
         if tuple(w.shape) != (cfg.vocab_size, d):
             raise PackedFormatError(f"{path}: tensor '{prefix}.weight' has shape {tuple(w.shape)}, expected {(cfg.vocab_size, d)}")
         return Dense(kind, w, tensors.get(f"{prefix}.scale"))
@@ -776,14 +919,23 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bitlm)")
     p.add_argument("--format", default=None, choices=["i2", "t1", "b1"],
                    help="i2 (ternary 2 bpw), t1 (ternary 1.6 bpw) or b1 (binary); default i2 / b1")
-    p.add_argument("--head", default="f32", choices=DENSE_TYPES, help="output head storage (bf16 or int8 halve or quarter the largest read of big-vocabulary models)")
-    p.add_argument("--embed", default=None, choices=DENSE_TYPES, help="embedding storage (default: as --head)")
+    p.add_argument("--head", default="f32", metavar="{" + ",".join(HEAD_TYPES) + "}",
+                   help="output head storage: bf16 / int8 halve or quarter the largest read of big-vocabulary "
+                        "models; int6 / int4 (one f16 scale per 32 columns, read with int8 activations) cut it "
+                        "to 6.5 / 4.5 bits per weight")
+    p.add_argument("--embed", default=None, metavar="{" + ",".join(DENSE_TYPES) + "}",
+                   help="embedding storage (default: as --head; int8 with an int6 / int4 head)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
 
 
 def run(args) -> int:
     from .loading import detect_format, load, load_tokenizer_for
 
+    if args.head not in HEAD_TYPES:  # checked before the model loads
+        raise ValueError(f"--head {args.head}: the output head type must be one of {HEAD_TYPES}")
+    if args.embed is not None and args.embed not in DENSE_TYPES:
+        raise ValueError(f"--embed {args.embed}: the embedding must be one of {DENSE_TYPES} (int6 / int4 are "
+                         "output-head formats)")
     if detect_format(args.model) == "packed":
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")

@@ -225,7 +225,28 @@ def add_sampling_arguments(p) -> None:
 def add_head_act_argument(p) -> None:
     p.add_argument("--head-act", choices=["f32", "int8"], default="f32",
                    help="packed models with an int8 head: int8 quantises the head's input per token (W8A8, "
-                        "like llama.cpp's q8_0 head) and reads the head at memory speed")
+                        "like llama.cpp's q8_0 head) and reads the head at memory speed (int6 / int4 heads "
+                        "always do)")
+    add_kv_argument(p)
+
+
+def add_kv_argument(p) -> None:
+    p.add_argument("--kv", default=None, metavar="{f16,f32,int8}",
+                   help="packed models: KV cache storage (default f16; int8 = one scale per token and head, "
+                        "a quarter of f32). A runtime choice, not stored in the model file")
+
+
+def apply_kv(model, args) -> None:
+    """``--kv`` onto a loaded model (packed models only; None leaves the model's default)."""
+    kv = getattr(args, "kv", None)
+    if kv is None:
+        return
+    if kv not in ("f16", "f32", "int8"):
+        raise ValueError(f"--kv {kv}: the KV cache type must be f16, f32 or int8")
+    if not hasattr(model, "KV_TYPES"):
+        raise ValueError(f"{args.model}: --kv {kv} needs a packed model file (bitlm pack); the torch path keeps "
+                         "a float KV cache")
+    model.kv = kv
 
 
 def model_device(model) -> torch.device:
@@ -263,6 +284,7 @@ def load_for_generation(args):
             model.head_act = args.head_act
         except ValueError as e:
             raise ValueError(f"{args.model}: {e}") from None
+    apply_kv(model, args)
     return model
 
 

@@ -84,6 +84,9 @@ __all__ = [
     "packed_shape",
     "slice_scales",
     "quantize_and_pack",
+    "HEAD_BITS",
+    "pack_head",
+    "unpack_head",
 ]
 
 TILE_N = 16  # rows per tile of the native formats
@@ -495,3 +498,89 @@ def quantize_and_pack(w: torch.Tensor, format: str = "i2", groups: int = 1, dim:
     if dim == "in":
         return pack_weight(t, s, fmt.name, 1, groups)
     return pack_weight(t, s, fmt.name, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-bit output heads: 6-bit / 4-bit rows with per-group f16 scales
+# ---------------------------------------------------------------------------------------------
+#
+# An output head (vocab x d, read in full every token) stored as symmetric integers with one
+# IEEE half scale per (row, group of HEAD_GROUP = 32 columns): W[n, k] ~ w[n, k] * s[n, k // 32],
+# w in [-31, 31] (6 bits, code = w + 32) or [-7, 7] (4 bits, code = w + 8).  4.5 / 6.5 bits per
+# weight with the scales.  Rows are padded to tiles of 16 and columns to groups of 32 with zero
+# weights (zero scales for padding rows).  Byte layout, per tile t and group g, a block of 256
+# (4-bit) or 384 (6-bit) bytes; operand o = 0..7 of the block holds k = 32g + 4o + b, b = 0..3:
+#
+# * low 4 bits of code(row 16t + r, k): byte 64 * (o // 2) + 4r + b, low nibble for even o,
+#   high nibble for odd o;
+# * 6-bit only, high 2 bits: byte 256 + 64 * (o // 4) + 4r + b, bits 2 * (o % 4) .. + 1.
+#
+# So one 64-byte piece is 16 rows x 4 k: every lane of a vpdpbusd is one output row, as in the
+# ternary formats.  ``scale`` is f16 (tiles, groups, 16), flattened.  The kernel semantics are
+# ``bitlm.kernels.reference.dense_lowbit_matmul`` (csrc/bitlm_kernels.h, "low-bit heads").
+
+HEAD_GROUP = 32
+HEAD_BITS = {"int6": 6, "int4": 4}
+
+
+def _head_geometry(bits: int, n: int, k: int) -> tuple[int, int, int]:
+    if bits not in (4, 6):
+        raise ValueError(f"low-bit heads have 4 or 6 bits, got {bits}")
+    return _ceil_div(n, TILE_N), _ceil_div(k, HEAD_GROUP), 384 if bits == 6 else 256
+
+
+def head_nbytes(bits: int, n: int, k: int) -> tuple[int, int]:
+    """(data bytes, scale values) of an (n, k) low-bit head."""
+    tiles, groups, block = _head_geometry(bits, n, k)
+    return tiles * groups * block, tiles * groups * TILE_N
+
+
+def pack_head(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a float (N, K) head to ``bits`` (4 or 6) with per-(row, 32-column group) absmax
+    f16 scales and pack it: ``(data uint8 (bytes,), scale float16 (values,))``.
+
+    ``s = f16(max|W_group| / Q)`` (Q = 31 or 7), ``w = clamp(round_half_even(W / float(s)), -Q, Q)``
+    (0 where s is 0): the rounded scale is the one the codes are computed against."""
+    n, k = w.shape
+    rows = 1 << 13  # a big head (128k x 2560) in blocks of whole tiles: bounded temporaries
+    if n > rows:
+        parts = [pack_head(w[r : r + rows], bits) for r in range(0, n, rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    tiles, groups, _ = _head_geometry(bits, n, k)
+    qmax, off = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    wp = torch.zeros(tiles * TILE_N, groups * HEAD_GROUP, dtype=torch.float32)
+    wp[:n, :k] = w.detach().float().cpu()
+    wg = wp.view(tiles * TILE_N, groups, HEAD_GROUP)
+    s16 = (wg.abs().amax(-1) / qmax).clamp(max=65504.0).to(torch.float16)  # (Np, G)
+    sf = s16.float().unsqueeze(-1)
+    q = torch.where(sf > 0, torch.round(wg / torch.where(sf > 0, sf, 1.0)), 0.0).clamp(-qmax, qmax)
+    codes = (q.to(torch.int32) + off).view(tiles, TILE_N, groups, 8, 4).permute(0, 2, 3, 1, 4)  # t, g, o, r, b
+    low = (codes & 15).reshape(tiles, groups, 4, 2, TILE_N, 4)
+    parts = [(low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(tiles, groups, 256)]
+    if bits == 6:
+        hi = (codes >> 4).reshape(tiles, groups, 2, 4, TILE_N, 4)
+        hb = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+        parts.append(hb.reshape(tiles, groups, 128))
+    data = torch.cat(parts, dim=-1).to(torch.uint8).reshape(-1).contiguous()
+    scale = s16.view(tiles, TILE_N, groups).permute(0, 2, 1).reshape(-1).contiguous()
+    return data, scale
+
+
+def unpack_head(data: torch.Tensor, scale: torch.Tensor, bits: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_head`: ``(w int8 (N, K), s float32 (N, groups))`` (padding dropped)."""
+    tiles, groups, block = _head_geometry(bits, n, k)
+    nbytes, nscale = head_nbytes(bits, n, k)
+    if data.dtype != torch.uint8 or data.numel() != nbytes:
+        raise ValueError(f"int{bits} head data must be {nbytes} uint8 values, got {data.dtype} x {data.numel()}")
+    if scale.dtype != torch.float16 or scale.numel() != nscale:
+        raise ValueError(f"int{bits} head scale must be {nscale} float16 values, got {scale.dtype} x {scale.numel()}")
+    blk = data.reshape(tiles, groups, block).to(torch.int32)
+    low = blk[..., :256].reshape(tiles, groups, 4, 1, TILE_N, 4)
+    codes = torch.cat([low & 15, low >> 4], dim=3).reshape(tiles, groups, 8, TILE_N, 4)  # o = 2j + h
+    if bits == 6:
+        hb = blk[..., 256:].reshape(tiles, groups, 2, 1, TILE_N, 4)
+        hi = torch.cat([(hb >> (2 * q)) & 3 for q in range(4)], dim=3).reshape(tiles, groups, 8, TILE_N, 4)
+        codes = codes | (hi << 4)
+    w = codes.permute(0, 3, 1, 2, 4).reshape(tiles * TILE_N, groups * HEAD_GROUP) - (1 << (bits - 1))
+    s = scale.reshape(tiles, groups, TILE_N).permute(0, 2, 1).reshape(tiles * TILE_N, groups).float()
+    return w[:n, :k].to(torch.int8).contiguous(), s[:n].contiguous()

@@ -35,7 +35,8 @@ MAGIC = b"BITLMPAK"
 VERSION = 1
 ALIGN = 64
 
-_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
 
 
 class PackedFormatError(ValueError):

@@ -19,6 +19,7 @@ float32 epilogue ``y = float32(acc) · (s_g / a_m) + bias`` — see ``csrc/bitlm
     y = kernels.linear(x, w, bias, norm_weight, eps)    # all three in one call
     logits = kernels.dense_int8_matmul(h, w8, row_scale) # int8 output head
     logits = kernels.dense_bf16_matmul(h, w_bf16)        # bf16 output head
+    logits = kernels.dense_lowbit_matmul(q, a, data, scale, 4, vocab)  # 4/6-bit grouped head
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from ..packing import PackedWeight
 from . import reference
 
-__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "hadamard", "quantize_rows_absmean", "backend", "backend_info",
+__all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
+           "dense_lowbit_matmul", "hadamard", "quantize_rows_absmean", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -154,6 +156,15 @@ def dense_int8a8_matmul(xq: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     vpdpbusd per 64 weights, where the float path converts, multiplies and adds every weight)."""
     nat = _native_or_none()
     return (nat or reference).dense_int8a8_matmul(xq, a, weight, scale)
+
+
+def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
+                        n: int) -> torch.Tensor:
+    """6-bit / 4-bit output head (``bitlm.packing.pack_head``, one f16 scale per row and 32
+    columns) read with quantised activations (xq, a) → float32 (M, N): exact int32 group sums,
+    a float32 sum over the groups in order, divided by ``a`` (W6A8 / W4A8)."""
+    nat = _native_or_none()
+    return (nat or reference).dense_lowbit_matmul(xq, a, data, scale, bits, n)
 
 
 def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,11 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
+           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "dense_lowbit_matmul", "Decoder", "ACTIVATIONS",
+           "KV_TYPES", "kv_quantize"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 4
+ABI_VERSION = 5
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -59,6 +60,9 @@ _SIGNATURES = {
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
+    "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
+    "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_dense_lowbit": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -357,6 +361,27 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
+def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
+                        n: int) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_lowbit_matmul` (bit-identical)."""
+    from ..packing import head_nbytes
+
+    lib = _lib or _need()
+    k = xq.shape[1]
+    nbytes, nscale = head_nbytes(bits, n, k)
+    if data.dtype != torch.uint8 or data.numel() != nbytes or not data.is_contiguous() or not data.is_cpu:
+        raise ValueError(f"int{bits} head data must be {nbytes} contiguous CPU uint8 values, got {data.dtype} x {data.numel()}")
+    if scale.dtype != torch.float16 or scale.numel() != nscale or not scale.is_contiguous() or not scale.is_cpu:
+        raise ValueError(f"int{bits} head scale must be {nscale} contiguous CPU float16 values")
+    xq = _xq(xq, k)
+    m = xq.shape[0]
+    a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.bitlm_dense_lowbit(bits, xq.data_ptr(), a.data_ptr(), m, k, data.data_ptr(), scale.data_ptr(), n,
+                                  y.data_ptr()), "bitlm_dense_lowbit")
+    return y
+
+
 # ---- fused decode step ---------------------------------------------------------------------------
 
 
@@ -375,7 +400,26 @@ class _BlockDesc(ctypes.Structure):
 
 class _DecoderDesc(ctypes.Structure):
     _fields_ = [(n, _c_i64) for n in ("n_layers", "d_model", "n_heads", "kv_heads", "head_dim", "ffn_dim", "max_len",
-                                      "act")] + [("eps", _c_d), ("blocks", _c_p)]
+                                      "act")] + [("eps", _c_d), ("blocks", _c_p), ("kv_type", _c_i64),
+                                                 ("kv_scales", _c_p)]
+
+
+#: KV cache types of the fused step (BITLM_KV_* in csrc/bitlm_kernels.h) and their torch dtypes.
+KV_TYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "int8": (2, torch.int8)}
+
+
+def kv_quantize(x: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of a float32 (R, D) tensor rounded as a ``kv`` cache stores them (``bitlm_kv_quantize``):
+    (values in the cache dtype, per-row float32 scales for int8 else None)."""
+    lib = _lib or _need()
+    code, dt = KV_TYPES[kv]
+    x = x.to(torch.float32).contiguous()
+    r, d = x.shape
+    out = torch.empty((r, d), dtype=dt)
+    sc = torch.empty(r, dtype=torch.float32) if kv == "int8" else None
+    _check(lib.bitlm_kv_quantize(code, x.data_ptr(), r, d, out.data_ptr(), None if sc is None else sc.data_ptr()),
+           "bitlm_kv_quantize")
+    return out, sc
 
 
 #: FFN activations of bitlm_decode_step (gated: act(gate) * up).
@@ -388,12 +432,17 @@ class Decoder:
     ``blocks``: per layer a dict with the packed weights ``q k v o up down`` (``up`` = gate rows
     then up rows, groups as packed), optional float32 ``q_b k_b v_b`` biases, the four norm
     weights (None = no norm at that site) and ``k_cache`` / ``v_cache`` float32 tensors of
-    (1, kv_heads, max_len, head_dim).  Everything is checked once here, and every tensor the C
-    side points at is held by this object.
+    (1, kv_heads, max_len, head_dim) of the ``kv`` type (``KV_TYPES``), plus float32 (1, kv_heads,
+    max_len) ``k_scale`` / ``v_scale`` for int8.  Everything is checked once here, and every tensor
+    the C side points at is held by this object.
     """
 
     def __init__(self, *, d_model: int, n_heads: int, kv_heads: int, head_dim: int, ffn_dim: int, max_len: int,
-                 act: str, eps: float, blocks: list[dict]) -> None:
+                 act: str, eps: float, blocks: list[dict], kv: str = "f32") -> None:
+        if kv not in KV_TYPES:
+            raise ValueError(f"KV cache type must be one of {sorted(KV_TYPES)}, got {kv!r}")
+        kv_code, kv_dtype = KV_TYPES[kv]
+        scales = (ctypes.c_void_p * (2 * len(blocks)))() if kv == "int8" else None
         if act not in ACTIVATIONS:
             raise ValueError(f"fused decode supports activations {sorted(ACTIVATIONS)}, got {act!r}")
         self._keep: list[torch.Tensor] = []
@@ -425,14 +474,23 @@ class Decoder:
                     setattr(b, name, t.data_ptr())
             for name in ("k_cache", "v_cache"):
                 c = blk[name]
-                if c.dtype != torch.float32 or not c.is_contiguous() or tuple(c.shape) != (1, kv_heads, max_len, head_dim):
-                    raise ValueError(f"layer {i} {name}: expected a contiguous float32 (1, {kv_heads}, {max_len}, "
+                if c.dtype != kv_dtype or not c.is_contiguous() or tuple(c.shape) != (1, kv_heads, max_len, head_dim):
+                    raise ValueError(f"layer {i} {name}: expected a contiguous {kv_dtype} (1, {kv_heads}, {max_len}, "
                                      f"{head_dim}) tensor, got {c.dtype} {tuple(c.shape)}")
                 self._keep.append(c)
                 setattr(b, name, c.data_ptr())
-        self._blocks = arr
+            if scales is not None:
+                for j, name in enumerate(("k_scale", "v_scale")):
+                    c = blk[name]
+                    if c.dtype != torch.float32 or not c.is_contiguous() or tuple(c.shape) != (1, kv_heads, max_len):
+                        raise ValueError(f"layer {i} {name}: expected a contiguous float32 (1, {kv_heads}, {max_len}) "
+                                         f"tensor, got {c.dtype} {tuple(c.shape)}")
+                    self._keep.append(c)
+                    scales[2 * i + j] = c.data_ptr()
+        self._blocks, self._scales = arr, scales
         self._desc = _DecoderDesc(len(blocks), d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len,
-                                  ACTIVATIONS[act], float(eps), ctypes.addressof(arr))
+                                  ACTIVATIONS[act], float(eps), ctypes.addressof(arr), kv_code,
+                                  None if scales is None else ctypes.addressof(scales))
         self.max_len = max_len
 
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,9 @@
 * :func:`quantize_rows_absmean` — the 4-bit absmean per-row quantiser of BitNet a4.8 / v2
   (``bitlm.quant.activation_quantize_absmean``), codes in [-8, 7] in int8 containers, so that the
   int8 × ternary :func:`gemm` gives the exact int4 × ternary sums.
+* :func:`dense_lowbit_matmul` — int8 activations × 6-bit / 4-bit head rows with per-group f16
+  scales (``bitlm.packing.pack_head``): exact int32 group sums, then a float32 sum over the
+  groups in increasing order, divided by the activation scale.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ import torch
 from ..packing import PackedWeight
 
 __all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "rms_norm_rows", "sliced_matmul", "quantize_slices",
-           "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "hadamard", "quantize_rows_absmean"]
+           "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "dense_lowbit_matmul", "hadamard",
+           "quantize_rows_absmean"]
 
 _LANES = 16
 
@@ -299,3 +303,28 @@ def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor,
 
     q, a = activation_quantize_absmean(x.to(torch.float32), bits)
     return q.to(torch.int8), a
+def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
+                        n: int) -> torch.Tensor:
+    """Low-bit head (``bitlm.packing.pack_head``: w in [-31, 31] or [-7, 7], one f16 scale per row
+    and group of 32 columns) × quantised activations (xq int8 (M, K), a float32 (M,)) → float32 (M, N).
+
+    ``acc_g = Σ_{k in group g} xq[m, k] · w[n, k]`` exactly (int32; a float64 matmul of integers
+    below 2^53 is exact), then ``sum = +0.0; sum = sum + float32(acc_g) · float32(s[n, g])`` for
+    g = 0, 1, ... (product rounded, then added), ``y = sum / a[m]`` — what every native tier
+    computes (csrc/bitlm_kernels.h, "low-bit heads")."""
+    from ..packing import HEAD_GROUP, unpack_head
+
+    k = xq.shape[1]
+    w, s = unpack_head(data, scale, bits, n, k)
+    _check_xq(xq, k)
+    m = xq.shape[0]
+    groups = s.shape[1]
+    kp = groups * HEAD_GROUP
+    xd = torch.nn.functional.pad(xq.double(), (0, kp - k))
+    wd = torch.nn.functional.pad(w.double(), (0, kp - k))
+    acc = torch.zeros(m, n, dtype=torch.float32)
+    for g in range(groups):  # sequential over groups; eager torch never fuses mul + add
+        cols = slice(g * HEAD_GROUP, (g + 1) * HEAD_GROUP)
+        ag = (xd[:, cols] @ wd[:, cols].t()).to(torch.int32).to(torch.float32)  # exact: |acc_g| < 2^17
+        acc = acc + ag * s[:, g].reshape(1, n)
+    return acc / a.to(torch.float32).reshape(m, 1)

@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--chat-template", default="auto", help="auto, jinja (tokenizer_config.json), 2b4t or plain")
     p.add_argument("--head-act", choices=["f32", "int8"], default="f32",
                    help="packed models with an int8 head: int8 runs the head W8A8 (see bitlm generate)")
+    p.add_argument("--kv", default=None, metavar="{f16,f32,int8}",
+                   help="packed models: KV cache storage of the slots (default f16; int8: a scale per token and head)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for torch's own ops (attention, norms); the packed kernels keep their own pool "
                         "(BITLM_NUM_THREADS). 1: at decode sizes, waking OpenMP workers costs more than the work")
@@ -40,8 +42,10 @@ def memory_bound(model, parallel: int, ctx: int, weights_bytes: int, runtime_byt
     """The server's memory bound, by part: weights, the preallocated KV pool, the working set of
     the largest request (a ``ctx``-token prefill with full logits for echo + log-softmax, and the
     layer temporaries), and the process before loading (interpreter, torch, the HTTP stack)."""
+    from ..engine import kv_bytes_per_token
+
     cfg = model.config
-    kv = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * 4 * ctx * parallel
+    kv = kv_bytes_per_token(cfg, getattr(model, "kv", "f32")) * ctx * parallel
     per_token = 4 * (3 * cfg.vocab_size + 6 * cfg.d_model + 3 * cfg.ffn_dim + 2 * cfg.n_heads * cfg.head_dim)
     attn = 4 * cfg.n_heads * ctx * ctx  # one layer's attention scores of a ctx-long prefill
     work = per_token * ctx + attn + 192 * MiB  # + slack: allocator arenas, worker threads, sockets
@@ -86,6 +90,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--ctx must be >= 2, got {args.ctx}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.kv is not None and args.kv not in ("f16", "f32", "int8"):
+        raise ValueError(f"--kv {args.kv}: the KV cache type must be f16, f32 or int8")
     if args.torch_threads < 1:
         raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     if args.api_key is not None and not args.api_key.strip():

@@ -1,0 +1,194 @@
+"""The packed engine's f16 (default) and int8 KV caches: the rounding points (``PackedKVCache``, the
+torch twin) equal the native store (``bitlm_kv_quantize`` / the fused step) bit for bit; the fused
+step reads the caches directly and agrees with the per-op path; prefill, per-op decode, batched
+decode and a cache-less forward all see the same rounded values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitlm.engine import KVPool, PackedKVCache, convert, kv_bytes_per_token
+from bitlm.kernels import native
+from helpers import tiny_model
+
+KVS = ("f16", "int8")
+
+
+def _native():
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+
+
+def _hard_rows() -> torch.Tensor:
+    """Values that exercise every branch of the f16 rounding: ties to even, subnormals, the
+    underflow and overflow edges, signed zeros, inf; plus ordinary rows."""
+    f16 = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    f16 = f16[torch.isfinite(f16)]
+    mids = (f16[:-1] + f16[1:]) / 2  # ties (exact in float32) between neighbours of the same sign
+    edges = torch.tensor([65504.0, 65519.0, 65520.0, 1e30, -65520.0, 2.0 ** -25, 2.0 ** -25 * 1.0001, 2.0 ** -26,
+                          -0.0, 0.0, float("inf"), float("-inf"), 2.0 ** -14 * 0.99999, 6.1e-5, -3e-8])
+    g = torch.Generator().manual_seed(0)
+    vals = torch.cat([f16, mids, mids + mids.abs() * 1e-7, edges, torch.randn(4096, generator=g) * 30])
+    vals = vals[: vals.numel() // 64 * 64]
+    return vals.reshape(-1, 64)
+
+
+def test_f16_store_is_torch_half_bit_for_bit():
+    _native()
+    x = _hard_rows()
+    got, sc = native.kv_quantize(x, "f16")
+    assert sc is None
+    assert torch.equal(got.view(torch.int16), x.to(torch.float16).view(torch.int16))
+
+
+def test_int8_store_is_the_torch_twin_bit_for_bit():
+    _native()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 64, generator=g) * torch.logspace(-30, 30, 300).unsqueeze(1)
+    x[0] = 0.0  # a zero row: scale 0, codes 0
+    x[1, :] = 0.5
+    x[1, 3] = -127.5  # ties and the extreme code
+    got, s = native.kv_quantize(x, "int8")
+    q, st = PackedKVCache.quantize_int8(x)
+    assert torch.equal(got, q) and torch.equal(s, st)
+    assert got[0].abs().max() == 0 and s[0] == 0 and got.abs().max() == 127
+    back = PackedKVCache.read_back(x, "int8")
+    assert torch.equal(back, q.float() * st.unsqueeze(-1))
+    assert ((back - x).abs() <= st.unsqueeze(-1) / 2 * 1.0001).all()
+
+
+def _model(name="tiny-2b4t", **kw):
+    return tiny_model(name, sharpen=50, sharpen_head=False, max_seq_len=96, **kw)
+
+
+def _decode(pm, prompt, steps, fused, kv, max_len=64):
+    pm.fused_decode = fused
+    cache = pm.new_cache(1, max_len, kv=kv)
+    logits = pm(prompt, cache=cache, last_only=True)
+    toks, outs = [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt.item())
+        logits = pm(nxt, cache=cache)
+        outs.append(logits[0, -1])
+    return toks, torch.stack(outs), cache
+
+
+@pytest.mark.parametrize("kv", KVS)
+@pytest.mark.parametrize("name,fmt", [("tiny-2b4t", "i2"), ("tiny", "t1")])
+def test_fused_step_reads_the_cache_type(name, fmt, kv):
+    _native()
+    pm = convert(_model(name), fmt)
+    prompt = torch.randint(0, pm.config.vocab_size, (1, 7))
+    ref_toks, ref, ref_cache = _decode(pm, prompt, 30, False, kv)
+    toks, out, cache = _decode(pm, prompt, 30, True, kv)
+    assert cache.__dict__.get("_bitlm_decoder") is not None and cache.kv == kv
+    assert cache.k[0].dtype == {"f16": torch.float16, "int8": torch.int8}[kv]
+    assert toks == ref_toks
+    err = (out - ref).abs() / ref.abs().max()
+    assert err.max() < 0.02 and (err < 1e-4).float().mean() > 0.9
+    # layer 0's rows depend on the embeddings alone: the native store rounds them exactly as the twin
+    assert torch.equal(cache.k[0], ref_cache.k[0]) and torch.equal(cache.v[0], ref_cache.v[0])
+    if kv == "int8":
+        assert torch.equal(cache.k_scale[0], ref_cache.k_scale[0]) and torch.equal(cache.v_scale[0], ref_cache.v_scale[0])
+
+
+@pytest.mark.parametrize("kv", KVS)
+def test_fused_kv_step_is_the_same_on_every_tier(kv):
+    _native()
+    pm = convert(_model(), "i2")
+    prompt = torch.randint(0, 512, (1, 5))
+    prev = native.tier()
+    try:
+        outs = {}
+        for t in native.supported_tiers():
+            native.set_tier(t)
+            outs[t] = _decode(pm, prompt, 10, True, kv)[1]
+    finally:
+        native.set_tier(prev)
+    first = next(iter(outs.values()))
+    for t, o in outs.items():
+        assert torch.equal(o, first), t
+
+
+@pytest.mark.parametrize("kv", ("f32", *KVS))
+def test_rounding_points_agree_across_paths(kv):
+    """A cache-less forward, a prefill into a cache and the batched decode see the same keys."""
+    pm = convert(_model(), "i2")
+    pm.kv = kv
+    ids = torch.randint(0, 512, (1, 9))
+    full = pm(ids)
+    cache = pm.new_cache(1, 32)
+    assert torch.equal(pm(ids, cache=cache), full)
+    # per-op single decode vs decode_batch: the same bits
+    pm.fused_decode = False
+    c1, c2 = pm.new_cache(1, 32), pm.new_cache(1, 32)
+    pm(ids[:, :5], cache=c1)
+    pm(ids[:, :5], cache=c2)
+    one = pm(ids[:, 5:6], cache=c1)[0, -1]
+    two = pm.decode_batch([ids[0, 5].item()], [c2])[0]
+    assert torch.equal(one, two)
+    # a 1-token query vs row 5 of a causal 9-token one: SDPA rounds differently, nothing more
+    assert torch.allclose(one, full[0, 5], rtol=1e-4, atol=1e-4 * one.abs().max().item())
+
+
+def test_kv_types_change_quality_a_little():
+    """f16 keys and values move the logits by f16 rounding only; int8 by a little more."""
+    pm = convert(_model(), "i2")
+    ids = torch.randint(0, 512, (2, 24))
+    pm.kv = "f32"
+    ref = pm(ids)
+    for kv, tol in (("f16", 2e-3), ("int8", 3e-2)):
+        pm.kv = kv
+        rel = ((pm(ids) - ref).norm() / ref.norm()).item()
+        assert 0 < rel < tol, (kv, rel)
+
+
+def test_kv_bytes_and_bad_type():
+    pm = convert(_model(), "i2")
+    cfg = pm.config
+    for kv, per in (("f32", 4 * cfg.head_dim), ("f16", 2 * cfg.head_dim), ("int8", cfg.head_dim + 4)):
+        c = pm.new_cache(1, 10, kv=kv)
+        assert c.nbytes() == 10 * kv_bytes_per_token(cfg, kv) == 10 * 2 * cfg.n_layers * cfg.kv_heads * per
+        pm.kv = kv
+        assert KVPool(pm, 2, 10).nbytes == 2 * c.nbytes()
+    with pytest.raises(ValueError, match="--kv int4"):
+        pm.kv = "int4"
+    with pytest.raises(ValueError, match="--kv q8"):
+        pm.new_cache(1, 10, kv="q8")
+
+
+def test_decoder_rejects_a_cache_of_another_type():
+    _native()
+    pm = convert(_model(), "i2")
+    cache = pm.new_cache(1, 16, kv="f16")
+    cache.kv = "f32"  # lies about its type: the binding checks the tensors
+    with pytest.raises(ValueError, match="float32"):
+        pm(torch.tensor([[1]]), cache=cache)
+    cache = pm.new_cache(1, 16, kv="int8")
+    del cache.k_scale
+    with pytest.raises(AttributeError):
+        pm(torch.tensor([[1]]), cache=cache)
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 48))
+def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
+    """The AVX-512 attention has register-resident paths for D = 64 / 128 and a general one
+    (D % 16 == 0); D = 48 also takes the general one: all equal the generic tier bit for bit."""
+    _native()
+    pm = convert(_model(d_model=2 * head_dim, n_heads=2, n_kv_heads=1), "i2")
+    assert pm.config.head_dim == head_dim
+    prompt = torch.randint(0, 512, (1, 20))
+    prev = native.tier()
+    try:
+        for kv in KVS:
+            outs = {}
+            for t in native.supported_tiers():
+                native.set_tier(t)
+                outs[t] = _decode(pm, prompt, 6, True, kv)[1]
+            first = next(iter(outs.values()))
+            for t, o in outs.items():
+                assert torch.equal(o, first), (kv, t)
+    finally:
+        native.set_tier(prev)
