@@ -46,8 +46,10 @@ import torch.nn.functional as F
 
 from bitlm import kernels
 from bitlm.info import cpu_model
+from bitlm.io.atomic import atomic_write_text
 from bitlm.kernels import native
 from bitlm.packing import PackedWeight, get_format, pack_weight
+from cpu_info import cpu_identity, describe  # benchmarks/cpu_info.py
 
 SHAPES = ((2560, 2560), (6912, 2560), (2560, 6912))  # (N, K): q/o, gate/up, down of 2B4T
 FORMATS = ("i2", "t1", "b1")
@@ -281,7 +283,8 @@ def call_overhead_us(reps: int) -> float:
 
 def print_tables(res: dict) -> None:
     e = res["env"]
-    print(f"\n# bitlm kernel benchmark — {e['cpu']} — tier {e['tier']} — torch {e['torch']}")
+    print(f"\n# bitlm kernel benchmark — {describe(e['cpu_identity']) if 'cpu_identity' in e else e['cpu']} — "
+          f"torch {e['torch']}\n# kernel choices: {e.get('kernel_config')}")
     print(f"# load average before/after: {e['loadavg_before']} / {e.get('loadavg_after')}; "
           f"python->C call overhead {res['call_overhead_us']:.1f} us\n")
     print("| threads | read GB/s | copy GB/s (r+w) | numpy copy GB/s |")
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_model(), "tier": info["tier"], "cpu_flags": info["cpu_flags"], "build": info["build"],
         "torch": torch.__version__, "python": platform.python_version(), "threads": threads,
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_identity": cpu_identity(), "kernel_config": info.get("kernel_config"),
     }}
     res["call_overhead_us"] = call_overhead_us(args.reps)
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    atomic_write_text(out, json.dumps(res, indent=1))
     print(f"\nwrote {out}")
     return 0
 

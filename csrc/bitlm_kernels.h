@@ -90,6 +90,11 @@ BITLM_API const char *bitlm_tier_name(int tier); /* "generic", "avx2", "avx512",
 BITLM_API const char *bitlm_tier_note(void);     /* why the current tier was chosen */
 BITLM_API const char *bitlm_cpu_flags(void);     /* space separated features detected */
 BITLM_API const char *bitlm_build_info(void);    /* compiler + which tiers were compiled */
+/* The CPU as cpuid names it (vendor, family/model/stepping), the cache sizes found and the
+ * blocking / path choices made from them and the environment (BITLM_GEMM_XBLOCK: activation
+ * block bytes of the GEMM; BITLM_GEMM_SMALL_M: largest M run as one register block, 0 = off),
+ * as space-separated key=value pairs. */
+BITLM_API const char *bitlm_kernel_config(void);
 
 /* ---- thread pool ---------------------------------------------------------------------------- */
 /* Default: env BITLM_NUM_THREADS, else the number of CPUs this process may run on. */
@@ -213,6 +218,15 @@ typedef struct bitlm_decoder_desc {
  * inconsistent description (nothing is written then), or ENOMEM. */
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin);
+
+/* Per-phase timers of bitlm_decode_step, for profiling (off by default; when on, each block
+ * reads the clock ~15 times).  Copies up to n accumulated values into out (may be NULL): the
+ * seconds spent in each phase, the synchronisations (parallel jobs) and the calls profiled, in
+ * the order bitlm_decode_profile_names() lists, comma separated.  Then enable = 1 resets them and
+ * starts profiling, 0 stops, any other value leaves it as is.  Returns the number of values.
+ * Not thread safe: profile one decoder at a time. */
+BITLM_API int bitlm_decode_profile(int enable, double *out, int n);
+BITLM_API const char *bitlm_decode_profile_names(void);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

@@ -24,7 +24,7 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
+           "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "Decoder", "ACTIVATIONS"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
 ABI_VERSION = 4
@@ -58,6 +58,9 @@ _SIGNATURES = {
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_decode_profile": (_c_int, [_c_int, _c_p, _c_int]),
+    "bitlm_decode_profile_names": (ctypes.c_char_p, []),
+    "bitlm_kernel_config": (ctypes.c_char_p, []),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -182,6 +185,7 @@ def info() -> dict:
         "threads": lib.bitlm_num_threads(),
         "cpu_flags": lib.bitlm_cpu_flags().decode(),
         "build": lib.bitlm_build_info().decode(),
+        "kernel_config": lib.bitlm_kernel_config().decode(),
         "abi": lib.bitlm_abi_version(),
         "library": _path,
     }
@@ -436,6 +440,19 @@ class Decoder:
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------
+
+
+def decode_profile(enable: bool | None = None) -> dict[str, float]:
+    """The per-phase timers of ``bitlm_decode_step`` accumulated so far (seconds per phase,
+    ``pool_wait`` = the caller waiting for workers inside the passes, ``jobs`` = parallel jobs
+    started, ``steps`` = calls profiled); then ``enable=True`` resets and starts them, ``False``
+    stops them, ``None`` leaves them as they are."""
+    lib = _need()
+    n = lib.bitlm_decode_profile(-1, None, 0)
+    out = (ctypes.c_double * n)()
+    lib.bitlm_decode_profile({True: 1, False: 0, None: -1}[enable], out, n)
+    names = lib.bitlm_decode_profile_names().decode().split(",")
+    return dict(zip(names, list(out)))
 
 
 def mem_read(buf: torch.Tensor) -> int:
