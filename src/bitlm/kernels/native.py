@@ -439,9 +439,6 @@ class Decoder:
         return x
 
 
-# ---- bandwidth probe ----------------------------------------------------------------------------
-
-
 def decode_profile(enable: bool | None = None) -> dict[str, float]:
     """The per-phase timers of ``bitlm_decode_step`` accumulated so far (seconds per phase,
     ``pool_wait`` = the caller waiting for workers inside the passes, ``jobs`` = parallel jobs
@@ -453,6 +450,9 @@ def decode_profile(enable: bool | None = None) -> dict[str, float]:
     lib.bitlm_decode_profile({True: 1, False: 0, None: -1}[enable], out, n)
     names = lib.bitlm_decode_profile_names().decode().split(",")
     return dict(zip(names, list(out)))
+
+
+# ---- bandwidth probe ----------------------------------------------------------------------------
 
 
 def mem_read(buf: torch.Tensor) -> int:
