@@ -325,6 +325,56 @@ def ratios(runs: list[dict], probes: list[dict]) -> list[dict]:
     return out
 
 
+def report(args, cpu: dict, info: dict, bw: dict, runs: list[dict], probes: list[dict], final: bool) -> None:
+    """The table, the ratios and the JSON of the rounds so far (written after every round, so
+    that an interrupted run keeps what it measured; the table is printed at the end only)."""
+    rows = aggregate(runs) if len(probes) > 1 else runs
+    rat = ratios(runs, probes)
+    out = {"cpu": cpu_model(), "cpu_identity": cpu, "kernels": info, "torch": torch.__version__,
+           "preset": args.preset, "bandwidth_gb_s": bw, "round_probes": probes, "rows": rows, "runs": runs,
+           "ratios": rat, "rounds": len(probes), "rounds_asked": args.rounds, "complete": final,
+           "loadavg_end": list(os.getloadavg()),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
+    if not final:
+        return
+    from cpu_info import describe
+
+    hdr = (f"{'engine':<13}{'fmt':<10}{'head':<8}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
+           f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
+    print(f"\n{describe(cpu)}\nkernels: {info.get('backend')} {info.get('tier')} "
+          f"[{info.get('kernel_config', '')}]; load average at the end {os.getloadavg()}")
+    for rp in probes:
+        print(f"round {rp['round'] + 1} ({' → '.join(rp['order'])}): read probes "
+              + "; ".join(f"{t} thr " + " / ".join(f"{v:.1f}" for v in vs) + " GB/s" for t, vs in rp["probes_gb_s"].items())
+              + f"; load {rp['loadavg'][0][0]:.2f} → {rp['loadavg'][-1][0]:.2f}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        def g(k, fmt="{:.1f}", r=r):
+            return fmt.format(r[k]) if r.get(k) is not None else "-"
+        print(f"{r['engine']:<13}{r['format']:<10}{r['head']:<8}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
+              f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
+              f"{g('pct_of_roofline', '{:.0f}'):>7}"
+              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"
+              f"{(r['peak_rss_bytes'] / 1e6 if r.get('peak_rss_bytes') else float('nan')):>9.0f}"
+              f"{(r['baseline_rss_bytes'] / 1e6 if r.get('baseline_rss_bytes') else float('nan')):>9.0f}"
+              f"{g('rss_over_file_plus_kv', '{:.3f}'):>22}")
+        if r.get("phases_ms_per_token"):
+            ph = r["phases_ms_per_token"]
+            print("    phases ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
+                  + f"; syncs/token {r['syncs_per_token']:.0f}")
+    if rat:
+        print("\nratios bitlm ÷ peer (median [min – max] over rounds; per round with its read probes, GB/s):")
+        for q in rat:
+            per = "; ".join(f"r{x['round'] + 1} {x['ratio']:.2f} ("
+                            + "/".join(f"{v:.0f}" for v in (x["probes_gb_s"] or [])) + ")" for x in q["rounds"])
+            print(f"  {q['bitlm']:<12} ÷ {q['peer']:<24} {q['threads']} thr {q['metric']:<18} "
+                  f"{q['median']:.2f} [{q['min']:.2f} – {q['max']:.2f}]   {per}")
+    print(f"\nJSON: {args.json}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
@@ -364,7 +414,7 @@ def main() -> int:
         return 0
 
     from bench_ik import find_llama_bench
-    from cpu_info import cpu_identity, describe
+    from cpu_info import cpu_identity
 
     args.ik_bench_path = find_llama_bench(args.ik_bench)
     os.environ.setdefault("BITLM_BACKEND", "native")
@@ -398,47 +448,9 @@ def main() -> int:
         for t in threads:
             rp["probes_gb_s"][t].append(measure_bandwidth(t))
         probes.append(rp)
-    rows = aggregate(runs) if args.rounds > 1 else runs
-    rat = ratios(runs, probes)
-
-    hdr = (f"{'engine':<13}{'fmt':<10}{'head':<8}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
-           f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
-    print(f"\n{describe(cpu)}\nkernels: {info.get('backend')} {info.get('tier')} "
-          f"[{info.get('kernel_config', '')}]; load average at the end {os.getloadavg()}")
-    for rp in probes:
-        print(f"round {rp['round'] + 1} ({' → '.join(rp['order'])}): read probes "
-              + "; ".join(f"{t} thr " + " / ".join(f"{v:.1f}" for v in vs) + " GB/s" for t, vs in rp["probes_gb_s"].items())
-              + f"; load {rp['loadavg'][0][0]:.2f} → {rp['loadavg'][-1][0]:.2f}")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        def g(k, fmt="{:.1f}", r=r):
-            return fmt.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['engine']:<13}{r['format']:<10}{r['head']:<8}{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
-              f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
-              f"{g('pct_of_roofline', '{:.0f}'):>7}"
-              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"
-              f"{(r['peak_rss_bytes'] / 1e6 if r.get('peak_rss_bytes') else float('nan')):>9.0f}"
-              f"{(r['baseline_rss_bytes'] / 1e6 if r.get('baseline_rss_bytes') else float('nan')):>9.0f}"
-              f"{g('rss_over_file_plus_kv', '{:.3f}'):>22}")
-        if r.get("phases_ms_per_token"):
-            ph = r["phases_ms_per_token"]
-            print("    phases ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
-                  + f"; syncs/token {r['syncs_per_token']:.0f}")
-    if rat:
-        print("\nratios bitlm ÷ peer (median [min – max] over rounds; per round with its read probes, GB/s):")
-        for q in rat:
-            per = "; ".join(f"r{x['round'] + 1} {x['ratio']:.2f} ("
-                            + "/".join(f"{v:.0f}" for v in (x["probes_gb_s"] or [])) + ")" for x in q["rounds"])
-            print(f"  {q['bitlm']:<12} ÷ {q['peer']:<24} {q['threads']} thr {q['metric']:<18} "
-                  f"{q['median']:.2f} [{q['min']:.2f} – {q['max']:.2f}]   {per}")
-    out = {"cpu": cpu_model(), "cpu_identity": cpu, "kernels": info, "torch": torch.__version__,
-           "preset": args.preset, "bandwidth_gb_s": bw, "round_probes": probes, "rows": rows, "runs": runs,
-           "ratios": rat, "rounds": args.rounds, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
+        if rnd + 1 < args.rounds:
+            report(args, cpu, info, bw, runs, probes, final=False)
+    report(args, cpu, info, bw, runs, probes, final=True)
     return 0
 
 
