@@ -242,6 +242,34 @@ def gemm_rows(threads: int, reps: int, shapes, ms) -> list[dict]:
     return rows
 
 
+def small_m_rows(threads: int, reps: int, shapes, ms=(1, 2, 4, 8)) -> list[dict]:
+    """Serving's batched decode: M = 1..8 tokens against cold weights (the rotation streams
+    COLD_BYTES per round from DRAM), time per call and its ratio to M = 1 of the same shape.
+    The path M > 1 takes (one M-token block, or the large-M loop) is fixed per process by
+    BITLM_GEMM_SMALL_M: run once with it unset and once with =0 to compare."""
+    set_threads(threads)
+    rows = []
+    for n, k in shapes:
+        for fmt in ("i2", "t1"):
+            ws = rotation(random_packed(fmt, n, k))
+            t1 = None
+            for m in ms:
+                xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+                a = torch.rand(m) + 0.5
+
+                def run(xq=xq, a=a, ws=ws):
+                    for w in ws:
+                        native.matmul(xq, a, w)
+
+                t = timeit(run, reps)["median"] / len(ws)
+                t1 = t if m == 1 else t1
+                rows.append({"threads": threads, "fmt": fmt, "M": m, "N": n, "K": k, "ms": t * 1e3,
+                             "x_M1": t / t1, "GMACps": m * n * k / t / 1e9})
+                print(f"  small-M {threads}t {fmt} M={m} {n}x{k}: {t * 1e3:.3f} ms ({t / t1:.2f}x M=1)",
+                      file=sys.stderr)
+    return rows
+
+
 # ---- int8 / bf16 output head ---------------------------------------------------------------------
 
 
@@ -327,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="runs/bench_kernels.json", help="where to write the JSON results")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one shape, small buffers: a smoke test")
+    ap.add_argument("--small-m", action="store_true",
+                    help="only the small-M GEMM table (M = 1, 2, 4, 8, cold weights; compare runs with "
+                         "BITLM_GEMM_SMALL_M unset and =0)")
     args = ap.parse_args(argv)
 
     if native.load() is None:
@@ -347,6 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_identity": cpu_identity(), "kernel_config": info.get("kernel_config"),
     }}
+    if args.small_m:
+        res["small_m"] = [r for t in threads for r in small_m_rows(t, args.reps, [(2 * 6912, 2560), (2560, 6912)])]
+        res["env"]["loadavg_after"] = os.getloadavg()
+        print(f"\n# small-M GEMM — {describe(res['env']['cpu_identity'])}\n# {res['env']['kernel_config']}; "
+              f"load {res['env']['loadavg_before']} -> {res['env']['loadavg_after']}")
+        for r in res["small_m"]:
+            print(f"{r['threads']} thr {r['fmt']} {r['N']}x{r['K']} M={r['M']}: {r['ms']:.3f} ms, {r['x_M1']:.2f}x M=1")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(res, indent=1))
+        return 0
     res["call_overhead_us"] = call_overhead_us(args.reps)
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
     read_bw = {b["threads"]: (b["read_GBps"], b["read_best_GBps"]) for b in res["bandwidth"]}
