@@ -274,7 +274,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def ik_rows(args, threads: list[int]) -> list[dict]:
+def ik_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
     """ik_llama.cpp (IQ2_BN_R4, q8_0 head) on the same random weights: benchmarks/bench_ik.py."""
     from bench_ik import build_ik_gguf, run_ik, weight_bytes
 
@@ -285,6 +285,11 @@ def ik_rows(args, threads: list[int]) -> list[dict]:
         row = run_ik(args.ik_bench_path, path, t, [int(p) for p in args.prefill.split(",") if p],
                      args.decode_tokens, reps=args.ik_reps)
         row.update(file_bytes=os.path.getsize(path), bytes_per_token=wb["ternary"] + wb["head"])
+        if t in bw:  # the probe just before this side of the round
+            row["bandwidth_gb_s"] = bw[t]
+            row["roofline_tok_s"] = bw[t] * 1e9 / row["bytes_per_token"]
+            if row.get("decode_tok_s"):
+                row["pct_of_roofline"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
         rows.append(row)
         print(f"  ik_llama.cpp {t} thr: decode {row.get('decode_tok_s', float('nan')):.1f} tok/s, "
               f"pp512 {row.get('prefill_512_tok_s', float('nan')):.1f}", file=sys.stderr, flush=True)
@@ -427,7 +432,7 @@ def main() -> int:
     if args.llama_cpp:
         sides.append(("llama.cpp", lambda bw: llama_cpp_rows(args, threads)))
     if args.ik_bench_path:
-        sides.append(("ik_llama.cpp", lambda bw: ik_rows(args, threads)))
+        sides.append(("ik_llama.cpp", lambda bw: ik_rows(args, threads, bw)))
     runs: list[dict] = []
     probes: list[dict] = []
     bw: dict[int, float] = {}

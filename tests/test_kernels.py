@@ -601,3 +601,26 @@ def test_dense_int8a8_bad_input(impl):
             f(xq, a, w, torch.ones(7))
         with pytest.raises(ValueError, match="a has"):
             f(xq, torch.ones(3), w, s)
+
+
+def test_benchmarks_name_the_cpu_precisely(lib):
+    """benchmarks/cpu_info.py: (vendor, family, model) -> microarchitecture for the parts the
+    project has run on, a virtual CPU whose flags outrun its model called out, and the record
+    every benchmark JSON carries (with the library's kernel choices)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import cpu_info
+    finally:
+        sys.path.pop(0)
+    ua = cpu_info.microarchitecture
+    assert ua("AuthenticAMD", 25, 17) == "Zen 4" and ua("AuthenticAMD", 26, 2) == "Zen 5"
+    assert ua("AuthenticAMD", 25, 1) == "Zen 3" and ua("GenuineIntel", 6, 143) == "Sapphire Rapids"
+    assert ua("GenuineIntel", 6, 167) == "Rocket Lake" and ua("GenuineIntel", 6, 1) == "unknown"
+    assert ua("GenuineIntel", 6, 167, {"amx_tile"}).startswith("Sapphire Rapids or later")
+    rec = cpu_info.cpu_identity()
+    for key in ("vendor", "family", "model", "stepping", "microarchitecture", "flags", "kernel_tier", "kernel_config"):
+        assert key in rec, key
+    assert f"family={rec['family']} model={rec['model']}" in rec["kernel_config"]  # cpuid agrees with /proc
+    assert "family" in cpu_info.describe(rec)
