@@ -104,6 +104,11 @@ static void detect_caches(void) {
     if (g_cfg.x_block_bytes < 4096) g_cfg.x_block_bytes = 4096;
     int64_t sm = env_bytes("BITLM_GEMM_SMALL_M", 8);
     g_cfg.small_m_max = sm > 8 ? 8 : sm;
+    /* GEMV tile streams per thread: one sequential stream was fastest on Zen 5 (see
+     * x86_avx512.c); on the Intel Xeon of 2026-12-02 two tiles at once decoded 13-15 % faster
+     * (docs/performance.md).  Chosen by vendor until more parts are measured. */
+    const int64_t gs_default = strcmp(g_vendor, "GenuineIntel") == 0 ? 2 : 1;
+    g_cfg.gemv_streams = env_bytes("BITLM_GEMV_STREAMS", gs_default) == 2 ? 2 : 1;
 }
 
 static void init_once(void);
@@ -209,10 +214,10 @@ BITLM_API const char *bitlm_kernel_config(void) {
     pthread_mutex_lock(&g_tier_mu);
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192",
+             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
-             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max);
+             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;
 }

@@ -150,6 +150,32 @@ ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     store_tile(p, fmt, 0, t, s);
 }
 
+/* Two tiles' streams at once (i2 / b1; BITLM_GEMV_STREAMS=2, an experiment): tile t's quads go
+ * to accumulators 0-3 (b1: 0-7 fold into 0-3), tile t+1's to 4-7; exact integer sums, so the
+ * same bits as gemv_tile. */
+ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t) {
+    const consts_t c = make_consts();
+    const int bk = 4 * QPC(fmt);
+    __m512i acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_si512();
+    const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
+    const int8_t *x = p->x;
+    for (int64_t ch = 0; ch < p->nchunks; ch++) {
+        _mm_prefetch((const char *)w0 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+        _mm_prefetch((const char *)w1 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+        __m512i s0 = chunk_load(fmt, w0 + ch * 64), s1 = chunk_load(fmt, w1 + ch * 64);
+#pragma GCC unroll 8
+        for (int qd = 0; qd < 8; qd++) {
+            if (qd >= QPC(fmt)) break;
+            const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + ch * bk + 4 * qd));
+            acc[qd & 3] = _mm512_dpbusd_epi32(acc[qd & 3], unpack_quad(fmt, &s0, w0 + ch * 64, qd, &c), xb);
+            acc[4 + (qd & 3)] = _mm512_dpbusd_epi32(acc[4 + (qd & 3)], unpack_quad(fmt, &s1, w1 + ch * 64, qd, &c), xb);
+        }
+    }
+    store_tile(p, fmt, 0, t, _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])));
+    store_tile(p, fmt, 0, t + 1, _mm512_add_epi32(_mm512_add_epi32(acc[4], acc[5]), _mm512_add_epi32(acc[6], acc[7])));
+}
+
 /* t1 GEMV without extracting digits.  With m_0 = byte and m_{i+1} = 3 m_i mod 256, each digit
  * is d_i = (3 m_i - m_{i+1}) / 256 exactly, so
  *     256 * sum_i d_i x_i = 3 * sum_i m_i x_i - sum_i m_{i+1} x_i = 3A - B,
@@ -209,7 +235,10 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
         for (int64_t t = t0; t < t1; t++) gemv_tile_t1(p, t);
         return;
     }
-    for (int64_t t = t0; t < t1; t++) gemv_tile(p, fmt, t);
+    int64_t t = t0;
+    if (p->gemv_streams == 2)
+        for (; t + 2 <= t1; t += 2) gemv_tile2(p, fmt, t);
+    for (; t < t1; t++) gemv_tile(p, fmt, t);
 }
 
 /* ---- GEMM: M > 1 ---------------------------------------------------------------------------- */
