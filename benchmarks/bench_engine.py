@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bitlm.info import cpu_model
+from bitlm.io.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,13 +74,15 @@ def build_random_packed(preset_name: str, fmt: str, head: str, path: Path, seed:
     return path
 
 
-def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32", kv: str = "f16",
-            depth: int = 0) -> dict:
+def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32",
+            phases: bool = False, kv: str = "f16", depth: int = 0) -> dict:
     """Runs inside a fresh process: load (mmap), prefill, decode; reports speeds and peak RSS.
-
     ``kv``: the KV cache type; ``depth``: decode after this many cached tokens of context.  The
     cache is filled with random keys / values (rounded as the cache stores them) instead of a
-    ``depth``-token prefill — the decode reads the same bytes, in minutes less on a loaded VM."""
+    ``depth``-token prefill — the decode reads the same bytes, in minutes less on a loaded VM.
+    ``phases``: then decode as many tokens again with the fused step's per-phase timers on
+    (``native.decode_profile``) and the head timed from Python, and report ms per token per
+    phase (the timed decode above runs without them)."""
     from bitlm import kernels
     from bitlm.engine import load_packed
 
@@ -92,8 +95,8 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     if pm.head.bits is None:  # int6 / int4 heads always read int8 activations
         pm.head_act = head_act
     pm.kv = kv
-    if depth + decode_tokens + 32 > pm.config.max_seq_len:  # RoPE runs at any position
-        pm.config.max_seq_len = depth + decode_tokens + 32
+    if depth + decode_tokens * (2 if phases else 1) + 32 > pm.config.max_seq_len:  # RoPE runs at any position
+        pm.config.max_seq_len = depth + decode_tokens * (2 if phases else 1) + 32
     out: dict = {"load_s": time.perf_counter() - t0}
     V = pm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -115,14 +118,14 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
         out[f"prefill_{n}_tok_s"] = n / best
     prompt = torch.randint(0, V, (1, 16), generator=g)
     cache = None
-    cache = pm.new_cache(1, depth + 16 + decode_tokens + 1)
-    kv_peak = max(kv_peak, cache.nbytes())
+    cache = pm.new_cache(1, depth + 16 + decode_tokens * (2 if phases else 1) + 1)
     if depth:
         cfg = pm.config
         for i in range(cfg.n_layers):
             kv_rand = torch.randn(2, 1, cfg.kv_heads, depth, cfg.head_dim, generator=g)
             cache.update(i, kv_rand[0], kv_rand[1])
         cache.advance(depth)
+    kv_peak = max(kv_peak, cache.nbytes())
     logits = pm(prompt, cache=cache, last_only=True)
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(4):  # warm-up decode steps (page in every weight)
@@ -137,9 +140,10 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     times.sort()
     out["decode_tok_s"] = 1.0 / times[len(times) // 2]  # median token
     out["decode_mean_tok_s"] = len(times) / sum(times)
+    if phases:
+        out.update(profile_decode(pm, cache, nxt, decode_tokens - 4))
     wb = pm.weight_bytes()
     out["bytes_per_token"] = wb["linear"] + (wb["head"] or wb["embedding"])
-    out["kv_cache_bytes"] = cache.nbytes()
     out["kv"], out["depth"] = kv, depth
     # attention reads the cache up to the current position: depth + prompt + half the decode, on average
     ctx = depth + 16 + decode_tokens // 2
@@ -147,6 +151,7 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
 
     out["kv_bytes_per_token"] = ctx * kv_bytes_per_token(pm.config, kv)
     out["bytes_per_token"] += out["kv_bytes_per_token"]
+    out["kv_cache_bytes"] = cache.nbytes()
     out["kv_cache_peak_bytes"] = kv_peak
     out["file_bytes"] = os.path.getsize(path)
     out["peak_rss_bytes"] = _hwm()
@@ -185,6 +190,40 @@ def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int 
             rows.append({"head": h, "threads": t, "ms": med * 1e3, "bytes": store[h].nbytes,
                          "gb_s": store[h].nbytes / med / 1e9})
     return rows
+
+
+def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
+    """``n`` more decode tokens with the fused step's phase timers on and the final norm + head
+    (``PackedModel._final``) timed from Python → ms per token per phase; ``python_gap`` is what
+    is left of the token (embedding row, RoPE factors, argmax, the calls between step and head)."""
+    from bitlm.kernels import native
+
+    final, head_s = pm._final, [0.0]
+
+    def timed_final(*a, **kw):
+        t = time.perf_counter()
+        r = final(*a, **kw)
+        head_s[0] += time.perf_counter() - t
+        return r
+
+    pm._final = timed_final
+    native.decode_profile(True)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n):
+            logits = pm(nxt, cache=cache)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+    finally:
+        total = time.perf_counter() - t0
+        prof = native.decode_profile(False)
+        del pm._final
+    steps = prof.pop("steps") or 1
+    jobs = prof.pop("jobs")
+    ms = {k: 1e3 * v / steps for k, v in prof.items()}
+    ms["head"] = 1e3 * head_s[0] / steps
+    ms["token"] = 1e3 * total / steps
+    ms["python_gap"] = ms["token"] - ms["step"] - ms["head"]
+    return {"phases_ms_per_token": ms, "syncs_per_token": jobs / steps, "phases_tokens": int(steps)}
 
 
 def _touch_torch_code() -> None:
@@ -238,13 +277,17 @@ def bitlm_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
             for t, per_op, kv, depth in [(t, p, kv, dp) for p in ([False, True] if args.per_op else [False])
                                          for kv in kvs for dp in depths for t in threads]:
                 cmd = [sys.executable, __file__, "--_run", f"{path}:{t}", "--decode-tokens", str(args.decode_tokens),
-                       "--prefill", args.prefill, "--_head-act", head_act, "--kv", kv, "--depth", str(depth)]
+                       "--prefill", args.prefill, "--_head-act", head_act, "--kv", kv, "--depth", str(depth)] + (
+                           ["--phases"] if args.phases else [])
                 env = {**os.environ, "OMP_NUM_THREADS": str(t), "BITLM_FUSED_DECODE": "0" if per_op else "1"}
+                load_before = os.getloadavg()[0]
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode != 0:
                     print(r.stderr, file=sys.stderr)
                     raise SystemExit(f"benchmark run failed for {path} at {t} threads")
                 res = json.loads(r.stdout.strip().splitlines()[-1])
+                res["load_avg_1m_before"] = load_before
+                res["load_avg_1m_after"] = os.getloadavg()[0]
                 # the roofline uses the higher of the two probes (start of the run, right after
                 # this decode): the stricter bound
                 res.update(engine="bitlm-perop" if per_op else "bitlm", format=fmt, head=head, threads=t,
@@ -289,6 +332,115 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
+def ik_rows(args, threads: list[int], bw: dict[int, float]) -> list[dict]:
+    """ik_llama.cpp (IQ2_BN_R4, q8_0 head) on the same random weights: benchmarks/bench_ik.py."""
+    from bench_ik import build_ik_gguf, run_ik, weight_bytes
+
+    path = build_ik_gguf(args.preset, cache_dir=args.cache_dir)
+    wb = weight_bytes(path)
+    rows = []
+    for t in threads:
+        row = run_ik(args.ik_bench_path, path, t, [int(p) for p in args.prefill.split(",") if p],
+                     args.decode_tokens, reps=args.ik_reps)
+        row.update(file_bytes=os.path.getsize(path), bytes_per_token=wb["ternary"] + wb["head"])
+        if t in bw:  # the probe just before this side of the round
+            row["bandwidth_gb_s"] = bw[t]
+            row["roofline_tok_s"] = bw[t] * 1e9 / row["bytes_per_token"]
+            if row.get("decode_tok_s"):
+                row["pct_of_roofline"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
+        rows.append(row)
+        print(f"  ik_llama.cpp {t} thr: decode {row.get('decode_tok_s', float('nan')):.1f} tok/s, "
+              f"pp512 {row.get('prefill_512_tok_s', float('nan')):.1f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+RATIO_KEYS = ("decode_tok_s", "prefill_128_tok_s", "prefill_512_tok_s")
+
+
+def ratios(runs: list[dict], probes: list[dict]) -> list[dict]:
+    """bitlm (fused) ÷ every peer row of the same round and thread count, per speed: the median
+    over rounds, the spread (min, max) and every round's value beside that round's read probes."""
+    out = []
+    by_round: dict[int, list[dict]] = {}
+    for r in runs:
+        by_round.setdefault(r.get("round", 0), []).append(r)
+    pairs: dict[tuple, list[tuple[int, float]]] = {}
+    for rnd, rs in by_round.items():
+        # peers decode after a short prompt: bitlm rows at a context depth are not compared
+        for a in (r for r in rs if r["engine"] == "bitlm" and not r.get("depth")):
+            for b in (r for r in rs if r["engine"] not in ("bitlm", "bitlm-perop") and r["threads"] == a["threads"]):
+                for k in RATIO_KEYS:
+                    if a.get(k) and b.get(k):
+                        key = (a["format"], f"{a['head']}, kv {a.get('kv', 'f16')}", b["engine"], b["format"], b["head"],
+                               a["threads"], k)
+                        pairs.setdefault(key, []).append((rnd, a[k] / b[k]))
+    for (fa, ha, eb, fb, hb, t, k), vals in pairs.items():
+        rs = [v for _, v in vals]
+        out.append({"bitlm": f"{fa}/{ha}", "peer": f"{eb} {fb}/{hb}", "threads": t, "metric": k,
+                    "median": _median(rs), "min": min(rs), "max": max(rs),
+                    "rounds": [{"round": rnd, "ratio": v,
+                                "probes_gb_s": next((p["probes_gb_s"].get(t) for p in probes if p["round"] == rnd),
+                                                    None)} for rnd, v in vals]})
+    return out
+
+
+def report(args, cpu: dict, info: dict, bw: dict, runs: list[dict], probes: list[dict], final: bool) -> None:
+    """The table, the ratios and the JSON of the rounds so far (written after every round, so
+    that an interrupted run keeps what it measured; the table is printed at the end only)."""
+    rows = aggregate(runs) if len(probes) > 1 else runs
+    rat = ratios(runs, probes)
+    out = {"cpu": cpu_model(), "cpu_identity": cpu, "kernels": info, "torch": torch.__version__,
+           "preset": args.preset, "bandwidth_gb_s": bw, "round_probes": probes, "rows": rows, "runs": runs,
+           "ratios": rat, "rounds": len(probes), "rounds_asked": args.rounds, "complete": final,
+           "loadavg_end": list(os.getloadavg()),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
+    if not final:
+        return
+    from cpu_info import describe
+
+    hdr = (f"{'engine':<13}{'fmt':<10}{'head':<8}{'kv':<5}{'depth':>6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
+           f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
+    print(f"\n{describe(cpu)}\nkernels: {info.get('backend')} {info.get('tier')} "
+          f"[{info.get('kernel_config', '')}]; load average at the end {os.getloadavg()}")
+    for rp in probes:
+        print(f"round {rp['round'] + 1} ({' → '.join(rp['order'])}): read probes "
+              + "; ".join(f"{t} thr " + " / ".join(f"{v:.1f}" for v in vs) + " GB/s" for t, vs in rp["probes_gb_s"].items())
+              + f"; load {rp['loadavg'][0][0]:.2f} → {rp['loadavg'][-1][0]:.2f}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        def g(k, fmt="{:.1f}", r=r):
+            return fmt.format(r[k]) if r.get(k) is not None else "-"
+        print(f"{r['engine']:<13}{r['format']:<10}{r['head']:<8}{r.get('kv') or '-':<5}{r.get('depth') or 0:>6}"
+              f"{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
+              f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
+              f"{g('pct_of_roofline', '{:.0f}'):>7}"
+              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"
+              f"{(r['peak_rss_bytes'] / 1e6 if r.get('peak_rss_bytes') else float('nan')):>9.0f}"
+              f"{(r['baseline_rss_bytes'] / 1e6 if r.get('baseline_rss_bytes') else float('nan')):>9.0f}"
+              f"{g('rss_over_file_plus_kv', '{:.3f}'):>22}")
+        if r.get("phases_ms_per_token"):
+            ph = r["phases_ms_per_token"]
+            print("    phases ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
+                  + f"; syncs/token {r['syncs_per_token']:.0f}")
+    if rat:
+        print("\nratios bitlm ÷ peer (median [min – max] over rounds; per round with its read probes, GB/s):")
+        for q in rat:
+            per = "; ".join(f"r{x['round'] + 1} {x['ratio']:.2f} ("
+                            + "/".join(f"{v:.0f}" for v in (x["probes_gb_s"] or [])) + ")" for x in q["rounds"])
+            print(f"  {q['bitlm']:<12} ÷ {q['peer']:<24} {q['threads']} thr {q['metric']:<18} "
+                  f"{q['median']:.2f} [{q['min']:.2f} – {q['max']:.2f}]   {per}")
+    print(f"\nJSON: {args.json}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
@@ -305,11 +457,20 @@ def main() -> int:
     ap.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (needs llama-cpp-python)")
     ap.add_argument("--llama-formats", default=None, help="llama.cpp weight types (default tq2_0,tq1_0)")
     ap.add_argument("--llama-heads", default=None, help="llama.cpp head types (default q8_0,f16)")
+    ap.add_argument("--ik-bench", default=None,
+                    help="also run ik_llama.cpp: its llama-bench executable (or $BITLM_IK_BENCH); IQ2_BN_R4 "
+                         "with a q8_0 head on the same random weights (benchmarks/bench_ik.py)")
+    ap.add_argument("--ik-reps", type=int, default=3, help="llama-bench -r for the ik_llama.cpp side")
     ap.add_argument("--per-op", action="store_true",
                     help="also time decode on the per-op path (BITLM_FUSED_DECODE=0: one torch/ctypes call per "
                          "projection, norm, RoPE, attention), the fused step's reference twin")
+    ap.add_argument("--phases", action="store_true",
+                    help="after the timed decode, decode as many tokens again with the fused step's per-phase "
+                         "timers on and report ms per token per phase (passes, waits, head, Python gap)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat every configuration (bitlm and llama.cpp interleaved) and report medians")
+                    help="repeat every configuration (engines interleaved, the first one alternating) and report "
+                         "medians, every ratio with its round-by-round spread, and read probes at the start, "
+                         "between engines and at the end of every round")
     ap.add_argument("--kv", default="f16", help="KV cache types, comma separated: f16 (the engine's default), f32, int8")
     ap.add_argument("--depth", default="0",
                     help="context depths to decode at, comma separated (e.g. 0,1024,4096): the cache holds this many "
@@ -323,55 +484,58 @@ def main() -> int:
     prefill = [int(x) for x in args.prefill.split(",") if x]
     if args._run:
         path, threads = args._run.rsplit(":", 1)
-        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, args._head_act, args.kv,
-                                 int(args.depth))))
+        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, args._head_act, args.phases,
+                                 args.kv, int(args.depth))))
         return 0
-
-    os.environ.setdefault("BITLM_BACKEND", "native")
-    from bitlm import kernels
-
     if args.head_gemv:
+        from bitlm import kernels
+        from cpu_info import cpu_identity, describe
+
         rows = head_gemv(args.preset, args.heads.split(","), [int(t) for t in args.threads.split(",")])
-        print(f"{cpu_model()} — kernels: {kernels.backend_info().get('tier')}")
+        print(f"{describe(cpu_identity())} — kernels: {kernels.backend_info().get('tier')}")
         for r in rows:
             print(f"head {r['head']:<7} threads {r['threads']}: {r['ms']:8.2f} ms  {r['bytes'] / 1e6:7.1f} MB  "
                   f"{r['gb_s']:6.1f} GB/s")
         return 0
 
-    info = kernels.backend_info()
-    threads = [int(t) for t in args.threads.split(",")]
-    bw = {t: measure_bandwidth(t) for t in threads}
-    runs: list[dict] = []
-    for rnd in range(args.rounds):
-        if args.rounds > 1:
-            print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        runs += bitlm_rows(args, threads, bw)
-        if args.llama_cpp:
-            runs += llama_cpp_rows(args, threads)
-    rows = aggregate(runs) if args.rounds > 1 else runs
+    from bench_ik import find_llama_bench
+    from cpu_info import cpu_identity
 
-    hdr = (f"{'engine':<12}{'fmt':<7}{'head':<8}{'kv':<5}{'depth':>6}{'thr':>4}{'pp128':>9}{'pp512':>9}{'decode':>9}{'GB/s':>6}{'roof%':>7}"
-           f"{'MB/tok':>9}{'RSS MB':>9}{'base MB':>9}{'(RSS-base)/(file+kv)':>22}")
-    print(f"\n{cpu_model()} — kernels: {info.get('backend')} {info.get('tier')}; bandwidth "
-          + ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        def g(k, fmt="{:.1f}", r=r):
-            return fmt.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['engine']:<12}{r['format']:<7}{r['head']:<8}{r.get('kv', '-'):<5}{r.get('depth', 0):>6}"
-              f"{r['threads']:>4}{g('prefill_128_tok_s'):>9}"
-              f"{g('prefill_512_tok_s'):>9}{g('decode_tok_s'):>9}{g('bandwidth_gb_s', '{:.0f}'):>6}"
-              f"{g('pct_of_roofline', '{:.0f}'):>7}"
-              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>9.1f}"
-              f"{(r['peak_rss_bytes'] / 1e6 if r.get('peak_rss_bytes') else float('nan')):>9.0f}"
-              f"{(r['baseline_rss_bytes'] / 1e6 if r.get('baseline_rss_bytes') else float('nan')):>9.0f}"
-              f"{g('rss_over_file_plus_kv', '{:.3f}'):>22}")
-    out = {"cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "preset": args.preset,
-           "bandwidth_gb_s": bw, "rows": rows, "rounds": args.rounds, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
+    args.ik_bench_path = find_llama_bench(args.ik_bench)
+    os.environ.setdefault("BITLM_BACKEND", "native")
+    from bitlm import kernels
+
+    info = kernels.backend_info()
+    cpu = cpu_identity()
+    threads = [int(t) for t in args.threads.split(",")]
+    sides = [("bitlm", lambda bw: bitlm_rows(args, threads, bw))]
+    if args.llama_cpp:
+        sides.append(("llama.cpp", lambda bw: llama_cpp_rows(args, threads)))
+    if args.ik_bench_path:
+        sides.append(("ik_llama.cpp", lambda bw: ik_rows(args, threads, bw)))
+    runs: list[dict] = []
+    probes: list[dict] = []
+    bw: dict[int, float] = {}
+    for rnd in range(args.rounds):
+        order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]  # who goes first alternates
+        print(f"round {rnd + 1}/{args.rounds}: {', '.join(n for n, _ in order)}; load {os.getloadavg()}",
+              file=sys.stderr, flush=True)
+        rp = {"round": rnd, "order": [n for n, _ in order], "probes_gb_s": {t: [] for t in threads},
+              "loadavg": [list(os.getloadavg())]}
+        for _name, side in order:
+            for t in threads:
+                rp["probes_gb_s"][t].append(measure_bandwidth(t))
+            bw = {t: rp["probes_gb_s"][t][-1] for t in threads}
+            for r in side(bw):
+                r["round"] = rnd
+                runs.append(r)
+            rp["loadavg"].append(list(os.getloadavg()))
+        for t in threads:
+            rp["probes_gb_s"][t].append(measure_bandwidth(t))
+        probes.append(rp)
+        if rnd + 1 < args.rounds:
+            report(args, cpu, info, bw, runs, probes, final=False)
+    report(args, cpu, info, bw, runs, probes, final=True)
     return 0
 
 

@@ -50,8 +50,10 @@ import torch.nn.functional as F
 
 from bitlm import kernels
 from bitlm.info import cpu_model
+from bitlm.io.atomic import atomic_write_text
 from bitlm.kernels import native
 from bitlm.packing import PackedWeight, get_format, pack_weight
+from cpu_info import cpu_identity, describe  # benchmarks/cpu_info.py
 
 SHAPES = ((2560, 2560), (6912, 2560), (2560, 6912))  # (N, K): q/o, gate/up, down of 2B4T
 FORMATS = ("i2", "t1", "b1")
@@ -244,6 +246,34 @@ def gemm_rows(threads: int, reps: int, shapes, ms) -> list[dict]:
     return rows
 
 
+def small_m_rows(threads: int, reps: int, shapes, ms=(1, 2, 4, 8)) -> list[dict]:
+    """Serving's batched decode: M = 1..8 tokens against cold weights (the rotation streams
+    COLD_BYTES per round from DRAM), time per call and its ratio to M = 1 of the same shape.
+    The path M > 1 takes (one M-token block, or the large-M loop) is fixed per process by
+    BITLM_GEMM_SMALL_M: run once with it unset and once with =0 to compare."""
+    set_threads(threads)
+    rows = []
+    for n, k in shapes:
+        for fmt in ("i2", "t1"):
+            ws = rotation(random_packed(fmt, n, k))
+            t1 = None
+            for m in ms:
+                xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+                a = torch.rand(m) + 0.5
+
+                def run(xq=xq, a=a, ws=ws):
+                    for w in ws:
+                        native.matmul(xq, a, w)
+
+                t = timeit(run, reps)["median"] / len(ws)
+                t1 = t if m == 1 else t1
+                rows.append({"threads": threads, "fmt": fmt, "M": m, "N": n, "K": k, "ms": t * 1e3,
+                             "x_M1": t / t1, "GMACps": m * n * k / t / 1e9})
+                print(f"  small-M {threads}t {fmt} M={m} {n}x{k}: {t * 1e3:.3f} ms ({t / t1:.2f}x M=1)",
+                      file=sys.stderr)
+    return rows
+
+
 # ---- int8 / bf16 output head ---------------------------------------------------------------------
 
 
@@ -285,7 +315,8 @@ def call_overhead_us(reps: int) -> float:
 
 def print_tables(res: dict) -> None:
     e = res["env"]
-    print(f"\n# bitlm kernel benchmark — {e['cpu']} — tier {e['tier']} — torch {e['torch']}")
+    print(f"\n# bitlm kernel benchmark — {describe(e['cpu_identity']) if 'cpu_identity' in e else e['cpu']} — "
+          f"torch {e['torch']}\n# kernel choices: {e.get('kernel_config')}")
     print(f"# load average before/after: {e['loadavg_before']} / {e.get('loadavg_after')}; "
           f"python->C call overhead {res['call_overhead_us']:.1f} us\n")
     print("| threads | read GB/s | copy GB/s (r+w) | numpy copy GB/s |")
@@ -330,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one shape, small buffers: a smoke test")
     ap.add_argument("--variants", action="store_true", help="also time the activation variants (a4.8, v2)")
     ap.add_argument("--variants-only", action="store_true", help="time only the activation variants")
+    ap.add_argument("--small-m", action="store_true",
+                    help="only the small-M GEMM table (M = 1, 2, 4, 8, cold weights; compare runs with "
+                         "BITLM_GEMM_SMALL_M unset and =0)")
     args = ap.parse_args(argv)
 
     if native.load() is None:
@@ -348,9 +382,21 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_model(), "tier": info["tier"], "cpu_flags": info["cpu_flags"], "build": info["build"],
         "torch": torch.__version__, "python": platform.python_version(), "threads": threads,
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_identity": cpu_identity(), "kernel_config": info.get("kernel_config"),
     }}
     if args.variants_only:
         return variants_main(res, threads, args)
+    if args.small_m:
+        res["small_m"] = [r for t in threads for r in small_m_rows(t, args.reps, [(2 * 6912, 2560), (2560, 6912)])]
+        res["env"]["loadavg_after"] = os.getloadavg()
+        print(f"\n# small-M GEMM — {describe(res['env']['cpu_identity'])}\n# {res['env']['kernel_config']}; "
+              f"load {res['env']['loadavg_before']} -> {res['env']['loadavg_after']}")
+        for r in res["small_m"]:
+            print(f"{r['threads']} thr {r['fmt']} {r['N']}x{r['K']} M={r['M']}: {r['ms']:.3f} ms, {r['x_M1']:.2f}x M=1")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(res, indent=1))
+        return 0
     res["call_overhead_us"] = call_overhead_us(args.reps)
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
     read_bw = {b["threads"]: (b["read_GBps"], b["read_best_GBps"]) for b in res["bandwidth"]}
@@ -366,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print_variants(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    atomic_write_text(out, json.dumps(res, indent=1))
     print(f"\nwrote {out}")
     return 0
 

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 5
+#define BITLM_ABI_VERSION 6
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -90,6 +90,11 @@ BITLM_API const char *bitlm_tier_name(int tier); /* "generic", "avx2", "avx512",
 BITLM_API const char *bitlm_tier_note(void);     /* why the current tier was chosen */
 BITLM_API const char *bitlm_cpu_flags(void);     /* space separated features detected */
 BITLM_API const char *bitlm_build_info(void);    /* compiler + which tiers were compiled */
+/* The CPU as cpuid names it (vendor, family/model/stepping), the cache sizes found and the
+ * blocking / path choices made from them and the environment (BITLM_GEMM_XBLOCK: activation
+ * block bytes of the GEMM; BITLM_GEMM_SMALL_M: largest M run as one register block, 0 = off),
+ * as space-separated key=value pairs. */
+BITLM_API const char *bitlm_kernel_config(void);
 
 /* ---- thread pool ---------------------------------------------------------------------------- */
 /* Default: env BITLM_NUM_THREADS, else the number of CPUs this process may run on. */
@@ -253,6 +258,14 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
 /* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
  * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */
 BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales);
+/* Per-phase timers of bitlm_decode_step, for profiling (off by default; when on, each block
+ * reads the clock ~15 times).  Copies up to n accumulated values into out (may be NULL): the
+ * seconds spent in each phase, the synchronisations (parallel jobs) and the calls profiled, in
+ * the order bitlm_decode_profile_names() lists, comma separated.  Then enable = 1 resets them and
+ * starts profiling, 0 stops, any other value leaves it as is.  Returns the number of values.
+ * Not thread safe: profile one decoder at a time. */
+BITLM_API int bitlm_decode_profile(int enable, double *out, int n);
+BITLM_API const char *bitlm_decode_profile_names(void);
 
 /* ---- memory bandwidth probe ------------------------------------------------------------------- */
 /* Reads n bytes (n multiple of 64, buf 64-byte aligned) with the current tier's widest loads on

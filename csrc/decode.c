@@ -182,6 +182,11 @@ static void attn_run(void *ctx, int64_t b, int64_t e) {
     }
 }
 
+/* Threads for the attention pass over H heads of T cached positions. */
+static int attn_threads(int64_t H, int64_t T, int64_t D) {
+    return bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD);
+}
+
 /* y = x*cos + rotate_half(x)*sin for nh heads of D values, in place (torch's apply_rope). */
 static void rope(float *v, int64_t nh, int64_t D, const float *cos, const float *sin) {
     const int64_t h2 = D / 2;
@@ -212,6 +217,54 @@ static inline float relu_f(float v) {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+/* ---- per-phase profile (bitlm_decode_profile) ---------------------------------------------- */
+
+enum {
+    PH_NORM_QUANT, /* the four RMSNorm + quantise calls per block (caller thread) */
+    PH_QKV,        /* the q/k/v pass (caller's share + waiting for the workers) */
+    PH_ROPE_KV,    /* RoPE of q and k, KV-cache writes */
+    PH_ATTN,       /* attention over the cache (one pass over the heads) */
+    PH_O,          /* the o pass */
+    PH_UP,         /* the gate/up pass */
+    PH_DOWN,       /* the down pass */
+    PH_VECTOR,     /* residual adds, the gated activation */
+    PH_OTHER,      /* set-up: scratch, pass plans */
+    PH_STEP,       /* the whole call */
+    PH_WAIT,       /* inside the passes above: the caller waiting for workers after its own share */
+    PH_JOBS,       /* parallel jobs started (synchronisations) */
+    PH_STEPS,      /* calls profiled */
+    PH_N
+};
+static const char *const g_ph_names =
+    "norm_quant,qkv,rope_kv,attn,o,up,down,vector,other,step,pool_wait,jobs,steps";
+static double g_ph[PH_N];
+
+BITLM_API const char *bitlm_decode_profile_names(void) { return g_ph_names; }
+
+BITLM_API int bitlm_decode_profile(int enable, double *out, int n) {
+    if (out)
+        for (int i = 0; i < n && i < PH_N; i++) out[i] = g_ph[i];
+    if (enable == 1) {
+        memset(g_ph, 0, sizeof g_ph);
+        bitlm_prof_wait_s = 0.0;
+        bitlm_prof_jobs = 0.0;
+        bitlm_prof_on = 1;
+    } else if (enable == 0) {
+        bitlm_prof_on = 0;
+    }
+    return PH_N;
+}
+
+/* Adds the time since *t to phase ph and restarts *t (profiling only). */
+#define LAP(ph)                                                                                                        \
+    do {                                                                                                               \
+        if (prof) {                                                                                                    \
+            const double t2_ = bitlm_now_s();                                                                          \
+            g_ph[ph] += t2_ - t_lap;                                                                                   \
+            t_lap = t2_;                                                                                               \
+        }                                                                                                              \
+    } while (0)
+
 /* ---- the step ------------------------------------------------------------------------------ */
 
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
@@ -219,6 +272,9 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     int64_t gmax = 1;
     if (!d || !x || !cos || !sin || !decoder_ok(d, &gmax) || pos < 0 || pos >= d->max_len) return BITLM_EINVAL;
     const bitlm_kernel_table *tab = bitlm_active_table();
+    const int prof = bitlm_prof_on;
+    const double t_start = prof ? bitlm_now_s() : 0.0, wait0 = bitlm_prof_wait_s, jobs0 = bitlm_prof_jobs;
+    double t_lap = t_start;
     const int64_t dm = d->d_model, H = d->n_heads, Hkv = d->kv_heads, D = d->head_dim, F = d->ffn_dim;
     const int64_t hd = H * D, kvd = Hkv * D, T = pos + 1;
     int64_t kmax = dm > hd ? dm : hd;
@@ -259,13 +315,16 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         } else {
             memset(&pl_next, 0, sizeof pl_next);
         }
+        LAP(PH_OTHER);
         /* attention */
         xsum = quantize(tab, x, dm, b->input_norm, d->eps, xq, &a);
         float *yq = y, *yk = y + hd, *yv = y + hd + kvd;
         prepare(&ps[0], &b->q, xq, &xsum, a, f, yq);
         prepare(&ps[1], &b->k, xq, &xsum, a, f + gmax, yk);
         prepare(&ps[2], &b->v, xq, &xsum, a, f + 2 * gmax, yv);
+        LAP(PH_NORM_QUANT);
         run_linears(tab, 3, ps, &pl_qkv, &pl_o);
+        LAP(PH_QKV);
         rope(yq, H, D, cos, sin);
         rope(yk, Hkv, D, cos, sin);
         const int kvt = (int)d->kv_type;
@@ -274,22 +333,29 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
             bitlm_kv_store(kvt, b->k_cache, ksc, h * d->max_len + pos, yk + h * D, D);
             bitlm_kv_store(kvt, b->v_cache, vsc, h * d->max_len + pos, yv + h * D, D);
         }
-        const int attn_threads = bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD);
+        LAP(PH_ROPE_KV);
+        const int nthr = attn_threads(H, T, D);
         if (kvt == BITLM_KV_F32) {
             attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
-            bitlm_parallel_for_then(H, 1, attn_threads, attn_run, &at, next_share, &pl_o);
+            bitlm_parallel_for_then(H, 1, nthr, attn_run, &at, next_share, &pl_o);
         } else {
             bitlm_kv_attn_task at = {kvt, yq, b->k_cache, b->v_cache, ksc, vsc, T, D, H / Hkv, d->max_len, scale, scores, att};
-            bitlm_parallel_for_then(H, 1, attn_threads, bitlm_kv_attn_run, &at, next_share, &pl_o);
+            bitlm_parallel_for_then(H, 1, nthr, bitlm_kv_attn_run, &at, next_share, &pl_o);
         }
+        LAP(PH_ATTN);
         xsum = quantize(tab, att, hd, b->attn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->o, xq, &xsum, a, f, y);
+        LAP(PH_NORM_QUANT);
         run_linears(tab, 1, ps, &pl_o, &pl_up);
+        LAP(PH_O);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
+        LAP(PH_VECTOR);
         /* feed-forward: gate rows, then up rows, in one product */
         xsum = quantize(tab, x, dm, b->post_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->up, xq, &xsum, a, f, y);
+        LAP(PH_NORM_QUANT);
         run_linears(tab, 1, ps, &pl_up, &pl_down);
+        LAP(PH_UP);
         if (d->act == BITLM_ACT_RELU2_GLU) {
             for (int64_t j = 0; j < F; j++) {
                 const float g = relu_f(y[j]);
@@ -298,11 +364,22 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         } else {
             for (int64_t j = 0; j < F; j++) hb[j] = (y[j] / (1.0f + expf(-y[j]))) * y[F + j];
         }
+        LAP(PH_VECTOR);
         xsum = quantize(tab, hb, F, b->ffn_sub_norm, d->eps, xq, &a);
         prepare(&ps[0], &b->down, xq, &xsum, a, f, y);
+        LAP(PH_NORM_QUANT);
         run_linears(tab, 1, ps, &pl_down, &pl_next);
+        LAP(PH_DOWN);
         for (int64_t j = 0; j < dm; j++) x[j] = x[j] + y[j];
+        LAP(PH_VECTOR);
     }
     free(mem);
+    if (prof) {
+        LAP(PH_OTHER);
+        g_ph[PH_STEP] += bitlm_now_s() - t_start;
+        g_ph[PH_WAIT] += bitlm_prof_wait_s - wait0;
+        g_ph[PH_JOBS] += bitlm_prof_jobs - jobs0;
+        g_ph[PH_STEPS] += 1.0;
+    }
     return 0;
 }

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -47,7 +48,79 @@ static void append_flag(const char *f) {
     snprintf(g_flags + len, sizeof g_flags - len, "%s%s", len ? " " : "", f);
 }
 
+/* ---- CPU identity, caches, blocking choices ------------------------------------------------- */
+
+static char g_vendor[13];
+static unsigned g_family, g_model, g_stepping;
+static bitlm_kernel_cfg g_cfg;
+static char g_config[512];
+
+static void detect_identity(void) {
+#ifdef BITLM_X86
+    unsigned a, b, c, d;
+    if (__get_cpuid(0, &a, &b, &c, &d)) {
+        memcpy(g_vendor, &b, 4);
+        memcpy(g_vendor + 4, &d, 4);
+        memcpy(g_vendor + 8, &c, 4);
+        g_vendor[12] = 0;
+    }
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        const unsigned base_fam = (a >> 8) & 0xf, ext_fam = (a >> 20) & 0xff;
+        const unsigned base_model = (a >> 4) & 0xf, ext_model = (a >> 16) & 0xf;
+        g_family = base_fam == 0xf ? base_fam + ext_fam : base_fam;
+        g_model = (base_fam == 0x6 || base_fam == 0xf) ? (ext_model << 4) | base_model : base_model;
+        g_stepping = a & 0xf;
+    }
+#endif
+}
+
+/* A positive byte count from the environment (suffix K or M allowed), else dflt. */
+static int64_t env_bytes(const char *name, int64_t dflt) {
+    const char *e = getenv(name);
+    if (!e || !*e) return dflt;
+    char *end = NULL;
+    long long v = strtoll(e, &end, 10);
+    if (end && (*end == 'k' || *end == 'K')) v <<= 10;
+    if (end && (*end == 'm' || *end == 'M')) v <<= 20;
+    return v >= 0 ? (int64_t)v : dflt;
+}
+
+/* The GEMM's activation block: a quarter of the per-core L2 (the weights of the tile pairs
+ * stream through the rest), at least 128 KB, at most 1 MB.  The 256 KB this replaces was
+ * tuned on a 1 MB-L2 Zen 5; Intel server cores have 2 MB. */
+static void detect_caches(void) {
+    long l1 = -1, l2 = -1, l3 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    g_cfg.l1d_bytes = l1 > 0 ? l1 : 0;
+    g_cfg.l2_bytes = l2 > 0 ? l2 : 0;
+    g_cfg.l3_bytes = l3 > 0 ? l3 : 0;
+    int64_t xb = g_cfg.l2_bytes ? g_cfg.l2_bytes / 4 : 256 * 1024;
+    xb = xb < 128 * 1024 ? 128 * 1024 : xb > 1024 * 1024 ? 1024 * 1024 : xb;
+    g_cfg.x_block_bytes = env_bytes("BITLM_GEMM_XBLOCK", xb);
+    if (g_cfg.x_block_bytes < 4096) g_cfg.x_block_bytes = 4096;
+    int64_t sm = env_bytes("BITLM_GEMM_SMALL_M", 8);
+    g_cfg.small_m_max = sm > 8 ? 8 : sm;
+    /* GEMV tile streams per thread: one sequential stream was fastest on Zen 5 (see
+     * x86_avx512.c); on the Intel Xeon of 2026-12-02 two tiles at once decoded 13-15 % faster
+     * (docs/performance.md).  Chosen by vendor until more parts are measured. */
+    const int64_t gs_default = strcmp(g_vendor, "GenuineIntel") == 0 ? 2 : 1;
+    g_cfg.gemv_streams = env_bytes("BITLM_GEMV_STREAMS", gs_default) == 2 ? 2 : 1;
+}
+
+static void init_once(void);
+
+const bitlm_kernel_cfg *bitlm_cfg(void) {
+    pthread_once(&g_once, init_once);
+    return &g_cfg;
+}
+
 static void detect(void) {
+    detect_identity();
+    detect_caches();
     g_supported[BITLM_TIER_GENERIC] = 1;
     g_tables[BITLM_TIER_GENERIC] = &bitlm_generic_table;
 #ifdef BITLM_X86
@@ -134,6 +207,19 @@ static void init_once(void) {
     }
     g_tier = tier;
     atomic_store(&g_active, g_tables[tier]);
+}
+
+BITLM_API const char *bitlm_kernel_config(void) {
+    pthread_once(&g_once, init_once);
+    pthread_mutex_lock(&g_tier_mu);
+    snprintf(g_config, sizeof g_config,
+             "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
+             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld",
+             g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
+             (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
+             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams);
+    pthread_mutex_unlock(&g_tier_mu);
+    return g_config;
 }
 
 static const bitlm_kernel_table *active(void) {

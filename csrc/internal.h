@@ -29,7 +29,20 @@ typedef struct bitlm_problem {
     const float *f;       /* (M, groups) epilogue factors s[g] / a[m] */
     int64_t groups, rows_per_group;
     const float *bias;    /* (N,) or NULL */
+    int64_t x_block_bytes; /* GEMM: activation rows per outer block x Kp stay under this (L2 based) */
+    int64_t small_m_max;   /* GEMM: M up to this runs as one M-token register block (0: off) */
+    int64_t gemv_streams;  /* GEMV (avx512, i2/b1): tiles read at once, 1 or 2 */
 } bitlm_problem;
+
+/* Blocking and path choices, fixed once per process (dispatch.c, from the measured cache sizes
+ * and the BITLM_GEMM_* environment; bitlm_kernel_config() reports them). */
+typedef struct {
+    int64_t l1d_bytes, l2_bytes, l3_bytes; /* per core (l3: the whole cache), 0 if unknown */
+    int64_t x_block_bytes;
+    int64_t small_m_max;
+    int64_t gemv_streams;
+} bitlm_kernel_cfg;
+BITLM_HIDDEN const bitlm_kernel_cfg *bitlm_cfg(void);
 
 typedef void (*bitlm_mm_fn)(const bitlm_problem *p, int64_t t0, int64_t t1);
 /* One row of the fused RMSNorm + absmax quantiser (semantics in bitlm_kernels.h). */
@@ -132,6 +145,14 @@ static inline int64_t bitlm_share_begin(int64_t nunits, int i, int nt) { return 
  * the job starts; the worker prefetches while the caller goes on alone (the serial work
  * between two products of a decode step), and stops as soon as a new job is published. */
 typedef void (*bitlm_plan_fn)(void *ctx, int i, int nt, const void **p, size_t *len);
+/* Profiling of the decode step (bitlm_decode_profile): while bitlm_prof_on is set, the pool adds
+ * the time its caller spends waiting for the workers after running out of units of its own
+ * (their wake-up, imbalance, a descheduled worker) to bitlm_prof_wait_s, and the number of
+ * parallel jobs it started to bitlm_prof_jobs.  Caller-thread only: no atomics needed. */
+BITLM_HIDDEN extern int bitlm_prof_on;
+BITLM_HIDDEN extern double bitlm_prof_wait_s;
+BITLM_HIDDEN extern double bitlm_prof_jobs;
+BITLM_HIDDEN double bitlm_now_s(void);
 /* bitlm_parallel_for, then each worker prefetches what plan names for it. */
 BITLM_HIDDEN void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx,
                                           bitlm_plan_fn plan, void *plan_ctx);
@@ -182,6 +203,9 @@ static inline void bitlm_problem_init(bitlm_problem *p, int fmt, int64_t m, int6
     p->groups = groups < 1 ? 1 : groups;
     p->rows_per_group = n / p->groups;
     p->bias = bias;
+    p->x_block_bytes = bitlm_cfg()->x_block_bytes;
+    p->small_m_max = bitlm_cfg()->small_m_max;
+    p->gemv_streams = bitlm_cfg()->gemv_streams;
 }
 
 /* Scalar epilogue for one (token m, tile t) pair: raw[r] = sum_k code*x (i2, t1) or

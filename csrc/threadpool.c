@@ -22,6 +22,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -89,6 +90,15 @@ static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 #ifndef WS_DIV
 #define WS_DIV 2
 #endif
+
+int bitlm_prof_on = 0;
+double bitlm_prof_wait_s = 0.0, bitlm_prof_jobs = 0.0;
+
+double bitlm_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static void run_units(uint32_t u0, uint32_t u1) {
     const int64_t b = (int64_t)u0 * g_pool.grain;
@@ -288,11 +298,17 @@ void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_ta
     if (g_pool.sleepers) pthread_cond_broadcast(&g_pool.cv);
     pthread_mutex_unlock(&g_pool.mu);
     work(0);
+    const int prof = bitlm_prof_on;
+    const double tw = prof ? bitlm_now_s() : 0.0;
     for (unsigned s = 0; atomic_load(&g_pool.done) < nunits; s++) {
         if (s < 20000)
             CPU_RELAX();
         else
             sched_yield(); /* a worker holding a claim was descheduled */
+    }
+    if (prof) {
+        bitlm_prof_wait_s += bitlm_now_s() - tw;
+        bitlm_prof_jobs += 1.0;
     }
     pthread_mutex_unlock(&g_call_mu);
 }

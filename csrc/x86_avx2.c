@@ -118,7 +118,8 @@ ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
 
 /* ---- GEMM: one tile x MT tokens (2*MT accumulators of the 16 ymm) ------------------------------ */
 
-ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int MT, int64_t t, int64_t m0) {
+/* pf: prefetch the weight stream GEMV_PREFETCH bytes ahead (small M, see x86_avx512.c). */
+ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int MT, int64_t t, int64_t m0, const int pf) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
     const int64_t kp = p->Kp;
@@ -128,6 +129,7 @@ ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int M
     const int8_t *x = p->x + m0 * kp;
     for (int64_t ch = 0; ch < p->nchunks; ch++) {
         __m256i st[2];
+        if (pf) _mm_prefetch((const char *)wt + ch * 64 + GEMV_PREFETCH, _MM_HINT_T0);
         for (int h = 0; h < 2; h++) st[h] = chunk_half(fmt, wt + ch * 64, h);
 #pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
@@ -149,17 +151,30 @@ ALWAYS_INLINE void mm_any(const bitlm_problem *p, const int fmt, int64_t t0, int
         return;
     }
     /* activation rows per outer block: keep MB x Kp bytes in L2 (see x86_avx512.c) */
-    int64_t mb = (256 * 1024) / p->Kp;
+    int64_t mb = p->x_block_bytes / p->Kp;
     mb = mb < 4 ? 4 : mb - mb % 4;
+    if (p->M <= p->small_m_max) { /* small M: the weight stream is what the blocks wait for */
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t m0 = 0;
+            for (; m0 + 4 <= p->M; m0 += 4) gemm_block(p, fmt, 4, t, m0, 1);
+            switch (p->M - m0) {
+            case 3: gemm_block(p, fmt, 3, t, m0, 1); break;
+            case 2: gemm_block(p, fmt, 2, t, m0, 1); break;
+            case 1: gemm_block(p, fmt, 1, t, m0, 1); break;
+            default: break;
+            }
+        }
+        return;
+    }
     for (int64_t mb0 = 0; mb0 < p->M; mb0 += mb) {
         const int64_t mb1 = mb0 + mb < p->M ? mb0 + mb : p->M;
         for (int64_t t = t0; t < t1; t++) {
             int64_t m0 = mb0;
-            for (; m0 + 4 <= mb1; m0 += 4) gemm_block(p, fmt, 4, t, m0);
+            for (; m0 + 4 <= mb1; m0 += 4) gemm_block(p, fmt, 4, t, m0, 0);
             switch (mb1 - m0) {
-            case 3: gemm_block(p, fmt, 3, t, m0); break;
-            case 2: gemm_block(p, fmt, 2, t, m0); break;
-            case 1: gemm_block(p, fmt, 1, t, m0); break;
+            case 3: gemm_block(p, fmt, 3, t, m0, 0); break;
+            case 2: gemm_block(p, fmt, 2, t, m0, 0); break;
+            case 1: gemm_block(p, fmt, 1, t, m0, 0); break;
             default: break;
             }
         }

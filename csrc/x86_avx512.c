@@ -151,6 +151,32 @@ ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     store_tile(p, fmt, 0, t, s);
 }
 
+/* Two tiles' streams at once (i2 / b1; BITLM_GEMV_STREAMS=2, an experiment): tile t's quads go
+ * to accumulators 0-3 (b1: 0-7 fold into 0-3), tile t+1's to 4-7; exact integer sums, so the
+ * same bits as gemv_tile. */
+ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t) {
+    const consts_t c = make_consts();
+    const int bk = 4 * QPC(fmt);
+    __m512i acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_si512();
+    const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
+    const int8_t *x = p->x;
+    for (int64_t ch = 0; ch < p->nchunks; ch++) {
+        _mm_prefetch((const char *)w0 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+        _mm_prefetch((const char *)w1 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+        __m512i s0 = chunk_load(fmt, w0 + ch * 64), s1 = chunk_load(fmt, w1 + ch * 64);
+#pragma GCC unroll 8
+        for (int qd = 0; qd < 8; qd++) {
+            if (qd >= QPC(fmt)) break;
+            const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + ch * bk + 4 * qd));
+            acc[qd & 3] = _mm512_dpbusd_epi32(acc[qd & 3], unpack_quad(fmt, &s0, w0 + ch * 64, qd, &c), xb);
+            acc[4 + (qd & 3)] = _mm512_dpbusd_epi32(acc[4 + (qd & 3)], unpack_quad(fmt, &s1, w1 + ch * 64, qd, &c), xb);
+        }
+    }
+    store_tile(p, fmt, 0, t, _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])));
+    store_tile(p, fmt, 0, t + 1, _mm512_add_epi32(_mm512_add_epi32(acc[4], acc[5]), _mm512_add_epi32(acc[6], acc[7])));
+}
+
 /* t1 GEMV without extracting digits.  With m_0 = byte and m_{i+1} = 3 m_i mod 256, each digit
  * is d_i = (3 m_i - m_{i+1}) / 256 exactly, so
  *     256 * sum_i d_i x_i = 3 * sum_i m_i x_i - sum_i m_{i+1} x_i = 3A - B,
@@ -210,7 +236,10 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
         for (int64_t t = t0; t < t1; t++) gemv_tile_t1(p, t);
         return;
     }
-    for (int64_t t = t0; t < t1; t++) gemv_tile(p, fmt, t);
+    int64_t t = t0;
+    if (p->gemv_streams == 2)
+        for (; t + 2 <= t1; t += 2) gemv_tile2(p, fmt, t);
+    for (; t < t1; t++) gemv_tile(p, fmt, t);
 }
 
 /* ---- GEMM: M > 1 ---------------------------------------------------------------------------- */
@@ -222,11 +251,15 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
 #define JG 2
 #define MT_MAX(fmt) 6
 
-ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0) {
+/* J tiles x MT tokens (MT <= 8; 6 in the large-M loop).  pf: prefetch the weight stream
+ * GEMV_PREFETCH bytes ahead, as the GEMV does (the small-M path, where the block runs at about
+ * the speed memory delivers the weights). */
+ALWAYS_INLINE void gemm_block_pf(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0,
+                                 const int pf) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
     const int64_t kp = p->Kp;
-    __m512i acc[JG][6];
+    __m512i acc[JG][8];
     const uint8_t *wt[JG];
     for (int j = 0; j < J; j++) {
         wt[j] = p->w + (t + j) * p->tile_bytes;
@@ -235,13 +268,16 @@ ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J
     const int8_t *x = p->x + m0 * kp;
     for (int64_t ch = 0; ch < p->nchunks; ch++) {
         __m512i st[JG];
-        for (int j = 0; j < J; j++) st[j] = chunk_load(fmt, wt[j] + ch * 64);
+        for (int j = 0; j < J; j++) {
+            if (pf) _mm_prefetch((const char *)wt[j] + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+            st[j] = chunk_load(fmt, wt[j] + ch * 64);
+        }
 #pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
             if (qd >= QPC(fmt)) break;
             __m512i w[JG];
             for (int j = 0; j < J; j++) w[j] = unpack_quad(fmt, &st[j], wt[j] + ch * 64, qd, &c);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
             for (int mi = 0; mi < MT; mi++) {
                 const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + mi * kp + ch * bk + 4 * qd));
                 for (int j = 0; j < J; j++) acc[j][mi] = _mm512_dpbusd_epi32(acc[j][mi], w[j], xb);
@@ -252,6 +288,27 @@ ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J
         for (int mi = 0; mi < MT; mi++) store_tile(p, fmt, m0 + mi, t + j, acc[j][mi]);
 }
 
+ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0) {
+    gemm_block_pf(p, fmt, J, MT, t, m0, 0);
+}
+
+/* Small M (2..small_m_max <= 8 tokens: serving's batched decode).  The large-M loop would cut
+ * M = 8 into blocks of 6 and 2, unpacking every weight twice, and read the weights without
+ * software prefetch; at this M the work per weight byte is small enough that the weight stream
+ * from DRAM is what the block waits for.  Here: one block of all M tokens per tile pair (each
+ * weight unpacked once), a prefetch burst at the start of the range and the GEMV's prefetch
+ * distance inside it.  Same accumulators, same epilogue: the same bits as the large-M loop. */
+ALWAYS_INLINE void gemm_small_j(const bitlm_problem *p, const int fmt, const int J, int64_t t) {
+    switch (p->M) {
+    case 2: gemm_block_pf(p, fmt, J, 2, t, 0, 1); break;
+    case 3: gemm_block_pf(p, fmt, J, 3, t, 0, 1); break;
+    case 4: gemm_block_pf(p, fmt, J, 4, t, 0, 1); break;
+    case 5: gemm_block_pf(p, fmt, J, 5, t, 0, 1); break;
+    case 6: gemm_block_pf(p, fmt, J, 6, t, 0, 1); break;
+    case 7: gemm_block_pf(p, fmt, J, 7, t, 0, 1); break;
+    default: gemm_block_pf(p, fmt, J, 8, t, 0, 1); break;
+    }
+}
 
 /* Tokens [m0, m1) against tiles t (and t+1 when J = 2). */
 ALWAYS_INLINE void gemm_tiles(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0, int64_t m1) {
@@ -272,17 +329,24 @@ ALWAYS_INLINE void gemm_tiles(const bitlm_problem *p, const int fmt, const int J
     }
 }
 
-/* Activation rows per outer block: keep the block (MB x Kp bytes) inside L2 while every tile
- * pair of this thread's range streams past it (measured: M = 512 at K = 2560, 1.3 MB of
- * activations, ran at half the speed of M = 128 without this). */
-#define GEMM_X_BLOCK_BYTES (256 * 1024)
+/* Activation rows per outer block: keep the block (MB x Kp bytes, p->x_block_bytes: a quarter
+ * of the per-core L2, see dispatch.c) inside L2 while every tile pair of this thread's range
+ * streams past it (measured: M = 512 at K = 2560, 1.3 MB of activations, ran at half the speed
+ * of M = 128 without this). */
 
 ALWAYS_INLINE void mm_any(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
     if (p->M == 1) {
         gemv(p, fmt, t0, t1);
         return;
     }
-    int64_t mb = GEMM_X_BLOCK_BYTES / p->Kp;
+    if (p->M <= p->small_m_max && p->M <= 8) {
+        prefetch_start(p, t0, t1);
+        int64_t t = t0;
+        for (; t + JG <= t1; t += JG) gemm_small_j(p, fmt, JG, t);
+        if (t < t1) gemm_small_j(p, fmt, 1, t);
+        return;
+    }
+    int64_t mb = p->x_block_bytes / p->Kp;
     mb = mb < MT_MAX(fmt) ? MT_MAX(fmt) : mb - mb % MT_MAX(fmt);
     for (int64_t m0 = 0; m0 < p->M; m0 += mb) {
         const int64_t m1 = m0 + mb < p->M ? m0 + mb : p->M;

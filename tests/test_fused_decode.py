@@ -128,3 +128,56 @@ def test_c_side_refuses_an_inconsistent_description():
     with pytest.raises(RuntimeError, match="invalid argument"):
         dec.step(x, 0, cos, cos)
     assert torch.equal(x, before)
+
+
+def test_decode_profile_counts_and_changes_nothing():
+    """The per-phase timers (bitlm_decode_profile): on, the step gives the same bits; every
+    profiled call is counted, the phases add up to at most the whole step, and at 2 threads the
+    synchronisations (parallel jobs) are counted per block."""
+    pm = convert(_model("tiny-2b4t"), "i2")
+    prompt = torch.randint(0, 512, (1, 5))
+    prev = native.set_num_threads(2)
+    try:
+        want = _decode(pm, prompt, 6, fused=True)[1]
+        native.decode_profile(True)
+        got = _decode(pm, prompt, 6, fused=True)[1]
+        prof = native.decode_profile(False)
+        after = native.decode_profile()
+    finally:
+        native.set_num_threads(prev)
+    assert torch.equal(got, want)
+    assert prof["steps"] == 6 and after == prof  # stopped: nothing more accumulates
+    phases = ("norm_quant", "qkv", "rope_kv", "attn", "o", "up", "down", "vector", "other")
+    assert all(prof[p] >= 0 for p in phases) and prof["qkv"] > 0 and prof["down"] > 0
+    assert sum(prof[p] for p in phases) <= prof["step"] * 1.0001 + 1e-6
+    assert 0 <= prof["pool_wait"] <= prof["step"]
+    assert prof["jobs"] <= 6 * pm.config.n_layers * 5  # at most 5 parallel passes per block
+    native.decode_profile(True)
+    assert native.decode_profile(False)["steps"] == 0  # reset
+
+
+@pytest.mark.parametrize("head_dim,scaling", [(64, None), (128, None),
+                                              (128, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64})])
+def test_rope_table_rows_equal_per_position_factors(head_dim, scaling):
+    """The fused step reads RoPE factors from a per-model table (PackedModel._rope_rows); every
+    row must be the bits rope_cos_sin gives that position alone (what the per-op path uses)."""
+    from bitlm.model import rope_cos_sin
+
+    n = 600
+    cos, sin = rope_cos_sin(torch.arange(n), head_dim, 500000.0, scaling)
+    for p in range(n):
+        c1, s1 = rope_cos_sin(torch.tensor([p]), head_dim, 500000.0, scaling)
+        assert torch.equal(cos[p], c1[0]) and torch.equal(sin[p], s1[0]), p
+
+
+def test_fused_decode_uses_the_rope_table_and_grows_it():
+    pm = convert(_model("tiny"), "i2")
+    prompt = torch.randint(0, 512, (1, 5))
+    _decode(pm, prompt, 3, fused=True, max_len=16)
+    assert pm._rope_table[0].shape[0] == 16
+    a = _decode(pm, prompt, 3, fused=True, max_len=40)[1]
+    assert pm._rope_table[0].shape[0] == 40
+    del pm._rope_table
+    b = _decode(pm, prompt, 3, fused=True, max_len=40)[1]
+    assert torch.equal(a, b)

@@ -162,6 +162,58 @@ def test_matmul_epilogue_bit_identical(tier, fmt):
                 assert got.dtype == torch.float32 and torch.equal(got, want), (fmt, n, groups, m, b is None)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_small_m_gemm_bit_identical(tier, fmt):
+    """M = 2..9 (serving's batched decode): M <= 8 runs as one M-token register block with the
+    weight prefetch (BITLM_GEMM_SMALL_M), 9 on the large-M loop; both equal the reference, with
+    the float epilogue, weight groups straddling tiles, a bias, and odd tile counts."""
+    gen = torch.Generator().manual_seed(3)
+    for n, k, groups in ((66, 301, 3), (48, 700, 1), (16, 40, 1)):
+        w = rand_weight(fmt, n, k, seed=n + k, groups=groups)
+        bias = torch.randn(n, generator=gen)
+        for m in range(2, 10):
+            x = rand_x(m, k, seed=m * k)
+            a = torch.rand(m, generator=gen) * 50 + 0.1
+            assert torch.equal(native.gemm(x, w), R.gemm(x, w)), (tier, fmt, m, n, k)
+            got, want = native.matmul(x, a, w, bias), R.matmul(x, a, w, bias)
+            assert torch.equal(got, want), (tier, fmt, m, n, k, groups)
+
+
+def test_gemm_paths_and_blocking_agree_across_processes(lib):
+    """The same products with the small-M path off, a tiny activation block (many outer blocks
+    in the large-M loop) and the two-stream GEMV, read once at start-up from BITLM_GEMM_SMALL_M /
+    BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS, give the same bits as this process's defaults, on
+    every tier; and bitlm_kernel_config reports the choices."""
+    code = ("import sys, torch; from bitlm.kernels import native; from bitlm import packing as P\n"
+            "g = torch.Generator().manual_seed(5); outs = []\n"
+            "for t in native.supported_tiers():\n"
+            "    native.set_tier(t)\n"
+            "    for fmt in ('i2', 't1', 'b1'):\n"
+            "        al = torch.tensor(P.get_format(fmt).alphabet, dtype=torch.int8)\n"
+            "        w = P.pack_weight(al[torch.randint(len(al), (67, 333), generator=g)], 0.5, fmt)\n"
+            "        for m in (1, 3, 8, 40):\n"
+            "            outs.append(native.gemm(torch.randint(-128, 128, (m, 333), generator=g, dtype=torch.int8), w))\n"
+            "torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        res = {}
+        for name, extra in (("default", {}), ("off", {"BITLM_GEMM_SMALL_M": "0", "BITLM_GEMM_XBLOCK": "4096",
+                                                       "BITLM_GEMV_STREAMS": "2"}),
+                            ("one", {"BITLM_GEMV_STREAMS": "1"})):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("BITLM_GEMM_", "BITLM_GEMV_"))}
+            env.update(extra)
+            out = subprocess.run([sys.executable, "-c", code, f"{d}/{name}.pt"], env=env, capture_output=True,
+                                 text=True, check=True)
+            res[name] = (torch.load(f"{d}/{name}.pt"), out.stdout.strip())
+    assert "small_m_max=8" in res["default"][1] and "small_m_max=0" in res["off"][1]
+    assert "gemm_x_block=4K" in res["off"][1] and "family=" in res["off"][1] and "gemv_streams=2" in res["off"][1]
+    assert "gemv_streams=1" in res["one"][1]
+    assert len(res["default"][0]) == len(res["off"][0]) == len(res["one"][0]) > 0
+    for a, b, c in zip(res["default"][0], res["off"][0], res["one"][0]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_linear_native_equals_reference(tier, monkeypatch):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 130, generator=gen)
@@ -552,3 +604,26 @@ def test_dense_int8a8_bad_input(impl):
             f(xq, a, w, torch.ones(7))
         with pytest.raises(ValueError, match="a has"):
             f(xq, torch.ones(3), w, s)
+
+
+def test_benchmarks_name_the_cpu_precisely(lib):
+    """benchmarks/cpu_info.py: (vendor, family, model) -> microarchitecture for the parts the
+    project has run on, a virtual CPU whose flags outrun its model called out, and the record
+    every benchmark JSON carries (with the library's kernel choices)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import cpu_info
+    finally:
+        sys.path.pop(0)
+    ua = cpu_info.microarchitecture
+    assert ua("AuthenticAMD", 25, 17) == "Zen 4" and ua("AuthenticAMD", 26, 2) == "Zen 5"
+    assert ua("AuthenticAMD", 25, 1) == "Zen 3" and ua("GenuineIntel", 6, 143) == "Sapphire Rapids"
+    assert ua("GenuineIntel", 6, 167) == "Rocket Lake" and ua("GenuineIntel", 6, 1) == "unknown"
+    assert ua("GenuineIntel", 6, 167, {"amx_tile"}).startswith("Sapphire Rapids or later")
+    rec = cpu_info.cpu_identity()
+    for key in ("vendor", "family", "model", "stepping", "microarchitecture", "flags", "kernel_tier", "kernel_config"):
+        assert key in rec, key
+    assert f"family={rec['family']} model={rec['model']}" in rec["kernel_config"]  # cpuid agrees with /proc
+    assert "family" in cpu_info.describe(rec)

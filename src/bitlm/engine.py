@@ -504,12 +504,25 @@ class PackedModel:
         cache._bitlm_decoder = (self, dec)
         return dec
 
+    def _rope_rows(self, pos: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE factors of position ``pos`` from a table of the first ``n`` positions, built once
+        per model (and again only for a longer cache): computing them per token took ~80 us of
+        Python and torch dispatch.  ``rope_cos_sin`` gives a position the same bits alone or in a
+        batch (elementwise ops; tests/test_fused_decode.py checks every row)."""
+        cfg = self.config
+        if pos >= n:  # past the cache: the step refuses it with the usual error
+            return rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        tab = self.__dict__.get("_rope_table")
+        if tab is None or tab[0].shape[0] < n:
+            tab = self._rope_table = rope_cos_sin(torch.arange(n), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return tab[0][pos], tab[1][pos]
+
     def _decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cfg = self.config
         pos = cache.pos
         dec = self._decoder(cache)
         x = self.embed.rows(input_ids.reshape(1)).reshape(cfg.d_model).contiguous()  # a fresh copy
-        cos, sin = rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = self._rope_rows(pos, cache.max_len)
         dec.step(x, pos, cos, sin)
         cache.advance(1)
         return self._final(x.view(1, cfg.d_model), 1, 1)

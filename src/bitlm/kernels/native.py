@@ -24,11 +24,11 @@ from ..packing import PackedWeight
 
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
-           "mem_read", "mem_copy", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "dense_lowbit_matmul", "Decoder", "ACTIVATIONS",
-           "KV_TYPES", "kv_quantize"]
+           "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
+           "dense_lowbit_matmul", "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 5
+ABI_VERSION = 6
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -63,6 +63,9 @@ _SIGNATURES = {
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
     "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_dense_lowbit": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
+    "bitlm_decode_profile": (_c_int, [_c_int, _c_p, _c_int]),
+    "bitlm_decode_profile_names": (ctypes.c_char_p, []),
+    "bitlm_kernel_config": (ctypes.c_char_p, []),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
 }
@@ -187,6 +190,7 @@ def info() -> dict:
         "threads": lib.bitlm_num_threads(),
         "cpu_flags": lib.bitlm_cpu_flags().decode(),
         "build": lib.bitlm_build_info().decode(),
+        "kernel_config": lib.bitlm_kernel_config().decode(),
         "abi": lib.bitlm_abi_version(),
         "library": _path,
     }
@@ -506,6 +510,19 @@ class Decoder:
         rc = lib.bitlm_decode_step(ctypes.addressof(self._desc), x.data_ptr(), int(pos), cos.data_ptr(), sin.data_ptr())
         _check(rc, "bitlm_decode_step")
         return x
+
+
+def decode_profile(enable: bool | None = None) -> dict[str, float]:
+    """The per-phase timers of ``bitlm_decode_step`` accumulated so far (seconds per phase,
+    ``pool_wait`` = the caller waiting for workers inside the passes, ``jobs`` = parallel jobs
+    started, ``steps`` = calls profiled); then ``enable=True`` resets and starts them, ``False``
+    stops them, ``None`` leaves them as they are."""
+    lib = _need()
+    n = lib.bitlm_decode_profile(-1, None, 0)
+    out = (ctypes.c_double * n)()
+    lib.bitlm_decode_profile({True: 1, False: 0, None: -1}[enable], out, n)
+    names = lib.bitlm_decode_profile_names().decode().split(",")
+    return dict(zip(names, list(out)))
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------
