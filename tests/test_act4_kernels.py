@@ -151,12 +151,14 @@ def test_engine_logits_match_the_torch_model(name, variant, tmp_path):
 
     m = _variant_model(name, variant)
     pm = convert(m)
+    pm.kv = "f32"  # the torch model's float32 keys / values (f16 KV: tests/test_kv.py)
     ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = m(ids)
     got = pm(ids)
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
     back = load_packed(save_packed(pm, tmp_path / "v.bitlm"))
+    back.kv = "f32"
     assert back.config.act_variant == variant and torch.equal(back(ids), got)
     # decode token by token (the per-op path: the fused C decoder computes int8 only)
     assert not pm._fused_decode_ok()
@@ -176,6 +178,7 @@ def test_engine_a48_matches_up_to_topk_threshold_ties():
 
     m = _variant_model("tiny", "a4.8")
     pm = convert(m)
+    pm.kv = "f32"  # the torch model's float32 keys / values (f16 KV: tests/test_kv.py)
     ids = torch.randint(0, 500, (8, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = m(ids)

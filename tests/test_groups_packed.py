@@ -164,6 +164,7 @@ def test_grouped_packed_logits_match_torch(name, fmt, grouping):
     m = grouped(name, grouping)
     assert inference_blockers(m.config) == []
     pm = convert(m, fmt)
+    pm.kv = "f32"  # the torch model's float32 keys / values (f16 KV: tests/test_kv.py)
     ids = torch.randint(0, m.config.vocab_size, (3, 24))
     with torch.no_grad():
         ref = m(ids)

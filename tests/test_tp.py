@@ -113,8 +113,19 @@ def test_train_tp2_group_checkpoint_loads_as_the_emulation(tmp_path):
     x = torch.arange(16)[None] % got.config.vocab_size
     with torch.no_grad():
         logits = got.eval()(x)
-    # the lead adds the pack + generate step here once per-group packing (helper "groups") is merged
     assert torch.allclose(logits, torch.tensor(rep["logits"]), atol=1e-5)
+    # the TP-trained group model packs with its groups (K-slices) and runs on the packed engine:
+    # the same logits to float order, the same greedy tokens
+    from bitlm.engine import load_packed, save_packed
+    from bitlm.generate import generate_tokens
+
+    pm = load_packed(save_packed(bitlm.pack(got), tmp_path / "tp2.bitlm"))
+    assert pm.config.weight_groups == 2 and pm.config.group_scope == "parallel"
+    pm.kv = "f32"  # the torch model's float32 keys / values
+    err = (pm(x) - logits).abs() / logits.abs().max()
+    assert err.max() < 0.02 and (err < 1e-5).float().mean() > 0.9, err.max()
+    prompt = [3, 14, 15, 9, 26]
+    assert list(generate_tokens(pm, prompt, 24)) == list(generate_tokens(got, prompt, 24))
 
 
 def test_group_config_mode_and_checks():
