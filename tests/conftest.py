@@ -55,3 +55,26 @@ def pytest_sessionstart(session):
     problem = native_problem()
     if problem is not None:
         pytest.exit(problem, returncode=pytest.ExitCode.TESTS_FAILED)
+
+
+def _native_tiers() -> list[str]:
+    from bitlm.kernels import native
+
+    return native.supported_tiers() if native.load() is not None else ["unavailable"]
+
+
+@pytest.fixture(params=_native_tiers())
+def tier(request):
+    """Each native kernel tier this CPU supports, made the active one for the test (and restored
+    after).  Without the library (only where it is allowed to be missing) the test is skipped —
+    or fails under BITLM_BACKEND=native."""
+    from bitlm.kernels import native
+
+    if request.param == "unavailable":
+        if os.environ.get("BITLM_BACKEND", "").lower() == "native":
+            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    prev = native.tier()
+    native.set_tier(request.param)
+    yield request.param
+    native.set_tier(prev)

@@ -4,8 +4,6 @@ int8 × ternary GEMM give the exact int4 × ternary sums."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,26 +12,6 @@ from bitlm import packing as P
 from bitlm import quant as Q
 from bitlm.kernels import native
 from bitlm.kernels import reference as R
-
-NATIVE_REQUIRED = os.environ.get("BITLM_BACKEND", "").lower() == "native"
-
-
-def _tiers() -> list[str]:
-    if native.load() is None:
-        return ["unavailable"]
-    return native.supported_tiers()
-
-
-@pytest.fixture(params=_tiers())
-def tier(request):
-    if request.param == "unavailable":
-        if NATIVE_REQUIRED:
-            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
-        pytest.skip(f"native kernels unavailable: {native.reason()}")
-    prev = native.tier()
-    native.set_tier(request.param)
-    yield request.param
-    native.set_tier(prev)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8, 16, 24, 64, 160, 192, 1024, 2560, 6912])

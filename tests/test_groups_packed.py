@@ -32,16 +32,6 @@ def _tiers() -> list[str]:
     return native.supported_tiers() if native.load() is not None else []
 
 
-@pytest.fixture(params=_tiers() or ["unavailable"])
-def tier(request):
-    if request.param == "unavailable":
-        pytest.skip(f"native kernels unavailable: {native.reason()}")
-    prev = native.tier()
-    native.set_tier(request.param)
-    yield request.param
-    native.set_tier(prev)
-
-
 @pytest.fixture(params=_tiers() or ["reference"])
 def any_tier(request):
     """Every native tier, or the reference backend alone where the library is unavailable."""

@@ -5,8 +5,6 @@ and bad input."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,24 +14,6 @@ from bitlm.io.packed import PackedFormatError
 from bitlm.kernels import native
 from bitlm.kernels import reference as R
 from helpers import tiny_model
-
-NATIVE_REQUIRED = os.environ.get("BITLM_BACKEND", "").lower() == "native"
-
-
-def _tiers() -> list[str]:
-    return native.supported_tiers() if native.load() is not None else ["unavailable"]
-
-
-@pytest.fixture(params=_tiers())
-def tier(request):
-    if request.param == "unavailable":
-        if NATIVE_REQUIRED:
-            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
-        pytest.skip(f"native kernels unavailable: {native.reason()}")
-    prev = native.tier()
-    native.set_tier(request.param)
-    yield request.param
-    native.set_tier(prev)
 
 
 def _literal_unpack(data: torch.Tensor, scale: torch.Tensor, bits: int, n: int, k: int):

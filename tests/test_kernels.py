@@ -24,24 +24,6 @@ FORMATS = ("i2", "t1", "b1")
 NATIVE_REQUIRED = os.environ.get("BITLM_BACKEND", "").lower() == "native"
 
 
-def _tiers() -> list[str]:
-    if native.load() is None:
-        return ["unavailable"]
-    return native.supported_tiers()
-
-
-@pytest.fixture(params=_tiers())
-def tier(request):
-    if request.param == "unavailable":
-        if NATIVE_REQUIRED:
-            pytest.fail(f"BITLM_BACKEND=native but the library is unavailable: {native.reason()}")
-        pytest.skip(f"native kernels unavailable: {native.reason()}")
-    prev = native.tier()
-    native.set_tier(request.param)
-    yield request.param
-    native.set_tier(prev)
-
-
 @pytest.fixture
 def lib():
     if native.load() is None:
