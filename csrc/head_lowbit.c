@@ -40,29 +40,6 @@ typedef struct {
 
 typedef void (*lb_fn)(const lb_problem *p, int64_t t0, int64_t t1);
 
-/* f16 bits -> float32, exact (every f16 is a float32). */
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
-    if (e == 0x1f) {
-        u = sign | 0x7f800000u | (m << 13);
-    } else if (e != 0) {
-        u = sign | ((e + 112u) << 23) | (m << 13);
-    } else if (m == 0) {
-        u = sign;
-    } else { /* subnormal: normalise */
-        e = 113;
-        while (!(m & 0x400u)) {
-            m <<= 1;
-            e--;
-        }
-        u = sign | (e << 23) | ((m & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline int lb_offset(int bits) { return bits == 6 ? 32 : 8; }
 
 /* The store of one tile: y = sum / a, rows n < N only. */
@@ -102,7 +79,7 @@ static void lb_generic(const lb_problem *p, int64_t t0, int64_t t1) {
                         int32_t acc = 0;
                         for (int k = 0; k < LB_G; k++) acc += codes[k][r] * x[k];
                         acc -= off * xs;
-                        sum[mi][r] = sum[mi][r] + (float)acc * f16_to_f32(sc[r]);
+                        sum[mi][r] = sum[mi][r] + (float)acc * bitlm_f16_to_f32(sc[r]);
                     }
                 }
             }
@@ -147,7 +124,7 @@ __attribute__((target("avx2,fma"))) static void lb_avx2(const lb_problem *p, int
                 const uint16_t *sc = p->scale + (t * p->G + g) * BITLM_TILE_N;
                 _mm_prefetch((const char *)(blk + 4 * p->block_bytes), _MM_HINT_T0);
                 float scf[BITLM_TILE_N] __attribute__((aligned(32)));
-                for (int r = 0; r < BITLM_TILE_N; r++) scf[r] = f16_to_f32(sc[r]);
+                for (int r = 0; r < BITLM_TILE_N; r++) scf[r] = bitlm_f16_to_f32(sc[r]);
                 __m256i c[2][8];
                 lb_codes_avx2(blk, p->bits, 0, c[0]);
                 lb_codes_avx2(blk, p->bits, 1, c[1]);

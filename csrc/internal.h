@@ -107,6 +107,29 @@ static inline float bitlm_bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* IEEE half bits -> float32, exact (every f16 is a float32; subnormals normalised). */
+static inline float bitlm_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    } else if (m == 0) {
+        u = sign;
+    } else { /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            e--;
+        }
+        u = sign | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 typedef struct bitlm_kernel_table {
     const char *name;
     bitlm_mm_fn mm[4]; /* indexed by BITLM_FMT_*; [0] unused */

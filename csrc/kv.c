@@ -19,28 +19,6 @@
 
 /* ---- conversions --------------------------------------------------------------------------- */
 
-static inline float kv_f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
-    if (e == 0x1f) {
-        u = sign | 0x7f800000u | (m << 13);
-    } else if (e != 0) {
-        u = sign | ((e + 112u) << 23) | (m << 13);
-    } else if (m == 0) {
-        u = sign;
-    } else {
-        e = 113;
-        while (!(m & 0x400u)) {
-            m <<= 1;
-            e--;
-        }
-        u = sign | (e << 23) | ((m & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* float32 -> f16, round to nearest even, overflow to inf, NaN stays NaN (torch's .half()). */
 static inline uint16_t kv_f32_to_f16(float f) {
     uint32_t x;
@@ -92,7 +70,7 @@ BITLM_HIDDEN void bitlm_kv_store(int type, void *cache, float *scales, int64_t r
 /* ---- attention ----------------------------------------------------------------------------- */
 
 static inline float kv_load(int type, const void *c, const float *s, int64_t t, int64_t D, int64_t j) {
-    if (type == BITLM_KV_F16) return kv_f16_to_f32(((const uint16_t *)c)[t * D + j]);
+    if (type == BITLM_KV_F16) return bitlm_f16_to_f32(((const uint16_t *)c)[t * D + j]);
     return (float)((const int8_t *)c)[t * D + j] * s[t];
 }
 
