@@ -89,3 +89,30 @@ def bitlm_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
             margin = min(margin, float(top[0] - top[1]))
             out.append(int(lg.argmax()))
     return out[len(prompt):], margin
+
+
+def decode_greedy(pm, prompt: torch.Tensor, steps: int, fused: bool, kv: str | None = None, max_len: int = 64):
+    """Greedy decode of a packed model one token at a time (the fused native step, or the per-op
+    path) → (tokens, logits of every step (steps, V), the cache)."""
+    pm.fused_decode = fused
+    cache = pm.new_cache(1, max_len, kv=kv)
+    logits = pm(prompt, cache=cache, last_only=True)
+    toks, outs = [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt.item())
+        logits = pm(nxt, cache=cache)
+        outs.append(logits[0, -1])
+    return toks, torch.stack(outs), cache
+
+
+def dist_env(src) -> dict[str, str]:
+    """The environment of a torchrun / worker subprocess: ``src`` on PYTHONPATH, one OpenMP thread,
+    and no RANK / WORLD_SIZE inherited from an enclosing launcher."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env

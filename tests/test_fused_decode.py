@@ -11,7 +11,7 @@ import torch
 from bitlm.engine import convert
 from bitlm.kernels import native
 from bitlm.model import BitNetModel
-from helpers import tiny_model
+from helpers import decode_greedy, tiny_model
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels unavailable (fused decode is native only)")
 
@@ -20,17 +20,6 @@ def _model(name: str, **kw) -> BitNetModel:
     return tiny_model(name, sharpen=50, sharpen_head=False, max_seq_len=96, **kw)  # no greedy ties
 
 
-def _decode(pm, prompt: torch.Tensor, steps: int, fused: bool, max_len: int = 64):
-    pm.fused_decode = fused
-    cache = pm.new_cache(1, max_len)
-    logits = pm(prompt, cache=cache, last_only=True)
-    toks, outs = [], []
-    for _ in range(steps):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(nxt.item())
-        logits = pm(nxt, cache=cache)
-        outs.append(logits[0, -1])
-    return toks, torch.stack(outs), cache
 
 
 CASES = [("tiny", "i2", {}), ("tiny", "t1", {}), ("tiny-2b4t", "i2", {}), ("tiny-2b4t", "t1", {}),
@@ -47,8 +36,8 @@ def test_fused_decode_equals_per_op_path(name, fmt, kw):
                     p.normal_()
     pm = convert(m, fmt)
     prompt = torch.randint(0, m.config.vocab_size, (1, 7))
-    ref_toks, ref, ref_cache = _decode(pm, prompt, 40, fused=False)
-    toks, out, cache = _decode(pm, prompt, 40, fused=True)
+    ref_toks, ref, ref_cache = decode_greedy(pm, prompt, 40, fused=False)
+    toks, out, cache = decode_greedy(pm, prompt, 40, fused=True)
     assert cache.__dict__.get("_bitlm_decoder") is not None  # the fused path really ran
     assert toks == ref_toks
     # same integer math and epilogue; only the attention (vs torch SDPA) and silu (expf vs
@@ -70,7 +59,7 @@ def test_fused_decode_is_the_same_on_every_tier():
         outs = {}
         for t in native.supported_tiers():
             native.set_tier(t)
-            outs[t] = _decode(pm, prompt, 12, fused=True)[1]
+            outs[t] = decode_greedy(pm, prompt, 12, fused=True)[1]
     finally:
         native.set_tier(prev)
     first = next(iter(outs.values()))
@@ -84,9 +73,9 @@ def test_fused_decode_threads_agree():
     prompt = torch.randint(0, 512, (1, 5))
     prev = native.set_num_threads(1)
     try:
-        one = _decode(pm, prompt, 10, fused=True)[1]
+        one = decode_greedy(pm, prompt, 10, fused=True)[1]
         native.set_num_threads(2)
-        two = _decode(pm, prompt, 10, fused=True)[1]
+        two = decode_greedy(pm, prompt, 10, fused=True)[1]
     finally:
         native.set_num_threads(prev)
     assert torch.equal(one, two)
@@ -138,9 +127,9 @@ def test_decode_profile_counts_and_changes_nothing():
     prompt = torch.randint(0, 512, (1, 5))
     prev = native.set_num_threads(2)
     try:
-        want = _decode(pm, prompt, 6, fused=True)[1]
+        want = decode_greedy(pm, prompt, 6, fused=True)[1]
         native.decode_profile(True)
-        got = _decode(pm, prompt, 6, fused=True)[1]
+        got = decode_greedy(pm, prompt, 6, fused=True)[1]
         prof = native.decode_profile(False)
         after = native.decode_profile()
     finally:
@@ -174,10 +163,10 @@ def test_rope_table_rows_equal_per_position_factors(head_dim, scaling):
 def test_fused_decode_uses_the_rope_table_and_grows_it():
     pm = convert(_model("tiny"), "i2")
     prompt = torch.randint(0, 512, (1, 5))
-    _decode(pm, prompt, 3, fused=True, max_len=16)
+    decode_greedy(pm, prompt, 3, fused=True, max_len=16)
     assert pm._rope_table[0].shape[0] == 16
-    a = _decode(pm, prompt, 3, fused=True, max_len=40)[1]
+    a = decode_greedy(pm, prompt, 3, fused=True, max_len=40)[1]
     assert pm._rope_table[0].shape[0] == 40
     del pm._rope_table
-    b = _decode(pm, prompt, 3, fused=True, max_len=40)[1]
+    b = decode_greedy(pm, prompt, 3, fused=True, max_len=40)[1]
     assert torch.equal(a, b)

@@ -10,7 +10,7 @@ import torch
 
 from bitlm.engine import KVPool, PackedKVCache, convert, kv_bytes_per_token
 from bitlm.kernels import native
-from helpers import tiny_model
+from helpers import decode_greedy, tiny_model
 
 KVS = ("f16", "int8")
 
@@ -62,17 +62,6 @@ def _model(name="tiny-2b4t", **kw):
     return tiny_model(name, sharpen=50, sharpen_head=False, max_seq_len=96, **kw)
 
 
-def _decode(pm, prompt, steps, fused, kv, max_len=64):
-    pm.fused_decode = fused
-    cache = pm.new_cache(1, max_len, kv=kv)
-    logits = pm(prompt, cache=cache, last_only=True)
-    toks, outs = [], []
-    for _ in range(steps):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(nxt.item())
-        logits = pm(nxt, cache=cache)
-        outs.append(logits[0, -1])
-    return toks, torch.stack(outs), cache
 
 
 @pytest.mark.parametrize("kv", KVS)
@@ -81,8 +70,8 @@ def test_fused_step_reads_the_cache_type(name, fmt, kv):
     _native()
     pm = convert(_model(name), fmt)
     prompt = torch.randint(0, pm.config.vocab_size, (1, 7))
-    ref_toks, ref, ref_cache = _decode(pm, prompt, 30, False, kv)
-    toks, out, cache = _decode(pm, prompt, 30, True, kv)
+    ref_toks, ref, ref_cache = decode_greedy(pm, prompt, 30, False, kv)
+    toks, out, cache = decode_greedy(pm, prompt, 30, True, kv)
     assert cache.__dict__.get("_bitlm_decoder") is not None and cache.kv == kv
     assert cache.k[0].dtype == {"f16": torch.float16, "int8": torch.int8}[kv]
     assert toks == ref_toks
@@ -104,7 +93,7 @@ def test_fused_kv_step_is_the_same_on_every_tier(kv):
         outs = {}
         for t in native.supported_tiers():
             native.set_tier(t)
-            outs[t] = _decode(pm, prompt, 10, True, kv)[1]
+            outs[t] = decode_greedy(pm, prompt, 10, True, kv)[1]
     finally:
         native.set_tier(prev)
     first = next(iter(outs.values()))
@@ -186,7 +175,7 @@ def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
             outs = {}
             for t in native.supported_tiers():
                 native.set_tier(t)
-                outs[t] = _decode(pm, prompt, 6, True, kv)[1]
+                outs[t] = decode_greedy(pm, prompt, 6, True, kv)[1]
             first = next(iter(outs.values()))
             for t, o in outs.items():
                 assert torch.equal(o, first), (kv, t)

@@ -8,7 +8,6 @@ Every distributed run is a real ``torch.distributed.run`` subprocess (tests/_par
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 import bitlm
 from bitlm import cli
 from bitlm.io.dcp import is_dcp, load_dcp_model
+from helpers import dist_env
 
 HERE = Path(__file__).parent
 WORKER = HERE / "_parallel_worker.py"
@@ -29,11 +29,7 @@ BASE = dict(max_steps=5, batch_size=4, seq_len=16, eval_every=5, log_every=1, pr
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+    return dist_env(SRC)
 
 
 def _torchrun(nproc: int, script_args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:

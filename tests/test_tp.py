@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import bitlm
 from bitlm import tensor_parallel as TP
 from bitlm.config import preset
 from bitlm.io.dcp import read_dcp_meta
+from helpers import dist_env
 
 HERE = Path(__file__).parent
 WORKER = HERE / "_tp_worker.py"
@@ -39,11 +39,7 @@ GROUP2 = dict(weight_groups=2, weight_group_dim="parallel", act_groups=2, norm_g
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+    return dist_env(SRC)
 
 
 def _worker(args: dict, nproc: int = 2) -> dict:
