@@ -256,6 +256,7 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("experiment-teacher-other", "experiment compare --quick --teacher {ck} --out {dir}/ex", "--teacher"),
     ("experiment-teacher-vocab", "experiment distill --quick --teacher {ck} --out {dir}/ex", "512 tokens"),
     ("experiment-teacher-missing", "experiment distill --quick --teacher {missing} --out {dir}/ex", "no-such-model"),
+    ("experiment-device-unknown", "experiment compare --quick --device tpu --out {dir}/ex", "--device 'tpu'"),
 ]
 
 
