@@ -205,6 +205,11 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("train-resume-none", "train {train_args} --max-steps 2 --out {run_none} --resume", "run-none"),
     ("train-resume-badopt", "train {train_args} --max-steps 2 --out {run_badopt} --resume", "optimizer.pt"),
     ("train-resume-trunc", "train {train_args} --max-steps 2 --out {run_trunc} --resume", "model.safetensors"),
+    # --resume of a checkpoint from another model config or another data-parallel layout (issue 11)
+    ("train-resume-other-config", "train {train_args} --max-steps 2 --out {dir}/run --resume --set d_model=32",
+     "model config mismatch on resume (field 'd_model'"),
+    ("train-resume-other-layout", "train {train_args} --max-steps 2 --out {dir}/run --resume --grad-accum 2",
+     "global batch mismatch on resume"),
     # convert: only a Llama / Mistral / Qwen2 folder will do
     ("convert-missing", "convert --model {missing} --out {dir}/cv", "no-such-model"),
     ("convert-text", "convert --model {text} --out {dir}/cv", "notes.txt: a file"),

@@ -505,6 +505,31 @@ def test_cli_serve_starts_and_exits_0_on_sigterm(model_file):
             p.wait()
 
 
+def test_ctx_beyond_the_models_context_is_capped_and_said(model_file, capsys):
+    """--ctx larger than the model's max_seq_len cannot be served (the positions do not exist):
+    the slots get the model's context, and the start-up line says so instead of silently
+    serving fewer tokens than asked."""
+    import types
+
+    args = argparse.Namespace(model=str(model_file[0]), tokenizer=None, head_act="f32", chat_template="auto",
+                              parallel=1, ctx=4096)
+    st = types.SimpleNamespace()
+    load_into(st, args)
+    try:
+        line = capsys.readouterr().out
+        assert st.scheduler.ctx == 128 and "1 slots x 128 tokens" in line, line
+        assert "--ctx 4096 capped to the model's context of 128 tokens" in line, line
+    finally:
+        st.scheduler.close()
+    args.ctx = 64  # within the context: no note
+    load_into(st, args)
+    try:
+        line = capsys.readouterr().out
+        assert "1 slots x 64 tokens" in line and "capped" not in line, line
+    finally:
+        st.scheduler.close()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--parallel", "0"], "--parallel"), (["--ctx", "1"], "--ctx"), (["--port", "70000"], "--port"),
 ])
