@@ -726,9 +726,13 @@ def _fmt_for(cfg: ModelConfig, format: str | None) -> str:
     return f.name
 
 
-def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None) -> PackedModel:
+def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None,
+            progress: bool = False) -> PackedModel:
     """``bitlm.pack(model)``: a trained ``BitNetModel`` → ``PackedModel`` (weights quantised with
-    the same functions training used, so the packed model computes the same ternary layer)."""
+    the same functions training used, so the packed model computes the same ternary layer).
+    ``progress``: report per layer (``bitlm pack``; a 2B4T-sized model takes about a minute)."""
+    from .data.common import progress as progress_bar
+
     cfg = model.config
     fmt = _fmt_for(cfg, format)
     if blockers := inference_blockers(cfg):
@@ -745,7 +749,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     embed = embed or (head if head in DENSE_TYPES else "int8")
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
-    for blk in model.model.layers:
+    for blk in progress_bar(model.model.layers, enabled=progress, desc="pack", unit="layer"):
         att, mlp = blk.self_attn, blk.mlp
         packed = {}
         for name in ("q", "k", "v", "o"):
@@ -957,7 +961,7 @@ def run(args) -> int:
         tok = load_tokenizer_for(args.model, args.tokenizer)
     except FileNotFoundError:
         tok = None
-    pm = convert(model, args.format, args.head, args.embed)
+    pm = convert(model, args.format, args.head, args.embed, progress=True)
     out = save_packed(pm, args.out, tokenizer=tok)
     b = pm.weight_bytes()
     n_lin = sum(w.N * w.K for L in pm.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
