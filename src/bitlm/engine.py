@@ -735,6 +735,10 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
 
     cfg = model.config
     fmt = _fmt_for(cfg, format)
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA run: W + ΔW is not ternary
+        from .lora import refuse_adapters
+
+        refuse_adapters(model, "a packed .bitlm file")
     if blockers := inference_blockers(cfg):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
     if cfg.act_variant != "a8" and _grouped(cfg):
@@ -943,6 +947,8 @@ def add_arguments(p) -> None:
     p.add_argument("--embed", default=None, metavar="{" + ",".join(DENSE_TYPES) + "}",
                    help="embedding storage (default: as --head; int8 with an int6 / int4 head)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run: fold its adapters into the ternary weights first (lossy; the loss is reported)")
 
 
 def run(args) -> int:
@@ -957,6 +963,10 @@ def run(args) -> int:
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")
     model = load(args.model)
+    if args.merge_lora:
+        from .lora import merge_for_export
+
+        print(f"bitlm pack: {merge_for_export(model)}")
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)
     except FileNotFoundError:
