@@ -205,6 +205,11 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("train-resume-none", "train {train_args} --max-steps 2 --out {run_none} --resume", "run-none"),
     ("train-resume-badopt", "train {train_args} --max-steps 2 --out {run_badopt} --resume", "optimizer.pt"),
     ("train-resume-trunc", "train {train_args} --max-steps 2 --out {run_trunc} --resume", "model.safetensors"),
+    # --resume of a checkpoint from another model config or another data-parallel layout (issue 11)
+    ("train-resume-other-config", "train {train_args} --max-steps 2 --out {dir}/run --resume --set d_model=32",
+     "model config mismatch on resume (field 'd_model'"),
+    ("train-resume-other-layout", "train {train_args} --max-steps 2 --out {dir}/run --resume --grad-accum 2",
+     "global batch mismatch on resume"),
     # convert: only a Llama / Mistral / Qwen2 folder will do
     ("convert-missing", "convert --model {missing} --out {dir}/cv", "no-such-model"),
     ("convert-text", "convert --model {text} --out {dir}/cv", "notes.txt: a file"),
@@ -256,6 +261,7 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("experiment-teacher-other", "experiment compare --quick --teacher {ck} --out {dir}/ex", "--teacher"),
     ("experiment-teacher-vocab", "experiment distill --quick --teacher {ck} --out {dir}/ex", "512 tokens"),
     ("experiment-teacher-missing", "experiment distill --quick --teacher {missing} --out {dir}/ex", "no-such-model"),
+    ("experiment-device-unknown", "experiment compare --quick --device tpu --out {dir}/ex", "--device 'tpu'"),
 ]
 
 
@@ -433,3 +439,32 @@ def test_interrupt_exit_status_follows_the_signal(monkeypatch, capsys):
     assert cli.main(["demo"]) == 130
     err = capsys.readouterr().err
     assert "bitlm demo: interrupted: SIGTERM at step 3" in err and "Traceback" not in err
+
+
+def test_warnings_are_one_line_naming_the_verb():
+    """A warning of a verb (e.g. an HF folder without quantization_config, an untied GGUF) prints as
+    one line ``bitlm VERB: warning: ...``, not Python's ``file:line: UserWarning`` plus a line of
+    bitlm's source code; the formatter is the verb's only, and Python's comes back afterwards."""
+    code = textwrap.dedent("""
+        import sys, types, warnings
+        from bitlm import cli
+
+        fake = types.ModuleType("bitlm_fake_verb")
+        fake.add_arguments = lambda p: None
+
+        def run(args):
+            warnings.warn("the folder has no quantization_config: loading it unquantised")
+            return 0
+
+        fake.run = run
+        sys.modules["bitlm_fake_verb"] = fake
+        cli.VERBS["info"] = ("bitlm_fake_verb", "fake")
+        rc = cli.main(["info"])
+        warnings.warn("after the verb")
+        sys.exit(rc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "bitlm info: warning: the folder has no quantization_config: loading it unquantised", r.stderr
+    assert "UserWarning: after the verb" in lines[1], r.stderr  # Python's own format outside the verb

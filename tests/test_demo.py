@@ -84,14 +84,19 @@ def test_demo_samples_greedy_and_sampled_like_generate(demo_run, capsys):
         assert len(s["greedy"]) == len(s["sampled"]) == 2
         assert s["greedy"] != s["sampled"]
     assert res["sampling"]["temperature"] == SAMPLE_DEFAULTS.temperature > 0
-    # the sampled text is what `bitlm generate --sample` prints for the same prompt and packed file
+    # the sampled text is what `bitlm generate --sample --seed i` prints for prompt i and the packed file:
+    # one seed per prompt, so the two samples are not the same draws after different prompts (with
+    # one shared seed a barely trained model continued both prompts with nearly the same text)
     i2 = out / "b1.58" / "model-i2.bitlm"
-    prompt = res["samples"]["b1.58-i2"]["sampled"][0][: len("It is a truth universally acknowledged")]
-    capsys.readouterr()
-    assert main(["generate", "--model", str(i2), "--prompt", prompt, "--sample", "--max-new-tokens", "40",
-                 "--no-stream"]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == res["samples"]["b1.58-i2"]["sampled"][0]
-    assert "sampled: temperature 0.8, top-k 40, top-p 0.95, seed 0" in log
+    texts = res["samples"]["b1.58-i2"]["sampled"]
+    for i, (prompt, text) in enumerate(zip(("It is a truth universally acknowledged", "And God said"), texts)):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(i2), "--prompt", prompt, "--sample", "--seed", str(i),
+                     "--max-new-tokens", "40", "--no-stream"]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == text, i
+    assert texts[0][len("It is a truth universally acknowledged"):] != texts[1][len("And God said"):]
+    assert res["sampling"]["seeds"] == [0, 1]
+    assert "sampled: temperature 0.8, top-k 40, top-p 0.95, seeds 0, 1 (one per prompt)" in log
 
 
 def test_demo_ends_with_next_commands_and_a_plain_log(demo_run):
@@ -104,3 +109,11 @@ def test_demo_ends_with_next_commands_and_a_plain_log(demo_run):
     assert Path(out / "results.json").is_file()
     assert "\r" not in log  # output to a file: no bar redraws
     assert len(log.splitlines()) < 120
+
+
+def test_memory_ratio_reads_right_either_way():
+    from bitlm.demo import _memory_ratio
+
+    assert _memory_ratio(48.66, 27.13) == "1.8x less memory"
+    assert _memory_ratio(16.50, 16.00) == "about the same memory"  # was "1.0x less memory"
+    assert _memory_ratio(16.0, 20.0) == "1.2x more memory"  # was "0.8x less memory"

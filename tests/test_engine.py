@@ -270,3 +270,18 @@ def test_packed_bitlinear_equals_bitlinear(norm, fmt):
         ref = lin(x)
     out = PackedBitLinear.from_bitlinear(lin, fmt)(x)
     assert torch.allclose(out, ref, atol=1e-5 * ref.abs().max().item())
+
+
+def test_bitlm_pack_shows_progress_per_layer(tmp_path, capsys, monkeypatch):
+    """Packing a large model takes a minute (a 2B4T shape: 30 layers of ~2 s each): ``bitlm pack``
+    reports progress per layer through ``bitlm.data.common.progress`` (issue 16: every long task),
+    and ``bitlm.pack`` / ``convert`` stay quiet by default."""
+    m = sharpened("tiny")
+    ck = save_checkpoint(m, tmp_path / "ck")
+    monkeypatch.setenv("BITLM_PROGRESS", "bar")  # as on a terminal
+    capsys.readouterr()
+    convert(m)
+    assert capsys.readouterr().err == ""
+    assert main(["pack", "--model", str(ck), "--out", str(tmp_path / "m.bitlm")]) == 0
+    err = capsys.readouterr().err
+    assert "pack:" in err and f"/{m.config.n_layers} " in err and "layer" in err, err

@@ -385,3 +385,50 @@ def test_bitlm_load_applies_the_adapters_of_a_lora_run(tmp_path):
     x = ids()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_pack_and_export_of_a_lora_run_refuse_or_merge(tmp_path, capsys):
+    """A LoRA run (base + adapter.safetensors) in ``bitlm pack`` / ``bitlm export``: W + ΔW is not
+    ternary, so without ``--merge-lora`` each verb refuses in one line naming the adapter and the way
+    out (before: pack blamed an 'fp model', export --format hf ended in an internal AttributeError);
+    with ``--merge-lora`` the adapters are folded in (refit, as ``merge_lora``), the loss is
+    reported, and the packed / exported model is the merged one."""
+    import bitlm
+    from bitlm.cli import main
+    from bitlm.engine import convert
+    from bitlm.lora import merge_lora, save_lora_checkpoint
+
+    model = base_model()
+    add_lora(model, rank=4, alpha=8)
+    randomise_adapters(model, scale=0.5)
+    model.eval()
+    run = save_lora_checkpoint(model, tmp_path / "run")
+    for argv, target in ((["pack", "--model", str(run), "--out", str(tmp_path / "m.bitlm")], "a packed .bitlm"),
+                         (["export", "--model", str(run), "--format", "hf", "--out", str(tmp_path / "hf")], "HF"),
+                         (["export", "--model", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
+                          "GGUF")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "LoRA adapter" in err and "--merge-lora" in err, err
+        assert target in err and "model.layers.0.self_attn.q_proj" in err, err
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        bitlm.pack(model)
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        bitlm.save(model, tmp_path / "api-hf", format="hf")
+    # --merge-lora: the merged model, packed and exported
+    merged = merge_lora(bitlm.load(run))
+    assert main(["pack", "--model", str(run), "--out", str(tmp_path / "m.bitlm"), "--merge-lora"]) == 0
+    out = capsys.readouterr().out
+    assert "merged 14 LoRA adapters" in out and "of the adapters' update lost" in out, out
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(bitlm.load(tmp_path / "m.bitlm")(x), convert(merged)(x))
+    assert main(["export", "--model", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--merge-lora"]) == 0
+    capsys.readouterr()
+    with torch.no_grad():
+        assert torch.allclose(bitlm.load(tmp_path / "hf")(x), merged(x), rtol=1e-5, atol=1e-5)
+    # on a run without adapters the option is an error, not a silent no-op
+    plain = save_checkpoint(base_model(), tmp_path / "plain")
+    assert main(["pack", "--model", str(plain), "--out", str(tmp_path / "p.bitlm"), "--merge-lora"]) == 2
+    assert "--merge-lora" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_evaluate_loss_moves_batches_to_the_model_device():
     assert a == b
 
 
-def test_missing_device_is_a_one_line_error_for_train_eval_generate(capsys, tmp_path):
+def test_missing_device_is_a_one_line_error_for_train_eval_generate_experiment(capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     m = tmp_path / "m"
@@ -93,7 +93,35 @@ def test_missing_device_is_a_one_line_error_for_train_eval_generate(capsys, tmp_
     save_checkpoint(tiny_model(vocab_size=64, max_seq_len=32), m)
     for argv in (["train", "--preset", "tiny", "--device", "cuda", "--max-steps", "1", "--out", str(tmp_path / "o")],
                  ["eval", "--model", str(m), "--text", "hello", "--device", "cuda"],
-                 ["generate", "--model", str(m), "--prompt", "hi", "--device", "cuda"]):
+                 ["generate", "--model", str(m), "--prompt", "hi", "--device", "cuda"],
+                 ["experiment", "compare", "--quick", "--device", "cuda", "--out", str(tmp_path / "ex")]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--device cuda: CUDA is not available" in err, err
+
+
+def test_experiment_device_reaches_every_training_run(monkeypatch, tmp_path):
+    """``bitlm experiment --device cpu`` trains (and sizes ``--minutes``) on that device: the
+    option reaches the TrainConfig of every run and the step timing (issue 11: --device for the
+    experiments too)."""
+    import bitlm.experiments as X
+    import bitlm.train as T
+
+    seen: list[str] = []
+
+    def fake_train(mcfg, tcfg, data, **kw):
+        seen.append(tcfg.device)
+        raise FloatingPointError("stop here")  # _train records a diverged run and goes on
+
+    monkeypatch.setattr(T, "train", fake_train)
+    s = X.Setup.build("lr", quick=True, device="cpu", lrs=(1e-3,))
+    ctx = X.Context("lr", s, tmp_path, pattern_data(), False, t0=0.0)
+    X._train(ctx, "a", s.model_config("fp"), "fp", 1e-3)
+    assert seen == ["cpu"]
+    timed: list[str | None] = []
+    monkeypatch.setattr(T, "time_train_step", lambda *a, device=None, **k: timed.append(device) or 0.01)
+    X._fit_steps("compare", s, pattern_data(), 1.0)
+    assert timed and set(timed) == {"cpu"}
+    # the real step timing runs where it is told
+    assert T.time_train_step(tiny_config(vocab_size=64, max_seq_len=32), pattern_data(), 2, 16, steps=1,
+                             device="cpu") > 0

@@ -85,3 +85,26 @@ def test_train_reads_shards(shards, tmp_path, capsys):
                      "--no-progress"]) == 0
     assert "done: 2 steps" in capsys.readouterr().out
     assert (out / "last" / "tokenizer.json").is_file()
+
+
+def test_vocabularies_past_uint16_get_uint32_shards(shards, corpus_file, tmp_path, monkeypatch):
+    """uint16 when the vocabulary fits, else uint32 (issue 11 item 4): the same tokens, read back
+    through the index's dtype, with a content hash of their own (it covers the dtype)."""
+    import bitlm.data.tokens as TK
+
+    monkeypatch.setattr(TK, "_token_dtype", lambda vocab_size: np.uint32)  # as for a vocabulary > 65535
+    idx = prepare_shards(str(corpus_file), tmp_path / "sh32", tokenizer=shards / "tokenizer.json", shard_tokens=4096)
+    assert idx["dtype"] == "uint32"
+    train = idx["splits"]["train"]
+    assert (tmp_path / "sh32" / train[0]["file"]).stat().st_size == 4096 * 4
+    a, b = ShardData(shards), ShardData(tmp_path / "sh32")
+    assert np.array_equal(np.asarray(a.val), np.asarray(b.val)) and a.stats["train_tokens"] == b.stats["train_tokens"]
+    assert all(torch_equal(x, y) for x, y in zip(a.batch(2, 4, 16, seed=3), b.batch(2, 4, 16, seed=3)))
+    assert b.stats["content_sha256"] != a.stats["content_sha256"]
+    b.verify()
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return x.dtype == y.dtype and torch.equal(x, y)

@@ -350,6 +350,27 @@ def test_health_is_503_while_loading(model_file):
         s.stop()
 
 
+def test_requests_during_shutdown_get_503(model_file):
+    """A request that reaches the app while it shuts down (a kept-alive connection after SIGTERM)
+    gets an OpenAI error object with 503, never a hang or a crash: first while the app is closing,
+    then once the scheduler has closed its slots."""
+    s = Server(model_file[0], parallel=1)
+    try:
+        s.wait_ready()
+        body = {"prompt": "the cat", "max_tokens": 2}
+        s.state.closing = True
+        r = requests.post(s.url + "/v1/completions", json=body, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable_error", r.text
+        assert "shutting down" in r.json()["error"]["message"]
+        s.state.closing = False
+        s.state.scheduler.close(5)  # the slots are gone: submit refuses
+        r = requests.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable_error", r.text
+    finally:
+        s.stop()
+
+
 def test_tokenize_detokenize_models_metrics(server, engine):
     _, tok = engine
     r = requests.post(server.url + "/tokenize", json={"content": "héllo 日本"}, timeout=10).json()
@@ -503,6 +524,31 @@ def test_cli_serve_starts_and_exits_0_on_sigterm(model_file):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_ctx_beyond_the_models_context_is_capped_and_said(model_file, capsys):
+    """--ctx larger than the model's max_seq_len cannot be served (the positions do not exist):
+    the slots get the model's context, and the start-up line says so instead of silently
+    serving fewer tokens than asked."""
+    import types
+
+    args = argparse.Namespace(model=str(model_file[0]), tokenizer=None, head_act="f32", chat_template="auto",
+                              parallel=1, ctx=4096)
+    st = types.SimpleNamespace()
+    load_into(st, args)
+    try:
+        line = capsys.readouterr().out
+        assert st.scheduler.ctx == 128 and "1 slots x 128 tokens" in line, line
+        assert "--ctx 4096 capped to the model's context of 128 tokens" in line, line
+    finally:
+        st.scheduler.close()
+    args.ctx = 64  # within the context: no note
+    load_into(st, args)
+    try:
+        line = capsys.readouterr().out
+        assert "1 slots x 64 tokens" in line and "capped" not in line, line
+    finally:
+        st.scheduler.close()
 
 
 @pytest.mark.parametrize("argv,needle", [

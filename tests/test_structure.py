@@ -61,3 +61,38 @@ def test_omp_wait_policy_is_set_by_importing_bitlm_alone():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_vars_read() -> dict[str, str]:
+    """Every ``BITLM_*`` environment variable the code reads -> one file that reads it: string
+    literals in the package, setup.py, the benchmarks and tests/conftest.py (the test-session
+    rule), and ``getenv("...")`` in csrc/."""
+    import re
+
+    found: dict[str, str] = {}
+    py = [*sorted((ROOT / "src" / "bitlm").rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+          ROOT / "setup.py", ROOT / "tests" / "conftest.py"]
+    for f in py:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # BITLM_HAVE_*: the compile-time macros setup.py defines for the ISA files, not variables
+                if re.fullmatch(r"BITLM_[A-Z0-9_]+", node.value) and not node.value.startswith("BITLM_HAVE_"):
+                    found.setdefault(node.value, str(f.relative_to(ROOT)))
+    for f in sorted((ROOT / "csrc").glob("*.[ch]")):
+        for name in re.findall(r'getenv\(\s*"(BITLM_[A-Z0-9_]+)"', f.read_text()):
+            found.setdefault(name, str(f.relative_to(ROOT)))
+    return found
+
+
+def test_every_environment_variable_is_in_the_architecture_table():
+    """docs/architecture.md lists every environment variable bitlm reads (doc drift made the
+    table miss BITLM_VERIFY, BITLM_ALLOW_NO_NATIVE and BITLM_BENCH_CACHE)."""
+    found = _env_vars_read()
+    assert {"BITLM_BACKEND", "BITLM_KERNEL_TIER", "BITLM_NUM_THREADS", "BITLM_VERIFY"} <= set(found)  # the scan works
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("## Environment variables"):]
+    missing = {name: where for name, where in found.items() if f"`{name}`" not in table}
+    assert not missing, f"add to docs/architecture.md's environment table: {missing}"

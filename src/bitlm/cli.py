@@ -9,7 +9,9 @@ FileNotFoundError) and printed as one line ``bitlm <verb>: error: ...`` with exi
 a missing optional package (``ModuleNotFoundError`` naming one of ``OPTIONAL_PACKAGES``), with
 the extra that installs it.  Anything else is a bug in bitlm: one line ``bitlm <verb>: internal
 error: ...`` and exit status 1, or the full traceback with ``BITLM_DEBUG=1``.  argparse's own
-errors (unknown option, bad choice) keep its usage message and exit status 2.
+errors (unknown option, bad choice) keep its usage message and exit status 2.  Warnings print
+as one line ``bitlm <verb>: warning: ...`` (not Python's ``file:line: UserWarning`` and a line of
+bitlm's source).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         parser.error(f"unknown verb {verb!r}; choose one of {', '.join(VERBS)}")
     debug = bool(os.environ.get("BITLM_DEBUG"))
+    python_format = warnings.formatwarning  # used only when a warning is printed, never when recorded
+    if not debug:
+        warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
+            f"bitlm {verb}: warning: {message}\n")
     try:
         mod = importlib.import_module(VERBS[verb][0])
         vp = argparse.ArgumentParser(prog=f"bitlm {verb}", description=VERBS[verb][1])
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _internal_error(verb, e)
         return 1
+    finally:
+        warnings.formatwarning = python_format
 
 
 def _internal_error(verb: str, e: BaseException) -> None:

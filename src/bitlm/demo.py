@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
@@ -163,18 +164,23 @@ def run(args) -> int:
     print(_table(rows))
     print(_table_notes(rows, n_prompt, n_new, threads))
 
-    # -- samples: greedy, and seeded sampling with `bitlm generate --sample`'s defaults, same prompts
+    # -- samples: greedy, and seeded sampling with `bitlm generate --sample`'s defaults, same prompts.
+    # One seed per prompt (`--seed i` for prompt i): with one shared seed the same random draws after
+    # two prompts gave a barely trained model nearly the same continuation of both.
     sampled = SAMPLE_DEFAULTS
+    seeds = [sampled.seed + i for i in range(len(PROMPTS))]
     samples: dict[str, dict[str, list[str]]] = {}
     for key, label in (("b1.58-i2", "BitNet b1.58 (packed i2)"), ("fp", "fp")):
         model = models[key]["model"]
         samples[key] = {
             "greedy": [p + generate(model, data.tokenizer, p, SAMPLE_TOKENS, SamplingParams()) for p in PROMPTS],
-            "sampled": [p + generate(model, data.tokenizer, p, SAMPLE_TOKENS, sampled) for p in PROMPTS],
+            "sampled": [p + generate(model, data.tokenizer, p, SAMPLE_TOKENS, replace(sampled, seed=sd))
+                        for p, sd in zip(PROMPTS, seeds)],
         }
         for kind, texts in samples[key].items():
             how = "greedy" if kind == "greedy" else (f"sampled: temperature {sampled.temperature:g}, top-k {sampled.top_k}, "
-                                                      f"top-p {sampled.top_p:g}, seed {sampled.seed}")
+                                                      f"top-p {sampled.top_p:g}, seeds {', '.join(map(str, seeds))} "
+                                                      "(one per prompt)")
             print(f"\n-- {label}, {how}:")
             for t in texts:
                 print("  " + " ".join(t.split()))
@@ -182,7 +188,7 @@ def run(args) -> int:
     # -- the table as JSON beside the checkpoints, and what to try next
     result = {
         "rows": rows, "samples": samples, "sampling": {"temperature": sampled.temperature, "top_k": sampled.top_k,
-                                                       "top_p": sampled.top_p, "seed": sampled.seed},
+                                                       "top_p": sampled.top_p, "seed": sampled.seed, "seeds": seeds},
         "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "preset": args.preset,
         "bench": {"prompt_tokens": n_prompt, "decode_tokens": n_new, "rounds": BENCH_ROUNDS, "threads": threads,
                   "statistic": "median", "memory": "peak RSS rise of a fresh process loading the file and running "
@@ -349,7 +355,18 @@ def _table_notes(rows, n_prompt: int, n_new: int, threads: int) -> str:
         parts = [f"{f['bytes_on_disk'] / b['bytes_on_disk']:.1f}x smaller on disk",
                  f"{b['decode_tok_s'] / f['decode_tok_s']:.1f}x decode speed"]
         if b["memory_bytes"] and f["memory_bytes"]:
-            parts.append(f"{f['memory_bytes'] / b['memory_bytes']:.1f}x less memory")
+            parts.append(_memory_ratio(f["memory_bytes"], b["memory_bytes"]))
         parts.append(f"{f['energy_j_per_token'] / b['energy_j_per_token']:.1f}x less energy per token")
         notes.append("b1.58 i2 vs fp: " + ", ".join(parts) + ".")
     return "\n".join(notes)
+
+
+def _memory_ratio(fp_bytes: float, b_bytes: float) -> str:
+    """fp's memory over b1.58's in words: "1.8x less memory", "about the same memory" within 5 %
+    (a tiny model's RSS rise is mostly the runtime's), or "1.2x more memory"."""
+    r = fp_bytes / b_bytes
+    if r >= 1.05:
+        return f"{r:.1f}x less memory"
+    if r <= 1 / 1.05:
+        return f"{1 / r:.1f}x more memory"
+    return "about the same memory"

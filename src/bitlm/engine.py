@@ -726,11 +726,19 @@ def _fmt_for(cfg: ModelConfig, format: str | None) -> str:
     return f.name
 
 
-def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None) -> PackedModel:
+def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None,
+            progress: bool = False) -> PackedModel:
     """``bitlm.pack(model)``: a trained ``BitNetModel`` → ``PackedModel`` (weights quantised with
-    the same functions training used, so the packed model computes the same ternary layer)."""
+    the same functions training used, so the packed model computes the same ternary layer).
+    ``progress``: report per layer (``bitlm pack``; a 2B4T-sized model takes about a minute)."""
+    from .data.common import progress as progress_bar
+
     cfg = model.config
     fmt = _fmt_for(cfg, format)
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA run: W + ΔW is not ternary
+        from .lora import refuse_adapters
+
+        refuse_adapters(model, "a packed .bitlm file")
     if blockers := inference_blockers(cfg):
         raise ValueError(f"cannot pack this model: {blockers[0]}")
     if cfg.act_variant != "a8" and _grouped(cfg):
@@ -745,7 +753,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     embed = embed or (head if head in DENSE_TYPES else "int8")
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
-    for blk in model.model.layers:
+    for blk in progress_bar(model.model.layers, enabled=progress, desc="pack", unit="layer"):
         att, mlp = blk.self_attn, blk.mlp
         packed = {}
         for name in ("q", "k", "v", "o"):
@@ -939,6 +947,8 @@ def add_arguments(p) -> None:
     p.add_argument("--embed", default=None, metavar="{" + ",".join(DENSE_TYPES) + "}",
                    help="embedding storage (default: as --head; int8 with an int6 / int4 head)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the model's own, if any)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run: fold its adapters into the ternary weights first (lossy; the loss is reported)")
 
 
 def run(args) -> int:
@@ -953,11 +963,15 @@ def run(args) -> int:
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")
     model = load(args.model)
+    if args.merge_lora:
+        from .lora import merge_for_export
+
+        print(f"bitlm pack: {merge_for_export(model)}")
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)
     except FileNotFoundError:
         tok = None
-    pm = convert(model, args.format, args.head, args.embed)
+    pm = convert(model, args.format, args.head, args.embed, progress=True)
     out = save_packed(pm, args.out, tokenizer=tok)
     b = pm.weight_bytes()
     n_lin = sum(w.N * w.K for L in pm.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))

@@ -91,6 +91,7 @@ class Setup:
     kd_weight: float = 1.0  # distill: BitDistill's λ (summarisation setting) and τ
     kd_temperature: float = 5.0
     kd_attention_weight: float = 1e3  # distill: γ of the attention-relation term (BitDistill summarisation)
+    device: str = "auto"  # where every model trains and is scored (bitlm.parallel: auto = CUDA when available)
 
     @classmethod
     def build(cls, name: str = "compare", scale: float = 1.0, quick: bool = False, **over: Any) -> Setup:
@@ -251,7 +252,7 @@ def _train(ctx: Context, tag: str, mcfg, recipe: str, lr: float, *, grad_clip: f
     tcfg = TrainConfig(recipe=recipe, lr=lr, max_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        eval_every=eval_every or s.steps, eval_batches=4, log_every=max(1, s.steps // 50),
                        out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, grad_clip=grad_clip,
-                       seed=seed, **train_kw)
+                       seed=seed, device=s.device, **train_kw)
     t0 = time.time()
     model, diverged, reason = None, False, None
     try:
@@ -894,7 +895,7 @@ def _train_stage(ctx: Context, tag: str, mcfg, *, steps: int, lr: float, init_mo
     recipe = "fp" if mcfg.quant == "fp" else "b1.58"
     tcfg = TrainConfig(recipe=recipe, max_steps=steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        eval_every=max(1, steps // 4), eval_batches=4, log_every=max(1, steps // 50),
-                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, **kw)
+                       out_dir=str(ctx.out / "ckpt" / tag), progress=ctx.progress, data=s.data, device=s.device, **kw)
     t0 = time.time()
     res = train(mcfg, tcfg, ctx.data, init_model=init_model, log=ctx.say)
     return {"model": res.model.eval(), "seconds": time.time() - t0,
@@ -1079,7 +1080,7 @@ def run_experiment(name: str, setup: Setup | None = None, out: str | Path | None
 
         data = prepare_data(setup.data, vocab_size=setup.vocab_size)
     ctx = Context(name, setup, outp, data, progress, t0=t0)
-    ctx.say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; out {outp}")
+    ctx.say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {setup.device}; out {outp}")
     res = _RUNNERS[name](ctx)
     seconds = time.time() - t0
     res.update(experiment=name, seconds=seconds, setup=asdict(setup), command=command,
@@ -1113,6 +1114,8 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--teacher", default=None,
                    help="distill: use this fp model as the teacher instead of training one (same tokenizer/vocab)")
+    p.add_argument("--device", default=None,
+                   help="auto (CUDA when available; the default) | cpu | cuda | mps: where the models train and are scored")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -1125,7 +1128,8 @@ def _fit_steps(name: str, s: Setup, data, minutes: float) -> int:
     per = 0.0
     for d in widths:
         for q in ("fp", "b1.58"):  # mean of fp and b1.58: one step of the average variant
-            per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2) / 2
+            per += time_train_step(s.model_config(q, d_model=d), data, s.batch_size, s.seq_len, steps=2,
+                                   device=s.device) / 2
     # scaling: `per` already sums one step of every width, and each width is trained twice
     # distill: 4 models, KD ≈ 1.3 steps; groups: the G values and one more seed of G = 1
     n_models = {"compare": 3, "ptq": 3, "scaling": 2, "lr": 2 * len(s.lrs), "groups": len(s.groups) + 1, "distill": 5,
@@ -1147,7 +1151,11 @@ def run(args) -> int:
     if args.name not in _RUNNERS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
     over: dict[str, Any] = {"steps": args.steps, "limit": args.limit, "data": args.data, "vocab_size": args.vocab_size,
-                            "teacher": args.teacher}
+                            "teacher": args.teacher, "device": args.device}
+    if args.device is not None:  # a one-line error naming --device before minutes of corpus preparation
+        from .parallel import resolve_device
+
+        resolve_device(args.device)
     if args.teacher and args.name != "distill":
         raise ValueError("--teacher applies to `bitlm experiment distill` only")
     if args.tasks:

@@ -83,6 +83,8 @@ def add_arguments(p) -> None:
                    help="with --requantize: text whose validation split measures the loss change ('default', a "
                         ".txt/.jsonl/.parquet file, or hf:NAME)")
     p.add_argument("--val-tokens", type=int, default=16384, help="with --requantize: tokens scored (default 16384)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run: fold its adapters into the ternary weights first (lossy; the loss is reported)")
 
 
 def run(args) -> int:
@@ -96,6 +98,11 @@ def run(args) -> int:
     if args.val_tokens < 2:
         raise ValueError(f"--val-tokens must be >= 2, got {args.val_tokens}")
     model = load(args.model)
+    from .lora import merge_for_export, refuse_adapters
+
+    if args.merge_lora:
+        print(f"bitlm export: {merge_for_export(model)}")
+    refuse_adapters(model, "an HF folder" if args.format == "hf" else "a GGUF file")  # before the tokenizer note
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)
     except FileNotFoundError:

@@ -83,6 +83,10 @@ def save(model, path: str | Path, format: str = "native", *, requantize: bool = 
     """Save ``model`` as ``native`` (checkpoint folder), ``hf`` (folder) or ``gguf`` (file).
     ``requantize=True``: save a copy without group options, one scale per tensor
     (``bitlm.export.requantize``), printing the validation loss change on ``val_tokens``."""
+    if format in ("hf", "gguf"):
+        from .lora import refuse_adapters
+
+        refuse_adapters(model, "an HF folder" if format == "hf" else "a GGUF file")
     if requantize:
         from .export import requantize as requantize_groups
 

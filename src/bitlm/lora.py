@@ -452,6 +452,33 @@ def merge_lora(model: nn.Module, *, mode: str = "refit",
     return model
 
 
+def refuse_adapters(model: nn.Module, target: str) -> None:
+    """One-line ValueError when ``model`` carries LoRA adapters, which ``target`` (a packed file, an
+    HF folder, a GGUF: ternary weights only) cannot hold, since W + ΔW is not ternary."""
+    mods = lora_modules(model)
+    if mods:
+        raise ValueError(f"{mods[0][0]}: a LoRA adapter ({len(mods)} in the model); {target} holds ternary weights "
+                         "only and W + ΔW is not ternary: fold them in with --merge-lora (bitlm.lora.merge_lora; "
+                         "lossy, the loss is reported) or run the unmerged model on the torch path "
+                         "(generate / eval / serve the run's folder)")
+
+
+def merge_for_export(model: nn.Module, mode: str = "refit") -> str:
+    """``--merge-lora`` of ``bitlm pack`` / ``bitlm export``: :func:`merge_lora` in place, and a
+    one-line summary of :func:`merge_error`'s report (the share of the update lost, codes changed)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("--merge-lora: the model has no LoRA adapters (adapter.safetensors) to merge")
+    report: dict[str, dict[str, float]] = {}
+    merge_lora(model, mode=mode, errors=report)
+    lost = [r["lost"] for r in report.values()]
+    worst = max(report, key=lambda n: report[n]["lost"])
+    flipped = sum(r["flipped"] for r in report.values()) / len(report)
+    return (f"merged {len(mods)} LoRA adapters ({mode}): {100 * sum(lost) / len(lost):.1f} % of the adapters' update "
+            f"lost on average (worst {worst}: {100 * report[worst]['lost']:.1f} %), {100 * flipped:.2f} % of the "
+            "ternary codes changed; the unmerged run keeps all of it on the torch path")
+
+
 def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter (in place), giving back the unchanged base; returns ``model``."""
     for name, m in lora_modules(model):

@@ -334,19 +334,29 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool = False, device_
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def time_train_step(model_cfg: ModelConfig, data, batch_size: int, seq_len: int, steps: int = 3) -> float:
+def time_train_step(model_cfg: ModelConfig, data, batch_size: int, seq_len: int, steps: int = 3,
+                    device: str | None = None) -> float:
     """Seconds of one training step (forward, backward, AdamW) of a fresh ``model_cfg`` model:
-    the best of ``steps`` after one warm-up step.  Used to size runs to a time budget."""
+    the best of ``steps`` after one warm-up step.  Used to size runs to a time budget.  ``device``
+    (``bitlm.parallel`` names; default the CPU): where the step runs, fp32."""
+    from .parallel import resolve_device, to_device
+
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
     torch.manual_seed(0)
-    model = BitNetModel(model_cfg).train()
+    model = BitNetModel(model_cfg).train().to(dev)
     opt = make_optimizer(model, TrainConfig(recipe="fp").resolved(), 1e-8)
     times = []
     for step in range(steps + 1):
         x, y = data.batch(step, batch_size, seq_len, seed=999)
+        x, y = to_device(x, dev), to_device(y, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        lm_loss(model, x, y).backward()
+        lm_loss(model, x, y, device_type=dev.type).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 

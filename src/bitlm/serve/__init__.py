@@ -77,10 +77,17 @@ def load_into(state, args) -> None:
     b = memory_bound(model, sched.parallel, sched.ctx, _weights_bytes(model, Path(args.model)), runtime)
     state.tokenizer, state.template, state.memory_bound = tok, template, b["total"]
     state.scheduler = sched.start()
-    print(f"bitlm serve: {args.model}: {sched.parallel} slots x {sched.ctx} tokens, chat template {template.name}; "
-          f"memory bound {b['total'] / MiB:.0f} MiB = weights {b['weights'] / MiB:.0f} + KV cache "
-          f"{b['kv_cache'] / MiB:.0f} + working {b['working'] / MiB:.0f} + runtime {b['runtime'] / MiB:.0f} MiB",
-          flush=True)
+    # a --ctx beyond the model's positions cannot be served: the Scheduler caps it, and the line says so
+    capped = (f" (--ctx {args.ctx} capped to the model's context of {sched.ctx} tokens)"
+              if args.ctx is not None and args.ctx > sched.ctx else "")
+    print(f"bitlm serve: {args.model}: {sched.parallel} slots x {sched.ctx} tokens{capped}, chat template "
+          f"{template.name}; memory bound {b['total'] / MiB:.0f} MiB = weights {_mib(b['weights'])} + KV cache "
+          f"{_mib(b['kv_cache'])} + working {_mib(b['working'])} + runtime {_mib(b['runtime'])} MiB", flush=True)
+
+
+def _mib(n: int) -> str:
+    """MiB with one decimal below 10 (a tiny model's weights are not "0 MiB")."""
+    return f"{n / MiB:.1f}" if n < 10 * MiB else f"{n / MiB:.0f}"
 
 
 def _check_args(args) -> None:
