@@ -1,11 +1,12 @@
-"""Parity with a real BitNet runtime: ik_llama.cpp runs bitlm's I2_S and IQ2_BN exports.
+"""Parity with a real BitNet runtime: ik_llama.cpp runs bitlm's I2_S, IQ2_BN, IQ2_BN_R4 and IQ1_BN exports.
 
 Optional, like the llama.cpp parity tests: set ``BITLM_IK_LLAMA_BIN`` to the folder holding an
 ik_llama.cpp build's ``llama-cli``, ``llama-perplexity`` and ``llama-quantize`` (CPU build, see
 docs/gguf.md "Running the files in bitnet.cpp and ik_llama.cpp").  A tiny 2B4T-style (ReLU²,
 sub-norms, tied head) b1.58 model learns a text by heart; bitlm exports it as IQ2_BN (ik's own
-type, read directly) and as I2_S (Microsoft's type, which ik_llama.cpp runs after
-``llama-quantize --allow-requantize ... iq2_bn``).  Both must give bitlm's greedy continuation
+type, read directly), IQ2_BN_R4 and IQ1_BN (ik's other BitNet types, read directly) and as I2_S
+(Microsoft's type: ik_llama.cpp can only dequantise it, so it runs it after
+``llama-quantize --allow-requantize ... iq2_bn``).  Each must give bitlm's greedy continuation
 and bitlm's perplexity, computed the way ``llama-perplexity`` computes it (chunks of ``n_ctx``
 tokens, the second half of each scored), up to the runtime's int8 activation rounding.
 """
@@ -37,6 +38,8 @@ TEXT = ("A small model learns a fixed text by heart. It reads the words again an
         "same function: bitlm in torch, ik_llama.cpp in C. The quick brown fox jumps over the lazy dog; pack "
         "my box with five dozen liquor jugs. How vexingly quick daft zebras jump! ")
 N_CTX = 64
+IK_TYPES = ("iq2_bn", "iq2_bn_r4", "iq1_bn")  # ik_llama.cpp's own types, run as bitlm wrote them
+KINDS = (*IK_TYPES, "i2_s")
 
 
 def _bin(name: str) -> str:
@@ -45,8 +48,9 @@ def _bin(name: str) -> str:
     return str(p)
 
 
-def _run(*args: str, timeout: int = 300) -> str:
-    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def _run(*args: str, cwd: Path, timeout: int = 300) -> str:
+    """Run an ik_llama.cpp tool in ``cwd`` (llama-cli writes main.log / llama.log there)."""
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
     assert r.returncode == 0, f"{args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
@@ -97,27 +101,28 @@ def bitlm_ppl(model, tokens: list[int]) -> float:
 def files(recited, tokenizer, tmp_path_factory):
     """gguf type -> the file ik_llama.cpp runs (I2_S requantised by ik's own llama-quantize)."""
     d = tmp_path_factory.mktemp("ik")
-    iq2 = save_gguf(recited, d / "m-iq2_bn.gguf", ternary_type="iq2_bn", tokenizer=tokenizer)
+    direct = {k: save_gguf(recited, d / f"m-{k}.gguf", ternary_type=k, tokenizer=tokenizer) for k in IK_TYPES}
     i2s = save_gguf(recited, d / "m-i2_s.gguf", ternary_type="i2_s", tokenizer=tokenizer)
     requant = d / "m-i2_s-as-iq2_bn.gguf"
     _run(_bin("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
-         str(i2s), str(requant), "iq2_bn")  # keep the f16 embedding (tied head) as bitlm wrote it
-    return {"iq2_bn": iq2, "i2_s": requant}
+         str(i2s), str(requant), "iq2_bn", cwd=d)  # keep the f16 embedding (tied head) as bitlm wrote it
+    return {**direct, "i2_s": requant}
 
 
-@pytest.mark.parametrize("kind", ["iq2_bn", "i2_s"])
-def test_ik_llama_greedy_tokens_equal_bitlm(recited, tokenizer, files, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_ik_llama_greedy_tokens_equal_bitlm(recited, tokenizer, files, kind, tmp_path):
     prompt_text = TEXT[:40]
     prompt = tokenizer.encode(prompt_text)
     ours, margin = bitlm_greedy(recited, prompt, 16)
     assert margin > 0.5, f"training left near-ties (margin {margin:.3f}): the comparison would be meaningless"
     out = _run(_bin("llama-cli"), "-m", str(files[kind]), "-p", prompt_text, "-n", "16", "--temp", "0",
-               "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "--simple-io")
+               "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "--simple-io", cwd=tmp_path)
     want = tokenizer.decode(ours)
     assert prompt_text + want in out, f"ik_llama.cpp wrote {out[-600:]!r}, bitlm {want!r}"
+    print(f"{kind}: ik_llama.cpp continued with bitlm's {len(ours)} greedy tokens {want!r} (smallest top-1 margin {margin:.2f})")
 
 
-@pytest.mark.parametrize("kind", ["iq2_bn", "i2_s"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_path):
     # the learnt text and the same words in reverse order (not learnt: a perplexity far from 1)
     text = TEXT * 3 + (" ".join(reversed(TEXT.split())) + " ") * 3
@@ -125,9 +130,10 @@ def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_p
     assert len(tokens) >= 2 * N_CTX
     (tmp_path / "t.txt").write_text(text)
     out = _run(_bin("llama-perplexity"), "-m", str(files[kind]), "-f", str(tmp_path / "t.txt"), "-c", str(N_CTX),
-               "-b", str(N_CTX), "-t", "1")
+               "-b", str(N_CTX), "-t", "1", cwd=tmp_path)
     m = re.search(r"Final estimate: PPL over (\d+) chunks for n_ctx=\d+ = ([0-9.]+)", out)
     assert m, out[-2000:]
     assert int(m.group(1)) == len(tokens) // N_CTX  # the same tokens: ik tokenises the text as bitlm does
     theirs, ours = float(m.group(2)), bitlm_ppl(recited, tokens)
+    print(f"{kind}: ik_llama.cpp PPL {theirs:.4f}, bitlm {ours:.4f}")  # pytest -rP shows it
     assert abs(math.log(theirs) - math.log(ours)) < 0.005, (theirs, ours)  # measured 18.7704 vs 18.7783: int8 activation rounding
