@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from bitlm.config import ModelConfig
-from bitlm.io.gguf import save_gguf
+from bitlm.io.gguf import load_gguf, read_gguf, save_gguf
 from bitlm.model import BitNetModel
 from helpers import bitlm_greedy
+from test_gguf import frozen_reference
 
 IK_BIN = os.environ.get("BITLM_IK_LLAMA_BIN")
 pytestmark = [
@@ -106,7 +107,7 @@ def files(recited, tokenizer, tmp_path_factory):
     requant = d / "m-i2_s-as-iq2_bn.gguf"
     _run(_bin("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
          str(i2s), str(requant), "iq2_bn", cwd=d)  # keep the f16 embedding (tied head) as bitlm wrote it
-    return {**direct, "i2_s": requant}
+    return {**direct, "i2_s": requant, "i2s_bitlm": i2s}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -137,3 +138,18 @@ def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_p
     theirs, ours = float(m.group(2)), bitlm_ppl(recited, tokens)
     print(f"{kind}: ik_llama.cpp PPL {theirs:.4f}, bitlm {ours:.4f}")  # pytest -rP shows it
     assert abs(math.log(theirs) - math.log(ours)) < 0.005, (theirs, ours)  # measured 18.7704 vs 18.7783: int8 activation rounding
+
+
+@pytest.mark.parametrize("kind", IK_TYPES)
+def test_bitlm_reads_what_ik_llama_quantize_writes(recited, files, kind, tmp_path):
+    """The other direction: ik_llama.cpp's own quantiser turns bitlm's I2_S file into its types,
+    and bitlm reads those bytes back as the same model (T, s and logits bit for bit)."""
+    theirs = tmp_path / f"ik-{kind}.gguf"
+    _run(_bin("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
+         str(files["i2s_bitlm"]), str(theirs), kind, cwd=tmp_path)
+    with read_gguf(theirs) as f:
+        assert f.metadata["general.architecture"] == "bitnet-b1.58"  # kept from the I2_S file
+        assert f.tensors["blk.0.ffn_down.weight"].type_name == kind.upper()
+    x = torch.randint(0, recited.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_gguf(theirs)(x), frozen_reference(recited, f16_head=True)(x))
