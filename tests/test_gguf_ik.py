@@ -3,12 +3,14 @@
 Optional, like the llama.cpp parity tests: set ``BITLM_IK_LLAMA_BIN`` to the folder holding an
 ik_llama.cpp build's ``llama-cli``, ``llama-perplexity`` and ``llama-quantize`` (CPU build, see
 docs/gguf.md "Running the files in bitnet.cpp and ik_llama.cpp").  A tiny 2B4T-style (ReLU²,
-sub-norms, tied head) b1.58 model learns a text by heart; bitlm exports it as IQ2_BN (ik's own
+sub-norms, tied head) b1.58 model, and its SiLU-gated twin (ik's ``bitnet`` graph), learns a
+text by heart; bitlm exports it as IQ2_BN (ik's own
 type, read directly), IQ2_BN_R4 and IQ1_BN (ik's other BitNet types, read directly) and as I2_S
 (Microsoft's type: ik_llama.cpp can only dequantise it, so it runs it after
 ``llama-quantize --allow-requantize ... iq2_bn``).  Each must give bitlm's greedy continuation
 and bitlm's perplexity, computed the way ``llama-perplexity`` computes it (chunks of ``n_ctx``
-tokens, the second half of each scored), up to the runtime's int8 activation rounding.
+tokens, the second half of each scored), up to the runtime's int8 activation rounding.  And
+bitlm reads back, bit for bit, the IQ files ik's own ``llama-quantize`` makes of its I2_S file.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def tokenizer():
     return Tokenizer(_train_bpe([TEXT] * 4, 280), EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 
 
-@pytest.fixture(scope="module")
-def recited(tokenizer):
-    """A 2B4T-style b1.58 model that recites TEXT (rows of 512, as ik's IQ kernels want)."""
+@pytest.fixture(scope="module", params=["bitnet-2b4t", "bitnet-b1.58"])
+def recited(tokenizer, request):
+    """A b1.58 model that recites TEXT (rows of 512, as ik's IQ kernels want): 2B4T-style (ReLU²,
+    ik's ``bitnet-25`` / ``bitnet-b1.58`` graph) or SiLU-gated (ik's ``bitnet`` graph)."""
     data = torch.tensor(tokenizer.encode(TEXT) * 4)
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="bitnet-2b4t", vocab_size=320, d_model=512, n_layers=2, n_heads=4, n_kv_heads=2,
+    cfg = ModelConfig(arch=request.param, vocab_size=320, d_model=512, n_layers=2, n_heads=4, n_kv_heads=2,
                       d_ff=1024, max_seq_len=256, tie_embeddings=True)
     model = BitNetModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -120,7 +123,7 @@ def test_ik_llama_greedy_tokens_equal_bitlm(recited, tokenizer, files, kind, tmp
                "--top-k", "1", "-t", "1", "-c", "256", "--no-warmup", "--simple-io", cwd=tmp_path)
     want = tokenizer.decode(ours)
     assert prompt_text + want in out, f"ik_llama.cpp wrote {out[-600:]!r}, bitlm {want!r}"
-    print(f"{kind}: ik_llama.cpp continued with bitlm's {len(ours)} greedy tokens {want!r} (smallest top-1 margin {margin:.2f})")
+    print(f"{recited.config.arch} {kind}: ik_llama.cpp continued with bitlm's {len(ours)} greedy tokens {want!r} (smallest top-1 margin {margin:.2f})")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,7 +139,7 @@ def test_ik_llama_perplexity_equals_bitlm(recited, tokenizer, files, kind, tmp_p
     assert m, out[-2000:]
     assert int(m.group(1)) == len(tokens) // N_CTX  # the same tokens: ik tokenises the text as bitlm does
     theirs, ours = float(m.group(2)), bitlm_ppl(recited, tokens)
-    print(f"{kind}: ik_llama.cpp PPL {theirs:.4f}, bitlm {ours:.4f}")  # pytest -rP shows it
+    print(f"{recited.config.arch} {kind}: ik_llama.cpp PPL {theirs:.4f}, bitlm {ours:.4f}")  # pytest -rP shows it
     assert abs(math.log(theirs) - math.log(ours)) < 0.005, (theirs, ours)  # measured 18.7704 vs 18.7783: int8 activation rounding
 
 
@@ -148,7 +151,8 @@ def test_bitlm_reads_what_ik_llama_quantize_writes(recited, files, kind, tmp_pat
     _run(_bin("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
          str(files["i2s_bitlm"]), str(theirs), kind, cwd=tmp_path)
     with read_gguf(theirs) as f:
-        assert f.metadata["general.architecture"] == "bitnet-b1.58"  # kept from the I2_S file
+        relu2 = recited.config.arch == "bitnet-2b4t"  # the architecture is kept from the I2_S file
+        assert f.metadata["general.architecture"] == ("bitnet-b1.58" if relu2 else "bitnet")
         assert f.tensors["blk.0.ffn_down.weight"].type_name == kind.upper()
     x = torch.randint(0, recited.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
