@@ -157,3 +157,23 @@ def test_bitlm_reads_what_ik_llama_quantize_writes(recited, files, kind, tmp_pat
     x = torch.randint(0, recited.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(load_gguf(theirs)(x), frozen_reference(recited, f16_head=True)(x))
+
+
+def test_bitlm_reads_ik_llama_quantize_default_q6_k_embedding(recited, files, tmp_path):
+    """Without the type flags ik's llama-quantize also requantises the tied embedding (to Q6_K for
+    IQ2_BN): bitlm reads that head as gguf.quants dequantises it, and the projections exactly."""
+    import gguf
+    import numpy as np
+
+    theirs = tmp_path / "ik-default.gguf"
+    _run(_bin("llama-quantize"), "--allow-requantize", str(files["i2s_bitlm"]), str(theirs), "iq2_bn", cwd=tmp_path)
+    with read_gguf(theirs) as f:
+        assert f.tensors["token_embd.weight"].type_name == "Q6_K"
+        want = gguf.quants.dequantize(f.raw("token_embd.weight"), gguf.GGMLQuantizationType.Q6_K)
+    loaded = load_gguf(theirs)
+    assert np.array_equal(loaded.model.embed_tokens.weight.detach().numpy(), want.astype(np.float32))
+    for i in range(recited.config.n_layers):
+        for proj in ("self_attn.q_proj", "mlp.down_proj"):
+            t, s = recited.get_submodule(f"model.layers.{i}.{proj}").quantized_weight()
+            t2, s2 = loaded.get_submodule(f"model.layers.{i}.{proj}").quantized_weight()
+            assert torch.equal(t, t2) and torch.equal(s, s2)
