@@ -111,6 +111,72 @@ def files(tmp_path_factory) -> dict[str, str]:
     return f
 
 
+def _patched(src: Path, dst: Path, old: bytes, new: bytes, before: int | None = None) -> str:
+    """``src`` with the last occurrence of ``old`` (before byte ``before``) replaced by ``new``."""
+    data = bytearray(src.read_bytes())
+    at = data.rfind(old, 0, before)
+    assert at >= 0 and len(old) == len(new), (old, new)
+    data[at:at + len(old)] = new
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def gguf_files(files) -> dict[str, str]:
+    """Broken variants of a good I2_S GGUF (bitnet.cpp's type, arch bitnet-b1.58): name -> path.
+    Each one is what another writer, a cut download or a different build could hand bitlm."""
+    pytest.importorskip("gguf")
+    from bitlm.config import preset
+    from bitlm.io.checkpoint import save_checkpoint
+    from bitlm.io.gguf import read_gguf, save_gguf
+    from bitlm.model import BitNetModel
+
+    d = Path(files["dir"]) / "gguf"
+    d.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = BitNetModel(preset("tiny-2b4t", d_model=128, d_ff=256, max_seq_len=64))  # rows of 128: I2_S blocks
+    good = save_gguf(model, d / "good.gguf", ternary_type="i2_s")
+    with read_gguf(good) as f:
+        infos = {n: (i.offset, i.nbytes, i.dims) for n, i in f.tensors.items()}
+        assert f.metadata["general.architecture"] == "bitnet-b1.58"
+        assert f.tensors["blk.0.attn_q.weight"].type_name == "I2_S"
+    header_end = min(off for off, _, _ in infos.values())
+    raw = good.read_bytes()
+    g = {}
+
+    def info_record(name: str) -> bytes:  # the tensor-info record: name, n_dims, dims, type id
+        dims = infos[name][2]
+        return (len(name).to_bytes(8, "little") + name.encode() + len(dims).to_bytes(4, "little")
+                + b"".join(x.to_bytes(8, "little") for x in dims))
+
+    # the unused two-bit code 0b11 in the first block of attn_q
+    bad = bytearray(raw)
+    bad[infos["blk.0.attn_q.weight"][0]] = 0xFF
+    (d / "code3.gguf").write_bytes(bytes(bad))
+    g["gguf_code3"] = str(d / "code3.gguf")
+    # a ggml type id no runtime defines (99) on attn_v
+    rec = info_record("blk.0.attn_v.weight")
+    g["gguf_type"] = _patched(good, d / "type.gguf", rec + (36).to_bytes(4, "little"), rec + (99).to_bytes(4, "little"),
+                              header_end)
+    # an architecture no runtime defines, same length as bitnet-b1.58
+    key = b"general.architecture" + (8).to_bytes(4, "little") + (12).to_bytes(8, "little")  # string value
+    g["gguf_arch"] = _patched(good, d / "arch.gguf", key + b"bitnet-b1.58", key + b"bitnet-b9.99", header_end)
+    # the download cut one byte short of the last tensor's end
+    last = max(infos, key=lambda n: infos[n][0])
+    (d / "cut.gguf").write_bytes(raw[: infos[last][0] + infos[last][1] - 1])
+    assert last == "blk.1.ffn_down.weight"
+    g["gguf_cut"] = str(d / "cut.gguf")
+    # an I2_S tensor whose bytes do not fit its shape: attn_k says 32 rows, its data holds 64
+    rec = info_record("blk.0.attn_k.weight")
+    assert infos["blk.0.attn_k.weight"][2] == (128, 64)
+    g["gguf_i2s_size"] = _patched(good, d / "size.gguf", rec, rec[:-8] + (32).to_bytes(8, "little"), header_end)
+    # a model with two weight scales per projection, for the one-scale I2_S / IQ2_BN files
+    wg = BitNetModel(preset("tiny-2b4t", d_model=128, d_ff=256, max_seq_len=64, weight_groups=2))
+    g["ck_wgroups"] = str(save_checkpoint(wg, d / "ck-wgroups"))
+    shutil.copy(Path(files["ck"]) / "tokenizer.json", d / "ck-wgroups" / "tokenizer.json")
+    return g
+
+
 # (id, argv with {name} placeholders for files, what the one error line must name)
 MODEL_VERBS = {  # verb -> extra arguments it needs besides --model
     "eval": "--text 'the cat'",
@@ -147,6 +213,18 @@ CASES: list[tuple[str, str, str]] = _model_cases() + [
     ("export-hf-groups", "export --model {ck_grouped} --format hf --out {dir}/g-hf", "norm_groups=2"),
     ("export-val-tokens", "export --model {ck_grouped} --format hf --out {dir}/g-hf --requantize --val-tokens 1",
      "--val-tokens"),
+    # GGUF files of the BitNet runtimes that bitlm must not read as a model (bitlm.io.gguf_types)
+    ("eval-gguf-code3", "eval --model {gguf_code3} --text 'the cat'", "'blk.0.attn_q.weight' (I2_S) holds the unused code 0b11"),
+    ("generate-gguf-type", "generate --model {gguf_type} --prompt hi --max-new-tokens 1",
+     "tensor 'blk.0.attn_v.weight' has unknown ggml type 99"),
+    ("pack-gguf-arch", "pack --model {gguf_arch} --out {dir}/a.bitlm", "architecture 'bitnet-b9.99'"),
+    ("info-gguf-cut", "info --model {gguf_cut}", "tensor 'blk.1.ffn_down.weight' is truncated"),
+    ("eval-gguf-i2s-size", "eval --model {gguf_i2s_size} --text 'the cat'",
+     "tensor 'blk.0.attn_k.weight' (I2_S, dims [128, 32]) has 2080 bytes before the next tensor; its type needs 1056"),
+    ("export-gguf-i2s-groups", "export --model {ck_wgroups} --format gguf --gguf-type i2_s --out {dir}/g.gguf",
+     "q_proj: 2 weight scale groups"),
+    ("export-gguf-iq2bn-groups", "export --model {ck_wgroups} --format gguf --gguf-type iq2_bn --out {dir}/g.gguf",
+     "q_proj: 2 weight scale groups"),
     # tokenizers and data that are not what they claim
     ("eval-tokenizer-text", "eval --model {ck} --text 'the cat' --tokenizer {text}", "notes.txt"),
     ("eval-tokenizer-missing", "eval --model {ck} --text 'the cat' --tokenizer {dir}/tok.json", "tok.json"),
@@ -279,9 +357,11 @@ def _check_one_line(verb: str, rc: int, out: str, err: str, needle: str) -> None
 
 
 @pytest.mark.parametrize("case_id,argv,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(case_id, argv, needle, files, capsys, monkeypatch):
+def test_bad_input_is_one_line(case_id, argv, needle, files, capsys, monkeypatch, request):
     if "gguf" in case_id:
         pytest.importorskip("gguf")
+    if "{gguf_" in argv or "{ck_wgroups}" in argv:
+        files = {**files, **request.getfixturevalue("gguf_files")}
     monkeypatch.setenv("BITLM_DEBUG", "")  # the one-line form even where a developer set it
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))  # chat
     args = shlex.split(argv.format(**files))

@@ -115,8 +115,9 @@ def test_ik_llama_files_load_exactly(tmp_path, type_id):
     assert torch.equal(logits(load_gguf(path), x), logits(ref, x))
 
 
-def test_llama3_vocabulary_without_pre_key_gets_llama3_split(tmp_path):
-    """Microsoft's file names no tokenizer.ggml.pre; a LLaMA 3 vocabulary must still split as LLaMA 3."""
+def llama3_vocab_keys(tmp_path: Path) -> tuple[object, dict]:
+    """(tokenizer, the tokenizer.ggml.* keys of Microsoft's file for it): a LLaMA 3-style BPE
+    vocabulary without tokenizer.ggml.pre, as in ggml-model-i2_s.gguf."""
     from test_gguf import llama3_style_tokenizer
 
     tok = llama3_style_tokenizer()
@@ -126,11 +127,48 @@ def test_llama3_vocabulary_without_pre_key_gets_llama3_split(tmp_path):
         meta["tokenizer.ggml.token_type"] = f.metadata["tokenizer.ggml.token_type"].tolist()
         meta["tokenizer.ggml.bos_token_id"] = f.metadata["tokenizer.ggml.bos_token_id"]
         meta["tokenizer.ggml.eos_token_id"] = f.metadata["tokenizer.ggml.eos_token_id"]
+    return tok, meta
+
+
+def test_llama3_vocabulary_without_pre_key_gets_llama3_split(tmp_path):
+    """Microsoft's file names no tokenizer.ggml.pre; a LLaMA 3 vocabulary must still split as LLaMA 3."""
+    tok, meta = llama3_vocab_keys(tmp_path)
     path = microsoft_style(tiny(arch="bitnet-2b4t"), tmp_path / "ms.gguf", keys=meta)
     rebuilt = load_gguf(path).tokenizer
     assert rebuilt.add_bos  # the file's add_bos_token = true
     for s in ["numbers 1234567 split in threes", "it's they'll", "x\n\n\ny"]:
         assert rebuilt.encode(s) == tok.encode(s), s
+
+
+def test_cli_eval_and_generate_run_a_microsoft_file(tmp_path, capsys):
+    """bitlm eval / generate on a file laid out as Microsoft's (I2_S, F16 tied embedding, LLaMA 3
+    vocabulary in the file, no sidecar tokenizer): the numbers and text of the checkpoint it
+    holds, computed with bitlm's own tokenizer rebuilt from the GGUF vocabulary."""
+    import json
+
+    from bitlm.cli import main
+    from bitlm.evaluate import perplexity
+    from bitlm.generate import generate
+    from bitlm.io.gguf import gguf_tokenizer
+    from bitlm.tasks import encode_text
+
+    m = tiny(arch="bitnet-2b4t")
+    _, meta = llama3_vocab_keys(tmp_path)
+    path = microsoft_style(m, tmp_path / "ggml-model-i2_s.gguf", keys=meta)
+    ref, tok = frozen_reference(m, f16_head=True), gguf_tokenizer(path)
+    text = "it's the numbers 1234567 that they'll split in threes, x\n\ny " * 3
+    assert main(["eval", "--model", str(path), "--text", text, "--json", str(tmp_path / "e.json")]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())["lm"]
+    ids_ = encode_text(tok, text)
+    assert ids_[0] == tok.bos_id  # the file's add_bos_token = true
+    want = perplexity(ref, ids_)
+    assert got["loss"] == want["loss"] and got["tokens"] == want["tokens"] == len(ids_) - 1
+    capsys.readouterr()
+    prompt = "numbers 12 and"
+    assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    completion = generate(ref, tok, prompt, 8)
+    assert completion and out == prompt + completion + "\n"
 
 
 def test_q6_k_and_q8_0_heads_are_read(tmp_path):
