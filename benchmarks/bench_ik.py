@@ -63,7 +63,7 @@ def build_ik_gguf(preset: str = "2b4t", seed: int = 0, cache_dir: str | Path = D
     from bitlm.config import preset as make_preset
     from bitlm.io import gguf_types as GT
     from bitlm.io.atomic import atomic_write
-    from bitlm.io.gguf import _encode_bn, _encode_float, gguf_architecture
+    from bitlm.io.gguf import _encode_bn, _encode_float, gguf_architecture, write_hparams, write_vocab
 
     path = ik_gguf_path(preset, seed, cache_dir)
     if path.exists():
@@ -90,25 +90,8 @@ def build_ik_gguf(preset: str = "2b4t", seed: int = 0, cache_dir: str | Path = D
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(f"bitlm benchmark: random ternary {cfg.arch} (iq2_bn_r4, head q8_0)")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_vocab_size(V)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(d)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(f)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_rope_dimension_count(hd)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        w.add_token_merges(vocab["merges"])
-        w.add_bos_token_id(vocab["bos"])
-        w.add_eos_token_id(vocab["eos"])
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
+        write_hparams(w, cfg)
+        write_vocab(w, vocab, "llama-bpe")
         # the draw order of build_random_packed: per layer q, k, v, o, up (gate rows, then up
         # rows), down; then the embedding
         blocks = []

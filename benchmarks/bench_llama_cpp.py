@@ -124,6 +124,8 @@ def build_gguf(path: str | Path | None = None, preset: Any = "2b4t", ternary_typ
         QK_K,
         _encode_float,
         _encode_ternary,
+        write_hparams,
+        write_vocab,
     )
 
     if ternary_type not in FORMATS:
@@ -188,26 +190,9 @@ def build_gguf(path: str | Path | None = None, preset: Any = "2b4t", ternary_typ
         w.add_name(f"bitlm benchmark: random ternary {cfg.arch} ({ternary_type}, head {head_type})")
         w.add_file_type(_FILE_TYPE[ternary_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_vocab_size(V)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(d)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(f)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_rope_dimension_count(hd)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        write_hparams(w, cfg)
         w.add_string(ACTIVATION_KEY, _ARCH_TO_ACTIVATION.get(cfg.arch, "silu"))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        w.add_token_merges(vocab["merges"])
-        w.add_bos_token_id(vocab["bos"])
-        w.add_eos_token_id(vocab["eos"])
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
+        write_vocab(w, vocab, "llama-bpe")
         for name, dtype, shape, raw, _ in plan:
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             w.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)

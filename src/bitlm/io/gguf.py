@@ -1028,6 +1028,37 @@ def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
     return None
 
 
+def write_hparams(w: Any, cfg: ModelConfig) -> None:
+    """The model-shape keys of a llama.cpp-family GGUF (``<arch>.context_length`` ... ``.layer_norm_rms_eps``)
+    for ``cfg``, on a ``gguf.GGUFWriter`` opened with the architecture name."""
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)  # full rotary, NEOX pairing (no q/k permutation)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+
+
+def write_vocab(w: Any, vocab: dict[str, Any], pre: str, add_bos: bool = False) -> None:
+    """A byte-level BPE vocabulary as llama.cpp reads it (``tokenizer.ggml.*``, model "gpt2"):
+    ``vocab`` holds tokens, types, merges, bos, eos and optionally pad."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    if vocab.get("pad") is not None:
+        w.add_pad_token_id(vocab["pad"])
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(False)
+
+
 def save_gguf(
     model: BitNetModel,
     path: str | Path,
@@ -1140,16 +1171,7 @@ def save_gguf(
         w.add_name(name or f"bitlm {cfg.arch}")
         w.add_file_type(_FILE_TYPE[ternary_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_rope_dimension_count(cfg.head_dim)  # full rotary, NEOX pairing (no q/k permutation)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        write_hparams(w, cfg)
         # llama.cpp's <arch>.hidden_activation; the ReLU² runtimes' graphs hard-code it and ignore the key
         w.add_string(f"{arch}.hidden_activation", _ARCH_TO_ACTIVATION[cfg.arch])
         if arch == ARCH:
@@ -1164,17 +1186,8 @@ def save_gguf(
         if vocab is None:
             w.add_tokenizer_model("none")  # llama.cpp then runs on token ids only
         else:
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(vocab["pre"])
-            w.add_token_list(vocab["tokens"])
-            w.add_token_types(vocab["types"])
-            w.add_token_merges(vocab["merges"])
-            w.add_bos_token_id(vocab["bos"])
-            w.add_eos_token_id(vocab["eos"])
-            if vocab["pad"] is not None:
-                w.add_pad_token_id(vocab["pad"])
-            w.add_add_bos_token(bool(getattr(tok, "add_bos", False)))  # as the tokenizer does (bitlm's: never)
-            w.add_add_eos_token(False)
+            # add_bos as the tokenizer does (bitlm's: never)
+            write_vocab(w, vocab, vocab["pre"], add_bos=bool(getattr(tok, "add_bos", False)))
         for tname, arr, raw_dtype in tensors:
             if raw_dtype in GT.TYPE_NAMES:  # unknown to gguf: bytes (as int8, which it does not reinterpret)
                 w.add_tensor(tname, arr[0].view(np.int8), raw_shape=arr[1], raw_dtype=raw_dtype)
