@@ -252,6 +252,7 @@ def main() -> int:
     print(f"bitlm serve benchmark: preset {args.preset}, streams {args.streams}, {args.requests} requests per "
           f"stream, {args.max_tokens} tokens, prompt {args.prompt_tokens}; CPU {cpu_model()} ({os.cpu_count()} cores), "
           f"kernels {kernels.backend_info()}", file=sys.stderr, flush=True)
+    load = {"start": os.getloadavg()}
     rows, info = bitlm_side(args, env)
     llama, llama_note = llama_side(args, env) if args.llama_cpp else (None, "not requested (--llama-cpp)")
     print(f"\n{'engine':<8} {'streams':>7} {'agg tok/s':>10} {'x 1 stream':>10} {'decode tok/s':>12} "
@@ -260,9 +261,11 @@ def main() -> int:
         for r in rs:
             print(f"{name:<8} {r['streams']:>7} {r['agg_tok_s']:>10.1f} {r['agg_vs_1_stream']:>10.2f} "
                   f"{r['decode_tok_s']:>12.1f} {r['ttft_ms']:>8.0f} {r['tpot_ms']:>8.1f}")
+    load["end"] = os.getloadavg()
     if llama is None:
         print(f"llama-cpp-python: {llama_note}")
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "kernels": kernels.backend_info(), "preset": args.preset,
+    print(f"load average (1, 5, 15 min): {load['start']} at the start, {load['end']} at the end")
+    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": load, "kernels": kernels.backend_info(), "preset": args.preset,
            "args": {k: v for k, v in vars(args).items() if k != "json"}, "bitlm": rows, "bitlm_info": info,
            "llama_cpp": llama, "llama_cpp_note": llama_note, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
