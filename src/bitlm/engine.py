@@ -423,10 +423,13 @@ class PackedModel:
         ``caches[i].pos`` of sequence i, each with its own (batch-1) cache → logits (N, V).
 
         Every projection runs once for all N rows (the kernels' GEMM with M = N: the weights are
-        read once per step); attention runs per sequence over its own cache.  Activations are
-        quantised per token and the integer products are exact, so row i's logits are the same
-        bits whatever else is in the batch — and the same bits as the per-op single-sequence
-        path (``forward`` with ``fused_decode = False``)."""
+        read once per step); attention runs per sequence over its own cache — with the native
+        kernels RoPE, the cache rows and the attention of all N sequences are one call per layer
+        (``native.BatchAttention``, the fused step's arithmetic), else torch's SDPA per sequence.
+        Activations are quantised per token and the integer products are exact, so row i's
+        logits are the same bits whatever else is in the batch; with the native attention also
+        the fused native step's bits (ReLU² models), with ``batch_attention = False`` the per-op
+        single-sequence path's (``forward`` with ``fused_decode = False``)."""
         cfg = self.config
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         N = ids.numel()
