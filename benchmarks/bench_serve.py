@@ -17,8 +17,11 @@ Reported (medians over ``--rounds`` interleaved rounds of all levels):
 * ``ttft_ms`` / ``tpot_ms`` — medians over requests; TPOT = (last - first token) / (tokens - 1).
 
 llama-cpp-python's server (``python -m llama_cpp.server``) runs the same load on bench_llama_cpp's
-GGUF of the same shape with ``--llama-cpp``, when the package is installed (``pip install
-'bitlm[llama]'``, a ~7 minute build); otherwise that side is reported as skipped.
+GGUF of the same shape (TQ2_0 projections, q8_0 head) with ``--llama-cpp``, when the package is
+installed (``make test-llama``, or ``pip install 'bitlm[llama]'`` plus its server extra, a ~7
+minute build); otherwise that side is reported as skipped.  Its requests ask for no logprobs
+(its filler tokens all have text, so a chunk with text is a token) and it runs with
+``--logits_all False``: its logprobs path sorts the 128k vocabulary in Python per token.
 
     python benchmarks/bench_serve.py                                  # 2b4t shape (builds ~0.9 GB once)
     python benchmarks/bench_serve.py --preset tiny-2b4t --max-tokens 16 --requests 1 --rounds 1  # smoke test
@@ -110,9 +113,10 @@ class Proc:
             return self.p.wait()
 
 
-def one_request(url: str, model: str, prompt, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "logprobs": 0}
+def one_request(url: str, model: str, prompt, max_tokens: int, logprobs: bool = True) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if logprobs:
+        body["logprobs"] = 0
     t0 = time.perf_counter()
     times: list[float] = []
     with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as r:
@@ -130,13 +134,13 @@ def one_request(url: str, model: str, prompt, max_tokens: int) -> dict:
             "tpot": (times[-1] - times[0]) / (n - 1) if n > 1 else None}
 
 
-def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens: int) -> dict:
+def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens: int, logprobs: bool = True) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
 
     def client() -> None:
         for _ in range(per_client):
-            r = one_request(url, model, prompt, max_tokens)
+            r = one_request(url, model, prompt, max_tokens, logprobs)
             with lock:
                 results.append(r)
 
@@ -154,12 +158,12 @@ def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens:
             "tpot_ms": 1e3 * tpot}
 
 
-def measure(url: str, model: str, prompt, args) -> list[dict]:
-    one_request(url, model, prompt, 4)  # warm-up
+def measure(url: str, model: str, prompt, args, logprobs: bool = True) -> list[dict]:
+    one_request(url, model, prompt, 4, logprobs)  # warm-up
     rounds: dict[int, list[dict]] = {c: [] for c in args.streams}
     for rnd in range(args.rounds):
         for c in args.streams:
-            r = run_level(url, model, prompt, c, args.requests, args.max_tokens)
+            r = run_level(url, model, prompt, c, args.requests, args.max_tokens, logprobs)
             rounds[c].append(r)
             print(f"  round {rnd + 1}: {c} streams: {r['agg_tok_s']:.1f} tok/s aggregate, TTFT {r['ttft_ms']:.0f} ms, "
                   f"TPOT {r['tpot_ms']:.1f} ms", file=sys.stderr, flush=True)
@@ -199,6 +203,10 @@ def bitlm_side(args, env) -> tuple[list[dict], dict]:
 def llama_side(args, env) -> tuple[list[dict] | None, str]:
     if importlib.util.find_spec("llama_cpp") is None:
         return None, "skipped: llama-cpp-python is not installed (pip install 'bitlm[llama]', ~7 min build)"
+    missing = [m for m in ("sse_starlette", "starlette_context", "pydantic_settings") if importlib.util.find_spec(m) is None]
+    if missing:
+        return None, (f"skipped: llama-cpp-python's server extra is not installed (missing {', '.join(missing)}: "
+                      "pip install sse-starlette starlette-context pydantic-settings)")
     import socket
 
     from bench_llama_cpp import build_gguf, gguf_path
@@ -210,12 +218,17 @@ def llama_side(args, env) -> tuple[list[dict] | None, str]:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    # No logprobs here: llama-cpp-python computes them by sorting the whole 128k vocabulary in
+    # Python per token, and only with --logits_all (logits of every prompt token) — ~100 ms a
+    # token that is its Python layer's, not llama.cpp's.  Its vocabulary's filler tokens all have
+    # text, so each streamed chunk with text is one token.
     srv = Proc([sys.executable, "-m", "llama_cpp.server", "--model", str(g), "--host", "127.0.0.1", "--port", str(port),
-                "--n_ctx", str(args.ctx), "--n_threads", str(os.cpu_count())], env, None, port, "/v1/models")
+                "--n_ctx", str(args.ctx), "--n_threads", str(os.cpu_count()), "--logits_all", "False"], env, None, port,
+               "/v1/models")
     try:
         rng = random.Random(0)
         prompt = "".join(chr(rng.randrange(97, 123)) for _ in range(args.prompt_tokens))
-        rows = measure(srv.url, "llama", prompt, args)
+        rows = measure(srv.url, "llama", prompt, args, logprobs=False)
     finally:
         srv.stop()
     return rows, f"llama-cpp-python server on {g}"
@@ -239,6 +252,7 @@ def main() -> int:
     print(f"bitlm serve benchmark: preset {args.preset}, streams {args.streams}, {args.requests} requests per "
           f"stream, {args.max_tokens} tokens, prompt {args.prompt_tokens}; CPU {cpu_model()} ({os.cpu_count()} cores), "
           f"kernels {kernels.backend_info()}", file=sys.stderr, flush=True)
+    load = {"start": os.getloadavg()}
     rows, info = bitlm_side(args, env)
     llama, llama_note = llama_side(args, env) if args.llama_cpp else (None, "not requested (--llama-cpp)")
     print(f"\n{'engine':<8} {'streams':>7} {'agg tok/s':>10} {'x 1 stream':>10} {'decode tok/s':>12} "
@@ -247,9 +261,11 @@ def main() -> int:
         for r in rs:
             print(f"{name:<8} {r['streams']:>7} {r['agg_tok_s']:>10.1f} {r['agg_vs_1_stream']:>10.2f} "
                   f"{r['decode_tok_s']:>12.1f} {r['ttft_ms']:>8.0f} {r['tpot_ms']:>8.1f}")
+    load["end"] = os.getloadavg()
     if llama is None:
         print(f"llama-cpp-python: {llama_note}")
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "kernels": kernels.backend_info(), "preset": args.preset,
+    print(f"load average (1, 5, 15 min): {load['start']} at the start, {load['end']} at the end")
+    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": load, "kernels": kernels.backend_info(), "preset": args.preset,
            "args": {k: v for k, v in vars(args).items() if k != "json"}, "bitlm": rows, "bitlm_info": info,
            "llama_cpp": llama, "llama_cpp_note": llama_note, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 6
+#define BITLM_ABI_VERSION 7
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -254,6 +254,23 @@ typedef struct bitlm_decoder_desc {
  * inconsistent description (nothing is written then), or ENOMEM. */
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin);
+
+/* Batched decode (bitlm.engine.PackedModel.decode_batch): the attention part of one step of N
+ * independent sequences, one token each.  Sequence j (at position pos[j] < max_len[j]): RoPE of
+ * its q (H, D) and k (Hkv, D) rows with cos, sin rows j (D,) each, in place; its k and v rows
+ * stored into its caches at pos[j], rounded to kv_type (BITLM_KV_*); then attention of its H query
+ * heads over its pos[j] + 1 cached positions into out (N, H, D).  kc[j], vc[j]: (Hkv, max_len[j], D)
+ * caches of kv_type; ks, vs: NULL, or for I8 N arrays of (Hkv, max_len[j]) scales.  q (N, H, D),
+ * k and v (N, Hkv, D) float32.  Per sequence exactly the operations of bitlm_decode_step (same
+ * bits on every tier and thread count), all N * H heads in one parallel pass.  0 or EINVAL. */
+BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hkv, int64_t D, float *q, float *k,
+                               const float *v, const int64_t *pos, const int64_t *max_len, const float *cos,
+                               const float *sin, void *const *kc, void *const *vc, float *const *ks, float *const *vs,
+                               float *out);
+/* The ReLU² gated activation of bitlm_decode_step on m rows: y (m, 2f) gate then up values,
+ * out[r, j] = (relu(g) * relu(g)) * u (torch's relu(g).square_().mul_(u), the same bits; unlike
+ * the fused step's loop, a NaN gate stays NaN as in torch). */
+BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out);
 
 /* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
  * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */

@@ -383,3 +383,96 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     }
     return 0;
 }
+
+/* ---- batched decode: attention of N sequences in one call (bitlm_attn_batch) ---------------- */
+
+typedef struct {
+    int kvt;
+    int64_t H, Hkv, D;
+    const float *q;
+    const int64_t *pos, *max_len;
+    void *const *kc, *const *vc;
+    float *const *ks, *const *vs;
+    int64_t tmax;
+    float scale;
+    float *scores, *out;
+    bitlm_attn_fn fn;
+} batch_attn_task;
+
+/* items [b, e) of N * H: (sequence j, query head h) = (i / H, i % H) */
+static void batch_attn_run(void *ctx, int64_t b, int64_t e) {
+    const batch_attn_task *t = (const batch_attn_task *)ctx;
+    for (int64_t i = b; i < e; i++) {
+        const int64_t j = i / t->H, h = i % t->H, T = t->pos[j] + 1;
+        const float *q = t->q + (j * t->H) * t->D;
+        float *scores = t->scores + (j * t->H) * t->tmax, *out = t->out + (j * t->H) * t->D; /* H * tmax each */
+        if (t->kvt == BITLM_KV_F32) {
+            const int64_t kv = h / (t->H / t->Hkv), off = kv * t->max_len[j] * t->D;
+            t->fn(q + h * t->D, (const float *)t->kc[j] + off, (const float *)t->vc[j] + off, T, t->D, t->scale,
+                  scores + h * T, out + h * t->D);
+        } else { /* the fused step's f16 / int8 attention, head h of this sequence */
+            bitlm_kv_attn_task at = {t->kvt, q, t->kc[j], t->vc[j], t->ks ? t->ks[j] : NULL, t->vs ? t->vs[j] : NULL,
+                                     T, t->D, t->H / t->Hkv, t->max_len[j], t->scale, scores, out};
+            bitlm_kv_attn_run(&at, h, h + 1);
+        }
+    }
+}
+
+BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hkv, int64_t D, float *q, float *k,
+                               const float *v, const int64_t *pos, const int64_t *max_len, const float *cos,
+                               const float *sin, void *const *kc, void *const *vc, float *const *ks, float *const *vs,
+                               float *out) {
+    if (N < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 2 || D % 2 || !q || !k || !v || !pos || !max_len || !cos ||
+        !sin || !kc || !vc || !out || (kv_type != BITLM_KV_F32 && kv_type != BITLM_KV_F16 && kv_type != BITLM_KV_I8) ||
+        (kv_type == BITLM_KV_I8 && (!ks || !vs)))
+        return BITLM_EINVAL;
+    int64_t tmax = 0;
+    double macs = BITLM_MIN_MACS_PER_THREAD;
+    for (int64_t j = 0; j < N; j++) {
+        if (pos[j] < 0 || pos[j] >= max_len[j] || !kc[j] || !vc[j] || (ks && (!ks[j] || !vs[j]))) return BITLM_EINVAL;
+        tmax = pos[j] + 1 > tmax ? pos[j] + 1 : tmax;
+        macs += (double)(H * (pos[j] + 1) * D * 2);
+    }
+    float *scores = malloc((size_t)(N * H * tmax) * sizeof(float));
+    if (!scores) return BITLM_ENOMEM;
+    const int kvt = (int)kv_type;
+    for (int64_t j = 0; j < N; j++) { /* RoPE, then the cache rows, exactly as bitlm_decode_step */
+        float *qj = q + j * H * D, *kj = k + j * Hkv * D;
+        const float *vj = v + j * Hkv * D;
+        rope(qj, H, D, cos + j * D, sin + j * D);
+        rope(kj, Hkv, D, cos + j * D, sin + j * D);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t row = h * max_len[j] + pos[j];
+            bitlm_kv_store(kvt, kc[j], ks ? ks[j] : NULL, row, kj + h * D, D);
+            bitlm_kv_store(kvt, vc[j], vs ? vs[j] : NULL, row, vj + h * D, D);
+        }
+    }
+    batch_attn_task t = {kvt, H, Hkv, D, q, pos, max_len, kc, vc, ks, vs, tmax,
+                         (float)(1.0 / sqrt((double)D)), scores, out, bitlm_active_table()->attn};
+    bitlm_parallel_for(N * H, 1, bitlm_threads_for(macs), batch_attn_run, &t);
+    free(scores);
+    return 0;
+}
+
+/* relu_f, except that NaN stays NaN (as torch.relu keeps it). */
+static inline float relu_nan(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b &= ((b - 1u) < 0x7f800000u || (b & 0x7fffffffu) > 0x7f800000u) ? ~0u : 0u;
+    float g;
+    memcpy(&g, &b, 4);
+    return g;
+}
+
+BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out) {
+    if (!y || !out || m < 0 || f < 1) return BITLM_EINVAL;
+    for (int64_t r = 0; r < m; r++) { /* the fused step's loop, per row */
+        const float *g = y + r * 2 * f, *u = g + f;
+        float *o = out + r * f;
+        for (int64_t j = 0; j < f; j++) {
+            const float a = relu_nan(g[j]);
+            o[j] = (a * a) * u[j];
+        }
+    }
+    return 0;
+}

@@ -477,10 +477,17 @@ ALWAYS_INLINE void dense_block(const int WT, const bitlm_dense_problem *p, const
         }
 }
 
+/* Rows per W8A8 panel (dense_panels' PR for int8 weights). */
+#define I8A8_PANEL 64
+
 /* W8A8 head (W_I8A8), R rows x T tokens.  vpdpbusd wants one unsigned operand: the weights are read as w ^ 0x80 = w + 128 (u8), so
  * the lanes hold sum (w + 128) x = acc + 128 sum x, and one subtraction of 128 * xsum[m] per
  * output gives acc (all in wrapping int32: exact, since |acc| < 2^31).  A masked K tail loads
- * zeros on both sides: (0 ^ 0x80) * 0 adds nothing.  One xor + one vpdpbusd per 64 weights. */
+ * zeros on both sides: (0 ^ 0x80) * 0 adds nothing.  One xor + one vpdpbusd per 64 weights.
+ * Prefetch: decode (T = 1) the next R rows, 512 bytes ahead, into L1; M > 1 (serving's batched
+ * decode) the first token block of each R-row group the same rows of the next panel, one panel
+ * (160 KB at K = 2560) ahead, into L2 — without it the M = 8 head waited on DRAM behind the
+ * hardware prefetcher (65 -> 23 ms per step on the 2B4T head, docs/performance.md). */
 ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const int T, int64_t n, int64_t m) {
     const int64_t K = p->K;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
@@ -492,6 +499,8 @@ ALWAYS_INLINE void i8a8_block(const bitlm_dense_problem *p, const int R, const i
         const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
         if (T == 1)
             for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + R) * K + k) + 512, _MM_HINT_T0);
+        else if (m == 0) /* M > 1: the first token block pulls the next panel's rows into L2 */
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (r + I8A8_PANEL) * K + k), _MM_HINT_T1);
         __m512i xv[4];
         for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_epi8(mk, x + t * K + k);
         for (int r = 0; r < R; r++) {
@@ -529,7 +538,7 @@ ALWAYS_INLINE void dense_rows(const int WT, const bitlm_dense_problem *p, const 
 /* Panels of PR rows (PR*K weights, L2-resident: 64 int8 or 32 bf16 rows, the same bytes)
  * against all tokens. */
 ALWAYS_INLINE void dense_panels(const int WT, const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
-    const int64_t PR = WT == W_BF16 ? 32 : 64;
+    const int64_t PR = WT == W_BF16 ? 32 : I8A8_PANEL;
     for (int64_t pn = n0; pn < n1; pn += PR) {
         const int64_t pe = pn + PR < n1 ? pn + PR : n1;
         int64_t n = pn;

@@ -1,6 +1,7 @@
 """``PackedModel.decode_batch`` (serving's continuous batching) against the single-sequence
-engine: a sequence's logits are the same bits whatever else shares its step, and the same bits as
-the per-op single-sequence path; greedy tokens equal the fused native decode's.  ``KVPool``."""
+engine: a sequence's logits are the same bits whatever else shares its step; with the native
+batched attention the same bits as the fused native decode (ReLU² models), with torch's attention
+(``batch_attention = False``) the same bits as the per-op single-sequence path.  ``KVPool``."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def _run(pm, idxs: list[int], steps: int = 8, mode: str = "batch"):
     for _ in range(steps):
         for i, t in zip(idxs, cur):
             toks[i].append(t)
-        if mode == "batch":
+        if mode in ("batch", "batch-sdpa"):
+            pm.batch_attention = mode == "batch"
             out = pm.decode_batch(cur, caches)
+            pm.batch_attention = True
         else:
             pm.fused_decode = mode == "fused"
             out = torch.stack([pm(torch.tensor([[t]]), cache=c)[0, -1] for t, c in zip(cur, caches)])
@@ -46,19 +49,28 @@ def _run(pm, idxs: list[int], steps: int = 8, mode: str = "batch"):
 def test_batched_decode_equals_alone(name, fmt, head, kw):
     pm = _packed(name, fmt, head, **kw)
     together_t, together_l = _run(pm, [0, 1, 2, 3])
+    together_sdpa_t, together_sdpa_l = _run(pm, [0, 1, 2, 3], mode="batch-sdpa")
     for i in range(4):
         alone_t, alone_l = _run(pm, [i])
         assert alone_t[i] == together_t[i]
         for a, b in zip(alone_l[i], together_l[i]):
             assert torch.equal(a, b)  # the same bits, not just the same argmax
+        # torch's attention per sequence (batch_attention off): the per-op path's bits
         per_op_t, per_op_l = _run(pm, [i], mode="per-op")
-        assert per_op_t[i] == alone_t[i]
-        for a, b in zip(alone_l[i], per_op_l[i]):
+        assert per_op_t[i] == together_sdpa_t[i] == alone_t[i]
+        for a, b in zip(together_sdpa_l[i], per_op_l[i]):
             assert torch.equal(a, b)
         fused_t, fused_l = _run(pm, [i], mode="fused")
-        assert fused_t[i] == alone_t[i]  # the native fused step rounds attention differently: tokens
-        for a, b in zip(alone_l[i], fused_l[i]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        assert fused_t[i] == alone_t[i]
+        for a, b, c in zip(alone_l[i], fused_l[i], per_op_l[i]):
+            # the native batched attention is the fused step's (same rounding): where the fused
+            # step runs the same FFN activation (ReLU²), the same bits; torch's SDPA rounds
+            # differently (close)
+            if pm._fused_decode_ok() and pm.config.arch == "bitnet-2b4t":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-3)
 
 
 def test_batched_decode_mixed_positions_and_errors():
@@ -92,3 +104,59 @@ def test_kv_pool_bounds_memory_and_recycles_slots():
         pool.release(slots[1])
     again = pool.acquire()
     assert again == slots[1] and pool.caches[again].pos == 0
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
+def test_batched_attention_is_the_fused_steps(tier, kv):
+    """The native batched attention (RoPE, cache rows, attention: ``bitlm_attn_batch``) on every KV
+    cache type: each row the fused native step's bits, at different positions, and the cache
+    contents the fused step's; torch's per-sequence attention gives the same tokens."""
+    pm = _packed("tiny-2b4t", "i2", "int8")
+    pm.kv = kv
+    assert pm._fused_decode_ok() and pm.config.arch == "bitnet-2b4t"
+    toks, logits = _run(pm, [0, 1, 2, 3], steps=4)
+    for i in range(4):
+        fused_t, fused_l = _run(pm, [i], steps=4, mode="fused")
+        assert fused_t[i] == toks[i]
+        for a, b in zip(logits[i], fused_l[i]):
+            assert torch.equal(a, b)
+    sdpa_t, _ = _run(pm, [0, 1, 2, 3], steps=4, mode="batch-sdpa")
+    assert sdpa_t == toks
+    # the caches hold the fused step's rows
+    caches = [pm.new_cache(1, 32) for _ in range(2)]
+    fused = [pm.new_cache(1, 32) for _ in range(2)]
+    for c, f, p in zip(caches, fused, ([1, 2, 3], [4])):
+        pm(torch.tensor([p]), cache=c)
+        pm(torch.tensor([p]), cache=f)
+    pm.decode_batch([5, 6], caches)
+    for f, t in zip(fused, [5, 6]):
+        pm(torch.tensor([[t]]), cache=f)
+    for c, f in zip(caches, fused):
+        assert c.pos == f.pos
+        names = ("k", "v", "k_scale", "v_scale") if kv == "int8" else ("k", "v")
+        for name in names:
+            for x, y in zip(getattr(c, name), getattr(f, name)):
+                assert torch.equal(x, y)
+
+
+def test_batched_attention_errors():
+    from bitlm import kernels
+
+    if kernels.backend() != "native":
+        pytest.skip("needs the native kernels")
+    from bitlm.kernels import native
+
+    pm = _packed("tiny-2b4t", "i2", "int8")
+    cfg = pm.config
+    c = pm.new_cache(1, 4)
+    c.pos = 4  # full: nothing may be written
+    with pytest.raises(ValueError, match="pos < max_len"):
+        native.BatchAttention([c], "f16", cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
+    c.pos = 0
+    with pytest.raises(ValueError, match=r"cache 0 k\[0\]: expected a contiguous torch.float32"):
+        native.BatchAttention([c], "f32", cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
+    ba = native.BatchAttention([c], "f16", cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
+    D = cfg.head_dim
+    with pytest.raises(ValueError, match="batched attention k"):
+        ba.run(0, torch.zeros(1, cfg.n_heads, D), torch.zeros(2, cfg.kv_heads, D), torch.zeros(1, cfg.kv_heads, D),
+               torch.zeros(1, D), torch.zeros(1, D))

@@ -530,13 +530,28 @@ def test_dense_bf16_matmul_bad_input(impl):
 @pytest.mark.parametrize("k", (1, 15, 63, 64, 65, 300, 2560))
 def test_dense_int8a8_matmul_bit_identical(tier, k):
     gen = torch.Generator().manual_seed(k)
-    for m, n in ((1, 37), (2, 5), (3, 70), (4, 9), (7, 67), (64, 67)):
+    for m, n in ((1, 37), (2, 5), (3, 70), (4, 9), (7, 67), (8, 200), (64, 67)):  # (8, 200): next-panel prefetch
         xq, a = native.quantize_rows(torch.randn(m, k, generator=gen) * 3)
         w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         w[0] = -128  # extremes: -128 * -128 and the +128 bias of the u8 trick
         s = torch.rand(n, generator=gen) / 64
         got, want = native.dense_int8a8_matmul(xq, a, w, s), R.dense_int8a8_matmul(xq, a, w, s)
         assert got.shape == (m, n) and torch.equal(got, want), (tier, m, n, k)
+
+
+def test_glu_relu2_bit_identical(tier):
+    """The ReLU² gated activation: native == torch's relu(g).square_().mul_(u), NaN / inf / -0 included."""
+    gen = torch.Generator().manual_seed(3)
+    for m, f in ((1, 1), (3, 17), (8, 6912)):
+        y = torch.randn(m, 2 * f, generator=gen) * 4
+        y[0, 0] = -0.0
+        if f > 2:
+            y[0, 1], y[0, 2], y[-1, f] = float("nan"), float("inf"), float("-inf")
+        got, want = native.glu_relu2(y), R.glu_relu2(y)
+        assert got.shape == (m, f) and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (tier, m, f)
+    with pytest.raises(ValueError, match="gate and up"):
+        native.glu_relu2(torch.zeros(2, 5))
 
 
 def test_dense_int8a8_extremal_sums_are_exact(tier):

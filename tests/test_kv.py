@@ -110,13 +110,15 @@ def test_rounding_points_agree_across_paths(kv):
     full = pm(ids)
     cache = pm.new_cache(1, 32)
     assert torch.equal(pm(ids, cache=cache), full)
-    # per-op single decode vs decode_batch: the same bits
+    # per-op single decode vs decode_batch with torch's attention: the same bits
     pm.fused_decode = False
     c1, c2 = pm.new_cache(1, 32), pm.new_cache(1, 32)
     pm(ids[:, :5], cache=c1)
     pm(ids[:, :5], cache=c2)
     one = pm(ids[:, 5:6], cache=c1)[0, -1]
+    pm.batch_attention = False
     two = pm.decode_batch([ids[0, 5].item()], [c2])[0]
+    pm.batch_attention = True
     assert torch.equal(one, two)
     # a 1-token query vs row 5 of a causal 9-token one: SDPA rounds differently, nothing more
     assert torch.allclose(one, full[0, 5], rtol=1e-4, atol=1e-4 * one.abs().max().item())

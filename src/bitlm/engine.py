@@ -366,6 +366,8 @@ class PackedModel:
         del hq, ha
         if cfg.arch == "bitnet":
             m = F.gelu(u)
+        elif cfg.arch != "bitnet-b1.58":  # ReLU²: one native pass (kernels.glu_relu2, the same bits)
+            m = kernels.glu_relu2(u)
         else:
             g, u = u.chunk(2, dim=-1)  # gate rows first, then up (see convert())
             m = F.silu(g) if cfg.arch == "bitnet-b1.58" else F.relu(g).square_()
@@ -421,10 +423,13 @@ class PackedModel:
         ``caches[i].pos`` of sequence i, each with its own (batch-1) cache → logits (N, V).
 
         Every projection runs once for all N rows (the kernels' GEMM with M = N: the weights are
-        read once per step); attention runs per sequence over its own cache.  Activations are
-        quantised per token and the integer products are exact, so row i's logits are the same
-        bits whatever else is in the batch — and the same bits as the per-op single-sequence
-        path (``forward`` with ``fused_decode = False``)."""
+        read once per step); attention runs per sequence over its own cache — with the native
+        kernels RoPE, the cache rows and the attention of all N sequences are one call per layer
+        (``native.BatchAttention``, the fused step's arithmetic), else torch's SDPA per sequence.
+        Activations are quantised per token and the integer products are exact, so row i's
+        logits are the same bits whatever else is in the batch; with the native attention also
+        the fused native step's bits (ReLU² models), with ``batch_attention = False`` the per-op
+        single-sequence path's (``forward`` with ``fused_decode = False``)."""
         cfg = self.config
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         N = ids.numel()
@@ -440,16 +445,23 @@ class PackedModel:
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): one position per row, broadcast over heads
         x = self.embed.rows(ids).reshape(N, cfg.d_model)
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        batt = self._batch_attention(caches)
+        if batt is not None:
+            cos, sin = cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous()
         for i, L in enumerate(self.layers):
             xq, a = self._norm_quant(x, L.input_norm, L.input_norm_b)
-            q = _rope_(kernels.matmul(xq, a, L.q, L.q_b).view(N, H, D), cos, sin)
-            k = _rope_(kernels.matmul(xq, a, L.k, L.k_b).view(N, Hkv, D), cos, sin)
+            q = kernels.matmul(xq, a, L.q, L.q_b).view(N, H, D)
+            k = kernels.matmul(xq, a, L.k, L.k_b).view(N, Hkv, D)
             v = kernels.matmul(xq, a, L.v, L.v_b).view(N, Hkv, D)
             del xq, a
-            att = torch.empty(N, H * D)
-            for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
-                kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
-                att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
+            if batt is not None:  # RoPE, cache rows and attention of all N sequences: one native call
+                att = batt.run(i, q, k, v, cos, sin)
+            else:
+                q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
+                att = torch.empty(N, H * D)
+                for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
+                    kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
+                    att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
             del q, k, v
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
@@ -459,6 +471,25 @@ class PackedModel:
         for c in caches:
             c.advance(1)
         return self._final(x, N, 1, rowwise=True).view(N, -1)
+
+    #: decode_batch's attention: the native batched call (``bitlm_attn_batch``: RoPE, cache rows
+    #: and attention of every sequence in one pass, the fused step's rounding) when the native
+    #: kernels are in use; False (or env BITLM_BATCH_ATTN=0) runs torch's SDPA per sequence, the
+    #: per-op path's attention (then every logit is the per-op path's bits).
+    batch_attention = True
+
+    def _batch_attention(self, caches: list[KVCache]):
+        if not self.batch_attention or os.environ.get("BITLM_BATCH_ATTN", "1") == "0":
+            return None
+        if kernels.backend() != "native":
+            return None
+        kinds = {getattr(c, "kv", "f32") for c in caches}
+        if len(kinds) != 1 or any(c.k[0].shape[0] != 1 for c in caches):
+            return None  # mixed cache types or batch > 1 caches: the per-sequence torch loop
+        from .kernels import native
+
+        cfg = self.config
+        return native.BatchAttention(caches, kinds.pop(), cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
 
     # -- fused native decode ---------------------------------------------------------------------
     #: Decode one token per native call (``bitlm_decode_step``) when the native kernels are in

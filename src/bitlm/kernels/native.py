@@ -25,10 +25,11 @@ from ..packing import PackedWeight
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
-           "dense_lowbit_matmul", "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize"]
+           "dense_lowbit_matmul", "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2",
+           "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 6
+ABI_VERSION = 7
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -62,6 +63,8 @@ _SIGNATURES = {
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
     "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_attn_batch": (_c_int, [_c_i64] * 5 + [_c_p] * 12),
+    "bitlm_glu_relu2": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_dense_lowbit": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_profile": (_c_int, [_c_int, _c_p, _c_int]),
     "bitlm_decode_profile_names": (ctypes.c_char_p, []),
@@ -424,6 +427,77 @@ def kv_quantize(x: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor | 
     _check(lib.bitlm_kv_quantize(code, x.data_ptr(), r, d, out.data_ptr(), None if sc is None else sc.data_ptr()),
            "bitlm_kv_quantize")
     return out, sc
+
+
+def glu_relu2(y: torch.Tensor) -> torch.Tensor:
+    """float32 (M, 2F) gate then up values → (M, F) relu(g)² · u (``bitlm_glu_relu2``)."""
+    lib = _lib or _need()
+    y = y.to(torch.float32).contiguous()
+    m, f2 = y.shape
+    if f2 % 2:
+        raise ValueError(f"glu_relu2: {f2} columns, expected gate and up halves")
+    out = torch.empty((m, f2 // 2), dtype=torch.float32)
+    _check(lib.bitlm_glu_relu2(y.data_ptr(), m, f2 // 2, out.data_ptr()), "bitlm_glu_relu2")
+    return out
+
+
+class BatchAttention:
+    """``bitlm_attn_batch`` bound to N single-sequence KV caches for one batched decode step.
+
+    ``caches``: objects with per-layer ``k`` / ``v`` lists of contiguous (1, kv_heads, max_len,
+    head_dim) tensors of one ``kv`` type (``KV_TYPES``; int8 adds ``k_scale`` / ``v_scale``
+    float32 (1, kv_heads, max_len) lists) and ``pos`` (the position written now).  Every tensor is
+    checked here once; :meth:`run` then costs one native call per layer.
+    """
+
+    def __init__(self, caches: list, kv: str, n_heads: int, kv_heads: int, head_dim: int, n_layers: int) -> None:
+        if kv not in KV_TYPES:
+            raise ValueError(f"KV cache type must be one of {sorted(KV_TYPES)}, got {kv!r}")
+        self.kv_code, dt = KV_TYPES[kv]
+        self.N, self.H, self.Hkv, self.D = len(caches), n_heads, kv_heads, head_dim
+        self.pos = torch.tensor([c.pos for c in caches], dtype=torch.int64)
+        self.max_len = torch.tensor([c.max_len for c in caches], dtype=torch.int64)
+        if self.N == 0 or bool((self.pos < 0).any() | (self.pos >= self.max_len).any()):
+            raise ValueError("batched attention: every cache needs 0 <= pos < max_len")
+        names = ("k", "v", "k_scale", "v_scale") if kv == "int8" else ("k", "v")
+        table = []
+        for j, c in enumerate(caches):
+            rows = []
+            for name in names:
+                ts = getattr(c, name)
+                shape = (1, kv_heads, c.max_len) + (() if name.endswith("scale") else (head_dim,))
+                want = torch.float32 if name.endswith("scale") else dt
+                if len(ts) != n_layers:
+                    raise ValueError(f"cache {j} {name}: {len(ts)} layers, expected {n_layers}")
+                for i, t in enumerate(ts):
+                    if t.dtype != want or not t.is_contiguous() or tuple(t.shape) != shape:
+                        raise ValueError(f"cache {j} {name}[{i}]: expected a contiguous {want} {shape} tensor, "
+                                         f"got {t.dtype} {tuple(t.shape)}")
+                rows.append([t.data_ptr() for t in ts])
+            table.append(rows)
+        self._caches = caches  # keeps every tensor pointed at alive
+        # (n_layers, 2 or 4, N) pointers: layer i's k, v (, k_scale, v_scale) arrays are contiguous rows
+        self.ptrs = torch.tensor(table, dtype=torch.int64).permute(2, 1, 0).contiguous()
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> torch.Tensor:
+        """q (N, H, D), k / v (N, Hkv, D) float32 contiguous (q and k get RoPE in place), cos / sin
+        (N, D): store the k / v rows at each cache's ``pos`` and attend → (N, H * D)."""
+        lib = _lib or _need()
+        N, H, Hkv, D = self.N, self.H, self.Hkv, self.D
+        for name, t, shape in (("q", q, (N, H, D)), ("k", k, (N, Hkv, D)), ("v", v, (N, Hkv, D)), ("cos", cos, (N, D)),
+                               ("sin", sin, (N, D))):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError(f"batched attention {name}: expected a contiguous float32 {shape} tensor")
+        out = torch.empty((N, H * D), dtype=torch.float32)
+        p = self.ptrs[layer]
+        base, step = p.data_ptr(), N * 8
+        ks = base + 2 * step if self.kv_code == 2 else None
+        vs = base + 3 * step if self.kv_code == 2 else None
+        _check(lib.bitlm_attn_batch(self.kv_code, N, H, Hkv, D, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                    self.pos.data_ptr(), self.max_len.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                    base, base + step, ks, vs, out.data_ptr()), "bitlm_attn_batch")
+        return out
 
 
 #: FFN activations of bitlm_decode_step (gated: act(gate) * up).

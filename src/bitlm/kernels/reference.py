@@ -50,7 +50,7 @@ from ..packing import PackedWeight
 
 __all__ = ["gemm", "quantize_rows", "matmul", "rms_sumsq", "rms_norm_rows", "sliced_matmul", "quantize_slices",
            "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul", "dense_lowbit_matmul", "hadamard",
-           "quantize_rows_absmean"]
+           "glu_relu2", "quantize_rows_absmean"]
 
 _LANES = 16
 
@@ -294,6 +294,12 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     from ..quant import hadamard_transform
 
     return hadamard_transform(x.to(torch.float32))
+
+
+def glu_relu2(y: torch.Tensor) -> torch.Tensor:
+    """float32 (M, 2F) gate then up values → (M, F) relu(g)² · u (squared, then times u)."""
+    g, u = y.float().chunk(2, dim=-1)
+    return torch.relu(g).square_().mul_(u)
 
 
 def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
