@@ -55,8 +55,13 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
     from bitlm.model import BitNetModel
     from bitlm.train import TrainConfig, lm_loss, make_optimizer
 
-    long_ste = quant.endswith("-long")
-    if long_ste:  # the STE as it was before the short path: x + λ·(q - x).detach()
+    name = quant
+    if quant.endswith("-legacy"):  # the QAT step before the fast one: fake-quant floats every forward
+        from bitlm import layers
+
+        layers.QAT_FAST = False
+        quant = quant[: -len("-legacy")]
+    if quant.endswith("-long"):  # the STE as it was before the short path: x + λ·(q - x).detach()
         _long_ste()
         quant = quant[: -len("-long")]
     d = P.init_distributed(device_name, parallel)
@@ -85,7 +90,7 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
         if i:  # the first step warms up (allocations, compile)
             times.append(time.perf_counter() - t0)
     d.barrier()
-    out = {"preset": preset_name, "quant": quant + ("-long" if long_ste else ""), "device": str(d.device), "precision": prec, "compile": compile_,
+    out = {"preset": preset_name, "quant": name, "device": str(d.device), "precision": prec, "compile": compile_,
            "batch": batch, "seq": seq, "world": d.world, "step_s": statistics.median(times),
            "tok_s": batch * seq * d.world / statistics.median(times), "peak_mb": _peak_mb(d.device),
            "base_mb": base_mb, "threads": torch.get_num_threads()}
@@ -94,8 +99,11 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
 
 
 def _long_ste() -> None:
+    from bitlm import layers
     from bitlm import quant as Q
     from bitlm.layers import BitLinear
+
+    layers.QAT_FAST = False
 
     def ste(x, q, lam=1.0):
         d = (q - x).detach()
@@ -128,7 +136,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="small,base")
     ap.add_argument("--quants", default=",".join(QUANTS),
-                    help="fp, b1, b1.58; QUANT-long measures the STE as x + λ(q - x).detach() (before the short path)")
+                    help="fp, b1, b1.58; QUANT-legacy: the QAT step without the fast path (BITLM_QAT_FAST=0: "
+                         "fake-quant floats every forward); QUANT-long: the STE as x + λ(q - x).detach() "
+                         "(before the short path; implies -legacy's float path)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--compile", action="store_true")
