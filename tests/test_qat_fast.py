@@ -250,3 +250,23 @@ def test_env_switch(value, fast):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                          check=True).stdout.split()
     assert out[0] == str(fast) and out[1].startswith("_Int8Projection") == fast
+
+
+def test_weight_cache_off_when_storage_is_rewritten_in_place():
+    """``weight_cache = False`` (what ``parallel.wrap_model`` sets under FSDP2, whose all-gather
+    rewrites the weight's storage without a version bump): every forward quantises afresh, and the
+    fast projection still runs."""
+    torch.manual_seed(8)
+    m = BitLinear(16, 8).train()
+    x = torch.randn(3, 16, requires_grad=True)
+    m(x)
+    with torch.no_grad():  # a write that bypasses the version counter, as a collective's output does
+        m.weight.data.copy_(torch.randn(8, 16))
+    assert m.cached_quantized_weight()[1] != Q.weight_quantize(m.weight, "b1.58")[1]  # stale: why it exists
+    m.weight_cache = False
+    assert m.cached_quantized_weight() is None
+    y = m(x)
+    assert y.grad_fn.name().startswith("_Int8Projection")
+    m.weight_cache = True
+    m.__dict__.pop("_wq_cache")
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)

@@ -128,6 +128,9 @@ class BitLinear(nn.Linear):
         self.norm = norm
         self.norm_eps = norm_eps
         self.register_buffer("quant_lambda", torch.tensor(float(quant_lambda)), persistent=True)
+        # cache the weight codes per weight version (``cached_quantized_weight``); False where the
+        # weight's storage is rewritten without a version bump (``parallel.wrap_model`` under FSDP2)
+        self.weight_cache = True
 
     def extra_repr(self) -> str:
         return (
@@ -184,10 +187,11 @@ class BitLinear(nn.Linear):
         ``load_state_dict``, ``copy_``), its storage pointer, dtype and shape, so the micro-batches of
         one optimizer step and the evaluation between steps quantise it once.  ``None`` where no
         cache applies (the fast step turned off, a DTensor weight, torch.compile, an inference
-        tensor without a version counter, ``fp``): the caller quantises as before."""
+        tensor without a version counter, ``fp``, ``weight_cache`` False): the caller quantises as
+        before."""
         w = self.weight
-        if (not QAT_FAST or self.weight_quant == "fp" or torch.compiler.is_compiling() or _is_dtensor(w)
-                or w.is_inference()):
+        if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp" or torch.compiler.is_compiling()
+                or _is_dtensor(w) or w.is_inference()):
             return None
         key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
         hit = self.__dict__.get("_wq_cache")
@@ -218,7 +222,8 @@ class BitLinear(nn.Linear):
         lam = self._lambda()
         x = self.normalize(x)
         if self._fast_path(x, lam):
-            t, s = self.cached_quantized_weight()
+            codes = self.cached_quantized_weight()
+            t, s = codes if codes is not None else Q.weight_quantize(self.weight, self.weight_quant)
             return _Int8Projection.apply(x, self.weight, self.bias, t, s)
         if self.hadamard:
             x = Q.hadamard_transform(x)
