@@ -3,13 +3,16 @@ and data-parallel scaling on torchrun.
 
     python benchmarks/bench_train.py                           # small & base presets, CPU, batch 16 x 128
     python benchmarks/bench_train.py --presets small --rounds 1 --steps 2    # a smoke test
+    python benchmarks/bench_train.py --quants fp,b1,b1.58,b1.58-legacy   # + the QAT step before the fast one
     python benchmarks/bench_train.py --device cuda --precision bf16 --compile   # on a GPU machine
 
 Each (preset, quant) step is measured in its own process (so its peak memory is its own: RSS on
 the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), rounds interleaved (fp, b1, b1.58, fp, ...)
 and the median step time of all rounds reported; the QAT/fp ratio divides medians of the same
 run.  A step is forward + backward + AdamW on random tokens (``bitlm.train.lm_loss``; the cost
-does not depend on the data), after one warm-up step.
+does not depend on the data), after one warm-up step.  ``QUANT-legacy`` times the QAT step with
+``bitlm.layers.QAT_FAST`` off (what ``BITLM_QAT_FAST=0`` does: fake-quant floats in every forward,
+no weight-code cache), in the same interleaved rounds as the fast one.
 
 Scaling (``--ddp``, on by default on the CPU): the small preset, one process with one thread
 against two DDP processes (torchrun, gloo) with one thread each, the same per-rank batch, so

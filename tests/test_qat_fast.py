@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_config
 
 from bitlm import layers as L
 from bitlm import quant as Q
 from bitlm.layers import BitLinear, quantize_activation_rows, set_quant_lambda
 from bitlm.model import BitNetModel
 from bitlm.train import TrainConfig, lm_loss, make_optimizer
+from helpers import VOCAB, tiny_config
 
 
 @pytest.fixture

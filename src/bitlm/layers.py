@@ -7,6 +7,13 @@ built-in RMSNorm"; the b1 paper's LN/SubLN), parameter-free so that ``prepare()`
 invent new weights.  ``set_quant_lambda`` and ``lambda_schedule`` give the λ warm-up (HF "Fine-tuning
 LLMs to 1.58bit"): λ ramps the fake quantisation in from 0 to 1.
 
+The fast QAT step (``BITLM_QAT_FAST``, on by default) computes the same thing with less work: the
+weight codes (T, s) are cached per weight version — once per optimizer step, however many
+micro-batches and evaluations use them — and the common training case (λ = 1, per-token int8
+absmax activations, no groups or activation variants, float32 on the CPU) runs its projection as
+an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients.
+Every other case, torch.compile, tensor-parallel shards and autocast keep the fake-quant path.
+
 ``prepare(model)`` swaps ``nn.Linear`` modules for ``BitLinear`` *copying* the existing weights
 (peers that re-initialise them destroy the pretrained model), skipping output heads by default.
 """
