@@ -18,7 +18,8 @@ Scaling (``--ddp``, on by default on the CPU): the small preset, one process wit
 against two DDP processes (torchrun, gloo) with one thread each, the same per-rank batch, so
 ideal scaling doubles the global tokens/s.
 
-Writes a table to stdout and JSON (CPU model, kernel tier, torch, every number) to --json.
+Writes a table to stdout and JSON (CPU model, kernel tier, torch, load average at the start and the
+end, every number) to --json.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def main() -> None:
     from bitlm import kernels
 
     info = kernels.backend_info()
+    load_start = os.getloadavg()  # other jobs on the machine: recorded beside every number
     presets, quants = args.presets.split(","), args.quants.split(",")
     runs: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
@@ -200,7 +202,8 @@ def main() -> None:
                    "rounds": {"one": [r["tok_s"] for r in s1], "ddp2": [r["tok_s"] for r in s2]}}
 
     print(f"\n{cpu_model()} — torch {torch.__version__}, device {args.device}, "
-          f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}")
+          f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}; "
+          f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     hdr = f"{'preset':<8}{'quant':<12}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -214,6 +217,7 @@ def main() -> None:
               f"2 procs x 1 thread {scaling['ddp_two_proc_one_thread_tok_s']:.0f} tok/s = {scaling['speedup']:.2f}x")
     out = {"cpu": cpu_model(), "cpus": os.cpu_count(), "kernels": info, "torch": torch.__version__,
            "device": args.device, "rows": rows, "ddp_scaling": scaling, "rounds": args.rounds, "steps": args.steps,
+           "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

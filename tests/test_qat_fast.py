@@ -44,7 +44,7 @@ def _fwd_bwd(m: BitLinear, x: torch.Tensor, g: torch.Tensor):
 
 def _fake_quant_bound(m: BitLinear, x: torch.Tensor) -> torch.Tensor:
     """|X_fq|·|W_fq|ᵀ: the scale of the float sums' rounding error in the fake-quant path."""
-    q, a = Q.activation_quantize(x.detach(), 8, "token")
+    q, a = Q.activation_quantize(x.detach(), 8, m.act_granularity if m.training else m.act_granularity_eval)
     t, s = Q.weight_quantize(m.weight, m.weight_quant)
     return (q.abs() / a) @ (t.abs().float() * s).T  # a: (..., 1)
 
@@ -52,10 +52,11 @@ def _fake_quant_bound(m: BitLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("weight_quant", ["b1.58", "b1"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(2, 5, 37), (64, 48)])  # K=37: not a multiple of anything
-def test_int8_projection_equals_fake_quant_path(weight_quant, bias, shape, legacy):
+@pytest.mark.parametrize("gran", ["token", "tensor"])  # per tensor: the b1 paper's training granularity
+def test_int8_projection_equals_fake_quant_path(weight_quant, bias, shape, gran, legacy):
     torch.manual_seed(0)
     k, n = shape[-1], 29
-    m = BitLinear(k, n, bias=bias, weight_quant=weight_quant).train()
+    m = BitLinear(k, n, bias=bias, weight_quant=weight_quant, act_granularity=gran).train()
     x = torch.randn(*shape) * 3
     x[..., 0, :] = 0.0  # an all-zero token: the scale clamp
     g = torch.randn(*shape[:-1], n)
@@ -108,7 +109,7 @@ def test_int8_projection_saves_int8_codes_not_float_copies():
 
 
 @pytest.mark.parametrize("kw", [
-    dict(weight_groups=2), dict(act_groups=2), dict(act_granularity="tensor"), dict(act_nonneg=True),
+    dict(weight_groups=2), dict(act_groups=2), dict(act_granularity="tensor", act_groups=2), dict(act_nonneg=True),
     dict(act_quant="absmean", act_bits=4), dict(act_topk=0.5), dict(hadamard=True), dict(act_bits=None),
     dict(norm="rmsnorm", weight_groups=2, weight_group_dim="in"),
 ])
@@ -195,14 +196,19 @@ def test_quantize_activation_rows_equals_activation_quantize(monkeypatch):
         monkeypatch.setenv("BITLM_BACKEND", backend)
         q, a = quantize_activation_rows(x)
         assert q.dtype == torch.int8 and torch.equal(q.float(), want_q) and torch.equal(a, want_a.reshape(-1))
+    want_q, want_a = Q.activation_quantize(x, 8, "tensor")
+    q, a = quantize_activation_rows(x, "tensor")
+    assert torch.equal(q.float(), want_q) and a.shape == (50,) and torch.equal(a, want_a.reshape(1).expand(50))
 
 
-def test_tiny_model_training_fast_equals_legacy(legacy):
-    """Three AdamW steps of a tiny b1.58 model: losses and weights agree to float rounding."""
+@pytest.mark.parametrize("name", ["tiny", "tiny-bitnet"])  # b1.58 per-token, b1 per-tensor activations
+def test_tiny_model_training_fast_equals_legacy(name, legacy):
+    """Three AdamW steps of a tiny model: losses and weights agree to float rounding."""
 
     def run():
         torch.manual_seed(7)
-        model = BitNetModel(tiny_config(quant="b1.58")).train()
+        model = BitNetModel(tiny_config(name)).train()
+        assert any(isinstance(m, BitLinear) for m in model.modules())
         opt = make_optimizer(model, TrainConfig(recipe="fp").resolved(), 1e-8)
         g = torch.Generator().manual_seed(0)
         losses = []

@@ -210,13 +210,12 @@ class BitLinear(nn.Linear):
         return t, s
 
     def _fast_path(self, x: torch.Tensor, lam: float | torch.Tensor) -> bool:
-        """The common case that :class:`_Int8Projection` computes: λ = 1, per-token absmax int8
-        activations without groups or variants, one weight scale, float32 on the CPU (where
+        """The common case that :class:`_Int8Projection` computes: λ = 1, absmax int8 activations
+        (per token or per tensor) without groups or variants, one weight scale, float32 on the CPU (where
         ``torch._int_mm`` runs on the int8 units) without autocast; never while compiling."""
         return (QAT_FAST and not isinstance(lam, torch.Tensor) and lam == 1.0 and self.act_bits == 8
                 and self.weight_quant != "fp" and self.act_quant == "absmax" and self.act_topk is None
                 and not self.hadamard and not self.act_nonneg and self.act_groups == 1 and self.weight_groups == 1
-                and (self.act_granularity if self.training else self.act_granularity_eval) == "token"
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
@@ -231,7 +230,8 @@ class BitLinear(nn.Linear):
         if self._fast_path(x, lam):
             codes = self.cached_quantized_weight()
             t, s = codes if codes is not None else Q.weight_quantize(self.weight, self.weight_quant)
-            return _Int8Projection.apply(x, self.weight, self.bias, t, s)
+            gran = self.act_granularity if self.training else self.act_granularity_eval
+            return _Int8Projection.apply(x, self.weight, self.bias, t, s, gran)
         if self.hadamard:
             x = Q.hadamard_transform(x)
         if self.act_bits is not None:
@@ -252,22 +252,25 @@ class BitLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def quantize_activation_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 codes of a float32 (M, K) tensor: ``bitlm.quant.activation_quantize``
-    (8 bits, per token) as int8 codes and (M,) scales — one fused pass per row in the native
-    kernels (``bitlm_quantize_rows``, bit-identical to the torch ops), the torch ops otherwise."""
-    from . import kernels
+def quantize_activation_rows(x2: torch.Tensor, granularity: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax int8 codes of a float32 (M, K) tensor: ``bitlm.quant.activation_quantize`` (8 bits)
+    as int8 codes and (M,) scales.  Per token: one fused pass per row in the native kernels
+    (``bitlm_quantize_rows``, bit-identical to the torch ops), the torch ops otherwise; per tensor
+    (the b1 paper's training granularity): the torch ops, one scale repeated over the M rows."""
+    if granularity == "token":
+        from . import kernels
 
-    if kernels.backend() == "native":
-        return kernels.quantize_rows(x2)
-    q, a = Q.activation_quantize(x2, 8, "token")
-    return q.to(torch.int8), a.reshape(-1)
+        if kernels.backend() == "native":
+            return kernels.quantize_rows(x2)
+    q, a = Q.activation_quantize(x2, 8, granularity)
+    return q.to(torch.int8), a.reshape(-1).expand(x2.shape[0])
 
 
 class _Int8Projection(torch.autograd.Function):
     """The BitLinear projection of the common training case, as exact integer arithmetic.
 
-    Forward: x → (q, a) per-token absmax int8 codes (x ≈ q / a), acc = q · Tᵀ in int32
+    Forward: x → (q, a) absmax int8 codes per token (or per tensor: b1's training granularity;
+    x ≈ q / a), acc = q · Tᵀ in int32
     (``torch._int_mm``: exact, |acc| ≤ 128 K), y = float(acc) · (s / a) (+ bias) — the fake-quant
     float path ``F.linear(q / a, s·T, bias)`` up to the rounding of its float sums and of the final
     scale multiply.  Backward: the straight-through estimator's gradients exactly as that path
@@ -277,12 +280,12 @@ class _Int8Projection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, t, s):
+    def forward(ctx, x, weight, bias, t, s, granularity):
         k = x.shape[-1]
         x2 = x.detach().reshape(-1, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        q, a = quantize_activation_rows(x2)  # int8 (M, K), float32 (M,)
+        q, a = quantize_activation_rows(x2, granularity)  # int8 (M, K), float32 (M,)
         acc = torch._int_mm(q, t.t())  # int32 (M, N), exact
         y = acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
         if bias is not None:
@@ -304,7 +307,7 @@ class _Int8Projection(torch.autograd.Function):
             grad_w = g2.t() @ q.to(torch.float32).div_(a.unsqueeze(1))
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
