@@ -9,8 +9,8 @@ LLMs to 1.58bit"): λ ramps the fake quantisation in from 0 to 1.
 
 The fast QAT step (``BITLM_QAT_FAST``, on by default) computes the same thing with less work: the
 weight codes (T, s) are cached per weight version — once per optimizer step, however many
-micro-batches and evaluations use them — and the common training case (λ = 1, per-token int8
-absmax activations, no groups or activation variants, float32 on the CPU) runs its projection as
+micro-batches and evaluations use them — and the common training case (λ = 1, int8 absmax
+activations per token or per tensor, no groups or activation variants, float32 on the CPU) runs its projection as
 an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients.
 Every other case, torch.compile, tensor-parallel shards and autocast keep the fake-quant path.
 
@@ -197,8 +197,8 @@ class BitLinear(nn.Linear):
         tensor without a version counter, ``fp``, ``weight_cache`` False): the caller quantises as
         before."""
         w = self.weight
-        if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp" or torch.compiler.is_compiling()
-                or _is_dtensor(w) or w.is_inference()):
+        if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp"
+                or torch.compiler.is_compiling() or _is_dtensor(w) or w.is_inference()):
             return None
         key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
         hit = self.__dict__.get("_wq_cache")
@@ -295,6 +295,7 @@ class _Int8Projection(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], t.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the STE's gradient has no useful second derivative
     def backward(ctx, grad_y):
         q, a, t, s = ctx.saved_tensors
         g2 = grad_y.reshape(-1, t.shape[0])
