@@ -3,19 +3,23 @@ and data-parallel scaling on torchrun.
 
     python benchmarks/bench_train.py                           # small & base presets, CPU, batch 16 x 128
     python benchmarks/bench_train.py --presets small --rounds 1 --steps 2    # a smoke test
+    python benchmarks/bench_train.py --quants fp,b1,b1.58,b1.58-legacy   # + the QAT step before the fast one
     python benchmarks/bench_train.py --device cuda --precision bf16 --compile   # on a GPU machine
 
 Each (preset, quant) step is measured in its own process (so its peak memory is its own: RSS on
 the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), rounds interleaved (fp, b1, b1.58, fp, ...)
 and the median step time of all rounds reported; the QAT/fp ratio divides medians of the same
 run.  A step is forward + backward + AdamW on random tokens (``bitlm.train.lm_loss``; the cost
-does not depend on the data), after one warm-up step.
+does not depend on the data), after one warm-up step.  ``QUANT-legacy`` times the QAT step with
+``bitlm.layers.QAT_FAST`` off (what ``BITLM_QAT_FAST=0`` does: fake-quant floats in every forward,
+no weight-code cache), in the same interleaved rounds as the fast one.
 
 Scaling (``--ddp``, on by default on the CPU): the small preset, one process with one thread
 against two DDP processes (torchrun, gloo) with one thread each, the same per-rank batch, so
 ideal scaling doubles the global tokens/s.
 
-Writes a table to stdout and JSON (CPU model, kernel tier, torch, every number) to --json.
+Writes a table to stdout and JSON (CPU model, kernel tier, torch, load average at the start and the
+end, every number) to --json.
 """
 
 from __future__ import annotations
@@ -55,8 +59,13 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
     from bitlm.model import BitNetModel
     from bitlm.train import TrainConfig, lm_loss, make_optimizer
 
-    long_ste = quant.endswith("-long")
-    if long_ste:  # the STE as it was before the short path: x + λ·(q - x).detach()
+    name = quant
+    if quant.endswith("-legacy"):  # the QAT step before the fast one: fake-quant floats every forward
+        from bitlm import layers
+
+        layers.QAT_FAST = False
+        quant = quant[: -len("-legacy")]
+    if quant.endswith("-long"):  # the STE as it was before the short path: x + λ·(q - x).detach()
         _long_ste()
         quant = quant[: -len("-long")]
     d = P.init_distributed(device_name, parallel)
@@ -85,7 +94,7 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
         if i:  # the first step warms up (allocations, compile)
             times.append(time.perf_counter() - t0)
     d.barrier()
-    out = {"preset": preset_name, "quant": quant + ("-long" if long_ste else ""), "device": str(d.device), "precision": prec, "compile": compile_,
+    out = {"preset": preset_name, "quant": name, "device": str(d.device), "precision": prec, "compile": compile_,
            "batch": batch, "seq": seq, "world": d.world, "step_s": statistics.median(times),
            "tok_s": batch * seq * d.world / statistics.median(times), "peak_mb": _peak_mb(d.device),
            "base_mb": base_mb, "threads": torch.get_num_threads()}
@@ -94,8 +103,11 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
 
 
 def _long_ste() -> None:
+    from bitlm import layers
     from bitlm import quant as Q
     from bitlm.layers import BitLinear
+
+    layers.QAT_FAST = False
 
     def ste(x, q, lam=1.0):
         d = (q - x).detach()
@@ -128,7 +140,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="small,base")
     ap.add_argument("--quants", default=",".join(QUANTS),
-                    help="fp, b1, b1.58; QUANT-long measures the STE as x + λ(q - x).detach() (before the short path)")
+                    help="fp, b1, b1.58; QUANT-legacy: the QAT step without the fast path (BITLM_QAT_FAST=0: "
+                         "fake-quant floats every forward); QUANT-long: the STE as x + λ(q - x).detach() "
+                         "(before the short path; implies -legacy's float path)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--compile", action="store_true")
@@ -153,6 +167,7 @@ def main() -> None:
     from bitlm import kernels
 
     info = kernels.backend_info()
+    load_start = os.getloadavg()  # other jobs on the machine: recorded beside every number
     presets, quants = args.presets.split(","), args.quants.split(",")
     runs: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
@@ -187,7 +202,8 @@ def main() -> None:
                    "rounds": {"one": [r["tok_s"] for r in s1], "ddp2": [r["tok_s"] for r in s2]}}
 
     print(f"\n{cpu_model()} — torch {torch.__version__}, device {args.device}, "
-          f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}")
+          f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}; "
+          f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     hdr = f"{'preset':<8}{'quant':<12}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -201,6 +217,7 @@ def main() -> None:
               f"2 procs x 1 thread {scaling['ddp_two_proc_one_thread_tok_s']:.0f} tok/s = {scaling['speedup']:.2f}x")
     out = {"cpu": cpu_model(), "cpus": os.cpu_count(), "kernels": info, "torch": torch.__version__,
            "device": args.device, "rows": rows, "ddp_scaling": scaling, "rounds": args.rounds, "steps": args.steps,
+           "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

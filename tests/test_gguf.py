@@ -625,8 +625,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python not installed")
 
 
-def train_to_recite(arch: str, tokenizer, steps: int = 150) -> BitNetModel:
-    """A tiny QAT model that has learnt TEXT by heart (b1.58 BitLinear, AdamW, ~15 s)."""
+def train_to_recite(arch: str, tokenizer, steps: int = 200) -> BitNetModel:
+    """A tiny QAT model that has learnt TEXT by heart (b1.58 BitLinear, AdamW, ~20 s).  200 steps:
+    at 150 whether the last near-tie is gone depends on the last bits of the arithmetic (the
+    fast QAT step's integer projection and the float path land on either side, seed by seed)."""
     data = torch.tensor([tokenizer.eos_id] + tokenizer.encode(TEXT) * 3)
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, vocab_size=VOCAB, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,

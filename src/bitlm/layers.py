@@ -7,6 +7,13 @@ built-in RMSNorm"; the b1 paper's LN/SubLN), parameter-free so that ``prepare()`
 invent new weights.  ``set_quant_lambda`` and ``lambda_schedule`` give the λ warm-up (HF "Fine-tuning
 LLMs to 1.58bit"): λ ramps the fake quantisation in from 0 to 1.
 
+The fast QAT step (``BITLM_QAT_FAST``, on by default) computes the same thing with less work: the
+weight codes (T, s) are cached per weight version — once per optimizer step, however many
+micro-batches and evaluations use them — and the common training case (λ = 1, int8 absmax
+activations per token or per tensor, no groups or activation variants, float32 on the CPU) runs its projection as
+an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients.
+Every other case, torch.compile, tensor-parallel shards and autocast keep the fake-quant path.
+
 ``prepare(model)`` swaps ``nn.Linear`` modules for ``BitLinear`` *copying* the existing weights
 (peers that re-initialise them destroy the pretrained model), skipping output heads by default.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from typing import Any
 
 import torch
@@ -28,6 +36,12 @@ __all__ = ["BitLinear", "FrozenTernaryLinear", "prepare", "set_quant_lambda", "l
 
 NORMS = (None, "layernorm", "rmsnorm")
 ACT_QUANTS = ("absmax", "absmean")
+
+#: The fast QAT step (``BITLM_QAT_FAST``, default on): the weight codes cached per weight version
+#: and the integer forward of :class:`_Int8Projection`.  ``BITLM_QAT_FAST=0`` (read at import; tests
+#: and ``benchmarks/bench_train.py`` set this attribute) runs the fake-quant float path of every
+#: forward, exactly as before the fast step existed.
+QAT_FAST = os.environ.get("BITLM_QAT_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class BitLinear(nn.Linear):
@@ -121,6 +135,9 @@ class BitLinear(nn.Linear):
         self.norm = norm
         self.norm_eps = norm_eps
         self.register_buffer("quant_lambda", torch.tensor(float(quant_lambda)), persistent=True)
+        # cache the weight codes per weight version (``cached_quantized_weight``); False where the
+        # weight's storage is rewritten without a version bump (``parallel.wrap_model`` under FSDP2)
+        self.weight_cache = True
 
     def extra_repr(self) -> str:
         return (
@@ -171,12 +188,50 @@ class BitLinear(nn.Linear):
             self._lam_key, self._lam_value = key, float(lam)
         return self._lam_value
 
+    def cached_quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``weight_quantize(weight)`` = (T, s), computed once per weight version: the cache key is
+        the weight's version counter (bumped by every in-place update: the optimizer step,
+        ``load_state_dict``, ``copy_``), its storage pointer, dtype and shape, so the micro-batches of
+        one optimizer step and the evaluation between steps quantise it once.  ``None`` where no
+        cache applies (the fast step turned off, a DTensor weight, torch.compile, an inference
+        tensor without a version counter, ``fp``, ``weight_cache`` False): the caller quantises as
+        before."""
+        w = self.weight
+        if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp"
+                or torch.compiler.is_compiling() or _is_dtensor(w) or w.is_inference()):
+            return None
+        key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
+        hit = self.__dict__.get("_wq_cache")
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        t, s = Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim)
+        self.__dict__["_wq_cache"] = (key, t, s)
+        self.__dict__["weight_quantizations"] = self.__dict__.get("weight_quantizations", 0) + 1
+        return t, s
+
+    def _fast_path(self, x: torch.Tensor, lam: float | torch.Tensor) -> bool:
+        """The common case that :class:`_Int8Projection` computes: λ = 1, absmax int8 activations
+        (per token or per tensor) without groups or variants, one weight scale, float32 on the CPU (where
+        ``torch._int_mm`` runs on the int8 units) without autocast; never while compiling."""
+        return (QAT_FAST and not isinstance(lam, torch.Tensor) and lam == 1.0 and self.act_bits == 8
+                and self.weight_quant != "fp" and self.act_quant == "absmax" and self.act_topk is None
+                and not self.hadamard and not self.act_nonneg and self.act_groups == 1 and self.weight_groups == 1
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and (self.bias is None or self.bias.dtype == torch.float32)
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and not _is_dtensor(self.weight) and not _is_dtensor(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp_forward = self.__dict__.get("tp_forward")
         if tp_forward is not None:  # tensor-parallel shards: bitlm.tensor_parallel computes the scales
             return tp_forward(self, x)
         lam = self._lambda()
         x = self.normalize(x)
+        if self._fast_path(x, lam):
+            codes = self.cached_quantized_weight()
+            t, s = codes if codes is not None else Q.weight_quantize(self.weight, self.weight_quant)
+            gran = self.act_granularity if self.training else self.act_granularity_eval
+            return _Int8Projection.apply(x, self.weight, self.bias, t, s, gran)
         if self.hadamard:
             x = Q.hadamard_transform(x)
         if self.act_bits is not None:
@@ -189,8 +244,71 @@ class BitLinear(nn.Linear):
                 x = Q.fake_quant_activation_nonneg(x, self.act_bits, gran, self.act_groups, lam)
             else:
                 x = Q.fake_quant_activation(x, self.act_bits, gran, self.act_groups, lam)
-        w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam, self.weight_group_dim)
+        cached = self.cached_quantized_weight()
+        if cached is None:
+            w = Q.fake_quant_weight(self.weight, self.weight_quant, self.weight_groups, lam, self.weight_group_dim)
+        else:  # fake_quant_weight with the cached (T, s): the same values
+            w = Q.ste(self.weight, Q.dequantize_weight(*cached, self.weight.dtype, self.weight_group_dim), lam)
         return F.linear(x, w, self.bias)
+
+
+def quantize_activation_rows(x2: torch.Tensor, granularity: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax int8 codes of a float32 (M, K) tensor: ``bitlm.quant.activation_quantize`` (8 bits)
+    as int8 codes and (M,) scales.  Per token: one fused pass per row in the native kernels
+    (``bitlm_quantize_rows``, bit-identical to the torch ops), the torch ops otherwise; per tensor
+    (the b1 paper's training granularity): the torch ops, one scale repeated over the M rows."""
+    if granularity == "token":
+        from . import kernels
+
+        if kernels.backend() == "native":
+            return kernels.quantize_rows(x2)
+    q, a = Q.activation_quantize(x2, 8, granularity)
+    return q.to(torch.int8), a.reshape(-1).expand(x2.shape[0])
+
+
+class _Int8Projection(torch.autograd.Function):
+    """The BitLinear projection of the common training case, as exact integer arithmetic.
+
+    Forward: x → (q, a) absmax int8 codes per token (or per tensor: b1's training granularity;
+    x ≈ q / a), acc = q · Tᵀ in int32
+    (``torch._int_mm``: exact, |acc| ≤ 128 K), y = float(acc) · (s / a) (+ bias) — the fake-quant
+    float path ``F.linear(q / a, s·T, bias)`` up to the rounding of its float sums and of the final
+    scale multiply.  Backward: the straight-through estimator's gradients exactly as that path
+    computes them — grad_x = grad_y · W_fq, grad_w = grad_yᵀ · X_fq, grad_b = Σ grad_y with
+    W_fq = s·T and X_fq = q / a rebuilt from the int8 codes, which are all that is saved (1 byte per
+    activation instead of a float32 copy).  T and s come from the per-version weight cache.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, t, s, granularity):
+        k = x.shape[-1]
+        x2 = x.detach().reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        q, a = quantize_activation_rows(x2, granularity)  # int8 (M, K), float32 (M,)
+        acc = torch._int_mm(q, t.t())  # int32 (M, N), exact
+        y = acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(q, a, t, s)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], t.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the STE's gradient has no useful second derivative
+    def backward(ctx, grad_y):
+        q, a, t, s = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, t.shape[0])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ Q.dequantize_weight(t, s, torch.float32)).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # X_fq = q / a as fake_quant_activation computes it (a float copy, then an in-place
+            # divide: torch.div(int8, float) would take a slow mixed-dtype loop)
+            grad_w = g2.t() @ q.to(torch.float32).div_(a.unsqueeze(1))
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -248,6 +248,9 @@ def wrap_model(model: torch.nn.Module, d: Dist, precision: str = "fp32") -> torc
         for block in model.model.layers:
             fully_shard(block, mesh=d.mesh, mp_policy=mp)
         fully_shard(model, mesh=d.mesh, mp_policy=mp)
+        for m in model.modules():  # FSDP2's all-gather rewrites the unsharded weight's storage without
+            if hasattr(m, "weight_cache"):  # bumping its version: BitLinear must not cache its codes
+                m.weight_cache = False
         return model
     return model
 
