@@ -47,6 +47,8 @@ $(VENV)/.llama-installed: $(STAMP)
 	ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel --no-deps -w $(LLAMA_WHEELS) llama-cpp-python==0.3.36
 	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl
+	# its OpenAI server (benchmarks/bench_serve.py --llama-cpp) also needs the [server] extra's packages
+	$(PIP) install -q --disable-pip-version-check sse-starlette starlette-context pydantic-settings
 	touch $@
 
 test-llama: $(VENV)/.llama-installed
