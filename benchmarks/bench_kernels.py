@@ -353,6 +353,14 @@ def print_tables(res: dict) -> None:
               f"{r['speedup_vs_int_mm']:.1f}x |")
 
 
+def write_json(path: str, res: dict) -> None:
+    """The run's results as JSON at ``path`` (its folder made, written atomically)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(f"\nwrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -393,9 +401,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load {res['env']['loadavg_before']} -> {res['env']['loadavg_after']}")
         for r in res["small_m"]:
             print(f"{r['threads']} thr {r['fmt']} {r['N']}x{r['K']} M={r['M']}: {r['ms']:.3f} ms, {r['x_M1']:.2f}x M=1")
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(res, indent=1))
+        write_json(args.json, res)
         return 0
     res["call_overhead_us"] = call_overhead_us(args.reps)
     res["bandwidth"] = [bandwidth(t, gib, args.reps) for t in threads]
@@ -410,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(res)
     if args.variants:
         print_variants(res)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(res, indent=1))
-    print(f"\nwrote {out}")
+    write_json(args.json, res)
     return 0
 
 
@@ -485,12 +488,7 @@ def variants_main(res: dict, threads: list[int], args) -> int:
     res["variants"] = [r for t in threads for r in variant_rows(t, args.reps, args.quick)]
     res["env"]["loadavg_after"] = os.getloadavg()
     print_variants(res)
-    from bitlm.io.atomic import atomic_write_text
-
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(res, indent=1))
-    print(f"\nwrote {out}")
+    write_json(args.json, res)
     return 0
 
 

@@ -25,12 +25,7 @@ static void bitlm_attn_head(const float *q, const float *kc, const float *vc, in
         scores[t] = s;
         m = s > m ? s : m;
     }
-    float sum = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const float e = expf(scores[t] - m);
-        scores[t] = e;
-        sum = sum + e;
-    }
+    const float sum = bitlm_softmax_exp(scores, T, m);
     for (int64_t j = 0; j < D; j++) out[j] = 0.0f;
     for (int64_t t = 0; t < T; t++) {
         const float e = scores[t];

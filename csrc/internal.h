@@ -5,6 +5,7 @@
 #ifndef BITLM_INTERNAL_H
 #define BITLM_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -97,6 +98,18 @@ static inline float bitlm_fold16f(float *l) {
     for (int j = 0; j < 4; j++) l[j] = l[j] + l[j + 4];
     for (int j = 0; j < 2; j++) l[j] = l[j] + l[j + 2];
     return l[0] + l[1];
+}
+
+/* Attention's softmax numerators, in place: scores[t] = expf(scores[t] - m) (m: the row's max),
+ * returning their sum added in t order -- the one order every tier and KV type uses. */
+static inline float bitlm_softmax_exp(float *scores, int64_t T, float m) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+        const float e = expf(scores[t] - m);
+        scores[t] = e;
+        sum = sum + e;
+    }
+    return sum;
 }
 
 /* bf16 bits -> float32, exact: the bf16 is the upper half of the float32. */

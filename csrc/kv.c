@@ -87,12 +87,7 @@ static void kv_attn_generic(int type, const float *q, const void *kc, const floa
         scores[t] = s;
         m = s > m ? s : m;
     }
-    float sum = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const float e = expf(scores[t] - m);
-        scores[t] = e;
-        sum = sum + e;
-    }
+    const float sum = bitlm_softmax_exp(scores, T, m);
     for (int64_t j = 0; j < D; j++) out[j] = 0.0f;
     for (int64_t t = 0; t < T; t++) {
         const float e = scores[t];
@@ -138,12 +133,7 @@ KV512 static void kv_attn_avx512(int type, const float *q, const void *kc, const
         scores[t] = s;
         m = s > m ? s : m;
     }
-    float sum = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const float e = expf(scores[t] - m);
-        scores[t] = e;
-        sum = sum + e;
-    }
+    const float sum = bitlm_softmax_exp(scores, T, m);
     if (D == 128) { /* one pass over the rows, the 128 sums in registers (same order per element) */
         kv_v_rows(type, vc, vs, T, scores, sum, out, 8);
         return;
