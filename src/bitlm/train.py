@@ -418,6 +418,11 @@ class TrainingAborted(KeyboardInterrupt):
         super().__init__(f"second {signal.Signals(signum).name}: stopped without saving the step in progress")
 
 
+class PeerLost(ConnectionError):
+    """A collective failed because another rank of a distributed run died or stopped answering;
+    the message (already printed to stderr by the rank that saw it) names the checkpoint to resume."""
+
+
 class _StopSignals:
     """SIGINT / SIGTERM handlers for the loop: the first signal only sets ``signum`` (the loop
     finishes its step and saves); a second one raises TrainingAborted at once.  Installed only
@@ -810,9 +815,14 @@ def _train(model_cfg, tcfg, data, d, *, resume, init_model, log, progress, P, ck
                 log(f"could not save a checkpoint after {type(e).__name__}: {save_error}")
         if d.distributed and _is_peer_failure(e):  # not a bug of this rank: say what happened, and what now
             held = f"{last} (step {saved_step})" if saved_step >= 0 else "no checkpoint of this run"
-            raise ConnectionError(f"rank {d.rank}: lost contact with another rank of the run at step {step} (it died "
-                                  f"or hangs: {_first_line(e)}); the last complete checkpoint is {held}; "
-                                  "continue with --resume") from e
+            lost = PeerLost(f"rank {d.rank}: lost contact with another rank of the run at step {step} (it died "
+                            f"or hangs: {_first_line(e)}); the last complete checkpoint is {held}; "
+                            "continue with --resume")
+            # said now, while the stop handlers still hold off the launcher's SIGTERM (torchrun stops
+            # the survivors as soon as it sees a rank die: after `finally` this process may not get
+            # to print anything)
+            print(f"bitlm train: error: {lost}", file=sys.stderr, flush=True)
+            raise lost from e
         raise
     finally:
         stop.restore()
@@ -1066,6 +1076,8 @@ def run(args) -> int:
     except TrainingAborted as e:
         print(f"bitlm train: {e}; {Path(tcfg.out_dir) / 'last'} holds the last checkpoint", file=sys.stderr)
         return 128 + e.signum
+    except PeerLost:  # this rank already printed the one line saying what happened and what now
+        return 1
     v = res.val or {}
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
