@@ -206,6 +206,11 @@ def main() -> int:
     ap.add_argument("--json", default=str(HERE / "results" / "transformers.json"))
     ap.add_argument("--rss-only", choices=["own", "bitlm"], help=argparse.SUPPRESS)  # the memory child
     args = ap.parse_args()
+    for opt in ("decode", "hf_decode"):  # decode time is the median gap between generated tokens
+        if getattr(args, opt) < 2:
+            ap.error(f"--{opt.replace('_', '-')} must be at least 2 (decode time is the gap between tokens)")
+    if args.rounds < 1 or args.layers < 1 or args.prompt < 1:
+        ap.error("--rounds, --layers and --prompt must be at least 1")
     if args.rss_only:
         torch.set_num_threads(args.threads)
         kernels.set_num_threads(args.threads)
