@@ -134,7 +134,19 @@ def one_request(url: str, model: str, prompt, max_tokens: int, logprobs: bool = 
             "tpot": (times[-1] - times[0]) / (n - 1) if n > 1 else None}
 
 
-def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens: int, logprobs: bool = True) -> dict:
+def scrape(url: str) -> dict[str, float]:
+    """bitlm's decode counters from /metrics (seconds in the engine's batched step, steps, rows)."""
+    want = ("bitlm_decode_seconds_total", "bitlm_decode_steps_total", "bitlm_decode_sequences_total")
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in want:
+            out[name] = float(value)
+    return out
+
+
+def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens: int, logprobs: bool = True,
+              counters: bool = False) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -144,6 +156,7 @@ def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens:
             with lock:
                 results.append(r)
 
+    before = scrape(url) if counters else None
     t0 = time.perf_counter()
     th = [threading.Thread(target=client) for _ in range(c)]
     for t in th:
@@ -153,23 +166,32 @@ def run_level(url: str, model: str, prompt, c: int, per_client: int, max_tokens:
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)
     tpot = statistics.median(r["tpot"] for r in results if r["tpot"] is not None)
-    return {"streams": c, "requests": len(results), "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
-            "decode_tok_s": c / tpot, "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in results),
-            "tpot_ms": 1e3 * tpot}
+    row = {"streams": c, "requests": len(results), "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
+           "decode_tok_s": c / tpot, "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in results),
+           "tpot_ms": 1e3 * tpot}
+    if before is not None:  # the engine's share of a step: the rest of TPOT is serving, sampling and the clients
+        d = {k: v - before.get(k, 0.0) for k, v in scrape(url).items()}
+        steps = d.get("bitlm_decode_steps_total", 0.0)
+        if steps:
+            row["step_ms"] = 1e3 * d["bitlm_decode_seconds_total"] / steps
+            row["rows_per_step"] = d["bitlm_decode_sequences_total"] / steps
+    return row
 
 
-def measure(url: str, model: str, prompt, args, logprobs: bool = True) -> list[dict]:
+def measure(url: str, model: str, prompt, args, logprobs: bool = True, counters: bool = False) -> list[dict]:
     one_request(url, model, prompt, 4, logprobs)  # warm-up
     rounds: dict[int, list[dict]] = {c: [] for c in args.streams}
     for rnd in range(args.rounds):
         for c in args.streams:
-            r = run_level(url, model, prompt, c, args.requests, args.max_tokens, logprobs)
+            r = run_level(url, model, prompt, c, args.requests, args.max_tokens, logprobs, counters)
             rounds[c].append(r)
+            step = f", engine step {r['step_ms']:.1f} ms ({r['rows_per_step']:.1f} rows)" if "step_ms" in r else ""
             print(f"  round {rnd + 1}: {c} streams: {r['agg_tok_s']:.1f} tok/s aggregate, TTFT {r['ttft_ms']:.0f} ms, "
-                  f"TPOT {r['tpot_ms']:.1f} ms", file=sys.stderr, flush=True)
+                  f"TPOT {r['tpot_ms']:.1f} ms{step}", file=sys.stderr, flush=True)
     out = []
     for c, rs in rounds.items():
-        row = {k: statistics.median(r[k] for r in rs) for k in ("agg_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms")}
+        keys = ["agg_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms"] + (["step_ms", "rows_per_step"] if counters else [])
+        row = {k: statistics.median(r[k] for r in rs if k in r) for k in keys if any(k in r for r in rs)}
         out.append({"streams": c, **row, "rounds": rs})
     base = out[0]["agg_tok_s"]
     for row in out:
@@ -190,7 +212,7 @@ def bitlm_side(args, env) -> tuple[list[dict], dict]:
     try:
         rng = random.Random(0)
         prompt = [rng.randrange(32, 127) for _ in range(args.prompt_tokens)]  # token ids = ASCII bytes
-        rows = measure(srv.url, path.name, prompt, args)
+        rows = measure(srv.url, path.name, prompt, args, counters=True)
         metrics = requests.get(srv.url + "/metrics", timeout=10).text
     finally:
         rc = srv.stop()
@@ -256,11 +278,14 @@ def main() -> int:
     rows, info = bitlm_side(args, env)
     llama, llama_note = llama_side(args, env) if args.llama_cpp else (None, "not requested (--llama-cpp)")
     print(f"\n{'engine':<8} {'streams':>7} {'agg tok/s':>10} {'x 1 stream':>10} {'decode tok/s':>12} "
-          f"{'TTFT ms':>8} {'TPOT ms':>8}")
+          f"{'TTFT ms':>8} {'TPOT ms':>8} {'step ms':>8}")
     for name, rs in (("bitlm", rows), ("llama", llama or [])):
         for r in rs:
+            step = f"{r['step_ms']:>8.1f}" if "step_ms" in r else f"{'-':>8}"
             print(f"{name:<8} {r['streams']:>7} {r['agg_tok_s']:>10.1f} {r['agg_vs_1_stream']:>10.2f} "
-                  f"{r['decode_tok_s']:>12.1f} {r['ttft_ms']:>8.0f} {r['tpot_ms']:>8.1f}")
+                  f"{r['decode_tok_s']:>12.1f} {r['ttft_ms']:>8.0f} {r['tpot_ms']:>8.1f} {step}")
+    print("step ms: bitlm's batched decode step inside the server (/metrics); TPOT minus it is sampling, "
+          "streaming and the clients (which share these CPUs)")
     load["end"] = os.getloadavg()
     if llama is None:
         print(f"llama-cpp-python: {llama_note}")
