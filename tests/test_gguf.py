@@ -764,3 +764,91 @@ def test_llama_cpp_refuses_untied_models(tmp_path):
     with pytest.raises(ValueError, match="Failed to load model"):
         llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# packing a GGUF tensor by tensor (bitlm.engine.convert_gguf): the torch path's bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def packed_tables(pm):
+    from bitlm.engine import _tensor_table
+
+    tensors, packs = _tensor_table(pm)
+    return {k: v.clone() for k, v in tensors.items()}, packs
+
+
+def assert_same_packed(a, b):
+    (ta, pa), (tb, pb) = packed_tables(a), packed_tables(b)
+    assert pa == pb and ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert a.config == b.config and a.format == b.format and (a.head is a.embed) == (b.head is b.embed)
+
+
+@pytest.mark.parametrize("ttype,arch,tied,head", [
+    ("tq2_0", "bitnet-b1.58", True, "f32"), ("tq1_0", "bitnet-b1.58", False, "int8"),
+    ("i2_s", "bitnet-2b4t", True, "int8"), ("iq2_bn", "bitnet-2b4t", True, "int4"),
+    ("iq2_bn_r4", "bitnet-2b4t", False, "bf16"), ("iq1_bn", "bitnet-2b4t", True, "f32")])
+def test_convert_gguf_packs_what_the_torch_path_packs(tmp_path, ttype, arch, tied, head):
+    from bitlm.engine import convert, convert_gguf
+
+    m = tiny(arch, tied)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untied / F16-fallback notes (tested elsewhere)
+        path = save_gguf(m, tmp_path / "m.gguf", ternary_type=ttype, head_type="f16")
+        want = convert(load_gguf(path), head=head)
+        got = convert_gguf(path, head=head)
+    assert_same_packed(got, want)
+    for fmt in ("t1",):
+        assert_same_packed(convert_gguf(path, fmt, head=head), convert(load_gguf(path), fmt, head=head))
+
+
+@pytest.mark.parametrize("head_type", ["f16", "q8_0", "f32"])
+@pytest.mark.parametrize("head", ["int8", "int4", "bf16", "f32"])
+def test_convert_gguf_reads_the_embedding_in_row_slices(tmp_path, monkeypatch, head_type, head):
+    """Row slices of 32 (a partial last one: vocabulary 300) give the whole matrix's bytes."""
+    from bitlm.engine import Dense, convert, convert_gguf
+    from bitlm.packing import TILE_N
+
+    m = tiny("bitnet-2b4t", tied=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = save_gguf(m, tmp_path / "m.gguf", ternary_type="i2_s", head_type=head_type)
+    monkeypatch.setattr(Dense, "ROW_SLICE", 2 * TILE_N)
+    assert_same_packed(convert_gguf(path, head=head), convert(load_gguf(path), head=head))
+
+
+def test_convert_gguf_scale_tensors_and_exact_scales(tmp_path, saved):
+    """The exact-scale key and llama.cpp's optional .scale tensors resolve as load_gguf resolves them."""
+    from bitlm.engine import convert, convert_gguf
+
+    m, path = saved
+    p = rewrite(path, tmp_path / "scaled.gguf", tensors={"blk.0.attn_q.scale": (np.array([2.0], np.float32), None)})
+    assert_same_packed(convert_gguf(p, head="int8"), convert(load_gguf(p), head="int8"))
+    got = convert_gguf(p).layers[0].q.scale
+    assert torch.equal(got, 2 * m.model.layers[0].self_attn.q_proj.quantized_weight()[1])
+
+
+def test_convert_gguf_refusals_and_the_cli_fallback(tmp_path, saved, capsys):
+    from bitlm import cli
+    from bitlm.engine import convert, convert_gguf, load_packed
+    from bitlm.io.gguf import GroupedGGUF
+
+    m, path = saved
+    noisy = rewrite(path, tmp_path / "noisy.gguf", tensors={
+        "blk.1.ffn_up.weight": (np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32), None)})
+    with pytest.raises(GGUFFormatError, match="blk.1.ffn_up.weight.*not a per-tensor-scale ternary"):
+        convert_gguf(noisy)
+    with pytest.raises(ValueError, match="--head int3"):
+        convert_gguf(path, head="int3")
+    g = tiny("bitnet-2b4t", d=512, d_ff=1024, weight_groups=2, weight_group_dim="out")
+    gpath = save_gguf(g, tmp_path / "g.gguf", head_type="f32")
+    with pytest.raises(GroupedGGUF):
+        convert_gguf(gpath)
+    # bitlm pack: tensor by tensor for a plain file, the torch path for a grouped one
+    for src, name in ((path, "plain"), (gpath, "grouped")):
+        out = tmp_path / f"{name}.bitlm"
+        assert cli.main(["pack", "--model", str(src), "--out", str(out), "--head", "int8"]) == 0
+        assert_same_packed(load_packed(out), convert(load_gguf(src), head="int8"))
+    assert "plain.bitlm" in capsys.readouterr().out

@@ -28,6 +28,7 @@ The packed file (``.bitlm``) format is ``bitlm.io.packed``'s; this module maps a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -114,6 +115,21 @@ class Dense:
 
         q, a = activation_quantize(w)
         return cls(kind, q.to(torch.int8).contiguous(), (1.0 / a.reshape(-1)).contiguous())
+
+    #: rows per slice in :meth:`from_float_rows` (a multiple of the low-bit heads' 8,192-row
+    #: packing blocks, so the slices pack to the same bytes as the whole matrix)
+    ROW_SLICE = 1 << 13
+
+    @classmethod
+    def from_float_rows(cls, kind: str, read: Any, shape: tuple[int, int]) -> Dense:
+        """:meth:`from_float` of a (V, d) matrix read ``ROW_SLICE`` rows at a time by
+        ``read(start, stop)`` → float32 rows: the same result (every kind is row-independent) with
+        one slice's temporaries instead of the whole float matrix (except kind "f32", which is it)."""
+        n = shape[0]
+        parts = [cls.from_float(kind, read(r, min(r + cls.ROW_SLICE, n))) for r in range(0, n, cls.ROW_SLICE)]
+        weight = torch.cat([p.weight for p in parts])
+        scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts])
+        return cls(kind, weight, scale, tuple(shape))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup → float32 (..., d)."""
@@ -776,12 +792,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
         raise ValueError(f"cannot pack this model: act_variant={cfg.act_variant!r} with group quantisation / "
                          "normalisation (norm_groups, input-column weight groups): the packed engine "
                          "runs the 4-bit / Hadamard activations ungrouped only")
-    if head not in HEAD_TYPES:
-        raise ValueError(f"--head {head}: the output head type must be one of {HEAD_TYPES}")
-    if embed is not None and embed not in DENSE_TYPES:
-        raise ValueError(f"--embed {embed}: the embedding must be one of {DENSE_TYPES} (rows are read one token "
-                         "at a time; int6 / int4 are output-head formats)")
-    embed = embed or (head if head in DENSE_TYPES else "int8")
+    embed = _dense_kinds(head, embed)
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     layers = []
     for blk in progress_bar(model.model.layers, enabled=progress, desc="pack", unit="layer"):
@@ -810,6 +821,65 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     fn = model.model.norm
     return PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
                        f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
+
+
+def _dense_kinds(head: str, embed: str | None) -> str:
+    """Check the head / embedding storage options; returns the embedding's (default: as the head,
+    int8 beside an int6 / int4 head)."""
+    if head not in HEAD_TYPES:
+        raise ValueError(f"--head {head}: the output head type must be one of {HEAD_TYPES}")
+    if embed is not None and embed not in DENSE_TYPES:
+        raise ValueError(f"--embed {embed}: the embedding must be one of {DENSE_TYPES} (rows are read one token "
+                         "at a time; int6 / int4 are output-head formats)")
+    return embed or (head if head in DENSE_TYPES else "int8")
+
+
+def convert_gguf(path: str | Path, format: str | None = None, head: str = "f32", embed: str | None = None,
+                 progress: bool = False, activation: str | None = None) -> PackedModel:
+    """A one-scale ternary GGUF (llama.cpp's TQ1_0 / TQ2_0, bitnet.cpp's I2_S, ik_llama.cpp's
+    IQ1_BN / IQ2_BN / IQ2_BN_R4, or float s·T) → ``PackedModel``, one tensor at a time: the same
+    model as ``convert(bitlm.load(path))`` (tested byte for byte) without the float32 torch model
+    in between (a 2B4T file: ~12 GB of memory that way, the float embedding and one layer this
+    way).  Grouped or non-ternary files raise ``GGUFFormatError`` (``bitlm.load`` reads those)."""
+    from .data.common import progress as progress_bar
+    from .io.gguf import TernaryReader
+
+    embed = _dense_kinds(head, embed)
+    with TernaryReader(path, activation) as r:
+        cfg = r.config
+        fmt = _fmt_for(cfg, format)
+        if blockers := inference_blockers(cfg):
+            raise ValueError(f"cannot pack this model: {blockers[0]}")
+
+        def one(name: str) -> PackedWeight:
+            t, s = r.ternary(name)
+            return pack_weight(t, torch.tensor([s], dtype=torch.float32), fmt, 1)
+
+        layers = []
+        for i in progress_bar(range(cfg.n_layers), enabled=progress, desc="pack", unit="layer"):
+            p = f"model.layers.{i}"
+            packed = {n: one(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v", "o")}
+            if cfg.gated_ffn:  # gate rows then up rows, one scale each (as _pack_fused)
+                (tg, sg), (tu, su) = r.ternary(f"{p}.mlp.gate_proj.weight"), r.ternary(f"{p}.mlp.up_proj.weight")
+                packed["up"] = pack_weight(torch.cat([tg, tu]), torch.tensor([sg, su], dtype=torch.float32), fmt, 2)
+                del tg, tu
+            else:
+                packed["up"] = one(f"{p}.mlp.up_proj.weight")
+            packed["down"] = one(f"{p}.mlp.down_proj.weight")
+            norms = dict(input_norm="input_layernorm", attn_sub_norm="self_attn.attn_sub_norm",
+                         post_norm="post_attention_layernorm", ffn_sub_norm="mlp.ffn_sub_norm")
+            nt = {k: r.floats(f"{p}.{v}.weight").contiguous() for k, v in norms.items()}
+            layers.append(PackedLayer(**packed, **nt))
+        shape = (cfg.vocab_size, cfg.d_model)
+        emb = functools.partial(r.float_rows, "model.embed_tokens.weight")
+        embed_d = Dense.from_float_rows(embed, emb, shape)
+        if cfg.tie_embeddings and embed == head:
+            head_d = embed_d
+        else:
+            head_d = Dense.from_float_rows(head, emb if cfg.tie_embeddings else
+                                           functools.partial(r.float_rows, "lm_head.weight"), shape)
+        final = r.floats("model.norm.weight").contiguous()
+    return PackedModel(cfg, layers, embed_d, head_d, final, None, fmt)
 
 
 def pack(obj, format: str | None = None, **kwargs: Any):
@@ -993,16 +1063,26 @@ def run(args) -> int:
     if detect_format(args.model) == "packed":
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")
-    model = load(args.model)
-    if args.merge_lora:
-        from .lora import merge_for_export
+    pm = None
+    if detect_format(args.model) == "gguf" and not args.merge_lora:  # tensor by tensor, no float model
+        from .io.gguf import GroupedGGUF
 
-        print(f"bitlm pack: {merge_for_export(model)}")
+        try:
+            pm = convert_gguf(args.model, args.format, args.head, args.embed, progress=True)
+        except GroupedGGUF:
+            pass  # group-wise scales: through the torch model below
+    if pm is None:
+        model = load(args.model)
+        if args.merge_lora:
+            from .lora import merge_for_export
+
+            print(f"bitlm pack: {merge_for_export(model)}")
+        pm = convert(model, args.format, args.head, args.embed, progress=True)
+        del model
     try:
         tok = load_tokenizer_for(args.model, args.tokenizer)
     except FileNotFoundError:
         tok = None
-    pm = convert(model, args.format, args.head, args.embed, progress=True)
     out = save_packed(pm, args.out, tokenizer=tok)
     b = pm.weight_bytes()
     n_lin = sum(w.N * w.K for L in pm.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))

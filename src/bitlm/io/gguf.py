@@ -294,13 +294,23 @@ class GGUFFile:
             return buf.view(_FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
         return buf.reshape(*info.shape[:-1], -1)  # (…, bytes per row)
 
-    def floats(self, name: str) -> np.ndarray:
-        """The tensor dequantised to float32 (a fresh array), in numpy order."""
+    def floats(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor dequantised to float32 (a fresh array), in numpy order; ``rows`` (start,
+        stop): only those rows of a 2-D tensor stored as floats or ggml blocks (an embedding
+        read in slices keeps the temporaries small)."""
         info = self.tensors[name]
         if info.ggml_type in GT.TYPE_NAMES:
+            if rows is not None:
+                raise ValueError(f"{name}: row slices of {info.type_name} tensors are not supported")
             t, d = self.ternary(name)
             return (t.astype(np.float32) * d[:, None]).reshape(info.shape)
         raw = self.raw(name)
+        shape = info.shape
+        if rows is not None:
+            if len(shape) != 2:
+                raise ValueError(f"{name}: row slices need a 2-D tensor, this one has shape {shape}")
+            raw = raw[rows[0]:rows[1]]
+            shape = (raw.shape[0], shape[1])
         if info.ggml_type in _FLOAT_TYPES:
             return raw.astype(np.float32)
         gguf = _gguf()
@@ -308,7 +318,7 @@ class GGUFFile:
             out = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
         except (NotImplementedError, ValueError) as e:
             raise self.err(name, f"has type {info.type_name}, which bitlm cannot dequantise ({e})") from None
-        return np.asarray(out, dtype=np.float32).reshape(info.shape)
+        return np.asarray(out, dtype=np.float32).reshape(shape)
 
     def ternary(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(T int8 [rows, n], scale per row float32) of an I2_S / IQ1_BN / IQ2_BN / IQ2_BN_R4
@@ -754,8 +764,8 @@ def load_gguf(
     return model
 
 
-def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch.dtype,
-                  allow_non_ternary: bool) -> BitNetModel:
+def _check_tensors(f: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The file holds exactly the tensors ``cfg`` implies, with their shapes (else GGUFFormatError)."""
     expected = _expected_shapes(cfg)
     scales = {n.removesuffix(".weight") + ".scale" for n in expected if n.startswith("blk.")
               and n.split(".")[2] in _PROJ_TO_GGUF.values()}
@@ -772,7 +782,113 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
         if tuple(got) != tuple(shape):
             raise f.err(name, f"has shape {list(f.tensors[name].dims)} (GGUF order, innermost first); "
                               f"the metadata implies {list(reversed(shape))}")
+    return expected
 
+
+def _stored_scale(f: GGUFFile, gname: str, s: float, c: float, exact: dict[str, float], ignored: list[str]) -> float:
+    """The scale a one-scale ternary projection computes with: bitlm's exact float32 scale
+    (:data:`SCALES_KEY`) when it rounds to the stored one (else the stored one; ``gname`` is
+    added to ``ignored``), times the ``.scale`` tensor's ``c`` in one float32 rounding."""
+    if gname in exact:
+        f16 = f.tensors[gname].ggml_type in (_F16, _TQ1_0, _TQ2_0, GT.IQ1_BN)  # scales stored as f16
+        rounded = np.float32(np.float16(exact[gname])) if f16 else np.float32(exact[gname])
+        if rounded == np.float32(s):
+            s = exact[gname]
+        else:  # the tensor was rewritten by another tool: trust what llama.cpp computes with
+            ignored.append(gname)
+    if c != 1.0:
+        s = float(np.float32(s) * np.float32(c))  # one float32 rounding, as llama.cpp's multiply
+    return s
+
+
+def _warn_ignored_scales(f: GGUFFile, ignored: list[str]) -> None:
+    if ignored:
+        warnings.warn(f"{f.path}: {SCALES_KEY!r} does not match the stored scale of {len(ignored)} projections "
+                      f"(first: {ignored[0]}); using the stored (f16) scales", stacklevel=4)
+
+
+def _norm_floats(f: GGUFFile, gname: str) -> np.ndarray:
+    """A norm weight, embedding or head as float32 (norms must be stored as floats; no inf / nan)."""
+    if len(f.tensors[gname].dims) == 1 and f.tensors[gname].ggml_type not in (_F32, _F16, _BF16):
+        raise f.err(gname, f"has type {f.tensors[gname].type_name}; norm weights must be F32, F16 or BF16")
+    w = f.floats(gname)
+    if not np.isfinite(w).all():
+        raise f.err(gname, "contains inf or nan")
+    return w
+
+
+class GroupedGGUF(GGUFFormatError):
+    """A GGUF with weight groups: :class:`TernaryReader` leaves it to ``load_gguf``."""
+
+
+class TernaryReader:
+    """A one-scale ternary GGUF read one tensor at a time, by bitlm parameter name: what
+    ``load_gguf(path)`` holds (the same T, s, norms and embeddings), without building float s·T
+    torch modules — ``bitlm.engine.convert_gguf`` packs from it with a few hundred MB of
+    temporaries where the torch model of a 2B4T file takes ~12 GB.  Use as a context manager.
+    Refuses (GGUFFormatError) what only ``load_gguf`` handles: weight groups, and projections
+    that are not one-scale ternary tensors (``allow_non_ternary``)."""
+
+    def __init__(self, path: str | Path, activation: str | None = None) -> None:
+        if activation not in (None, *ACTIVATIONS):
+            raise ValueError(f"activation must be None or one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        self.path = Path(path)
+        self.f = read_gguf(self.path)
+        try:
+            self.config = _read_config(self.f, None, activation)
+            if self.config.weight_groups > 1:
+                raise GroupedGGUF(f"{self.path}: {self.config.weight_groups} weight groups per tensor: "
+                                      "load it with bitlm.load (the group-wise reader)")
+            _check_tensors(self.f, self.config)
+            self._gguf = tensor_name_map(self.config)
+            self._exact = _exact_scales(self.f)
+        except BaseException:
+            self.f.close()
+            raise
+        self._ignored: list[str] = []
+
+    def __enter__(self) -> TernaryReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        _warn_ignored_scales(self.f, self._ignored)
+        self._ignored = []
+        self.f.close()
+
+    def ternary(self, name: str) -> tuple[torch.Tensor, float]:
+        """(T int8 (N, K), s) of projection ``name`` (e.g. ``model.layers.0.self_attn.q_proj.weight``)."""
+        gname = self._gguf[name]
+        got = _ternary(self.f, gname)
+        if isinstance(got, np.ndarray):
+            raise self.f.err(gname, f"is not a per-tensor-scale ternary weight: "
+                                    f"{_describe_non_ternary(self.f, gname, got)}; bitlm.load(path, "
+                                    "allow_non_ternary=True) reads it as a latent weight")
+        t, s, c = got
+        return t, _stored_scale(self.f, gname, s, c, self._exact, self._ignored)
+
+    def floats(self, name: str) -> torch.Tensor:
+        """A norm weight, the embedding or the untied head as float32."""
+        return torch.from_numpy(_norm_floats(self.f, self._gguf[name]))
+
+    def float_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the embedding or the untied head as float32."""
+        gname = self._gguf[name]
+        w = self.f.floats(gname, (start, stop))
+        if not np.isfinite(w).all():
+            raise self.f.err(gname, "contains inf or nan")
+        return torch.from_numpy(w)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.f.metadata
+
+
+def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch.dtype,
+                  allow_non_ternary: bool) -> BitNetModel:
+    expected = _check_tensors(f, cfg)
     names = {v: k for k, v in tensor_name_map(cfg).items()}  # GGUF → bitlm
     if cfg.weight_groups > 1:
         return _load_grouped(f, cfg, expected, names, quant, dtype)
@@ -781,16 +897,11 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
     sd: dict[str, torch.Tensor] = {}
     frozen: dict[str, FrozenTernaryLinear] = {}
     latent: list[str] = []
-    for gname, shape in expected.items():
+    for gname in expected:
         ours = names[gname]
         base = ours.removesuffix(".weight")
         if not base.endswith(tuple(PROJECTIONS)):
-            if len(shape) == 1 and f.tensors[gname].ggml_type not in (_F32, _F16, _BF16):
-                raise f.err(gname, f"has type {f.tensors[gname].type_name}; norm weights must be F32, F16 or BF16")
-            w = f.floats(gname)
-            if not np.isfinite(w).all():
-                raise f.err(gname, "contains inf or nan")
-            sd[ours] = torch.from_numpy(w).to(dtype)
+            sd[ours] = torch.from_numpy(_norm_floats(f, gname)).to(dtype)
             continue
         got = _ternary(f, gname)
         if isinstance(got, np.ndarray):
@@ -801,24 +912,14 @@ def _load_tensors(f: GGUFFile, cfg: ModelConfig, quant: str | None, dtype: torch
             sd[ours] = torch.from_numpy(got).to(dtype)
         else:
             t, s, c = got
-            if gname in exact:
-                f16 = f.tensors[gname].ggml_type in (_F16, _TQ1_0, _TQ2_0, GT.IQ1_BN)  # scales stored as f16
-                rounded = np.float32(np.float16(exact[gname])) if f16 else np.float32(exact[gname])
-                if rounded == np.float32(s):
-                    s = exact[gname]
-                else:  # the tensor was rewritten by another tool: trust what llama.cpp computes with
-                    ignored.append(gname)
-            if c != 1.0:
-                s = float(np.float32(s) * np.float32(c))  # one float32 rounding, as llama.cpp's multiply
+            s = _stored_scale(f, gname, s, c, exact, ignored)
             if quant is None:
                 frozen[base] = FrozenTernaryLinear.from_ternary(t, torch.tensor([s]), dtype)
                 continue
             sd[ours] = ternary_latent(t, s, dtype) if quant == "b1.58" else (t.float() * s).to(dtype)
         if cfg.quant != "fp":
             sd[base + ".quant_lambda"] = torch.tensor(1.0)
-    if ignored:
-        warnings.warn(f"{f.path}: {SCALES_KEY!r} does not match the stored scale of {len(ignored)} projections "
-                      f"(first: {ignored[0]}); using the stored (f16) scales", stacklevel=3)
+    _warn_ignored_scales(f, ignored)
     if latent:
         warnings.warn(f"{f.path}: {len(latent)} projections (first: {latent[0]}) are not one-scale ternary "
                       "tensors; loaded as BitLinear latents that bitlm re-ternarises with one absmean scale, "
