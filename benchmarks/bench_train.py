@@ -4,6 +4,7 @@ and data-parallel scaling on torchrun.
     python benchmarks/bench_train.py                           # small & base presets, CPU, batch 16 x 128
     python benchmarks/bench_train.py --presets small --rounds 1 --steps 2    # a smoke test
     python benchmarks/bench_train.py --quants fp,b1,b1.58,b1.58-legacy   # + the QAT step before the fast one
+    python benchmarks/bench_train.py --quants fp,b1.58,b1.58-torchmm   # native W8A8 vs torch._int_mm product
     python benchmarks/bench_train.py --device cuda --precision bf16 --compile   # on a GPU machine
 
 Each (preset, quant) step is measured in its own process (so its peak memory is its own: RSS on
@@ -60,6 +61,11 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
     from bitlm.train import TrainConfig, lm_loss, make_optimizer
 
     name = quant
+    if quant.endswith("-torchmm"):  # the fast step with torch._int_mm instead of the native W8A8 kernel
+        from bitlm import layers
+
+        layers.QAT_MATMUL = "torch"
+        quant = quant[: -len("-torchmm")]
     if quant.endswith("-legacy"):  # the QAT step before the fast one: fake-quant floats every forward
         from bitlm import layers
 
@@ -142,7 +148,8 @@ def main() -> None:
     ap.add_argument("--quants", default=",".join(QUANTS),
                     help="fp, b1, b1.58; QUANT-legacy: the QAT step without the fast path (BITLM_QAT_FAST=0: "
                          "fake-quant floats every forward); QUANT-long: the STE as x + λ(q - x).detach() "
-                         "(before the short path; implies -legacy's float path)")
+                         "(before the short path; implies -legacy's float path); QUANT-torchmm: the fast step "
+                         "with torch._int_mm for the integer product (BITLM_QAT_MATMUL=torch)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--compile", action="store_true")

@@ -42,6 +42,22 @@ def _fwd_bwd(m: BitLinear, x: torch.Tensor, g: torch.Tensor):
     return y.detach(), x.grad, m.weight.grad, None if m.bias is None else m.bias.grad
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (64, 256, 96), (300, 37, 29), (2048, 704, 256)])
+def test_int8_product_native_equals_torch_int_mm(m, k, n, monkeypatch):
+    """The native W8A8 kernel and torch._int_mm + the epilogue: the same float32 bits."""
+    g = torch.Generator().manual_seed(m + k)
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    t = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+    a = torch.rand(m, generator=g) * 10 + 0.01
+    s = torch.rand((), generator=g) + 0.001
+    monkeypatch.setattr(L, "QAT_MATMUL", "torch")
+    want = L.int8_product(q, a, t, s)
+    assert torch.equal(want, torch._int_mm(q, t.t()).float() * (s / a).unsqueeze(1))
+    monkeypatch.setattr(L, "QAT_MATMUL", "native")
+    got = L.int8_product(q, a, t, s)
+    assert torch.equal(got, want)
+
+
 def _fake_quant_bound(m: BitLinear, x: torch.Tensor) -> torch.Tensor:
     """|X_fq|·|W_fq|ᵀ: the scale of the float sums' rounding error in the fake-quant path."""
     q, a = Q.activation_quantize(x.detach(), 8, m.act_granularity if m.training else m.act_granularity_eval)

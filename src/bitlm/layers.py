@@ -43,6 +43,12 @@ ACT_QUANTS = ("absmax", "absmean")
 #: forward, exactly as before the fast step existed.
 QAT_FAST = os.environ.get("BITLM_QAT_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
 
+#: The fast step's integer product: "native" (bitlm's W8A8 kernel on the cached int8 codes, the
+#: same int32 sums and epilogue in one pass) when the native kernels are loaded, else "torch"
+#: (``torch._int_mm`` then the epilogue in torch).  The same bits either way (tested);
+#: ``BITLM_QAT_MATMUL=torch`` forces torch's (``benchmarks/bench_train.py`` times both).
+QAT_MATMUL = os.environ.get("BITLM_QAT_MATMUL", "native").strip().lower()
+
 
 class BitLinear(nn.Linear):
     """y = Quant_w(W) · Quant_a(Norm(x)) (+ b), with STE in the backward pass.
@@ -266,6 +272,19 @@ def quantize_activation_rows(x2: torch.Tensor, granularity: str = "token") -> tu
     return q.to(torch.int8), a.reshape(-1).expand(x2.shape[0])
 
 
+def int8_product(q: torch.Tensor, a: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float32 (M, N) = float32(q · Tᵀ) · (s / a[m]): int8 codes (M, K) × int8 weights (N, K),
+    exact int32 sums, the kernels' epilogue order.  ``QAT_MATMUL`` picks the native W8A8 kernel
+    (one pass, no int32 (M, N) intermediate) or ``torch._int_mm``; the same bits."""
+    if QAT_MATMUL == "native" and q.shape[1] < 131072:
+        from . import kernels
+
+        if kernels.backend() == "native":
+            return kernels.dense_int8a8_matmul(q, a, t, s.reshape(1).expand(t.shape[0]).contiguous())
+    acc = torch._int_mm(q, t.t())  # int32 (M, N), exact
+    return acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
+
+
 class _Int8Projection(torch.autograd.Function):
     """The BitLinear projection of the common training case, as exact integer arithmetic.
 
@@ -286,8 +305,7 @@ class _Int8Projection(torch.autograd.Function):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         q, a = quantize_activation_rows(x2, granularity)  # int8 (M, K), float32 (M,)
-        acc = torch._int_mm(q, t.t())  # int32 (M, N), exact
-        y = acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
+        y = int8_product(q, a, t, s)
         if bias is not None:
             y.add_(bias)
         ctx.save_for_backward(q, a, t, s)
