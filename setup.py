@@ -4,7 +4,8 @@ The library is torch-free C loaded with ctypes (``bitlm.kernels.native``); it is
 setuptools ``Extension`` only so that wheels are tagged as platform wheels and editable installs
 place the file next to the package.  A custom ``build_ext`` compiles each source file with its
 own flags — per-ISA flags go on one file only (``x86_avx2.c`` gets ``-mavx2 -mfma``,
-``x86_avx512.c`` the AVX-512 set), never on the whole library, so that the dispatcher and the
+``x86_avx512.c`` the AVX-512 set, ``x86_amx.c`` that set plus ``-mamx-tile -mamx-int8``), never on the
+whole library, so that the dispatcher and the
 generic code run on any CPU.
 
 On x86-64 Linux, the platform the kernels are written and tested for, a failed build of the
@@ -46,7 +47,13 @@ TIER_FILES = {
     # file: (flags, macro defined for dispatch.c when the file compiled)
     "x86_avx2.c": (["-mavx2", "-mfma"], "BITLM_HAVE_AVX2"),
     "x86_avx512.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"], "BITLM_HAVE_AVX512"),
+    # the AMX int8 GEMM (M >= 2): needs the AVX-512 tier (its unpack and epilogue), so it is
+    # tried only when x86_avx512.c compiled; a compiler without -mamx-* leaves it out
+    "x86_amx.c": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mamx-tile",
+                   "-mamx-int8"], "BITLM_HAVE_AMX"),
 }
+# a tier file that needs another one to have compiled first
+TIER_NEEDS = {"x86_amx.c": "BITLM_HAVE_AVX512"}
 BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hadamard.c", "head_lowbit.c", "kv.c"]
 
 
@@ -94,6 +101,9 @@ class BuildKernels(build_ext):
         if IS_X86:
             # Tiers first: each one that compiles adds its macro so that dispatch.c includes it.
             for src, (flags, macro) in TIER_FILES.items():
+                if src in TIER_NEEDS and (TIER_NEEDS[src], "1") not in have:
+                    print(f"WARNING: bitlm: {src} left out ({TIER_NEEDS[src]} is not built)", file=sys.stderr)
+                    continue
                 try:
                     objects += self._compile(src, flags, [(macro, "1")])
                     have.append((macro, "1"))
@@ -122,7 +132,8 @@ def _ext_modules() -> list[Extension]:
         return []
     # sources are listed for sdists / change detection; BuildKernels compiles them itself
     sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
-    headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h", "hadamard_impl.h")]
+    headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h", "hadamard_impl.h",
+                                                  "x86_avx512_ops.h")]
     # optional=True: when a failed build is allowed (see BuildKernels), an in-place/editable build
     # must not then fail copying the library that was never built
     return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers, optional=True)]

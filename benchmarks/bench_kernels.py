@@ -17,6 +17,11 @@ Measured in one run, for each thread count (default 1 and 2):
   ``F.linear``;
 * GEMM at M = 128 and 512 on the same shapes: GMAC/s per core and the ratio to torch fp32 /
   bf16 ``F.linear`` and ``torch._int_mm`` (int8 x int8 -> int32).
+* ``--amx``: only the GEMM with the AMX int8 tile path on vs off (``BITLM_AMX=1`` / ``=0``, read
+  once per process, so two worker processes of this script take turns: interleaved rounds, the
+  order alternating, medians) at M = 2, 4, 8, 16, 64, 512 for i2 and t1 — cold weights (a
+  rotation streaming from DRAM, what batched decode sees) up to M = 16, hot ones above — GMAC/s
+  and the on/off speed-up, with the CPU (family / model) and both processes' ``kernel_config``.
 * ``--variants``: the activation variants (``ModelConfig.act_variant``: a8, a4.8, v2-a8, v2-a4)
   end to end in the packed engine — prefill tokens/s and per-token decode time of a 2-layer model
   of the b1.58 700M shape (d 1536, FFN 4096) — and the Hadamard op alone (native vs torch
@@ -28,6 +33,7 @@ tiny matrix and reported).  The load average is recorded before and after: on a 
 other processes steal cores and bandwidth, and the numbers are only as good as that.
 
     BITLM_BACKEND=native python benchmarks/bench_kernels.py [--threads 1,2] [--json out.json] [--quick]
+    BITLM_BACKEND=native python benchmarks/bench_kernels.py --amx [--threads 1,2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -274,6 +281,93 @@ def small_m_rows(threads: int, reps: int, shapes, ms=(1, 2, 4, 8)) -> list[dict]
     return rows
 
 
+# ---- AMX on vs off -------------------------------------------------------------------------------
+
+AMX_MS = (2, 4, 8, 16, 64, 512)
+AMX_SHAPES = ((2560, 2560), (6912, 2560))  # (N, K): q/o and gate/up of 2B4T
+AMX_COLD_MAX_M = 16  # up to this M the weights rotate (cold, as in batched decode); hot above
+
+
+def amx_worker() -> int:
+    """One side of ``--amx``: reads one JSON job per line from stdin ({fmt, n, k, m, threads,
+    reps}), answers {"s": median seconds per call} on stdout; the first line out is this
+    process's kernel_config."""
+    print(json.dumps({"kernel_config": native.info().get("kernel_config")}), flush=True)
+    cache: dict = {}
+    for line in sys.stdin:
+        job = json.loads(line)
+        set_threads(job["threads"])
+        key = (job["fmt"], job["n"], job["k"], job["m"] <= AMX_COLD_MAX_M)
+        if key not in cache:
+            w = random_packed(job["fmt"], job["n"], job["k"])
+            cache[key] = rotation(w) if key[3] else [w]
+        ws = cache[key]
+        xq = torch.randint(-127, 128, (job["m"], job["k"]), dtype=torch.int8,
+                           generator=torch.Generator().manual_seed(job["m"]))
+        a = torch.rand(job["m"]) + 0.5
+        inner = max(1, int(0.05 / max(job["m"] * job["n"] * job["k"] / 1e12, 1e-6)) // len(ws))
+
+        def run(ws=ws, xq=xq, a=a, inner=inner):
+            for _ in range(inner):
+                for w in ws:
+                    native.matmul(xq, a, w)
+
+        t = timeit(run, job["reps"])["median"] / (len(ws) * inner)
+        print(json.dumps({"s": t}), flush=True)
+    return 0
+
+
+def amx_rows(threads: list[int], rounds: int, reps: int, quick: bool) -> tuple[list[dict], dict]:
+    """Both sides of ``--amx``: two workers (BITLM_AMX=1 and =0), every job run on both in each
+    round, the side going first alternating by round; medians over rounds."""
+    procs = {}
+    configs = {}
+    for amx in ("on", "off"):
+        env = dict(os.environ, BITLM_AMX="1" if amx == "on" else "0")
+        procs[amx] = subprocess.Popen([sys.executable, __file__, "--amx-worker"] + (["--quick"] if quick else []),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        configs[amx] = json.loads(procs[amx].stdout.readline())["kernel_config"]
+    jobs = [{"fmt": fmt, "n": n, "k": k, "m": m, "threads": t, "reps": reps}
+            for t in threads for n, k in (AMX_SHAPES[:1] if quick else AMX_SHAPES) for fmt in ("i2", "t1")
+            for m in ((8, 64) if quick else AMX_MS)]
+    times: dict = {}
+    try:
+        for r in range(rounds):
+            for j, job in enumerate(jobs):
+                for amx in (("on", "off") if (r + j) % 2 == 0 else ("off", "on")):
+                    procs[amx].stdin.write(json.dumps(job) + "\n")
+                    procs[amx].stdin.flush()
+                    times.setdefault((j, amx), []).append(json.loads(procs[amx].stdout.readline())["s"])
+            print(f"  amx round {r + 1}/{rounds} done", file=sys.stderr)
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait(timeout=60)
+    rows = []
+    for j, job in enumerate(jobs):
+        macs = job["m"] * job["n"] * job["k"]
+        on, off = statistics.median(times[(j, "on")]), statistics.median(times[(j, "off")])
+        rows.append({"threads": job["threads"], "fmt": job["fmt"], "M": job["m"], "N": job["n"], "K": job["k"],
+                     "weights": "cold" if job["m"] <= AMX_COLD_MAX_M else "hot",
+                     "amx_ms": on * 1e3, "vnni_ms": off * 1e3, "amx_GMACps": macs / on / 1e9,
+                     "vnni_GMACps": macs / off / 1e9, "speedup": off / on,
+                     "amx_rounds_ms": [t * 1e3 for t in times[(j, "on")]],
+                     "vnni_rounds_ms": [t * 1e3 for t in times[(j, "off")]]})
+    return rows, configs
+
+
+def print_amx(res: dict) -> None:
+    e = res["env"]
+    print(f"\n# GEMM, AMX on vs off — {describe(e['cpu_identity'])}\n# on:  {e['amx']['kernel_config_on']}\n"
+          f"# off: {e['amx']['kernel_config_off']}\n# load average before/after: {e['loadavg_before']} / "
+          f"{e.get('loadavg_after')}; {e['amx']['rounds']} interleaved rounds, medians\n")
+    print("| thr | fmt | N x K | M | weights | AMX ms | VNNI ms | AMX GMAC/s | VNNI GMAC/s | AMX speed-up |")
+    print("|---:|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in res["amx"]:
+        print(f"| {r['threads']} | {r['fmt']} | {r['N']}x{r['K']} | {r['M']} | {r['weights']} | {r['amx_ms']:.3f} | "
+              f"{r['vnni_ms']:.3f} | {r['amx_GMACps']:.0f} | {r['vnni_GMACps']:.0f} | {r['speedup']:.2f}x |")
+
+
 # ---- int8 / bf16 output head ---------------------------------------------------------------------
 
 
@@ -369,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one shape, small buffers: a smoke test")
     ap.add_argument("--variants", action="store_true", help="also time the activation variants (a4.8, v2)")
     ap.add_argument("--variants-only", action="store_true", help="time only the activation variants")
+    ap.add_argument("--amx", action="store_true",
+                    help="only the GEMM with AMX on vs off (two worker processes, interleaved rounds)")
+    ap.add_argument("--amx-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3, help="--amx: interleaved rounds")
     ap.add_argument("--small-m", action="store_true",
                     help="only the small-M GEMM table (M = 1, 2, 4, 8, cold weights; compare runs with "
                          "BITLM_GEMM_SMALL_M unset and =0)")
@@ -378,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_kernels: native kernels unavailable: {native.reason()}", file=sys.stderr)
         return 1
     threads = [int(t) for t in args.threads.split(",")]
+    if args.amx_worker:
+        if args.quick:
+            globals()["COLD_BYTES"] = 64 << 20
+        return amx_worker()
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = (128,) if args.quick else (128, 512)
     gib = 0.25 if args.quick else 1.0
@@ -394,6 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     }}
     if args.variants_only:
         return variants_main(res, threads, args)
+    if args.amx:
+        res["amx"], cfgs = amx_rows(threads, args.rounds, args.reps, args.quick)
+        ident = res["env"]["cpu_identity"]
+        res["env"]["amx"] = {"cpu_has_amx": "amx_tile" in ident.get("flags", []) and "amx_int8" in ident.get("flags", []),
+                             "kernel_config_on": cfgs["on"], "kernel_config_off": cfgs["off"], "rounds": args.rounds,
+                             "family": ident.get("family"), "model": ident.get("model")}
+        res["env"]["loadavg_after"] = os.getloadavg()
+        print_amx(res)
+        write_json(args.json, res)
+        return 0
     if args.small_m:
         res["small_m"] = [r for t in threads for r in small_m_rows(t, args.reps, [(2 * 6912, 2560), (2560, 6912)])]
         res["env"]["loadavg_after"] = os.getloadavg()

@@ -19,6 +19,11 @@
 
 #include "internal.h"
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <errno.h>
+#include <sys/syscall.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #define BITLM_X86 1
@@ -113,6 +118,46 @@ static void detect_caches(void) {
 
 static void init_once(void);
 
+/* ---- AMX ------------------------------------------------------------------------------------ */
+
+static int g_amx_cpu; /* cpuid AMX-TILE + AMX-INT8 and XCR0 enables the tile state */
+static int g_amx;     /* the AMX GEMM is used (with the avx512 tier, for M >= g_amx_min_m) */
+static char g_amx_note[96] = "off (not initialised)";
+/* The smallest M the AMX GEMM takes.  Measured on the Xeon of 2026-12-03 (docs/performance.md):
+ * faster than the VNNI kernels from M = 2 on. */
+#define AMX_MIN_M 2
+
+/* Once per process: may this process use the AMX tiles?  Linux hands the 8 KB tile state to a
+ * process only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first
+ * tile instruction faults.  The permission covers every thread of the process. */
+static void amx_init(void) {
+    const char *env = getenv("BITLM_AMX");
+#ifndef BITLM_HAVE_AMX
+    (void)env;
+    snprintf(g_amx_note, sizeof g_amx_note, "off (not built: the compiler lacks -mamx-tile/-mamx-int8)");
+#else
+    if (env && (!strcmp(env, "0") || !strcmp(env, "off") || !strcmp(env, "no") || !strcmp(env, "false"))) {
+        snprintf(g_amx_note, sizeof g_amx_note, "off (BITLM_AMX=%.8s)", env);
+        return;
+    }
+    if (!g_amx_cpu) {
+        snprintf(g_amx_note, sizeof g_amx_note, "off (cpu/os: no amx_tile+amx_int8)");
+        return;
+    }
+#if defined(__linux__) && defined(__x86_64__)
+    /* ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
+        snprintf(g_amx_note, sizeof g_amx_note, "off (arch_prctl XTILEDATA refused: %s)", strerror(errno));
+        return;
+    }
+    g_amx = 1;
+    snprintf(g_amx_note, sizeof g_amx_note, "on");
+#else
+    snprintf(g_amx_note, sizeof g_amx_note, "off (tile state request only implemented for Linux)");
+#endif
+#endif
+}
+
 const bitlm_kernel_cfg *bitlm_cfg(void) {
     pthread_once(&g_once, init_once);
     return &g_cfg;
@@ -126,7 +171,7 @@ static void detect(void) {
 #ifdef BITLM_X86
     unsigned a, b, c, d;
     int avx = 0, fma = 0, osxsave = 0, avx2 = 0, bmi2 = 0;
-    int f512 = 0, bw = 0, vl = 0, dq = 0, vnni = 0, vbmi = 0, ymm_os = 0, zmm_os = 0;
+    int f512 = 0, bw = 0, vl = 0, dq = 0, vnni = 0, vbmi = 0, ymm_os = 0, zmm_os = 0, tile_os = 0;
     if (__get_cpuid(1, &a, &b, &c, &d)) {
         fma = (c >> 12) & 1;
         osxsave = (c >> 27) & 1;
@@ -136,6 +181,7 @@ static void detect(void) {
         const uint64_t xcr0 = xgetbv0();
         ymm_os = (xcr0 & 0x6) == 0x6;   /* SSE + AVX state */
         zmm_os = (xcr0 & 0xe6) == 0xe6; /* + opmask, ZMM_Hi256, Hi16_ZMM */
+        tile_os = (xcr0 & 0x60000) == 0x60000; /* XTILECFG, XTILEDATA */
     }
     if (__get_cpuid_max(0, NULL) >= 7) {
         __cpuid_count(7, 0, a, b, c, d);
@@ -147,7 +193,9 @@ static void detect(void) {
         vl = (b >> 31) & 1;
         vbmi = (c >> 1) & 1;
         vnni = (c >> 11) & 1;
+        g_amx_cpu = ((d >> 24) & 1) && ((d >> 25) & 1); /* AMX-TILE, AMX-INT8 */
     }
+    g_amx_cpu = g_amx_cpu && tile_os;
     if (avx && ymm_os) append_flag("avx");
     if (fma) append_flag("fma");
     if (avx2) append_flag("avx2");
@@ -159,6 +207,7 @@ static void detect(void) {
     if (vbmi) append_flag("avx512vbmi");
     if (vnni) append_flag("avx512vnni");
     if (!zmm_os && f512) append_flag("(os-no-zmm)");
+    if (g_amx_cpu) append_flag("amx_tile amx_int8");
 #ifdef BITLM_HAVE_AVX2
     g_tables[BITLM_TIER_AVX2] = &bitlm_avx2_table;
     g_supported[BITLM_TIER_AVX2] = avx && avx2 && fma && ymm_os;
@@ -207,6 +256,7 @@ static void init_once(void) {
     }
     g_tier = tier;
     atomic_store(&g_active, g_tables[tier]);
+    amx_init();
 }
 
 BITLM_API const char *bitlm_kernel_config(void) {
@@ -214,10 +264,10 @@ BITLM_API const char *bitlm_kernel_config(void) {
     pthread_mutex_lock(&g_tier_mu);
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld",
+             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
-             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams);
+             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams, g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;
 }
@@ -289,6 +339,9 @@ BITLM_API const char *bitlm_build_info(void) {
 #ifdef BITLM_HAVE_AVX512
            " avx512"
 #endif
+#ifdef BITLM_HAVE_AMX
+           " (+amx gemm)"
+#endif
         ;
 }
 
@@ -329,13 +382,23 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
 
     bitlm_problem p;
     bitlm_problem_init(&p, fmt, m, k, w, n, groups, bias, yi, yf);
+    bitlm_mm_fn fn = tab->mm[fmt];
+    int64_t xstride = p.Kp; /* the kernels' activation row stride */
+#ifdef BITLM_HAVE_AMX
+    /* AMX: with the avx512 tier only (a forced lower tier must not run it), rows padded to 64 */
+    if (g_amx && m >= AMX_MIN_M && tab == &bitlm_avx512_table) {
+        fn = bitlm_amx_mm[fmt];
+        xstride = bitlm_amx_kq(p.Kp);
+    }
+#endif
 
     /* one scratch block: row sums, epilogue factors, and (only when K is not a multiple of the
-     * block) a zero-padded copy of the activations so that kernels never read past a row. */
-    const int need_pad = p.Kp != k;
+     * block, or of 64 for AMX) a zero-padded copy of the activations so that kernels never read
+     * past a row. */
+    const int need_pad = xstride != k;
     const size_t sum_bytes = (size_t)m * sizeof(int32_t);
     const size_t f_bytes = yf ? (size_t)m * (size_t)p.groups * sizeof(float) : 0;
-    const size_t pad_bytes = need_pad ? (size_t)m * (size_t)p.Kp : 0;
+    const size_t pad_bytes = need_pad ? (size_t)m * (size_t)xstride : 0;
     unsigned char *scratch = malloc(sum_bytes + f_bytes + pad_bytes + 64);
     if (!scratch) return BITLM_ENOMEM;
     int32_t *xsum = (int32_t *)(void *)scratch;
@@ -347,8 +410,8 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
         for (int64_t j = 0; j < k; j++) acc += row[j];
         xsum[i] = acc;
         if (need_pad) {
-            memcpy(xpad + i * p.Kp, row, (size_t)k);
-            memset(xpad + i * p.Kp + k, 0, (size_t)(p.Kp - k));
+            memcpy(xpad + i * xstride, row, (size_t)k);
+            memset(xpad + i * xstride + k, 0, (size_t)(xstride - k));
         }
         if (yf)
             for (int64_t g = 0; g < p.groups; g++) f[i * p.groups + g] = s[g] / a[i]; /* float32 */
@@ -361,7 +424,7 @@ static int run_matmul(int fmt, const int8_t *x, const float *a, int64_t m, int64
     const int max_threads = bitlm_threads_for((double)m * (double)n * (double)k);
     /* GEMM kernels take 2 tiles per pass: keep claims multiples of that */
     const int64_t grain = m == 1 ? bitlm_gemv_grain(p.tile_bytes) : 2;
-    mm_task task = {&p, tab->mm[fmt]};
+    mm_task task = {&p, fn};
     bitlm_parallel_for(tiles, grain, max_threads, mm_task_run, &task);
     free(scratch);
     return 0;

@@ -164,6 +164,13 @@ BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx2_table;
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_avx512_table;
 #endif
 
+/* AMX int8 GEMM for M >= 2 (x86_amx.c; dispatch.c decides when, see bitlm_amx_on()): the same
+ * contract as bitlm_mm_fn except that p->x has row stride bitlm_amx_kq(p->Kp), zero padded. */
+static inline int64_t bitlm_amx_kq(int64_t kp) { return (kp + 63) / 64 * 64; }
+#ifdef BITLM_HAVE_AMX
+BITLM_HIDDEN extern const bitlm_mm_fn bitlm_amx_mm[4];
+#endif
+
 /* The active tier's table (dispatch.c; chosen once, see bitlm_tier()). */
 BITLM_HIDDEN const bitlm_kernel_table *bitlm_active_table(void);
 

@@ -1,0 +1,310 @@
+/*
+ * x86_amx.c — the packed ternary / binary GEMM (M >= 2) on AMX int8 tiles.  The only file built
+ * with -mamx-tile -mamx-int8 (plus the AVX-512 set, for the unpack and the epilogue); dispatch.c
+ * enters it only when cpuid lists AMX-TILE and AMX-INT8, XCR0 enables the tile state, the OS
+ * granted it to this process (arch_prctl ARCH_REQ_XCOMP_PERM) and the active tier is avx512.
+ *
+ * Why it fits the packed layouts: one 64-byte row of an AMX B tile in VNNI layout holds 16
+ * columns x 4 consecutive k, and one unpacked quad of a 16-row weight tile (x86_avx512_ops.h's
+ * unpack_quad: dword lane r = 4 codes of output row r) is exactly that.  So an output tile of 16
+ * rows unpacked quad after quad, in k order, is a stack of B tiles: B tile s = quads
+ * [16 s, 16 s + 16) = k in [64 s, 64 s + 64), 1 KB each, loaded with stride 64.  The A tile is
+ * 1..16 activation rows x 64 bytes of x (row stride kq = Kp rounded up to 64; dispatch.c passes a
+ * zero-padded copy when K is not a multiple of 64, so the pad quads of B multiply zeros).
+ *
+ * Codes stay unsigned ({0,1,2} for i2/t1, {0,1} for b1) and tdpbssd (s8 x s8) sums code * x
+ * exactly in int32, so the accumulator is the same raw sum the VNNI path feeds to the same
+ * epilogue (store_tile: minus sum x, b1 doubled, the float factor and bias): the same bits.
+ *
+ * Blocking: per pass two output tiles (32 rows of y) x up to 32 tokens (two A tiles): four C
+ * tiles, two A, two B = the 8 tiles of palette 1.  M <= 32 (serving's batched decode) is one
+ * token block: each weight is read once, unpacked once into a small L1 ring and fed to one
+ * tdpbssd per token tile (amx_small).  M > 32 (prefill): the pass's two weight tiles are unpacked
+ * whole into a per-thread scratch (2 x 16 x kq bytes: 80 KB at K = 2560, L2-resident) during the
+ * first token block and read back by the others (amx_large).
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "x86_avx512_ops.h"
+
+/* Prefetch distance in the packed weight stream (the GEMV's, x86_avx512.c). */
+#ifndef AMX_PREFETCH
+#define AMX_PREFETCH 8192
+#endif
+
+/* Tile register names (immediates). */
+#define C00 0 /* tokens m0..m0+15,  output tile t   */
+#define C01 1 /* tokens m0..m0+15,  output tile t+1 */
+#define C10 2 /* tokens m0+16..,    output tile t   */
+#define C11 3 /* tokens m0+16..,    output tile t+1 */
+#define TA0 4
+#define TA1 5
+#define TB0 6
+#define TB1 7
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Palette 1 with r0 rows in the first token tile and r1 (0: unused) in the second. */
+static void configure(int r0, int r1) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int i = 0; i < 8; i++) c.colsb[i] = 64;
+    c.rows[C00] = c.rows[C01] = c.rows[TA0] = (uint8_t)r0;
+    c.rows[C10] = c.rows[C11] = c.rows[TA1] = (uint8_t)(r1 ? r1 : 1);
+    c.rows[TB0] = c.rows[TB1] = 16;
+    _tile_loadconfig(&c);
+}
+
+/* ---- per-thread scratch for the unpacked weights ---------------------------------------------- */
+
+typedef struct {
+    int8_t *buf;
+    size_t cap;
+} scratch_t;
+
+static pthread_key_t g_key;
+static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *v) {
+    scratch_t *s = (scratch_t *)v;
+    free(s->buf);
+    free(s);
+}
+
+static void key_init(void) { (void)pthread_key_create(&g_key, scratch_free); }
+
+/* A 64-byte aligned buffer of at least n bytes owned by this thread (kept between calls, freed
+ * when the thread exits), or NULL when out of memory. */
+static int8_t *scratch(size_t n) {
+    pthread_once(&g_key_once, key_init);
+    scratch_t *s = (scratch_t *)pthread_getspecific(g_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof *s);
+        if (!s) return NULL;
+        if (pthread_setspecific(g_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->cap < n) {
+        free(s->buf);
+        s->cap = 0;
+        s->buf = (int8_t *)aligned_alloc(64, (n + 63) / 64 * 64);
+        if (!s->buf) return NULL;
+        s->cap = n;
+    }
+    return s->buf;
+}
+
+/* ---- unpack -------------------------------------------------------------------------------- */
+
+/* Chunk ch of a weight tile -> its QPC quads (64 bytes each, k order) at dst; pf: a line to
+ * prefetch. */
+ALWAYS_INLINE void unpack_chunk(const int fmt, const uint8_t *chunk, int8_t *dst, const consts_t *c, const uint8_t *pf) {
+    _mm_prefetch((const char *)pf, _MM_HINT_T0);
+    __m512i st = chunk_load(fmt, chunk);
+#pragma GCC unroll 8
+    for (int qd = 0; qd < 8; qd++) {
+        if (qd >= QPC(fmt)) break;
+        _mm512_store_si512((void *)(dst + 64 * qd), unpack_quad(fmt, &st, chunk, qd, c));
+    }
+}
+
+/* Epilogue of one C tile (rows token m0.., output tile t), through an int32 bounce buffer. */
+ALWAYS_INLINE void store_c(const bitlm_problem *p, const int fmt, const int32_t *cbuf, int rows, int64_t m0,
+                           int64_t t) {
+    for (int i = 0; i < rows; i++) store_tile(p, fmt, m0 + i, t, _mm512_load_si512((const void *)(cbuf + 16 * i)));
+}
+
+/* One k step (64 k: B tile s of each weight tile) of one token block: A0 (and A1 when r1) from
+ * the activations at xa, B tiles from b0 / b1 (1 KB each, stride 64). */
+ALWAYS_INLINE void amx_step(const int J, const int r1, const int8_t *xa, int64_t kq, const int8_t *b0,
+                            const int8_t *b1) {
+    _tile_loadd(TA0, xa, kq);
+    _tile_loadd(TB0, b0, 64);
+    _tile_dpbssd(C00, TA0, TB0);
+    if (J == 2) {
+        _tile_loadd(TB1, b1, 64);
+        _tile_dpbssd(C01, TA0, TB1);
+    }
+    if (r1) {
+        _tile_loadd(TA1, xa + 16 * kq, kq);
+        _tile_dpbssd(C10, TA1, TB0);
+        if (J == 2) _tile_dpbssd(C11, TA1, TB1);
+    }
+}
+
+/* Zero the accumulators of a token block / write them out through the epilogue. */
+ALWAYS_INLINE void amx_zero(const int J, const int r1) {
+    _tile_zero(C00);
+    if (J == 2) _tile_zero(C01);
+    if (r1) {
+        _tile_zero(C10);
+        if (J == 2) _tile_zero(C11);
+    }
+}
+
+ALWAYS_INLINE void amx_store(const bitlm_problem *p, const int fmt, const int J, const int r0, const int r1,
+                             int64_t m0, int64_t t) {
+    int32_t cbuf[256] __attribute__((aligned(64)));
+    _tile_stored(C00, cbuf, 64);
+    store_c(p, fmt, cbuf, r0, m0, t);
+    if (J == 2) {
+        _tile_stored(C01, cbuf, 64);
+        store_c(p, fmt, cbuf, r0, m0, t + 1);
+    }
+    if (r1) {
+        _tile_stored(C10, cbuf, 64);
+        store_c(p, fmt, cbuf, r1, m0 + 16, t);
+        if (J == 2) {
+            _tile_stored(C11, cbuf, 64);
+            store_c(p, fmt, cbuf, r1, m0 + 16, t + 1);
+        }
+    }
+}
+
+/* Quads per unpack batch of the small-M path: a multiple of 16 (whole B tiles) and of every
+ * format's quads per chunk (4, 5, 8), so that batches start on chunk boundaries. */
+#define RING_Q 80
+
+/* M <= 32 (one token block; serving's batched decode): nothing is reused across token blocks, so
+ * the unpacked weights go through a small ring (2 halves x RING_Q quads x 2 tiles = 20 KB) that
+ * stays in L1: unpacking into the whole-K scratch (80 KB at K = 2560) missed L1 on every store
+ * and made the unpack, not the tiles, the bottleneck (~3x slower at M = 2..16).  Batch b is
+ * unpacked into half b & 1 while the tiles still work on batch b - 1. */
+ALWAYS_INLINE void amx_small(const bitlm_problem *p, const int fmt, int8_t *ring, int64_t t0, int64_t t1) {
+    const int64_t kq = bitlm_amx_kq(p->Kp), qtile = kq / 4, nq = p->nchunks * QPC(fmt), tb = p->tile_bytes;
+    { /* the first AMX_PREFETCH bytes of both streams at once (the loop's prefetch covers the rest) */
+        const int64_t n = tb < AMX_PREFETCH ? tb : AMX_PREFETCH;
+        for (int64_t off = 0; off < n; off += 64) {
+            _mm_prefetch((const char *)(p->w + t0 * tb + off), _MM_HINT_T0);
+            if (t0 + 1 < t1) _mm_prefetch((const char *)(p->w + (t0 + 1) * tb + off), _MM_HINT_T0);
+        }
+    }
+    const int r0 = p->M >= 16 ? 16 : (int)p->M;
+    const int r1 = p->M > 16 ? (int)p->M - 16 : 0;
+    const consts_t c = make_consts();
+    configure(r0, r1);
+    for (int64_t t = t0; t < t1; t += 2) {
+        const int J = t + 1 < t1 ? 2 : 1;
+        const uint8_t *wt[2] = {p->w + t * p->tile_bytes, p->w + (t + J - 1) * p->tile_bytes};
+        amx_zero(J, r1);
+        for (int64_t q0 = 0; q0 < qtile; q0 += RING_Q) {
+            const int64_t q1 = q0 + RING_Q < qtile ? q0 + RING_Q : qtile; /* multiple of 16 */
+            const int64_t qd1 = q1 < nq ? q1 : nq;                        /* quads with data */
+            int8_t *half[2] = {ring + ((q0 / RING_Q) & 1) * RING_Q * 64, ring + (2 + ((q0 / RING_Q) & 1)) * RING_Q * 64};
+            for (int j = 0; j < J; j++) {
+                for (int64_t ch = q0 / QPC(fmt); ch * QPC(fmt) < qd1; ch++) {
+                    /* prefetch AMX_PREFETCH ahead in this stream: past the tile's end, into the
+                     * same place of the next pass's tile (t + 2 + j), not the neighbour's (which
+                     * the other stream is reading already).  Measured, cold i2 M = 8, 1 thread:
+                     * 0.205 -> 0.183 ms at 2560 x 2560, 0.515 -> 0.456 at 6912 x 2560 */
+                    const int64_t off = ch * 64 + AMX_PREFETCH;
+                    const uint8_t *pf = off < tb ? wt[j] + off : wt[j] + 2 * tb + (off - tb);
+                    unpack_chunk(fmt, wt[j] + ch * 64, half[j] + (ch * QPC(fmt) - q0) * 64, &c, pf);
+                }
+                if (qd1 < q1) memset(half[j] + (qd1 - q0) * 64, 0, (size_t)((q1 - qd1) * 64));
+            }
+            for (int64_t q = q0; q < q1; q += 16)
+                amx_step(J, r1, p->x + 4 * q, kq, half[0] + (q - q0) * 64, half[1] + (q - q0) * 64);
+        }
+        amx_store(p, fmt, J, r0, r1, 0, t);
+    }
+}
+
+/* M > 32: the two weight tiles of a pass are unpacked whole (k order, pad quads zeroed) into
+ * scratch during the first token block and read back by every further one. */
+ALWAYS_INLINE void amx_large(const bitlm_problem *p, const int fmt, int8_t *buf, int64_t t0, int64_t t1) {
+    const int64_t kq = bitlm_amx_kq(p->Kp), steps = kq / 64, qtile = kq / 4, nq = p->nchunks * QPC(fmt);
+    int8_t *bj[2] = {buf, buf + qtile * 64};
+    const consts_t c = make_consts();
+    const int64_t M = p->M;
+    int cur0 = -1, cur1 = -1;
+    for (int64_t t = t0; t < t1; t += 2) {
+        const int J = t + 1 < t1 ? 2 : 1;
+        const uint8_t *wt[2] = {p->w + t * p->tile_bytes, p->w + (t + J - 1) * p->tile_bytes};
+        for (int j = 0; j < J; j++) memset(bj[j] + nq * 64, 0, (size_t)((qtile - nq) * 64));
+        int64_t next_ch = 0; /* chunks unpacked so far (both tiles) */
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+            const int r0 = M - m0 >= 16 ? 16 : (int)(M - m0);
+            const int r1 = M - m0 >= 32 ? 16 : M - m0 > 16 ? (int)(M - m0 - 16) : 0;
+            if (r0 != cur0 || r1 != cur1) {
+                configure(r0, r1);
+                cur0 = r0;
+                cur1 = r1;
+            }
+            amx_zero(J, r1);
+            const int8_t *xa = p->x + m0 * kq;
+            for (int64_t s = 0; s < steps; s++) {
+                /* first token block: unpack the chunks this step's 16 quads need */
+                for (; next_ch < p->nchunks && next_ch * QPC(fmt) < 16 * (s + 1); next_ch++)
+                    for (int j = 0; j < J; j++)
+                        unpack_chunk(fmt, wt[j] + next_ch * 64, bj[j] + next_ch * QPC(fmt) * 64, &c,
+                                     wt[j] + next_ch * 64 + AMX_PREFETCH);
+                amx_step(J, r1, xa + 64 * s, kq, bj[0] + s * 1024, bj[1] + s * 1024);
+            }
+            amx_store(p, fmt, J, r0, r1, m0, t);
+        }
+    }
+}
+
+/* Output tiles [t0, t1) for all tokens; returns 0, or -1 when the scratch could not be had
+ * (then nothing was written and the caller runs vnni_mm). */
+ALWAYS_INLINE int amx_mm(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
+    const int64_t qtile = bitlm_amx_kq(p->Kp) / 4;
+    const int small = p->M <= 32;
+    int8_t *buf = scratch(small ? (size_t)(4 * RING_Q * 64) : (size_t)(2 * qtile * 64));
+    if (!buf) return -1;
+    if (small)
+        amx_small(p, fmt, buf, t0, t1);
+    else
+        amx_large(p, fmt, buf, t0, t1);
+    _tile_release(); /* back to the init state: cheap context switches for this thread */
+    return 0;
+}
+
+/* Without scratch memory (out of memory): the same sums with vpdpbusd, one token and one output
+ * tile at a time, reading x with the AMX row stride kq.  Slow, exact, never expected to run. */
+ALWAYS_INLINE void vnni_mm(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
+    const int64_t kq = bitlm_amx_kq(p->Kp);
+    const int bk = 4 * QPC(fmt);
+    const consts_t c = make_consts();
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t m = 0; m < p->M; m++) {
+            const uint8_t *wt = p->w + t * p->tile_bytes;
+            const int8_t *xm = p->x + m * kq;
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t ch = 0; ch < p->nchunks; ch++) {
+                __m512i st = chunk_load(fmt, wt + ch * 64);
+                for (int qd = 0; qd < QPC(fmt); qd++) {
+                    const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(xm + ch * bk + 4 * qd));
+                    acc = _mm512_dpbusd_epi32(acc, unpack_quad(fmt, &st, wt + ch * 64, qd, &c), xb);
+                }
+            }
+            store_tile(p, fmt, m, t, acc);
+        }
+}
+
+static void amx_i2(const bitlm_problem *p, int64_t t0, int64_t t1) {
+    if (amx_mm(p, BITLM_FMT_I2, t0, t1)) vnni_mm(p, BITLM_FMT_I2, t0, t1);
+}
+static void amx_t1(const bitlm_problem *p, int64_t t0, int64_t t1) {
+    if (amx_mm(p, BITLM_FMT_T1, t0, t1)) vnni_mm(p, BITLM_FMT_T1, t0, t1);
+}
+static void amx_b1(const bitlm_problem *p, int64_t t0, int64_t t1) {
+    if (amx_mm(p, BITLM_FMT_B1, t0, t1)) vnni_mm(p, BITLM_FMT_B1, t0, t1);
+}
+
+const bitlm_mm_fn bitlm_amx_mm[4] = {NULL, amx_i2, amx_t1, amx_b1};
