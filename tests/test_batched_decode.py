@@ -160,3 +160,24 @@ def test_batched_attention_errors():
     with pytest.raises(ValueError, match="batched attention k"):
         ba.run(0, torch.zeros(1, cfg.n_heads, D), torch.zeros(2, cfg.kv_heads, D), torch.zeros(1, cfg.kv_heads, D),
                torch.zeros(1, D), torch.zeros(1, D))
+
+
+@pytest.mark.parametrize("name,expect", [("tiny-2b4t", True), ("tiny", False)])
+def test_one_sequence_runs_the_fused_step_where_it_has_the_same_bits(name, expect, monkeypatch):
+    """A batch of one (a server with one active request) takes the fused native step when that
+    gives the batched step's bits (ReLU² models, native attention), else the batched path."""
+    from bitlm import kernels
+
+    pm = _packed(name, "i2", "f32")
+    calls = []
+    real = type(pm)._decode_fused
+    monkeypatch.setattr(type(pm), "_decode_fused", lambda self, *a: calls.append(1) or real(self, *a))
+    cache = pm.new_cache(1, 16)
+    pm(torch.tensor([PROMPTS[0]]), cache=cache, last_only=True)
+    out = pm.decode_batch([3], [cache])
+    native = kernels.backend() == "native"
+    assert bool(calls) == (expect and native) and out.shape == (1, pm.config.vocab_size) and cache.pos == 6
+    pm.batch_attention = False  # torch's attention: other bits, so the batched path
+    calls.clear()
+    pm.decode_batch([4], [cache])
+    assert not calls and cache.pos == 7

@@ -445,12 +445,15 @@ class PackedModel:
         Activations are quantised per token and the integer products are exact, so row i's
         logits are the same bits whatever else is in the batch; with the native attention also
         the fused native step's bits (ReLU² models), with ``batch_attention = False`` the per-op
-        single-sequence path's (``forward`` with ``fused_decode = False``)."""
+        single-sequence path's (``forward`` with ``fused_decode = False``).  A batch of one runs
+        as the fused step itself where the bits are the same (``_alone_is_fused``)."""
         cfg = self.config
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         N = ids.numel()
         if N != len(caches) or N == 0:
             raise ValueError(f"decode_batch: {N} tokens for {len(caches)} caches")
+        if N == 1 and self._alone_is_fused(caches[0]):  # the fused step: one native call, the same bits
+            return self._decode_fused(ids.view(1, 1), caches[0]).view(1, -1)
         pos = [c.pos for c in caches]
         for p_, c in zip(pos, caches):
             if p_ + 1 > cfg.max_seq_len:
@@ -494,14 +497,26 @@ class PackedModel:
     #: per-op path's attention (then every logit is the per-op path's bits).
     batch_attention = True
 
-    def _batch_attention(self, caches: list[KVCache]):
+    def _alone_is_fused(self, cache: KVCache) -> bool:
+        """Whether one sequence's batched step may run as the fused native step: where the two
+        give the same bits (ReLU² models with the native batched attention — tested in
+        tests/test_batched_decode.py), so a request's tokens do not depend on running alone."""
+        return (self.config.arch == "bitnet-2b4t" and self._fused_decode_ok() and self._batch_attention_ok([cache])
+                and cache.pos + 1 <= min(cache.max_len, self.config.max_seq_len))  # else the errors below
+
+    def _batch_attention_ok(self, caches: list[KVCache]) -> bool:
         if not self.batch_attention or os.environ.get("BITLM_BATCH_ATTN", "1") == "0":
-            return None
+            return False
         if kernels.backend() != "native":
+            return False
+        kinds = {getattr(c, "kv", "f32") for c in caches}
+        # mixed cache types or batch > 1 caches: the per-sequence torch loop
+        return len(kinds) == 1 and all(c.k[0].shape[0] == 1 for c in caches)
+
+    def _batch_attention(self, caches: list[KVCache]):
+        if not self._batch_attention_ok(caches):
             return None
         kinds = {getattr(c, "kv", "f32") for c in caches}
-        if len(kinds) != 1 or any(c.k[0].shape[0] != 1 for c in caches):
-            return None  # mixed cache types or batch > 1 caches: the per-sequence torch loop
         from .kernels import native
 
         cfg = self.config
