@@ -494,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_identity": cpu_identity(), "kernel_config": info.get("kernel_config"),
     }}
+    # the AMX GEMM's state in this process (on, or off and why); --amx compares both
+    kc = info.get("kernel_config") or ""
+    res["env"]["amx_state"] = kc[kc.index("amx=") + 4:] if "amx=" in kc else "unknown"
     if args.variants_only:
         return variants_main(res, threads, args)
     if args.amx:

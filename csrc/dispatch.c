@@ -121,7 +121,9 @@ static void init_once(void);
 /* ---- AMX ------------------------------------------------------------------------------------ */
 
 static int g_amx_cpu; /* cpuid AMX-TILE + AMX-INT8 and XCR0 enables the tile state */
-static int g_amx;     /* the AMX GEMM is used (with the avx512 tier, for M >= g_amx_min_m) */
+#ifdef BITLM_HAVE_AMX
+static int g_amx; /* the AMX GEMM is used (with the avx512 tier, for M >= AMX_MIN_M) */
+#endif
 static char g_amx_note[96] = "off (not initialised)";
 /* The smallest M the AMX GEMM takes.  Measured on the Xeon of 2026-12-03 (docs/performance.md):
  * faster than the VNNI kernels from M = 2 on. */

@@ -182,8 +182,11 @@ ALWAYS_INLINE void amx_store(const bitlm_problem *p, const int fmt, const int J,
 /* M <= 32 (one token block; serving's batched decode): nothing is reused across token blocks, so
  * the unpacked weights go through a small ring (2 halves x RING_Q quads x 2 tiles = 20 KB) that
  * stays in L1: unpacking into the whole-K scratch (80 KB at K = 2560) missed L1 on every store
- * and made the unpack, not the tiles, the bottleneck (~3x slower at M = 2..16).  Batch b is
- * unpacked into half b & 1 while the tiles still work on batch b - 1. */
+ * (i2 at 2560 x 2560, hot, 1 thread: 0.157 -> 0.099 ms at M = 2, 0.168 -> 0.105 at M = 8).
+ * Batch b is unpacked into half b & 1 while the tiles may still work on batch b - 1.  Tried and
+ * dropped: unpacking one B tile at a time, 0-4 tiles ahead of the tile loads (no faster).  The
+ * limit at M <= 16 is the unpack itself (16 zmm stores per 1 KB B tile); one tdpbssd costs the
+ * same ~16 cycles for 2 or 16 token rows. */
 ALWAYS_INLINE void amx_small(const bitlm_problem *p, const int fmt, int8_t *ring, int64_t t0, int64_t t1) {
     const int64_t kq = bitlm_amx_kq(p->Kp), qtile = kq / 4, nq = p->nchunks * QPC(fmt), tb = p->tile_bytes;
     { /* the first AMX_PREFETCH bytes of both streams at once (the loop's prefetch covers the rest) */
