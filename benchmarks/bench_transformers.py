@@ -147,8 +147,12 @@ def time_engine(pm, ids: torch.Tensor, new: int) -> tuple[float, list[float]]:
 
 def time_modules(modules: list, head, reps: int = 5) -> float:
     """One decode step's projections alone: every swapped module (and the head) called on one
-    bf16 token in model order, no transformers around them — the kernels' share of a step."""
-    xs = [torch.randn(1, 1, m.in_features).to(torch.bfloat16) for m in modules]
+    bf16 token in model order, no transformers around them — the kernels' share of a step.
+    Siblings that share their input in the model (q/k/v, gate/up: one kernel call) get one
+    tensor here too, so their product is computed once as in a decode step."""
+    by_group: dict[int, torch.Tensor] = {}
+    xs = [by_group.setdefault(id(m.shared) if m.shared is not None else id(m),
+                              torch.randn(1, 1, m.in_features).to(torch.bfloat16)) for m in modules]
     hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
     ts = []
     with torch.inference_mode():
