@@ -146,13 +146,16 @@ def time_engine(pm, ids: torch.Tensor, new: int) -> tuple[float, list[float]]:
 
 
 def time_modules(modules: list, head, reps: int = 5) -> float:
-    """One decode step's projections alone: every swapped module (and the head) called on one
-    bf16 token in model order, no transformers around them — the kernels' share of a step.
-    Siblings that share their input in the model (q/k/v, gate/up: one kernel call) get one
-    tensor here too, so their product is computed once as in a decode step."""
+    """One decode step's bitlm modules alone: every swapped module (projections, norms, then the
+    head) called on one bf16 token in model order, no transformers around them — the kernels'
+    share of a step.  Siblings that share their input in the model (q/k/v, gate/up: one kernel
+    call) get one tensor here too, so their product is computed once as in a decode step."""
     by_group: dict[int, torch.Tensor] = {}
-    xs = [by_group.setdefault(id(m.shared) if m.shared is not None else id(m),
-                              torch.randn(1, 1, m.in_features).to(torch.bfloat16)) for m in modules]
+    xs = []
+    for m in modules:
+        k = m.weight.shape[0] if not hasattr(m, "in_features") else m.in_features
+        key = id(m.shared) if getattr(m, "shared", None) is not None else id(m)
+        xs.append(by_group.setdefault(key, torch.randn(1, 1, k).to(torch.bfloat16)))
     hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
     ts = []
     with torch.inference_mode():
@@ -163,6 +166,25 @@ def time_modules(modules: list, head, reps: int = 5) -> float:
             head(hx)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def profile_step(model, ids: torch.Tensor, steps: int = 4, top: int = 8) -> tuple[float, list[tuple[str, float, float]]]:
+    """torch's own ops in one decode step of the swapped model (``model(token, past_key_values=
+    DynamicCache)`` as generate calls it, after a prefill of ``ids``): (their total ms per step,
+    the ``top`` ops as (name, ms per step, calls per step)).  bitlm's native calls are not torch
+    ops and do not appear."""
+    from torch.profiler import profile
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        nxt = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        with profile() as pr:
+            for _ in range(steps):
+                nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    ev = sorted(pr.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ev) / 1e3 / steps
+    return total, [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in ev[:top]]
 
 
 def rss_child(args, kind: str) -> dict:
@@ -223,7 +245,7 @@ def main() -> int:
     import transformers
     from transformers.utils import logging
 
-    from bitlm.integrations.transformers import BitlmLinear, _bitnet_layers, accelerate
+    from bitlm.integrations.transformers import BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
 
     logging.set_verbosity_error()
     if args.eager:
@@ -274,7 +296,9 @@ def main() -> int:
 
     swap(model, swapped)
     assert not list(_bitnet_layers(model)) and all(isinstance(m, BitlmLinear) for m in swapped.values())
-    modules_s = time_modules(list(swapped.values()), model.lm_head)
+    norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
+    modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
+    torch_ms, top_ops = profile_step(model, ids)
     del originals, pm, model
     gc.collect()
     mem = {k: rss_child(args, k) for k in ("own", "bitlm")}
@@ -298,7 +322,8 @@ def main() -> int:
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
-        "decode_kernels_alone_ms": modules_s * 1e3,
+        "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
+        "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
         "peak_rss_swapped_bytes": mem["bitlm"]["peak_rss_bytes"],
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
@@ -315,8 +340,11 @@ def main() -> int:
           f"{100 * out['decode_vs_engine']:.0f} % of the engine; prefill: "
           f"{out['prefill_speedup_vs_transformers']:.1f}x, {100 * out['prefill_vs_engine']:.0f} % of the engine")
     print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
-          f"{len(swapped)} projections + head called alone) + {acc['decode_ms'] - modules_s * 1e3:.1f} ms in "
-          "transformers (norms, RoPE, cache, attention, generate)")
+          f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
+          f"{acc['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
+          "generate)")
+    print(f"torch ops in one swapped decode step (profiler, self time): {torch_ms:.1f} ms; top: " + ", ".join(
+        f"{k.removeprefix('aten::')} {t:.2f} ms/{c:.0f}" for k, t, c in top_ops))
     print(f"RSS (fresh processes): {rss_own / 2**20:.0f} MiB with transformers' layers, {rss_swapped / 2**20:.0f} MiB "
           f"swapped after generating (peak {mem['bitlm']['peak_rss_bytes'] / 2**20:.0f} MiB); projections "
           f"{own_proj_bytes / 2**20:.0f} -> {packed_bytes / 2**20:.0f} MiB")
