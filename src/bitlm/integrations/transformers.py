@@ -254,7 +254,7 @@ class BitlmRMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.weight = weight.detach()  # the source module's tensor (not copied)
+        self.weight = weight  # the source module's Parameter itself (not copied; model.to() still casts it)
         self.variance_epsilon = float(eps)
 
     def extra_repr(self) -> str:
