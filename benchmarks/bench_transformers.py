@@ -228,6 +228,9 @@ def main() -> int:
     ap.add_argument("--hf-decode", type=int, default=3, help="generated tokens on transformers' own layers (slow)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--swapped-torch-threads", type=int, default=None,
+                    help="torch's threads while the swapped model runs (default: --threads); bitlm's kernels keep "
+                         "--threads.  At decode transformers' own ops are tiny and each parallel one wakes torch's pool")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile (transformers compiles its BitNet helpers)")
     ap.add_argument("--json", default=str(HERE / "results" / "transformers.json"))
     ap.add_argument("--rss-only", choices=["own", "bitlm"], help=argparse.SUPPRESS)  # the memory child
@@ -237,6 +240,9 @@ def main() -> int:
             ap.error(f"--{opt.replace('_', '-')} must be at least 2 (decode time is the gap between tokens)")
     if args.rounds < 1 or args.layers < 1 or args.prompt < 1:
         ap.error("--rounds, --layers and --prompt must be at least 1")
+    swapped_torch_threads = args.threads if args.swapped_torch_threads is None else args.swapped_torch_threads
+    if swapped_torch_threads < 1:
+        ap.error("--swapped-torch-threads must be at least 1")
     if args.rss_only:
         torch.set_num_threads(args.threads)
         kernels.set_num_threads(args.threads)
@@ -288,7 +294,9 @@ def main() -> int:
                 p, d = time_engine(pm, ids, args.decode)
             else:
                 swap(model, originals if kind == "own" else swapped)
+                torch.set_num_threads(args.threads if kind == "own" else swapped_torch_threads)
                 p, d = time_generate(model, ids, args.hf_decode if kind == "own" else args.decode)
+                torch.set_num_threads(args.threads)
             res[kind]["prefill"].append(p)
             res[kind]["decode"].extend(d)
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
@@ -297,8 +305,10 @@ def main() -> int:
     swap(model, swapped)
     assert not list(_bitnet_layers(model)) and all(isinstance(m, BitlmLinear) for m in swapped.values())
     norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
+    torch.set_num_threads(swapped_torch_threads)
     modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
     torch_ms, top_ops = profile_step(model, ids)
+    torch.set_num_threads(args.threads)
     del originals, pm, model
     gc.collect()
     mem = {k: rss_child(args, k) for k in ("own", "bitlm")}
@@ -315,7 +325,8 @@ def main() -> int:
     own, acc, eng = rows["own"], rows["bitlm"], rows["engine"]
     out = {
         "cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": args.threads, "layers": args.layers, "linear_class": args.linear_class, "prompt": args.prompt,
+        "threads": args.threads, "swapped_torch_threads": swapped_torch_threads, "layers": args.layers,
+        "linear_class": args.linear_class, "prompt": args.prompt,
         "decode_tokens": args.decode, "hf_decode_tokens": args.hf_decode, "rounds": args.rounds,
         "torch_compile": not args.eager, "rows": rows,
         "decode_speedup_vs_transformers": acc["decode_tok_s"] / own["decode_tok_s"],
@@ -329,7 +340,8 @@ def main() -> int:
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads, "
+    print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads "
+          f"(torch {swapped_torch_threads} while the swapped model runs), "
           f"{info.get('tier')} kernels, {cpu_model()}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
     names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "engine": "bitlm engine (bf16 head)"}
