@@ -227,6 +227,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32, help="generated tokens (swapped model and engine)")
     ap.add_argument("--hf-decode", type=int, default=3, help="generated tokens on transformers' own layers (slow)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=6,
+                    help="then this many back-to-back (swapped, engine) decodes of 12 tokens: the decode ratio "
+                         "of runs seconds apart, less exposed to a shared machine's changing load")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--swapped-torch-threads", type=int, default=None,
                     help="torch's threads while the swapped model runs (default: --threads); bitlm's kernels keep "
@@ -238,6 +241,8 @@ def main() -> int:
     for opt in ("decode", "hf_decode"):  # decode time is the median gap between generated tokens
         if getattr(args, opt) < 2:
             ap.error(f"--{opt.replace('_', '-')} must be at least 2 (decode time is the gap between tokens)")
+    if args.pairs < 0:
+        ap.error("--pairs must be at least 0")
     if args.rounds < 1 or args.layers < 1 or args.prompt < 1:
         ap.error("--rounds, --layers and --prompt must be at least 1")
     swapped_torch_threads = args.threads if args.swapped_torch_threads is None else args.swapped_torch_threads
@@ -303,6 +308,13 @@ def main() -> int:
                   file=sys.stderr)
 
     swap(model, swapped)
+    pairs = []
+    for _ in range(args.pairs):
+        torch.set_num_threads(swapped_torch_threads)
+        d_acc = statistics.median(time_generate(model, ids, 12)[1])
+        torch.set_num_threads(args.threads)
+        d_eng = statistics.median(time_engine(pm, ids, 12)[1])
+        pairs.append((d_acc * 1e3, d_eng * 1e3))
     assert not list(_bitnet_layers(model)) and all(isinstance(m, BitlmLinear) for m in swapped.values())
     norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
     torch.set_num_threads(swapped_torch_threads)
@@ -333,6 +345,8 @@ def main() -> int:
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
+        "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
+        "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
         "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
         "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
@@ -351,6 +365,10 @@ def main() -> int:
     print(f"decode: {out['decode_speedup_vs_transformers']:.1f}x transformers' own, "
           f"{100 * out['decode_vs_engine']:.0f} % of the engine; prefill: "
           f"{out['prefill_speedup_vs_transformers']:.1f}x, {100 * out['prefill_vs_engine']:.0f} % of the engine")
+    if pairs:
+        print(f"paired decode ({len(pairs)} back-to-back 12-token runs): swapped "
+              f"{statistics.median(a for a, _ in pairs):.1f} ms, engine {statistics.median(e for _, e in pairs):.1f} ms "
+              f"per token; median ratio {100 * out['paired_decode_vs_engine']:.0f} % of the engine")
     print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
           f"{acc['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
