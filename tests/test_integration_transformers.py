@@ -376,3 +376,12 @@ def test_norms_run_on_bitlm_and_keep_their_weights(folders):
             assert float((new(x) - ref[n]).abs().max() / ref[n].abs().max()) < 1e-6
     kept = BT.accelerate(load(folders[("packed", "bitlinear")]), norms=False)
     assert sum(type(m) is BitNetRMSNorm for m in kept.modules()) == 9
+
+
+def test_t1_format_shares_siblings_and_generates_as_transformers(folders):
+    model = load(folders[("packed", "autobitlinear")])
+    ref = model.generate(prompt(8), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    BT.accelerate(model, format="t1")
+    att = model.model.layers[0].self_attn
+    assert att.q_proj.shared is att.v_proj.shared and att.q_proj.shared.weight.format == "t1"
+    assert torch.equal(model.generate(prompt(8), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)

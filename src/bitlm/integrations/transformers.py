@@ -37,6 +37,12 @@ rounding boundary of the int8 quantiser (one activation off by one step); and th
 rounds in its own order (~1e-7 relative).  In a bf16 / fp16 model transformers rounds ``q/a``
 and the product to that dtype; bitlm computes in float32 and rounds the output once.
 
+Per decode step the swap also cuts calls: siblings reading one input (q/k/v, gate/up) are one
+packed weight and one native call per input (:class:`SharedProjection`; every sibling's rows equal
+its own product bit for bit), a bf16 projection is one call from bf16 to bf16
+(``kernels.linear_bf16``), and transformers' ``BitNetRMSNorm`` modules become
+:class:`BitlmRMSNorm` (one native call; the norm factor may differ in its last bit).
+
 The swapped model is inference-only (no gradient flows to the packed weights) and CPU-only.
 """
 
