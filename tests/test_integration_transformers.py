@@ -320,6 +320,10 @@ def test_shared_result_is_reused_only_for_the_same_unmodified_input(folders, mon
         check(v, y, True)
         x = torch.randn(4, 2, 64, generator=g)  # prefill shapes
         check(k, x, False), check(q, x, True), check(v, x, True)
+        x = torch.randn(64, 3, generator=g).t()[None]  # not contiguous: compared with torch.equal
+        check(q, x, False), check(k, x, True)
+        x.mul_(-1)
+        check(v, x, False)
 
 
 def test_siblings_with_different_scales_compute_what_transformers_computes(folders):
