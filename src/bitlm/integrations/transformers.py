@@ -154,9 +154,10 @@ class SharedProjection:
     called with the SAME input tensor (identity, and its ``_version`` unchanged — for inference
     tensors, which have no version counter, its values equal to a copy taken at compute time)
     returns its slice of that result; once every sibling has taken its slice the result is
-    dropped.  A sibling called with another input, or a second time, never gets a kept result: it
-    computes alone on its own rows of the packed weight (a view, no copy) if a round of its
-    siblings is still pending, else starts a new round.  Every row of the fused product equals
+    dropped.  No other call gets a kept result: a sibling called with another input while a round
+    it has not joined is pending computes alone on its own rows of the packed weight (a view, no
+    copy) and leaves that round to the others; a sibling that already took its slice (a second
+    call), or finds no pending round, starts a new round.  Every row of the fused product equals
     the sibling's own product bit for bit (same integers, same ``s_i / a`` epilogue), so sharing
     changes no number.
     """
