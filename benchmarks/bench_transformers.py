@@ -146,9 +146,16 @@ def time_engine(pm, ids: torch.Tensor, new: int) -> tuple[float, list[float]]:
 
 
 def time_modules(modules: list, head, reps: int = 5) -> float:
-    """One decode step's projections alone: every swapped module (and the head) called on one
-    bf16 token in model order, no transformers around them — the kernels' share of a step."""
-    xs = [torch.randn(1, 1, m.in_features).to(torch.bfloat16) for m in modules]
+    """One decode step's bitlm modules alone: every swapped module (projections, norms, then the
+    head) called on one bf16 token in model order, no transformers around them — the kernels'
+    share of a step.  Siblings that share their input in the model (q/k/v, gate/up: one kernel
+    call) get one tensor here too, so their product is computed once as in a decode step."""
+    by_group: dict[int, torch.Tensor] = {}
+    xs = []
+    for m in modules:
+        k = m.weight.shape[0] if not hasattr(m, "in_features") else m.in_features
+        key = id(m.shared) if getattr(m, "shared", None) is not None else id(m)
+        xs.append(by_group.setdefault(key, torch.randn(1, 1, k).to(torch.bfloat16)))
     hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
     ts = []
     with torch.inference_mode():
@@ -159,6 +166,25 @@ def time_modules(modules: list, head, reps: int = 5) -> float:
             head(hx)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def profile_step(model, ids: torch.Tensor, steps: int = 4, top: int = 8) -> tuple[float, list[tuple[str, float, float]]]:
+    """torch's own ops in one decode step of the swapped model (``model(token, past_key_values=
+    DynamicCache)`` as generate calls it, after a prefill of ``ids``): (their total ms per step,
+    the ``top`` ops as (name, ms per step, calls per step)).  bitlm's native calls are not torch
+    ops and do not appear."""
+    from torch.profiler import profile
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        nxt = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        with profile() as pr:
+            for _ in range(steps):
+                nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    ev = sorted(pr.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ev) / 1e3 / steps
+    return total, [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in ev[:top]]
 
 
 def rss_child(args, kind: str) -> dict:
@@ -201,7 +227,13 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32, help="generated tokens (swapped model and engine)")
     ap.add_argument("--hf-decode", type=int, default=3, help="generated tokens on transformers' own layers (slow)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=6,
+                    help="then this many back-to-back (swapped, engine) decodes of 12 tokens: the decode ratio "
+                         "of runs seconds apart, less exposed to a shared machine's changing load")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--swapped-torch-threads", type=int, default=None,
+                    help="torch's threads while the swapped model runs (default: --threads); bitlm's kernels keep "
+                         "--threads.  At decode transformers' own ops are tiny and each parallel one wakes torch's pool")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile (transformers compiles its BitNet helpers)")
     ap.add_argument("--json", default=str(HERE / "results" / "transformers.json"))
     ap.add_argument("--rss-only", choices=["own", "bitlm"], help=argparse.SUPPRESS)  # the memory child
@@ -209,8 +241,13 @@ def main() -> int:
     for opt in ("decode", "hf_decode"):  # decode time is the median gap between generated tokens
         if getattr(args, opt) < 2:
             ap.error(f"--{opt.replace('_', '-')} must be at least 2 (decode time is the gap between tokens)")
+    if args.pairs < 0:
+        ap.error("--pairs must be at least 0")
     if args.rounds < 1 or args.layers < 1 or args.prompt < 1:
         ap.error("--rounds, --layers and --prompt must be at least 1")
+    swapped_torch_threads = args.threads if args.swapped_torch_threads is None else args.swapped_torch_threads
+    if swapped_torch_threads < 1:
+        ap.error("--swapped-torch-threads must be at least 1")
     if args.rss_only:
         torch.set_num_threads(args.threads)
         kernels.set_num_threads(args.threads)
@@ -219,7 +256,7 @@ def main() -> int:
     import transformers
     from transformers.utils import logging
 
-    from bitlm.integrations.transformers import BitlmLinear, _bitnet_layers, accelerate
+    from bitlm.integrations.transformers import BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
 
     logging.set_verbosity_error()
     if args.eager:
@@ -262,15 +299,28 @@ def main() -> int:
                 p, d = time_engine(pm, ids, args.decode)
             else:
                 swap(model, originals if kind == "own" else swapped)
+                torch.set_num_threads(args.threads if kind == "own" else swapped_torch_threads)
                 p, d = time_generate(model, ids, args.hf_decode if kind == "own" else args.decode)
+                torch.set_num_threads(args.threads)
             res[kind]["prefill"].append(p)
             res[kind]["decode"].extend(d)
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
                   file=sys.stderr)
 
     swap(model, swapped)
+    pairs = []
+    for _ in range(args.pairs):
+        torch.set_num_threads(swapped_torch_threads)
+        d_acc = statistics.median(time_generate(model, ids, 12)[1])
+        torch.set_num_threads(args.threads)
+        d_eng = statistics.median(time_engine(pm, ids, 12)[1])
+        pairs.append((d_acc * 1e3, d_eng * 1e3))
     assert not list(_bitnet_layers(model)) and all(isinstance(m, BitlmLinear) for m in swapped.values())
-    modules_s = time_modules(list(swapped.values()), model.lm_head)
+    norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
+    torch.set_num_threads(swapped_torch_threads)
+    modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
+    torch_ms, top_ops = profile_step(model, ids)
+    torch.set_num_threads(args.threads)
     del originals, pm, model
     gc.collect()
     mem = {k: rss_child(args, k) for k in ("own", "bitlm")}
@@ -287,20 +337,25 @@ def main() -> int:
     own, acc, eng = rows["own"], rows["bitlm"], rows["engine"]
     out = {
         "cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": args.threads, "layers": args.layers, "linear_class": args.linear_class, "prompt": args.prompt,
+        "threads": args.threads, "swapped_torch_threads": swapped_torch_threads, "layers": args.layers,
+        "linear_class": args.linear_class, "prompt": args.prompt,
         "decode_tokens": args.decode, "hf_decode_tokens": args.hf_decode, "rounds": args.rounds,
         "torch_compile": not args.eager, "rows": rows,
         "decode_speedup_vs_transformers": acc["decode_tok_s"] / own["decode_tok_s"],
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
-        "decode_kernels_alone_ms": modules_s * 1e3,
+        "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
+        "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
+        "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
+        "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
         "peak_rss_swapped_bytes": mem["bitlm"]["peak_rss_bytes"],
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads, "
+    print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads "
+          f"(torch {swapped_torch_threads} while the swapped model runs), "
           f"{info.get('tier')} kernels, {cpu_model()}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
     names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "engine": "bitlm engine (bf16 head)"}
@@ -310,9 +365,16 @@ def main() -> int:
     print(f"decode: {out['decode_speedup_vs_transformers']:.1f}x transformers' own, "
           f"{100 * out['decode_vs_engine']:.0f} % of the engine; prefill: "
           f"{out['prefill_speedup_vs_transformers']:.1f}x, {100 * out['prefill_vs_engine']:.0f} % of the engine")
+    if pairs:
+        print(f"paired decode ({len(pairs)} back-to-back 12-token runs): swapped "
+              f"{statistics.median(a for a, _ in pairs):.1f} ms, engine {statistics.median(e for _, e in pairs):.1f} ms "
+              f"per token; median ratio {100 * out['paired_decode_vs_engine']:.0f} % of the engine")
     print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
-          f"{len(swapped)} projections + head called alone) + {acc['decode_ms'] - modules_s * 1e3:.1f} ms in "
-          "transformers (norms, RoPE, cache, attention, generate)")
+          f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
+          f"{acc['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
+          "generate)")
+    print(f"torch ops in one swapped decode step (profiler, self time): {torch_ms:.1f} ms; top: " + ", ".join(
+        f"{k.removeprefix('aten::')} {t:.2f} ms/{c:.0f}" for k, t, c in top_ops))
     print(f"RSS (fresh processes): {rss_own / 2**20:.0f} MiB with transformers' layers, {rss_swapped / 2**20:.0f} MiB "
           f"swapped after generating (peak {mem['bitlm']['peak_rss_bytes'] / 2**20:.0f} MiB); projections "
           f"{own_proj_bytes / 2**20:.0f} -> {packed_bytes / 2**20:.0f} MiB")

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 7
+#define BITLM_ABI_VERSION 8
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -302,6 +302,24 @@ BITLM_API void bitlm_mem_copy(void *dst, const void *src, size_t n);
 BITLM_API int64_t bitlm_hadamard_block(int64_t k);
 BITLM_API float bitlm_hadamard_scale(int64_t block);
 BITLM_API int bitlm_hadamard_f32(const float *x, int64_t m, int64_t k, float *y);
+
+/* ---- BitLinear on bfloat16 rows in and out (csrc/generic.c) -------------------------------------
+ * For a bf16 model's projection in one call: x (M, K) and y (M, N) bf16 bit patterns (uint16).
+ *   xf = float(x) (exact: bits << 16);  (q, a) = bitlm_quantize_rows(xf, no norm);
+ *   yf = bitlm_matmul_f32(fmt, q, a, w, s, groups, N, bias);
+ *   y  = bf16(yf), rounded to nearest even (torch's float -> bfloat16 conversion; NaN -> 0x7FC0
+ *        with the sign kept).
+ * The same bits as those three steps on every tier and thread count.  0, EINVAL or ENOMEM. */
+BITLM_API int bitlm_linear_bf16(int fmt, const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, const float *s,
+                                int64_t groups, int64_t n, const float *bias, uint16_t *y);
+
+/* ---- RMSNorm rows as transformers' LlamaRMSNorm / BitNetRMSNorm compute them (csrc/generic.c) ----
+ * x, w and y (M, K) / (K,) / (M, K) all float32 (bf16 = 0) or all bfloat16 bit patterns (bf16 = 1).
+ * Per row, with xf = float(x):  ss = the sum of squares of bitlm_quantize_rows (16 double lanes,
+ * same fold);  r = (float)(1.0 / sqrt(ss / K + eps));  n_k = R(xf_k * r);  y_k = R(float(w_k) * n_k),
+ * R = identity for float32, round to nearest even bf16 for bf16 (torch's two roundings of
+ * `weight * (x * rsqrt(var + eps)).to(bf16)`).  The same bits on every tier.  0 or EINVAL. */
+BITLM_API int bitlm_rms_norm_rows(int bf16, const void *x, int64_t m, int64_t k, const void *w, double eps, void *y);
 
 #endif
 #endif /* BITLM_KERNELS_H */

@@ -197,3 +197,81 @@ const bitlm_kernel_table bitlm_generic_table = {
     bitlm_attn_head,
     bitlm_hadamard_row,
 };
+
+/* ---- bitlm_linear_bf16: bf16 rows in, bf16 rows out (semantics in bitlm_kernels.h) ---------- */
+
+#include <stdlib.h>
+
+/* torch's c10::BFloat16 round_to_nearest_even: NaN -> quiet NaN (0x7FC0, sign kept), else the
+ * float's bits + 0x7FFF + (bit 16), truncated. */
+static inline uint16_t f32_to_bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+BITLM_API int bitlm_linear_bf16(int fmt, const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, const float *s,
+                                int64_t groups, int64_t n, const float *bias, uint16_t *y) {
+    if (!x || !w || !s || !y || m < 0 || k < 1 || n < 1 || groups < 1) return BITLM_EINVAL;
+    if (m == 0) return 0;
+    const size_t mk = (size_t)m * (size_t)k, mn = (size_t)m * (size_t)n;
+    /* one scratch block: float x, then float y (reused), int8 q, a */
+    const size_t fbytes = (mk > mn ? mk : mn) * sizeof(float);
+    unsigned char *scratch = malloc(fbytes + (size_t)m * sizeof(float) + mk + 64);
+    if (!scratch) return BITLM_ENOMEM;
+    float *xf = (float *)(void *)scratch;
+    float *a = (float *)(void *)(scratch + fbytes);
+    int8_t *q = (int8_t *)(scratch + fbytes + (size_t)m * sizeof(float));
+    for (size_t i = 0; i < mk; i++) {
+        const uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &u, sizeof u);
+    }
+    int rc = bitlm_quantize_rows(xf, m, k, NULL, 0.0, 0, q, a);
+    if (rc == 0) rc = bitlm_matmul_f32(fmt, q, a, m, k, w, s, groups, n, bias, xf); /* x is no longer needed */
+    if (rc == 0)
+        for (size_t i = 0; i < mn; i++) y[i] = f32_to_bf16_rne(xf[i]);
+    free(scratch);
+    return rc;
+}
+
+/* ---- bitlm_rms_norm_rows (semantics in bitlm_kernels.h) ------------------------------------- */
+
+static inline float bf16_to_f32(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16_rne(f)); }
+
+BITLM_API int bitlm_rms_norm_rows(int bf16, const void *x, int64_t m, int64_t k, const void *w, double eps, void *y) {
+    if (!x || !w || !y || m < 0 || k < 1 || (bf16 != 0 && bf16 != 1)) return BITLM_EINVAL;
+    const float *xf32 = (const float *)x, *wf32 = (const float *)w;
+    const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w;
+    float *yf32 = (float *)y;
+    uint16_t *yb = (uint16_t *)y;
+    for (int64_t i = 0; i < m; i++) {
+        double lane[16] = {0};
+        for (int64_t j = 0; j < k; j++) {
+            const double v = bf16 ? (double)bf16_to_f32(xb[i * k + j]) : (double)xf32[i * k + j];
+            lane[j & 15] += v * v;
+        }
+        for (int j = 0; j < 8; j++) lane[j] += lane[j + 8];
+        for (int j = 0; j < 4; j++) lane[j] += lane[j + 4];
+        for (int j = 0; j < 2; j++) lane[j] += lane[j + 2];
+        lane[0] += lane[1];
+        const float r = (float)(1.0 / sqrt(lane[0] / (double)k + eps));
+        if (bf16) {
+            for (int64_t j = 0; j < k; j++) {
+                const float n = round_bf16(bf16_to_f32(xb[i * k + j]) * r);
+                yb[i * k + j] = f32_to_bf16_rne(bf16_to_f32(wb[j]) * n);
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) yf32[i * k + j] = wf32[j] * (xf32[i * k + j] * r);
+        }
+    }
+    return 0;
+}

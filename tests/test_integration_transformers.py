@@ -236,3 +236,156 @@ def test_text_generation_pipeline_is_unchanged_by_the_swap(folders):
     BT.accelerate(model)
     got = transformers.pipeline("text-generation", model=model, tokenizer=tok)(text, **kw)[0]["generated_text"]
     assert got == ref and got.startswith(text) and len(got) >= len(text) + 2 * 12  # 12 new "wN" tokens
+
+
+# ---- siblings sharing their input: q/k/v and gate/up as one packed weight -----------------------
+
+
+def _solo(m):
+    """The same projection without sharing (its own rows of the shared weight)."""
+    return BT.BitlmLinear(m.packed, m.bias_f32, None, m.source)
+
+
+class _Calls:
+    """Counts the packed matmuls the integration makes (float32 models: kernels.matmul)."""
+
+    def __init__(self, mp):
+        self.n = 0
+        real = BT.kernels.matmul
+
+        def counted(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        mp.setattr(BT.kernels, "matmul", counted)
+
+
+def test_siblings_are_one_packed_weight_and_one_kernel_call_per_input(folders, monkeypatch):
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    for blk in model.model.layers:
+        att, mlp = blk.self_attn, blk.mlp
+        for group in ((att.q_proj, att.k_proj, att.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            shared = group[0].shared
+            assert shared is not None and all(m.shared is shared for m in group)
+            assert [m.shared_index for m in group] == list(range(len(group)))
+            assert shared.weight.N == sum(m.out_features for m in group)
+            lo = 0
+            for m in group:  # each module's rows: a view of the shared bytes, what packing it alone gives
+                own = BT.pack_weight(m.packed.unpack(), m.packed.scale, "i2")
+                assert torch.equal(own.data, m.packed.data)
+                assert m.packed.data.data_ptr() == shared.weight.data[lo // 16].data_ptr()
+                assert torch.equal(shared.weight.scale[lo // (shared.weight.N // shared.weight.groups)],
+                                   m.packed.scale[0])
+                lo += m.out_features
+        assert att.o_proj.shared is None and mlp.down_proj.shared is None
+    calls = _Calls(monkeypatch)
+    with torch.no_grad():
+        model(prompt(3, 1))
+    assert calls.n == 2 * 4  # per layer: q/k/v, o, gate/up, down (was 7)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference"])
+def test_shared_result_is_reused_only_for_the_same_unmodified_input(folders, monkeypatch, mode):
+    """Inference tensors have no version counter: their bytes are compared instead."""
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    att = model.model.layers[0].self_attn
+    q, k, v = att.q_proj, att.k_proj, att.v_proj
+    solo = {m: _solo(m) for m in (q, k, v)}
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.inference_mode if mode == "inference" else torch.no_grad
+    calls = _Calls(monkeypatch)
+
+    def check(m, x, shared_call):
+        before = calls.n
+        got = m(x)
+        assert calls.n == before + (0 if shared_call else 1)
+        assert torch.equal(got, solo[m](x)), m  # exact: the fused rows are the module's own product
+        calls.n = before + (0 if shared_call else 1)  # not counting the solo reference
+        return got
+
+    with ctx():
+        x = torch.randn(1, 3, 64, generator=g)
+        check(q, x, False), check(k, x, True), check(v, x, True)  # one kernel call for all three
+        check(v, x, False), check(k, x, True), check(q, x, True)  # any order
+        check(q, x, False)
+        x.add_(1.0)  # modified in place after q computed: k must not get the stale result
+        check(k, x, False)
+        check(v, x, False)  # the pending round (q's) is of the old values: v computes too
+        y = torch.randn(1, 3, 64, generator=g)
+        check(q, y, False)
+        check(k, y.clone(), False)  # equal values, another tensor: computes alone
+        check(q, y, False)  # a module called twice on one input computes again
+        out_k = check(k, y, True)
+        out_k.mul_(0)  # a caller modifying its slice does not touch the siblings' slices
+        check(v, y, True)
+        x = torch.randn(4, 2, 64, generator=g)  # prefill shapes
+        check(k, x, False), check(q, x, True), check(v, x, True)
+        x = torch.randn(64, 3, generator=g).t()[None]  # not contiguous: compared with torch.equal
+        check(q, x, False), check(k, x, True)
+        x.mul_(-1)
+        check(v, x, False)
+
+
+def test_siblings_with_different_scales_compute_what_transformers_computes(folders):
+    model = load(folders[("packed", "bitlinear")])
+    with torch.no_grad():
+        for blk in model.model.layers:  # bitlinear: weight_scale divides; very different per sibling
+            blk.self_attn.k_proj.weight_scale.mul_(7.0)
+            blk.self_attn.v_proj.weight_scale.mul_(0.125)
+            blk.mlp.up_proj.weight_scale.mul_(3.0)
+    layers = dict(bitnet_layers(model))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        ref = {n: layers[f"model.layers.0.{n}"](x) for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                            "self_attn.v_proj")}
+    ref_gen = model.generate(prompt(6), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    BT.accelerate(model)
+    att = model.model.layers[0].self_attn
+    assert att.k_proj.shared is att.q_proj.shared and att.q_proj.shared.weight.scale.unique().numel() == 3
+    for n, m in (("self_attn.q_proj", att.q_proj), ("self_attn.k_proj", att.k_proj), ("self_attn.v_proj", att.v_proj)):
+        got = m(x)
+        rel = (got - ref[n]).abs().amax(-1) / ref[n].abs().amax(-1)
+        assert float(rel.max()) < 1e-5, n
+    assert torch.equal(model.generate(prompt(6), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref_gen)
+
+
+def test_siblings_that_cannot_share_stay_separate(folders):
+    model = load(folders[("packed", "autobitlinear")])
+    with torch.no_grad():  # a bias on k only: q/k/v stay three weights (gate/up still share)
+        att = model.model.layers[0].self_attn
+        att.k_proj.bias = torch.nn.Parameter(torch.randn(att.k_proj.out_features))
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+        ref = att.k_proj(x)
+    BT.accelerate(model)
+    att = model.model.layers[0].self_attn
+    assert att.q_proj.shared is None and att.k_proj.shared is None and model.model.layers[0].mlp.up_proj.shared
+    assert model.model.layers[1].self_attn.q_proj.shared is not None
+    assert float(((att.k_proj(x) - ref).abs().amax(-1) / ref.abs().amax(-1)).max()) < 1e-5
+
+
+def test_norms_run_on_bitlm_and_keep_their_weights(folders):
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    model = load(folders[("packed", "bitlinear")])
+    norms = {n: m for n, m in model.named_modules() if type(m) is BitNetRMSNorm}
+    assert len(norms) == 2 * 4 + 1
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = {n: m(x if m.weight.numel() == 64 else torch.randn(2, 3, m.weight.numel())) for n, m in norms.items()}
+    BT.accelerate(model)
+    for n, old in norms.items():
+        new = model.get_submodule(n)
+        assert isinstance(new, BT.BitlmRMSNorm) and new.weight is old.weight
+        if old.weight.numel() == 64:
+            assert float((new(x) - ref[n]).abs().max() / ref[n].abs().max()) < 1e-6
+    kept = BT.accelerate(load(folders[("packed", "bitlinear")]), norms=False)
+    assert sum(type(m) is BitNetRMSNorm for m in kept.modules()) == 9
+
+
+def test_t1_format_shares_siblings_and_generates_as_transformers(folders):
+    model = load(folders[("packed", "autobitlinear")])
+    ref = model.generate(prompt(8), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    BT.accelerate(model, format="t1")
+    att = model.model.layers[0].self_attn
+    assert att.q_proj.shared is att.v_proj.shared and att.q_proj.shared.weight.format == "t1"
+    assert torch.equal(model.generate(prompt(8), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)

@@ -37,6 +37,12 @@ rounding boundary of the int8 quantiser (one activation off by one step); and th
 rounds in its own order (~1e-7 relative).  In a bf16 / fp16 model transformers rounds ``q/a``
 and the product to that dtype; bitlm computes in float32 and rounds the output once.
 
+Per decode step the swap also cuts calls: siblings reading one input (q/k/v, gate/up) are one
+packed weight and one native call per input (:class:`SharedProjection`; every sibling's rows equal
+its own product bit for bit), a bf16 projection is one call from bf16 to bf16
+(``kernels.linear_bf16``), and transformers' ``BitNetRMSNorm`` modules become
+:class:`BitlmRMSNorm` (one native call; the norm factor may differ in its last bit).
+
 The swapped model is inference-only (no gradient flows to the packed weights) and CPU-only.
 """
 
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,7 +59,7 @@ from torch import nn
 
 from .. import kernels
 from ..io.hf import hf_scale_to_absmean, unpack_ternary_hf
-from ..packing import PackedWeight, pack_weight
+from ..packing import TILE_N, PackedWeight, pack_weight
 
 try:  # the integration is useless without transformers: fail at import with the extra named
     import transformers  # noqa: F401
@@ -63,7 +70,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("bitlm.integrations.transformers needs transformers>=5.0 (pip install 'bitlm[transformers]')"
                       ) from e
 
-__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
+__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmRMSNorm", "SharedProjection", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
            "from_pretrained", "METHOD"]
 
 #: The quantization method name registered with transformers.
@@ -74,12 +81,118 @@ class BitlmIntegrationError(ValueError):
     """A projection bitlm cannot represent (the model is left untouched)."""
 
 
+def _project(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) → (..., N) in x's dtype: a bf16 x in one native call (``kernels.linear_bf16``:
+    quantise the exact float32 values, packed matmul, one rounding to bf16), float32 as
+    ``quantize_rows`` + ``matmul``, any other dtype through float32."""
+    if x.requires_grad:
+        x = x.detach()
+    if x.dtype == torch.bfloat16:
+        return kernels.linear_bf16(x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    q, a = kernels.quantize_rows(x2)
+    y = kernels.matmul(q, a, w, bias).view(*lead, w.N)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@functools.cache
+def _memcmp():
+    try:
+        f = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return f
+
+
+class _Pending:
+    """One shared product waiting for its siblings: the input (held, so identity means the same
+    tensor), how to tell it was not modified since, the fused output, who has taken its slice.
+
+    Not modified: the tensor's ``_version`` is unchanged; an inference tensor has no version
+    counter, so its bytes are compared with a copy taken at compute time (``memcmp`` on glibc,
+    ~1 µs for a decode token; ``torch.equal`` elsewhere) — a bitwise compare, stricter than ``==``."""
+
+    __slots__ = ("x", "version", "copy", "bytewise", "y", "taken")
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, index: int, scratch: list) -> None:
+        self.x, self.y, self.taken = x, y, {index}
+        self.version = self.copy = None
+        self.bytewise = False
+        if not x.is_inference():
+            self.version = x._version
+        elif x.is_contiguous() and _memcmp() is not None:
+            n = x.numel() * x.element_size()
+            buf = scratch[0] if scratch and scratch[0].numel() == n else None
+            if buf is None:
+                buf = torch.empty(n, dtype=torch.uint8)
+                scratch[:] = [buf]
+            ctypes.memmove(buf.data_ptr(), x.data_ptr(), n)
+            self.copy, self.bytewise = buf, True
+        else:
+            self.copy = x.clone()
+
+    def unchanged(self, x: torch.Tensor) -> bool:
+        if self.x is not x:
+            return False
+        if self.version is not None:
+            return x._version == self.version
+        if self.bytewise:
+            return _memcmp()(self.copy.data_ptr(), x.data_ptr(), self.copy.numel()) == 0
+        return torch.equal(x, self.copy)
+
+
+class SharedProjection:
+    """Sibling projections that read the same input — a layer's q/k/v, or gate/up — packed as ONE
+    weight (their ternary rows stacked, each sibling's scale on equal row groups of gcd(N_i)
+    rows), so that the siblings' forward calls make one quantisation and one kernel call.
+
+    The first sibling called computes the fused product for its input and keeps it; a sibling
+    called with the SAME input tensor (identity, and its ``_version`` unchanged — for inference
+    tensors, which have no version counter, its values equal to a copy taken at compute time)
+    returns its slice of that result; once every sibling has taken its slice the result is
+    dropped.  No other call gets a kept result: a sibling called with another input while a round
+    it has not joined is pending computes alone on its own rows of the packed weight (a view, no
+    copy) and leaves that round to the others; a sibling that already took its slice (a second
+    call), or finds no pending round, starts a new round.  Every row of the fused product equals
+    the sibling's own product bit for bit (same integers, same ``s_i / a`` epilogue), so sharing
+    changes no number.
+    """
+
+    def __init__(self, weight: PackedWeight, sizes: list[int], bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.bounds = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+        self._pending: _Pending | None = None
+        self._scratch: list = []  # the input copy's buffer (inference tensors), reused
+
+    def forward(self, index: int, x: torch.Tensor, own: BitlmLinear) -> torch.Tensor:
+        p = self._pending
+        if p is not None and index not in p.taken:
+            if p.unchanged(x):
+                p.taken.add(index)
+                if len(p.taken) == len(self.bounds):
+                    self._pending = None
+                lo, hi = self.bounds[index]
+                return p.y[..., lo:hi]
+            return _project(x, own.packed, own.bias_f32)  # another input while a round is pending
+        y = _project(x, self.weight, self.bias)
+        self._pending = _Pending(x, y, index, self._scratch)
+        lo, hi = self.bounds[index]
+        return y[..., lo:hi]
+
+
 class BitlmLinear(nn.Module):
     """A transformers BitNet projection on bitlm's packed weight and native kernels.
 
     ``forward(x)``: (optional ``rms_norm``, the source layer's own module) → per-token int8
-    absmax quantisation (``bitlm.kernels.quantize_rows``) → exact packed matmul with the float32
-    epilogue ``float32(Σ q·T) · (s / a) (+ bias)`` → the input's dtype.  Inference only.
+    absmax quantisation → exact packed matmul with the float32 epilogue
+    ``float32(Σ q·T) · (s / a) (+ bias)`` → the input's dtype (bf16 in and out in one native
+    call, ``kernels.linear_bf16``).  Siblings reading the same input (q/k/v, gate/up) share one
+    packed weight and one kernel call per input (:class:`SharedProjection`); ``packed`` is then
+    this module's own rows of the shared weight.  Inference only.
     """
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, rms_norm: nn.Module | None = None,
@@ -90,21 +203,20 @@ class BitlmLinear(nn.Module):
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
         self.rms_norm = rms_norm
         self.source = source  # "bitlinear", "autobitlinear/offline", "autobitlinear/online"
+        self.shared: SharedProjection | None = None  # set by _share (not a submodule)
+        self.shared_index = 0
 
     def extra_repr(self) -> str:
+        shared = "" if self.shared is None else f", shared={self.shared_index + 1}/{len(self.shared.bounds)}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_f32 is not None}, "
-                f"format={self.packed.format}, source={self.source}")
+                f"format={self.packed.format}, source={self.source}{shared}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared.forward(self.shared_index, x, self)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        q, a = kernels.quantize_rows(x2)
-        y = kernels.matmul(q, a, self.packed, self.bias_f32)
-        return y.view(*lead, self.out_features).to(x.dtype)
+        return _project(x, self.packed, self.bias_f32)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         raise BitlmIntegrationError(
@@ -133,6 +245,50 @@ class BitlmBf16Head(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+class BitlmRMSNorm(nn.Module):
+    """transformers' ``BitNetRMSNorm`` in one native call (``kernels.rms_norm``) instead of its
+    eight torch ops (to float32, pow, mean, add, rsqrt, mul, to dtype, mul).
+
+    Same weight tensor, same formula and the same two roundings of a bf16 model
+    (``n = bf16(x · r)``, ``y = bf16(weight · n)``); what differs is the norm factor ``r``: bitlm
+    sums x² in float64 (the order of ``kernels.quantize_rows``) and takes ``float32(1 / sqrt(Σx²/K
+    + eps))``, where transformers takes a float32 mean and ``rsqrt`` — ``r`` may differ in its
+    last bit, which moves a float32 output by ~1e-7 relative and rarely a bf16 output by one bf16
+    step.  Inputs of another dtype than the weight's (or not float32 / bf16) run transformers'
+    own formula."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = weight  # the source module's Parameter itself (not copied; model.to() still casts it)
+        self.variance_epsilon = float(eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+            return kernels.rms_norm(x.detach() if x.requires_grad else x, self.weight, self.variance_epsilon)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+def _norm_swaps(model: nn.Module) -> list[tuple[str, BitlmRMSNorm]]:
+    """transformers' BitNetRMSNorm modules (CPU, float32 or bf16 weight) → :class:`BitlmRMSNorm`."""
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    out = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if type(m) is BitNetRMSNorm and isinstance(w, torch.Tensor) and w.dim() == 1 and w.device.type == "cpu" \
+                and w.dtype in (torch.float32, torch.bfloat16):
+            out.append((name, BitlmRMSNorm(w, m.variance_epsilon)))
+    return out
 
 
 def _head_swap(model: nn.Module) -> tuple[str, BitlmBf16Head] | None:
@@ -233,11 +389,63 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
+#: Sibling projections that read the same input tensor in transformers' BitNet (and Llama-style)
+#: layers: packed as one weight each (:class:`SharedProjection`).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _sibling_groups(names: list[str]) -> list[list[str]]:
+    """The layer names as packing units: each complete sibling set of one parent, else alone."""
+    present = set(names)
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for sib in SIBLINGS:
+            full = [f"{parent}.{x}" if parent else x for x in sib]
+            if leaf in sib and all(f in present for f in full):
+                grouped[name] = full
+    out, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        unit = grouped.get(name, [name])
+        seen.update(unit)
+        out.append(unit)
+    return out
+
+
+def _pack_unit(unit: list[tuple[str, nn.Module]], format: str) -> list[tuple[str, BitlmLinear]]:
+    """Check and pack one unit (a layer, or siblings sharing their input: one weight, row groups
+    carrying each sibling's scale).  Siblings with a per-layer ``rms_norm``, a bias on some but
+    not all, or rows not a multiple of the packed tile stay separate weights."""
+    parts = [(name, *_ternary_of(name, m), getattr(m, "rms_norm", None)) for name, m in unit]
+    sizes = [t.shape[0] for _, t, *_ in parts]
+    fuse = (len(parts) > 1 and all(rms is None for *_, rms in parts) and all(n % TILE_N == 0 for n in sizes)
+            and len({t.shape[1] for _, t, *_ in parts}) == 1 and len({b is None for _, _, _, b, _, _ in parts}) == 1)
+    if not fuse:
+        return [(name, BitlmLinear(pack_weight(t, s.float().reshape(1), format), b, rms, src))
+                for name, t, s, b, src, rms in parts]
+    g = functools.reduce(math.gcd, sizes)
+    table = torch.cat([s.float().reshape(1).repeat(n // g) for (_, _, s, *_), n in zip(parts, sizes)])
+    fused = pack_weight(torch.cat([t for _, t, *_ in parts]), table, format, table.numel())
+    bias = None if parts[0][3] is None else torch.cat([b.float() for _, _, _, b, _, _ in parts]).contiguous()
+    shared = SharedProjection(fused, sizes, bias)
+    out, lo = [], 0
+    for i, ((name, _, s, b, src, _), n) in enumerate(zip(parts, sizes)):
+        own = PackedWeight(fused.format, fused.version, n, fused.K, fused.data[lo // TILE_N:(lo + n) // TILE_N],
+                           s.float().reshape(1), 1)
+        lin = BitlmLinear(own, b, None, src)
+        lin.shared, lin.shared_index = shared, i
+        out.append((name, lin))
+        lo += n
+    return out
+
+
 def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
     """Check and pack every BitNet projection; raises before anything is modified."""
     if not isinstance(model, nn.Module):
         raise BitlmIntegrationError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
-    layers = list(_bitnet_layers(model))
+    layers = dict(_bitnet_layers(model))
     if not layers:
         n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
         hint = (f" (its {n_lin} nn.Linear layers run in full precision: the checkpoint has no quantization_config; "
@@ -245,16 +453,13 @@ def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
         raise BitlmIntegrationError(f"{type(model).__name__}: no BitNet projections (transformers' BitLinear / "
                                     f"AutoBitLinear) to accelerate{hint}")
     out = []
-    for name, m in layers:
-        t, s, bias, source = _ternary_of(name, m)
-        rms = getattr(m, "rms_norm", None)
-        out.append((name, BitlmLinear(pack_weight(t, s.float().reshape(1), format), bias, rms, source)))
-        del t
-        _release_freed_memory()  # keeps the transient peak near one layer's temporaries
+    for unit in _sibling_groups(list(layers)):
+        out.extend(_pack_unit([(name, layers[name]) for name in unit], format))
+        _release_freed_memory()  # keeps the transient peak near one unit's temporaries
     return out
 
 
-def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True) -> nn.Module:
+def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms: bool = True) -> nn.Module:
     """Swap every transformers BitNet projection of ``model`` for a :class:`BitlmLinear`, in place.
 
     Accepts what transformers loads for ``BitNetForCausalLM`` (and any other model whose
@@ -264,13 +469,17 @@ def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True) -> nn
     error (:class:`BitlmIntegrationError`, naming the layer) leaves the model as it was.
     ``head``: also run a bf16 ``lm_head`` (not a BitNet projection; for 2B4T the largest read
     per token) on bitlm's bf16 kernel (:class:`BitlmBf16Head`, same weights, float32 sums);
-    float32 heads stay torch's.  Returns ``model``.
+    float32 heads stay torch's.  ``norms``: also run transformers' ``BitNetRMSNorm`` modules on one
+    native call each (:class:`BitlmRMSNorm`: same formula and roundings, the norm factor may
+    differ in its last bit).  Returns ``model``.
     """
     if format not in ("i2", "t1"):
         raise BitlmIntegrationError(f"format must be 'i2' or 't1' (ternary, native kernels), got {format!r}")
     swaps: list[tuple[str, nn.Module]] = list(_prepare(model, format))
     if head and (h := _head_swap(model)) is not None:
         swaps.append(h)
+    if norms:
+        swaps.extend(_norm_swaps(model))
     for name, new in swaps:
         model.set_submodule(name, new)
     del swaps

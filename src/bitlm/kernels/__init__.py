@@ -20,6 +20,8 @@ float32 epilogue ``y = float32(acc) · (s_g / a_m) + bias`` — see ``csrc/bitlm
     logits = kernels.dense_int8_matmul(h, w8, row_scale) # int8 output head
     logits = kernels.dense_bf16_matmul(h, w_bf16)        # bf16 output head
     logits = kernels.dense_lowbit_matmul(q, a, data, scale, 4, vocab)  # 4/6-bit grouped head
+    y16 = kernels.linear_bf16(x16, w, bias)             # bf16 rows in and out, one call
+    h = kernels.rms_norm(x, weight, eps)                # transformers' RMSNorm, float32 or bf16
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..packing import PackedWeight
 from . import reference
 
 __all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
-           "dense_lowbit_matmul", "hadamard", "glu_relu2", "quantize_rows_absmean", "backend", "backend_info",
+           "dense_lowbit_matmul", "linear_bf16", "rms_norm", "hadamard", "glu_relu2", "quantize_rows_absmean", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -140,6 +142,24 @@ def linear(
     else:
         y = impl.matmul(q, a, w, bias)
     return y.reshape(*x.shape[:-1], w.N)
+
+
+def linear_bf16(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bfloat16 (..., K) → bfloat16 (..., N): :func:`quantize_rows` of the (exact) float32 values,
+    :func:`matmul` and one rounding to bfloat16 — a bf16 model's BitLinear in one native call
+    (no float32 copies on the torch side).  Weights with K-slices compose the three steps."""
+    impl = _impl(w)
+    if w.k_groups > 1:
+        q, a = impl.quantize_rows(x.reshape(-1, x.shape[-1]).float())
+        return matmul(q, a, w, bias).to(torch.bfloat16).reshape(*x.shape[:-1], w.N)
+    return impl.linear_bf16(x, w, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (``weight * (x · rsqrt(mean x² + eps)).to(dtype)``) on float32 or
+    bfloat16 rows in one call; the norm factor as :func:`quantize_rows` computes it (float64
+    sum, may differ from torch's float32 mean in the last bit).  See ``reference.rms_norm``."""
+    return (_native_or_none() or reference).rms_norm(x, weight, eps)
 
 
 def dense_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,12 @@ from ..packing import PackedWeight
 __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantize_rows",
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
-           "dense_lowbit_matmul", "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2",
+           "dense_lowbit_matmul", "linear_bf16", "rms_norm",
+           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2",
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 7
+ABI_VERSION = 8
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -71,6 +72,8 @@ _SIGNATURES = {
     "bitlm_kernel_config": (ctypes.c_char_p, []),
     "bitlm_mem_read": (ctypes.c_uint64, [_c_p, ctypes.c_size_t]),
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
+    "bitlm_linear_bf16": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_rms_norm_rows": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_d, _c_p]),
 }
 _ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "tier not supported"}
 
@@ -295,6 +298,48 @@ def quantize_rows(
     if x.dim() == 2:
         return q, a
     return q.reshape(x.shape), a.reshape(x.shape[:-1])
+
+
+def linear_bf16(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.linear_bf16` (bit-identical): bfloat16
+    (..., K) → bfloat16 (..., N) in one call (quantise, packed matmul, round to bf16)."""
+    lib = _lib or _need()
+    fid = _fmt_id(w)
+    if x.dtype != torch.bfloat16 or x.dim() < 1 or not x.is_cpu:
+        raise TypeError(f"linear_bf16 expects a bfloat16 (..., K) CPU tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if x.shape[-1] != w.K:
+        raise ValueError(f"x has K={x.shape[-1]} but the weight has K={w.K}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m = x.numel() // w.K
+    bp = None if bias is None else _f32_vec(bias, w.N, "bias").data_ptr()
+    y = torch.empty((*x.shape[:-1], w.N), dtype=torch.bfloat16)
+    if m:
+        rc = lib.bitlm_linear_bf16(fid, x.data_ptr(), m, w.K, w.data.data_ptr(), w.scale.data_ptr(), w.groups, w.N,
+                                   bp, y.data_ptr())
+        _check(rc, "bitlm_linear_bf16")
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.rms_norm` (bit-identical)."""
+    lib = _lib or _need()
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 1 or not x.is_cpu:
+        raise TypeError(f"rms_norm expects a float32 or bfloat16 (..., K) CPU tensor, got {x.dtype} {tuple(x.shape)}")
+    k = x.shape[-1]
+    if weight.dtype != x.dtype or weight.dim() != 1 or weight.numel() != k or not weight.is_cpu:
+        raise ValueError(f"rms_norm: weight must be a {x.dtype} CPU vector of {k} values, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    y = torch.empty_like(x)
+    if k and x.numel():
+        rc = lib.bitlm_rms_norm_rows(1 if x.dtype == torch.bfloat16 else 0, x.data_ptr(), x.numel() // k, k,
+                                     weight.data_ptr(), float(eps), y.data_ptr())
+        _check(rc, "bitlm_rms_norm_rows")
+    return y
 
 
 def _dense_weight(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:

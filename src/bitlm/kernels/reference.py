@@ -288,6 +288,31 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _dense_lanes(x, weight.to(torch.float32))
 
 
+def linear_bf16(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bfloat16 (..., K) → bfloat16 (..., N): :func:`quantize_rows` of ``x.float()`` (exact), the
+    packed :func:`matmul` (float32 epilogue, + bias), rounded to bfloat16 once (torch's rounding)."""
+    if x.dtype != torch.bfloat16 or x.dim() < 1:
+        raise TypeError(f"linear_bf16 expects a bfloat16 (..., K) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    q, a = quantize_rows(x.reshape(-1, x.shape[-1]).float())
+    return matmul(q, a, w, bias).to(torch.bfloat16).reshape(*x.shape[:-1], w.N)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``weight * (x · rsqrt(mean x² + eps)).to(dtype)`` (LlamaRMSNorm, BitNetRMSNorm)
+    on float32 or bfloat16 (..., K) rows, with bitlm's norm factor: ``r = float32(1 / sqrt(Σx²/K +
+    eps))`` in float64 from :func:`rms_sumsq` (torch takes a float32 mean and rsqrt: ``r`` may
+    differ in the last bit); ``n = dtype(x · r)``, ``y = dtype(float32(weight) · n)`` — a bf16
+    row rounded twice, as torch does."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        raise TypeError(f"rms_norm expects float32 or bfloat16 x and weight of its dtype, got {x.dtype}, {weight.dtype}")
+    k = x.shape[-1]
+    xf = x.reshape(-1, k).float()
+    r = [1.0 / math.sqrt(v / k + float(eps)) for v in rms_sumsq(xf).tolist()]
+    r = torch.tensor(r, dtype=torch.float64).to(torch.float32).reshape(-1, 1)
+    n = (xf * r).to(x.dtype).float()
+    return (weight.float().reshape(1, k) * n).to(x.dtype).reshape(x.shape)
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """float32 (..., K) → float32 (..., K): the orthonormal (block) Walsh–Hadamard transform of
     each row, ``bitlm.quant.hadamard_transform`` — the definition the native tiers equal bit for bit."""
