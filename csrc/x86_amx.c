@@ -405,18 +405,19 @@ static void i8a8_configure(int n0, int n1, int t0, int t1) {
     _tile_loadconfig(&c);
 }
 
-/* Epilogue of one C tile: rows = outputs [n, n + rn), columns = tokens [m, m + rt). */
+/* Epilogue of one C tile: rows = outputs [n, n + rn), columns = tokens [m, m + rt).  The tile is
+ * transposed in registers (row j = token j's rn outputs) and each output gets bitlm_i8a8_store's
+ * (float)acc * (scale[n] / a[m]), lane by lane: the same operations in the same order. */
 ALWAYS_INLINE void i8a8_store_c(const bitlm_dense_problem *p, const int32_t *cbuf, int rn, int rt, int64_t n,
                                 int64_t m) {
     const __mmask16 mk = (__mmask16)((1u << rn) - 1);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(16));
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = i < rn ? _mm512_load_si512((const void *)(cbuf + 16 * i)) : _mm512_setzero_si512();
+    transpose16(r);
     const __m512 sc = _mm512_maskz_loadu_ps(mk, p->scale + n);
     for (int j = 0; j < rt; j++) {
-        const __m512i acc = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, cbuf + j, 4);
-        /* (float)acc * (scale[n] / a[m]), lane by lane: bitlm_i8a8_store's operations and order */
         const __m512 f = _mm512_div_ps(sc, _mm512_set1_ps(p->a[m + j]));
-        _mm512_mask_storeu_ps(p->y + (m + j) * p->N + n, mk, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), f));
+        _mm512_mask_storeu_ps(p->y + (m + j) * p->N + n, mk, _mm512_mul_ps(_mm512_cvtepi32_ps(r[j]), f));
     }
 }
 
@@ -509,7 +510,8 @@ static void i8a8_run(void *ctx, int64_t n0, int64_t n1) {
 int bitlm_amx_i8a8(const bitlm_dense_problem *p) {
     if (p->M < 1 || p->N < 1 || p->K < 1) return -1;
     const int64_t kq = bitlm_amx_kq(p->K);
-    int8_t *xt = (int8_t *)aligned_alloc(64, (size_t)((p->M * kq + 63) / 64 * 64));
+    const size_t xt_bytes = (size_t)((p->M * kq + 63) / 64 * 64);
+    int8_t *xt = (int8_t *)aligned_alloc(64, xt_bytes);
     if (!xt) return -1;
     i8a8_ctx c = {p, xt, kq};
     const int64_t blocks = (p->M + 15) / 16;
