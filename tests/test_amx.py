@@ -39,14 +39,40 @@ def _cpu_has_amx() -> bool:
 HAVE_AMX = _cpu_has_amx()
 
 
-@pytest.fixture
-def amx():
-    """The native library with the AMX GEMM on in this process (the avx512 tier active)."""
+def _compiler_has_amx() -> bool:
+    cc = os.environ.get("CC", "gcc")
+    try:
+        probe = subprocess.run([cc, "-mamx-tile", "-mamx-int8", "-x", "c", "-E", "-", "-o", os.devnull],
+                               input="#include <immintrin.h>\n", capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _require_amx_library() -> str:
+    """Skip where AMX cannot run (no AMX in the CPU, the OS refused the tile state); FAIL where it
+    could but the library lacks it (x86_amx.c did not build with a compiler that supports it).
+    Returns the kernel_config string."""
     if not HAVE_AMX:
         pytest.skip(NO_AMX)
     if native.load() is None:
         pytest.fail(f"this CPU has AMX but the native kernels are unavailable: {native.reason()}")
     cfg = native.info()["kernel_config"]
+    note = cfg[cfg.index("amx="):] if "amx=" in cfg else ""
+    assert note, f"kernel_config does not report amx=: {cfg}"
+    if "not built" in note:
+        if _compiler_has_amx():
+            pytest.fail(f"the compiler supports AMX but the library was built without it: {note}")
+        pytest.skip(f"the compiler lacks -mamx-tile/-mamx-int8 ({note})")
+    if "refused" in note or "cpu/os" in note:
+        pytest.skip(f"AMX unavailable to this process: {note}")
+    return cfg
+
+
+@pytest.fixture
+def amx():
+    """The native library with the AMX GEMM on in this process (the avx512 tier active)."""
+    cfg = _require_amx_library()
     if os.environ.get("BITLM_AMX", "") in ("0", "off", "no", "false"):
         pytest.skip("BITLM_AMX=0 in the environment")
     assert "amx=on" in cfg, cfg
@@ -154,10 +180,7 @@ torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])
 def test_amx_env_switch_same_bytes():
     """BITLM_AMX=0 vs 1 in two processes: kernel_config reports the choice, and every output
     (int32 GEMM and float epilogue) is byte-identical."""
-    if not HAVE_AMX:
-        pytest.skip(NO_AMX)
-    if native.load() is None:
-        pytest.fail(f"this CPU has AMX but the native kernels are unavailable: {native.reason()}")
+    _require_amx_library()
     res = {}
     with tempfile.TemporaryDirectory() as d:
         for val in ("0", "1"):
@@ -175,19 +198,11 @@ def test_amx_env_switch_same_bytes():
 
 def test_amx_built_where_the_cpu_has_it():
     """On a CPU with AMX whose compiler accepts -mamx-tile -mamx-int8, the library must contain the
-    AMX GEMM: a failed x86_amx.c build is a failure here, not a silent fallback to VNNI."""
-    if not HAVE_AMX:
-        pytest.skip(NO_AMX)
-    if native.load() is None:
-        pytest.fail(f"this CPU has AMX but the native kernels are unavailable: {native.reason()}")
-    cfg = native.info()["kernel_config"]
-    if "not built" in cfg:
-        cc = os.environ.get("CC", "gcc")
-        probe = subprocess.run([cc, "-mamx-tile", "-mamx-int8", "-x", "c", "-E", "-", "-o", os.devnull],
-                               input="#include <immintrin.h>\n", capture_output=True, text=True)
-        assert probe.returncode != 0, f"{cc} supports AMX but the library was built without it: {cfg}"
-    else:
-        assert "amx=" in cfg, cfg
+    AMX GEMM: a failed x86_amx.c build is a failure here, not a silent fallback to VNNI; and
+    without BITLM_AMX=0 it is on (or kernel_config says why the OS would not have it)."""
+    cfg = _require_amx_library()
+    if os.environ.get("BITLM_AMX", "") not in ("0", "off", "no", "false"):
+        assert "amx=on" in cfg, cfg
 
 
 # ---- the dense W8A8 head (bitlm_dense_i8a8) on AMX tiles -----------------------------------------
@@ -264,10 +279,7 @@ torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])
 def test_amx_dense_i8a8_same_bytes_as_vnni():
     """BITLM_AMX=0 (the avx512 tier's VNNI W8A8 kernel) vs 1 (AMX) in two processes: byte-identical
     float outputs."""
-    if not HAVE_AMX:
-        pytest.skip(NO_AMX)
-    if native.load() is None:
-        pytest.fail(f"this CPU has AMX but the native kernels are unavailable: {native.reason()}")
+    _require_amx_library()
     res = {}
     with tempfile.TemporaryDirectory() as d:
         for val in ("0", "1"):
