@@ -21,7 +21,10 @@ Measured in one run, for each thread count (default 1 and 2):
   once per process, so two worker processes of this script take turns: interleaved rounds, the
   order alternating, medians) at M = 2, 4, 8, 16, 64, 512 for i2 and t1 — cold weights (a
   rotation streaming from DRAM, what batched decode sees) up to M = 16, hot ones above — GMAC/s
-  and the on/off speed-up, with the CPU (family / model) and both processes' ``kernel_config``.
+  and the on/off speed-up, with the CPU (family / model) and both processes' ``kernel_config``;
+  plus the dense W8A8 kernel (``dense_int8a8_matmul``, fmt ``i8a8``): the 128256 x 2560 head at
+  M = 2-16 (cold) and the QAT step's products at M = 2048 (hot).  ``--amx-jobs dense`` (or
+  ``packed``) runs one of the two sets.
 * ``--variants``: the activation variants (``ModelConfig.act_variant``: a8, a4.8, v2-a8, v2-a4)
   end to end in the packed engine — prefill tokens/s and per-token decode time of a 2-layer model
   of the b1.58 700M shape (d 1536, FFN 4096) — and the Hadamard op alone (native vs torch
@@ -33,7 +36,7 @@ tiny matrix and reported).  The load average is recorded before and after: on a 
 other processes steal cores and bandwidth, and the numbers are only as good as that.
 
     BITLM_BACKEND=native python benchmarks/bench_kernels.py [--threads 1,2] [--json out.json] [--quick]
-    BITLM_BACKEND=native python benchmarks/bench_kernels.py --amx [--threads 1,2] [--rounds 3]
+    BITLM_BACKEND=native python benchmarks/bench_kernels.py --amx [--threads 1,2] [--rounds 3] [--amx-jobs dense]
 """
 
 from __future__ import annotations
@@ -286,6 +289,10 @@ def small_m_rows(threads: int, reps: int, shapes, ms=(1, 2, 4, 8)) -> list[dict]
 AMX_MS = (2, 4, 8, 16, 64, 512)
 AMX_SHAPES = ((2560, 2560), (6912, 2560))  # (N, K): q/o and gate/up of 2B4T
 AMX_COLD_MAX_M = 16  # up to this M the weights rotate (cold, as in batched decode); hot above
+# the dense W8A8 kernel (dense_int8a8_matmul, fmt "i8a8" below): the 2B4T output head in batched
+# decode (cold), and the QAT step's forward products of the small / base presets (batch 16 x 128)
+I8A8_JOBS = tuple((128256, 2560, m) for m in (2, 4, 8, 16)) + tuple(
+    (n, k, 2048) for n, k in ((256, 256), (704, 256), (256, 704), (512, 512), (1408, 512), (512, 1408)))
 
 
 def amx_worker() -> int:
@@ -299,27 +306,37 @@ def amx_worker() -> int:
         set_threads(job["threads"])
         key = (job["fmt"], job["n"], job["k"], job["m"] <= AMX_COLD_MAX_M)
         if key not in cache:
-            w = random_packed(job["fmt"], job["n"], job["k"])
-            cache[key] = rotation(w) if key[3] else [w]
+            if job["fmt"] == "i8a8":  # dense int8 rows (N, K): one, or copies streaming COLD_BYTES
+                one = torch.randint(-127, 128, (job["n"], job["k"]), dtype=torch.int8)
+                cache[key] = [one.clone() for _ in range(max(2, COLD_BYTES // one.numel()))] if key[3] else [one]
+            else:
+                w = random_packed(job["fmt"], job["n"], job["k"])
+                cache[key] = rotation(w) if key[3] else [w]
         ws = cache[key]
         xq = torch.randint(-127, 128, (job["m"], job["k"]), dtype=torch.int8,
                            generator=torch.Generator().manual_seed(job["m"]))
         a = torch.rand(job["m"]) + 0.5
+        scale = torch.rand(job["n"]) + 0.5
         inner = max(1, int(0.05 / max(job["m"] * job["n"] * job["k"] / 1e12, 1e-6)) // len(ws))
 
-        def run(ws=ws, xq=xq, a=a, inner=inner):
+        def run(ws=ws, xq=xq, a=a, inner=inner, scale=scale, dense=job["fmt"] == "i8a8"):
             for _ in range(inner):
                 for w in ws:
-                    native.matmul(xq, a, w)
+                    if dense:
+                        native.dense_int8a8_matmul(xq, a, w, scale)
+                    else:
+                        native.matmul(xq, a, w)
 
         t = timeit(run, job["reps"])["median"] / (len(ws) * inner)
         print(json.dumps({"s": t}), flush=True)
     return 0
 
 
-def amx_rows(threads: list[int], rounds: int, reps: int, quick: bool) -> tuple[list[dict], dict]:
+def amx_rows(threads: list[int], rounds: int, reps: int, quick: bool,
+             which: str = "all") -> tuple[list[dict], dict]:
     """Both sides of ``--amx``: two workers (BITLM_AMX=1 and =0), every job run on both in each
-    round, the side going first alternating by round; medians over rounds."""
+    round, the side going first alternating by round; medians over rounds.  which: "all", "packed"
+    (the i2 / t1 GEMM only) or "dense" (only the W8A8 kernel's I8A8_JOBS, fmt "i8a8")."""
     procs = {}
     configs = {}
     for amx in ("on", "off"):
@@ -327,9 +344,12 @@ def amx_rows(threads: list[int], rounds: int, reps: int, quick: bool) -> tuple[l
         procs[amx] = subprocess.Popen([sys.executable, __file__, "--amx-worker"] + (["--quick"] if quick else []),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         configs[amx] = json.loads(procs[amx].stdout.readline())["kernel_config"]
-    jobs = [{"fmt": fmt, "n": n, "k": k, "m": m, "threads": t, "reps": reps}
+    jobs = [] if which == "dense" else [{"fmt": fmt, "n": n, "k": k, "m": m, "threads": t, "reps": reps}
             for t in threads for n, k in (AMX_SHAPES[:1] if quick else AMX_SHAPES) for fmt in ("i2", "t1")
             for m in ((8, 64) if quick else AMX_MS)]
+    if which != "packed":
+        jobs += [{"fmt": "i8a8", "n": n, "k": k, "m": m, "threads": t, "reps": reps}
+                 for t in threads for n, k, m in ((I8A8_JOBS[2], I8A8_JOBS[5]) if quick else I8A8_JOBS)]
     times: dict = {}
     try:
         for r in range(rounds):
@@ -465,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants-only", action="store_true", help="time only the activation variants")
     ap.add_argument("--amx", action="store_true",
                     help="only the GEMM with AMX on vs off (two worker processes, interleaved rounds)")
+    ap.add_argument("--amx-jobs", choices=("all", "packed", "dense"), default="all",
+                    help="--amx: the packed i2 / t1 GEMM, the dense W8A8 kernel (dense_int8a8_matmul), or both")
     ap.add_argument("--amx-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3, help="--amx: interleaved rounds")
     ap.add_argument("--small-m", action="store_true",
@@ -500,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants_only:
         return variants_main(res, threads, args)
     if args.amx:
-        res["amx"], cfgs = amx_rows(threads, args.rounds, args.reps, args.quick)
+        res["amx"], cfgs = amx_rows(threads, args.rounds, args.reps, args.quick, args.amx_jobs)
         ident = res["env"]["cpu_identity"]
         res["env"]["amx"] = {"cpu_has_amx": "amx_tile" in ident.get("flags", []) and "amx_int8" in ident.get("flags", []),
                              "kernel_config_on": cfgs["on"], "kernel_config_off": cfgs["off"], "rounds": args.rounds,

@@ -128,6 +128,8 @@ static char g_amx_note[96] = "off (not initialised)";
 /* The smallest M the AMX GEMM takes.  Measured on the Xeon of 2026-12-03 (docs/performance.md):
  * faster than the VNNI kernels from M = 2 on. */
 #define AMX_MIN_M 2
+/* The smallest M the AMX W8A8 head (bitlm_dense_i8a8) takes; measured likewise. */
+#define AMX_I8A8_MIN_M 2
 
 /* Once per process: may this process use the AMX tiles?  Linux hands the 8 KB tile state to a
  * process only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first
@@ -502,6 +504,13 @@ BITLM_API int bitlm_dense_i8a8(const int8_t *xq, const float *a, int64_t m, int6
                                const float *scale, int64_t n, float *y) {
     if (!xq || !a || !w || !scale || !y || m < 0 || k < 0 || k >= 131072 || n < 0) return BITLM_EINVAL;
     if (m == 0 || n == 0) return 0;
+#ifdef BITLM_HAVE_AMX
+    /* AMX tiles (x86_amx.c): with the avx512 tier only, from AMX_I8A8_MIN_M tokens on */
+    if (g_amx && m >= AMX_I8A8_MIN_M && active() == &bitlm_avx512_table) {
+        const bitlm_dense_problem pa = {.xq = xq, .a = a, .w = w, .scale = scale, .y = y, .M = m, .N = n, .K = k};
+        if (bitlm_amx_i8a8(&pa) == 0) return 0;
+    }
+#endif
     int32_t *xsum = malloc((size_t)m * sizeof(int32_t));
     if (!xsum) return BITLM_ENOMEM;
     for (int64_t i = 0; i < m; i++) {

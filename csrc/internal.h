@@ -170,6 +170,11 @@ static inline int64_t bitlm_amx_kq(int64_t kp) { return (kp + 63) / 64 * 64; }
 #ifdef BITLM_HAVE_AMX
 BITLM_HIDDEN extern const bitlm_mm_fn bitlm_amx_mm[4];
 #endif
+/* The W8A8 head (bitlm_dense_i8a8, x86_amx.c's last section) on AMX tiles, threaded: 0, or -1
+ * (K = 0, or no memory for the transposed activations; nothing written: run the tier's kernel). */
+#ifdef BITLM_HAVE_AMX
+BITLM_HIDDEN int bitlm_amx_i8a8(const bitlm_dense_problem *p);
+#endif
 
 /* The active tier's table (dispatch.c; chosen once, see bitlm_tier()). */
 BITLM_HIDDEN const bitlm_kernel_table *bitlm_active_table(void);

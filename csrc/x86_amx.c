@@ -311,3 +311,215 @@ static void amx_b1(const bitlm_problem *p, int64_t t0, int64_t t1) {
 }
 
 const bitlm_mm_fn bitlm_amx_mm[4] = {NULL, amx_i2, amx_t1, amx_b1};
+
+/* ==== dense W8A8 (bitlm_dense_i8a8) on AMX tiles ============================================= *
+ *
+ * acc[m, n] = sum_k xq[m, k] w[n, k] (int8 x int8) is exactly tdpbssd's product with the weights
+ * as the A operand, loaded straight from w (16 rows x 64 bytes, row stride K: no unpacking, no
+ * copy), and the activations as the B operand in VNNI layout: one 16 x 16 dword transpose per
+ * (16 tokens x 64 k) block, once per call (xt below).  The C tiles are 16 output rows x up to 16
+ * tokens of exact int32 sums; the epilogue reads them column by column and applies the VNNI
+ * path's float epilogue (bitlm_i8a8_store: (float)acc * (scale[n] / a[m])), so the float bits are
+ * the same.
+ *
+ * xt layout (bytes, M x kq in all, kq = K rounded up to 64, pad k zero): token block b (tokens
+ * [16 b, 16 b + rb), rb = min(16, M - 16 b)) starts at 16 b kq; its k step s (k in [64 s, 64 s
+ * + 64)) is 16 rows of 4 rb bytes at + 64 rb s: row q = the 4 k [64 s + 4 q, + 4) of each token.
+ *
+ * K tail: the last k step of a weight tile reads 64 bytes from each row, past the row's end into
+ * the next row's head, which meets the zero pad of xt and adds nothing; only the matrix's last
+ * row would read past w, so a tile holding it takes its last step from a zero-padded copy.
+ *
+ * Blocking: per pass two weight tiles (32 output rows) x two token blocks (32 tokens): C 4, A 2,
+ * B 2 tiles.  Passes walk n outer, token blocks inner, so a pass's weight rows (32 K bytes) are
+ * read from memory once and reused from L1/L2 by every token block. */
+
+/* Prefetch distance of the W8A8 weight stream, in rows (the next pass's rows at the same k). */
+#define I8A8_PF_ROWS 32
+
+/* Transpose 16 dword rows (r[j] = 16 dwords of token j) into r[q] = dword q of every token. */
+ALWAYS_INLINE void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* rows 4g..4g+3: u[4g + e] lane L = dword 4L + e of those rows */
+        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* 4 x 4 transpose of 128-bit lanes across u[e], u[4+e], ... */
+        const __m512i x0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), x1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+        const __m512i x2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44),
+                      x3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+        r[e] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+        r[4 + e] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+        r[8 + e] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+    }
+}
+
+typedef struct {
+    const bitlm_dense_problem *p;
+    int8_t *xt;
+    int64_t kq;
+} i8a8_ctx;
+
+/* Token blocks [b0, b1) of xq -> xt. */
+static void i8a8_prep(void *ctx, int64_t b0, int64_t b1) {
+    const i8a8_ctx *c = (const i8a8_ctx *)ctx;
+    const int64_t K = c->p->K, M = c->p->M, kq = c->kq;
+    for (int64_t b = b0; b < b1; b++) {
+        const int rb = M - 16 * b >= 16 ? 16 : (int)(M - 16 * b);
+        const __mmask16 cols = (__mmask16)((1u << rb) - 1);
+        const int8_t *x = c->p->xq + 16 * b * K;
+        int8_t *dst = c->xt + 16 * b * kq;
+        for (int64_t s = 0; s < kq / 64; s++) {
+            const int64_t k = 64 * s;
+            const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) r[j] = j < rb ? _mm512_maskz_loadu_epi8(mk, x + j * K + k) : _mm512_setzero_si512();
+            transpose16(r);
+            int8_t *d = dst + 64 * rb * s;
+            for (int q = 0; q < 16; q++) _mm512_mask_storeu_epi32(d + 4 * rb * q, cols, r[q]);
+        }
+    }
+}
+
+/* Palette 1 for one pass: weight tiles of n0 / n1 rows (n1 = 0: one tile), token blocks of t0 /
+ * t1 tokens (t1 = 0: one block).  Unused tiles get a harmless 1 x 4 shape. */
+static void i8a8_configure(int n0, int n1, int t0, int t1) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    const int rn1 = n1 ? n1 : 1, ct1 = t1 ? 4 * t1 : 4;
+    c.rows[TA0] = (uint8_t)n0, c.colsb[TA0] = 64;
+    c.rows[TA1] = (uint8_t)rn1, c.colsb[TA1] = 64;
+    c.rows[TB0] = 16, c.colsb[TB0] = (uint16_t)(4 * t0);
+    c.rows[TB1] = 16, c.colsb[TB1] = (uint16_t)ct1;
+    /* C rows = weight rows, columns = tokens; here C00 = (tile 0, block 0), C01 = (tile 1, block 0),
+     * C10 = (tile 0, block 1), C11 = (tile 1, block 1) */
+    c.rows[C00] = (uint8_t)n0, c.colsb[C00] = (uint16_t)(4 * t0);
+    c.rows[C01] = (uint8_t)rn1, c.colsb[C01] = (uint16_t)(4 * t0);
+    c.rows[C10] = (uint8_t)n0, c.colsb[C10] = (uint16_t)ct1;
+    c.rows[C11] = (uint8_t)rn1, c.colsb[C11] = (uint16_t)ct1;
+    _tile_loadconfig(&c);
+}
+
+/* Epilogue of one C tile: rows = outputs [n, n + rn), columns = tokens [m, m + rt).  The tile is
+ * transposed in registers (row j = token j's rn outputs) and each output gets bitlm_i8a8_store's
+ * (float)acc * (scale[n] / a[m]), lane by lane: the same operations in the same order. */
+ALWAYS_INLINE void i8a8_store_c(const bitlm_dense_problem *p, const int32_t *cbuf, int rn, int rt, int64_t n,
+                                int64_t m) {
+    const __mmask16 mk = (__mmask16)((1u << rn) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = i < rn ? _mm512_load_si512((const void *)(cbuf + 16 * i)) : _mm512_setzero_si512();
+    transpose16(r);
+    const __m512 sc = _mm512_maskz_loadu_ps(mk, p->scale + n);
+    for (int j = 0; j < rt; j++) {
+        const __m512 f = _mm512_div_ps(sc, _mm512_set1_ps(p->a[m + j]));
+        _mm512_mask_storeu_ps(p->y + (m + j) * p->N + n, mk, _mm512_mul_ps(_mm512_cvtepi32_ps(r[j]), f));
+    }
+}
+
+/* Output rows [n0, n1) for all tokens (n0 a multiple of 16 unless it is the range's start). */
+static void i8a8_rows(const bitlm_dense_problem *p, const int8_t *xt, int64_t kq, int64_t n0, int64_t n1) {
+    const int64_t K = p->K, M = p->M, N = p->N, steps = kq / 64;
+    int8_t tail[2][16 * 64] __attribute__((aligned(64)));
+    int32_t cbuf[256] __attribute__((aligned(64)));
+    int cfg[4] = {-1, -1, -1, -1};
+    for (int64_t n = n0; n < n1; n += 32) {
+        const int rn0 = n1 - n >= 16 ? 16 : (int)(n1 - n);
+        const int rn1 = n1 - n >= 32 ? 16 : n1 - n > 16 ? (int)(n1 - n - 16) : 0;
+        const int8_t *wa[2] = {p->w + n * K, p->w + (n + 16) * K};
+        /* the tile holding row N - 1 takes its last (partial) k step from a zero-padded copy */
+        int use_tail[2] = {0, 0};
+        if (K % 64) {
+            const int64_t klast = (steps - 1) * 64;
+            for (int j = 0; j < 2; j++) {
+                const int rn = j ? rn1 : rn0;
+                if (rn && n + 16 * j + rn == N) {
+                    use_tail[j] = 1;
+                    memset(tail[j], 0, sizeof tail[j]);
+                    for (int r = 0; r < rn; r++) memcpy(tail[j] + 64 * r, wa[j] + r * K + klast, (size_t)(K - klast));
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m += 32) {
+            const int t0 = M - m >= 16 ? 16 : (int)(M - m);
+            const int t1 = M - m >= 32 ? 16 : M - m > 16 ? (int)(M - m - 16) : 0;
+            if (cfg[0] != rn0 || cfg[1] != rn1 || cfg[2] != t0 || cfg[3] != t1) {
+                i8a8_configure(rn0, rn1, t0, t1);
+                cfg[0] = rn0, cfg[1] = rn1, cfg[2] = t0, cfg[3] = t1;
+            }
+            _tile_zero(C00);
+            if (rn1) _tile_zero(C01);
+            if (t1) {
+                _tile_zero(C10);
+                if (rn1) _tile_zero(C11);
+            }
+            const int8_t *xb0 = xt + m * kq, *xb1 = xt + (m + 16) * kq;
+            for (int64_t s = 0; s < steps; s++) {
+                const int64_t k = 64 * s;
+                if (m == 0) /* the first token block pulls the next pass's rows (same k) into the cache */
+                    for (int r = 0; r < I8A8_PF_ROWS && n + 32 + r < n1; r++)
+                        _mm_prefetch((const char *)(wa[0] + (32 + r) * K + k), _MM_HINT_T0);
+                const int last = s == steps - 1;
+                if (last && use_tail[0])
+                    _tile_loadd(TA0, tail[0], 64);
+                else
+                    _tile_loadd(TA0, wa[0] + k, K);
+                _tile_loadd(TB0, xb0 + 64 * t0 * s, 4 * t0);
+                _tile_dpbssd(C00, TA0, TB0);
+                if (rn1) {
+                    if (last && use_tail[1])
+                        _tile_loadd(TA1, tail[1], 64);
+                    else
+                        _tile_loadd(TA1, wa[1] + k, K);
+                    _tile_dpbssd(C01, TA1, TB0);
+                }
+                if (t1) {
+                    _tile_loadd(TB1, xb1 + 64 * t1 * s, 4 * t1);
+                    _tile_dpbssd(C10, TA0, TB1);
+                    if (rn1) _tile_dpbssd(C11, TA1, TB1);
+                }
+            }
+            _tile_stored(C00, cbuf, 64);
+            i8a8_store_c(p, cbuf, rn0, t0, n, m);
+            if (rn1) {
+                _tile_stored(C01, cbuf, 64);
+                i8a8_store_c(p, cbuf, rn1, t0, n + 16, m);
+            }
+            if (t1) {
+                _tile_stored(C10, cbuf, 64);
+                i8a8_store_c(p, cbuf, rn0, t1, n, m + 16);
+                if (rn1) {
+                    _tile_stored(C11, cbuf, 64);
+                    i8a8_store_c(p, cbuf, rn1, t1, n + 16, m + 16);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+static void i8a8_run(void *ctx, int64_t n0, int64_t n1) {
+    const i8a8_ctx *c = (const i8a8_ctx *)ctx;
+    i8a8_rows(c->p, c->xt, c->kq, n0, n1);
+}
+
+int bitlm_amx_i8a8(const bitlm_dense_problem *p) {
+    if (p->M < 1 || p->N < 1 || p->K < 1) return -1;
+    const int64_t kq = bitlm_amx_kq(p->K);
+    const size_t xt_bytes = (size_t)((p->M * kq + 63) / 64 * 64);
+    int8_t *xt = (int8_t *)aligned_alloc(64, xt_bytes);
+    if (!xt) return -1;
+    i8a8_ctx c = {p, xt, kq};
+    const int64_t blocks = (p->M + 15) / 16;
+    bitlm_parallel_for(blocks, 1, (int)(p->M * kq / (1 << 18)) + 1, i8a8_prep, &c);
+    bitlm_parallel_for(p->N, 64, bitlm_threads_for((double)p->M * (double)p->N * (double)p->K), i8a8_run, &c);
+    free(xt);
+    return 0;
+}

@@ -203,3 +203,93 @@ def test_amx_built_where_the_cpu_has_it():
     cfg = _require_amx_library()
     if os.environ.get("BITLM_AMX", "") not in ("0", "off", "no", "false"):
         assert "amx=on" in cfg, cfg
+
+
+# ---- the dense W8A8 head (bitlm_dense_i8a8) on AMX tiles -----------------------------------------
+
+M_I8A8 = (2, 3, 8, 16, 17, 64, 2048)
+# N: one tile, off 16, odd pass counts, a single row; K: one byte, below / off / at 64, > 10 steps
+NK_I8A8 = ((16, 64), (67, 301), (33, 61), (130, 128), (1, 700), (17, 5), (48, 1))
+
+
+def rand_i8a8(m: int, n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    a = torch.rand(m, generator=gen) * 50 + 0.1
+    s = torch.rand(n, generator=gen) + 0.05
+    return xq, a, w, s
+
+
+def test_amx_dense_i8a8_equals_reference(amx):
+    """AMX == the torch reference (and == the AVX2 kernel) bit for bit: partial token blocks, N off
+    the 16-row tile (the last tile's zero-padded K tail), K off 64 and below one step."""
+    for n, k in NK_I8A8:
+        for m in M_I8A8:
+            if m == 2048 and n * k > 20000:
+                continue
+            xq, a, w, s = rand_i8a8(m, n, k, seed=m * 131 + n * k)
+            want = R.dense_int8a8_matmul(xq, a, w, s)
+            got = native.dense_int8a8_matmul(xq, a, w, s)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (m, n, k)
+            native.set_tier("avx2")
+            try:
+                assert torch.equal(native.dense_int8a8_matmul(xq, a, w, s), want), (m, n, k, "avx2")
+            finally:
+                native.set_tier("avx512")
+
+
+def test_amx_dense_i8a8_extremes_and_threads(amx):
+    """-128 activations x +-127 weights up to the kernel's largest K (131071: |acc| = 128 * 127 K
+    just below 2^31) stay exact; two pool threads split N into ranges that end off the tile."""
+    for wv in (127, -127):
+        for k in (4096, 131071):
+            w = torch.full((19, k), wv, dtype=torch.int8)
+            xq = torch.full((3, k), -128, dtype=torch.int8)
+            a, s = torch.ones(3), torch.ones(19)
+            got = native.dense_int8a8_matmul(xq, a, w, s)
+            assert torch.equal(got, R.dense_int8a8_matmul(xq, a, w, s)), (wv, k)
+            assert float(got[0, 0]) == float(torch.tensor(-128 * wv * k, dtype=torch.int32).float()), (wv, k)
+    prev = native.num_threads()
+    native.set_num_threads(2)
+    try:
+        for m, n, k in ((8, 1000, 256), (40, 1000, 333), (2048, 200, 130), (17, 520, 64)):
+            xq, a, w, s = rand_i8a8(m, n, k, seed=n + k + m)
+            assert torch.equal(native.dense_int8a8_matmul(xq, a, w, s), R.dense_int8a8_matmul(xq, a, w, s)), (m, n, k)
+    finally:
+        native.set_num_threads(prev)
+
+
+_SUBPROCESS_I8A8 = """
+import sys, torch
+from bitlm.kernels import native
+g = torch.Generator().manual_seed(9); outs = []
+native.set_num_threads(2)
+for n, k in ((90, 333), (16, 64), (33, 5)):
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) + 0.05
+    for m in (2, 3, 8, 16, 17, 64, 2048):
+        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        a = torch.rand(m, generator=g) * 50 + 0.1
+        outs.append(native.dense_int8a8_matmul(xq, a, w, s))
+torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])
+"""
+
+
+def test_amx_dense_i8a8_same_bytes_as_vnni():
+    """BITLM_AMX=0 (the avx512 tier's VNNI W8A8 kernel) vs 1 (AMX) in two processes: byte-identical
+    float outputs."""
+    _require_amx_library()
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        for val in ("0", "1"):
+            env = {k: v for k, v in os.environ.items() if k not in ("BITLM_AMX", "BITLM_KERNEL_TIER")}
+            env["BITLM_AMX"] = val
+            out = subprocess.run([sys.executable, "-c", _SUBPROCESS_I8A8, f"{d}/{val}.pt"], env=env,
+                                 capture_output=True, text=True, check=True, timeout=120)
+            res[val] = (torch.load(f"{d}/{val}.pt"), out.stdout.strip())
+    assert "tier=avx512" in res["0"][1] and "amx=off (BITLM_AMX=0)" in res["0"][1], res["0"][1]
+    assert "amx=on" in res["1"][1], res["1"][1]
+    assert len(res["0"][0]) == len(res["1"][0]) == 21
+    for a, b in zip(res["0"][0], res["1"][0]):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a.view(torch.int32), b.view(torch.int32))

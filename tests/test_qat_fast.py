@@ -42,7 +42,7 @@ def _fwd_bwd(m: BitLinear, x: torch.Tensor, g: torch.Tensor):
     return y.detach(), x.grad, m.weight.grad, None if m.bias is None else m.bias.grad
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (64, 256, 96), (300, 37, 29), (2048, 704, 256)])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (64, 256, 96), (300, 37, 29), (2048, 704, 256), (2048, 301, 67)])
 def test_int8_product_native_equals_torch_int_mm(m, k, n, monkeypatch):
     """The native W8A8 kernel and torch._int_mm + the epilogue: the same float32 bits."""
     g = torch.Generator().manual_seed(m + k)
