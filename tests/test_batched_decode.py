@@ -181,3 +181,50 @@ def test_one_sequence_runs_the_fused_step_where_it_has_the_same_bits(name, expec
     calls.clear()
     pm.decode_batch([4], [cache])
     assert not calls and cache.pos == 7
+
+
+@pytest.mark.parametrize("name,fmt,head,kv", [
+    ("tiny", "i2", "f32", "f16"), ("tiny-2b4t", "i2", "int8", "int8"), ("tiny-2b4t", "t1", "bf16", "f32"),
+    ("tiny", "t1", "int8", "f32")])
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_prompts_folded_into_a_decode_step_are_their_own_prefills(name, fmt, head, kv, attention):
+    """decode_batch(..., prompts=...): the decode rows are decode_batch's bits, each prompt's row
+    forward(prompt, last_only=True)'s, the caches hold the same rows, and the next step agrees."""
+    pm = _packed(name, fmt, head)
+    pm.batch_attention = attention == "native"
+    if head == "int8":
+        pm.head_act = "int8"
+    worlds = []
+    for mixed in (False, True):
+        caches = [pm.new_cache(1, 64, kv) for _ in range(2)]
+        for c, p in zip(caches, PROMPTS[:2]):
+            pm(torch.tensor([p]), cache=c, last_only=True)
+        joining = [pm.new_cache(1, 64, kv) for _ in range(2)]
+        new_prompts = [PROMPTS[2], [4, 5, 6]]
+        if mixed:
+            out = pm.decode_batch([3, 4], caches, new_prompts, joining)
+        else:
+            out = torch.cat([pm.decode_batch([3, 4], caches)] + [
+                pm(torch.tensor([p]), cache=c, last_only=True)[0] for p, c in zip(new_prompts, joining)])
+        nxt = pm.decode_batch([5, 6, 7, 8], caches + joining)
+        worlds.append((out, nxt, caches + joining))
+    (o1, n1, c1), (o2, n2, c2) = worlds
+    assert o2.shape == (4, pm.config.vocab_size)
+    assert torch.equal(o1, o2) and torch.equal(n1, n2)
+    for a, b in zip(c1, c2):
+        rows = lambda c: c.k + c.v + list(getattr(c, "k_scale", [])) + list(getattr(c, "v_scale", []))  # noqa: E731
+        assert a.pos == b.pos and len(rows(a)) == len(rows(b))
+        assert all(torch.equal(x, y) for x, y in zip(rows(a), rows(b)))
+
+
+def test_folded_prompts_errors():
+    pm = _packed("tiny", "i2", "f32")
+    c = pm.new_cache(1, 8)
+    with pytest.raises(ValueError, match="2 or more tokens"):
+        pm.decode_batch([], [], [[1]], [c])
+    with pytest.raises(ValueError, match="prompts"):
+        pm.decode_batch([], [], [[1, 2]], [])
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        pm.decode_batch([], [], [list(range(9))], [c])
+    out = pm.decode_batch([], [], [[1, 2, 3]], [c])  # prompts alone: a batched prefill
+    assert out.shape == (1, pm.config.vocab_size) and c.pos == 3

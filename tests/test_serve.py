@@ -398,9 +398,9 @@ def test_concurrent_load_with_cancellations(model_file):
         model = s.state.scheduler.model
         step = model.decode_batch
 
-        def paced_step(ids, caches):  # 10 ms a step, as a real model's: clients leave mid-stream
+        def paced_step(*a):  # 10 ms a step, as a real model's: clients leave mid-stream
             time.sleep(0.01)
-            return step(ids, caches)
+            return step(*a)
 
         model.decode_batch = paced_step
         prompts = ["the cat", "日本語", "héllo wörld", "the dog ran", "ünïcode", "the mat. the cat sat", "sat", "on"]
@@ -449,6 +449,8 @@ def test_concurrent_load_with_cancellations(model_file):
         steps = m["bitlm_decode_steps_total"] - m0["bitlm_decode_steps_total"]
         rows = m["bitlm_decode_sequences_total"] - m0["bitlm_decode_sequences_total"]
         assert rows / steps > 1.5  # sequences really decoded together
+        # joiners' prompts ran inside decode steps (and gave the sequential tokens, above)
+        assert m["bitlm_prompts_folded_total"] - m0["bitlm_prompts_folded_total"] >= 4
         assert m["bitlm_process_resident_memory_bytes"] < m["bitlm_memory_bound_bytes"]
         # no 5xx on the API (/health answers 503 by design while the model loads, before the test starts)
         assert not [k for k in m if k.startswith("bitlm_http_requests_total") and 'status="5' in k and "/v1/" in k]
@@ -463,9 +465,9 @@ def test_disconnect_cancels_within_a_step(model_file):
         model = s.state.scheduler.model
         step = model.decode_batch
 
-        def slow_step(ids, caches):  # 20 ms a step: the stream cannot finish before the client leaves
+        def slow_step(*a):  # 20 ms a step: the stream cannot finish before the client leaves
             time.sleep(0.02)
-            return step(ids, caches)
+            return step(*a)
 
         model.decode_batch = slow_step
         body = {"model": "tiny.bitlm", "prompt": "the cat", "max_tokens": 120, "temperature": 0, "stream": True}

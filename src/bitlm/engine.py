@@ -434,7 +434,8 @@ class PackedModel:
 
     # -- batched decode (serving) ----------------------------------------------------------------
     @torch.inference_mode()
-    def decode_batch(self, input_ids: torch.Tensor | list[int], caches: list[KVCache]) -> torch.Tensor:
+    def decode_batch(self, input_ids: torch.Tensor | list[int], caches: list[KVCache],
+                     prompts: list[list[int]] | None = None, prompt_caches: list[KVCache] | None = None) -> torch.Tensor:
         """One decode step of N independent sequences: token ``input_ids[i]`` at position
         ``caches[i].pos`` of sequence i, each with its own (batch-1) cache → logits (N, V).
 
@@ -446,50 +447,94 @@ class PackedModel:
         logits are the same bits whatever else is in the batch; with the native attention also
         the fused native step's bits (ReLU² models), with ``batch_attention = False`` the per-op
         single-sequence path's (``forward`` with ``fused_decode = False``).  A batch of one runs
-        as the fused step itself where the bits are the same (``_alone_is_fused``)."""
+        as the fused step itself where the bits are the same (``_alone_is_fused``).
+
+        ``prompts`` (with their own fresh or partly filled ``prompt_caches``): prefills of joining
+        sequences folded into the same pass — their T_j rows go through the same projections as
+        the decode rows (the weights are read once for all of them), their attention is
+        ``forward``'s; the result gains one row per prompt, its last position's logits, the same
+        bits as ``forward(prompt, cache, last_only=True)`` for a prompt of 2 or more tokens."""
         cfg = self.config
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         N = ids.numel()
-        if N != len(caches) or N == 0:
+        prompts = [list(map(int, p_)) for p_ in (prompts or [])]
+        prompt_caches = list(prompt_caches or [])
+        if N != len(caches) or N + len(prompts) == 0:
             raise ValueError(f"decode_batch: {N} tokens for {len(caches)} caches")
-        if N == 1 and self._alone_is_fused(caches[0]):  # the fused step: one native call, the same bits
+        if len(prompts) != len(prompt_caches) or any(len(p_) < 2 for p_ in prompts):
+            raise ValueError(f"decode_batch: {len(prompts)} prompts (of 2 or more tokens each) for "
+                             f"{len(prompt_caches)} caches")
+        if N == 1 and not prompts and self._alone_is_fused(caches[0]):  # the fused step: the same bits
             return self._decode_fused(ids.view(1, 1), caches[0]).view(1, -1)
         pos = [c.pos for c in caches]
-        for p_, c in zip(pos, caches):
-            if p_ + 1 > cfg.max_seq_len:
-                raise ValueError(f"sequence of {p_ + 1} tokens exceeds max_seq_len={cfg.max_seq_len}")
-            if p_ + 1 > c.max_len:
-                raise ValueError(f"KV cache overflow: {p_ + 1} tokens > capacity {c.max_len}")
-        cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (N, D)
-        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): one position per row, broadcast over heads
-        x = self.embed.rows(ids).reshape(N, cfg.d_model)
+        spans = [(c.pos, len(p_)) for c, p_ in zip(prompt_caches, prompts)]
+        for (p_, t), c in zip([(q, 1) for q in pos] + spans, caches + prompt_caches):
+            if p_ + t > cfg.max_seq_len:
+                raise ValueError(f"sequence of {p_ + t} tokens exceeds max_seq_len={cfg.max_seq_len}")
+            if p_ + t > c.max_len:
+                raise ValueError(f"KV cache overflow: {p_ + t} tokens > capacity {c.max_len}")
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        batt = self._batch_attention(caches)
+        if N:
+            cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (N, D)
+            cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): one position per row, broadcast over heads
+        batt = self._batch_attention(caches) if N else None
         if batt is not None:
             cos, sin = cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous()
+        p_rope = [rope_cos_sin(torch.arange(past, past + t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+                  for past, t in spans]
+        starts = [N + sum(t for _, t in spans[:j]) for j in range(len(spans))]
+        R = N + sum(t for _, t in spans)
+        all_ids = torch.cat([ids, *(torch.tensor(p_, dtype=torch.long) for p_ in prompts)])
+        x = self.embed.rows(all_ids).reshape(R, cfg.d_model)
         for i, L in enumerate(self.layers):
             xq, a = self._norm_quant(x, L.input_norm, L.input_norm_b)
-            q = kernels.matmul(xq, a, L.q, L.q_b).view(N, H, D)
-            k = kernels.matmul(xq, a, L.k, L.k_b).view(N, Hkv, D)
-            v = kernels.matmul(xq, a, L.v, L.v_b).view(N, Hkv, D)
+            q_all = kernels.matmul(xq, a, L.q, L.q_b)
+            k_all = kernels.matmul(xq, a, L.k, L.k_b)
+            v_all = kernels.matmul(xq, a, L.v, L.v_b)
             del xq, a
-            if batt is not None:  # RoPE, cache rows and attention of all N sequences: one native call
-                att = batt.run(i, q, k, v, cos, sin)
-            else:
-                q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
-                att = torch.empty(N, H * D)
-                for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
-                    kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
-                    att[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
-            del q, k, v
+            att = torch.empty(R, H * D) if prompts else None
+            if N:
+                q, k, v = q_all[:N].view(N, H, D), k_all[:N].view(N, Hkv, D), v_all[:N].view(N, Hkv, D)
+                if batt is not None:  # RoPE, cache rows and attention of all N sequences: one native call
+                    att_d = batt.run(i, q, k, v, cos, sin)
+                else:
+                    q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
+                    att_d = torch.empty(N, H * D)
+                    for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
+                        kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
+                        att_d[j] = _attend(q[j].view(1, H, 1, D), kc, vc, pos[j]).reshape(H * D)
+                if att is None:
+                    att = att_d
+                else:
+                    att[:N] = att_d
+                del q, k, v, att_d
+            for (past, t), s0, c, (pc, ps) in zip(spans, starts, prompt_caches, p_rope):  # as forward
+                q = q_all[s0 : s0 + t].view(1, t, H, D).transpose(1, 2)
+                k = k_all[s0 : s0 + t].view(1, t, Hkv, D).transpose(1, 2)
+                v = v_all[s0 : s0 + t].view(1, t, Hkv, D).transpose(1, 2)
+                q, k = _rope_(q, pc, ps), _rope_(k, pc, ps)
+                k, v = c.update(i, k, v)
+                att[s0 : s0 + t] = _attend(q, k, v, past).transpose(1, 2).reshape(t, H * D)
+                del q, k, v
+            del q_all, k_all, v_all
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
             x = x + kernels.matmul(aq, aa, L.o)
             del aq, aa
-            x = x + self._ffn(L, x)
+            if x.shape[0] > FFN_ROW_BLOCK:
+                for r in range(0, x.shape[0], FFN_ROW_BLOCK):
+                    xs = x[r : r + FFN_ROW_BLOCK]
+                    xs += self._ffn(L, xs)
+            else:
+                x = x + self._ffn(L, x)
         for c in caches:
             c.advance(1)
-        return self._final(x, N, 1, rowwise=True).view(N, -1)
+        for c, (_, t) in zip(prompt_caches, spans):
+            c.advance(t)
+        if prompts:
+            x = x[[*range(N), *(s0 + t - 1 for s0, (_, t) in zip(starts, spans))]]
+        M = x.shape[0]
+        return self._final(x, M, 1, rowwise=True).view(M, -1)
 
     #: decode_batch's attention: the native batched call (``bitlm_attn_batch``: RoPE, cache rows
     #: and attention of every sequence in one pass, the fused step's rounding) when the native

@@ -535,9 +535,12 @@ def create_app(state: ServerState) -> FastAPI:
             metric("requests_waiting", "gauge", "requests queued for a free slot", s.waiting())
             metric("prompt_tokens_total", "counter", "prompt tokens prefilled", m.prompt_tokens)
             metric("generation_tokens_total", "counter", "tokens generated", m.generation_tokens)
-            metric("prompt_seconds_total", "counter", "seconds spent in prefill", round(m.prompt_seconds, 6))
-            metric("decode_seconds_total", "counter", "seconds spent in batched decode steps", round(m.decode_seconds, 6))
+            metric("prompt_seconds_total", "counter", "seconds spent in separate prefills (prompts folded into a "
+                   "decode step count there)", round(m.prompt_seconds, 6))
+            metric("decode_seconds_total", "counter", "seconds spent in batched decode steps (with any prompts folded "
+                   "in)", round(m.decode_seconds, 6))
             metric("decode_steps_total", "counter", "batched decode steps", m.decode_steps)
+            metric("prompts_folded_total", "counter", "prefills run inside a decode step", m.prompts_folded)
             metric("decode_sequences_total", "counter", "sequences summed over decode steps (mean batch = this / steps)",
                    m.decode_rows)
             metric("kv_cache_tokens", "gauge", "KV-cache positions in use", used)

@@ -4,8 +4,11 @@ One worker thread owns the model and the :class:`~bitlm.engine.KVPool`.  Each tu
 
 1. drops cancelled requests (their slots are free again before the next step: a client that
    disconnects costs at most the step in flight);
-2. admits waiting requests into free slots, prefilling each (one per turn while others are
-   decoding, so a long prompt delays running streams by one prefill, not by a queue of them);
+2. admits waiting requests into free slots (one per turn while others are decoding, so a long
+   prompt delays running streams by one prefill, not by a queue of them); while others decode,
+   a prompt of 2+ tokens that needs only its last logits is folded into the decode step below
+   (``decode_batch``'s ``prompts``: its rows share the step's weight reads, and its logits are
+   the same bits as its own prefill's); any other is prefilled on its own first;
 3. runs one decode step of every active sequence together (``PackedModel.decode_batch``: the
    weights are read once per step for all of them; models without it decode one by one), then
    samples each sequence's next token with its own parameters and generator.
@@ -111,6 +114,7 @@ class Metrics:
         self.decode_seconds = 0.0
         self.decode_steps = 0
         self.decode_rows = 0  # sum over steps of the sequences in the step (mean batch = rows / steps)
+        self.prompts_folded = 0  # prefills run inside a decode step (decode_batch's prompts)
 
     def finished(self, reason: str) -> None:
         self.requests_total[reason] = self.requests_total.get(reason, 0) + 1
@@ -207,10 +211,14 @@ class Scheduler:
             for r in [r for r in self._active if r.cancelled]:
                 self._active.remove(r)
                 self._finish(r, "cancelled")
+            folded = []
             for r in admit:
-                self._prefill(r)
-            if self._active:
-                self._decode_step()
+                if self._active and self._foldable(r):
+                    folded.append(r)  # prefilled inside the decode step below
+                else:
+                    self._prefill(r)
+            if self._active or folded:
+                self._decode_step(folded)
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "") -> None:
         if r.finished is not None:
@@ -229,6 +237,20 @@ class Scheduler:
             self._active.remove(r)
         self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
+    def _foldable(self, r: Request) -> bool:
+        """Whether ``r``'s prefill can run inside the next decode step (``decode_batch``'s
+        ``prompts``: the same bits as its own prefill): prompts of 2+ tokens whose only logits
+        needed are the last position's, on an engine with batched decode."""
+        return (hasattr(self.model, "decode_batch") and len(r.prompt_ids) >= 2 and not r.want_prompt_logprobs
+                and r.max_tokens > 0)
+
+    def _start(self, r: Request) -> None:
+        """Per-request state once its prompt is in its cache."""
+        r.stream = TextStream(self.tokenizer, r.stop)
+        r.generator = torch.Generator().manual_seed(r.params.seed)
+        r.history = torch.tensor([r.prompt_ids], dtype=torch.long)
+        self.metrics.prompt_tokens += len(r.prompt_ids)
+
     def _prefill(self, r: Request) -> None:
         try:
             r.slot = self.pool.acquire()
@@ -239,10 +261,7 @@ class Scheduler:
             with torch.inference_mode():
                 logits = self.model(ids, cache=cache, last_only=not r.want_prompt_logprobs)[0]  # (T or 1, V)
             self.metrics.prompt_seconds += time.perf_counter() - t0
-            self.metrics.prompt_tokens += len(r.prompt_ids)
-            r.stream = TextStream(self.tokenizer, r.stop)
-            r.generator = torch.Generator().manual_seed(r.params.seed)
-            r.history = ids
+            self._start(r)
             prompt_lp = None
             if r.want_prompt_logprobs:
                 n = max(r.logprobs or 0, 1)
@@ -256,25 +275,36 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             self._fail(r, e)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, joining: list[Request] = ()) -> None:
+        """One decode step of every active sequence, with the prefills of ``joining`` (foldable
+        requests) in the same pass; the joiners then sample their first token from its rows."""
         batch = list(self._active)
         caches = [self.pool.caches[r.slot] for r in batch]
+        for r in joining:
+            r.slot = self.pool.acquire()
+            assert r.slot is not None
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 if hasattr(self.model, "decode_batch"):
-                    logits = self.model.decode_batch([r.next_token for r in batch], caches)
-                else:  # the torch reference model: one sequence at a time
+                    logits = self.model.decode_batch([r.next_token for r in batch], caches,
+                                                     [r.prompt_ids for r in joining],
+                                                     [self.pool.caches[r.slot] for r in joining])
+                else:  # the torch reference model: one sequence at a time (nothing is ever folded)
                     logits = torch.cat([self.model(torch.tensor([[r.next_token]]), cache=c)[:, -1]
                                         for r, c in zip(batch, caches)])
         except Exception as e:  # noqa: BLE001
-            for r in batch:
+            for r in batch + list(joining):
                 self._fail(r, e)
             return
         self.metrics.decode_seconds += time.perf_counter() - t0
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(batch)
-        for r, row in zip(batch, logits):
+        self.metrics.prompts_folded += len(joining)
+        for r in joining:
+            self._start(r)
+            self._active.append(r)
+        for r, row in zip(batch + list(joining), logits):
             try:
                 self._accept(r, row)
             except Exception as e:  # noqa: BLE001
