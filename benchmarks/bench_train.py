@@ -211,12 +211,12 @@ def main() -> None:
     print(f"\n{cpu_model()} — torch {torch.__version__}, device {args.device}, "
           f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}; "
           f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
-    hdr = f"{'preset':<8}{'quant':<12}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'peak MB':>9}"
+    hdr = f"{'preset':<8}{'quant':<15}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = f"{r['ratio_vs_fp']:.2f}" if r["ratio_vs_fp"] is not None else "-"
-        print(f"{r['preset']:<8}{r['quant']:<12}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<4}"
+        print(f"{r['preset']:<8}{r['quant']:<15}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<4}"
               f"{r['step_s'] * 1e3:>10.0f}{r['tok_s']:>10.0f}{ratio:>7}{r['peak_mb']:>9.0f}")
     if scaling:
         print(f"\nDDP scaling (small b1.58, {scaling['per_rank_batch']}x{args.seq} per rank, gloo): "
