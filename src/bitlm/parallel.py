@@ -239,7 +239,10 @@ def wrap_model(model: torch.nn.Module, d: Dist, precision: str = "fp32") -> torc
     if d.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        # gradients as views of the all-reduce buckets: no copy into / out of the buckets (the same
+        # values; measured on 2 x 1 CPU thread, gloo: 1.68-1.74x -> 1.80x one process's tokens/s)
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
     if d.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
