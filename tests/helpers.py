@@ -116,3 +116,21 @@ def dist_env(src) -> dict[str, str]:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def rand_weight(fmt: str, n: int, k: int, seed: int, groups: int = 1):
+    """A packed weight of ``fmt`` with uniformly random codes of its alphabet and ``groups``
+    random scales (the kernel tests' operand)."""
+    from bitlm import packing as P
+
+    gen = torch.Generator().manual_seed(seed)
+    alpha = torch.tensor(P.get_format(fmt).alphabet, dtype=torch.int8)
+    t = alpha[torch.randint(len(alpha), (n, k), generator=gen)]
+    scale = torch.rand(groups, generator=gen) + 0.05
+    return P.pack_weight(t, scale, fmt, groups)
+
+
+def rand_x(m: int, k: int, seed: int) -> torch.Tensor:
+    """Random int8 activation codes (M, K) over the whole int8 range."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)

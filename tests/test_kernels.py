@@ -19,6 +19,7 @@ from bitlm import packing as P
 from bitlm import quant as Q
 from bitlm.kernels import native
 from bitlm.kernels import reference as R
+from helpers import rand_weight, rand_x
 
 FORMATS = ("i2", "t1", "b1")
 NATIVE_REQUIRED = os.environ.get("BITLM_BACKEND", "").lower() == "native"
@@ -33,17 +34,6 @@ def lib():
     return native
 
 
-def rand_weight(fmt: str, n: int, k: int, seed: int, groups: int = 1) -> P.PackedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    alpha = torch.tensor(P.get_format(fmt).alphabet, dtype=torch.int8)
-    t = alpha[torch.randint(len(alpha), (n, k), generator=gen)]
-    scale = torch.rand(groups, generator=gen) + 0.05
-    return P.pack_weight(t, scale, fmt, groups)
-
-
-def rand_x(m: int, k: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
 
 
 # --- integer GEMV / GEMM ----------------------------------------------------------------------
