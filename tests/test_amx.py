@@ -167,18 +167,25 @@ torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])
 """
 
 
-def test_amx_env_switch_same_bytes():
-    """BITLM_AMX=0 vs 1 in two processes: kernel_config reports the choice, and every output
-    (int32 GEMM and float epilogue) is byte-identical."""
-    _require_amx_library()
+def _amx_off_and_on(script: str) -> dict[str, tuple[list, str]]:
+    """Run ``script`` (which saves its outputs to argv[1] and prints kernel_config) with
+    BITLM_AMX=0 and =1 in fresh processes: {"0" / "1": (outputs, printed line)}."""
     res = {}
     with tempfile.TemporaryDirectory() as d:
         for val in ("0", "1"):
             env = {k: v for k, v in os.environ.items() if k not in ("BITLM_AMX", "BITLM_KERNEL_TIER")}
             env["BITLM_AMX"] = val
-            out = subprocess.run([sys.executable, "-c", _SUBPROCESS, f"{d}/{val}.pt"], env=env, capture_output=True,
+            out = subprocess.run([sys.executable, "-c", script, f"{d}/{val}.pt"], env=env, capture_output=True,
                                  text=True, check=True, timeout=120)
             res[val] = (torch.load(f"{d}/{val}.pt"), out.stdout.strip())
+    return res
+
+
+def test_amx_env_switch_same_bytes():
+    """BITLM_AMX=0 vs 1 in two processes: kernel_config reports the choice, and every output
+    (int32 GEMM and float epilogue) is byte-identical."""
+    _require_amx_library()
+    res = _amx_off_and_on(_SUBPROCESS)
     assert "amx=off (BITLM_AMX=0)" in res["0"][1], res["0"][1]
     assert "amx=on" in res["1"][1], res["1"][1]
     assert len(res["0"][0]) == len(res["1"][0]) == 42
@@ -270,14 +277,7 @@ def test_amx_dense_i8a8_same_bytes_as_vnni():
     """BITLM_AMX=0 (the avx512 tier's VNNI W8A8 kernel) vs 1 (AMX) in two processes: byte-identical
     float outputs."""
     _require_amx_library()
-    res = {}
-    with tempfile.TemporaryDirectory() as d:
-        for val in ("0", "1"):
-            env = {k: v for k, v in os.environ.items() if k not in ("BITLM_AMX", "BITLM_KERNEL_TIER")}
-            env["BITLM_AMX"] = val
-            out = subprocess.run([sys.executable, "-c", _SUBPROCESS_I8A8, f"{d}/{val}.pt"], env=env,
-                                 capture_output=True, text=True, check=True, timeout=120)
-            res[val] = (torch.load(f"{d}/{val}.pt"), out.stdout.strip())
+    res = _amx_off_and_on(_SUBPROCESS_I8A8)
     assert "tier=avx512" in res["0"][1] and "amx=off (BITLM_AMX=0)" in res["0"][1], res["0"][1]
     assert "amx=on" in res["1"][1], res["1"][1]
     assert len(res["0"][0]) == len(res["1"][0]) == 21

@@ -360,19 +360,26 @@ class PackedModel:
             del q, k, v
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
-            x = x + kernels.matmul(aq, aa, L.o)  # a fresh tensor: the FFN below may add in place
+            x = self._out_and_ffn(L, x, aq, aa)
             del aq, aa
-            if x.shape[0] > FFN_ROW_BLOCK:
-                for r in range(0, x.shape[0], FFN_ROW_BLOCK):
-                    xs = x[r : r + FFN_ROW_BLOCK]
-                    xs += self._ffn(L, xs)
-            else:
-                x = x + self._ffn(L, x)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x, T = x.view(B, T, -1)[:, -1], 1
         return self._final(x, B, T)
+
+    def _out_and_ffn(self, L: PackedLayer, x: torch.Tensor, aq: torch.Tensor, aa: torch.Tensor) -> torch.Tensor:
+        """The rest of a block after attention, for (M, d) rows: x + o(att) from the attention
+        output's codes (aq, aa), then + FFN — in row blocks of FFN_ROW_BLOCK for long inputs (its
+        2 x ffn_dim wide intermediates are the largest temporaries; rows are independent, so the
+        same bits)."""
+        x = x + kernels.matmul(aq, aa, L.o)  # a fresh tensor: the FFN below may add in place
+        if x.shape[0] > FFN_ROW_BLOCK:
+            for r in range(0, x.shape[0], FFN_ROW_BLOCK):
+                xs = x[r : r + FFN_ROW_BLOCK]
+                xs += self._ffn(L, xs)
+            return x
+        return x + self._ffn(L, x)
 
     def _ffn(self, L: PackedLayer, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sub-layer of (M, d) rows (without the residual add)."""
@@ -519,14 +526,8 @@ class PackedModel:
             del q_all, k_all, v_all
             aq, aa = self._norm_quant(att, L.attn_sub_norm, L.attn_sub_norm_b, "o")
             del att
-            x = x + kernels.matmul(aq, aa, L.o)
+            x = self._out_and_ffn(L, x, aq, aa)
             del aq, aa
-            if x.shape[0] > FFN_ROW_BLOCK:
-                for r in range(0, x.shape[0], FFN_ROW_BLOCK):
-                    xs = x[r : r + FFN_ROW_BLOCK]
-                    xs += self._ffn(L, xs)
-            else:
-                x = x + self._ffn(L, x)
         for c in caches:
             c.advance(1)
         for c, (_, t) in zip(prompt_caches, spans):
