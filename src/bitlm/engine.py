@@ -562,11 +562,11 @@ class PackedModel:
     def _batch_attention(self, caches: list[KVCache]):
         if not self._batch_attention_ok(caches):
             return None
-        kinds = {getattr(c, "kv", "f32") for c in caches}
+        kind = getattr(caches[0], "kv", "f32")  # one kind: _batch_attention_ok checked it
         from .kernels import native
 
         cfg = self.config
-        return native.BatchAttention(caches, kinds.pop(), cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
+        return native.BatchAttention(caches, kind, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
 
     # -- fused native decode ---------------------------------------------------------------------
     #: Decode one token per native call (``bitlm_decode_step``) when the native kernels are in
@@ -834,6 +834,11 @@ def _fmt_for(cfg: ModelConfig, format: str | None) -> str:
     return f.name
 
 
+#: PackedLayer's norm fields → the BitNetModel block's norm modules (also their parameter names)
+_NORM_SITES = dict(input_norm="input_layernorm", attn_sub_norm="self_attn.attn_sub_norm",
+                   post_norm="post_attention_layernorm", ffn_sub_norm="mlp.ffn_sub_norm")
+
+
 def convert(model, format: str | None = None, head: str = "f32", embed: str | None = None,
             progress: bool = False) -> PackedModel:
     """``bitlm.pack(model)``: a trained ``BitNetModel`` → ``PackedModel`` (weights quantised with
@@ -870,8 +875,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
         else:
             packed["up"] = _pack_linear(mlp.up_proj, fmt)
         packed["down"] = _pack_linear(mlp.down_proj, fmt)
-        norms = dict(input_norm=blk.input_layernorm, attn_sub_norm=att.attn_sub_norm,
-                     post_norm=blk.post_attention_layernorm, ffn_sub_norm=mlp.ffn_sub_norm)
+        norms = {k: blk.get_submodule(v) for k, v in _NORM_SITES.items()}
         nt = {k: f32(v.weight) if hasattr(v, "weight") else None for k, v in norms.items()}  # Identity: None
         if cfg.arch == "bitnet":
             nt.update({f"{k}_b": f32(v.bias) if hasattr(v, "bias") else None for k, v in norms.items()})
@@ -927,9 +931,7 @@ def convert_gguf(path: str | Path, format: str | None = None, head: str = "f32",
             else:
                 packed["up"] = one(f"{p}.mlp.up_proj.weight")
             packed["down"] = one(f"{p}.mlp.down_proj.weight")
-            norms = dict(input_norm="input_layernorm", attn_sub_norm="self_attn.attn_sub_norm",
-                         post_norm="post_attention_layernorm", ffn_sub_norm="mlp.ffn_sub_norm")
-            nt = {k: r.floats(f"{p}.{v}.weight").contiguous() for k, v in norms.items()}
+            nt = {k: r.floats(f"{p}.{v}.weight").contiguous() for k, v in _NORM_SITES.items()}
             layers.append(PackedLayer(**packed, **nt))
         shape = (cfg.vocab_size, cfg.d_model)
         emb = functools.partial(r.float_rows, "model.embed_tokens.weight")
@@ -1121,11 +1123,12 @@ def run(args) -> int:
     if args.embed is not None and args.embed not in DENSE_TYPES:
         raise ValueError(f"--embed {args.embed}: the embedding must be one of {DENSE_TYPES} (int6 / int4 are "
                          "output-head formats)")
-    if detect_format(args.model) == "packed":
+    source = detect_format(args.model)
+    if source == "packed":
         raise ValueError(f"{args.model}: a packed model cannot be packed again; pass the checkpoint, "
                          "HF folder or GGUF it was packed from")
     pm = None
-    if detect_format(args.model) == "gguf" and not args.merge_lora:  # tensor by tensor, no float model
+    if source == "gguf" and not args.merge_lora:  # tensor by tensor, no float model
         from .io.gguf import GroupedGGUF
 
         try:

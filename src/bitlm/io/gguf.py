@@ -807,11 +807,12 @@ def _warn_ignored_scales(f: GGUFFile, ignored: list[str]) -> None:
                       f"(first: {ignored[0]}); using the stored (f16) scales", stacklevel=4)
 
 
-def _norm_floats(f: GGUFFile, gname: str) -> np.ndarray:
-    """A norm weight, embedding or head as float32 (norms must be stored as floats; no inf / nan)."""
+def _norm_floats(f: GGUFFile, gname: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A norm weight, embedding or head (``rows``: a slice of its rows) as float32 (norms must be
+    stored as floats; no inf / nan)."""
     if len(f.tensors[gname].dims) == 1 and f.tensors[gname].ggml_type not in (_F32, _F16, _BF16):
         raise f.err(gname, f"has type {f.tensors[gname].type_name}; norm weights must be F32, F16 or BF16")
-    w = f.floats(gname)
+    w = f.floats(gname, rows)
     if not np.isfinite(w).all():
         raise f.err(gname, "contains inf or nan")
     return w
@@ -875,11 +876,7 @@ class TernaryReader:
 
     def float_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the embedding or the untied head as float32."""
-        gname = self._gguf[name]
-        w = self.f.floats(gname, (start, stop))
-        if not np.isfinite(w).all():
-            raise self.f.err(gname, "contains inf or nan")
-        return torch.from_numpy(w)
+        return torch.from_numpy(_norm_floats(self.f, self._gguf[name], (start, stop)))
 
     @property
     def metadata(self) -> dict[str, Any]:
