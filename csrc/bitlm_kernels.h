@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 8
+#define BITLM_ABI_VERSION 9
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -271,6 +271,20 @@ BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hk
  * out[r, j] = (relu(g) * relu(g)) * u (torch's relu(g).square_().mul_(u), the same bits; unlike
  * the fused step's loop, a NaN gate stays NaN as in torch). */
 BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out);
+
+/* One whole decode step of N independent sequences (bitlm.engine.PackedModel.decode_batch, ReLU²
+ * models): x (N, d_model) float32, the tokens' embeddings in, the residual streams after the last
+ * block out (before the final norm).  Per block exactly the per-op batched path's calls, in its
+ * order — bitlm_quantize_rows (with the site's norm, none when NULL), bitlm_matmul_f32 for q, k, v
+ * (M = N: the weights are read once for all rows), bitlm_attn_batch, the o product, x += y, the
+ * gate/up product, bitlm_glu_relu2, the down product, x += y — so the same bits, without a round
+ * trip to Python per op.  d: as for bitlm_decode_step (act must be BITLM_ACT_RELU2_GLU), except that
+ * the blocks' k_cache / v_cache, d->max_len and d->kv_scales are not read: the caches are per
+ * sequence.  pos, max_len, cos, sin: as bitlm_attn_batch.  kv: (n_layers, nk, N) pointers, layer i's
+ * k caches of the N sequences, then their v caches (then, for I8, nk = 4: their k and v scales),
+ * nk = 2 otherwise.  0, EINVAL (nothing written when the description is inconsistent) or ENOMEM. */
+BITLM_API int bitlm_decode_rows(const bitlm_decoder_desc *d, int64_t N, float *x, const int64_t *pos,
+                                const int64_t *max_len, const float *cos, const float *sin, void *const *kv);
 
 /* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
  * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */

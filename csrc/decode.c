@@ -27,13 +27,15 @@ static int linear_ok(const bitlm_linear_desc *L, int64_t n, int64_t k, int64_t *
     return 1;
 }
 
-static int decoder_ok(const bitlm_decoder_desc *d, int64_t *gmax) {
+/* need_cache: the blocks' k_cache / v_cache (and I8 kv_scales) must be set (bitlm_decode_step);
+ * bitlm_decode_rows takes its caches per sequence instead. */
+static int decoder_ok(const bitlm_decoder_desc *d, int64_t *gmax, int need_cache) {
     if (!d->blocks || d->n_layers < 1 || d->d_model < 1 || d->n_heads < 1 || d->kv_heads < 1 || d->head_dim < 2 ||
         d->head_dim % 2 || d->n_heads % d->kv_heads || d->ffn_dim < 1 || d->max_len < 1 ||
         (d->act != BITLM_ACT_SILU_GLU && d->act != BITLM_ACT_RELU2_GLU) ||
         (d->kv_type != BITLM_KV_F32 && d->kv_type != BITLM_KV_F16 && d->kv_type != BITLM_KV_I8))
         return 0;
-    if (d->kv_type == BITLM_KV_I8) {
+    if (d->kv_type == BITLM_KV_I8 && need_cache) {
         if (!d->kv_scales) return 0;
         for (int64_t i = 0; i < 2 * d->n_layers; i++)
             if (!d->kv_scales[i]) return 0;
@@ -43,7 +45,7 @@ static int decoder_ok(const bitlm_decoder_desc *d, int64_t *gmax) {
         const bitlm_block_desc *b = &d->blocks[i];
         if (!linear_ok(&b->q, hd, dm, gmax) || !linear_ok(&b->k, kvd, dm, gmax) || !linear_ok(&b->v, kvd, dm, gmax) ||
             !linear_ok(&b->o, dm, hd, gmax) || !linear_ok(&b->up, 2 * d->ffn_dim, dm, gmax) ||
-            !linear_ok(&b->down, dm, d->ffn_dim, gmax) || !b->k_cache || !b->v_cache)
+            !linear_ok(&b->down, dm, d->ffn_dim, gmax) || (need_cache && (!b->k_cache || !b->v_cache)))
             return 0;
     }
     return 1;
@@ -270,7 +272,7 @@ BITLM_API int bitlm_decode_profile(int enable, double *out, int n) {
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin) {
     int64_t gmax = 1;
-    if (!d || !x || !cos || !sin || !decoder_ok(d, &gmax) || pos < 0 || pos >= d->max_len) return BITLM_EINVAL;
+    if (!d || !x || !cos || !sin || !decoder_ok(d, &gmax, 1) || pos < 0 || pos >= d->max_len) return BITLM_EINVAL;
     const bitlm_kernel_table *tab = bitlm_active_table();
     const int prof = bitlm_prof_on;
     const double t_start = prof ? bitlm_now_s() : 0.0, wait0 = bitlm_prof_wait_s, jobs0 = bitlm_prof_jobs;
@@ -475,4 +477,66 @@ BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out) 
         }
     }
     return 0;
+}
+
+/* ---- batched decode: the whole step of N sequences (bitlm_decode_rows) ----------------------- */
+
+static int rows_linear(const bitlm_linear_desc *L, const int8_t *xq, const float *a, int64_t m, float *y) {
+    return bitlm_matmul_f32((int)L->fmt, xq, a, m, L->k, L->w, L->s, L->groups, L->n, L->bias, y);
+}
+
+static int rows_quantize(const float *x, int64_t m, int64_t k, const float *norm_w, double eps, int8_t *xq, float *a) {
+    return bitlm_quantize_rows(x, m, k, norm_w, eps, norm_w != NULL, xq, a);
+}
+
+BITLM_API int bitlm_decode_rows(const bitlm_decoder_desc *d, int64_t N, float *x, const int64_t *pos,
+                                const int64_t *max_len, const float *cos, const float *sin, void *const *kv) {
+    int64_t gmax = 1;
+    if (!d || N < 1 || !x || !pos || !max_len || !cos || !sin || !kv || !decoder_ok(d, &gmax, 0) ||
+        d->act != BITLM_ACT_RELU2_GLU)
+        return BITLM_EINVAL;
+    const int64_t dm = d->d_model, H = d->n_heads, Hkv = d->kv_heads, D = d->head_dim, F = d->ffn_dim;
+    const int64_t hd = H * D, kvd = Hkv * D, nk = d->kv_type == BITLM_KV_I8 ? 4 : 2;
+    int64_t kmax = dm > hd ? dm : hd;
+    kmax = kmax > F ? kmax : F;
+    const int64_t ymax = 2 * F > dm ? 2 * F : dm;
+    const size_t sz_q = align64((size_t)(N * kmax)), sz_a = align64((size_t)N * 4),
+                 sz_qkv = align64((size_t)(N * (hd + 2 * kvd)) * 4), sz_att = align64((size_t)(N * hd) * 4),
+                 sz_y = align64((size_t)(N * ymax) * 4), sz_h = align64((size_t)(N * F) * 4);
+    unsigned char *mem = aligned_alloc(64, sz_q + sz_a + sz_qkv + sz_att + sz_y + sz_h);
+    if (!mem) return BITLM_ENOMEM;
+    int8_t *xq = (int8_t *)mem;
+    float *a = (float *)(void *)(mem + sz_q);
+    float *yq = (float *)(void *)(mem + sz_q + sz_a), *yk = yq + N * hd, *yv = yk + N * kvd;
+    float *att = (float *)(void *)(mem + sz_q + sz_a + sz_qkv);
+    float *y = (float *)(void *)(mem + sz_q + sz_a + sz_qkv + sz_att);
+    float *hb = (float *)(void *)(mem + sz_q + sz_a + sz_qkv + sz_att + sz_y);
+    int rc = 0;
+    const int64_t n = N * dm;
+    /* exactly PackedModel.decode_batch's per-op sequence (same calls, same order: same bits) */
+    for (int64_t i = 0; i < d->n_layers && !rc; i++) {
+        const bitlm_block_desc *b = &d->blocks[i];
+        void *const *kvi = kv + i * nk * N;
+        rc = rows_quantize(x, N, dm, b->input_norm, d->eps, xq, a);
+        if (!rc) rc = rows_linear(&b->q, xq, a, N, yq);
+        if (!rc) rc = rows_linear(&b->k, xq, a, N, yk);
+        if (!rc) rc = rows_linear(&b->v, xq, a, N, yv);
+        if (!rc)
+            rc = bitlm_attn_batch(d->kv_type, N, H, Hkv, D, yq, yk, yv, pos, max_len, cos, sin, kvi, kvi + N,
+                                  nk == 4 ? (float *const *)(kvi + 2 * N) : NULL,
+                                  nk == 4 ? (float *const *)(kvi + 3 * N) : NULL, att);
+        if (!rc) rc = rows_quantize(att, N, hd, b->attn_sub_norm, d->eps, xq, a);
+        if (!rc) rc = rows_linear(&b->o, xq, a, N, y);
+        if (rc) break;
+        for (int64_t j = 0; j < n; j++) x[j] = x[j] + y[j];
+        rc = rows_quantize(x, N, dm, b->post_norm, d->eps, xq, a);
+        if (!rc) rc = rows_linear(&b->up, xq, a, N, y);
+        if (!rc) rc = bitlm_glu_relu2(y, N, F, hb);
+        if (!rc) rc = rows_quantize(hb, N, F, b->ffn_sub_norm, d->eps, xq, a);
+        if (!rc) rc = rows_linear(&b->down, xq, a, N, y);
+        if (rc) break;
+        for (int64_t j = 0; j < n; j++) x[j] = x[j] + y[j];
+    }
+    free(mem);
+    return rc;
 }

@@ -228,3 +228,49 @@ def test_folded_prompts_errors():
         pm.decode_batch([], [], [list(range(9))], [c])
     out = pm.decode_batch([], [], [[1, 2, 3]], [c])  # prompts alone: a batched prefill
     assert out.shape == (1, pm.config.vocab_size) and c.pos == 3
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
+def test_whole_batched_step_in_one_native_call_is_the_per_op_path(tier, kv, monkeypatch):
+    """``bitlm_decode_rows`` (decode_batch of N >= 2 as one native call) against the per-op batched
+    path it replaces (``rows_decode = False``): the same logits and cache contents, bit for bit, on
+    every tier and KV type — and it is the path decode_batch takes."""
+    from bitlm import kernels
+
+    if kernels.backend() != "native":
+        pytest.skip("needs the native kernels")
+    from bitlm.kernels import native
+
+    pm = _packed("tiny-2b4t", "t1", "int8")
+    pm.kv = kv
+    calls = []
+    real = native.Decoder.rows
+    monkeypatch.setattr(native.Decoder, "rows", lambda self, *a: calls.append(1) or real(self, *a))
+    runs = {}
+    for rows in (True, False):
+        pm.rows_decode = rows
+        caches = [pm.new_cache(1, 32) for _ in range(3)]
+        for c, p in zip(caches, PROMPTS):
+            pm(torch.tensor([p]), cache=c)
+        outs = [pm.decode_batch(t, caches) for t in ([5, 6, 7], [8, 9, 10], [1, 1, 2])]
+        runs[rows] = outs, caches
+        assert bool(calls) == rows
+        calls.clear()
+    for a, b in zip(runs[True][0], runs[False][0]):
+        assert torch.equal(a, b)
+    names = ("k", "v", "k_scale", "v_scale") if kv == "int8" else ("k", "v")
+    for c, f in zip(runs[True][1], runs[False][1]):
+        assert c.pos == f.pos == len(PROMPTS[runs[True][1].index(c)]) + 3
+        for name in names:
+            for x, y in zip(getattr(c, name), getattr(f, name)):
+                assert torch.equal(x, y)
+    pm.rows_decode = True
+    dec = pm._rows_decoder("f16" if kv != "f16" else "f32")  # a decoder for another KV type refuses
+    caches = [pm.new_cache(1, 8) for _ in range(2)]
+    cfg = pm.config
+    ba = native.BatchAttention(caches, kv, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers)
+    D = cfg.head_dim
+    with pytest.raises(ValueError, match="KV type does not match"):
+        dec.rows(torch.zeros(2, cfg.d_model), ba, torch.zeros(2, D), torch.zeros(2, D))
+    with pytest.raises(ValueError, match="decode rows x"):
+        pm._rows_decoder(kv).rows(torch.zeros(3, cfg.d_model), ba, torch.zeros(2, D), torch.zeros(2, D))

@@ -489,6 +489,13 @@ class PackedModel:
             cos, sin = cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous()
         p_rope = [rope_cos_sin(torch.arange(past, past + t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
                   for past, t in spans]
+        if (batt is not None and N >= 2 and not prompts and self.rows_decode
+                and os.environ.get("BITLM_DECODE_ROWS", "1") != "0" and self._alone_is_fused(caches[0])):
+            x = self.embed.rows(ids).reshape(N, cfg.d_model).contiguous()
+            self._rows_decoder(getattr(caches[0], "kv", "f32")).rows(x, batt, cos, sin)
+            for c in caches:
+                c.advance(1)
+            return self._final(x, N, 1, rowwise=True).view(N, -1)
         starts = [N + sum(t for _, t in spans[:j]) for j in range(len(spans))]
         R = N + sum(t for _, t in spans)
         all_ids = torch.cat([ids, *(torch.tensor(p_, dtype=torch.long) for p_ in prompts)])
@@ -590,27 +597,47 @@ class PackedModel:
 
     def _decoder(self, cache: KVCache):
         """The native decoder bound to this model and this cache (built once per cache)."""
-        from .kernels import native
 
         key = getattr(cache, "_bitlm_decoder", None)
         if key is not None and key[0] is self:
             return key[1]
-        cfg = self.config
-        blocks = []
-        for i, L in enumerate(self.layers):
-            blocks.append(dict(q=L.q, k=L.k, v=L.v, o=L.o, up=L.up, down=L.down, q_b=L.q_b, k_b=L.k_b, v_b=L.v_b,
-                               input_norm=L.input_norm, attn_sub_norm=L.attn_sub_norm, post_norm=L.post_norm,
-                               ffn_sub_norm=L.ffn_sub_norm, k_cache=cache.k[i], v_cache=cache.v[i]))
+        blocks = self._decoder_blocks()
+        for i, b in enumerate(blocks):
+            b.update(k_cache=cache.k[i], v_cache=cache.v[i])
         kv = getattr(cache, "kv", "f32")  # a plain model.KVCache is float32
         if kv == "int8":
             for i, b in enumerate(blocks):
                 b.update(k_scale=cache.k_scale[i], v_scale=cache.v_scale[i])
-        dec = native.Decoder(d_model=cfg.d_model, n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                             ffn_dim=cfg.ffn_dim, max_len=cache.max_len,
-                             act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks,
-                             kv=kv)
+        dec = self._native_decoder(blocks, cache.max_len, kv)
         cache._bitlm_decoder = (self, dec)
         return dec
+
+    def _decoder_blocks(self) -> list[dict]:
+        return [dict(q=L.q, k=L.k, v=L.v, o=L.o, up=L.up, down=L.down, q_b=L.q_b, k_b=L.k_b, v_b=L.v_b,
+                     input_norm=L.input_norm, attn_sub_norm=L.attn_sub_norm, post_norm=L.post_norm,
+                     ffn_sub_norm=L.ffn_sub_norm) for L in self.layers]
+
+    def _native_decoder(self, blocks: list[dict], max_len: int | None, kv: str):
+        from .kernels import native
+
+        cfg = self.config
+        return native.Decoder(d_model=cfg.d_model, n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                              ffn_dim=cfg.ffn_dim, max_len=max_len,
+                              act="silu" if cfg.arch == "bitnet-b1.58" else "relu2", eps=cfg.norm_eps, blocks=blocks,
+                              kv=kv)
+
+    #: decode_batch of 2 or more sequences (no prompts folded in) as one native call
+    #: (``bitlm_decode_rows``: the per-op path's kernels in its order, the same bits) where the
+    #: batch could run the fused step alone (ReLU² models, native batched attention); False (or
+    #: env BITLM_DECODE_ROWS=0) runs the per-op path, its twin.
+    rows_decode = True
+
+    def _rows_decoder(self, kv: str):
+        """The weights-only native decoder for ``kv`` caches (built once per model and KV type)."""
+        decs = self.__dict__.setdefault("_rows_decoders", {})
+        if kv not in decs:
+            decs[kv] = self._native_decoder(self._decoder_blocks(), None, kv)
+        return decs[kv]
 
     def _rope_rows(self, pos: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE factors of position ``pos`` from a table of the first ``n`` positions, built once

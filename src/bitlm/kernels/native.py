@@ -30,7 +30,7 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 8
+ABI_VERSION = 9
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -61,6 +61,7 @@ _SIGNATURES = {
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_decode_rows": (_c_int, [_c_p, _c_i64, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
     "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
@@ -558,14 +559,18 @@ class Decoder:
     (1, kv_heads, max_len, head_dim) of the ``kv`` type (``KV_TYPES``), plus float32 (1, kv_heads,
     max_len) ``k_scale`` / ``v_scale`` for int8.  Everything is checked once here, and every tensor
     the C side points at is held by this object.
+
+    Without caches (``max_len=None``, no ``k_cache`` / ``v_cache`` in the blocks) it holds only the
+    weights, for :meth:`rows`: one batched step of N sequences with their own caches.
     """
 
-    def __init__(self, *, d_model: int, n_heads: int, kv_heads: int, head_dim: int, ffn_dim: int, max_len: int,
-                 act: str, eps: float, blocks: list[dict], kv: str = "f32") -> None:
+    def __init__(self, *, d_model: int, n_heads: int, kv_heads: int, head_dim: int, ffn_dim: int,
+                 max_len: int | None, act: str, eps: float, blocks: list[dict], kv: str = "f32") -> None:
         if kv not in KV_TYPES:
             raise ValueError(f"KV cache type must be one of {sorted(KV_TYPES)}, got {kv!r}")
         kv_code, kv_dtype = KV_TYPES[kv]
-        scales = (ctypes.c_void_p * (2 * len(blocks)))() if kv == "int8" else None
+        cached = max_len is not None
+        scales = (ctypes.c_void_p * (2 * len(blocks)))() if kv == "int8" and cached else None
         if act not in ACTIVATIONS:
             raise ValueError(f"fused decode supports activations {sorted(ACTIVATIONS)}, got {act!r}")
         self._keep: list[torch.Tensor] = []
@@ -595,7 +600,7 @@ class Decoder:
                     t = _f32_vec(t, norm_len[name], f"layer {i} {name}")
                     self._keep.append(t)
                     setattr(b, name, t.data_ptr())
-            for name in ("k_cache", "v_cache"):
+            for name in ("k_cache", "v_cache") if cached else ():
                 c = blk[name]
                 if c.dtype != kv_dtype or not c.is_contiguous() or tuple(c.shape) != (1, kv_heads, max_len, head_dim):
                     raise ValueError(f"layer {i} {name}: expected a contiguous {kv_dtype} (1, {kv_heads}, {max_len}, "
@@ -611,10 +616,11 @@ class Decoder:
                     self._keep.append(c)
                     scales[2 * i + j] = c.data_ptr()
         self._blocks, self._scales = arr, scales
-        self._desc = _DecoderDesc(len(blocks), d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len,
+        self._desc = _DecoderDesc(len(blocks), d_model, n_heads, kv_heads, head_dim, ffn_dim, max_len or 1,
                                   ACTIVATIONS[act], float(eps), ctypes.addressof(arr), kv_code,
                                   None if scales is None else ctypes.addressof(scales))
-        self.max_len = max_len
+        self.max_len, self.kv_code, self.act = max_len, kv_code, act
+        self.shape = (n_heads, kv_heads, head_dim, len(blocks))
 
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Run every block on the float32 (d_model,) residual ``x`` in place for the token at
@@ -626,8 +632,30 @@ class Decoder:
             raise ValueError(f"KV cache overflow: position {pos} >= capacity {self.max_len}")
         cos = _f32_vec(cos.reshape(-1), self.head_dim, "cos")
         sin = _f32_vec(sin.reshape(-1), self.head_dim, "sin")
+        if self.max_len is None:
+            raise ValueError("this decoder holds no KV cache: use rows()")
         rc = lib.bitlm_decode_step(ctypes.addressof(self._desc), x.data_ptr(), int(pos), cos.data_ptr(), sin.data_ptr())
         _check(rc, "bitlm_decode_step")
+        return x
+
+    def rows(self, x: torch.Tensor, attn: BatchAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decode step of ``attn``'s N sequences (``bitlm_decode_rows``, ReLU² models): x (N,
+        d_model) float32 contiguous, the tokens' embeddings, becomes the residual streams after the
+        last block, in place; every sequence's cache rows at its ``pos`` are written; cos / sin (N,
+        head_dim).  The bits of ``PackedModel.decode_batch``'s per-op path."""
+        lib = _lib or _need()
+        N = attn.N
+        if self.max_len is not None or self.act != "relu2":
+            raise ValueError("rows() needs a weights-only ReLU² decoder")
+        if (attn.H, attn.Hkv, attn.D, attn.ptrs.shape[0]) != self.shape or attn.kv_code != self.kv_code:
+            raise ValueError("rows(): the caches' shape or KV type does not match this decoder")
+        for name, t, shape in (("x", x, (N, self.d_model)), ("cos", cos, (N, self.head_dim)),
+                               ("sin", sin, (N, self.head_dim))):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError(f"decode rows {name}: expected a contiguous float32 {shape} tensor")
+        rc = lib.bitlm_decode_rows(ctypes.addressof(self._desc), N, x.data_ptr(), attn.pos.data_ptr(),
+                                   attn.max_len.data_ptr(), cos.data_ptr(), sin.data_ptr(), attn.ptrs.data_ptr())
+        _check(rc, "bitlm_decode_rows")
         return x
 
 
