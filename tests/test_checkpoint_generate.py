@@ -96,6 +96,10 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path, capsys):
 def test_greedy_and_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert sample_next(logits, SamplingParams()).item() == 1
+    # greedy picks argmax's token: the first of tied maxima (an int8 head's logits tie), a NaN wins
+    ties = torch.randint(0, 4, (6, 128256)).float()
+    ties[2, [77, 9000]] = float("nan")
+    assert torch.equal(sample_next(ties, SamplingParams()), ties.argmax(-1))
     assert filter_top_k(logits, 2).isinf().tolist() == [[True, False, False, True]]
     # probs ≈ [0.087, 0.644, 0.237, 0.032]: top_p=0.7 keeps 3.0 and 2.0
     assert filter_top_p(logits, 0.7).isinf().tolist() == [[True, False, False, True]]
