@@ -16,6 +16,7 @@ fixed text, so that greedy decoding has clear margins (asserted) rather than nea
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 
@@ -852,3 +853,42 @@ def test_convert_gguf_refusals_and_the_cli_fallback(tmp_path, saved, capsys):
         assert cli.main(["pack", "--model", str(src), "--out", str(out), "--head", "int8"]) == 0
         assert_same_packed(load_packed(out), convert(load_gguf(src), head="int8"))
     assert "plain.bitlm" in capsys.readouterr().out
+
+
+def test_generate_chat_and_serve_run_a_gguf_on_the_packed_engine(tmp_path, saved, capsys):
+    """``load_for_generation`` (generate, chat, serve): a one-scale ternary GGUF is packed in
+    memory for the engine (convert_gguf's bytes), ``--engine torch`` and eval's ``auto`` keep the
+    float model, a grouped file falls back to it with a note, ``--engine packed`` refuses it."""
+    from argparse import Namespace
+
+    from bitlm import cli
+    from bitlm.engine import PackedModel, convert_gguf
+    from bitlm.generate import load_for_generation
+
+    m, path = saved
+
+    def ns(model=path, **kw):
+        return Namespace(**{"model": str(model), "device": "cpu", "head_act": "f32", "kv": None, "engine": "auto",
+                            **kw})
+
+    pm = load_for_generation(ns())
+    assert isinstance(pm, PackedModel) and pm.head.kind == "f32"
+    assert_same_packed(pm, convert_gguf(path))
+    assert load_for_generation(ns(head_act="int8")).head_act == "int8"
+    for model in (load_for_generation(ns(engine="torch")), load_for_generation(ns(), auto_packed=False)):
+        assert not isinstance(model, PackedModel)
+    g = tiny("bitnet-2b4t", d=512, d_ff=1024, weight_groups=2, weight_group_dim="out")
+    gpath = save_gguf(g, tmp_path / "g.gguf", head_type="f32")
+    capsys.readouterr()
+    assert not isinstance(load_for_generation(ns(gpath)), PackedModel)
+    assert "weight groups" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--engine packed: .*weight groups"):
+        load_for_generation(ns(gpath, engine="packed"))
+    ck = tmp_path / "ck"
+    from bitlm.io.checkpoint import save_checkpoint
+
+    save_checkpoint(m, ck)
+    for model, want in ((gpath, "--engine packed: "), (ck, "--engine packed: .* is not a GGUF file")):
+        assert cli.main(["generate", "--model", str(model), "--prompt", "x", "--engine", "packed"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(want, err[0]), err

@@ -105,7 +105,7 @@ def run(args) -> int:
             raise ValueError(f"{opt} must be >= {least}, got {v}")
     if (args.num_fewshot or args.fewshot_seed is not None) and not args.tasks:
         raise ValueError("--num-fewshot / --fewshot-seed apply to --tasks evaluation only")
-    model = load_for_generation(args)
+    model = load_for_generation(args, auto_packed=False)  # auto: the torch model's exact numbers
     tok = load_tokenizer_for(args.model, args.tokenizer)
     results: dict[str, Any] = {"model": str(args.model)}
     if args.tasks:

@@ -17,6 +17,7 @@ has them; user text is always encoded as text.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -260,16 +261,57 @@ def add_device_argument(p) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available; the default) | cpu | cuda | mps — the torch path; "
                         "packed models run on the CPU engine")
+    p.add_argument("--engine", choices=["auto", "packed", "torch"], default="auto",
+                   help="GGUF models: packed = pack the ternary weights in memory and run bitlm's CPU engine "
+                        "(a 2B4T file: ~3 GB instead of the torch model's ~12 GB); torch = the float torch model; "
+                        "auto (the default) = packed on the CPU when the file's projections are one-scale "
+                        "ternary tensors, else torch (bitlm eval: auto = torch, whose numbers are the checkpoint's; "
+                        "the engine's f16 KV cache moves a loss by ~1e-4)")
 
 
-def load_for_generation(args):
-    """The model named by --model, eval mode, on --device, with --head-act applied (packed models only)."""
-    from .loading import load
+def _load(args, device, auto_packed: bool):
+    """``bitlm.load(args.model)``, except that a GGUF runs on the packed engine where it can
+    (``--engine``; ``auto_packed``: what ``auto`` means): ``engine.convert_gguf`` packs it tensor
+    by tensor, never building the float model (the engine's forward is the torch model's integer
+    twin, with its f16 KV cache)."""
+    from .loading import detect_format, load
+
+    engine = getattr(args, "engine", "auto") or "auto"
+    if engine == "auto" and not auto_packed:
+        engine = "torch"
+    if engine not in ("auto", "packed", "torch"):
+        raise ValueError(f"--engine {engine}: choose auto, packed or torch")
+    is_gguf = detect_format(args.model) == "gguf"
+    if engine == "packed" and not is_gguf:
+        raise ValueError(f"--engine packed: {args.model} is not a GGUF file (packed .bitlm files always run on "
+                         "the engine; `bitlm pack` makes one from a checkpoint)")
+    if not is_gguf or engine == "torch" or (engine == "auto" and device.type != "cpu"):
+        return load(args.model)
+    if device.type != "cpu":
+        raise ValueError(f"--engine packed runs on the CPU, not --device {device.type}")
+    from .engine import convert_gguf
+    from .io.gguf import GGUFFormatError
+
+    head = "int8" if getattr(args, "head_act", "f32") == "int8" else "f32"
+    try:
+        return convert_gguf(args.model, head=head, progress=True)
+    except (GGUFFormatError, ValueError) as e:  # weight groups, non-ternary or unpackable projections
+        if engine == "packed":
+            raise ValueError(f"--engine packed: {e}") from None
+        reason = str(e)
+    model = load(args.model)  # a damaged file fails here with its own error
+    print(f"note: {args.model}: not packable in memory ({reason}); running the float torch model", file=sys.stderr)
+    return model
+
+
+def load_for_generation(args, auto_packed: bool = True):
+    """The model named by --model, eval mode, on --device, with --head-act applied (packed models
+    only); a GGUF on the packed engine per --engine (``auto_packed``: where ``auto`` picks it)."""
     from .parallel import resolve_device
 
     requested = getattr(args, "device", "auto") or "auto"
     device = resolve_device(requested)  # an unavailable device is an error before the model loads
-    model = load(args.model)
+    model = _load(args, device, auto_packed)
     model.eval()
     if hasattr(model, "HEAD_ACTS"):  # packed: the native CPU engine
         if requested not in ("auto", "cpu"):
