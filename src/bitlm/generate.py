@@ -261,6 +261,10 @@ def add_device_argument(p) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available; the default) | cpu | cuda | mps — the torch path; "
                         "packed models run on the CPU engine")
+    add_engine_argument(p)
+
+
+def add_engine_argument(p) -> None:
     p.add_argument("--engine", choices=["auto", "packed", "torch"], default="auto",
                    help="GGUF models: packed = pack the ternary weights in memory and run bitlm's CPU engine "
                         "(a 2B4T file: ~3 GB instead of the torch model's ~12 GB); torch = the float torch model; "
@@ -422,6 +426,7 @@ def add_chat_arguments(p) -> None:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--template", choices=sorted(CHAT_TEMPLATES), default="plain")
+    add_engine_argument(p)
     add_sampling_arguments(p)
 
 

@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
                    help="packed models with an int8 head: int8 runs the head W8A8 (see bitlm generate)")
     p.add_argument("--kv", default=None, metavar="{f16,f32,int8}",
                    help="packed models: KV cache storage of the slots (default f16; int8: a scale per token and head)")
+    from ..generate import add_engine_argument
+
+    add_engine_argument(p)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for torch's own ops (attention, norms); the packed kernels keep their own pool "
                         "(BITLM_NUM_THREADS). 1: at decode sizes, waking OpenMP workers costs more than the work")
