@@ -114,6 +114,9 @@ static void detect_caches(void) {
      * (docs/performance.md).  Chosen by vendor until more parts are measured. */
     const int64_t gs_default = strcmp(g_vendor, "GenuineIntel") == 0 ? 2 : 1;
     g_cfg.gemv_streams = env_bytes("BITLM_GEMV_STREAMS", gs_default) == 2 ? 2 : 1;
+    /* i2 GEMV unpack: masks in place (x86_avx512.c gemv_i2, 7-8 % faster on the Xeon of
+     * 2026-12-03); BITLM_GEMV_I2_SHIFT=1 keeps the shifting loop (A/B measurements, tests) */
+    g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
 }
 
 static void init_once(void);
@@ -268,10 +271,11 @@ BITLM_API const char *bitlm_kernel_config(void) {
     pthread_mutex_lock(&g_tier_mu);
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld amx=%s",
+             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld gemv_i2=%s amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
-             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams, g_amx_note);
+             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams,
+             g_cfg.gemv_i2_mask ? "mask" : "shift", g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;
 }

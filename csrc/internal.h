@@ -33,6 +33,7 @@ typedef struct bitlm_problem {
     int64_t x_block_bytes; /* GEMM: activation rows per outer block x Kp stay under this (L2 based) */
     int64_t small_m_max;   /* GEMM: M up to this runs as one M-token register block (0: off) */
     int64_t gemv_streams;  /* GEMV (avx512, i2/b1): tiles read at once, 1 or 2 */
+    int64_t gemv_i2_mask;  /* GEMV (avx512, i2): 1 = codes masked in place (no shifts), 0 = shifted */
 } bitlm_problem;
 
 /* Blocking and path choices, fixed once per process (dispatch.c, from the measured cache sizes
@@ -42,6 +43,7 @@ typedef struct {
     int64_t x_block_bytes;
     int64_t small_m_max;
     int64_t gemv_streams;
+    int64_t gemv_i2_mask;
 } bitlm_kernel_cfg;
 BITLM_HIDDEN const bitlm_kernel_cfg *bitlm_cfg(void);
 
@@ -254,6 +256,7 @@ static inline void bitlm_problem_init(bitlm_problem *p, int fmt, int64_t m, int6
     p->x_block_bytes = bitlm_cfg()->x_block_bytes;
     p->small_m_max = bitlm_cfg()->small_m_max;
     p->gemv_streams = bitlm_cfg()->gemv_streams;
+    p->gemv_i2_mask = bitlm_cfg()->gemv_i2_mask;
 }
 
 /* Scalar epilogue for one (token m, tile t) pair: raw[r] = sum_k code*x (i2, t1) or

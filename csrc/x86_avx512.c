@@ -150,6 +150,61 @@ static inline __attribute__((always_inline)) void gemv_tile_t1(const bitlm_probl
     store_tile(p, BITLM_FMT_T1, 0, t, S);
 }
 
+/* i2 GEMV without shifts.  Quad qd's codes sit at bits 2qd..2qd+1 of every byte; masking them in
+ * place (byte & (3 << 2qd)) gives code * 4^qd, so a vpdpbusd per quad into the quad's own
+ * accumulators sums 4^qd * sum code * x, and a final arithmetic shift by 2qd returns the exact
+ * sum (a multiple of 4^qd).  One AND per quad instead of a shift and an AND: the unpack shared
+ * the vector ALU ports with vpdpbusd, and at memory speed a decode GEMV is close to that limit.
+ * Bound: |sum| <= (K / 4) * 2 * 64 * 127 per lane < 2^31 for K <= I2_NOSHIFT_MAX_K (the shifting
+ * loop takes larger K, and BITLM_GEMV_I2_SHIFT=1).  Exact integer sums: the same bits as gemv_tile. */
+#define I2_NOSHIFT_MAX_K (1 << 19)
+
+ALWAYS_INLINE __m512i i2_fold(const __m512i *acc) {
+    return _mm512_add_epi32(_mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2)),
+                            _mm512_add_epi32(_mm512_srai_epi32(acc[2], 4), _mm512_srai_epi32(acc[3], 6)));
+}
+
+/* one chunk of up to two tiles (J = 1, 2): quad qd of the first into a0[qd], of the second into a1[qd] */
+ALWAYS_INLINE void i2_chunk(const int J, const uint8_t *w0, const uint8_t *w1, const int8_t *xk, __m512i a0[4],
+                            __m512i a1[4], const __m512i mk[4]) {
+    _mm_prefetch((const char *)w0 + GEMV_PREFETCH, GEMV_HINT);
+    if (J == 2) _mm_prefetch((const char *)w1 + GEMV_PREFETCH, GEMV_HINT);
+    const __m512i s0 = _mm512_loadu_si512((const void *)w0);
+    const __m512i s1 = J == 2 ? _mm512_loadu_si512((const void *)w1) : s0;
+#pragma GCC unroll 4
+    for (int qd = 0; qd < 4; qd++) {
+        const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(xk + 4 * qd));
+        a0[qd] = _mm512_dpbusd_epi32(a0[qd], _mm512_and_si512(s0, mk[qd]), xb);
+        if (J == 2) a1[qd] = _mm512_dpbusd_epi32(a1[qd], _mm512_and_si512(s1, mk[qd]), xb);
+    }
+}
+
+/* One tile (J = 1: two chunks per step, the even one into acc 0-3, the odd one into 4-7, folded
+ * at the end) or two tiles' streams at once (J = 2: tile t into 0-3, t + 1 into 4-7). */
+ALWAYS_INLINE void gemv_i2(const bitlm_problem *p, const int J, int64_t t) {
+    __m512i mk[4], a0[4], a1[4];
+    for (int qd = 0; qd < 4; qd++) {
+        mk[qd] = _mm512_set1_epi8((char)(3 << (2 * qd)));
+        a0[qd] = a1[qd] = _mm512_setzero_si512();
+    }
+    const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
+    const int8_t *x = p->x;
+    const int64_t nch = p->nchunks;
+    if (J == 2) {
+        for (int64_t ch = 0; ch < nch; ch++) i2_chunk(2, w0 + ch * 64, w1 + ch * 64, x + ch * 16, a0, a1, mk);
+        store_tile(p, BITLM_FMT_I2, 0, t, i2_fold(a0));
+        store_tile(p, BITLM_FMT_I2, 0, t + 1, i2_fold(a1));
+        return;
+    }
+    int64_t ch = 0;
+    for (; ch + 2 <= nch; ch += 2) {
+        i2_chunk(1, w0 + ch * 64, NULL, x + ch * 16, a0, NULL, mk);
+        i2_chunk(1, w0 + (ch + 1) * 64, NULL, x + (ch + 1) * 16, a1, NULL, mk);
+    }
+    if (ch < nch) i2_chunk(1, w0 + ch * 64, NULL, x + ch * 16, a0, NULL, mk);
+    store_tile(p, BITLM_FMT_I2, 0, t, _mm512_add_epi32(i2_fold(a0), i2_fold(a1)));
+}
+
 /* The loops prefetch GEMV_PREFETCH bytes ahead; the first GEMV_PREFETCH bytes of a piece of
  * work get a burst of prefetches up front instead of waiting for the hardware prefetcher to
  * ramp up (a 2560x2560 GEMV is cut into 16 pieces of ~100 KB per call). */
@@ -167,6 +222,12 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
         return;
     }
     int64_t t = t0;
+    if (fmt == BITLM_FMT_I2 && p->K <= I2_NOSHIFT_MAX_K && p->gemv_i2_mask) {
+        if (p->gemv_streams == 2)
+            for (; t + 2 <= t1; t += 2) gemv_i2(p, 2, t);
+        for (; t < t1; t++) gemv_i2(p, 1, t);
+        return;
+    }
     if (p->gemv_streams == 2)
         for (; t + 2 <= t1; t += 2) gemv_tile2(p, fmt, t);
     for (; t < t1; t++) gemv_tile(p, fmt, t);

@@ -153,8 +153,9 @@ def test_small_m_gemm_bit_identical(tier, fmt):
 
 def test_gemm_paths_and_blocking_agree_across_processes(lib):
     """The same products with the small-M path off, a tiny activation block (many outer blocks
-    in the large-M loop) and the two-stream GEMV, read once at start-up from BITLM_GEMM_SMALL_M /
-    BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS, give the same bits as this process's defaults, on
+    in the large-M loop), the two-stream GEMV and the i2 GEMV's shifting unpack, read once at
+    start-up from BITLM_GEMM_SMALL_M / BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS / BITLM_GEMV_I2_SHIFT,
+    give the same bits as this process's defaults, on
     every tier; and bitlm_kernel_config reports the choices."""
     code = ("import sys, torch; from bitlm.kernels import native; from bitlm import packing as P\n"
             "g = torch.Generator().manual_seed(5); outs = []\n"
@@ -171,7 +172,7 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
     with tempfile.TemporaryDirectory() as d:
         res = {}
         for name, extra in (("default", {}), ("off", {"BITLM_GEMM_SMALL_M": "0", "BITLM_GEMM_XBLOCK": "4096",
-                                                       "BITLM_GEMV_STREAMS": "2"}),
+                                                       "BITLM_GEMV_STREAMS": "2", "BITLM_GEMV_I2_SHIFT": "1"}),
                             ("one", {"BITLM_GEMV_STREAMS": "1"})):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("BITLM_GEMM_", "BITLM_GEMV_"))}
             env.update(extra)
@@ -180,7 +181,7 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
             res[name] = (torch.load(f"{d}/{name}.pt"), out.stdout.strip())
     assert "small_m_max=8" in res["default"][1] and "small_m_max=0" in res["off"][1]
     assert "gemm_x_block=4K" in res["off"][1] and "family=" in res["off"][1] and "gemv_streams=2" in res["off"][1]
-    assert "gemv_streams=1" in res["one"][1]
+    assert "gemv_streams=1" in res["one"][1] and "gemv_i2=mask" in res["one"][1] and "gemv_i2=shift" in res["off"][1]
     assert len(res["default"][0]) == len(res["off"][0]) == len(res["one"][0]) > 0
     for a, b, c in zip(res["default"][0], res["off"][0], res["one"][0]):
         assert torch.equal(a, b) and torch.equal(a, c)
