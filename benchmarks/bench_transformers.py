@@ -7,9 +7,11 @@ weights is built directly in transformers' packed ``BitLinear`` form (``--linear
 bitlinear``, transformers' default: unpacks on every call) or ``autobitlinear`` (offline:
 unpacked once at load into bf16) — no float model is ever made.  Timed through
 ``model.generate`` (greedy): prefill = prompt → first token, decode = median time between
-tokens (a logits processor stamps each step).  Rounds interleave the three paths: transformers'
-own layers (swapped back in for their turn), the swapped model, and ``bitlm.engine.PackedModel``
-with a bf16 head (the same head transformers reads).  Resident memory: process RSS with only
+tokens (a logits processor stamps each step).  Rounds interleave the four paths: transformers'
+own layers (swapped back in for their turn), the swapped model (each decoder layer's decode step
+in two native calls, ``BitlmDecoderLayer``), the same swapped model module by module (its layers'
+``bitlm_fused = False``: one native call per projection group and norm), and
+``bitlm.engine.PackedModel`` with a bf16 head (the same head transformers reads).  Resident memory: process RSS with only
 transformers' layers, then after the swap with the originals dropped.
 
     python benchmarks/bench_transformers.py                      # 2B4T shape, bitlinear
@@ -168,6 +170,26 @@ def time_modules(modules: list, head, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
+def time_fused(layers: list, head, reps: int = 5) -> float:
+    """One decode step's native layer calls alone: every fused layer's two calls
+    (``native.HfLayer.qkv`` / ``out``) on one bf16 token, then the head, with no transformers (no
+    cache update, no attention) between them — bitlm's share of a fused step."""
+    hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
+    ts = []
+    with torch.inference_mode():
+        x = torch.randn(1, 1, layers[0].d_model).to(torch.bfloat16)
+        cos = torch.randn(layers[0].head_dim).to(torch.bfloat16)
+        attn = torch.randn(1, 1, layers[0].hd).to(torch.bfloat16)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for hf in layers:
+                hf.qkv(x, cos, cos)
+                hf.out(x, attn)
+            head(hx)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def profile_step(model, ids: torch.Tensor, steps: int = 4, top: int = 8) -> tuple[float, list[tuple[str, float, float]]]:
     """torch's own ops in one decode step of the swapped model (``model(token, past_key_values=
     DynamicCache)`` as generate calls it, after a prefill of ``ids``): (their total ms per step,
@@ -256,7 +278,7 @@ def main() -> int:
     import transformers
     from transformers.utils import logging
 
-    from bitlm.integrations.transformers import BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
+    from bitlm.integrations.transformers import BitlmDecoderLayer, BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
 
     logging.set_verbosity_error()
     if args.eager:
@@ -292,16 +314,25 @@ def main() -> int:
     time_engine(pm, ids, 2)
     print(f"warm-up (transformers' own incl. torch.compile): {warm_own:.1f} s", file=sys.stderr)
 
-    res: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in ("own", "bitlm", "engine")}
+    fused_layers = [m for m in model.modules() if isinstance(m, BitlmDecoderLayer)]
+
+    def per_module(on: bool) -> None:  # the swapped model module by module (on) or fused (off)
+        for m in fused_layers:
+            m.bitlm_fused = not on
+
+    kinds = ("own", "bitlm", "modules", "engine")
+    res: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in kinds}
     for r in range(args.rounds):
-        for kind in ("own", "bitlm", "engine"):
+        for kind in kinds:
             if kind == "engine":
                 p, d = time_engine(pm, ids, args.decode)
             else:
                 swap(model, originals if kind == "own" else swapped)
+                per_module(kind == "modules")
                 torch.set_num_threads(args.threads if kind == "own" else swapped_torch_threads)
                 p, d = time_generate(model, ids, args.hf_decode if kind == "own" else args.decode)
                 torch.set_num_threads(args.threads)
+                per_module(False)
             res[kind]["prefill"].append(p)
             res[kind]["decode"].extend(d)
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
@@ -319,6 +350,8 @@ def main() -> int:
     norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
     torch.set_num_threads(swapped_torch_threads)
     modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
+    hfs = [m._bitlm_state(torch.bfloat16) for m in fused_layers]
+    fused_s = time_fused(hfs, model.lm_head) if hfs and all(h is not None for h in hfs) else float("nan")
     torch_ms, top_ops = profile_step(model, ids)
     torch.set_num_threads(args.threads)
     del originals, pm, model
@@ -334,7 +367,7 @@ def main() -> int:
         p, d = med(res[kind]["prefill"]), med(res[kind]["decode"])
         rows[kind] = {"prefill_ms": p * 1e3, "prefill_tok_s": args.prompt / p, "decode_ms": d * 1e3,
                       "decode_tok_s": 1 / d, "decode_samples": len(res[kind]["decode"])}
-    own, acc, eng = rows["own"], rows["bitlm"], rows["engine"]
+    own, acc, eng, mods = rows["own"], rows["bitlm"], rows["engine"], rows["modules"]
     out = {
         "cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": args.threads, "swapped_torch_threads": swapped_torch_threads, "layers": args.layers,
@@ -344,6 +377,8 @@ def main() -> int:
         "decode_speedup_vs_transformers": acc["decode_tok_s"] / own["decode_tok_s"],
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
+        "decode_per_module_vs_engine": mods["decode_tok_s"] / eng["decode_tok_s"],
+        "fused_layers": len(fused_layers), "decode_fused_native_ms": fused_s * 1e3,
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
         "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
         "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
@@ -358,7 +393,8 @@ def main() -> int:
           f"(torch {swapped_torch_threads} while the swapped model runs), "
           f"{info.get('tier')} kernels, {cpu_model()}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
-    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "engine": "bitlm engine (bf16 head)"}
+    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "modules": "  (per module, unfused)",
+             "engine": "bitlm engine (bf16 head)"}
     for k, r in rows.items():
         print(f"{names[k]:<28}{r['prefill_ms']:>12.0f}{r['prefill_tok_s']:>9.1f}{r['decode_ms']:>15.1f}"
               f"{r['decode_tok_s']:>9.2f}")
@@ -369,9 +405,12 @@ def main() -> int:
         print(f"paired decode ({len(pairs)} back-to-back 12-token runs): swapped "
               f"{statistics.median(a for a, _ in pairs):.1f} ms, engine {statistics.median(e for _, e in pairs):.1f} ms "
               f"per token; median ratio {100 * out['paired_decode_vs_engine']:.0f} % of the engine")
-    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
+    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native calls (the "
+          f"{len(fused_layers)} fused layers' 2 calls each and the head, called alone) + "
+          f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (cache update, attention, Python, generate)")
+    print(f"decode step, per module: {mods['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
-          f"{acc['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
+          f"{mods['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
           "generate)")
     print(f"torch ops in one swapped decode step (profiler, self time): {torch_ms:.1f} ms; top: " + ", ".join(
         f"{k.removeprefix('aten::')} {t:.2f} ms/{c:.0f}" for k, t, c in top_ops))

@@ -315,14 +315,23 @@ class BitlmDecoderLayer(BitNetDecoderLayer):
     bitlm_fused = True
 
     def _bitlm_state(self, dtype: torch.dtype) -> native.HfLayer | None:
+        """The native layer for this dtype and the submodules now in place (rebuilt when a
+        submodule, a norm weight or the dtype changed — e.g. ``model.to(...)`` or a projection
+        swapped back — and None when they can no longer be fused)."""
         st = self.__dict__.get("_bitlm_hf")
         if st is None:
             return None
-        norms = (self.input_layernorm.weight, self.self_attn.attn_sub_norm.weight, self.post_attention_layernorm.weight,
-                 self.mlp.ffn_sub_norm.weight)
-        key = (dtype, *(w.data_ptr() for w in norms), *(w.dtype for w in norms))
+        m = self._modules
+        try:
+            a, f = m["self_attn"]._modules, m["mlp"]._modules
+            norms = (m["input_layernorm"], a["attn_sub_norm"], m["post_attention_layernorm"], f["ffn_sub_norm"])
+            ws = [x._parameters.get("weight") for x in norms]
+            key = (dtype, *norms, a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], f["gate_proj"], f["up_proj"],
+                   f["down_proj"], f["act_fn"], *(None if w is None else (w.data_ptr(), w.dtype) for w in ws))
+        except (KeyError, AttributeError):  # a submodule removed or replaced by something else
+            return None
         if st.key != key:
-            st.build(self, key, norms)
+            st.build(self, key)
         return st.layer
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -360,12 +369,13 @@ class _FusedState:
         self.key: tuple | None = None
         self.layer: native.HfLayer | None = None
 
-    def build(self, m: BitlmDecoderLayer, key: tuple, norms: tuple) -> None:
+    def build(self, m: BitlmDecoderLayer, key: tuple) -> None:
         dtype = key[0]
         self.key, self.layer = key, None
-        if dtype not in (torch.float32, torch.bfloat16) or any(w.dtype != dtype or w.device.type != "cpu" for w in norms):
+        if not _fusable(m) or kernels.backend() != "native":
             return
-        if kernels.backend() != "native":
+        norms = [x.weight for x in key[1:5]]
+        if dtype not in (torch.float32, torch.bfloat16) or any(w.dtype != dtype or w.device.type != "cpu" for w in norms):
             return
         a, f = m.self_attn, m.mlp
         lin = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": f.gate_proj, "up": f.up_proj,
@@ -387,7 +397,7 @@ class _FusedState:
 def _fusable(m: nn.Module) -> bool:
     """A transformers BitNetDecoderLayer whose projections and norms are all swapped (plain
     BitlmLinear without a per-layer rms_norm, BitlmRMSNorm) with the ReLU² MLP."""
-    if type(m) is not BitNetDecoderLayer:
+    if type(m) not in (BitNetDecoderLayer, BitlmDecoderLayer):
         return False
     a, f = getattr(m, "self_attn", None), getattr(m, "mlp", None)
     if a is None or f is None:
@@ -405,7 +415,7 @@ def _fusable(m: nn.Module) -> bool:
 def _fuse_layers(model: nn.Module) -> int:
     """Make every fusable decoder layer a :class:`BitlmDecoderLayer` (its class only: modules,
     names and hooks stay).  Returns how many."""
-    layers = [m for m in model.modules() if _fusable(m)]
+    layers = [m for m in model.modules() if type(m) is BitNetDecoderLayer and _fusable(m)]
     for m in layers:
         m.__class__ = BitlmDecoderLayer
         m._bitlm_hf = _FusedState(layers)
