@@ -278,7 +278,13 @@ def main() -> int:
     import transformers
     from transformers.utils import logging
 
-    from bitlm.integrations.transformers import BitlmDecoderLayer, BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
+    from bitlm.integrations.transformers import (
+        BitlmDecoderLayer,
+        BitlmLinear,
+        BitlmRMSNorm,
+        _bitnet_layers,
+        accelerate,
+    )
 
     logging.set_verbosity_error()
     if args.eager:

@@ -58,8 +58,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import native
 from ..io.hf import hf_scale_to_absmean, unpack_ternary_hf
+from ..kernels import native
 from ..packing import TILE_N, PackedWeight, pack_weight
 
 try:  # the integration is useless without transformers: fail at import with the extra named
