@@ -282,12 +282,17 @@ class BitlmRMSNorm(nn.Module):
         BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
 
 
+try:  # where transformers' output capturing keeps what it records (a private name: checked, not relied on)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - another transformers layout: the fused layer is never used
+    _active_collector = None
+
+
 def _collecting_attentions() -> bool:
     """Whether transformers' output capturing wants the attention weights now (``output_attentions``):
-    the fused layer does not run ``self_attn``, whose output hook records them."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - another transformers layout: take the per-module path
+    the fused layer does not run ``self_attn``, whose output hook records them.  True (the
+    per-module path) when this transformers keeps them elsewhere."""
+    if _active_collector is None:  # pragma: no cover
         return True
     c = _active_collector.get()
     return bool(c) and "attentions" in c
