@@ -19,18 +19,52 @@
 #include "internal.h"
 #include "linears_impl.h"
 
-/* the model dtype's rounding of a float32 value */
-static inline float rnd(int bf16, float v) { return bf16 ? bitlm_bf16_to_f32(bitlm_f32_to_bf16_rne(v)) : v; }
-
-static inline float load(int bf16, const void *p, int64_t i) {
-    return bf16 ? bitlm_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* The model dtype's rounding of a float32 value: bf16 round to nearest even as
+ * bitlm_f32_to_bf16_rne (NaN -> quiet NaN, sign kept), back to float32; written without a branch
+ * so that the loops below vectorise. */
+static inline float rnd_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    const uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t r = nan ? ((u & 0xffff0000u) | 0x00400000u) : ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+    float f;
+    memcpy(&f, &r, 4);
+    return f;
 }
 
-static inline void store(int bf16, void *p, int64_t i, float v) {
+static inline float rnd(int bf16, float v) { return bf16 ? rnd_bf16(v) : v; }
+
+/* n values of the dtype -> float32 (exact) */
+static void to_f32(int bf16, const void *src, float *dst, int64_t n) {
+    if (bf16) {
+        const uint16_t *b = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t u = (uint32_t)b[i] << 16;
+            memcpy(dst + i, &u, 4);
+        }
+    } else {
+        memcpy(dst, src, (size_t)n * 4);
+    }
+}
+
+/* n float32 values that are already values of the dtype -> the dtype (exact) */
+static void from_f32(int bf16, const float *src, void *dst, int64_t n) {
+    if (bf16) {
+        uint16_t *b = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, src + i, 4);
+            b[i] = (uint16_t)(u >> 16);
+        }
+    } else {
+        memcpy(dst, src, (size_t)n * 4);
+    }
+}
+
+/* y[i] = R(y[i]) for n values */
+static void round_all(int bf16, float *y, int64_t n) {
     if (bf16)
-        ((uint16_t *)p)[i] = bitlm_f32_to_bf16_rne(v);
-    else
-        ((float *)p)[i] = v;
+        for (int64_t i = 0; i < n; i++) y[i] = rnd_bf16(y[i]);
 }
 
 static int layer_ok(const bitlm_hf_layer_desc *d, int64_t *gmax) {
@@ -77,7 +111,7 @@ static int scratch_new(scratch *s, int64_t kmax, int64_t ymax, int64_t gmax) {
 static int32_t norm_quantize(const bitlm_kernel_table *tab, int bf16, const void *x, int64_t k, const void *w,
                              double eps, scratch *s, float *a) {
     bitlm_rms_norm_rows(bf16, x, 1, k, w, eps, s->xn);
-    for (int64_t j = 0; j < k; j++) s->xf[j] = load(bf16, s->xn, j);
+    to_f32(bf16, s->xn, s->xf, k);
     return quantize(tab, s->xf, k, NULL, 0.0, s->xq, a);
 }
 
@@ -89,7 +123,7 @@ BITLM_API int bitlm_hf_layer_qkv(const bitlm_hf_layer_desc *d, const void *x, co
     const int bf = (int)d->bf16;
     const int64_t dm = d->d_model, D = d->head_dim, hd = d->n_heads * D, kvd = d->kv_heads * D;
     scratch s;
-    if (scratch_new(&s, dm, hd + 2 * kvd, gmax)) return BITLM_ENOMEM;
+    if (scratch_new(&s, dm > 4 * D ? dm : 4 * D, hd + 2 * kvd, gmax)) return BITLM_ENOMEM;
     lin_plan pl_qkv, pl_o;
     const bitlm_linear_desc *lq[3] = {&d->q, &d->k, &d->v}, *lo[1] = {&d->o};
     plan_linears(&pl_qkv, 3, lq);
@@ -102,20 +136,24 @@ BITLM_API int bitlm_hf_layer_qkv(const bitlm_hf_layer_desc *d, const void *x, co
     prepare(&ps[1], &d->k, s.xq, &xsum, a, s.f + gmax, yk);
     prepare(&ps[2], &d->v, s.xq, &xsum, a, s.f + 2 * gmax, yv);
     run_linears(tab, 3, ps, &pl_qkv, &pl_o); /* the workers then prefetch o during the cache update + attention */
-    for (int64_t j = 0; j < hd + 2 * kvd; j++) s.y[j] = rnd(bf, s.y[j]); /* the projections' outputs, in the dtype */
+    round_all(bf, s.y, hd + 2 * kvd); /* the projections' outputs, in the dtype */
     /* RoPE of q (H heads) and k (Hkv heads), as transformers' q * cos + rotate_half(q) * sin */
     const int64_t h2 = D / 2;
+    float *cf = s.xf, *sf = s.xf + D; /* cos, sin as float32 (xf is free again once the codes are made) */
+    to_f32(bf, cos, cf, D);
+    to_f32(bf, sin, sf, D);
     for (int64_t h = 0; h < d->n_heads + d->kv_heads; h++) {
-        const float *r = h < d->n_heads ? yq + h * D : yk + (h - d->n_heads) * D;
-        void *out = h < d->n_heads ? q : k;
-        const int64_t o = (h < d->n_heads ? h : h - d->n_heads) * D;
-        for (int64_t j = 0; j < D; j++) {
-            const float rot = j < h2 ? -r[j + h2] : r[j - h2];
-            const float c = rnd(bf, r[j] * load(bf, cos, j)), sn = rnd(bf, rot * load(bf, sin, j));
-            store(bf, out, o + j, c + sn);
+        float *r = h < d->n_heads ? yq + h * D : yk + (h - d->n_heads) * D; /* yq, yk are contiguous */
+        float *t = s.xf + 2 * D; /* the rotated head, then copied back */
+        for (int64_t j = 0; j < h2; j++) {
+            t[j] = rnd(bf, rnd(bf, r[j] * cf[j]) + rnd(bf, (-r[j + h2]) * sf[j]));
+            t[j + h2] = rnd(bf, rnd(bf, r[j + h2] * cf[j + h2]) + rnd(bf, r[j] * sf[j + h2]));
         }
+        memcpy(r, t, (size_t)D * 4);
     }
-    for (int64_t j = 0; j < kvd; j++) store(bf, v, j, yv[j]);
+    from_f32(bf, yq, q, hd);
+    from_f32(bf, yk, k, kvd);
+    from_f32(bf, yv, v, kvd);
     free(s.mem);
     return 0;
 }
@@ -153,24 +191,36 @@ BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, co
     int32_t xsum = norm_quantize(tab, bf, attn, hd, d->norm[1], d->eps[1], &s, &a);
     prepare(&ps[0], &d->o, s.xq, &xsum, a, s.f, s.y);
     run_linears(tab, 1, ps, &pl_o, &pl_up);
-    for (int64_t j = 0; j < dm; j++) hres[j] = rnd(bf, load(bf, x, j) + rnd(bf, s.y[j]));
+    to_f32(bf, x, hres, dm);
+    round_all(bf, s.y, dm);
+    for (int64_t j = 0; j < dm; j++) hres[j] = rnd(bf, hres[j] + s.y[j]);
     /* feed-forward: post_attention_layernorm -> gate / up (one pass) -> relu² * up */
-    for (int64_t j = 0; j < dm; j++) store(bf, s.xin, j, hres[j]); /* h in the dtype (exact), the norm's input */
+    from_f32(bf, hres, s.xin, dm); /* h in the dtype (exact), the norm's input */
     xsum = norm_quantize(tab, bf, s.xin, dm, d->norm[2], d->eps[2], &s, &a);
     float *yg = s.y, *yu = s.y + F;
     prepare(&ps[0], &d->gate, s.xq, &xsum, a, s.f, yg);
     prepare(&ps[1], &d->up, s.xq, &xsum, a, s.f + gmax, yu);
     run_linears(tab, 2, ps, &pl_up, &pl_down);
-    for (int64_t j = 0; j < F; j++) {
-        const float g = relu_nan(rnd(bf, yg[j]));
-        yg[j] = rnd(bf, rnd(bf, g * g) * rnd(bf, yu[j])); /* act in place of the gate rows */
+    round_all(bf, yg, 2 * F);
+    if (bf) {
+        for (int64_t j = 0; j < F; j++) {
+            const float g = relu_nan(yg[j]);
+            yg[j] = rnd_bf16(rnd_bf16(g * g) * yu[j]); /* act in place of the gate rows */
+        }
+    } else {
+        for (int64_t j = 0; j < F; j++) {
+            const float g = relu_nan(yg[j]);
+            yg[j] = (g * g) * yu[j];
+        }
     }
     /* ffn_sub_norm -> down -> residual */
-    for (int64_t j = 0; j < F; j++) store(bf, s.xin, j, yg[j]);
+    from_f32(bf, yg, s.xin, F);
     xsum = norm_quantize(tab, bf, s.xin, F, d->norm[3], d->eps[3], &s, &a);
     prepare(&ps[0], &d->down, s.xq, &xsum, a, s.f, s.y);
     run_linears(tab, 1, ps, &pl_down, &pl_next);
-    for (int64_t j = 0; j < dm; j++) store(bf, y, j, hres[j] + rnd(bf, s.y[j]));
+    round_all(bf, s.y, dm);
+    for (int64_t j = 0; j < dm; j++) s.y[j] = rnd(bf, hres[j] + s.y[j]);
+    from_f32(bf, s.y, y, dm);
     free(s.mem);
     return 0;
 }

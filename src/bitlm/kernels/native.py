@@ -716,23 +716,33 @@ class HfLayer:
         self._desc, self._addr, self._next = d, ctypes.addressof(d), None
         self.dtype, self.d_model, self.hd, self.kvd, self.head_dim = dtype, d_model, hd, kvd, head_dim
         self.n_heads, self.kv_heads = n_heads, kv_heads
+        self._qshape, self._kvshape = (1, n_heads, 1, head_dim), (1, kv_heads, 1, head_dim)
 
     def link(self, nxt: HfLayer | None) -> None:
         self._next = nxt
         self._desc.next = None if nxt is None else nxt._addr
+
+    def _bad(self, what: str, args: tuple) -> ValueError:
+        dt = self.dtype
+        for t, n, name in args:
+            if t.dtype != dt or t.numel() != n or not t.is_contiguous():
+                return ValueError(f"HfLayer.{what}: {name} must be {n} contiguous {dt} values, got {t.dtype} "
+                                  f"{tuple(t.shape)}")
+        return ValueError(f"HfLayer.{what}: bad arguments")  # not reached
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token's residual ``x`` (d_model values) and RoPE factors ``cos`` / ``sin``
         (head_dim values), all contiguous in the layer's dtype -> q (1, H, 1, D), k and v (1, Hkv,
         1, D) after the input norm, the projections and RoPE of q and k."""
-        dt = self.dtype
-        for t, n, what in ((x, self.d_model, "x"), (cos, self.head_dim, "cos"), (sin, self.head_dim, "sin")):
-            if t.dtype != dt or t.numel() != n or not t.is_contiguous():
-                raise ValueError(f"HfLayer.qkv: {what} must be {n} contiguous {dt} values, got {t.dtype} {tuple(t.shape)}")
-        q = torch.empty((1, self.n_heads, 1, self.head_dim), dtype=dt)
-        k = torch.empty((1, self.kv_heads, 1, self.head_dim), dtype=dt)
-        v = torch.empty((1, self.kv_heads, 1, self.head_dim), dtype=dt)
+        dt, D = self.dtype, self.head_dim
+        if not (x.dtype == dt and cos.dtype == dt and sin.dtype == dt and x.numel() == self.d_model
+                and cos.numel() == D and sin.numel() == D and x.is_contiguous() and cos.is_contiguous()
+                and sin.is_contiguous()):  # one test on the decode path; the message only on failure
+            raise self._bad("qkv", ((x, self.d_model, "x"), (cos, D, "cos"), (sin, D, "sin")))
+        q = torch.empty(self._qshape, dtype=dt)
+        k = torch.empty(self._kvshape, dtype=dt)
+        v = torch.empty(self._kvshape, dtype=dt)
         _check((_lib or _need()).bitlm_hf_layer_qkv(self._addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                                     q.data_ptr(), k.data_ptr(), v.data_ptr()), "bitlm_hf_layer_qkv")
         return q, k, v
@@ -741,9 +751,9 @@ class HfLayer:
         """The layer's output for residual ``x`` (d_model values) and attention output ``attn``
         (H * D values), contiguous in the layer's dtype: a new tensor shaped as ``x``."""
         dt = self.dtype
-        for t, n, what in ((x, self.d_model, "x"), (attn, self.hd, "attn")):
-            if t.dtype != dt or t.numel() != n or not t.is_contiguous():
-                raise ValueError(f"HfLayer.out: {what} must be {n} contiguous {dt} values, got {t.dtype} {tuple(t.shape)}")
+        if not (x.dtype == dt and attn.dtype == dt and x.numel() == self.d_model and attn.numel() == self.hd
+                and x.is_contiguous() and attn.is_contiguous()):
+            raise self._bad("out", ((x, self.d_model, "x"), (attn, self.hd, "attn")))
         y = torch.empty(x.shape, dtype=dt)
         _check((_lib or _need()).bitlm_hf_layer_out(self._addr, x.data_ptr(), attn.data_ptr(), y.data_ptr()),
                "bitlm_hf_layer_out")
