@@ -190,6 +190,56 @@ def time_fused(layers: list, head, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
+def split_step(model, ids: torch.Tensor, steps: int = 12) -> dict[str, float]:
+    """Where one fused decode step's time goes, inside the model (``model(token, cache=DynamicCache)``
+    as generate calls it, after a prefill of ``ids``): ms per step in the fused layers' native calls
+    (``qkv``, ``out``), the head, transformers' cache update and attention function, and the rest
+    (transformers' Python: the model and layer forwards, RoPE tables, mask, embedding, final norm).
+    Timers wrap those calls (a few µs each)."""
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from bitlm.kernels import native
+
+    acc = dict.fromkeys(("qkv", "out", "head", "attention", "cache_update"), 0.0)
+
+    def timed(key, fn):
+        def f(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        return f
+
+    impl = model.config._attn_implementation
+    saved = [(native.HfLayer, "qkv"), (native.HfLayer, "out"), (type(model.lm_head), "forward"),
+             (transformers.DynamicCache, "update")]
+    originals = [getattr(o, n) for o, n in saved]
+    attn = ALL_ATTENTION_FUNCTIONS[impl]
+    for (o, n), fn, key in zip(saved, originals, ("qkv", "out", "head", "cache_update")):
+        setattr(o, n, timed(key, fn))
+    ALL_ATTENTION_FUNCTIONS[impl] = timed("attention", attn)
+    try:
+        with torch.inference_mode():
+            cache = transformers.DynamicCache(config=model.config)
+            nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            for k in acc:
+                acc[k] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                nxt = model(nxt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            total = time.perf_counter() - t0
+    finally:
+        for (o, n), fn in zip(saved, originals):
+            setattr(o, n, fn)
+        ALL_ATTENTION_FUNCTIONS[impl] = attn
+    out = {k: v / steps * 1e3 for k, v in acc.items()}
+    out["forward"] = total / steps * 1e3
+    out["rest"] = out["forward"] - sum(acc.values()) / steps * 1e3
+    return out
+
+
 def profile_step(model, ids: torch.Tensor, steps: int = 4, top: int = 8) -> tuple[float, list[tuple[str, float, float]]]:
     """torch's own ops in one decode step of the swapped model (``model(token, past_key_values=
     DynamicCache)`` as generate calls it, after a prefill of ``ids``): (their total ms per step,
@@ -294,6 +344,7 @@ def main() -> int:
     info = kernels.backend_info()
 
     base = rss()
+    load_start = os.getloadavg()  # the machine's load: timings on a shared machine are only as good as it
     t0 = time.perf_counter()
     model = build_hf(args.layers, args.linear_class)
     build_s = time.perf_counter() - t0
@@ -358,6 +409,7 @@ def main() -> int:
     modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
     hfs = [m._bitlm_state(torch.bfloat16) for m in fused_layers]
     fused_s = time_fused(hfs, model.lm_head) if hfs and all(h is not None for h in hfs) else float("nan")
+    split = split_step(model, ids)
     torch_ms, top_ops = profile_step(model, ids)
     torch.set_num_threads(args.threads)
     del originals, pm, model
@@ -388,16 +440,19 @@ def main() -> int:
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
         "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
         "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
+        "decode_fused_step_split_ms": split,
         "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
         "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
         "peak_rss_swapped_bytes": mem["bitlm"]["peak_rss_bytes"],
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
     }
     print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads "
           f"(torch {swapped_torch_threads} while the swapped model runs), "
-          f"{info.get('tier')} kernels, {cpu_model()}")
+          f"{info.get('tier')} kernels, {cpu_model()}, load average {out['loadavg_start'][0]:.2f} -> "
+          f"{out['loadavg_end'][0]:.2f}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
     names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "modules": "  (per module, unfused)",
              "engine": "bitlm engine (bf16 head)"}
@@ -414,6 +469,10 @@ def main() -> int:
     print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native calls (the "
           f"{len(fused_layers)} fused layers' 2 calls each and the head, called alone) + "
           f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (cache update, attention, Python, generate)")
+    print(f"one fused decode step inside the model (model(token), no generate): {split['forward']:.1f} ms = native "
+          f"q/k/v {split['qkv']:.1f} + native rest of the layers {split['out']:.1f} + head {split['head']:.1f} + "
+          f"transformers' attention {split['attention']:.1f} + cache update {split['cache_update']:.1f} + rest "
+          f"(transformers' Python) {split['rest']:.1f} ms; generate adds {acc['decode_ms'] - split['forward']:.1f} ms")
     print(f"decode step, per module: {mods['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
           f"{mods['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
