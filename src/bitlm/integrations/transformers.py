@@ -43,6 +43,12 @@ its own product bit for bit), a bf16 projection is one call from bf16 to bf16
 (``kernels.linear_bf16``), and transformers' ``BitNetRMSNorm`` modules become
 :class:`BitlmRMSNorm` (one native call; the norm factor may differ in its last bit).
 
+At decode (one new token, batch 1) each decoder layer goes further: :class:`BitlmDecoderLayer`
+(the class a swapped ``BitNetDecoderLayer`` takes; same submodules) runs it in two native calls
+(``kernels.native.HfLayer``: norm → q/k/v → RoPE; then, after transformers' own cache update and
+attention, the rest of the layer), rounding to the model dtype where the per-module path rounds,
+so its bits are that path's; prefill, batches and anything unusual stay on the per-module path.
+
 The swapped model is inference-only (no gradient flows to the packed weights) and CPU-only.
 """
 
