@@ -469,10 +469,12 @@ def main() -> int:
     print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native calls (the "
           f"{len(fused_layers)} fused layers' 2 calls each and the head, called alone) + "
           f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (cache update, attention, Python, generate)")
+    gen_ms = statistics.median(a for a, _ in pairs) if pairs else acc["decode_ms"]  # pairs: nearest in time
     print(f"one fused decode step inside the model (model(token), no generate): {split['forward']:.1f} ms = native "
           f"q/k/v {split['qkv']:.1f} + native rest of the layers {split['out']:.1f} + head {split['head']:.1f} + "
           f"transformers' attention {split['attention']:.1f} + cache update {split['cache_update']:.1f} + rest "
-          f"(transformers' Python) {split['rest']:.1f} ms; generate adds {acc['decode_ms'] - split['forward']:.1f} ms")
+          f"(transformers' Python) {split['rest']:.1f} ms; generate adds "
+          f"{gen_ms - split['forward']:.1f} ms (against the {'paired' if pairs else 'rounds'} decode median)")
     print(f"decode step, per module: {mods['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
           f"{mods['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
