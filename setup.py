@@ -54,7 +54,7 @@ TIER_FILES = {
 }
 # a tier file that needs another one to have compiled first
 TIER_NEEDS = {"x86_amx.c": "BITLM_HAVE_AVX512"}
-BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hadamard.c", "head_lowbit.c", "kv.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hf_layer.c", "hadamard.c", "head_lowbit.c", "kv.c"]
 
 
 class BuildKernels(build_ext):
@@ -133,7 +133,7 @@ def _ext_modules() -> list[Extension]:
     # sources are listed for sdists / change detection; BuildKernels compiles them itself
     sources = [os.path.join(CSRC, f) for f in ["dispatch.c", *BASE_FILES, *TIER_FILES]]
     headers = [os.path.join(CSRC, h) for h in ("bitlm_kernels.h", "internal.h", "attn_impl.h", "hadamard_impl.h",
-                                                  "x86_avx512_ops.h")]
+                                                  "linears_impl.h", "x86_avx512_ops.h")]
     # optional=True: when a failed build is allowed (see BuildKernels), an in-place/editable build
     # must not then fail copying the library that was never built
     return [Extension("bitlm._bitlm_kernels", sources=sources, depends=headers, optional=True)]

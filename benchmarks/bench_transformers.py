@@ -7,9 +7,11 @@ weights is built directly in transformers' packed ``BitLinear`` form (``--linear
 bitlinear``, transformers' default: unpacks on every call) or ``autobitlinear`` (offline:
 unpacked once at load into bf16) — no float model is ever made.  Timed through
 ``model.generate`` (greedy): prefill = prompt → first token, decode = median time between
-tokens (a logits processor stamps each step).  Rounds interleave the three paths: transformers'
-own layers (swapped back in for their turn), the swapped model, and ``bitlm.engine.PackedModel``
-with a bf16 head (the same head transformers reads).  Resident memory: process RSS with only
+tokens (a logits processor stamps each step).  Rounds interleave the four paths: transformers'
+own layers (swapped back in for their turn), the swapped model (each decoder layer's decode step
+in two native calls, ``BitlmDecoderLayer``), the same swapped model module by module (its layers'
+``bitlm_fused = False``: one native call per projection group and norm), and
+``bitlm.engine.PackedModel`` with a bf16 head (the same head transformers reads).  Resident memory: process RSS with only
 transformers' layers, then after the swap with the originals dropped.
 
     python benchmarks/bench_transformers.py                      # 2B4T shape, bitlinear
@@ -168,6 +170,76 @@ def time_modules(modules: list, head, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
+def time_fused(layers: list, head, reps: int = 5) -> float:
+    """One decode step's native layer calls alone: every fused layer's two calls
+    (``native.HfLayer.qkv`` / ``out``) on one bf16 token, then the head, with no transformers (no
+    cache update, no attention) between them — bitlm's share of a fused step."""
+    hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
+    ts = []
+    with torch.inference_mode():
+        x = torch.randn(1, 1, layers[0].d_model).to(torch.bfloat16)
+        cos = torch.randn(layers[0].head_dim).to(torch.bfloat16)
+        attn = torch.randn(1, 1, layers[0].hd).to(torch.bfloat16)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for hf in layers:
+                hf.qkv(x, cos, cos)
+                hf.out(x, attn)
+            head(hx)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def split_step(model, ids: torch.Tensor, steps: int = 12) -> dict[str, float]:
+    """Where one fused decode step's time goes, inside the model (``model(token, cache=DynamicCache)``
+    as generate calls it, after a prefill of ``ids``): ms per step in the fused layers' native calls
+    (``qkv``, ``out``), the head, transformers' cache update and attention function, and the rest
+    (transformers' Python: the model and layer forwards, RoPE tables, mask, embedding, final norm).
+    Timers wrap those calls (a few µs each)."""
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from bitlm.kernels import native
+
+    acc = dict.fromkeys(("qkv", "out", "head", "attention", "cache_update"), 0.0)
+
+    def timed(key, fn):
+        def f(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        return f
+
+    impl = model.config._attn_implementation
+    saved = [(native.HfLayer, "qkv"), (native.HfLayer, "out"), (type(model.lm_head), "forward"),
+             (transformers.DynamicCache, "update")]
+    originals = [getattr(o, n) for o, n in saved]
+    attn = ALL_ATTENTION_FUNCTIONS[impl]
+    for (o, n), fn, key in zip(saved, originals, ("qkv", "out", "head", "cache_update")):
+        setattr(o, n, timed(key, fn))
+    ALL_ATTENTION_FUNCTIONS[impl] = timed("attention", attn)
+    try:
+        with torch.inference_mode():
+            cache = transformers.DynamicCache(config=model.config)
+            nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            for k in acc:
+                acc[k] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                nxt = model(nxt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            total = time.perf_counter() - t0
+    finally:
+        for (o, n), fn in zip(saved, originals):
+            setattr(o, n, fn)
+        ALL_ATTENTION_FUNCTIONS[impl] = attn
+    out = {k: v / steps * 1e3 for k, v in acc.items()}
+    out["forward"] = total / steps * 1e3
+    out["rest"] = out["forward"] - sum(acc.values()) / steps * 1e3
+    return out
+
+
 def profile_step(model, ids: torch.Tensor, steps: int = 4, top: int = 8) -> tuple[float, list[tuple[str, float, float]]]:
     """torch's own ops in one decode step of the swapped model (``model(token, past_key_values=
     DynamicCache)`` as generate calls it, after a prefill of ``ids``): (their total ms per step,
@@ -256,7 +328,13 @@ def main() -> int:
     import transformers
     from transformers.utils import logging
 
-    from bitlm.integrations.transformers import BitlmLinear, BitlmRMSNorm, _bitnet_layers, accelerate
+    from bitlm.integrations.transformers import (
+        BitlmDecoderLayer,
+        BitlmLinear,
+        BitlmRMSNorm,
+        _bitnet_layers,
+        accelerate,
+    )
 
     logging.set_verbosity_error()
     if args.eager:
@@ -266,6 +344,7 @@ def main() -> int:
     info = kernels.backend_info()
 
     base = rss()
+    load_start = os.getloadavg()  # the machine's load: timings on a shared machine are only as good as it
     t0 = time.perf_counter()
     model = build_hf(args.layers, args.linear_class)
     build_s = time.perf_counter() - t0
@@ -292,16 +371,25 @@ def main() -> int:
     time_engine(pm, ids, 2)
     print(f"warm-up (transformers' own incl. torch.compile): {warm_own:.1f} s", file=sys.stderr)
 
-    res: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in ("own", "bitlm", "engine")}
+    fused_layers = [m for m in model.modules() if isinstance(m, BitlmDecoderLayer)]
+
+    def per_module(on: bool) -> None:  # the swapped model module by module (on) or fused (off)
+        for m in fused_layers:
+            m.bitlm_fused = not on
+
+    kinds = ("own", "bitlm", "modules", "engine")
+    res: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in kinds}
     for r in range(args.rounds):
-        for kind in ("own", "bitlm", "engine"):
+        for kind in kinds:
             if kind == "engine":
                 p, d = time_engine(pm, ids, args.decode)
             else:
                 swap(model, originals if kind == "own" else swapped)
+                per_module(kind == "modules")
                 torch.set_num_threads(args.threads if kind == "own" else swapped_torch_threads)
                 p, d = time_generate(model, ids, args.hf_decode if kind == "own" else args.decode)
                 torch.set_num_threads(args.threads)
+                per_module(False)
             res[kind]["prefill"].append(p)
             res[kind]["decode"].extend(d)
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
@@ -319,6 +407,9 @@ def main() -> int:
     norms = [m for m in model.modules() if isinstance(m, BitlmRMSNorm)]
     torch.set_num_threads(swapped_torch_threads)
     modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
+    hfs = [m._bitlm_state(torch.bfloat16) for m in fused_layers]
+    fused_s = time_fused(hfs, model.lm_head) if hfs and all(h is not None for h in hfs) else float("nan")
+    split = split_step(model, ids)
     torch_ms, top_ops = profile_step(model, ids)
     torch.set_num_threads(args.threads)
     del originals, pm, model
@@ -334,7 +425,7 @@ def main() -> int:
         p, d = med(res[kind]["prefill"]), med(res[kind]["decode"])
         rows[kind] = {"prefill_ms": p * 1e3, "prefill_tok_s": args.prompt / p, "decode_ms": d * 1e3,
                       "decode_tok_s": 1 / d, "decode_samples": len(res[kind]["decode"])}
-    own, acc, eng = rows["own"], rows["bitlm"], rows["engine"]
+    own, acc, eng, mods = rows["own"], rows["bitlm"], rows["engine"], rows["modules"]
     out = {
         "cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": args.threads, "swapped_torch_threads": swapped_torch_threads, "layers": args.layers,
@@ -344,21 +435,27 @@ def main() -> int:
         "decode_speedup_vs_transformers": acc["decode_tok_s"] / own["decode_tok_s"],
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
+        "decode_per_module_vs_engine": mods["decode_tok_s"] / eng["decode_tok_s"],
+        "fused_layers": len(fused_layers), "decode_fused_native_ms": fused_s * 1e3,
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
         "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
         "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
+        "decode_fused_step_split_ms": split,
         "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
         "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
         "peak_rss_swapped_bytes": mem["bitlm"]["peak_rss_bytes"],
         "projection_bytes_transformers": own_proj_bytes, "projection_bytes_bitlm": packed_bytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
     }
     print(f"\n2B4T-shaped, {args.layers} layers, {args.linear_class}, bf16 floats, {args.threads} threads "
           f"(torch {swapped_torch_threads} while the swapped model runs), "
-          f"{info.get('tier')} kernels, {cpu_model()}")
+          f"{info.get('tier')} kernels, {cpu_model()}, load average {out['loadavg_start'][0]:.2f} -> "
+          f"{out['loadavg_end'][0]:.2f}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
-    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "engine": "bitlm engine (bf16 head)"}
+    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "modules": "  (per module, unfused)",
+             "engine": "bitlm engine (bf16 head)"}
     for k, r in rows.items():
         print(f"{names[k]:<28}{r['prefill_ms']:>12.0f}{r['prefill_tok_s']:>9.1f}{r['decode_ms']:>15.1f}"
               f"{r['decode_tok_s']:>9.2f}")
@@ -369,9 +466,18 @@ def main() -> int:
         print(f"paired decode ({len(pairs)} back-to-back 12-token runs): swapped "
               f"{statistics.median(a for a, _ in pairs):.1f} ms, engine {statistics.median(e for _, e in pairs):.1f} ms "
               f"per token; median ratio {100 * out['paired_decode_vs_engine']:.0f} % of the engine")
-    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
+    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native calls (the "
+          f"{len(fused_layers)} fused layers' 2 calls each and the head, called alone) + "
+          f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (cache update, attention, Python, generate)")
+    gen_ms = statistics.median(a for a, _ in pairs) if pairs else acc["decode_ms"]  # pairs: nearest in time
+    print(f"one fused decode step inside the model (model(token), no generate): {split['forward']:.1f} ms = native "
+          f"q/k/v {split['qkv']:.1f} + native rest of the layers {split['out']:.1f} + head {split['head']:.1f} + "
+          f"transformers' attention {split['attention']:.1f} + cache update {split['cache_update']:.1f} + rest "
+          f"(transformers' Python) {split['rest']:.1f} ms; generate adds "
+          f"{gen_ms - split['forward']:.1f} ms (against the {'paired' if pairs else 'rounds'} decode median)")
+    print(f"decode step, per module: {mods['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
-          f"{acc['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
+          f"{mods['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "
           "generate)")
     print(f"torch ops in one swapped decode step (profiler, self time): {torch_ms:.1f} ms; top: " + ", ".join(
         f"{k.removeprefix('aten::')} {t:.2f} ms/{c:.0f}" for k, t, c in top_ops))

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 9
+#define BITLM_ABI_VERSION 10
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -286,6 +286,40 @@ BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out);
 BITLM_API int bitlm_decode_rows(const bitlm_decoder_desc *d, int64_t N, float *x, const int64_t *pos,
                                 const int64_t *max_len, const float *cos, const float *sin, void *const *kv);
 
+/* ---- one transformers BitNet decoder layer at decode (csrc/hf_layer.c) -------------------------------
+ * transformers' BitNetDecoderLayer for one token (batch 1, q_len 1) in two calls around its KV
+ * cache update and attention, which stay transformers' (bitlm.integrations.transformers): every
+ * value is rounded to the model's dtype R (identity for float32; bf16 round to nearest even for
+ * bfloat16) at the points where the per-module swapped path (BitlmRMSNorm, BitlmLinear /
+ * SharedProjection, transformers' own RoPE, ReLU² and residual adds) rounds it, so the layer's
+ * output equals that path's bit for bit.  norm(x) below is bitlm_rms_norm_rows (its two roundings);
+ * lin(x) = R(bitlm_matmul_f32(bitlm_quantize_rows(x, no norm), W)) (+ bias inside, as there).
+ *   bitlm_hf_layer_qkv:  n = norm_in(x);  q, k, v = lin(n) (one parallel pass);
+ *                        for q and k (RoPE, transformers' apply_rotary_pos_emb, rot = rotate_half):
+ *                          y_j = R(R(v_j * cos_j) + R(rot_j * sin_j)),  rot_j = -v_{j+D/2} (j < D/2), v_{j-D/2};
+ *                        cos, sin: (head_dim,) of the dtype.  q (H*D), k, v (Hkv*D) out, head-major.
+ *   bitlm_hf_layer_out:  h = R(x + lin(norm_attn_sub(attn)));  g, u = lin(norm_post(h));
+ *                        a = R(R(relu(g) * relu(g)) * u)  (torch's relu, square, mul: NaN stays NaN);
+ *                        y = R(h + lin(norm_ffn_sub(a))).   attn: (H*D,) the attention output.
+ * x, attn, y, q, k, v, cos, sin and the norm weights hold float32 (bf16 = 0) or bf16 bits (bf16 = 1);
+ * the products use each projection's own packed weight (scale groups, optional float32 bias).  The
+ * workers prefetch the next pass's weights while the caller runs the serial work: after q/k/v the o
+ * weights (during transformers' cache update and attention), after down the next layer's q/k/v
+ * (`next`, or NULL).  0, EINVAL (nothing written) or ENOMEM. */
+typedef struct bitlm_hf_layer_desc {
+    int64_t bf16;                                  /* 0: float32 model, 1: bfloat16 model */
+    int64_t d_model, n_heads, kv_heads, head_dim, ffn_dim;
+    int64_t act;                                   /* BITLM_ACT_RELU2_GLU (the only one) */
+    double eps[4];                                 /* input, attn_sub, post_attention, ffn_sub norms */
+    const void *norm[4];                           /* their weights: d_model, H*D, d_model, ffn_dim values */
+    bitlm_linear_desc q, k, v, o, gate, up, down;
+    const struct bitlm_hf_layer_desc *next;        /* the next layer (prefetch only), or NULL */
+} bitlm_hf_layer_desc;
+
+BITLM_API int bitlm_hf_layer_qkv(const bitlm_hf_layer_desc *d, const void *x, const void *cos, const void *sin,
+                                 void *q, void *k, void *v);
+BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, const void *attn, void *y);
+
 /* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
  * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */
 BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales);
@@ -305,8 +339,6 @@ BITLM_API uint64_t bitlm_mem_read(const void *buf, size_t n);
 /* memcpy split over the pool threads (n bytes). */
 BITLM_API void bitlm_mem_copy(void *dst, const void *src, size_t n);
 
-#ifdef __cplusplus
-}
 /* ---- Hadamard transform (BitNet v2 H-BitLinear, arXiv 2504.18415 Eq. 3-4; csrc/hadamard.c) ----
  * y[m, :] = (H / sqrt(B)) x[m, :] per block of B = bitlm_hadamard_block(k) features (the largest power
  * of two dividing k; k itself for a power of two; 1 = identity for odd k), H the Sylvester matrix.
@@ -335,5 +367,7 @@ BITLM_API int bitlm_linear_bf16(int fmt, const uint16_t *x, int64_t m, int64_t k
  * `weight * (x * rsqrt(var + eps)).to(bf16)`).  The same bits on every tier.  0 or EINVAL. */
 BITLM_API int bitlm_rms_norm_rows(int bf16, const void *x, int64_t m, int64_t k, const void *w, double eps, void *y);
 
+#ifdef __cplusplus
+}
 #endif
 #endif /* BITLM_KERNELS_H */

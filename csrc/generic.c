@@ -202,15 +202,8 @@ const bitlm_kernel_table bitlm_generic_table = {
 
 #include <stdlib.h>
 
-/* torch's c10::BFloat16 round_to_nearest_even: NaN -> quiet NaN (0x7FC0, sign kept), else the
- * float's bits + 0x7FFF + (bit 16), truncated. */
-static inline uint16_t f32_to_bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+/* torch's c10::BFloat16 round_to_nearest_even (internal.h) */
+static inline uint16_t f32_to_bf16_rne(float f) { return bitlm_f32_to_bf16_rne(f); }
 
 BITLM_API int bitlm_linear_bf16(int fmt, const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, const float *s,
                                 int64_t groups, int64_t n, const float *bias, uint16_t *y) {

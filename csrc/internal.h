@@ -122,6 +122,16 @@ static inline float bitlm_bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* float32 -> bf16 bits as torch's c10::BFloat16 round_to_nearest_even: NaN -> quiet NaN (0x7FC0,
+ * sign kept), else the float's bits + 0x7FFF + (bit 16), truncated. */
+static inline uint16_t bitlm_f32_to_bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 /* IEEE half bits -> float32, exact (every f16 is a float32; subnormals normalised). */
 static inline float bitlm_f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;

@@ -261,7 +261,7 @@ class _Calls:
 
 
 def test_siblings_are_one_packed_weight_and_one_kernel_call_per_input(folders, monkeypatch):
-    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]), layers=False)  # the per-module path
     for blk in model.model.layers:
         att, mlp = blk.self_attn, blk.mlp
         for group in ((att.q_proj, att.k_proj, att.v_proj), (mlp.gate_proj, mlp.up_proj)):
@@ -389,3 +389,144 @@ def test_t1_format_shares_siblings_and_generates_as_transformers(folders):
     att = model.model.layers[0].self_attn
     assert att.q_proj.shared is att.v_proj.shared and att.q_proj.shared.weight.format == "t1"
     assert torch.equal(model.generate(prompt(8), max_new_tokens=32, min_new_tokens=32, do_sample=False), ref)
+
+
+# ---- the fused decoder layer (BitlmDecoderLayer: two native calls per layer at decode) ----------
+
+
+class _LayerCalls:
+    """Counts the fused layer's native calls (native.HfLayer.qkv / out)."""
+
+    def __init__(self, mp):
+        self.qkv = self.out = 0
+        from bitlm.kernels import native
+
+        real_qkv, real_out = native.HfLayer.qkv, native.HfLayer.out
+
+        def qkv(hf, *a):
+            self.qkv += 1
+            return real_qkv(hf, *a)
+
+        def out(hf, *a):
+            self.out += 1
+            return real_out(hf, *a)
+
+        mp.setattr(native.HfLayer, "qkv", qkv)
+        mp.setattr(native.HfLayer, "out", out)
+
+
+def _pair(folder, dtype):
+    """(per-module swapped model, fused swapped model) of one checkpoint."""
+    mk = lambda: transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)  # noqa: E731
+    return BT.accelerate(mk(), layers=False), BT.accelerate(mk())
+
+
+def _gen(model, p, n=32, **kw):
+    with torch.no_grad():
+        return model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                              output_logits=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+def test_fused_layer_gives_the_per_module_paths_bits(tmp_path, tier, monkeypatch, dtype, linear_class):
+    """Every decode step of generate (DynamicCache) through the fused layers: the same logits (torch.equal)
+    as the per-module swapped path, on every kernel tier, float32 and bf16 models; for float32, the
+    greedy tokens also equal transformers' own."""
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(), "packed", linear_class, seed=3, dtype=dtype)
+    own = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    ref_own = _gen(own, prompt(2)).sequences
+    modules, fused = _pair(folder, dtype)
+    assert sum(type(m) is BT.BitlmDecoderLayer for m in fused.modules()) == 2
+    assert not any(type(m) is BT.BitlmDecoderLayer for m in modules.modules())
+    ref = _gen(modules, prompt(2))
+    calls = _LayerCalls(monkeypatch)
+    got = _gen(fused, prompt(2))
+    assert calls.qkv == calls.out == 2 * 31  # every decode step, every layer (the prefill is per module)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert len(got.logits) == 32 and all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
+    if dtype == torch.float32:
+        assert torch.equal(got.sequences, ref_own)
+    # the hidden states of one decode step, layer by layer
+    caches = [transformers.DynamicCache(config=m.config) for m in (modules, fused)]
+    with torch.no_grad():
+        for m, c in zip((modules, fused), caches):
+            m(prompt(5), cache=c, use_cache=True)
+        a, b = (m(prompt(6, 1), cache=c, use_cache=True, output_hidden_states=True)
+                for m, c in zip((modules, fused), caches))
+    assert len(a.hidden_states) == 3 and all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states))
+    assert torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_with_static_cache_and_generation_config(tmp_path, monkeypatch, dtype):
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(), "packed", "autobitlinear", seed=6, dtype=dtype)
+    modules, fused = _pair(folder, dtype)
+    gc = transformers.GenerationConfig(max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                       cache_implementation="static")
+    with torch.no_grad():
+        ref = modules.generate(prompt(8), generation_config=gc, return_dict_in_generate=True, output_logits=True)
+        calls = _LayerCalls(monkeypatch)
+        got = fused.generate(prompt(8), generation_config=gc, return_dict_in_generate=True, output_logits=True)
+    assert calls.qkv == 2 * 11
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(got.logits, ref.logits))
+
+
+def test_fused_layer_falls_back_for_batches_prefill_and_attention_outputs(folders, monkeypatch):
+    modules, fused = _pair(folders[("packed", "bitlinear")], torch.float32)
+    calls = _LayerCalls(monkeypatch)
+    x = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref, got = (_gen(m, x, 6) for m in (modules, fused))  # batch 2: every step per module
+    assert calls.qkv == 0
+    assert torch.equal(got.sequences, ref.sequences) and all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
+    with torch.no_grad():
+        assert torch.equal(fused(prompt(4)).logits, modules(prompt(4)).logits)  # prefill: per module
+        assert calls.qkv == 0
+        fused.set_attn_implementation("eager")  # SDPA returns no weights
+        one = fused(prompt(4, 1), output_attentions=True)  # the attention weights need self_attn's forward
+    assert calls.qkv == 0 and len(one.attentions) == 2 and one.attentions[0].shape == (1, 4, 1, 1)
+    _gen(fused, prompt(4), 3)
+    assert calls.qkv == 2 * 2  # and back on the fused path
+
+
+def test_fused_layer_follows_its_submodules_and_dtype(folders, monkeypatch):
+    """transformers' own projections swapped back in: the layer computes transformers' own
+    (per-module) result, not its stale native copy; model.to(bf16): rebuilt for the new weights."""
+    folder = folders[("packed", "bitlinear")]
+    own = load(folder)
+    originals = dict(BT._bitnet_layers(own))
+    with torch.no_grad():
+        ref_own = own(prompt(4, 1)).logits
+    BT.accelerate(own)
+    calls = _LayerCalls(monkeypatch)
+    for name, m in originals.items():
+        own.set_submodule(name, m)
+    with torch.no_grad():
+        got = own(prompt(4, 1)).logits
+    assert calls.qkv == 0
+    rel = float((got - ref_own).abs().max() / ref_own.abs().max())
+    assert rel < 1e-5, rel  # only the swapped norms (last-bit r) differ from transformers' own
+    modules, fused = _pair(folder, torch.float32)
+    modules.to(torch.bfloat16)
+    fused.to(torch.bfloat16)
+    ref, got = (_gen(m, prompt(9), 8) for m in (modules, fused))
+    assert calls.qkv == 2 * 7
+    assert torch.equal(got.sequences, ref.sequences) and all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
+
+
+def test_native_hf_layer_checks_its_inputs(folders):
+    from bitlm.kernels import native
+
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    hf = model.model.layers[0]._bitlm_state(torch.float32)
+    assert isinstance(hf, native.HfLayer)
+    x, cs = torch.randn(1, 1, hf.d_model), torch.randn(hf.head_dim)
+    with pytest.raises(ValueError, match="x must be 64 contiguous"):
+        hf.qkv(x.to(torch.bfloat16), cs, cs)
+    with pytest.raises(ValueError, match="cos must be"):
+        hf.qkv(x, torch.randn(hf.head_dim + 1), cs)
+    with pytest.raises(ValueError, match="attn must be"):
+        hf.out(x, torch.randn(3))
+    q, k, v = hf.qkv(x, cs, cs)
+    assert q.shape == (1, 4, 1, 16) and k.shape == v.shape == (1, 2, 1, 16)

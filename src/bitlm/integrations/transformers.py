@@ -43,6 +43,12 @@ its own product bit for bit), a bf16 projection is one call from bf16 to bf16
 (``kernels.linear_bf16``), and transformers' ``BitNetRMSNorm`` modules become
 :class:`BitlmRMSNorm` (one native call; the norm factor may differ in its last bit).
 
+At decode (one new token, batch 1) each decoder layer goes further: :class:`BitlmDecoderLayer`
+(the class a swapped ``BitNetDecoderLayer`` takes; same submodules) runs it in two native calls
+(``kernels.native.HfLayer``: norm → q/k/v → RoPE; then, after transformers' own cache update and
+attention, the rest of the layer), rounding to the model dtype where the per-module path rounds,
+so its bits are that path's; prefill, batches and anything unusual stay on the per-module path.
+
 The swapped model is inference-only (no gradient flows to the packed weights) and CPU-only.
 """
 
@@ -59,18 +65,22 @@ from torch import nn
 
 from .. import kernels
 from ..io.hf import hf_scale_to_absmean, unpack_ternary_hf
+from ..kernels import native
 from ..packing import TILE_N, PackedWeight, pack_weight
 
 try:  # the integration is useless without transformers: fail at import with the extra named
     import transformers  # noqa: F401
+    from transformers.activations import ReLUSquaredActivation
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear, replace_with_bitnet_linear
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bitnet.modeling_bitnet import BitNetDecoderLayer, eager_attention_forward
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import BitNetQuantConfig, QuantizationConfigMixin
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("bitlm.integrations.transformers needs transformers>=5.0 (pip install 'bitlm[transformers]')"
                       ) from e
 
-__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmRMSNorm", "SharedProjection", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
+__all__ = ["BitlmLinear", "BitlmBf16Head", "BitlmRMSNorm", "SharedProjection", "BitlmDecoderLayer", "BitlmIntegrationError", "accelerate", "BitlmConfig", "BitlmHfQuantizer",
            "from_pretrained", "METHOD"]
 
 #: The quantization method name registered with transformers.
@@ -278,6 +288,151 @@ class BitlmRMSNorm(nn.Module):
         BitlmLinear._save_to_state_dict(self, destination, prefix, keep_vars)
 
 
+try:  # where transformers' output capturing keeps what it records (a private name: checked, not relied on)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - another transformers layout: the fused layer is never used
+    _active_collector = None
+
+
+def _collecting_attentions() -> bool:
+    """Whether transformers' output capturing wants the attention weights now (``output_attentions``):
+    the fused layer does not run ``self_attn``, whose output hook records them.  True (the
+    per-module path) when this transformers keeps them elsewhere."""
+    if _active_collector is None:  # pragma: no cover
+        return True
+    c = _active_collector.get()
+    return bool(c) and "attentions" in c
+
+
+class BitlmDecoderLayer(BitNetDecoderLayer):
+    """transformers' ``BitNetDecoderLayer`` whose decode step (one new token, batch 1) runs in two
+    native calls around transformers' own cache update and attention; the class of a swapped layer
+    (:func:`accelerate`, ``layers=True``) — same submodules, state-dict names and hooks.
+
+    Decode: (a) ``native.HfLayer.qkv``: input norm → q/k/v (one packed pass) → RoPE with the
+    model's ``position_embeddings``; (b) ``cache.update(k, v, layer_idx, ...)`` — the transformers
+    Cache object stays the source of truth (DynamicCache, StaticCache, ...) — and the model's
+    attention function (``config._attn_implementation``, SDPA by default) exactly as
+    ``BitNetAttention`` calls them; (c) ``native.HfLayer.out``: attn_sub_norm → o_proj → residual
+    → post_attention_layernorm → gate/up → ReLU²·up → ffn_sub_norm → down → residual, the pool's
+    workers prefetching the next pass's weights as ``bitlm_decode_step`` does.  Every value is
+    rounded to the model dtype where the per-module path (:class:`BitlmRMSNorm`,
+    :class:`BitlmLinear`, transformers' RoPE / ReLU² / adds) rounds it: the same bits.
+
+    Anything else — prefill (q_len > 1), batch > 1, gradients, training mode, ``output_attentions``,
+    a dtype or weight the fused state was not built for, ``bitlm_fused = False`` — runs
+    transformers' own forward over the swapped modules (the per-module path)."""
+
+    bitlm_fused = True
+
+    def _bitlm_state(self, dtype: torch.dtype) -> native.HfLayer | None:
+        """The native layer for this dtype and the submodules now in place (rebuilt when a
+        submodule, a norm weight or the dtype changed — e.g. ``model.to(...)`` or a projection
+        swapped back — and None when they can no longer be fused)."""
+        st = self.__dict__.get("_bitlm_hf")
+        if st is None:
+            return None
+        m = self._modules
+        try:
+            a, f = m["self_attn"]._modules, m["mlp"]._modules
+            norms = (m["input_layernorm"], a["attn_sub_norm"], m["post_attention_layernorm"], f["ffn_sub_norm"])
+            ws = [x._parameters.get("weight") for x in norms]
+            key = (dtype, *norms, a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], f["gate_proj"], f["up_proj"],
+                   f["down_proj"], f["act_fn"], *(None if w is None else (w.data_ptr(), w.dtype) for w in ws))
+        except (KeyError, AttributeError):  # a submodule removed or replaced by something else
+            return None
+        if st.key != key:
+            st.build(self, key)
+        return st.layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Any = None, use_cache: bool | None = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name
+            cache = kwargs.pop("past_key_values")
+        x = hidden_states
+        hf = None
+        if (self.bitlm_fused and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == 1 and position_embeddings is not None
+                and not self.training and not (x.requires_grad and torch.is_grad_enabled())
+                and not _collecting_attentions()):
+            hf = self._bitlm_state(x.dtype)
+        cos, sin = position_embeddings if hf is not None else (None, None)
+        if hf is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == x.dtype
+                              and sin.dtype == x.dtype and cos.numel() == hf.head_dim and sin.numel() == hf.head_dim):
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                   use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        attn = self.self_attn
+        q, k, v = hf.qkv(x, cos, sin)
+        akw = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}  # what BitNetAttention passes on
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=akw)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        o, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **akw)
+        return hf.out(x, o.reshape(1, 1, -1).contiguous())
+
+
+class _FusedState:
+    """One swapped layer's native description (:class:`native.HfLayer`), built for the dtype and
+    norm weights it last saw (``key``) and linked to the next swapped layer's for prefetch."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers  # every fused layer of the model in order (shared list)
+        self.key: tuple | None = None
+        self.layer: native.HfLayer | None = None
+
+    def build(self, m: BitlmDecoderLayer, key: tuple) -> None:
+        dtype = key[0]
+        self.key, self.layer = key, None
+        if not _fusable(m) or kernels.backend() != "native":
+            return
+        norms = [x.weight for x in key[1:5]]
+        if dtype not in (torch.float32, torch.bfloat16) or any(w.dtype != dtype or w.device.type != "cpu" for w in norms):
+            return
+        a, f = m.self_attn, m.mlp
+        lin = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": f.gate_proj, "up": f.up_proj,
+               "down": f.down_proj}
+        eps = [m.input_layernorm.variance_epsilon, a.attn_sub_norm.variance_epsilon,
+               m.post_attention_layernorm.variance_epsilon, f.ffn_sub_norm.variance_epsilon]
+        cfg = a.config
+        self.layer = native.HfLayer(dtype=dtype, n_heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                                    head_dim=a.head_dim, linears={k: (v.packed, v.bias_f32) for k, v in lin.items()},
+                                    norms=[w.detach() for w in norms], eps=eps)
+        i = next(j for j, x in enumerate(self.layers) if x is m)
+        nxt = self.layers[i + 1].__dict__["_bitlm_hf"] if i + 1 < len(self.layers) else None
+        self.layer.link(None if nxt is None or nxt.key is None or nxt.key[0] != dtype else nxt.layer)
+        prev = self.layers[i - 1].__dict__["_bitlm_hf"] if i > 0 else None
+        if prev is not None and prev.layer is not None and prev.key[0] == dtype:
+            prev.layer.link(self.layer)
+
+
+def _fusable(m: nn.Module) -> bool:
+    """A transformers BitNetDecoderLayer whose projections and norms are all swapped (plain
+    BitlmLinear without a per-layer rms_norm, BitlmRMSNorm) with the ReLU² MLP."""
+    if type(m) not in (BitNetDecoderLayer, BitlmDecoderLayer):
+        return False
+    a, f = getattr(m, "self_attn", None), getattr(m, "mlp", None)
+    if a is None or f is None:
+        return False
+    lins = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [getattr(f, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    norms = [getattr(m, "input_layernorm", None), getattr(a, "attn_sub_norm", None),
+             getattr(m, "post_attention_layernorm", None), getattr(f, "ffn_sub_norm", None)]
+    cfg = getattr(a, "config", None)
+    return (all(type(x) is BitlmLinear and x.rms_norm is None and x.packed.format in ("i2", "t1") for x in lins)
+            and all(type(x) is BitlmRMSNorm for x in norms) and type(getattr(f, "act_fn", None)) is ReLUSquaredActivation
+            and cfg is not None and a.head_dim * cfg.num_attention_heads == lins[0].out_features)
+
+
+def _fuse_layers(model: nn.Module) -> int:
+    """Make every fusable decoder layer a :class:`BitlmDecoderLayer` (its class only: modules,
+    names and hooks stay).  Returns how many."""
+    layers = [m for m in model.modules() if type(m) is BitNetDecoderLayer and _fusable(m)]
+    for m in layers:
+        m.__class__ = BitlmDecoderLayer
+        m._bitlm_hf = _FusedState(layers)
+    return len(layers)
+
+
 def _norm_swaps(model: nn.Module) -> list[tuple[str, BitlmRMSNorm]]:
     """transformers' BitNetRMSNorm modules (CPU, float32 or bf16 weight) → :class:`BitlmRMSNorm`."""
     from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
@@ -459,7 +614,8 @@ def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
     return out
 
 
-def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms: bool = True) -> nn.Module:
+def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms: bool = True,
+               layers: bool = True) -> nn.Module:
     """Swap every transformers BitNet projection of ``model`` for a :class:`BitlmLinear`, in place.
 
     Accepts what transformers loads for ``BitNetForCausalLM`` (and any other model whose
@@ -471,7 +627,9 @@ def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms
     per token) on bitlm's bf16 kernel (:class:`BitlmBf16Head`, same weights, float32 sums);
     float32 heads stay torch's.  ``norms``: also run transformers' ``BitNetRMSNorm`` modules on one
     native call each (:class:`BitlmRMSNorm`: same formula and roundings, the norm factor may
-    differ in its last bit).  Returns ``model``.
+    differ in its last bit).  ``layers``: also run each decoder layer's decode step (one token,
+    batch 1) in two native calls (:class:`BitlmDecoderLayer`; needs ``norms``; the same bits as
+    the per-module path).  Returns ``model``.
     """
     if format not in ("i2", "t1"):
         raise BitlmIntegrationError(f"format must be 'i2' or 't1' (ternary, native kernels), got {format!r}")
@@ -483,6 +641,8 @@ def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms
     for name, new in swaps:
         model.set_submodule(name, new)
     del swaps
+    if layers:
+        _fuse_layers(model)
     _release_freed_memory()  # the replaced layers' tensors
     return model
 

@@ -26,11 +26,11 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
            "dense_lowbit_matmul", "linear_bf16", "rms_norm",
-           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2",
+           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "HfLayer",
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 9
+ABI_VERSION = 10
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -75,6 +75,8 @@ _SIGNATURES = {
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
     "bitlm_linear_bf16": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_rms_norm_rows": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_d, _c_p]),
+    "bitlm_hf_layer_qkv": (_c_int, [_c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
+    "bitlm_hf_layer_out": (_c_int, [_c_p, _c_p, _c_p, _c_p]),
 }
 _ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "tier not supported"}
 
@@ -687,3 +689,100 @@ def mem_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.numel() * dst.element_size() < n or not (dst.is_contiguous() and src.is_contiguous()):
         raise ValueError("mem_copy needs contiguous tensors with dst at least as large as src")
     _need().bitlm_mem_copy(dst.data_ptr(), src.data_ptr(), n)
+
+
+# ---- one transformers decoder layer at decode (csrc/hf_layer.c) ----------------------------------
+
+
+_HF_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _HfLayerDesc(ctypes.Structure):
+    _fields_ = ([(n, _c_i64) for n in ("bf16", "d_model", "n_heads", "kv_heads", "head_dim", "ffn_dim", "act")]
+                + [("eps", _c_d * 4), ("norm", _c_p * 4)] + [(n, _LinearDesc) for n in _HF_LINEARS] + [("next", _c_p)])
+
+
+class HfLayer:
+    """``bitlm_hf_layer_qkv`` / ``bitlm_hf_layer_out`` bound to one transformers BitNet decoder
+    layer: its seven packed projections (``linears``: name in q k v o gate up down -> (PackedWeight,
+    float32 bias or None)), its four norm weights (input, attn_sub, post_attention, ffn_sub) and
+    epsilons, all in the model's ``dtype`` (float32 or bfloat16).  Checked once here; every tensor
+    the C side reads is held by this object.  :meth:`link` names the next layer (whose q/k/v
+    weights the workers prefetch after this layer's down projection)."""
+
+    def __init__(self, *, dtype: torch.dtype, n_heads: int, kv_heads: int, head_dim: int,
+                 linears: dict, norms: list[torch.Tensor], eps: list[float]) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"HfLayer: dtype must be float32 or bfloat16, got {dtype}")
+        q = linears["q"][0]
+        d_model, ffn = q.K, linears["gate"][0].N
+        hd, kvd = n_heads * head_dim, kv_heads * head_dim
+        shapes = {"q": (hd, d_model), "k": (kvd, d_model), "v": (kvd, d_model), "o": (d_model, hd),
+                  "gate": (ffn, d_model), "up": (ffn, d_model), "down": (d_model, ffn)}
+        self._keep: list = []
+        d = _HfLayerDesc()
+        d.bf16, d.d_model, d.n_heads, d.kv_heads, d.head_dim, d.ffn_dim = (
+            int(dtype == torch.bfloat16), d_model, n_heads, kv_heads, head_dim, ffn)
+        d.act = ACTIVATIONS["relu2"]
+        for name in _HF_LINEARS:
+            w, bias = linears[name]
+            if (w.N, w.K) != shapes[name]:
+                raise ValueError(f"HfLayer {name}: weight is {w.N}x{w.K}, expected {shapes[name][0]}x{shapes[name][1]}")
+            bp = None
+            if bias is not None:
+                bias = _f32_vec(bias, w.N, f"HfLayer {name} bias")
+                bp = bias.data_ptr()
+            self._keep += [w.data, w.scale, bias]
+            setattr(d, name, _LinearDesc(_fmt_id(w), w.N, w.K, w.groups, w.data.data_ptr(), w.scale.data_ptr(), bp))
+        for i, (t, n) in enumerate(zip(norms, (d_model, hd, d_model, ffn))):
+            if t.dtype != dtype or not t.is_contiguous() or t.numel() != n or t.device.type != "cpu":
+                raise ValueError(f"HfLayer norm {i}: expected a contiguous {dtype} CPU vector of {n} values, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+            self._keep.append(t)
+            d.norm[i] = t.data_ptr()
+            d.eps[i] = float(eps[i])
+        self._desc, self._addr, self._next = d, ctypes.addressof(d), None
+        self.dtype, self.d_model, self.hd, self.kvd, self.head_dim = dtype, d_model, hd, kvd, head_dim
+        self.n_heads, self.kv_heads = n_heads, kv_heads
+        self._qshape, self._kvshape = (1, n_heads, 1, head_dim), (1, kv_heads, 1, head_dim)
+
+    def link(self, nxt: HfLayer | None) -> None:
+        self._next = nxt
+        self._desc.next = None if nxt is None else nxt._addr
+
+    def _bad(self, what: str, args: tuple) -> ValueError:
+        dt = self.dtype
+        for t, n, name in args:
+            if t.dtype != dt or t.numel() != n or not t.is_contiguous():
+                return ValueError(f"HfLayer.{what}: {name} must be {n} contiguous {dt} values, got {t.dtype} "
+                                  f"{tuple(t.shape)}")
+        return ValueError(f"HfLayer.{what}: bad arguments")  # not reached
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token's residual ``x`` (d_model values) and RoPE factors ``cos`` / ``sin``
+        (head_dim values), all contiguous in the layer's dtype -> q (1, H, 1, D), k and v (1, Hkv,
+        1, D) after the input norm, the projections and RoPE of q and k."""
+        dt, D = self.dtype, self.head_dim
+        if not (x.dtype == dt and cos.dtype == dt and sin.dtype == dt and x.numel() == self.d_model
+                and cos.numel() == D and sin.numel() == D and x.is_contiguous() and cos.is_contiguous()
+                and sin.is_contiguous()):  # one test on the decode path; the message only on failure
+            raise self._bad("qkv", ((x, self.d_model, "x"), (cos, D, "cos"), (sin, D, "sin")))
+        q = torch.empty(self._qshape, dtype=dt)
+        k = torch.empty(self._kvshape, dtype=dt)
+        v = torch.empty(self._kvshape, dtype=dt)
+        _check((_lib or _need()).bitlm_hf_layer_qkv(self._addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                    q.data_ptr(), k.data_ptr(), v.data_ptr()), "bitlm_hf_layer_qkv")
+        return q, k, v
+
+    def out(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's output for residual ``x`` (d_model values) and attention output ``attn``
+        (H * D values), contiguous in the layer's dtype: a new tensor shaped as ``x``."""
+        dt = self.dtype
+        if not (x.dtype == dt and attn.dtype == dt and x.numel() == self.d_model and attn.numel() == self.hd
+                and x.is_contiguous() and attn.is_contiguous()):
+            raise self._bad("out", ((x, self.d_model, "x"), (attn, self.hd, "attn")))
+        y = torch.empty(x.shape, dtype=dt)
+        _check((_lib or _need()).bitlm_hf_layer_out(self._addr, x.data_ptr(), attn.data_ptr(), y.data_ptr()),
+               "bitlm_hf_layer_out")
+        return y
