@@ -659,3 +659,86 @@ def mem_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.numel() * dst.element_size() < n or not (dst.is_contiguous() and src.is_contiguous()):
         raise ValueError("mem_copy needs contiguous tensors with dst at least as large as src")
     _need().bitlm_mem_copy(dst.data_ptr(), src.data_ptr(), n)
+
+
+# ---- the fast QAT step's element passes (csrc/qat.c) --------------------------------------------
+# Bound on first use, apart from _SIGNATURES: not in the versioned ABI header yet.  A library
+# without them (an older build) makes ``qat_available()`` False and bitlm.kernels uses the torch
+# twins in reference.py.
+
+__all__ += ["qat_available", "qat_rows_to_f32", "qat_ternary", "qat_quantize_tensor"]
+
+_QAT_SIGNATURES = {
+    "bitlm_qat_rows_to_f32": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_i64, _c_int, _c_p]),
+    "bitlm_qat_ternary": (_c_int, [_c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_qat_quantize_tensor": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p]),
+}
+_qat_fns: dict | None = None
+
+
+def _qat() -> dict:
+    global _qat_fns
+    if _qat_fns is None:
+        lib = _lib or _need()
+        fns = {}
+        try:
+            for name, (res, args) in _QAT_SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = res, args
+                fns[name] = fn
+        except AttributeError:
+            fns = {}
+        _qat_fns = fns
+    return _qat_fns
+
+
+def qat_available() -> bool:
+    """Whether the loaded library has the QAT passes of csrc/qat.c."""
+    return bool(_qat())
+
+
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_rows_to_f32` (bit-identical)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or not q.is_cpu:
+        raise TypeError(f"qat_rows_to_f32 expects an int8 (M, K) CPU tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    if op not in ("div", "mul"):
+        raise ValueError(f"op must be 'div' or 'mul', got {op!r}")
+    m, k = q.shape
+    f = f.to(torch.float32).reshape(-1)
+    if f.numel() not in (1, m):
+        raise ValueError(f"qat_rows_to_f32: {f.numel()} factors for {m} rows")
+    stride = 0 if f.numel() == 1 or f.stride(0) == 0 else 1
+    f = f[:1].contiguous() if stride == 0 else f.contiguous()
+    q = q.contiguous()
+    y = torch.empty((m, k), dtype=torch.float32)
+    rc = _qat()["bitlm_qat_rows_to_f32"](q.data_ptr(), f.data_ptr(), m, k, stride, 0 if op == "div" else 1, y.data_ptr())
+    _check(rc, "bitlm_qat_rows_to_f32")
+    return y
+
+
+def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_ternary` (bit-identical)."""
+    if w.dtype != torch.float32 or not w.is_cpu:
+        raise TypeError(f"qat_ternary expects a float32 CPU tensor, got {w.dtype} on {w.device}")
+    s = s.to(torch.float32).reshape(-1)
+    if s.numel() != 1:
+        raise ValueError(f"qat_ternary takes one scale, got {s.numel()}")
+    w = w.contiguous()
+    s = s.contiguous()
+    t = torch.empty(w.shape, dtype=torch.int8)
+    rc = _qat()["bitlm_qat_ternary"](w.data_ptr(), w.numel(), s.data_ptr(), t.data_ptr())
+    _check(rc, "bitlm_qat_ternary")
+    return t
+
+
+def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native twin of :func:`bitlm.kernels.reference.qat_quantize_tensor` (bit-identical)."""
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError(f"qat_quantize_tensor expects a float32 CPU tensor, got {x.dtype} on {x.device}")
+    k = x.shape[-1] if x.dim() else 1
+    x2 = x.reshape(-1, k).contiguous()
+    q = torch.empty(x2.shape, dtype=torch.int8)
+    a = torch.empty((1,), dtype=torch.float32)
+    rc = _qat()["bitlm_qat_quantize_tensor"](x2.data_ptr(), x2.shape[0], k, q.data_ptr(), a.data_ptr())
+    _check(rc, "bitlm_qat_quantize_tensor")
+    return q.reshape(x.shape), a
