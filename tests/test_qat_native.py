@@ -67,6 +67,16 @@ def test_qat_ternary_native_equals_reference_and_quant(tier, i):
     assert native.qat_ternary(torch.tensor([0.5, -0.5, 1.5, -1.5]), one).tolist() == [0, 0, 1, -1]
 
 
+@pytest.mark.parametrize("i", range(4))
+def test_qat_binary_native_equals_reference_and_quant(tier, i):
+    w = _weights(i)[i]
+    t, _, alpha = Q.binary_quantize(w)
+    assert torch.equal(reference.qat_binary(w, alpha), t)
+    assert torch.equal(native.qat_binary(w, alpha), t)
+    at = torch.tensor([[1.0, 2.0, 0.5, 3.0]])  # w - α = 0 maps to -1 (the paper's Sign)
+    assert native.qat_binary(at, torch.tensor([2.0])).tolist() == [[-1, -1, -1, 1]]
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 37), (2048, 64), (3, 4, 50)])
 def test_qat_quantize_tensor_native_equals_reference_and_quant(tier, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))) * 4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -290,14 +291,17 @@ def quantize_activation_rows(x2: torch.Tensor, granularity: str = "token") -> tu
 def quantize_weight_codes(w: torch.Tensor, weight_quant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``bitlm.quant.weight_quantize(w, weight_quant)`` (one weight group) = (T, s), the same
     bits, with b1.58's T = clamp(round(w / s), -1, 1) in one pass (``kernels.qat_ternary``) where
-    torch takes four (divide, round, clamp, cast) — the fast step quantises every weight once per
-    optimizer step.  s is torch's reduction, as ``ternary_quantize`` computes it."""
-    if weight_quant == "b1.58" and w.dtype == torch.float32 and w.device.type == "cpu":
+    torch takes four (divide, round, clamp, cast), b1's T = Sign(w - α) likewise
+    (``kernels.qat_binary``) — the fast step quantises every weight once per optimizer step.
+    s (and α) are torch's reductions, as ``bitlm.quant`` computes them."""
+    if weight_quant in ("b1.58", "b1") and w.dtype == torch.float32 and w.device.type == "cpu":
         from . import kernels
 
-        wf = w.detach()
-        s = wf.reshape(1, -1).abs().mean(dim=1).clamp(min=Q.SCALE_EPS)  # ternary_quantize's s, groups = 1
-        return kernels.qat_ternary(wf, s), s
+        rows = w.detach().reshape(1, -1)  # one group: the rows of quant._grouped_rows
+        s = rows.abs().mean(dim=1).clamp(min=Q.SCALE_EPS)  # ternary_quantize's s = binary_quantize's β
+        if weight_quant == "b1.58":
+            return kernels.qat_ternary(w.detach(), s), s
+        return kernels.qat_binary(w.detach(), rows.mean(dim=1)), s  # binary_quantize's α
     return Q.weight_quantize(w, weight_quant)
 
 
@@ -314,13 +318,42 @@ def int8_product(q: torch.Tensor, a: torch.Tensor, t: torch.Tensor, s: torch.Ten
     return acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
 
 
-def dequantize_activation_rows(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def dequantize_activation_rows(q: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """X_fq = q / a as float32 (M, K) — ``fake_quant_activation``'s forward value, the STE's grad_W
     operand — from int8 codes (M, K) and (M,) scales: ``kernels.qat_rows_to_f32`` (torch: a float
-    copy, then an in-place divide; ``torch.div(int8, float)`` would take a slow mixed-dtype loop)."""
+    copy, then an in-place divide; ``torch.div(int8, float)`` would take a slow mixed-dtype loop),
+    into ``out`` when given."""
     from . import kernels
 
-    return kernels.qat_rows_to_f32(q, a, "div")  # one pass on the native backend, the same bits
+    return kernels.qat_rows_to_f32(q, a, "div", out)  # one pass on the native backend, the same bits
+
+
+class _BufferPool:
+    """Float32 scratch tensors for X_fq, reused across backward calls and steps: X_fq lives from
+    the first backward of its input's projections to the last, then its memory goes back here
+    instead of to the allocator — which hands big blocks back to the OS, so that every new one
+    costs a page fault per 4 KB (~50 MB of X_fq per step at the small preset, ~10 % of the step in
+    system time).  At most ``keep`` free tensors per size."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep, self.free = keep, {}
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int]) -> torch.Tensor:
+        with self.lock:
+            got = self.free.get(shape)
+            if got:
+                return got.pop()
+        return torch.empty(shape, dtype=torch.float32)
+
+    def give(self, t: torch.Tensor) -> None:
+        with self.lock:
+            got = self.free.setdefault(tuple(t.shape), [])
+            if len(got) < self.keep:
+                got.append(t)
+
+
+_XDQ_POOL = _BufferPool()
 
 
 class _WeightCodes:
@@ -348,7 +381,8 @@ class _ActCodes:
     """Absmax int8 codes (q, a) of one BitLinear input, shared by every projection that reads the
     same tensor (q/k/v read one normed input, gate/up another): quantised once in the forward, and
     X_fq = q / a (float32) made once in the backward for all of them — by the first backward that
-    needs it, dropped after the last (``users`` counts the forwards that will run a backward)."""
+    needs it, in a pooled buffer (``_XDQ_POOL``) that goes back to the pool after the last
+    (``users`` counts the forwards that will run a backward)."""
 
     __slots__ = ("q", "a", "users", "_xdq", "__weakref__")
 
@@ -356,16 +390,16 @@ class _ActCodes:
         self.q, self.a, self.users, self._xdq = q, a, 0, None
 
     def dequantized(self) -> torch.Tensor:
-        xdq = self._xdq
-        if xdq is None:
-            xdq = dequantize_activation_rows(self.q, self.a)
-            if self.users > 1:  # another projection's backward will read it too
-                self._xdq = xdq
-        return xdq
+        if self._xdq is None:
+            self._xdq = dequantize_activation_rows(self.q, self.a, _XDQ_POOL.take(tuple(self.q.shape)))
+        return self._xdq
 
     def release(self) -> None:
+        """One user's backward is done with X_fq; after the last, its buffer returns to the pool
+        (the caller holds no reference to it any more: grad_W is a new tensor)."""
         self.users -= 1
-        if self.users <= 0:
+        if self.users <= 0 and self._xdq is not None:
+            _XDQ_POOL.give(self._xdq)
             self._xdq = None
 
 

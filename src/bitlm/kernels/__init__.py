@@ -266,7 +266,7 @@ def backend_info() -> dict:
 # ---- the fast QAT step's element passes (bitlm.layers; csrc/qat.c, twins in reference.py) -------
 
 
-__all__ += ["qat_rows_to_f32", "qat_ternary", "qat_quantize_tensor"]
+__all__ += ["qat_rows_to_f32", "qat_ternary", "qat_binary", "qat_quantize_tensor"]
 
 
 def _qat_impl() -> ModuleType:
@@ -274,17 +274,24 @@ def _qat_impl() -> ModuleType:
     return nat if nat is not None and nat.qat_available() else reference
 
 
-def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str) -> torch.Tensor:
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 (M, K) → float32 (M, K) in one pass: ``q / f[m]`` (``op="div"``: the STE's X_fq = q / a)
     or ``q · f[m]`` (``"mul"``: W_fq = T · s); ``f`` (M,) or one value for all rows.  The same bits
-    as the torch ops on every backend and tier."""
-    return _qat_impl().qat_rows_to_f32(q, f, op)
+    as the torch ops on every backend and tier.  ``out``: a contiguous float32 (M, K) tensor to
+    write into instead of a new one (the fast QAT step reuses its X_fq buffers)."""
+    return _qat_impl().qat_rows_to_f32(q, f, op, out)
 
 
 def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """b1.58 codes ``clamp(round_half_even(w / s), -1, 1)`` (int8) of a float32 weight for its
     absmean scale ``s``, in one pass (torch: divide, round, clamp, cast)."""
     return _qat_impl().qat_ternary(w, s)
+
+
+def qat_binary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """b1 codes (+1 where w - α > 0, else -1; int8) of a float32 weight for its mean ``alpha``, in
+    one pass (torch: subtract, compare, select, cast)."""
+    return _qat_impl().qat_binary(w, alpha)
 
 
 def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -666,11 +666,12 @@ def mem_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 # without them (an older build) makes ``qat_available()`` False and bitlm.kernels uses the torch
 # twins in reference.py.
 
-__all__ += ["qat_available", "qat_rows_to_f32", "qat_ternary", "qat_quantize_tensor"]
+__all__ += ["qat_available", "qat_rows_to_f32", "qat_ternary", "qat_binary", "qat_quantize_tensor"]
 
 _QAT_SIGNATURES = {
     "bitlm_qat_rows_to_f32": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_i64, _c_int, _c_p]),
     "bitlm_qat_ternary": (_c_int, [_c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_qat_binary": (_c_int, [_c_p, _c_i64, _c_p, _c_p]),
     "bitlm_qat_quantize_tensor": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p]),
 }
 _qat_fns: dict | None = None
@@ -697,7 +698,7 @@ def qat_available() -> bool:
     return bool(_qat())
 
 
-def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str) -> torch.Tensor:
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Native twin of :func:`bitlm.kernels.reference.qat_rows_to_f32` (bit-identical)."""
     if q.dtype != torch.int8 or q.dim() != 2 or not q.is_cpu:
         raise TypeError(f"qat_rows_to_f32 expects an int8 (M, K) CPU tensor, got {q.dtype} of shape {tuple(q.shape)}")
@@ -710,25 +711,41 @@ def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str) -> torch.Tensor:
     stride = 0 if f.numel() == 1 or f.stride(0) == 0 else 1
     f = f[:1].contiguous() if stride == 0 else f.contiguous()
     q = q.contiguous()
-    y = torch.empty((m, k), dtype=torch.float32)
+    y = _out_f32(out, m, k)
     rc = _qat()["bitlm_qat_rows_to_f32"](q.data_ptr(), f.data_ptr(), m, k, stride, 0 if op == "div" else 1, y.data_ptr())
     _check(rc, "bitlm_qat_rows_to_f32")
     return y
 
 
+def _out_f32(out: torch.Tensor | None, m: int, k: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty((m, k), dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (m, k) or not out.is_cpu:
+        raise ValueError(f"out must be a contiguous float32 CPU ({m}, {k}) tensor")
+    return out
+
+
+def _weight_codes(name: str, w: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
+    if w.dtype != torch.float32 or not w.is_cpu:
+        raise TypeError(f"{name} expects a float32 CPU tensor, got {w.dtype} on {w.device}")
+    v = v.to(torch.float32).reshape(-1)
+    if v.numel() != 1:
+        raise ValueError(f"{name} takes one {what}, got {v.numel()}")
+    w, v = w.contiguous(), v.contiguous()
+    t = torch.empty(w.shape, dtype=torch.int8)
+    rc = _qat()[f"bitlm_{name}"](w.data_ptr(), w.numel(), v.data_ptr(), t.data_ptr())
+    _check(rc, f"bitlm_{name}")
+    return t
+
+
 def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Native twin of :func:`bitlm.kernels.reference.qat_ternary` (bit-identical)."""
-    if w.dtype != torch.float32 or not w.is_cpu:
-        raise TypeError(f"qat_ternary expects a float32 CPU tensor, got {w.dtype} on {w.device}")
-    s = s.to(torch.float32).reshape(-1)
-    if s.numel() != 1:
-        raise ValueError(f"qat_ternary takes one scale, got {s.numel()}")
-    w = w.contiguous()
-    s = s.contiguous()
-    t = torch.empty(w.shape, dtype=torch.int8)
-    rc = _qat()["bitlm_qat_ternary"](w.data_ptr(), w.numel(), s.data_ptr(), t.data_ptr())
-    _check(rc, "bitlm_qat_ternary")
-    return t
+    return _weight_codes("qat_ternary", w, s, "scale")
+
+
+def qat_binary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_binary` (bit-identical)."""
+    return _weight_codes("qat_binary", w, alpha, "mean")
 
 
 def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
