@@ -219,7 +219,8 @@ class BitLinear(nn.Linear):
         if hit is not None and hit[0] == key:
             return hit[1]
         if self.weight_groups == 1:
-            codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant))
+            spare = hit[1].handover() if hit is not None else None
+            codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant), spare)
         else:
             codes = _WeightCodes(*Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim))
         self.__dict__["_wq_cache"] = (key, codes)
@@ -249,7 +250,12 @@ class BitLinear(nn.Linear):
             if wcodes is None:
                 wcodes = _WeightCodes(*quantize_weight_codes(self.weight, self.weight_quant))
             gran = self.act_granularity if self.training else self.act_granularity_eval
-            acodes = shared_activation_codes(x, gran)
+            # a backward will run (and release the codes): count it, so that X_fq / W_fq buffers
+            # are handed on only once no backward needs them any more
+            backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
+                self.bias is not None and self.bias.requires_grad))
+            acodes = shared_activation_codes(x, gran, backward)
+            wcodes.users += backward
             return _Int8Projection.apply(x, self.weight, self.bias, acodes, wcodes)
         if self.hadamard:
             x = Q.hadamard_transform(x)
@@ -298,7 +304,9 @@ def quantize_weight_codes(w: torch.Tensor, weight_quant: str) -> tuple[torch.Ten
         from . import kernels
 
         rows = w.detach().reshape(1, -1)  # one group: the rows of quant._grouped_rows
-        s = rows.abs().mean(dim=1).clamp(min=Q.SCALE_EPS)  # ternary_quantize's s = binary_quantize's β
+        buf = _SCRATCH.take(tuple(rows.shape))  # |w| in a reused buffer (no fresh pages), the same values
+        s = torch.abs(rows, out=buf).mean(dim=1).clamp(min=Q.SCALE_EPS)  # ternary_quantize's s = b1's β
+        _SCRATCH.give(buf)
         if weight_quant == "b1.58":
             return kernels.qat_ternary(w.detach(), s), s
         return kernels.qat_binary(w.detach(), rows.mean(dim=1)), s  # binary_quantize's α
@@ -353,35 +361,49 @@ class _BufferPool:
                 got.append(t)
 
 
-_XDQ_POOL = _BufferPool()
+_SCRATCH = _BufferPool()
 
 
 class _WeightCodes:
     """(T, s) of one weight version and, made on first use, W_fq = s·T in float32 (the STE's
-    grad_x operand, ``dequantize_weight``; one weight group, as the fast path requires): cached with the codes, so the backward of every
-    micro-batch of one optimizer step reuses one W_fq instead of rebuilding it."""
+    grad_x operand, ``dequantize_weight``; one weight group, as the fast path requires): cached
+    with the codes, so the backward of every micro-batch of one optimizer step reuses one W_fq
+    instead of rebuilding it.  ``users`` counts the forwards whose backward is still to run; a new
+    version's W_fq is written into the previous version's buffer (``spare``) when none is (no
+    fresh pages each step)."""
 
-    __slots__ = ("t", "s", "_wdq")
+    __slots__ = ("t", "s", "users", "_wdq", "_spare")
 
-    def __init__(self, t: torch.Tensor, s: torch.Tensor) -> None:
-        self.t, self.s, self._wdq = t, s, None
+    def __init__(self, t: torch.Tensor, s: torch.Tensor, spare: torch.Tensor | None = None) -> None:
+        self.t, self.s, self.users, self._wdq, self._spare = t, s, 0, None, spare
 
     def dequantized(self) -> torch.Tensor:
         if self._wdq is None:
             if self.s.numel() == 1 and self.t.dim() == 2:  # dequantize_weight(t, s, float32), in one pass
                 from . import kernels
 
-                self._wdq = kernels.qat_rows_to_f32(self.t, self.s, "mul")
+                spare = self._spare
+                if spare is not None and (spare.shape != self.t.shape or spare.dtype != torch.float32):
+                    spare = None
+                self._wdq = kernels.qat_rows_to_f32(self.t, self.s, "mul", spare)
             else:
                 self._wdq = Q.dequantize_weight(self.t, self.s, torch.float32)
+            self._spare = None
         return self._wdq
+
+    def handover(self) -> torch.Tensor | None:
+        """This version's W_fq buffer for the next version's, when no backward still needs it."""
+        return self._wdq if self.users <= 0 else None
+
+    def release(self) -> None:
+        self.users -= 1
 
 
 class _ActCodes:
     """Absmax int8 codes (q, a) of one BitLinear input, shared by every projection that reads the
     same tensor (q/k/v read one normed input, gate/up another): quantised once in the forward, and
     X_fq = q / a (float32) made once in the backward for all of them — by the first backward that
-    needs it, in a pooled buffer (``_XDQ_POOL``) that goes back to the pool after the last
+    needs it, in a pooled buffer (``_SCRATCH``) that goes back to the pool after the last
     (``users`` counts the forwards that will run a backward)."""
 
     __slots__ = ("q", "a", "users", "_xdq", "__weakref__")
@@ -391,7 +413,7 @@ class _ActCodes:
 
     def dequantized(self) -> torch.Tensor:
         if self._xdq is None:
-            self._xdq = dequantize_activation_rows(self.q, self.a, _XDQ_POOL.take(tuple(self.q.shape)))
+            self._xdq = dequantize_activation_rows(self.q, self.a, _SCRATCH.take(tuple(self.q.shape)))
         return self._xdq
 
     def release(self) -> None:
@@ -399,7 +421,7 @@ class _ActCodes:
         (the caller holds no reference to it any more: grad_W is a new tensor)."""
         self.users -= 1
         if self.users <= 0 and self._xdq is not None:
-            _XDQ_POOL.give(self._xdq)
+            _SCRATCH.give(self._xdq)
             self._xdq = None
 
 
@@ -409,33 +431,29 @@ class _ActCodes:
 _LAST_CODES: list = [None]
 
 
-def shared_activation_codes(x: torch.Tensor, granularity: str) -> _ActCodes:
+def shared_activation_codes(x: torch.Tensor, granularity: str, backward: bool = False) -> _ActCodes:
     """:func:`quantize_activation_rows` of a float32 (..., K) input, as an :class:`_ActCodes`
     reused while the same tensor, unchanged, is fed to the next projection (the q/k/v and
     gate/up projections of a block read one tensor each): the same codes every call would
-    compute, computed once."""
+    compute, computed once.  ``backward``: the caller's graph will run a backward that releases
+    the codes (counted in ``users``)."""
+    codes = None
     key = None
     if not x.is_inference():
         key = (x._version, x.data_ptr(), granularity)
         last = _LAST_CODES[0]
         if last is not None and last[0]() is x and last[1] == key:
             codes = last[2]
-            _count_user(codes, x)
-            return codes
-    k = x.shape[-1]
-    x2 = x.detach().reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    codes = _ActCodes(*quantize_activation_rows(x2, granularity))  # int8 (M, K), float32 (M,)
-    if key is not None:
-        _LAST_CODES[0] = (weakref.ref(x), key, codes)
-    _count_user(codes, x)
+    if codes is None:
+        k = x.shape[-1]
+        x2 = x.detach().reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        codes = _ActCodes(*quantize_activation_rows(x2, granularity))  # int8 (M, K), float32 (M,)
+        if key is not None:
+            _LAST_CODES[0] = (weakref.ref(x), key, codes)
+    codes.users += backward
     return codes
-
-
-def _count_user(codes: _ActCodes, x: torch.Tensor) -> None:
-    if torch.is_grad_enabled():
-        codes.users += 1
 
 
 class _Int8Projection(torch.autograd.Function):
@@ -475,6 +493,7 @@ class _Int8Projection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = g2.t() @ acodes.dequantized()
         acodes.release()
+        wcodes.release()
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None
