@@ -208,8 +208,7 @@ class BitLinear(nn.Linear):
         return None if codes is None else (codes.t, codes.s)
 
     def _cached_weight_codes(self) -> _WeightCodes | None:
-        """The cache entry behind :meth:`cached_quantized_weight`: (T, s) and, once a backward has
-        asked for it, W_fq = s·T in float32 (the STE's grad_x operand), both per weight version."""
+        """The cache entry behind :meth:`cached_quantized_weight`: (T, s) of the weight's version."""
         w = self.weight
         if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp"
                 or torch.compiler.is_compiling() or _is_dtensor(w) or w.is_inference()):
@@ -219,8 +218,7 @@ class BitLinear(nn.Linear):
         if hit is not None and hit[0] == key:
             return hit[1]
         if self.weight_groups == 1:
-            spare = hit[1].handover() if hit is not None else None
-            codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant), spare)
+            codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant))
         else:
             codes = _WeightCodes(*Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim))
         self.__dict__["_wq_cache"] = (key, codes)
@@ -250,12 +248,11 @@ class BitLinear(nn.Linear):
             if wcodes is None:
                 wcodes = _WeightCodes(*quantize_weight_codes(self.weight, self.weight_quant))
             gran = self.act_granularity if self.training else self.act_granularity_eval
-            # a backward will run (and release the codes): count it, so that X_fq / W_fq buffers
-            # are handed on only once no backward needs them any more
+            # a backward will run (and release the codes): count it, so that the X_fq buffer goes
+            # back to the pool only once no backward needs it any more
             backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
                 self.bias is not None and self.bias.requires_grad))
             acodes = shared_activation_codes(x, gran, backward)
-            wcodes.users += backward
             return _Int8Projection.apply(x, self.weight, self.bias, acodes, wcodes)
         if self.hadamard:
             x = Q.hadamard_transform(x)
@@ -337,11 +334,11 @@ def dequantize_activation_rows(q: torch.Tensor, a: torch.Tensor, out: torch.Tens
 
 
 class _BufferPool:
-    """Float32 scratch tensors for X_fq, reused across backward calls and steps: X_fq lives from
-    the first backward of its input's projections to the last, then its memory goes back here
-    instead of to the allocator — which hands big blocks back to the OS, so that every new one
-    costs a page fault per 4 KB (~50 MB of X_fq per step at the small preset, ~10 % of the step in
-    system time).  At most ``keep`` free tensors per size."""
+    """Float32 scratch tensors of the fast step's backward and weight quantiser (X_fq, W_fq, |w|),
+    reused across calls and steps: each lives for one use (X_fq: from the first backward of its
+    input's projections to the last), then its memory comes back here instead of to the
+    allocator, which hands big blocks back to the OS so that every new one costs a page fault per
+    4 KB.  At most ``keep`` free tensors per shape."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep, self.free = keep, {}
@@ -365,38 +362,26 @@ _SCRATCH = _BufferPool()
 
 
 class _WeightCodes:
-    """(T, s) of one weight version and, made on first use, W_fq = s·T in float32 (the STE's
-    grad_x operand, ``dequantize_weight``; one weight group, as the fast path requires): cached
-    with the codes, so the backward of every micro-batch of one optimizer step reuses one W_fq
-    instead of rebuilding it.  ``users`` counts the forwards whose backward is still to run; a new
-    version's W_fq is written into the previous version's buffer (``spare``) when none is (no
-    fresh pages each step)."""
+    """(T, s) of one weight version (the per-version cache entry), and W_fq = s·T in float32 — the
+    STE's grad_x operand, ``dequantize_weight`` — made by each backward into a reused buffer
+    (``dequantized`` / ``give_back``): one pass, no fresh pages, and no float copy of every weight
+    kept between steps."""
 
-    __slots__ = ("t", "s", "users", "_wdq", "_spare")
+    __slots__ = ("t", "s")
 
-    def __init__(self, t: torch.Tensor, s: torch.Tensor, spare: torch.Tensor | None = None) -> None:
-        self.t, self.s, self.users, self._wdq, self._spare = t, s, 0, None, spare
+    def __init__(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        self.t, self.s = t, s
 
     def dequantized(self) -> torch.Tensor:
-        if self._wdq is None:
-            if self.s.numel() == 1 and self.t.dim() == 2:  # dequantize_weight(t, s, float32), in one pass
-                from . import kernels
+        if self.s.numel() == 1 and self.t.dim() == 2:  # dequantize_weight(t, s, float32), in one pass
+            from . import kernels
 
-                spare = self._spare
-                if spare is not None and (spare.shape != self.t.shape or spare.dtype != torch.float32):
-                    spare = None
-                self._wdq = kernels.qat_rows_to_f32(self.t, self.s, "mul", spare)
-            else:
-                self._wdq = Q.dequantize_weight(self.t, self.s, torch.float32)
-            self._spare = None
-        return self._wdq
+            return kernels.qat_rows_to_f32(self.t, self.s, "mul", _SCRATCH.take(tuple(self.t.shape)))
+        return Q.dequantize_weight(self.t, self.s, torch.float32)
 
-    def handover(self) -> torch.Tensor | None:
-        """This version's W_fq buffer for the next version's, when no backward still needs it."""
-        return self._wdq if self.users <= 0 else None
-
-    def release(self) -> None:
-        self.users -= 1
+    @staticmethod
+    def give_back(wdq: torch.Tensor) -> None:
+        _SCRATCH.give(wdq)
 
 
 class _ActCodes:
@@ -465,7 +450,7 @@ class _Int8Projection(torch.autograd.Function):
     float path ``F.linear(q / a, s·T, bias)`` up to the rounding of its float sums and of the final
     scale multiply.  Backward: the straight-through estimator's gradients exactly as that path
     computes them — grad_x = grad_y · W_fq, grad_w = grad_yᵀ · X_fq, grad_b = Σ grad_y with
-    W_fq = s·T (cached per weight version, ``_WeightCodes``) and X_fq = q / a rebuilt from the
+    W_fq = s·T (``_WeightCodes``) and X_fq = q / a rebuilt from the
     int8 codes, which are all that is saved (1 byte per activation instead of a float32 copy),
     once for all projections of one input (``_ActCodes``).  T and s come from the per-version
     weight cache.
@@ -489,11 +474,12 @@ class _Int8Projection(torch.autograd.Function):
         g2 = grad_y.reshape(-1, wcodes.t.shape[0])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ wcodes.dequantized()).reshape(ctx.x_shape)
+            wdq = wcodes.dequantized()
+            grad_x = (g2 @ wdq).reshape(ctx.x_shape)
+            wcodes.give_back(wdq)
         if ctx.needs_input_grad[1]:
             grad_w = g2.t() @ acodes.dequantized()
         acodes.release()
-        wcodes.release()
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None
