@@ -340,7 +340,7 @@ class _BufferPool:
     allocator, which hands big blocks back to the OS so that every new one costs a page fault per
     4 KB.  At most ``keep`` free tensors per shape."""
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 2) -> None:
         self.keep, self.free = keep, {}
         self.lock = threading.Lock()
 
