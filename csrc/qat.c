@@ -17,6 +17,9 @@
  *   bitlm_qat_ternary(w, n, s, t)
  *       float32 (n,) → int8: t = clamp(round_half_even(w / s), -1, 1)   (b1.58 absmean codes;
  *       s = max(mean|w|, 1e-5) computed by the caller: torch's reduction order is torch's)
+ *   bitlm_qat_binary(w, n, alpha, t)
+ *       float32 (n,) → int8: t = (w - alpha > 0) ? 1 : -1   (b1 codes, Sign with 0 → -1; alpha =
+ *       mean(w) computed by the caller)
  *   bitlm_qat_quantize_tensor(x, m, k, q, a)
  *       float32 (M, K) → int8 (M, K), one float32 a: per-tensor absmax int8 codes (the b1
  *       paper's training granularity), a = 127 / max(max|x|, 1e-5) as torch computes it
@@ -39,6 +42,7 @@
 BITLM_API int bitlm_qat_rows_to_f32(const int8_t *q, const float *f, int64_t m, int64_t k, int64_t f_stride, int op,
                                     float *y);
 BITLM_API int bitlm_qat_ternary(const float *w, int64_t n, const float *s, int8_t *t);
+BITLM_API int bitlm_qat_binary(const float *w, int64_t n, const float *alpha, int8_t *t);
 BITLM_API int bitlm_qat_quantize_tensor(const float *x, int64_t m, int64_t k, int8_t *q, float *a);
 
 /* Threads for an element pass over n elements: ~1 ns per element, a wake-up is worth ~64 K. */
@@ -69,6 +73,10 @@ BODY void body_ternary(const float *restrict w, int64_t n, float s, int8_t *rest
     for (int64_t i = 0; i < n; i++) t[i] = (int8_t)round_even_clamped(w[i] / s, -1, 1);
 }
 
+BODY void body_binary(const float *restrict w, int64_t n, float alpha, int8_t *restrict t) {
+    for (int64_t i = 0; i < n; i++) t[i] = (int8_t)(w[i] - alpha > 0.0f ? 1 : -1);
+}
+
 /* max |x| of a row as the max of the sign-cleared bit patterns: for non-negative floats the
  * int32 order is the numeric order (NaN patterns sort above +inf, and torch's amax propagates NaN
  * too), and an integer max reduction vectorises, in any order, exactly. */
@@ -93,6 +101,7 @@ typedef struct {
     void (*rows_div)(const int8_t *, float, int64_t, float *);
     void (*rows_mul)(const int8_t *, float, int64_t, float *);
     void (*ternary)(const float *, int64_t, float, int8_t *);
+    void (*binary)(const float *, int64_t, float, int8_t *);
     float (*absmax)(const float *, int64_t);
     void (*codes)(const float *, int64_t, float, int8_t *);
 } qat_ops;
@@ -107,12 +116,15 @@ typedef struct {
     ATTR static void ternary_##SUFFIX(const float *w, int64_t n, float s, int8_t *t) {                  \
         body_ternary(w, n, s, t);                                                                      \
     }                                                                                                  \
+    ATTR static void binary_##SUFFIX(const float *w, int64_t n, float a, int8_t *t) {                   \
+        body_binary(w, n, a, t);                                                                       \
+    }                                                                                                  \
     ATTR static float absmax_##SUFFIX(const float *x, int64_t k) { return body_absmax(x, k); }         \
     ATTR static void codes_##SUFFIX(const float *x, int64_t k, float a, int8_t *q) {                    \
         body_codes(x, k, a, q);                                                                        \
     }                                                                                                  \
     static const qat_ops ops_##SUFFIX = {rows_div_##SUFFIX, rows_mul_##SUFFIX, ternary_##SUFFIX,       \
-                                         absmax_##SUFFIX, codes_##SUFFIX};
+                                         binary_##SUFFIX, absmax_##SUFFIX, codes_##SUFFIX};
 
 DEFINE_OPS(base, )
 #ifdef BITLM_HAVE_AVX512
@@ -157,25 +169,33 @@ BITLM_API int bitlm_qat_rows_to_f32(const int8_t *q, const float *f, int64_t m, 
     return 0;
 }
 
-/* ---- b1.58 weight codes --------------------------------------------------------------------- */
+/* ---- b1.58 / b1 weight codes --------------------------------------------------------------------- */
 
 typedef struct {
-    const qat_ops *o;
+    void (*fn)(const float *, int64_t, float, int8_t *);
     const float *w;
     float s;
     int8_t *t;
-} ternary_task;
+} weight_task;
 
-static void ternary_run(void *ctx, int64_t b, int64_t e) {
-    const ternary_task *tk = (const ternary_task *)ctx;
-    tk->o->ternary(tk->w + b, e - b, tk->s, tk->t + b);
+static void weight_run(void *ctx, int64_t b, int64_t e) {
+    const weight_task *tk = (const weight_task *)ctx;
+    tk->fn(tk->w + b, e - b, tk->s, tk->t + b);
 }
 
 BITLM_API int bitlm_qat_ternary(const float *w, int64_t n, const float *s, int8_t *t) {
     if (!w || !s || !t || n < 0) return BITLM_EINVAL;
     if (n == 0) return 0;
-    ternary_task tk = {ops(), w, *s, t};
-    bitlm_parallel_for(n, 4096, pass_threads(n), ternary_run, &tk);
+    weight_task tk = {ops()->ternary, w, *s, t};
+    bitlm_parallel_for(n, 4096, pass_threads(n), weight_run, &tk);
+    return 0;
+}
+
+BITLM_API int bitlm_qat_binary(const float *w, int64_t n, const float *alpha, int8_t *t) {
+    if (!w || !alpha || !t || n < 0) return BITLM_EINVAL;
+    if (n == 0) return 0;
+    weight_task tk = {ops()->binary, w, *alpha, t};
+    bitlm_parallel_for(n, 4096, pass_threads(n), weight_run, &tk);
     return 0;
 }
 
