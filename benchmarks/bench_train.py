@@ -11,7 +11,8 @@ and data-parallel scaling on torchrun.
 Each (preset, quant) step is measured in its own process (so its peak memory is its own: RSS on
 the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), rounds interleaved (fp, b1, b1.58, fp, ...)
 and the median step time of all rounds reported; the QAT/fp ratio divides medians of the same
-run.  A step is forward + backward + AdamW on random tokens (``bitlm.train.lm_loss``; the cost
+run (``/fp``), and ``/fp rnd`` is the median of each round's own ratio (fp and the quant measured
+back to back: the figure to trust when the machine's load drifts between rounds).  A step is forward + backward + AdamW on random tokens (``bitlm.train.lm_loss``; the cost
 does not depend on the data), after one warm-up step.  ``QUANT-legacy`` times the QAT step with
 ``bitlm.layers.QAT_FAST`` off (what ``BITLM_QAT_FAST=0`` does: fake-quant floats in every forward,
 no weight-code cache), in the same interleaved rounds as the fast one.
@@ -265,6 +266,10 @@ def main() -> None:
     for r in rows:
         fp = next((x for x in rows if x["preset"] == r["preset"] and x["quant"] == "fp"), None)
         r["ratio_vs_fp"] = r["step_s"] / fp["step_s"] if fp else None
+        # each round's own ratio (fp and this quant measured back to back): a load that drifts
+        # between rounds moves both sides of it, not one
+        r["round_ratios"] = [a / b for a, b in zip(r["rounds"], fp["rounds"])] if fp else None
+        r["ratio_rounds_median"] = statistics.median(r["round_ratios"]) if fp else None
 
     scaling = None
     if not args.no_ddp and args.device == "cpu":
@@ -286,13 +291,15 @@ def main() -> None:
     print(f"\n{cpu_model()} — torch {torch.__version__}, device {args.device}, "
           f"threads {rows[0]['threads'] if rows else '-'}; kernels: {info.get('backend')} {info.get('tier')}; "
           f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
-    hdr = f"{'preset':<8}{'quant':<15}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'peak MB':>9}"
+    hdr = (f"{'preset':<8}{'quant':<15}{'prec':<6}{'batch':>9}{'ms/step':>10}{'tok/s':>10}{'/fp':>7}{'/fp rnd':>9}"
+           f"{'peak MB':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = f"{r['ratio_vs_fp']:.2f}" if r["ratio_vs_fp"] is not None else "-"
+        per_round = f"{r['ratio_rounds_median']:.2f}" if r["ratio_rounds_median"] is not None else "-"
         print(f"{r['preset']:<8}{r['quant']:<15}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<4}"
-              f"{r['step_s'] * 1e3:>10.0f}{r['tok_s']:>10.0f}{ratio:>7}{r['peak_mb']:>9.0f}")
+              f"{r['step_s'] * 1e3:>10.0f}{r['tok_s']:>10.0f}{ratio:>7}{per_round:>9}{r['peak_mb']:>9.0f}")
     if scaling:
         print(f"\nDDP scaling (small b1.58, {scaling['per_rank_batch']}x{args.seq} per rank, gloo): "
               f"1 proc x 1 thread {scaling['one_proc_one_thread_tok_s']:.0f} tok/s, "
