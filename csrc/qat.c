@@ -45,11 +45,12 @@ BITLM_API int bitlm_qat_ternary(const float *w, int64_t n, const float *s, int8_
 BITLM_API int bitlm_qat_binary(const float *w, int64_t n, const float *alpha, int8_t *t);
 BITLM_API int bitlm_qat_quantize_tensor(const float *x, int64_t m, int64_t k, int8_t *q, float *a);
 
-/* Threads for an element pass over n elements.  These passes sit between torch ops in a training
- * step; a pool worker woken for one spins ~0.2-0.5 ms afterwards (threadpool.c), on the core the
- * next torch op's OpenMP thread needs — more than a pass of a few MB gains from a second thread.
- * So one thread (inline, no worker woken) up to 4 M elements (16 MB of floats), then one per 4 M. */
-static int pass_threads(int64_t n) { return (int)(n / (1 << 22)) + 1; }
+/* Threads for an element pass over n elements: ~1 ns per element, a wake-up is worth ~64 K (the
+ * rule of bitlm_quantize_rows).  Running them inline instead (no pool worker woken, so none
+ * spinning beside torch's next op) measured the same within the noise on a loaded machine
+ * (b1.58 / fp 0.91-0.92 against 0.92-0.94, in-process pairs) and would lose the second core on
+ * a quiet one. */
+static int pass_threads(int64_t n) { return (int)(n / (1 << 16)) + 1; }
 
 static inline __attribute__((always_inline)) int32_t round_even_clamped(float v, int32_t lo, int32_t hi) {
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
