@@ -11,7 +11,10 @@ The fast QAT step (``BITLM_QAT_FAST``, on by default) computes the same thing wi
 weight codes (T, s) are cached per weight version — once per optimizer step, however many
 micro-batches and evaluations use them — and the common training case (λ = 1, int8 absmax
 activations per token or per tensor, no groups or activation variants, float32 on the CPU) runs its projection as
-an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients.
+an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients;
+projections fed the same tensor (q/k/v, gate/up) share one activation quantisation and one
+X_fq (``shared_activation_codes``), and the element passes around the products are native
+(``kernels.qat_*``, ``csrc/qat.c``) into reused buffers.
 Every other case, torch.compile, tensor-parallel shards and autocast keep the fake-quant path.
 
 ``prepare(model)`` swaps ``nn.Linear`` modules for ``BitLinear`` *copying* the existing weights
