@@ -54,7 +54,9 @@ TIER_FILES = {
 }
 # a tier file that needs another one to have compiled first
 TIER_NEEDS = {"x86_amx.c": "BITLM_HAVE_AVX512"}
-BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hf_layer.c", "hadamard.c", "head_lowbit.c", "kv.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hf_layer.c", "hadamard.c", "head_lowbit.c", "kv.c", "qat.c"]
+# extra flags of one base file: qat.c's clamps vectorise only without FP-trap semantics (no result changes)
+BASE_FLAGS = {"qat.c": ["-fno-trapping-math"]}
 
 
 class BuildKernels(build_ext):
@@ -110,7 +112,7 @@ class BuildKernels(build_ext):
                 except Exception as e:  # noqa: BLE001
                     print(f"WARNING: bitlm: {src} did not compile ({e}); that tier is left out", file=sys.stderr)
         for src in BASE_FILES:
-            objects += self._compile(src, [], have)
+            objects += self._compile(src, BASE_FLAGS.get(src, []), have)
         objects += self._compile("dispatch.c", [], have)
         ext_path = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(ext_path), exist_ok=True)

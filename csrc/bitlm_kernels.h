@@ -320,6 +320,14 @@ BITLM_API int bitlm_hf_layer_qkv(const bitlm_hf_layer_desc *d, const void *x, co
                                  void *q, void *k, void *v);
 BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, const void *attn, void *y);
 
+/* ---- the fast QAT step's element passes (csrc/qat.c: semantics there; torch twins in
+ * bitlm/kernels/reference.py) ---------------------------------------------------------------- */
+BITLM_API int bitlm_qat_rows_to_f32(const int8_t *q, const float *f, int64_t m, int64_t k, int64_t f_stride, int op,
+                                    float *y);
+BITLM_API int bitlm_qat_ternary(const float *w, int64_t n, const float *s, int8_t *t);
+BITLM_API int bitlm_qat_binary(const float *w, int64_t n, const float *alpha, int8_t *t);
+BITLM_API int bitlm_qat_quantize_tensor(const float *x, int64_t m, int64_t k, int8_t *q, float *a);
+
 /* Round rows of x (rows, d) as a KV cache of `type` stores them (see BITLM_KV_*): out gets rows x d
  * floats / f16 bits / int8, scales (I8 only) rows floats.  For tests and tools. */
 BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales);

@@ -86,6 +86,22 @@ def test_ddp_and_fsdp_equal_one_process_with_grad_accum(tmp_path, quant):
     assert [json.loads(x)["step"] for x in (runs["fsdp"] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 5]
 
 
+def test_ddp_quant_warmup_equals_one_process(tmp_path):
+    """λ warm-up under DDP: every rank sets the same λ each step (DDP broadcasts no buffers,
+    ``parallel.wrap_model``), so losses and parameters equal one process with grad_accum 2."""
+    warm = dict(quant_warmup="linear", quant_warmup_steps=4)
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    _run({**BASE, **warm, "recipe": "b1.58", "out_dir": str(one), "grad_accum": 2}, 1, {"quant": "b1.58"})
+    _run({**BASE, **warm, "recipe": "b1.58", "out_dir": str(ddp), "parallel": "ddp"}, 2, {"quant": "b1.58"})
+    for a, b in zip(_losses(ddp), _losses(one), strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    ref, got = _params(one / "last"), _params(ddp / "last")
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 1e-5, k
+    lam = [v for k, v in got.items() if k.endswith("quant_lambda")]
+    assert lam and all(float(v) == 1.0 for v in lam)  # 5 steps past a 4-step warm-up
+
+
 def _stopped_at(out: Path) -> int:
     return json.loads((out / "last" / "config.json").read_text())["step"]
 

@@ -11,7 +11,10 @@ The fast QAT step (``BITLM_QAT_FAST``, on by default) computes the same thing wi
 weight codes (T, s) are cached per weight version — once per optimizer step, however many
 micro-batches and evaluations use them — and the common training case (λ = 1, int8 absmax
 activations per token or per tensor, no groups or activation variants, float32 on the CPU) runs its projection as
-an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients.
+an exact int8 × ternary integer matmul (``_Int8Projection``), with the STE's float gradients;
+projections fed the same tensor (q/k/v, gate/up) share one activation quantisation and one
+X_fq (``shared_activation_codes``), and the element passes around the products are native
+(``kernels.qat_*``, ``csrc/qat.c``) into reused buffers.
 Every other case, torch.compile, tensor-parallel shards and autocast keep the fake-quant path.
 
 ``prepare(model)`` swaps ``nn.Linear`` modules for ``BitLinear`` *copying* the existing weights
@@ -23,6 +26,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -202,6 +207,11 @@ class BitLinear(nn.Linear):
         cache applies (the fast step turned off, a DTensor weight, torch.compile, an inference
         tensor without a version counter, ``fp``, ``weight_cache`` False): the caller quantises as
         before."""
+        codes = self._cached_weight_codes()
+        return None if codes is None else (codes.t, codes.s)
+
+    def _cached_weight_codes(self) -> _WeightCodes | None:
+        """The cache entry behind :meth:`cached_quantized_weight`: (T, s) of the weight's version."""
         w = self.weight
         if (not QAT_FAST or not getattr(self, "weight_cache", True) or self.weight_quant == "fp"
                 or torch.compiler.is_compiling() or _is_dtensor(w) or w.is_inference()):
@@ -209,11 +219,14 @@ class BitLinear(nn.Linear):
         key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
         hit = self.__dict__.get("_wq_cache")
         if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
-        t, s = Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim)
-        self.__dict__["_wq_cache"] = (key, t, s)
+            return hit[1]
+        if self.weight_groups == 1:
+            codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant))
+        else:
+            codes = _WeightCodes(*Q.weight_quantize(w, self.weight_quant, self.weight_groups, self.weight_group_dim))
+        self.__dict__["_wq_cache"] = (key, codes)
         self.__dict__["weight_quantizations"] = self.__dict__.get("weight_quantizations", 0) + 1
-        return t, s
+        return codes
 
     def _fast_path(self, x: torch.Tensor, lam: float | torch.Tensor) -> bool:
         """The common case that :class:`_Int8Projection` computes: λ = 1, absmax int8 activations
@@ -234,10 +247,16 @@ class BitLinear(nn.Linear):
         lam = self._lambda()
         x = self.normalize(x)
         if self._fast_path(x, lam):
-            codes = self.cached_quantized_weight()
-            t, s = codes if codes is not None else Q.weight_quantize(self.weight, self.weight_quant)
+            wcodes = self._cached_weight_codes()
+            if wcodes is None:
+                wcodes = _WeightCodes(*quantize_weight_codes(self.weight, self.weight_quant))
             gran = self.act_granularity if self.training else self.act_granularity_eval
-            return _Int8Projection.apply(x, self.weight, self.bias, t, s, gran)
+            # a backward will run (and release the codes): count it, so that the X_fq buffer goes
+            # back to the pool only once no backward needs it any more
+            backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
+                self.bias is not None and self.bias.requires_grad))
+            acodes = shared_activation_codes(x, gran, backward)
+            return _Int8Projection.apply(x, self.weight, self.bias, acodes, wcodes)
         if self.hadamard:
             x = Q.hadamard_transform(x)
         if self.act_bits is not None:
@@ -263,13 +282,35 @@ def quantize_activation_rows(x2: torch.Tensor, granularity: str = "token") -> tu
     as int8 codes and (M,) scales.  Per token: one fused pass per row in the native kernels
     (``bitlm_quantize_rows``, bit-identical to the torch ops), the torch ops otherwise; per tensor
     (the b1 paper's training granularity): the torch ops, one scale repeated over the M rows."""
-    if granularity == "token":
-        from . import kernels
+    from . import kernels
 
-        if kernels.backend() == "native":
-            return kernels.quantize_rows(x2)
+    native = kernels.backend() == "native"
+    if granularity == "token" and native:
+        return kernels.quantize_rows(x2)
+    if granularity == "tensor" and native:
+        q, a = kernels.qat_quantize_tensor(x2)  # two passes instead of six torch ops, the same bits
+        return q, a.expand(x2.shape[0])
     q, a = Q.activation_quantize(x2, 8, granularity)
     return q.to(torch.int8), a.reshape(-1).expand(x2.shape[0])
+
+
+def quantize_weight_codes(w: torch.Tensor, weight_quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitlm.quant.weight_quantize(w, weight_quant)`` (one weight group) = (T, s), the same
+    bits, with b1.58's T = clamp(round(w / s), -1, 1) in one pass (``kernels.qat_ternary``) where
+    torch takes four (divide, round, clamp, cast), b1's T = Sign(w - α) likewise
+    (``kernels.qat_binary``) — the fast step quantises every weight once per optimizer step.
+    s (and α) are torch's reductions, as ``bitlm.quant`` computes them."""
+    if weight_quant in ("b1.58", "b1") and w.dtype == torch.float32 and w.device.type == "cpu":
+        from . import kernels
+
+        rows = w.detach().reshape(1, -1)  # one group: the rows of quant._grouped_rows
+        buf = _SCRATCH.take(tuple(rows.shape))  # |w| in a reused buffer (no fresh pages), the same values
+        s = torch.abs(rows, out=buf).mean(dim=1).clamp(min=Q.SCALE_EPS)  # ternary_quantize's s = b1's β
+        _SCRATCH.give(buf)
+        if weight_quant == "b1.58":
+            return kernels.qat_ternary(w.detach(), s), s
+        return kernels.qat_binary(w.detach(), rows.mean(dim=1)), s  # binary_quantize's α
+    return Q.weight_quantize(w, weight_quant)
 
 
 def int8_product(q: torch.Tensor, a: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -285,48 +326,166 @@ def int8_product(q: torch.Tensor, a: torch.Tensor, t: torch.Tensor, s: torch.Ten
     return acc.to(torch.float32).mul_((s / a).unsqueeze(1))  # f[m] = s / a[m]: the kernels' epilogue order
 
 
-class _Int8Projection(torch.autograd.Function):
-    """The BitLinear projection of the common training case, as exact integer arithmetic.
+def dequantize_activation_rows(q: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X_fq = q / a as float32 (M, K) — ``fake_quant_activation``'s forward value, the STE's grad_W
+    operand — from int8 codes (M, K) and (M,) scales: ``kernels.qat_rows_to_f32`` (torch: a float
+    copy, then an in-place divide; ``torch.div(int8, float)`` would take a slow mixed-dtype loop),
+    into ``out`` when given."""
+    from . import kernels
 
-    Forward: x → (q, a) absmax int8 codes per token (or per tensor: b1's training granularity;
-    x ≈ q / a), acc = q · Tᵀ in int32
-    (``torch._int_mm``: exact, |acc| ≤ 128 K), y = float(acc) · (s / a) (+ bias) — the fake-quant
-    float path ``F.linear(q / a, s·T, bias)`` up to the rounding of its float sums and of the final
-    scale multiply.  Backward: the straight-through estimator's gradients exactly as that path
-    computes them — grad_x = grad_y · W_fq, grad_w = grad_yᵀ · X_fq, grad_b = Σ grad_y with
-    W_fq = s·T and X_fq = q / a rebuilt from the int8 codes, which are all that is saved (1 byte per
-    activation instead of a float32 copy).  T and s come from the per-version weight cache.
-    """
+    return kernels.qat_rows_to_f32(q, a, "div", out)  # one pass on the native backend, the same bits
+
+
+class _BufferPool:
+    """Float32 scratch tensors of the fast step's backward and weight quantiser (X_fq, W_fq, |w|),
+    reused across calls and steps: each lives for one use (X_fq: from the first backward of its
+    input's projections to the last), then its memory comes back here instead of to the
+    allocator, which hands big blocks back to the OS so that every new one costs a page fault per
+    4 KB.  At most ``keep`` free tensors per shape."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep, self.free = keep, {}
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int]) -> torch.Tensor:
+        with self.lock:
+            got = self.free.get(shape)
+            if got:
+                return got.pop()
+        return torch.empty(shape, dtype=torch.float32)
+
+    def give(self, t: torch.Tensor) -> None:
+        with self.lock:
+            got = self.free.setdefault(tuple(t.shape), [])
+            if len(got) < self.keep:
+                got.append(t)
+
+
+_SCRATCH = _BufferPool()
+
+
+class _WeightCodes:
+    """(T, s) of one weight version (the per-version cache entry), and W_fq = s·T in float32 — the
+    STE's grad_x operand, ``dequantize_weight`` — made by each backward into a reused buffer
+    (``dequantized`` / ``give_back``): one pass, no fresh pages, and no float copy of every weight
+    kept between steps."""
+
+    __slots__ = ("t", "s")
+
+    def __init__(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        self.t, self.s = t, s
+
+    def dequantized(self) -> torch.Tensor:
+        if self.s.numel() == 1 and self.t.dim() == 2:  # dequantize_weight(t, s, float32), in one pass
+            from . import kernels
+
+            return kernels.qat_rows_to_f32(self.t, self.s, "mul", _SCRATCH.take(tuple(self.t.shape)))
+        return Q.dequantize_weight(self.t, self.s, torch.float32)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, t, s, granularity):
+    def give_back(wdq: torch.Tensor) -> None:
+        _SCRATCH.give(wdq)
+
+
+class _ActCodes:
+    """Absmax int8 codes (q, a) of one BitLinear input, shared by every projection that reads the
+    same tensor (q/k/v read one normed input, gate/up another): quantised once in the forward, and
+    X_fq = q / a (float32) made once in the backward for all of them — by the first backward that
+    needs it, in a pooled buffer (``_SCRATCH``) that goes back to the pool after the last
+    (``users`` counts the forwards that will run a backward)."""
+
+    __slots__ = ("q", "a", "users", "_xdq", "__weakref__")
+
+    def __init__(self, q: torch.Tensor, a: torch.Tensor) -> None:
+        self.q, self.a, self.users, self._xdq = q, a, 0, None
+
+    def dequantized(self) -> torch.Tensor:
+        if self._xdq is None:
+            self._xdq = dequantize_activation_rows(self.q, self.a, _SCRATCH.take(tuple(self.q.shape)))
+        return self._xdq
+
+    def release(self) -> None:
+        """One user's backward is done with X_fq; after the last, its buffer returns to the pool
+        (the caller holds no reference to it any more: grad_W is a new tensor)."""
+        self.users -= 1
+        if self.users <= 0 and self._xdq is not None:
+            _SCRATCH.give(self._xdq)
+            self._xdq = None
+
+
+# The last input quantised by a fast BitLinear: (weakref to it, its version, its storage,
+# granularity, codes).  A weak reference: it never keeps the input alive; the version counter and
+# the storage pointer catch an in-place change or a freed-and-reused address.
+_LAST_CODES: list = [None]
+
+
+def shared_activation_codes(x: torch.Tensor, granularity: str, backward: bool = False) -> _ActCodes:
+    """:func:`quantize_activation_rows` of a float32 (..., K) input, as an :class:`_ActCodes`
+    reused while the same tensor, unchanged, is fed to the next projection (the q/k/v and
+    gate/up projections of a block read one tensor each): the same codes every call would
+    compute, computed once.  ``backward``: the caller's graph will run a backward that releases
+    the codes (counted in ``users``)."""
+    codes = None
+    key = None
+    if not x.is_inference():
+        key = (x._version, x.data_ptr(), granularity)
+        last = _LAST_CODES[0]
+        if last is not None and last[0]() is x and last[1] == key:
+            codes = last[2]
+    if codes is None:
         k = x.shape[-1]
         x2 = x.detach().reshape(-1, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        q, a = quantize_activation_rows(x2, granularity)  # int8 (M, K), float32 (M,)
+        codes = _ActCodes(*quantize_activation_rows(x2, granularity))  # int8 (M, K), float32 (M,)
+        if key is not None:
+            _LAST_CODES[0] = (weakref.ref(x), key, codes)
+    codes.users += backward
+    return codes
+
+
+class _Int8Projection(torch.autograd.Function):
+    """The BitLinear projection of the common training case, as exact integer arithmetic.
+
+    Forward: x → (q, a) absmax int8 codes per token (or per tensor: b1's training granularity;
+    x ≈ q / a; ``shared_activation_codes``: once per input tensor), acc = q · Tᵀ in int32
+    (exact, |acc| ≤ 128 K), y = float(acc) · (s / a) (+ bias) — the fake-quant
+    float path ``F.linear(q / a, s·T, bias)`` up to the rounding of its float sums and of the final
+    scale multiply.  Backward: the straight-through estimator's gradients exactly as that path
+    computes them — grad_x = grad_y · W_fq, grad_w = grad_yᵀ · X_fq, grad_b = Σ grad_y with
+    W_fq = s·T (``_WeightCodes``) and X_fq = q / a rebuilt from the
+    int8 codes, which are all that is saved (1 byte per activation instead of a float32 copy),
+    once for all projections of one input (``_ActCodes``).  T and s come from the per-version
+    weight cache.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, acodes, wcodes):
+        q, a, t, s = acodes.q, acodes.a, wcodes.t, wcodes.s
         y = int8_product(q, a, t, s)
         if bias is not None:
             y.add_(bias)
         ctx.save_for_backward(q, a, t, s)
+        ctx.acodes, ctx.wcodes = acodes, wcodes
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], t.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the STE's gradient has no useful second derivative
     def backward(ctx, grad_y):
-        q, a, t, s = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, t.shape[0])
+        acodes, wcodes = ctx.acodes, ctx.wcodes
+        g2 = grad_y.reshape(-1, wcodes.t.shape[0])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ Q.dequantize_weight(t, s, torch.float32)).reshape(ctx.x_shape)
+            wdq = wcodes.dequantized()
+            grad_x = (g2 @ wdq).reshape(ctx.x_shape)
+            wcodes.give_back(wdq)
         if ctx.needs_input_grad[1]:
-            # X_fq = q / a as fake_quant_activation computes it (a float copy, then an in-place
-            # divide: torch.div(int8, float) would take a slow mixed-dtype loop)
-            grad_w = g2.t() @ q.to(torch.float32).div_(a.unsqueeze(1))
+            grad_w = g2.t() @ acodes.dequantized()
+        acodes.release()
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -240,9 +240,13 @@ def wrap_model(model: torch.nn.Module, d: Dist, precision: str = "fp32") -> torc
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # gradients as views of the all-reduce buckets: no copy into / out of the buckets (the same
-        # values; measured on 2 x 1 CPU thread, gloo: 1.68-1.74x -> 1.80x one process's tokens/s)
+        # values; measured on 2 x 1 CPU thread, gloo: 1.68-1.74x -> 1.80x one process's tokens/s).
+        # No buffer broadcast before every forward: the training buffers (BitLinear's quant_lambda; a
+        # frozen layer's weight_scale is constant) are set identically on every rank (the λ schedule
+        # is a function of the step; checkpoints load on all ranks), and the broadcast is a
+        # collective — a wait for the slowest rank — per forward (DDP.forward's own time, 2 x 1 thread, loaded machine: 38-53 -> 19-24 ms per step).
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                   gradient_as_bucket_view=True)
+                   gradient_as_bucket_view=True, broadcast_buffers=False)
     if d.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

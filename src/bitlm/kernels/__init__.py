@@ -261,3 +261,39 @@ def backend_info() -> dict:
     out["backend"] = "native"
     out["reason"] = out.pop("tier_note")
     return out
+
+
+# ---- the fast QAT step's element passes (bitlm.layers; csrc/qat.c, twins in reference.py) -------
+
+
+__all__ += ["qat_rows_to_f32", "qat_ternary", "qat_binary", "qat_quantize_tensor"]
+
+
+def _qat_impl() -> ModuleType:
+    return _native_or_none() or reference
+
+
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 (M, K) → float32 (M, K) in one pass: ``q / f[m]`` (``op="div"``: the STE's X_fq = q / a)
+    or ``q · f[m]`` (``"mul"``: W_fq = T · s); ``f`` (M,) or one value for all rows.  The same bits
+    as the torch ops on every backend and tier.  ``out``: a contiguous float32 (M, K) tensor to
+    write into instead of a new one (the fast QAT step reuses its X_fq buffers)."""
+    return _qat_impl().qat_rows_to_f32(q, f, op, out)
+
+
+def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """b1.58 codes ``clamp(round_half_even(w / s), -1, 1)`` (int8) of a float32 weight for its
+    absmean scale ``s``, in one pass (torch: divide, round, clamp, cast)."""
+    return _qat_impl().qat_ternary(w, s)
+
+
+def qat_binary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """b1 codes (+1 where w - α > 0, else -1; int8) of a float32 weight for its mean ``alpha``, in
+    one pass (torch: subtract, compare, select, cast)."""
+    return _qat_impl().qat_binary(w, alpha)
+
+
+def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax int8 codes of float32 (..., K) and the one scale a (shape (1,)), in two
+    passes (torch: six ops) — ``bitlm.quant.activation_quantize(x, 8, "tensor")``."""
+    return _qat_impl().qat_quantize_tensor(x)

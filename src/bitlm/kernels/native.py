@@ -75,6 +75,10 @@ _SIGNATURES = {
     "bitlm_mem_copy": (None, [_c_p, _c_p, ctypes.c_size_t]),
     "bitlm_linear_bf16": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_rms_norm_rows": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_d, _c_p]),
+    "bitlm_qat_rows_to_f32": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_i64, _c_int, _c_p]),
+    "bitlm_qat_ternary": (_c_int, [_c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_qat_binary": (_c_int, [_c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_qat_quantize_tensor": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_hf_layer_qkv": (_c_int, [_c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
     "bitlm_hf_layer_out": (_c_int, [_c_p, _c_p, _c_p, _c_p]),
 }
@@ -786,3 +790,71 @@ class HfLayer:
         _check((_lib or _need()).bitlm_hf_layer_out(self._addr, x.data_ptr(), attn.data_ptr(), y.data_ptr()),
                "bitlm_hf_layer_out")
         return y
+
+
+# ---- the fast QAT step's element passes (csrc/qat.c) --------------------------------------------
+
+__all__ += ["qat_rows_to_f32", "qat_ternary", "qat_binary", "qat_quantize_tensor"]
+
+
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_rows_to_f32` (bit-identical)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or not q.is_cpu:
+        raise TypeError(f"qat_rows_to_f32 expects an int8 (M, K) CPU tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    if op not in ("div", "mul"):
+        raise ValueError(f"op must be 'div' or 'mul', got {op!r}")
+    m, k = q.shape
+    f = f.to(torch.float32).reshape(-1)
+    if f.numel() not in (1, m):
+        raise ValueError(f"qat_rows_to_f32: {f.numel()} factors for {m} rows")
+    stride = 0 if f.numel() == 1 or f.stride(0) == 0 else 1
+    f = f[:1].contiguous() if stride == 0 else f.contiguous()
+    q = q.contiguous()
+    y = _out_f32(out, m, k)
+    rc = (_lib or _need()).bitlm_qat_rows_to_f32(q.data_ptr(), f.data_ptr(), m, k, stride, 0 if op == "div" else 1, y.data_ptr())
+    _check(rc, "bitlm_qat_rows_to_f32")
+    return y
+
+
+def _out_f32(out: torch.Tensor | None, m: int, k: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty((m, k), dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (m, k) or not out.is_cpu:
+        raise ValueError(f"out must be a contiguous float32 CPU ({m}, {k}) tensor")
+    return out
+
+
+def _weight_codes(name: str, w: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
+    if w.dtype != torch.float32 or not w.is_cpu:
+        raise TypeError(f"{name} expects a float32 CPU tensor, got {w.dtype} on {w.device}")
+    v = v.to(torch.float32).reshape(-1)
+    if v.numel() != 1:
+        raise ValueError(f"{name} takes one {what}, got {v.numel()}")
+    w, v = w.contiguous(), v.contiguous()
+    t = torch.empty(w.shape, dtype=torch.int8)
+    rc = getattr(_lib or _need(), f"bitlm_{name}")(w.data_ptr(), w.numel(), v.data_ptr(), t.data_ptr())
+    _check(rc, f"bitlm_{name}")
+    return t
+
+
+def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_ternary` (bit-identical)."""
+    return _weight_codes("qat_ternary", w, s, "scale")
+
+
+def qat_binary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.qat_binary` (bit-identical)."""
+    return _weight_codes("qat_binary", w, alpha, "mean")
+
+
+def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native twin of :func:`bitlm.kernels.reference.qat_quantize_tensor` (bit-identical)."""
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError(f"qat_quantize_tensor expects a float32 CPU tensor, got {x.dtype} on {x.device}")
+    k = x.shape[-1] if x.dim() else 1
+    x2 = x.reshape(-1, k).contiguous()
+    q = torch.empty(x2.shape, dtype=torch.int8)
+    a = torch.empty((1,), dtype=torch.float32)
+    rc = (_lib or _need()).bitlm_qat_quantize_tensor(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), a.data_ptr())
+    _check(rc, "bitlm_qat_quantize_tensor")
+    return q.reshape(x.shape), a

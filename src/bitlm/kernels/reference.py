@@ -359,3 +359,43 @@ def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, s
         ag = (xd[:, cols] @ wd[:, cols].t()).to(torch.int32).to(torch.float32)  # exact: |acc_g| < 2^17
         acc = acc + ag * s[:, g].reshape(1, n)
     return acc / a.to(torch.float32).reshape(m, 1)
+
+
+# ---- the fast QAT step's element passes (csrc/qat.c; bitlm.layers' BitLinear training path) ----
+
+
+def qat_rows_to_f32(q: torch.Tensor, f: torch.Tensor, op: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 (M, K) → float32 (M, K): ``op="div"``: q / f[m] (X_fq = q / a, the STE's grad_W
+    operand), ``op="mul"``: q · f[m] (W_fq = T · s, its grad_x operand); ``f`` (M,) or one value
+    for every row.  A float copy, then one in-place op: what ``bitlm.quant`` computes.  ``out``:
+    a float32 (M, K) tensor to write into (a reused buffer) instead of a new one."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"qat_rows_to_f32 expects an int8 (M, K) tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    if op not in ("div", "mul"):
+        raise ValueError(f"op must be 'div' or 'mul', got {op!r}")
+    col = f.to(torch.float32).reshape(-1, 1)
+    y = q.to(torch.float32) if out is None else out.copy_(q)
+    return y.div_(col) if op == "div" else y.mul_(col)
+
+
+def qat_ternary(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """b1.58 weight codes of float32 ``w`` for the absmean scale ``s`` (one value):
+    ``clamp(round_half_even(w / s), -1, 1)`` as int8 — ``bitlm.quant.ternary_quantize``'s T."""
+    return torch.round(w.to(torch.float32) / s.to(torch.float32).reshape(1)).clamp(-1, 1).to(torch.int8)
+
+
+def qat_binary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """b1 weight codes of float32 ``w`` for its mean ``alpha`` (one value): +1 where w - α > 0,
+    else -1 (zero maps to -1), as int8 — ``bitlm.quant.binary_quantize``'s T."""
+    centred = w.to(torch.float32) - alpha.to(torch.float32).reshape(1)
+    return torch.where(centred > 0, 1, -1).to(torch.int8)
+
+
+def qat_quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax int8 codes of float32 (M, K): ``a = 127 / max(max|x|, 1e-5)`` (one
+    float32, shape (1,)), ``q = clamp(round_half_even(x · a), -128, 127)`` as int8 —
+    ``bitlm.quant.activation_quantize(x, 8, "tensor")``."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"qat_quantize_tensor expects float32 input, got {x.dtype}")
+    a = 127 / x.abs().amax().clamp(min=1e-5).reshape(1)
+    return torch.round(x * a).clamp(-128, 127).to(torch.int8), a
