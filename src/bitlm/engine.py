@@ -597,7 +597,6 @@ class PackedModel:
 
     def _decoder(self, cache: KVCache):
         """The native decoder bound to this model and this cache (built once per cache)."""
-
         key = getattr(cache, "_bitlm_decoder", None)
         if key is not None and key[0] is self:
             return key[1]
