@@ -32,7 +32,7 @@ typedef struct bitlm_problem {
     const float *bias;    /* (N,) or NULL */
     int64_t x_block_bytes; /* GEMM: activation rows per outer block x Kp stay under this (L2 based) */
     int64_t small_m_max;   /* GEMM: M up to this runs as one M-token register block (0: off) */
-    int64_t gemv_streams;  /* GEMV (avx512, i2/b1): tiles read at once, 1 or 2 */
+    int64_t gemv_streams;  /* GEMV (avx512, i2/t1/b1): tiles read at once, 1 or 2 */
     int64_t gemv_i2_mask;  /* GEMV (avx512, i2): 1 = codes masked in place (no shifts), 0 = shifted */
 } bitlm_problem;
 
