@@ -530,3 +530,29 @@ def test_native_hf_layer_checks_its_inputs(folders):
         hf.out(x, torch.randn(3))
     q, k, v = hf.qkv(x, cs, cs)
     assert q.shape == (1, 4, 1, 16) and k.shape == v.shape == (1, 2, 1, 16)
+
+
+def test_fused_layer_runs_cache_update_and_attention_with_torch_at_one_thread(folders, monkeypatch):
+    """Between its two native calls the fused layer holds torch at one thread (its OpenMP pool
+    waking for one token's cache update and attention beside bitlm's workers cost ~7 ms per 2B4T
+    token) and restores the caller's thread count afterwards, even when the attention raises."""
+    model = BT.accelerate(transformers.AutoModelForCausalLM.from_pretrained(str(folders["packed", "autobitlinear"])))
+    seen = []
+    real = transformers.DynamicCache.update
+    monkeypatch.setattr(transformers.DynamicCache, "update",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or real(self, *a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(prompt(5), cache=cache, use_cache=True)  # prefill: per module, torch's own threads
+            n = len(seen)
+            model(prompt(6, 1), cache=cache, use_cache=True)  # decode: the fused layers
+        assert seen[:n] == [2] * n and seen[n:] == [1] * 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr(transformers.DynamicCache, "update", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+        with pytest.raises(RuntimeError, match="x"), torch.no_grad():
+            model(prompt(6, 1), cache=cache, use_cache=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
