@@ -118,36 +118,48 @@ ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t) 
  * (Prefill keeps the compare decode: there vpdpbusd, not unpacking, is the bottleneck.) */
 #define T1_SEGMENT_CHUNKS 1024
 
-static inline __attribute__((always_inline)) void gemv_tile_t1(const bitlm_problem *p, int64_t t) {
+/* J = 1 or 2 tiles' streams at once (J = 2 where gemv_streams = 2, as gemv_tile2 / gemv_i2 for
+ * i2 and b1; fused t1 decode step on the Xeon of 2026-12-03, quiet, 2B4T, interleaved process
+ * pairs: 74.0 -> 69.2 ms per token at 1 thread, 37.7 -> 35.8 at 2): tile t + j's sums from its own
+ * accumulators, the same bits either way. */
+ALWAYS_INLINE void gemv_t1(const bitlm_problem *p, const int J, int64_t t) {
     const uint8_t *wt = p->w + t * p->tile_bytes;
     const int8_t *x = p->x;
-    __m512i S = _mm512_setzero_si512();
+    __m512i S[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t s0 = 0; s0 < p->nchunks; s0 += T1_SEGMENT_CHUNKS) {
         const int64_t s1 = s0 + T1_SEGMENT_CHUNKS < p->nchunks ? s0 + T1_SEGMENT_CHUNKS : p->nchunks;
-        __m512i A[5], B[5]; /* one chain per digit: hides the vpdpbusd latency */
-        for (int i = 0; i < 5; i++) A[i] = B[i] = _mm512_setzero_si512();
+        __m512i A[2][5], B[2][5]; /* one chain per (tile, digit): hides the vpdpbusd latency */
+        for (int j = 0; j < J; j++)
+            for (int i = 0; i < 5; i++) A[j][i] = B[j][i] = _mm512_setzero_si512();
         for (int64_t ch = s0; ch < s1; ch++) {
-            const uint8_t *chunk = wt + ch * 64;
-            _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
-            __m512i m = _mm512_loadu_si512((const void *)chunk);
+            __m512i m[2];
+            for (int j = 0; j < J; j++) {
+                const uint8_t *chunk = wt + j * p->tile_bytes + ch * 64;
+                _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
+                m[j] = _mm512_loadu_si512((const void *)chunk);
+            }
 #pragma GCC unroll 5
             for (int i = 0; i < 5; i++) {
                 const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + ch * BITLM_T1_BLOCK_K + 4 * i));
-                const __m512i next = _mm512_add_epi8(_mm512_add_epi8(m, m), m); /* 3m mod 256 */
-                A[i] = _mm512_dpbusd_epi32(A[i], m, xb);
-                B[i] = _mm512_dpbusd_epi32(B[i], next, xb);
-                m = next;
+                for (int j = 0; j < J; j++) {
+                    const __m512i next = _mm512_add_epi8(_mm512_add_epi8(m[j], m[j]), m[j]); /* 3m mod 256 */
+                    A[j][i] = _mm512_dpbusd_epi32(A[j][i], m[j], xb);
+                    B[j][i] = _mm512_dpbusd_epi32(B[j][i], next, xb);
+                    m[j] = next;
+                }
             }
         }
-        __m512i a = A[0], b = B[0];
-        for (int i = 1; i < 5; i++) {
-            a = _mm512_add_epi32(a, A[i]);
-            b = _mm512_add_epi32(b, B[i]);
+        for (int j = 0; j < J; j++) {
+            __m512i a = A[j][0], b = B[j][0];
+            for (int i = 1; i < 5; i++) {
+                a = _mm512_add_epi32(a, A[j][i]);
+                b = _mm512_add_epi32(b, B[j][i]);
+            }
+            const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a, a), a), b); /* 3A - B */
+            S[j] = _mm512_add_epi32(S[j], _mm512_srai_epi32(d, 8));
         }
-        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a, a), a), b); /* 3A - B */
-        S = _mm512_add_epi32(S, _mm512_srai_epi32(d, 8));
     }
-    store_tile(p, BITLM_FMT_T1, 0, t, S);
+    for (int j = 0; j < J; j++) store_tile(p, BITLM_FMT_T1, 0, t + j, S[j]);
 }
 
 /* i2 GEMV without shifts.  Quad qd's codes sit at bits 2qd..2qd+1 of every byte; masking them in
@@ -205,49 +217,6 @@ ALWAYS_INLINE void gemv_i2(const bitlm_problem *p, const int J, int64_t t) {
     store_tile(p, BITLM_FMT_I2, 0, t, _mm512_add_epi32(i2_fold(a0), i2_fold(a1)));
 }
 
-/* gemv_tile_t1 over two tiles' streams at once (gemv_streams = 2, as gemv_tile2 / gemv_i2 for i2
- * and b1): the same sums per tile.  Fused t1 decode step on the Xeon of 2026-12-03 (quiet, 2B4T,
- * interleaved process pairs): 74.0 -> 69.2 ms per token at 1 thread, 37.7 -> 35.8 at 2. */
-static inline __attribute__((always_inline)) void gemv_tile2_t1(const bitlm_problem *p, int64_t t) {
-    const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
-    const int8_t *x = p->x;
-    __m512i S0 = _mm512_setzero_si512(), S1 = _mm512_setzero_si512();
-    for (int64_t s0 = 0; s0 < p->nchunks; s0 += T1_SEGMENT_CHUNKS) {
-        const int64_t s1 = s0 + T1_SEGMENT_CHUNKS < p->nchunks ? s0 + T1_SEGMENT_CHUNKS : p->nchunks;
-        __m512i A0[5], B0[5], A1[5], B1[5];
-        for (int i = 0; i < 5; i++) A0[i] = B0[i] = A1[i] = B1[i] = _mm512_setzero_si512();
-        for (int64_t ch = s0; ch < s1; ch++) {
-            _mm_prefetch((const char *)w0 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
-            _mm_prefetch((const char *)w1 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
-            __m512i m0 = _mm512_loadu_si512((const void *)(w0 + ch * 64));
-            __m512i m1 = _mm512_loadu_si512((const void *)(w1 + ch * 64));
-#pragma GCC unroll 5
-            for (int i = 0; i < 5; i++) {
-                const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + ch * BITLM_T1_BLOCK_K + 4 * i));
-                const __m512i n0 = _mm512_add_epi8(_mm512_add_epi8(m0, m0), m0);
-                const __m512i n1 = _mm512_add_epi8(_mm512_add_epi8(m1, m1), m1);
-                A0[i] = _mm512_dpbusd_epi32(A0[i], m0, xb);
-                B0[i] = _mm512_dpbusd_epi32(B0[i], n0, xb);
-                A1[i] = _mm512_dpbusd_epi32(A1[i], m1, xb);
-                B1[i] = _mm512_dpbusd_epi32(B1[i], n1, xb);
-                m0 = n0;
-                m1 = n1;
-            }
-        }
-        __m512i a0 = A0[0], b0 = B0[0], a1 = A1[0], b1 = B1[0];
-        for (int i = 1; i < 5; i++) {
-            a0 = _mm512_add_epi32(a0, A0[i]);
-            b0 = _mm512_add_epi32(b0, B0[i]);
-            a1 = _mm512_add_epi32(a1, A1[i]);
-            b1 = _mm512_add_epi32(b1, B1[i]);
-        }
-        S0 = _mm512_add_epi32(S0, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a0), a0), b0), 8));
-        S1 = _mm512_add_epi32(S1, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a1, a1), a1), b1), 8));
-    }
-    store_tile(p, BITLM_FMT_T1, 0, t, S0);
-    store_tile(p, BITLM_FMT_T1, 0, t + 1, S1);
-}
-
 /* The loops prefetch GEMV_PREFETCH bytes ahead; the first GEMV_PREFETCH bytes of a piece of
  * work get a burst of prefetches up front instead of waiting for the hardware prefetcher to
  * ramp up (a 2560x2560 GEMV is cut into 16 pieces of ~100 KB per call). */
@@ -263,8 +232,8 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
     if (fmt == BITLM_FMT_T1) {
         int64_t t = t0;
         if (p->gemv_streams == 2)
-            for (; t + 2 <= t1; t += 2) gemv_tile2_t1(p, t);
-        for (; t < t1; t++) gemv_tile_t1(p, t);
+            for (; t + 2 <= t1; t += 2) gemv_t1(p, 2, t);
+        for (; t < t1; t++) gemv_t1(p, 1, t);
         return;
     }
     int64_t t = t0;
