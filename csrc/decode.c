@@ -97,8 +97,6 @@ static inline float relu_f(float v) {
     return g;
 }
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
 /* ---- per-phase profile (bitlm_decode_profile) ---------------------------------------------- */
 
 enum {

@@ -38,10 +38,7 @@ static inline float rnd(int bf16, float v) { return bf16 ? rnd_bf16(v) : v; }
 static void to_f32(int bf16, const void *src, float *dst, int64_t n) {
     if (bf16) {
         const uint16_t *b = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++) {
-            const uint32_t u = (uint32_t)b[i] << 16;
-            memcpy(dst + i, &u, 4);
-        }
+        for (int64_t i = 0; i < n; i++) dst[i] = bitlm_bf16_to_f32(b[i]);
     } else {
         memcpy(dst, src, (size_t)n * 4);
     }
@@ -79,8 +76,6 @@ static int layer_ok(const bitlm_hf_layer_desc *d, int64_t *gmax) {
            linear_ok(&d->o, dm, hd, gmax) && linear_ok(&d->gate, F, dm, gmax) && linear_ok(&d->up, F, dm, gmax) &&
            linear_ok(&d->down, dm, F, gmax);
 }
-
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* Scratch of one call: the normed row as float (kmax), its int8 codes (kmax + 64 padding), the
  * products' float32 outputs (ymax), the epilogue factors (3 * gmax), the normed row in the dtype

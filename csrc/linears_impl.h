@@ -12,6 +12,9 @@
 
 #include "internal.h"
 
+/* n rounded up to a multiple of 64 (the scratch blocks' alignment) */
+static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 /* A projection of n rows over k inputs with a valid format, scales and weights; *gmax: the most
  * scale groups seen. */
 static int linear_ok(const bitlm_linear_desc *L, int64_t n, int64_t k, int64_t *gmax) {
