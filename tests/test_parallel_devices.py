@@ -125,3 +125,40 @@ def test_experiment_device_reaches_every_training_run(monkeypatch, tmp_path):
     # the real step timing runs where it is told
     assert T.time_train_step(tiny_config(vocab_size=64, max_seq_len=32), pattern_data(), 2, 16, steps=1,
                              device="cpu") > 0
+
+
+_FAULTS = """
+import os, resource, sys
+import torch
+from bitlm import parallel as P
+applied = P.keep_freed_host_memory()
+for _ in range(12):  # torch allocates 64-byte aligned: glibc walks up the fresh heap a few times, then reuses
+    torch.empty(64 << 18).fill_(1.0)  # 64 MiB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.empty(64 << 18).fill_(2.0)  # the same size again
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(env_extra: dict) -> tuple[str, int]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "BITLM_MALLOC", "GLIBC_TUNABLES"))}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env={**env, **env_extra}, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_training_keeps_freed_host_memory_for_reuse():
+    """After keep_freed_host_memory a freed 64 MiB block is reused without faulting its 16 k
+    pages back in; glibc's default (BITLM_MALLOC=system, or the user's own MALLOC_ variable)
+    unmaps it and every new block faults all its pages again."""
+    applied, faults = _faults({})
+    assert applied == "True" and faults < 1000
+    for opt_out in ({"BITLM_MALLOC": "system"}, {"MALLOC_ARENA_MAX": "1"}):
+        applied, faults = _faults(opt_out)
+        assert applied == "False" and faults > 4 * 15000, opt_out
