@@ -7,10 +7,12 @@ weights is built directly in transformers' packed ``BitLinear`` form (``--linear
 bitlinear``, transformers' default: unpacks on every call) or ``autobitlinear`` (offline:
 unpacked once at load into bf16) — no float model is ever made.  Timed through
 ``model.generate`` (greedy): prefill = prompt → first token, decode = median time between
-tokens (a logits processor stamps each step).  Rounds interleave the four paths: transformers'
-own layers (swapped back in for their turn), the swapped model (each decoder layer's decode step
-in two native calls, ``BitlmDecoderLayer``), the same swapped model module by module (its layers'
-``bitlm_fused = False``: one native call per projection group and norm), and
+tokens (a logits processor stamps each step).  Rounds interleave five paths: transformers'
+own layers (swapped back in for their turn), the swapped model (the decode step's layers in one
+native call, ``BitlmBitNetModel``), the same with that step off (each decoder layer in two native
+calls around transformers' cache update and attention, ``BitlmDecoderLayer``), the swapped model
+module by module (its layers' ``bitlm_fused = False``: one native call per projection group and
+norm), and
 ``bitlm.engine.PackedModel`` with a bf16 head (the same head transformers reads).  Resident memory: process RSS with only
 transformers' layers, then after the swap with the originals dropped.
 
@@ -170,38 +172,41 @@ def time_modules(modules: list, head, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
-def time_fused(layers: list, head, reps: int = 5) -> float:
-    """One decode step's native layer calls alone: every fused layer's two calls
-    (``native.HfLayer.qkv`` / ``out``) on one bf16 token, then the head, with no transformers (no
-    cache update, no attention) between them — bitlm's share of a fused step."""
+def time_fused(layers: list, head, pos: int, reps: int = 5) -> float:
+    """One decode step's native work alone: the one-call step over every layer
+    (``native.HfStack.decode``, attention over ``pos`` cached rows of zeros) on one bf16 token,
+    then the head, with no transformers around them — bitlm's share of a swapped step."""
+    from bitlm.kernels import native
+
+    stack = native.HfStack(layers)
     hx = torch.randn(1, 1, head.in_features).to(torch.bfloat16)
+    l0 = layers[0]
+    kv = [torch.zeros(1, l0.kv_heads, pos + 1, l0.head_dim, dtype=torch.bfloat16) for _ in range(2 * len(layers))]
     ts = []
     with torch.inference_mode():
-        x = torch.randn(1, 1, layers[0].d_model).to(torch.bfloat16)
-        cos = torch.randn(layers[0].head_dim).to(torch.bfloat16)
-        attn = torch.randn(1, 1, layers[0].hd).to(torch.bfloat16)
+        x = torch.randn(1, 1, l0.d_model).to(torch.bfloat16)
+        cos = torch.randn(l0.head_dim).to(torch.bfloat16)
         for _ in range(reps):
             t0 = time.perf_counter()
-            for hf in layers:
-                hf.qkv(x, cos, cos)
-                hf.out(x, attn)
+            stack.decode(x, cos, cos, kv[::2], kv[1::2], pos, l0.head_dim ** -0.5)
             head(hx)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
 def split_step(model, ids: torch.Tensor, steps: int = 12) -> dict[str, float]:
-    """Where one fused decode step's time goes, inside the model (``model(token, cache=DynamicCache)``
-    as generate calls it, after a prefill of ``ids``): ms per step in the fused layers' native calls
-    (``qkv``, ``out``), the head, transformers' cache update and attention function, and the rest
-    (transformers' Python: the model and layer forwards, RoPE tables, mask, embedding, final norm).
+    """Where one swapped decode step's time goes, inside the model (``model(token, cache=DynamicCache)``
+    as generate calls it, after a prefill of ``ids``): ms per step in the one-call step over the
+    layers (``stack``), or with it off in the fused layers' native calls (``qkv``, ``out``) and
+    transformers' cache update and attention function; the head; and the rest (transformers' and
+    bitlm's Python: the model forward, RoPE tables, embedding, final norm, the cache views).
     Timers wrap those calls (a few µs each)."""
     import transformers
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from bitlm.kernels import native
 
-    acc = dict.fromkeys(("qkv", "out", "head", "attention", "cache_update"), 0.0)
+    acc = dict.fromkeys(("stack", "qkv", "out", "head", "attention", "cache_update"), 0.0)
 
     def timed(key, fn):
         def f(*a, **k):
@@ -213,11 +218,11 @@ def split_step(model, ids: torch.Tensor, steps: int = 12) -> dict[str, float]:
         return f
 
     impl = model.config._attn_implementation
-    saved = [(native.HfLayer, "qkv"), (native.HfLayer, "out"), (type(model.lm_head), "forward"),
-             (transformers.DynamicCache, "update")]
+    saved = [(native.HfStack, "decode"), (native.HfLayer, "qkv"), (native.HfLayer, "out"),
+             (type(model.lm_head), "forward"), (transformers.DynamicCache, "update")]
     originals = [getattr(o, n) for o, n in saved]
     attn = ALL_ATTENTION_FUNCTIONS[impl]
-    for (o, n), fn, key in zip(saved, originals, ("qkv", "out", "head", "cache_update")):
+    for (o, n), fn, key in zip(saved, originals, ("stack", "qkv", "out", "head", "cache_update")):
         setattr(o, n, timed(key, fn))
     ALL_ATTENTION_FUNCTIONS[impl] = timed("attention", attn)
     try:
@@ -373,11 +378,14 @@ def main() -> int:
 
     fused_layers = [m for m in model.modules() if isinstance(m, BitlmDecoderLayer)]
 
-    def per_module(on: bool) -> None:  # the swapped model module by module (on) or fused (off)
-        for m in fused_layers:
-            m.bitlm_fused = not on
+    base_model = model.model
 
-    kinds = ("own", "bitlm", "modules", "engine")
+    def mode(kind: str) -> None:  # bitlm: one call per step; layers: two per layer; modules: per module
+        base_model.bitlm_fused = kind == "bitlm"
+        for m in fused_layers:
+            m.bitlm_fused = kind != "modules"
+
+    kinds = ("own", "bitlm", "layers", "modules", "engine")
     res: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in kinds}
     for r in range(args.rounds):
         for kind in kinds:
@@ -385,11 +393,11 @@ def main() -> int:
                 p, d = time_engine(pm, ids, args.decode)
             else:
                 swap(model, originals if kind == "own" else swapped)
-                per_module(kind == "modules")
+                mode(kind)
                 torch.set_num_threads(args.threads if kind == "own" else swapped_torch_threads)
                 p, d = time_generate(model, ids, args.hf_decode if kind == "own" else args.decode)
                 torch.set_num_threads(args.threads)
-                per_module(False)
+                mode("bitlm")
             res[kind]["prefill"].append(p)
             res[kind]["decode"].extend(d)
             print(f"  round {r + 1} {kind}: prefill {p * 1e3:.0f} ms, decode {statistics.median(d) * 1e3:.1f} ms/token",
@@ -408,8 +416,12 @@ def main() -> int:
     torch.set_num_threads(swapped_torch_threads)
     modules_s = time_modules(list(swapped.values()) + norms, model.lm_head)
     hfs = [m._bitlm_state(torch.bfloat16) for m in fused_layers]
-    fused_s = time_fused(hfs, model.lm_head) if hfs and all(h is not None for h in hfs) else float("nan")
+    fused_s = (time_fused(hfs, model.lm_head, args.prompt + args.decode // 2) if hfs and all(h is not None for h in hfs)
+               else float("nan"))
     split = split_step(model, ids)
+    mode("layers")
+    split_layers = split_step(model, ids)
+    mode("bitlm")
     torch_ms, top_ops = profile_step(model, ids)
     torch.set_num_threads(args.threads)
     del originals, pm, model
@@ -425,7 +437,7 @@ def main() -> int:
         p, d = med(res[kind]["prefill"]), med(res[kind]["decode"])
         rows[kind] = {"prefill_ms": p * 1e3, "prefill_tok_s": args.prompt / p, "decode_ms": d * 1e3,
                       "decode_tok_s": 1 / d, "decode_samples": len(res[kind]["decode"])}
-    own, acc, eng, mods = rows["own"], rows["bitlm"], rows["engine"], rows["modules"]
+    own, acc, eng, mods, lay = rows["own"], rows["bitlm"], rows["engine"], rows["modules"], rows["layers"]
     out = {
         "cpu": cpu_model(), "kernels": info, "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": args.threads, "swapped_torch_threads": swapped_torch_threads, "layers": args.layers,
@@ -436,11 +448,12 @@ def main() -> int:
         "prefill_speedup_vs_transformers": acc["prefill_tok_s"] / own["prefill_tok_s"],
         "decode_vs_engine": acc["decode_tok_s"] / eng["decode_tok_s"],
         "decode_per_module_vs_engine": mods["decode_tok_s"] / eng["decode_tok_s"],
+        "decode_per_layer_vs_engine": lay["decode_tok_s"] / eng["decode_tok_s"],
         "fused_layers": len(fused_layers), "decode_fused_native_ms": fused_s * 1e3,
         "prefill_vs_engine": acc["prefill_tok_s"] / eng["prefill_tok_s"],
         "paired_decode_ms": [{"swapped": a, "engine": e} for a, e in pairs],
         "paired_decode_vs_engine": statistics.median(e / a for a, e in pairs) if pairs else None,
-        "decode_fused_step_split_ms": split,
+        "decode_fused_step_split_ms": split, "decode_per_layer_step_split_ms": split_layers,
         "decode_kernels_alone_ms": modules_s * 1e3, "decode_torch_ops_ms": torch_ms,
         "decode_torch_top_ops": [{"op": k, "ms_per_step": t, "calls_per_step": c} for k, t, c in top_ops],
         "rss_baseline_bytes": base, "rss_transformers_bytes": rss_own, "rss_swapped_bytes": rss_swapped,
@@ -454,8 +467,8 @@ def main() -> int:
           f"{info.get('tier')} kernels, {cpu_model()}, load average {out['loadavg_start'][0]:.2f} -> "
           f"{out['loadavg_end'][0]:.2f}")
     print(f"{'path':<28}{'prefill ms':>12}{'tok/s':>9}{'decode ms/tok':>15}{'tok/s':>9}")
-    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "modules": "  (per module, unfused)",
-             "engine": "bitlm engine (bf16 head)"}
+    names = {"own": "transformers (own BitNet)", "bitlm": "transformers + bitlm", "layers": "  (2 calls per layer)",
+             "modules": "  (per module, unfused)", "engine": "bitlm engine (bf16 head)"}
     for k, r in rows.items():
         print(f"{names[k]:<28}{r['prefill_ms']:>12.0f}{r['prefill_tok_s']:>9.1f}{r['decode_ms']:>15.1f}"
               f"{r['decode_tok_s']:>9.2f}")
@@ -466,15 +479,18 @@ def main() -> int:
         print(f"paired decode ({len(pairs)} back-to-back 12-token runs): swapped "
               f"{statistics.median(a for a, _ in pairs):.1f} ms, engine {statistics.median(e for _, e in pairs):.1f} ms "
               f"per token; median ratio {100 * out['paired_decode_vs_engine']:.0f} % of the engine")
-    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native calls (the "
-          f"{len(fused_layers)} fused layers' 2 calls each and the head, called alone) + "
-          f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (cache update, attention, Python, generate)")
+    print(f"decode step, swapped: {acc['decode_ms']:.1f} ms = {fused_s * 1e3:.1f} ms in bitlm's native work (the "
+          f"one call over {len(fused_layers)} layers and the head, called alone) + "
+          f"{acc['decode_ms'] - fused_s * 1e3:.1f} ms in transformers (embedding, RoPE, final norm, Python, generate)")
     gen_ms = statistics.median(a for a, _ in pairs) if pairs else acc["decode_ms"]  # pairs: nearest in time
-    print(f"one fused decode step inside the model (model(token), no generate): {split['forward']:.1f} ms = native "
-          f"q/k/v {split['qkv']:.1f} + native rest of the layers {split['out']:.1f} + head {split['head']:.1f} + "
-          f"transformers' attention {split['attention']:.1f} + cache update {split['cache_update']:.1f} + rest "
-          f"(transformers' Python) {split['rest']:.1f} ms; generate adds "
-          f"{gen_ms - split['forward']:.1f} ms (against the {'paired' if pairs else 'rounds'} decode median)")
+    print(f"one swapped decode step inside the model (model(token), no generate): {split['forward']:.1f} ms = the "
+          f"layers' one call {split['stack']:.1f} + head {split['head']:.1f} + rest (transformers' and bitlm's Python) "
+          f"{split['rest']:.1f} ms; generate adds {gen_ms - split['forward']:.1f} ms (against the "
+          f"{'paired' if pairs else 'rounds'} decode median)")
+    sl = split_layers
+    print(f"  with 2 calls per layer: {sl['forward']:.1f} ms = native q/k/v {sl['qkv']:.1f} + native rest of the "
+          f"layers {sl['out']:.1f} + head {sl['head']:.1f} + transformers' attention {sl['attention']:.1f} + cache "
+          f"update {sl['cache_update']:.1f} + rest (transformers' Python) {sl['rest']:.1f} ms")
     print(f"decode step, per module: {mods['decode_ms']:.1f} ms = {modules_s * 1e3:.1f} ms in bitlm's modules (the "
           f"{len(swapped)} projections, {len(norms)} norms and the head called alone) + "
           f"{mods['decode_ms'] - modules_s * 1e3:.1f} ms in transformers (RoPE, cache, attention, residuals, Python, "

@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 10
+#define BITLM_ABI_VERSION 11
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -319,6 +319,19 @@ typedef struct bitlm_hf_layer_desc {
 BITLM_API int bitlm_hf_layer_qkv(const bitlm_hf_layer_desc *d, const void *x, const void *cos, const void *sin,
                                  void *q, void *k, void *v);
 BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, const void *attn, void *y);
+
+/* Every decoder layer of one decode token (batch 1) in one call, each as bitlm_hf_layer_qkv, then
+ * the attention, then bitlm_hf_layer_out.  layers[i] (n of them, one dtype and shape): the layers in
+ * order; x: the token's embedding (d_model values of the dtype); cos / sin: its RoPE factors
+ * (head_dim values).  kc[i] / vc[i]: layer i's key / value cache, (kv_heads, cap[i], head_dim) values
+ * of the dtype; the token's key and value are written at row pos of every kv head (cap[i] > pos) and
+ * each query head h attends over rows [0, pos] of kv head h / (n_heads / kv_heads): scores
+ * q·k * scale (16 lanes, folded as bitlm_decode_step does), softmax, weighted sum of the values,
+ * the output rounded to the dtype.  y: the last layer's output (d_model values; may be x).
+ * 0, EINVAL (nothing written) or ENOMEM. */
+BITLM_API int bitlm_hf_decode_layers(const bitlm_hf_layer_desc *const *layers, int64_t n, const void *x,
+                                     const void *cos, const void *sin, void *const *kc, void *const *vc,
+                                     const int64_t *cap, int64_t pos, float scale, void *y);
 
 /* ---- the fast QAT step's element passes (csrc/qat.c: semantics there; torch twins in
  * bitlm/kernels/reference.py) ---------------------------------------------------------------- */

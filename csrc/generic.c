@@ -196,6 +196,7 @@ const bitlm_kernel_table bitlm_generic_table = {
     dense_i8a8_generic,
     bitlm_attn_head,
     bitlm_hadamard_row,
+    bitlm_attn_head_bf16,
 };
 
 /* ---- bitlm_linear_bf16: bf16 rows in, bf16 rows out (semantics in bitlm_kernels.h) ---------- */

@@ -219,3 +219,79 @@ BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, co
     free(s.mem);
     return 0;
 }
+
+/* ---- every layer of one decode token in one call (bitlm_hf_decode_layers) ------------------- */
+
+typedef struct {
+    const bitlm_kernel_table *tab;
+    int bf16;
+    const float *q;          /* (H, D) float32 values of the dtype */
+    const void *kc, *vc;     /* (Hkv, cap, D) of the dtype */
+    int64_t T, D, rep, cap;
+    float scale;
+    float *scores, *out;     /* (H, T), (H, D) */
+} hf_attn_task;
+
+static void hf_attn_run(void *ctx, int64_t b, int64_t e) {
+    const hf_attn_task *t = (const hf_attn_task *)ctx;
+    for (int64_t h = b; h < e; h++) {
+        const int64_t off = (h / t->rep) * t->cap * t->D;
+        if (t->bf16)
+            t->tab->attn_bf16(t->q + h * t->D, (const uint16_t *)t->kc + off, (const uint16_t *)t->vc + off, t->T, t->D,
+                              t->scale, t->scores + h * t->T, t->out + h * t->D);
+        else
+            t->tab->attn(t->q + h * t->D, (const float *)t->kc + off, (const float *)t->vc + off, t->T, t->D, t->scale,
+                         t->scores + h * t->T, t->out + h * t->D);
+    }
+}
+
+BITLM_API int bitlm_hf_decode_layers(const bitlm_hf_layer_desc *const *layers, int64_t n, const void *x,
+                                     const void *cos, const void *sin, void *const *kc, void *const *vc,
+                                     const int64_t *cap, int64_t pos, float scale, void *y) {
+    if (!layers || n < 1 || !x || !cos || !sin || !kc || !vc || !cap || pos < 0 || !y || !(scale == scale))
+        return BITLM_EINVAL;
+    const bitlm_hf_layer_desc *d0 = layers[0];
+    int64_t gmax = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const bitlm_hf_layer_desc *d = layers[i];
+        if (!layer_ok(d, &gmax) || d->bf16 != d0->bf16 || d->d_model != d0->d_model || d->n_heads != d0->n_heads ||
+            d->kv_heads != d0->kv_heads || d->head_dim != d0->head_dim || !kc[i] || !vc[i] || cap[i] <= pos)
+            return BITLM_EINVAL;
+    }
+    const bitlm_kernel_table *tab = bitlm_active_table();
+    const int bf = (int)d0->bf16;
+    const size_t es = bf ? 2 : 4;
+    const int64_t dm = d0->d_model, D = d0->head_dim, H = d0->n_heads, Hkv = d0->kv_heads, hd = H * D, kvd = Hkv * D,
+                  T = pos + 1;
+    /* the residual stream (two, in turn), q / k / v and the attention output in the dtype, q and the
+     * attention output as float32, the scores */
+    const size_t sz_h = align64((size_t)dm * es), sz_q = align64((size_t)hd * es), sz_kv = align64((size_t)kvd * es),
+                 sz_qf = align64((size_t)hd * 4), sz_s = align64((size_t)(H * T) * 4);
+    unsigned char *mem = aligned_alloc(64, 2 * sz_h + 2 * sz_q + 2 * sz_kv + 2 * sz_qf + sz_s);
+    if (!mem) return BITLM_ENOMEM;
+    unsigned char *h[2] = {mem, mem + sz_h};
+    unsigned char *q = mem + 2 * sz_h, *att = q + sz_q, *k = att + sz_q, *v = k + sz_kv;
+    float *qf = (float *)(void *)(v + sz_kv), *attf = qf + sz_qf / 4, *scores = attf + sz_qf / 4;
+    memcpy(h[0], x, (size_t)dm * es);
+    int rc = 0;
+    for (int64_t i = 0; i < n && rc == 0; i++) {
+        const bitlm_hf_layer_desc *d = layers[i];
+        unsigned char *cur = h[i & 1], *nxt = h[(i + 1) & 1];
+        rc = bitlm_hf_layer_qkv(d, cur, cos, sin, q, k, v);
+        if (rc) break;
+        /* the new token's key and value at row pos of every kv head (what cache.update appends) */
+        for (int64_t g = 0; g < Hkv; g++) {
+            memcpy((unsigned char *)kc[i] + ((size_t)(g * cap[i] + pos) * D) * es, k + (size_t)(g * D) * es, (size_t)D * es);
+            memcpy((unsigned char *)vc[i] + ((size_t)(g * cap[i] + pos) * D) * es, v + (size_t)(g * D) * es, (size_t)D * es);
+        }
+        to_f32(bf, q, qf, hd);
+        hf_attn_task at = {tab, bf, qf, kc[i], vc[i], T, D, H / Hkv, cap[i], scale, scores, attf};
+        bitlm_parallel_for(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), hf_attn_run, &at);
+        round_all(bf, attf, hd); /* the attention output in the dtype, as the attention function returns it */
+        from_f32(bf, attf, att, hd);
+        rc = bitlm_hf_layer_out(d, cur, att, nxt);
+    }
+    if (rc == 0) memcpy(y, h[n & 1], (size_t)dm * es);
+    free(mem);
+    return rc;
+}

@@ -76,6 +76,8 @@ static inline void bitlm_i8a8_store(const bitlm_dense_problem *p, int64_t m, int
 /* Attention of one query head over T cached positions (semantics in bitlm_kernels.h, see
  * bitlm_decode_step; the one implementation is attn_impl.h, compiled once per tier).
  * q, out: (D,); kc, vc: (T, D) rows of one kv head; scores: (T,) scratch. */
+typedef void (*bitlm_attn_bf16_fn)(const float *q, const uint16_t *kc, const uint16_t *vc, int64_t T, int64_t D,
+                                   float scale, float *scores, float *out);
 typedef void (*bitlm_attn_fn)(const float *q, const float *kc, const float *vc, int64_t T, int64_t D, float scale,
                               float *scores, float *out);
 
@@ -166,6 +168,8 @@ typedef struct bitlm_kernel_table {
     bitlm_attn_fn attn;
     /* appended: the Hadamard row transform (hadamard_impl.h, one definition compiled per tier) */
     void (*hadamard)(float *x, int64_t k, int64_t block, float scale);
+    /* appended: attention over a bfloat16 cache (attn_impl.h; bitlm_hf_decode_layers) */
+    bitlm_attn_bf16_fn attn_bf16;
 } bitlm_kernel_table;
 
 BITLM_HIDDEN extern const bitlm_kernel_table bitlm_generic_table;

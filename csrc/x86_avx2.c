@@ -421,4 +421,5 @@ const bitlm_kernel_table bitlm_avx2_table = {
     dense_i8a8_avx2,
     bitlm_attn_head,
     bitlm_hadamard_row,
+    bitlm_attn_head_bf16,
 };

@@ -594,4 +594,5 @@ const bitlm_kernel_table bitlm_avx512_table = {
     dense_i8a8_avx512,
     bitlm_attn_head,
     bitlm_hadamard_row,
+    bitlm_attn_head_bf16,
 };

@@ -395,13 +395,20 @@ def test_t1_format_shares_siblings_and_generates_as_transformers(folders):
 
 
 class _LayerCalls:
-    """Counts the fused layer's native calls (native.HfLayer.qkv / out)."""
+    """Counts the fused layers' native calls (native.HfLayer.qkv / out) and the model's one-call
+    decode steps (native.HfStack.decode)."""
 
     def __init__(self, mp):
-        self.qkv = self.out = 0
+        self.qkv = self.out = self.stack = 0
         from bitlm.kernels import native
 
-        real_qkv, real_out = native.HfLayer.qkv, native.HfLayer.out
+        real_qkv, real_out, real_stack = native.HfLayer.qkv, native.HfLayer.out, native.HfStack.decode
+
+        def stack(st, *a):
+            self.stack += 1
+            return real_stack(st, *a)
+
+        mp.setattr(native.HfStack, "decode", stack)
 
         def qkv(hf, *a):
             self.qkv += 1
@@ -415,10 +422,14 @@ class _LayerCalls:
         mp.setattr(native.HfLayer, "out", out)
 
 
-def _pair(folder, dtype):
-    """(per-module swapped model, fused swapped model) of one checkpoint."""
+def _pair(folder, dtype, stack=False):
+    """(per-module swapped model, fused swapped model) of one checkpoint; the fused model's
+    one-call decode step (BitlmBitNetModel) only with ``stack`` — else its layers' two calls each."""
     mk = lambda: transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)  # noqa: E731
-    return BT.accelerate(mk(), layers=False), BT.accelerate(mk())
+    fused = BT.accelerate(mk())
+    assert type(fused.model) is BT.BitlmBitNetModel
+    fused.model.bitlm_fused = stack
+    return BT.accelerate(mk(), layers=False), fused
 
 
 def _gen(model, p, n=32, **kw):
@@ -537,6 +548,7 @@ def test_fused_layer_runs_cache_update_and_attention_with_torch_at_one_thread(fo
     waking for one token's cache update and attention beside bitlm's workers cost ~7 ms per 2B4T
     token) and restores the caller's thread count afterwards, even when the attention raises."""
     model = BT.accelerate(transformers.AutoModelForCausalLM.from_pretrained(str(folders["packed", "autobitlinear"])))
+    model.model.bitlm_fused = False  # the layers' own decode step (the model's one call has no cache.update)
     seen = []
     real = transformers.DynamicCache.update
     monkeypatch.setattr(transformers.DynamicCache, "update",
@@ -556,3 +568,147 @@ def test_fused_layer_runs_cache_update_and_attention_with_torch_at_one_thread(fo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the model's decode step in one native call (BitlmBitNetModel) ------------------------------
+
+
+def _attention_ref(q, k, v, scale):
+    """One query token's attention in float64: q (H, D), k / v (Hkv, T, D)."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.double().repeat_interleave(rep, 0), v.double().repeat_interleave(rep, 0)
+    p = torch.softmax(torch.einsum("hd,htd->ht", q.double(), k) * scale, -1)
+    return torch.einsum("ht,htd->hd", p, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_step_is_one_call_with_the_layers_keys_and_values(tmp_path, monkeypatch, dtype):
+    """generate through BitlmBitNetModel: one native call per decode step; the greedy tokens of
+    the layers' own fused path (and, float32, transformers' own); logits within float rounding of
+    it (the attention is bitlm's, not SDPA); the DynamicCache afterwards holds the same number of
+    rows, as views of buffers with spare rows."""
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(), "packed", "bitlinear", seed=3, dtype=dtype)
+    own = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    ref_own = _gen(own, prompt(2)).sequences
+    _, layers = _pair(folder, dtype)
+    _, fused = _pair(folder, dtype, stack=True)
+    ref = _gen(layers, prompt(2))
+    calls = _LayerCalls(monkeypatch)
+    cache = transformers.DynamicCache(config=fused.config)
+    got = _gen(fused, prompt(2), past_key_values=cache)
+    assert calls.stack == 31 and calls.qkv == 0  # every decode step in one call (the prefill per module)
+    assert torch.equal(got.sequences, ref.sequences)
+    if dtype == torch.float32:
+        assert torch.equal(got.sequences, ref_own)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16: a few last-bit flips of attention outputs carried on
+    for a, b in zip(got.logits, ref.logits):
+        assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) < tol
+    assert cache.get_seq_length() == 10 + 31
+    for cl in cache.layers:
+        kb, vb = cl._bitlm_kv
+        assert cl.keys.shape[-2] == 41 and kb.shape[2] > 41 and cl.keys.data_ptr() == kb.data_ptr()
+        assert cl.values.data_ptr() == vb.data_ptr()
+
+
+def test_model_decode_step_attention_and_cache_rows(folders, tier):
+    """One decode step after a prefill: each layer's new key / value row is the fused layer's own
+    (torch.equal: the same qkv code), the rows before it are the prefill's, and bitlm's attention
+    is softmax(q·kᵀ·scale)·v over the cached rows (float64 reference, float32 rounding); every
+    kernel tier gives the same bits."""
+    folder = folders[("packed", "bitlinear")]
+    _, layers = _pair(folder, torch.float32)
+    _, fused = _pair(folder, torch.float32, stack=True)
+    caches = [transformers.DynamicCache(config=m.config) for m in (layers, fused)]
+    captured = []
+    attn = fused.model.layers[0].self_attn
+    real = BT.native.HfStack.decode
+
+    def spy(st, x, cos, sin, keys, values, pos, scale):
+        y = real(st, x, cos, sin, keys, values, pos, scale)
+        captured.append([(k[:, :, : pos + 1].clone(), v[:, :, : pos + 1].clone()) for k, v in zip(keys, values)])
+        return y
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BT.native.HfStack, "decode", spy)
+        for m, c in zip((layers, fused), caches):
+            m(prompt(5), cache=c, use_cache=True)
+        prefill = [cl.keys.clone() for cl in caches[1].layers]
+        a, b = (m(prompt(6, 1), cache=c, use_cache=True).logits for m, c in zip((layers, fused), caches))
+    assert len(captured) == 1
+    for cl, pre in zip(caches[1].layers, prefill):
+        assert torch.equal(cl.keys[:, :, :10], pre)
+    # layer 0's input is the embedding on both paths: its new key and value rows are the same bits
+    assert torch.equal(caches[1].layers[0].keys, caches[0].layers[0].keys)
+    assert torch.equal(caches[1].layers[0].values, caches[0].layers[0].values)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+    # the attention itself, against float64: layer 0's q from the fused layer's own qkv call
+    hf0 = fused.model.layers[0]._bitlm_state(torch.float32)
+    x = fused.model.embed_tokens(prompt(6, 1))
+    cos, sin = fused.model.rotary_emb(x, position_ids=torch.tensor([[10]]))
+    q, k, v = hf0.qkv(x.contiguous(), cos.contiguous(), sin.contiguous())
+    assert torch.equal(k[0, :, 0], caches[1].layers[0].keys[0, :, 10])
+    ref = _attention_ref(q[0, :, 0], caches[1].layers[0].keys[0], caches[1].layers[0].values[0], attn.scaling)
+    # layer 0 alone through HfStack (its attention inside) against its out() fed the float64 attention
+    st = BT.native.HfStack([hf0])
+    kb = torch.zeros(1, k.shape[1], 12, k.shape[3])
+    vb = torch.zeros_like(kb)
+    kb[:, :, :10], vb[:, :, :10] = caches[1].layers[0].keys[:, :, :10], caches[1].layers[0].values[:, :, :10]
+    y1 = st.decode(x.contiguous(), cos.contiguous(), sin.contiguous(), [kb], [vb], 10, attn.scaling)
+    o = ref.float().reshape(1, 1, -1).contiguous()
+    y_ref = hf0.out(x.contiguous(), o)  # the layer's output from the float64 attention, rounded to float32
+    assert float((y1 - y_ref).abs().max() / y_ref.abs().max()) < 1e-5
+
+
+def test_model_decode_step_falls_back_where_it_does_not_apply(folders, monkeypatch):
+    """A padding mask, a StaticCache, output_hidden_states, batch 2, hooks on a decoder layer and
+    bitlm_fused = False run transformers' forward over the fused layers (their own two calls);
+    a cache grown by transformers' own update in between is taken over again."""
+    modules, fused = _pair(folders[("packed", "bitlinear")], torch.float32, stack=True)
+    calls = _LayerCalls(monkeypatch)
+    with torch.no_grad():
+        cache = transformers.DynamicCache(config=fused.config)
+        fused(prompt(5), cache=cache, use_cache=True)
+        fused(prompt(6, 1), cache=cache, use_cache=True)
+        assert (calls.stack, calls.qkv) == (1, 0)
+        mask = torch.ones(1, 12, dtype=torch.long)
+        mask[0, 0] = 0
+        fused(prompt(7, 1), cache=cache, use_cache=True, attention_mask=mask)  # padding: per layer
+        assert (calls.stack, calls.qkv) == (1, 2)
+        one = fused(prompt(8, 1), cache=cache, use_cache=True, output_hidden_states=True)
+        assert (calls.stack, calls.qkv) == (1, 4) and len(one.hidden_states) == 3
+        fused(prompt(9, 2), cache=cache, use_cache=True)  # two tokens: per module, torch.cat grows the cache
+        assert cache.get_seq_length() == 15
+        fused(prompt(10, 1), cache=cache, use_cache=True)  # back on the one call, from the concatenated cache
+        assert calls.stack == 2 and cache.get_seq_length() == 16
+        h = fused.model.layers[1].register_forward_hook(lambda *a: None)
+        fused(prompt(11, 1), cache=cache, use_cache=True)
+        h.remove()
+        fused.model.bitlm_fused = False
+        fused(prompt(12, 1), cache=cache, use_cache=True)
+        fused.model.bitlm_fused = True
+        assert calls.stack == 2 and calls.qkv == 4 + 2 + 2
+        x = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+        ref, got = (_gen(m, x, 4) for m in (modules, fused))  # batch 2: per module
+        assert calls.stack == 2 and torch.equal(got.sequences, ref.sequences)
+    gc = transformers.GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                       cache_implementation="static")
+    with torch.no_grad():
+        s_ref = modules.generate(prompt(8), generation_config=gc)
+        s_got = fused.generate(prompt(8), generation_config=gc)
+    assert calls.stack == 2 and calls.qkv == 8 + 2 * 5 and torch.equal(s_got, s_ref)
+
+
+def test_native_hf_stack_checks_its_inputs(folders):
+    from bitlm.kernels import native
+
+    model = BT.accelerate(load(folders[("packed", "bitlinear")]))
+    hfs = [m._bitlm_state(torch.float32) for m in model.model.layers]
+    st = native.HfStack(hfs)
+    x, cos = torch.zeros(1, 1, 64), torch.zeros(16)
+    kv = [torch.zeros(1, 2, 4, 16) for _ in range(4)]
+    with pytest.raises(ValueError, match="cap > 4"):
+        st.decode(x, cos, cos, kv[:2], kv[2:], 4, 0.25)  # no spare row for position 4
+    with pytest.raises(ValueError, match="x / cos / sin"):
+        st.decode(x.to(torch.bfloat16), cos, cos, kv[:2], kv[2:], 1, 0.25)
+    with pytest.raises(ValueError, match="no layers"):
+        native.HfStack([])

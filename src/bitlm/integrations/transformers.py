@@ -71,9 +71,15 @@ from ..packing import TILE_N, PackedWeight, pack_weight
 try:  # the integration is useless without transformers: fail at import with the extra named
     import transformers  # noqa: F401
     from transformers.activations import ReLUSquaredActivation
+    from transformers.cache_utils import DynamicCache, DynamicLayer
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear, replace_with_bitnet_linear
+    from transformers.modeling_outputs import BaseModelOutputWithPast
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bitnet.modeling_bitnet import BitNetDecoderLayer, eager_attention_forward
+    from transformers.models.bitnet.modeling_bitnet import (
+        BitNetDecoderLayer,
+        BitNetModel,
+        eager_attention_forward,
+    )
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import BitNetQuantConfig, QuantizationConfigMixin
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -383,6 +389,130 @@ class BitlmDecoderLayer(BitNetDecoderLayer):
         return hf.out(x, o.reshape(1, 1, -1).contiguous())
 
 
+class BitlmBitNetModel(BitNetModel):
+    """transformers' ``BitNetModel`` whose decode step (one token, batch 1, a ``DynamicCache``)
+    runs every decoder layer in one native call (``native.HfStack``: per layer the fused
+    layer's two halves with the attention between them in C); the class of the model inside a
+    swapped ``BitNetForCausalLM`` (:func:`accelerate`, ``layers=True``).
+
+    The ``DynamicCache`` stays the cache: each layer's keys / values become views of the first
+    ``T + 1`` rows of a buffer with spare rows (grown by a quarter when full), so appending a
+    token writes one row instead of ``torch.cat`` copying the whole cache, and what
+    transformers reads from the cache (``get_seq_length``, ``crop``, a later ``update``) is the
+    same tensor values as after its own update — the keys and values themselves are the fused
+    layer's bits.  The attention is bitlm's (float32 sums over the cached values, softmax, the
+    output rounded to the model dtype), not ``config._attn_implementation``'s: the same maths as
+    SDPA, float rounding apart.  Anything else — prefill, batch > 1, another cache class, a
+    padding mask, ``output_hidden_states`` / ``output_attentions``, hooks of one's own on a decoder layer,
+    gradients, a layer that cannot be fused, ``bitlm_fused = False`` — runs transformers'
+    forward over the fused layers (:class:`BitlmDecoderLayer`)."""
+
+    bitlm_fused = True
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Any = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
+        if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name
+            cache = kwargs.pop("past_key_values")
+        out = self._bitlm_decode(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
+        if out is not None:
+            return out
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+
+    def _bitlm_decode(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                      kwargs: dict) -> BaseModelOutputWithPast | None:
+        """The one-call decode step, or None where it does not apply."""
+        cfg = self.config
+        if (not self.bitlm_fused or self.training or inputs_embeds is not None or input_ids is None
+                or input_ids.shape != (1, 1) or type(cache) is not DynamicCache
+                or not (use_cache if use_cache is not None else cfg.use_cache)
+                or any(kwargs.get(k, getattr(cfg, k, False)) for k in ("output_attentions", "output_hidden_states"))
+                or set(kwargs) - _DECODE_KWARGS
+                or (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad)):
+            return None
+        layers = self.layers[: cfg.num_hidden_layers]
+        if len(cache.layers) != len(layers):
+            return None
+        pos, dtype = None, self.embed_tokens.weight.dtype
+        for layer, cl in zip(layers, cache.layers):
+            if (type(layer) is not BitlmDecoderLayer or not layer.bitlm_fused or _user_hooks(layer)
+                    or type(cl) is not DynamicLayer or not cl.is_initialized
+                    or cl.keys is None or cl.keys.dim() != 4 or cl.keys.shape[0] != 1 or cl.keys.dtype != dtype
+                    or cl.values.dtype != dtype or cl.keys.device.type != "cpu"):
+                return None
+            t = cl.keys.shape[-2]
+            if pos is None:
+                pos = t
+            elif t != pos:
+                return None
+        if attention_mask is not None and (attention_mask.shape != (1, pos + 1) or not bool(attention_mask.all())):
+            return None
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.tensor([[pos]], device=x.device)
+        cos, sin = self.rotary_emb(x, position_ids=position_ids)
+        stack = self._bitlm_stack(x.dtype, layers)
+        if stack is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                                 and cos.dtype == x.dtype and sin.dtype == x.dtype):
+            return None
+        keys, values = [], []
+        for cl in cache.layers:
+            kb, vb = _kv_rows(cl, pos)
+            keys.append(kb)
+            values.append(vb)
+        y = stack.decode(x, cos, sin, keys, values, pos, layers[0].self_attn.scaling)
+        for cl, kb, vb in zip(cache.layers, keys, values):
+            cl.keys, cl.values = kb[:, :, : pos + 1], vb[:, :, : pos + 1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(y), cache=cache)
+
+    def _bitlm_stack(self, dtype: torch.dtype, layers) -> native.HfStack | None:
+        """The native stack over every layer's fused state for ``dtype`` (rebuilt when one of them
+        was), or None when some layer cannot be fused."""
+        states = [m._bitlm_state(dtype) for m in layers]
+        if any(st is None for st in states):
+            return None
+        got = self.__dict__.get("_bitlm_hfstack")
+        if got is None or len(got.layers) != len(states) or any(a is not b for a, b in zip(got.layers, states)):
+            got = native.HfStack(states)
+            self.__dict__["_bitlm_hfstack"] = got
+        return got
+
+
+def _user_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks on ``m`` other than transformers' own output-capturing ones (installed
+    for good the first time ``output_hidden_states`` / ``output_attentions`` is asked for; they
+    record nothing unless a call asks, and such a call takes transformers' forward)."""
+    return bool(m._forward_pre_hooks) or any(
+        getattr(h, "__module__", "") != "transformers.utils.output_capturing" for h in m._forward_hooks.values())
+
+
+#: keyword arguments BitNetForCausalLM.forward / generate may pass to the model that the one-call
+#: decode step honours (the rest send it to transformers' forward)
+_DECODE_KWARGS = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
+
+
+def _kv_rows(cl, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) buffers of a DynamicLayer holding its ``pos`` rows with at least one spare:
+    the ones its tensors are views of when they still are, else new ones (a quarter more rows,
+    at least 128) holding a copy."""
+    got = cl.__dict__.get("_bitlm_kv")
+    k, v = cl.keys, cl.values
+    if got is not None:
+        kb, vb = got
+        if (pos < kb.shape[2] and k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
+                and k.stride() == kb.stride() and v.stride() == vb.stride() and k.dtype == kb.dtype
+                and v.dtype == vb.dtype and v.shape == k.shape):
+            return kb, vb
+    cap = pos + 1 + max(128, pos // 4)
+    kb = k.new_empty((1, k.shape[1], cap, k.shape[3]))
+    vb = v.new_empty((1, v.shape[1], cap, v.shape[3]))
+    kb[:, :, :pos].copy_(k)
+    vb[:, :, :pos].copy_(v)
+    cl.__dict__["_bitlm_kv"] = (kb, vb)
+    return kb, vb
+
+
 class _FusedState:
     """One swapped layer's native description (:class:`native.HfLayer`), built for the dtype and
     norm weights it last saw (``key``) and linked to the next swapped layer's for prefetch."""
@@ -442,7 +572,24 @@ def _fuse_layers(model: nn.Module) -> int:
     for m in layers:
         m.__class__ = BitlmDecoderLayer
         m._bitlm_hf = _FusedState(layers)
+    for m in model.modules():  # a model whose decoder layers are all fused: its decode step in one call
+        if type(m) is BitNetModel and len(m.layers) and all(type(x) is BitlmDecoderLayer for x in m.layers):
+            _set_class_keeping_output_capture(m, BitlmBitNetModel)
     return len(layers)
+
+
+def _set_class_keeping_output_capture(m: nn.Module, cls: type) -> None:
+    """``m.__class__ = cls`` for a transformers model: its ``output_hidden_states`` /
+    ``output_attentions`` capture (hooks registered per model class name in transformers'
+    output-capturing registry) carries over to the new class."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers layout: nothing registered per class to carry over
+        _CAN_RECORD_REGISTRY = None
+    record = None if _CAN_RECORD_REGISTRY is None else _CAN_RECORD_REGISTRY.get(m)
+    m.__class__ = cls
+    if record:
+        _CAN_RECORD_REGISTRY[m] = record
 
 
 def _norm_swaps(model: nn.Module) -> list[tuple[str, BitlmRMSNorm]]:

@@ -26,11 +26,11 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
            "dense_lowbit_matmul", "linear_bf16", "rms_norm",
-           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "HfLayer",
+           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "HfLayer", "HfStack",
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 10
+ABI_VERSION = 11
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -81,6 +81,7 @@ _SIGNATURES = {
     "bitlm_qat_quantize_tensor": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_hf_layer_qkv": (_c_int, [_c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
     "bitlm_hf_layer_out": (_c_int, [_c_p, _c_p, _c_p, _c_p]),
+    "bitlm_hf_decode_layers": (_c_int, [_c_p, _c_i64, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_i64, ctypes.c_float, _c_p]),
 }
 _ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "tier not supported"}
 
@@ -789,6 +790,52 @@ class HfLayer:
         y = torch.empty(x.shape, dtype=dt)
         _check((_lib or _need()).bitlm_hf_layer_out(self._addr, x.data_ptr(), attn.data_ptr(), y.data_ptr()),
                "bitlm_hf_layer_out")
+        return y
+
+
+class HfStack:
+    """``bitlm_hf_decode_layers`` over one model's :class:`HfLayer` objects, in order: every layer
+    of one decode token (batch 1) in one call, the attention over the caller's key / value
+    buffers included."""
+
+    def __init__(self, layers: list[HfLayer]) -> None:
+        if not layers:
+            raise ValueError("HfStack: no layers")
+        l0 = layers[0]
+        for x in layers:
+            if (x.dtype, x.d_model, x.n_heads, x.kv_heads, x.head_dim) != (l0.dtype, l0.d_model, l0.n_heads,
+                                                                          l0.kv_heads, l0.head_dim):
+                raise ValueError("HfStack: the layers differ in dtype or shape")
+        n = len(layers)
+        self.layers, self.n = list(layers), n
+        self.dtype, self.d_model, self.kv_heads, self.head_dim = l0.dtype, l0.d_model, l0.kv_heads, l0.head_dim
+        self._arr = (ctypes.c_void_p * n)(*[x._addr for x in layers])
+        self._k, self._v, self._cap = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_int64 * n)()
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: list[torch.Tensor],
+               values: list[torch.Tensor], pos: int, scale: float) -> torch.Tensor:
+        """The last layer's output for one token's embedding ``x`` (d_model values) and RoPE factors
+        ``cos`` / ``sin`` (head_dim values), contiguous in the layers' dtype.  ``keys[i]`` /
+        ``values[i]``: layer i's cache buffers, contiguous (1, kv_heads, cap, head_dim) of the
+        dtype with cap > ``pos``; the token's key and value are written at row ``pos``, and the
+        attention reads rows [0, pos]."""
+        dt, D, n = self.dtype, self.head_dim, self.n
+        if not (x.dtype == dt and cos.dtype == dt and sin.dtype == dt and x.numel() == self.d_model
+                and cos.numel() == D and sin.numel() == D and x.is_contiguous() and cos.is_contiguous()
+                and sin.is_contiguous() and len(keys) == n and len(values) == n and pos >= 0):
+            raise ValueError(f"HfStack.decode: x / cos / sin must be contiguous {dt} of {self.d_model} / {D} values, "
+                             f"with {n} key and value buffers")
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if not (k.dtype == dt and v.dtype == dt and k.dim() == 4 and k.shape == v.shape and k.shape[0] == 1
+                    and k.shape[1] == self.kv_heads and k.shape[3] == D and k.shape[2] > pos and k.is_contiguous()
+                    and v.is_contiguous()):
+                raise ValueError(f"HfStack.decode: layer {i}'s key / value buffers must be contiguous {dt} "
+                                 f"(1, {self.kv_heads}, cap > {pos}, {D}), got {tuple(k.shape)} / {tuple(v.shape)}")
+            self._k[i], self._v[i], self._cap[i] = k.data_ptr(), v.data_ptr(), k.shape[2]
+        y = torch.empty(x.shape, dtype=dt)
+        _check((_lib or _need()).bitlm_hf_decode_layers(self._arr, n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                        self._k, self._v, self._cap, pos, float(scale), y.data_ptr()),
+               "bitlm_hf_decode_layers")
         return y
 
 
