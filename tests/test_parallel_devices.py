@@ -162,3 +162,32 @@ def test_training_keeps_freed_host_memory_for_reuse():
     for opt_out in ({"BITLM_MALLOC": "system"}, {"MALLOC_ARENA_MAX": "1"}):
         applied, faults = _faults(opt_out)
         assert applied == "False" and faults > 4 * 15000, opt_out
+
+
+_THREADS = """
+import torch
+from bitlm import kernels, parallel as P
+print(P.kernel_threads_like_torch(), torch.get_num_threads(), kernels.num_threads())
+"""
+
+
+def test_training_sizes_the_kernel_pool_like_torch():
+    """A training process (torchrun sets OMP_NUM_THREADS=1 per rank) runs bitlm's kernels on
+    torch's thread count, not one thread per CPU; BITLM_NUM_THREADS still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from bitlm import kernels
+
+    if kernels.backend() != "native":
+        pytest.skip("the reference backend has no thread pool")
+    env = {k: v for k, v in os.environ.items() if k not in ("BITLM_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def run(extra):
+        out = subprocess.run([sys.executable, "-c", _THREADS], env={**env, **extra}, capture_output=True, text=True,
+                             check=True, timeout=120).stdout.split()
+        return [int(x) for x in out]
+
+    assert run({"OMP_NUM_THREADS": "1"}) == [1, 1, 1]
+    assert run({"OMP_NUM_THREADS": "1", "BITLM_NUM_THREADS": "3"}) == [3, 1, 3]

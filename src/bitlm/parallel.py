@@ -28,6 +28,10 @@ torchrun (DDP and FSDP2) — all through torch itself, no launcher or communicat
   per small-preset step on the project's 2-core VM.  ``train`` and ``bench_train`` ask glibc to
   keep freed memory for reuse instead (``mallopt``), unless ``BITLM_MALLOC=system`` or the
   user's own malloc settings (``MALLOC_*``, ``GLIBC_TUNABLES``) say otherwise.
+* **Kernel threads** (``kernel_threads_like_torch``): bitlm's native pool sizes itself to the
+  CPUs, torch to ``OMP_NUM_THREADS`` — which torchrun sets to 1 per rank — so two CPU ranks on
+  two cores ran four kernel threads.  ``train`` and ``bench_train`` give the pool torch's count
+  unless ``BITLM_NUM_THREADS`` says otherwise.
 
 The model file stays free of distributed code: this module wraps a built model.
 """
@@ -45,7 +49,7 @@ import torch
 __all__ = ["DEVICES", "PRECISIONS", "PARALLEL", "BACKENDS", "resolve_device", "resolve_precision", "autocast",
            "to_device", "compile_blocks", "Dist", "init_distributed", "wrap_model", "unwrap", "global_absmean",
            "all_reduce_mean", "all_reduce_sum", "agree", "no_grad_sync", "torchrun_env", "apply_tensor_parallel",
-           "keep_freed_host_memory"]
+           "keep_freed_host_memory", "kernel_threads_like_torch"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
@@ -76,6 +80,17 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in _MALLOC_KEEP)
+
+
+def kernel_threads_like_torch() -> int:
+    """Size bitlm's native kernel pool to torch's intra-op thread count (the QAT step's integer
+    product and element passes then use the threads the rest of the step uses), unless
+    ``BITLM_NUM_THREADS`` is set.  Returns the pool's thread count."""
+    from . import kernels
+
+    if "BITLM_NUM_THREADS" not in os.environ:
+        kernels.set_num_threads(max(1, torch.get_num_threads()))
+    return kernels.num_threads()
 
 
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
