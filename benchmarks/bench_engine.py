@@ -11,7 +11,7 @@ own process so that peak RSS belongs to that configuration alone.
     python benchmarks/bench_engine.py --llama-cpp           # + llama.cpp TQ2_0/TQ1_0 side by side
     python benchmarks/bench_engine.py --per-op              # + decode on the per-op (Python-driven) path
     python benchmarks/bench_engine.py --formats t1 --heads int8a8,int6,int4 --prefill ""   # low-bit heads
-    python benchmarks/bench_engine.py --kv f16,int8 --depth 0,1024,4096 --prefill ""       # long contexts
+    python benchmarks/bench_engine.py --kv f16,int8 --depth 0,1024,4096 --prefill "" [--llama-cpp]   # long contexts (llama.cpp at the same depths, f16 KV)
 
 Writes a table to stdout and JSON (CPU model, kernel tier, every number) to --json.
 """
@@ -372,13 +372,16 @@ def ratios(runs: list[dict], probes: list[dict]) -> list[dict]:
         by_round.setdefault(r.get("round", 0), []).append(r)
     pairs: dict[tuple, list[tuple[int, float]]] = {}
     for rnd, rs in by_round.items():
-        # peers decode after a short prompt: bitlm rows at a context depth are not compared
-        for a in (r for r in rs if r["engine"] == "bitlm" and not r.get("depth")):
-            for b in (r for r in rs if r["engine"] not in ("bitlm", "bitlm-perop") and r["threads"] == a["threads"]):
+        # each bitlm row against the peers' rows of the same thread count and context depth
+        # (llama.cpp decodes at --depth with its f16 cache; ik_llama.cpp at depth 0 only)
+        for a in (r for r in rs if r["engine"] == "bitlm"):
+            for b in (r for r in rs if r["engine"] not in ("bitlm", "bitlm-perop") and r["threads"] == a["threads"]
+                      and (r.get("depth") or 0) == (a.get("depth") or 0)):
                 for k in RATIO_KEYS:
                     if a.get(k) and b.get(k):
-                        key = (a["format"], f"{a['head']}, kv {a.get('kv', 'f16')}", b["engine"], b["format"], b["head"],
-                               a["threads"], k)
+                        depth = f", depth {a['depth']}" if a.get("depth") else ""
+                        key = (a["format"], f"{a['head']}, kv {a.get('kv', 'f16')}{depth}", b["engine"], b["format"],
+                               b["head"], a["threads"], k)
                         pairs.setdefault(key, []).append((rnd, a[k] / b[k]))
     for (fa, ha, eb, fb, hb, t, k), vals in pairs.items():
         rs = [v for _, v in vals]

@@ -239,8 +239,10 @@ def _hwm() -> int:
     return 0
 
 
-def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> dict:
-    """Runs inside a fresh process: load, prompt processing, decode; speeds and peak RSS."""
+def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], depth: int = 0) -> dict:
+    """Runs inside a fresh process: load, prompt processing, decode; speeds and peak RSS.
+    ``depth``: the decode runs after a prompt of ``depth`` + 16 tokens (llama.cpp's f16 KV cache
+    then holds that many rows), instead of 16."""
     if "bitlm" in sys.modules:  # its import would have set OMP_WAIT_POLICY for llama.cpp's OpenMP too
         raise RuntimeError("the llama.cpp child process imported bitlm")
     import llama_cpp
@@ -248,7 +250,8 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
 
     base_rss = _hwm()  # python + numpy + llama.cpp's libraries, before the model exists
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
+    n_ctx = max(N_CTX, depth + 16 + decode_tokens + 16)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                           n_batch=N_BATCH, logits_all=False, verbose=False)
     out: dict = {"load_s": time.perf_counter() - t0}
     n_vocab = llm.n_vocab()
@@ -265,7 +268,7 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
     llm.reset()
     llm.eval(ids(8))  # warm-up: pages in the weights
     for n in prefill:
-        if n > N_CTX:
+        if n > n_ctx:
             continue
         toks = ids(n)
         best = float("inf")
@@ -276,7 +279,9 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
             best = min(best, time.perf_counter() - t)
         out[f"prefill_{n}_tok_s"] = n / best
     llm.reset()
-    llm.eval(ids(16))
+    t = time.perf_counter()
+    llm.eval(ids(depth + 16))
+    out["context_fill_s"] = time.perf_counter() - t
     nxt = greedy()
     for _ in range(4):  # warm-up decode steps
         llm.eval([nxt])
@@ -292,6 +297,7 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int]) -> 
     out["decode_mean_tok_s"] = len(times) / sum(times)
     out["decode_p90_ms"] = 1e3 * times[int(0.9 * (len(times) - 1))]
     out["n_vocab"] = n_vocab
+    out["depth"], out["kv"], out["n_ctx"] = depth, "f16", n_ctx
     out["peak_rss_bytes"] = _hwm()
     out["baseline_rss_bytes"] = base_rss
     return out
@@ -332,6 +338,7 @@ def run_llama_cpp(args: Any, threads: list[int]) -> list[dict]:
     preset = getattr(args, "preset", "2b4t")
     cache_dir = getattr(args, "cache_dir", DEFAULT_CACHE)
     decode_tokens = int(getattr(args, "decode_tokens", 128))
+    depths = [int(x) for x in _csv(str(getattr(args, "depth", "0") or "0"))]
     prefill = str(getattr(args, "prefill", "128,512"))
     formats = _csv(getattr(args, "llama_formats", None) or ",".join(FORMATS))
     heads = _csv(getattr(args, "llama_heads", None) or ",".join(HEADS))
@@ -347,10 +354,10 @@ def run_llama_cpp(args: Any, threads: list[int]) -> list[dict]:
         for head in heads:
             path = build_gguf(None, preset, fmt, head, cache_dir=cache_dir)
             wb = weight_bytes(path)
-            for t in threads:
+            for t, depth in [(t, d) for d in depths for t in threads]:
                 row: dict[str, Any] = {"engine": "llama.cpp", "format": fmt, "head": head, "threads": t}
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", f"{path}:{t}",
-                       "--decode-tokens", str(decode_tokens), "--prefill", prefill]
+                       "--decode-tokens", str(decode_tokens), "--prefill", prefill, "--depth", str(depth)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(t)}
                 # llama.cpp runs with its own OpenMP defaults (bitlm's PASSIVE setting is for torch;
                 # ggml's OpenMP threads wait between tokens and measured slower with it)
@@ -382,7 +389,8 @@ def run_llama_cpp(args: Any, threads: list[int]) -> list[dict]:
                     row["rss_over_file_plus_kv"] = (row["peak_rss_bytes"] - row["baseline_rss_bytes"]) / (
                         row["file_bytes"] + kv_bytes)
                 rows.append(row)
-                print(f"  llama.cpp {fmt}/{head} {t} thr: decode {row.get('decode_tok_s', float('nan')):.1f} tok/s",
+                print(f"  llama.cpp {fmt}/{head} {t} thr, depth {depth}: decode "
+                      f"{row.get('decode_tok_s', float('nan')):.1f} tok/s",
                       file=sys.stderr, flush=True)
     return rows
 
@@ -423,12 +431,14 @@ def main() -> int:
     ap.add_argument("--prefill", default="128,512")
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
     ap.add_argument("--json", default="benchmarks/results/llama_cpp.json")
+    ap.add_argument("--depth", default="0", help="context depths to decode at, comma separated (e.g. 0,1024,4096): "
+                    "the decode follows a prompt of this many + 16 tokens (f16 KV cache)")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefill = [int(x) for x in _csv(args.prefill)]
     if args._run:
         path, threads = args._run.rsplit(":", 1)
-        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill)))
+        print(json.dumps(run_one(path, int(threads), args.decode_tokens, prefill, int(args.depth))))
         return 0
     # only now: the --_run child above must never import bitlm, whose import sets
     # OMP_WAIT_POLICY=PASSIVE for torch (llama.cpp's OpenMP measured 28 -> 18 tok/s with it)

@@ -428,7 +428,7 @@ class BitlmBitNetModel(BitNetModel):
                 or input_ids.shape != (1, 1) or type(cache) is not DynamicCache
                 or not (use_cache if use_cache is not None else cfg.use_cache)
                 or any(kwargs.get(k, getattr(cfg, k, False)) for k in ("output_attentions", "output_hidden_states"))
-                or set(kwargs) - _DECODE_KWARGS
+                or set(kwargs) - _DECODE_KWARGS or kwargs.get("return_dict") is False
                 or (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad)):
             return None
         layers = self.layers[: cfg.num_hidden_layers]
