@@ -183,3 +183,31 @@ def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
                 assert torch.equal(o, first), (kv, t)
     finally:
         native.set_tier(prev)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (6, 2), (5, 1)])
+def test_fused_kv_attention_gqa_groups_same_on_every_tier(n_heads, n_kv):
+    """The AVX-512 attention reads each kv head's rows once for up to 4 of its query heads (a
+    thread's share may start or end inside a group): every tier and thread count gives the
+    generic tier's bits."""
+    from bitlm import kernels
+
+    _native()
+    pm = convert(_model(d_model=64 * n_heads, n_heads=n_heads, n_kv_heads=n_kv), "i2")
+    assert pm.config.head_dim == 64
+    prompt = torch.randint(0, 512, (1, 13))
+    prev, prev_threads = native.tier(), kernels.num_threads()
+    try:
+        for kv in KVS:
+            outs = {}
+            for t in native.supported_tiers():
+                for threads in (1, 2, 3):
+                    native.set_tier(t)
+                    kernels.set_num_threads(threads)
+                    outs[(t, threads)] = decode_greedy(pm, prompt, 5, True, kv)[1]
+            first = next(iter(outs.values()))
+            for key, o in outs.items():
+                assert torch.equal(o, first), (kv, key)
+    finally:
+        native.set_tier(prev)
+        kernels.set_num_threads(prev_threads)
