@@ -64,11 +64,6 @@ static void attn_run(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-/* Threads for the attention pass over H heads of T cached positions. */
-static int attn_threads(int64_t H, int64_t T, int64_t D) {
-    return bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD);
-}
-
 /* y = x*cos + rotate_half(x)*sin for nh heads of D values, in place (torch's apply_rope). */
 static void rope(float *v, int64_t nh, int64_t D, const float *cos, const float *sin) {
     const int64_t h2 = D / 2;

@@ -286,7 +286,7 @@ BITLM_API int bitlm_hf_decode_layers(const bitlm_hf_layer_desc *const *layers, i
         }
         to_f32(bf, q, qf, hd);
         hf_attn_task at = {tab, bf, qf, kc[i], vc[i], T, D, H / Hkv, cap[i], scale, scores, attf};
-        bitlm_parallel_for(H, 1, bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD), hf_attn_run, &at);
+        bitlm_parallel_for(H, 1, attn_threads(H, T, D), hf_attn_run, &at);
         round_all(bf, attf, hd); /* the attention output in the dtype, as the attention function returns it */
         from_f32(bf, attf, att, hd);
         rc = bitlm_hf_layer_out(d, cur, att, nxt);

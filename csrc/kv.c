@@ -106,19 +106,6 @@ KV512 static inline __m512 kv_load16(int type, const void *c, const float *s, in
     return _mm512_mul_ps(v, _mm512_set1_ps(s[t]));
 }
 
-/* out = (sum_t e_t * v_t) / sum for D = 16 * NV, t outermost: every row is read once. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
-kv_v_rows(int type, const void *vc, const float *vs, int64_t T, const float *e, float sum, float *out, const int NV) {
-    const int64_t D = 16 * NV;
-    __m512 o[8];
-    for (int c = 0; c < NV; c++) o[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < T; t++) {
-        const __m512 et = _mm512_set1_ps(e[t]);
-        for (int c = 0; c < NV; c++) o[c] = _mm512_add_ps(o[c], _mm512_mul_ps(et, kv_load16(type, vc, vs, t, D, 16 * c)));
-    }
-    for (int c = 0; c < NV; c++) _mm512_storeu_ps(out + 16 * c, _mm512_div_ps(o[c], _mm512_set1_ps(sum)));
-}
-
 /* bitlm_fold16f of the 16 lanes of a, in registers: the same additions of the same pairs
  * (l[j] += l[j+8], += l[j+4], += l[j+2], l[0] + l[1]; float addition is commutative). */
 KV512 static inline float kv_fold16(__m512 a) {
@@ -129,68 +116,21 @@ KV512 static inline float kv_fold16(__m512 a) {
     return _mm512_cvtss_f32(a);
 }
 
-/* D % 16 == 0: lane l of the score accumulator is exactly the generic lane l.  Four positions at
- * a time, each in its own accumulator (the same sums in the same order as one at a time: the
- * four dependency chains overlap instead of waiting on each other). */
-KV512 static void kv_attn_avx512(int type, const float *q, const void *kc, const float *ks, const void *vc,
-                                 const float *vs, int64_t T, int64_t D, float scale, float *scores, float *out) {
-    float m = -INFINITY;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        for (int64_t j = 0; j < D; j += 16) {
-            const __m512 qj = _mm512_loadu_ps(q + j);
-            a0 = _mm512_add_ps(a0, _mm512_mul_ps(qj, kv_load16(type, kc, ks, t, D, j)));
-            a1 = _mm512_add_ps(a1, _mm512_mul_ps(qj, kv_load16(type, kc, ks, t + 1, D, j)));
-            a2 = _mm512_add_ps(a2, _mm512_mul_ps(qj, kv_load16(type, kc, ks, t + 2, D, j)));
-            a3 = _mm512_add_ps(a3, _mm512_mul_ps(qj, kv_load16(type, kc, ks, t + 3, D, j)));
-        }
-        const float s0 = kv_fold16(a0) * scale, s1 = kv_fold16(a1) * scale, s2 = kv_fold16(a2) * scale,
-                    s3 = kv_fold16(a3) * scale;
-        scores[t] = s0, scores[t + 1] = s1, scores[t + 2] = s2, scores[t + 3] = s3;
-        m = s0 > m ? s0 : m;
-        m = s1 > m ? s1 : m;
-        m = s2 > m ? s2 : m;
-        m = s3 > m ? s3 : m;
-    }
-    for (; t < T; t++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < D; j += 16)
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(q + j), kv_load16(type, kc, ks, t, D, j)));
-        const float s = kv_fold16(acc) * scale;
-        scores[t] = s;
-        m = s > m ? s : m;
-    }
-    const float sum = bitlm_softmax_exp(scores, T, m);
-    if (D == 128) { /* one pass over the rows, the 128 sums in registers (same order per element) */
-        kv_v_rows(type, vc, vs, T, scores, sum, out, 8);
-        return;
-    }
-    if (D == 64) {
-        kv_v_rows(type, vc, vs, T, scores, sum, out, 4);
-        return;
-    }
-    for (int64_t j = 0; j < D; j += 16) {
-        __m512 o = _mm512_setzero_ps();
-        for (int64_t t = 0; t < T; t++)
-            o = _mm512_add_ps(o, _mm512_mul_ps(_mm512_set1_ps(scores[t]), kv_load16(type, vc, vs, t, D, j)));
-        _mm512_storeu_ps(out + j, _mm512_div_ps(o, _mm512_set1_ps(sum)));
-    }
-}
-
 /* How many rows ahead kv_attn_heads prefetches its key / value rows. */
 #define KV_PF_ROWS 16
 
-/* NH (1-4) query heads that share one kv head (GQA), D % 64 == 0: every key and value row is read
- * once for all of them instead of once per head.  Per head the sums, the softmax and the
- * weighted sum of the values are kv_attn_avx512's, in the same order: the same bits. */
+/* NH (1-4) query heads that share one kv head (GQA), D % 16 == 0: every key and value row is read
+ * once for all of them instead of once per head, and prefetched KV_PF_ROWS rows ahead (the
+ * streams cross a 4 KB page every few rows).  Per head, lane l of the score accumulator is
+ * exactly kv_attn_generic's lane l, and each output element sums e_t * v_t over t in order from
+ * 0, then divides by the sum: the generic tier's bits. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
 kv_attn_heads(int type, const float *q, const void *kc, const float *ks, const void *vc, const float *vs, int64_t T,
               int64_t D, float scale, float *scores, float *out, const int NH) {
     float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, sum[4];
-    const int64_t rb = D * (type == BITLM_KV_F16 ? 2 : 1); /* bytes per cached row */
+    const int64_t es = type == BITLM_KV_F16 ? 2 : 1, rb = D * es; /* bytes per value, per cached row */
     for (int64_t t = 0; t < T; t++) {
-        if (t + KV_PF_ROWS < T) /* the rows KV_PF_ROWS ahead: the streams cross a 4 KB page every few rows */
+        if (t + KV_PF_ROWS < T)
             for (int64_t b = 0; b < rb; b += 64) _mm_prefetch((const char *)kc + (t + KV_PF_ROWS) * rb + b, _MM_HINT_T0);
         __m512 acc[4];
         for (int r = 0; r < NH; r++) acc[r] = _mm512_setzero_ps();
@@ -205,23 +145,24 @@ kv_attn_heads(int type, const float *q, const void *kc, const float *ks, const v
         }
     }
     for (int r = 0; r < NH; r++) sum[r] = bitlm_softmax_exp(scores + r * T, T, m[r]);
-    for (int64_t c0 = 0; c0 < D; c0 += 64) { /* 64 columns of every head's output in registers */
+    for (int64_t c0 = 0; c0 < D; c0 += 64) { /* up to 64 columns of every head's output in registers */
+        const int nc = D - c0 >= 64 ? 4 : (int)((D - c0) / 16);
         __m512 o[4][4];
         for (int r = 0; r < NH; r++)
-            for (int c = 0; c < 4; c++) o[r][c] = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++) o[r][c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < T; t++) {
-            if (t + KV_PF_ROWS < T) /* this pass reads 64 values of each row: 128 (f16) or 64 (int8) bytes */
-                for (int64_t b = 0; b < 64 * (rb / D); b += 64)
-                    _mm_prefetch((const char *)vc + (t + KV_PF_ROWS) * rb + c0 * (rb / D) + b, _MM_HINT_T0);
+            if (t + KV_PF_ROWS < T) /* this pass's 16 * nc values of the row */
+                for (int64_t b = 0; b < 16 * nc * es; b += 64)
+                    _mm_prefetch((const char *)vc + (t + KV_PF_ROWS) * rb + c0 * es + b, _MM_HINT_T0);
             __m512 vj[4];
-            for (int c = 0; c < 4; c++) vj[c] = kv_load16(type, vc, vs, t, D, c0 + 16 * c);
+            for (int c = 0; c < nc; c++) vj[c] = kv_load16(type, vc, vs, t, D, c0 + 16 * c);
             for (int r = 0; r < NH; r++) {
                 const __m512 et = _mm512_set1_ps(scores[r * T + t]);
-                for (int c = 0; c < 4; c++) o[r][c] = _mm512_add_ps(o[r][c], _mm512_mul_ps(et, vj[c]));
+                for (int c = 0; c < nc; c++) o[r][c] = _mm512_add_ps(o[r][c], _mm512_mul_ps(et, vj[c]));
             }
         }
         for (int r = 0; r < NH; r++)
-            for (int c = 0; c < 4; c++)
+            for (int c = 0; c < nc; c++)
                 _mm512_storeu_ps(out + r * D + c0 + 16 * c, _mm512_div_ps(o[r][c], _mm512_set1_ps(sum[r])));
     }
 }
@@ -250,17 +191,12 @@ BITLM_HIDDEN void bitlm_kv_attn_run(void *ctx, int64_t b, int64_t e) {
         const void *vc = (const uint8_t *)a->vc + (size_t)(row0 * a->D) * esz;
         const float *ks = a->ks ? a->ks + row0 : NULL, *vs = a->vs ? a->vs + row0 : NULL;
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
-        if (wide && a->D % 64 == 0) { /* this share's heads of kv head `kv`, up to 4 at a time */
+        if (wide) { /* this share's heads of kv head `kv`, up to 4 at a time */
             int64_t n = (kv + 1) * a->rep < e ? (kv + 1) * a->rep - h : e - h;
             n = n > 4 ? 4 : n;
             kv_attn_avx512_heads(a->type, a->q + h * a->D, kc, ks, vc, vs, a->T, a->D, a->scale, a->scores + h * a->T,
                                  a->out + h * a->D, (int)n);
             h += n - 1;
-            continue;
-        }
-        if (wide) {
-            kv_attn_avx512(a->type, a->q + h * a->D, kc, ks, vc, vs, a->T, a->D, a->scale, a->scores + h * a->T,
-                           a->out + h * a->D);
             continue;
         }
 #endif

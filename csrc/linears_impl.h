@@ -2,7 +2,7 @@
  * linears_impl.h — the decode products shared by the fused steps (decode.c's bitlm_decode_step,
  * hf_layer.c's transformers layer): one token's norm + quantise, the problems of up to three
  * products over one parallel pass, and the pass plans whose shares the pool's workers prefetch
- * while the caller runs the serial work in between.  Static functions: each file that includes
+ * while the caller runs the serial work in between; the attention pass's thread count.  Static functions: each file that includes
  * it compiles its own copy (no ISA flags; the wide code is reached through the tier table).
  */
 #ifndef BITLM_LINEARS_IMPL_H
@@ -136,6 +136,11 @@ static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_probl
         t.end[i] = self->end[i];
     }
     bitlm_parallel_for_then(self->end[np - 1], self->grain, self->max_threads, lin_run, &t, next_share, next);
+}
+
+/* Threads for the attention pass over H heads of T cached positions. */
+static int attn_threads(int64_t H, int64_t T, int64_t D) {
+    return bitlm_threads_for((double)(H * T * D * 2) + BITLM_MIN_MACS_PER_THREAD);
 }
 
 /* relu_f, except that NaN stays NaN (as torch.relu keeps it). */

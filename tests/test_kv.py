@@ -165,8 +165,8 @@ def test_decoder_rejects_a_cache_of_another_type():
 
 @pytest.mark.parametrize("head_dim", (64, 128, 48))
 def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
-    """The AVX-512 attention has register-resident paths for D = 64 / 128 and a general one
-    (D % 16 == 0); D = 48 also takes the general one: all equal the generic tier bit for bit."""
+    """The AVX-512 attention keeps up to 64 output columns in registers per pass over the values:
+    D = 64 / 128 in whole passes, D = 48 in a narrower one; all equal the generic tier bit for bit."""
     _native()
     pm = convert(_model(d_model=2 * head_dim, n_heads=2, n_kv_heads=1), "i2")
     assert pm.config.head_dim == head_dim
