@@ -84,8 +84,7 @@ def measure(preset_name: str, quant: str, device_name: str, precision: str | Non
     if quant.endswith("-long"):  # the STE as it was before the short path: x + λ·(q - x).detach()
         _long_ste()
         quant = quant[: -len("-long")]
-    P.keep_freed_host_memory()  # as bitlm.train.train does
-    P.kernel_threads_like_torch()
+    P.setup_training_process()  # as bitlm.train.train does
     d = P.init_distributed(device_name, parallel)
     prec = P.resolve_precision(precision, d.device)
     base_mb = _peak_mb(d.device)

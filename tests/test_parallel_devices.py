@@ -141,14 +141,20 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(env_extra: dict) -> tuple[str, int]:
+def _child_words(code: str, drop: tuple[str, ...], extra: dict) -> list[str]:
+    """What a fresh ``python -c code`` prints, split into words, with the environment's variables
+    starting with ``drop`` removed and ``extra`` added."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "BITLM_MALLOC", "GLIBC_TUNABLES"))}
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env={**env, **env_extra}, capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.split()
+
+
+def _faults(env_extra: dict) -> tuple[str, int]:
+    out = _child_words(_FAULTS, ("MALLOC_", "BITLM_MALLOC", "GLIBC_TUNABLES"), env_extra)
     return out[0], int(out[1])
 
 
@@ -174,20 +180,13 @@ print(P.kernel_threads_like_torch(), torch.get_num_threads(), kernels.num_thread
 def test_training_sizes_the_kernel_pool_like_torch():
     """A training process (torchrun sets OMP_NUM_THREADS=1 per rank) runs bitlm's kernels on
     torch's thread count, not one thread per CPU; BITLM_NUM_THREADS still wins."""
-    import os
-    import subprocess
-    import sys
-
     from bitlm import kernels
 
     if kernels.backend() != "native":
         pytest.skip("the reference backend has no thread pool")
-    env = {k: v for k, v in os.environ.items() if k not in ("BITLM_NUM_THREADS", "OMP_NUM_THREADS")}
 
     def run(extra):
-        out = subprocess.run([sys.executable, "-c", _THREADS], env={**env, **extra}, capture_output=True, text=True,
-                             check=True, timeout=120).stdout.split()
-        return [int(x) for x in out]
+        return [int(x) for x in _child_words(_THREADS, ("BITLM_NUM_THREADS", "OMP_NUM_THREADS"), extra)]
 
     assert run({"OMP_NUM_THREADS": "1"}) == [1, 1, 1]
     assert run({"OMP_NUM_THREADS": "1", "BITLM_NUM_THREADS": "3"}) == [3, 1, 3]

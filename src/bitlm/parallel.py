@@ -25,12 +25,12 @@ torchrun (DDP and FSDP2) — all through torch itself, no launcher or communicat
 * **Host allocator** (``keep_freed_host_memory``): a training step frees and re-allocates the
   same large activation buffers every step; glibc returns each to the kernel (``munmap`` / heap
   trim) and the next step page-faults it back in — 40-60 k faults and 50-150 ms of system time
-  per small-preset step on the project's 2-core VM.  ``train`` and ``bench_train`` ask glibc to
+  per small-preset step on the project's 2-core VM.  Training processes ask glibc to
   keep freed memory for reuse instead (``mallopt``), unless ``BITLM_MALLOC=system`` or the
   user's own malloc settings (``MALLOC_*``, ``GLIBC_TUNABLES``) say otherwise.
 * **Kernel threads** (``kernel_threads_like_torch``): bitlm's native pool sizes itself to the
   CPUs, torch to ``OMP_NUM_THREADS`` — which torchrun sets to 1 per rank — so two CPU ranks on
-  two cores ran four kernel threads.  ``train`` and ``bench_train`` give the pool torch's count
+  two cores ran four kernel threads.  Training processes give the pool torch's count
   unless ``BITLM_NUM_THREADS`` says otherwise.
 
 The model file stays free of distributed code: this module wraps a built model.
@@ -49,7 +49,7 @@ import torch
 __all__ = ["DEVICES", "PRECISIONS", "PARALLEL", "BACKENDS", "resolve_device", "resolve_precision", "autocast",
            "to_device", "compile_blocks", "Dist", "init_distributed", "wrap_model", "unwrap", "global_absmean",
            "all_reduce_mean", "all_reduce_sum", "agree", "no_grad_sync", "torchrun_env", "apply_tensor_parallel",
-           "keep_freed_host_memory", "kernel_threads_like_torch"]
+           "keep_freed_host_memory", "kernel_threads_like_torch", "setup_training_process"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
@@ -91,6 +91,13 @@ def kernel_threads_like_torch() -> int:
     if "BITLM_NUM_THREADS" not in os.environ:
         kernels.set_num_threads(max(1, torch.get_num_threads()))
     return kernels.num_threads()
+
+
+def setup_training_process() -> None:
+    """What every training process (``train``, ``time_train_step``, ``bench_train``) sets up once
+    before its first step: :func:`keep_freed_host_memory` and :func:`kernel_threads_like_torch`."""
+    keep_freed_host_memory()
+    kernel_threads_like_torch()
 
 
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:

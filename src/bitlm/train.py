@@ -339,10 +339,9 @@ def time_train_step(model_cfg: ModelConfig, data, batch_size: int, seq_len: int,
     """Seconds of one training step (forward, backward, AdamW) of a fresh ``model_cfg`` model:
     the best of ``steps`` after one warm-up step.  Used to size runs to a time budget.  ``device``
     (``bitlm.parallel`` names; default the CPU): where the step runs, fp32."""
-    from .parallel import keep_freed_host_memory, kernel_threads_like_torch, resolve_device, to_device
+    from .parallel import resolve_device, setup_training_process, to_device
 
-    keep_freed_host_memory()  # as train() runs
-    kernel_threads_like_torch()
+    setup_training_process()  # as train() runs
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     torch.manual_seed(0)
     model = BitNetModel(model_cfg).train().to(dev)
@@ -515,8 +514,7 @@ def train(
 
     tcfg.validate()
     model_cfg = tp_model_config(model_cfg, tcfg)
-    P.keep_freed_host_memory()
-    P.kernel_threads_like_torch()
+    P.setup_training_process()
     d = P.init_distributed(tcfg.device, tcfg.parallel, tcfg.dist_backend, tcfg.dist_timeout, tcfg.tp)
     try:
         return _train(model_cfg, tcfg, data, d, resume=resume, init_model=init_model, log=log, progress=progress, P=P,
