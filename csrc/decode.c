@@ -47,23 +47,6 @@ static int decoder_ok(const bitlm_decoder_desc *d, int64_t *gmax, int need_cache
 
 /* ---- pieces of a block (the products: linears_impl.h) ------------------------------------- */
 
-typedef struct {
-    bitlm_attn_fn fn;
-    const float *q, *kc, *vc;
-    int64_t T, D, rep, max_len;
-    float scale;
-    float *scores, *out;
-} attn_task;
-
-static void attn_run(void *ctx, int64_t b, int64_t e) {
-    const attn_task *t = (const attn_task *)ctx;
-    for (int64_t h = b; h < e; h++) {
-        const int64_t kv = h / t->rep;
-        t->fn(t->q + h * t->D, t->kc + kv * t->max_len * t->D, t->vc + kv * t->max_len * t->D, t->T, t->D, t->scale,
-              t->scores + h * t->T, t->out + h * t->D);
-    }
-}
-
 /* y = x*cos + rotate_half(x)*sin for nh heads of D values, in place (torch's apply_rope). */
 static void rope(float *v, int64_t nh, int64_t D, const float *cos, const float *sin) {
     const int64_t h2 = D / 2;
@@ -211,7 +194,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         LAP(PH_ROPE_KV);
         const int nthr = attn_threads(H, T, D);
         if (kvt == BITLM_KV_F32) {
-            attn_task at = {tab->attn, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
+            attn_task at = {tab, 0, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
             bitlm_parallel_for_then(H, 1, nthr, attn_run, &at, next_share, &pl_o);
         } else {
             bitlm_kv_attn_task at = {kvt, yq, b->k_cache, b->v_cache, ksc, vsc, T, D, H / Hkv, d->max_len, scale, scores, att};

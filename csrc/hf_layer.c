@@ -222,29 +222,6 @@ BITLM_API int bitlm_hf_layer_out(const bitlm_hf_layer_desc *d, const void *x, co
 
 /* ---- every layer of one decode token in one call (bitlm_hf_decode_layers) ------------------- */
 
-typedef struct {
-    const bitlm_kernel_table *tab;
-    int bf16;
-    const float *q;          /* (H, D) float32 values of the dtype */
-    const void *kc, *vc;     /* (Hkv, cap, D) of the dtype */
-    int64_t T, D, rep, cap;
-    float scale;
-    float *scores, *out;     /* (H, T), (H, D) */
-} hf_attn_task;
-
-static void hf_attn_run(void *ctx, int64_t b, int64_t e) {
-    const hf_attn_task *t = (const hf_attn_task *)ctx;
-    for (int64_t h = b; h < e; h++) {
-        const int64_t off = (h / t->rep) * t->cap * t->D;
-        if (t->bf16)
-            t->tab->attn_bf16(t->q + h * t->D, (const uint16_t *)t->kc + off, (const uint16_t *)t->vc + off, t->T, t->D,
-                              t->scale, t->scores + h * t->T, t->out + h * t->D);
-        else
-            t->tab->attn(t->q + h * t->D, (const float *)t->kc + off, (const float *)t->vc + off, t->T, t->D, t->scale,
-                         t->scores + h * t->T, t->out + h * t->D);
-    }
-}
-
 BITLM_API int bitlm_hf_decode_layers(const bitlm_hf_layer_desc *const *layers, int64_t n, const void *x,
                                      const void *cos, const void *sin, void *const *kc, void *const *vc,
                                      const int64_t *cap, int64_t pos, float scale, void *y) {
@@ -285,8 +262,8 @@ BITLM_API int bitlm_hf_decode_layers(const bitlm_hf_layer_desc *const *layers, i
             memcpy((unsigned char *)vc[i] + ((size_t)(g * cap[i] + pos) * D) * es, v + (size_t)(g * D) * es, (size_t)D * es);
         }
         to_f32(bf, q, qf, hd);
-        hf_attn_task at = {tab, bf, qf, kc[i], vc[i], T, D, H / Hkv, cap[i], scale, scores, attf};
-        bitlm_parallel_for(H, 1, attn_threads(H, T, D), hf_attn_run, &at);
+        attn_task at = {tab, bf, qf, kc[i], vc[i], T, D, H / Hkv, cap[i], scale, scores, attf};
+        bitlm_parallel_for(H, 1, attn_threads(H, T, D), attn_run, &at);
         round_all(bf, attf, hd); /* the attention output in the dtype, as the attention function returns it */
         from_f32(bf, attf, att, hd);
         rc = bitlm_hf_layer_out(d, cur, att, nxt);

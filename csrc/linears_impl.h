@@ -2,8 +2,9 @@
  * linears_impl.h — the decode products shared by the fused steps (decode.c's bitlm_decode_step,
  * hf_layer.c's transformers layer): one token's norm + quantise, the problems of up to three
  * products over one parallel pass, and the pass plans whose shares the pool's workers prefetch
- * while the caller runs the serial work in between; the attention pass's thread count.  Static functions: each file that includes
- * it compiles its own copy (no ISA flags; the wide code is reached through the tier table).
+ * while the caller runs the serial work in between; the attention pass over the query heads and
+ * its thread count.  Static functions: each file that includes it compiles its own copy (no ISA
+ * flags; the wide code is reached through the tier table).
  */
 #ifndef BITLM_LINEARS_IMPL_H
 #define BITLM_LINEARS_IMPL_H
@@ -136,6 +137,31 @@ static void run_linears(const bitlm_kernel_table *tab, int np, const bitlm_probl
         t.end[i] = self->end[i];
     }
     bitlm_parallel_for_then(self->end[np - 1], self->grain, self->max_threads, lin_run, &t, next_share, next);
+}
+
+/* The attention pass over query heads [b, e) of one token: q (H, D) float32, the float32 or
+ * bfloat16 (`bf16`) cache of each kv head at kc / vc + kv * cap * D (tab->attn / tab->attn_bf16). */
+typedef struct {
+    const bitlm_kernel_table *tab;
+    int bf16;
+    const float *q;          /* (H, D) float32 values of the dtype */
+    const void *kc, *vc;     /* (Hkv, cap, D) of the dtype */
+    int64_t T, D, rep, cap;
+    float scale;
+    float *scores, *out;     /* (H, T), (H, D) */
+} attn_task;
+
+static void attn_run(void *ctx, int64_t b, int64_t e) {
+    const attn_task *t = (const attn_task *)ctx;
+    for (int64_t h = b; h < e; h++) {
+        const int64_t off = (h / t->rep) * t->cap * t->D;
+        if (t->bf16)
+            t->tab->attn_bf16(t->q + h * t->D, (const uint16_t *)t->kc + off, (const uint16_t *)t->vc + off, t->T, t->D,
+                              t->scale, t->scores + h * t->T, t->out + h * t->D);
+        else
+            t->tab->attn(t->q + h * t->D, (const float *)t->kc + off, (const float *)t->vc + off, t->T, t->D, t->scale,
+                         t->scores + h * t->T, t->out + h * t->D);
+    }
 }
 
 /* Threads for the attention pass over H heads of T cached positions. */
