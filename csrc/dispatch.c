@@ -109,11 +109,27 @@ static void detect_caches(void) {
     if (g_cfg.x_block_bytes < 4096) g_cfg.x_block_bytes = 4096;
     int64_t sm = env_bytes("BITLM_GEMM_SMALL_M", 8);
     g_cfg.small_m_max = sm > 8 ? 8 : sm;
-    /* GEMV tile streams per thread: one sequential stream was fastest on Zen 5 (see
-     * x86_avx512.c); on the Intel Xeon of 2026-12-02 two tiles at once decoded 13-15 % faster
-     * (docs/performance.md).  Chosen by vendor until more parts are measured. */
-    const int64_t gs_default = strcmp(g_vendor, "GenuineIntel") == 0 ? 2 : 1;
-    g_cfg.gemv_streams = env_bytes("BITLM_GEMV_STREAMS", gs_default) == 2 ? 2 : 1;
+    /* The GEMV plan per format: tiles read at once per thread, software prefetch distance (bytes
+     * ahead in each stream) and level.  One sequential stream 8 KB ahead into L1 was fastest on
+     * Zen 5 (see x86_avx512.c).  On the Intel Xeon of 2026-12-03 (family 6 model 167, cold GEMV
+     * over a 2B4T's matrices, docs/performance.md): i2 four tiles at once 2 KB ahead (25.7 vs
+     * 22.0 GB/s with two tiles 8 KB ahead, the read probe 27-28); t1, which is bound by its ten
+     * vpdpbusd per chunk, one tile 8 KB ahead into L2 (21.6 vs 17.1).  Chosen by vendor until
+     * more parts are measured; BITLM_GEMV_STREAMS (1, 2, 4; t1 and b1 at most 2),
+     * BITLM_GEMV_PREFETCH (bytes) and BITLM_GEMV_PREFETCH_L2 (0 / 1) override every format. */
+    const int intel = strcmp(g_vendor, "GenuineIntel") == 0;
+    for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++) {
+        int64_t st = 1, pf = 8192, l2 = 0;
+        if (intel && f == BITLM_FMT_I2) st = 4, pf = 2048;
+        if (intel && f == BITLM_FMT_T1) l2 = 1;
+        if (intel && f == BITLM_FMT_B1) st = 2;
+        st = env_bytes("BITLM_GEMV_STREAMS", st);
+        st = st >= 4 ? (f == BITLM_FMT_I2 ? 4 : 2) : st >= 2 ? 2 : 1;
+        pf = env_bytes("BITLM_GEMV_PREFETCH", pf);
+        g_cfg.gemv_streams[f] = st;
+        g_cfg.gemv_prefetch[f] = pf < 64 ? 64 : pf > (1 << 20) ? (1 << 20) : pf;
+        g_cfg.gemv_pf_l2[f] = env_bytes("BITLM_GEMV_PREFETCH_L2", l2) == 1;
+    }
     /* i2 GEMV unpack: masks in place (x86_avx512.c gemv_i2, 7-8 % faster on the Xeon of
      * 2026-12-03); BITLM_GEMV_I2_SHIFT=1 keeps the shifting loop (A/B measurements, tests) */
     g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
@@ -269,12 +285,18 @@ static void init_once(void) {
 BITLM_API const char *bitlm_kernel_config(void) {
     pthread_once(&g_once, init_once);
     pthread_mutex_lock(&g_tier_mu);
+    char gemv[128]; /* e.g. i2:4x2048/l1,t1:1x8192/l2,b1:2x8192/l1 */
+    int off = 0;
+    for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
+        off += snprintf(gemv + off, sizeof gemv - (size_t)off, "%s%s:%lldx%lld/%s", f > BITLM_FMT_I2 ? "," : "",
+                        f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1", (long long)g_cfg.gemv_streams[f],
+                        (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv_prefetch=8192 gemv_streams=%lld gemv_i2=%s amx=%s",
+             "gemm_x_block=%lldK small_m_max=%lld gemv=%s gemv_i2=%s amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
-             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, (long long)g_cfg.gemv_streams,
+             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, gemv,
              g_cfg.gemv_i2_mask ? "mask" : "shift", g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;

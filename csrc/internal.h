@@ -32,7 +32,9 @@ typedef struct bitlm_problem {
     const float *bias;    /* (N,) or NULL */
     int64_t x_block_bytes; /* GEMM: activation rows per outer block x Kp stay under this (L2 based) */
     int64_t small_m_max;   /* GEMM: M up to this runs as one M-token register block (0: off) */
-    int64_t gemv_streams;  /* GEMV (avx512, i2/t1/b1): tiles read at once, 1 or 2 */
+    int64_t gemv_streams;  /* GEMV (avx512): tiles read at once, 1, 2 or 4 (t1: 1 or 2, b1: 1 or 2) */
+    int64_t gemv_prefetch; /* GEMV (avx512): software prefetch distance in bytes, per stream */
+    int64_t gemv_pf_l2;    /* GEMV (avx512): 1 = prefetch into L2 (prefetcht1), 0 = into L1 */
     int64_t gemv_i2_mask;  /* GEMV (avx512, i2): 1 = codes masked in place (no shifts), 0 = shifted */
 } bitlm_problem;
 
@@ -42,7 +44,9 @@ typedef struct {
     int64_t l1d_bytes, l2_bytes, l3_bytes; /* per core (l3: the whole cache), 0 if unknown */
     int64_t x_block_bytes;
     int64_t small_m_max;
-    int64_t gemv_streams;
+    int64_t gemv_streams[4];  /* per format (BITLM_FMT_*): the GEMV plan, see dispatch.c */
+    int64_t gemv_prefetch[4];
+    int64_t gemv_pf_l2[4];
     int64_t gemv_i2_mask;
 } bitlm_kernel_cfg;
 BITLM_HIDDEN const bitlm_kernel_cfg *bitlm_cfg(void);
@@ -269,7 +273,9 @@ static inline void bitlm_problem_init(bitlm_problem *p, int fmt, int64_t m, int6
     p->bias = bias;
     p->x_block_bytes = bitlm_cfg()->x_block_bytes;
     p->small_m_max = bitlm_cfg()->small_m_max;
-    p->gemv_streams = bitlm_cfg()->gemv_streams;
+    p->gemv_streams = bitlm_cfg()->gemv_streams[fmt & 3];
+    p->gemv_prefetch = bitlm_cfg()->gemv_prefetch[fmt & 3];
+    p->gemv_pf_l2 = bitlm_cfg()->gemv_pf_l2[fmt & 3];
     p->gemv_i2_mask = bitlm_cfg()->gemv_i2_mask;
 }
 

@@ -35,10 +35,13 @@
  * hardware prefetcher's best case; interleaving several tiles' 10-27 KB streams measured much
  * slower from DRAM).  Two chunks per iteration with one accumulator per (chunk, quad) keeps
  * 8-16 independent vpdpbusd chains in flight to hide their latency. */
-/* Software prefetch distance in bytes.  Measured on Zen 5 from DRAM (i2, 1 thread, C harness):
- * none ~32 GB/s, 2 KB ~29, 4 KB ~39, 8 KB 43-45 (= the read probe's 40-42), 12-24 KB 39-44:
- * the hardware prefetcher alone does not run far enough ahead of a loop that spends ~20
- * instructions per 64-byte line. */
+/* Software prefetch: the GEMV plan (dispatch.c, per format and vendor) gives the distance in
+ * bytes ahead of each stream and the level.  Measured on Zen 5 from DRAM (i2, 1 thread, C
+ * harness, into L1): none ~32 GB/s, 2 KB ~29, 4 KB ~39, 8 KB 43-45 (= the read probe's 40-42),
+ * 12-24 KB 39-44: the hardware prefetcher alone does not run far enough ahead of a loop that
+ * spends ~20 instructions per 64-byte line.  On the Intel Xeon of 2026-12-03 four i2 streams 2 KB
+ * ahead and t1 8 KB ahead into L2 were fastest (dispatch.c).  GEMV_PREFETCH stays the distance
+ * of the GEMM's small-M blocks. */
 #ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 8192
 #endif
@@ -46,10 +49,18 @@
 #define GEMV_HINT _MM_HINT_T0
 #endif
 
+/* l2: a constant at every call site, so the branch folds away */
+ALWAYS_INLINE void gemv_pf(const uint8_t *a, const int l2) {
+    if (l2)
+        _mm_prefetch((const char *)a, _MM_HINT_T1);
+    else
+        _mm_prefetch((const char *)a, _MM_HINT_T0);
+}
+
 /* One 64-byte chunk of one tile; quad qd goes to accumulator (base + qd) mod 8. */
 ALWAYS_INLINE void gemv_chunk(const int fmt, const uint8_t *chunk, const int8_t *xk, __m512i acc[8], const int base,
-                              const consts_t *c) {
-    _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
+                              const consts_t *c, const int64_t pf, const int l2) {
+    gemv_pf(chunk + pf, l2);
     __m512i st = chunk_load(fmt, chunk);
 #pragma GCC unroll 8
     for (int qd = 0; qd < 8; qd++) {
@@ -62,9 +73,10 @@ ALWAYS_INLINE void gemv_chunk(const int fmt, const uint8_t *chunk, const int8_t 
 /* Eight accumulators: i2 puts the 4 quads of an even chunk in 0-3 and of an odd chunk in 4-7,
  * b1 its 8 quads in 0-7, so every vpdpbusd chain sees at most 2 links per 2-chunk step.
  * (16 accumulators made GCC spill and copy registers: b1 ran 25% slower.) */
-ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
+ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t, const int l2) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
+    const int64_t pf = p->gemv_prefetch;
     __m512i acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_si512();
     const uint8_t *wt = p->w + t * p->tile_bytes;
@@ -72,10 +84,10 @@ ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
     const int64_t nch = p->nchunks;
     int64_t ch = 0;
     for (; ch + 2 <= nch; ch += 2) {
-        gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c);
-        gemv_chunk(fmt, wt + (ch + 1) * 64, x + (ch + 1) * bk, acc, QPC(fmt), &c);
+        gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c, pf, l2);
+        gemv_chunk(fmt, wt + (ch + 1) * 64, x + (ch + 1) * bk, acc, QPC(fmt), &c, pf, l2);
     }
-    if (ch < nch) gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c);
+    if (ch < nch) gemv_chunk(fmt, wt + ch * 64, x + ch * bk, acc, 0, &c, pf, l2);
     const __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])),
                                        _mm512_add_epi32(_mm512_add_epi32(acc[4], acc[5]), _mm512_add_epi32(acc[6], acc[7])));
     store_tile(p, fmt, 0, t, s);
@@ -84,16 +96,17 @@ ALWAYS_INLINE void gemv_tile(const bitlm_problem *p, const int fmt, int64_t t) {
 /* Two tiles' streams at once (b1, and i2 with BITLM_GEMV_I2_SHIFT=1; BITLM_GEMV_STREAMS=2): tile t's quads go
  * to accumulators 0-3 (b1: 0-7 fold into 0-3), tile t+1's to 4-7; exact integer sums, so the
  * same bits as gemv_tile. */
-ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t) {
+ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t, const int l2) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
+    const int64_t pf = p->gemv_prefetch;
     __m512i acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_si512();
     const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
     const int8_t *x = p->x;
     for (int64_t ch = 0; ch < p->nchunks; ch++) {
-        _mm_prefetch((const char *)w0 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
-        _mm_prefetch((const char *)w1 + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
+        gemv_pf(w0 + ch * 64 + pf, l2);
+        gemv_pf(w1 + ch * 64 + pf, l2);
         __m512i s0 = chunk_load(fmt, w0 + ch * 64), s1 = chunk_load(fmt, w1 + ch * 64);
 #pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
@@ -118,13 +131,12 @@ ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t) 
  * (Prefill keeps the compare decode: there vpdpbusd, not unpacking, is the bottleneck.) */
 #define T1_SEGMENT_CHUNKS 1024
 
-/* J = 1 or 2 tiles' streams at once (J = 2 where gemv_streams = 2, as gemv_tile2 / gemv_i2 for
- * i2 and b1; fused t1 decode step on the Xeon of 2026-12-03, quiet, 2B4T, interleaved process
- * pairs: 74.0 -> 69.2 ms per token at 1 thread, 37.7 -> 35.8 at 2): tile t + j's sums from its own
+/* J = 1 or 2 tiles' streams at once (the plan's gemv_streams): tile t + j's sums from its own
  * accumulators, the same bits either way. */
-ALWAYS_INLINE void gemv_t1(const bitlm_problem *p, const int J, int64_t t) {
+ALWAYS_INLINE void gemv_t1(const bitlm_problem *p, const int J, int64_t t, const int l2) {
     const uint8_t *wt = p->w + t * p->tile_bytes;
     const int8_t *x = p->x;
+    const int64_t pf = p->gemv_prefetch;
     __m512i S[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t s0 = 0; s0 < p->nchunks; s0 += T1_SEGMENT_CHUNKS) {
         const int64_t s1 = s0 + T1_SEGMENT_CHUNKS < p->nchunks ? s0 + T1_SEGMENT_CHUNKS : p->nchunks;
@@ -135,7 +147,7 @@ ALWAYS_INLINE void gemv_t1(const bitlm_problem *p, const int J, int64_t t) {
             __m512i m[2];
             for (int j = 0; j < J; j++) {
                 const uint8_t *chunk = wt + j * p->tile_bytes + ch * 64;
-                _mm_prefetch((const char *)chunk + GEMV_PREFETCH, GEMV_HINT);
+                gemv_pf(chunk + pf, l2);
                 m[j] = _mm512_loadu_si512((const void *)chunk);
             }
 #pragma GCC unroll 5
@@ -176,76 +188,85 @@ ALWAYS_INLINE __m512i i2_fold(const __m512i *acc) {
                             _mm512_add_epi32(_mm512_srai_epi32(acc[2], 4), _mm512_srai_epi32(acc[3], 6)));
 }
 
-/* one chunk of up to two tiles (J = 1, 2): quad qd of the first into a0[qd], of the second into a1[qd] */
-ALWAYS_INLINE void i2_chunk(const int J, const uint8_t *w0, const uint8_t *w1, const int8_t *xk, __m512i a0[4],
-                            __m512i a1[4], const __m512i mk[4]) {
-    _mm_prefetch((const char *)w0 + GEMV_PREFETCH, GEMV_HINT);
-    if (J == 2) _mm_prefetch((const char *)w1 + GEMV_PREFETCH, GEMV_HINT);
-    const __m512i s0 = _mm512_loadu_si512((const void *)w0);
-    const __m512i s1 = J == 2 ? _mm512_loadu_si512((const void *)w1) : s0;
+/* One chunk of J = 1, 2 or 4 tiles (tile stride tb): quad qd of tile j into a[j][qd]. */
+ALWAYS_INLINE void i2_chunk(const int J, const uint8_t *w, const int64_t tb, const int8_t *xk, __m512i (*a)[4],
+                            const __m512i mk[4], const int64_t pf, const int l2) {
+    __m512i s[4];
+    for (int j = 0; j < J; j++) {
+        gemv_pf(w + j * tb + pf, l2);
+        s[j] = _mm512_loadu_si512((const void *)(w + j * tb));
+    }
 #pragma GCC unroll 4
     for (int qd = 0; qd < 4; qd++) {
         const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(xk + 4 * qd));
-        a0[qd] = _mm512_dpbusd_epi32(a0[qd], _mm512_and_si512(s0, mk[qd]), xb);
-        if (J == 2) a1[qd] = _mm512_dpbusd_epi32(a1[qd], _mm512_and_si512(s1, mk[qd]), xb);
+        for (int j = 0; j < J; j++) a[j][qd] = _mm512_dpbusd_epi32(a[j][qd], _mm512_and_si512(s[j], mk[qd]), xb);
     }
 }
 
-/* One tile (J = 1: two chunks per step, the even one into acc 0-3, the odd one into 4-7, folded
- * at the end) or two tiles' streams at once (J = 2: tile t into 0-3, t + 1 into 4-7). */
-ALWAYS_INLINE void gemv_i2(const bitlm_problem *p, const int J, int64_t t) {
-    __m512i mk[4], a0[4], a1[4];
+/* One tile (J = 1: two chunks per step, the even one into a[0], the odd one into a[1], folded at
+ * the end) or J = 2 / 4 tiles' streams at once (tile t + j into a[j]). */
+ALWAYS_INLINE void gemv_i2(const bitlm_problem *p, const int J, int64_t t, const int l2) {
+    __m512i mk[4], a[4][4];
     for (int qd = 0; qd < 4; qd++) {
         mk[qd] = _mm512_set1_epi8((char)(3 << (2 * qd)));
-        a0[qd] = a1[qd] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) a[j][qd] = _mm512_setzero_si512();
     }
-    const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
+    const int64_t tb = p->tile_bytes, pf = p->gemv_prefetch, nch = p->nchunks;
+    const uint8_t *w = p->w + t * tb;
     const int8_t *x = p->x;
-    const int64_t nch = p->nchunks;
-    if (J == 2) {
-        for (int64_t ch = 0; ch < nch; ch++) i2_chunk(2, w0 + ch * 64, w1 + ch * 64, x + ch * 16, a0, a1, mk);
-        store_tile(p, BITLM_FMT_I2, 0, t, i2_fold(a0));
-        store_tile(p, BITLM_FMT_I2, 0, t + 1, i2_fold(a1));
+    if (J > 1) {
+        for (int64_t ch = 0; ch < nch; ch++) i2_chunk(J, w + ch * 64, tb, x + ch * 16, a, mk, pf, l2);
+        for (int j = 0; j < J; j++) store_tile(p, BITLM_FMT_I2, 0, t + j, i2_fold(a[j]));
         return;
     }
     int64_t ch = 0;
     for (; ch + 2 <= nch; ch += 2) {
-        i2_chunk(1, w0 + ch * 64, NULL, x + ch * 16, a0, NULL, mk);
-        i2_chunk(1, w0 + (ch + 1) * 64, NULL, x + (ch + 1) * 16, a1, NULL, mk);
+        i2_chunk(1, w + ch * 64, tb, x + ch * 16, a, mk, pf, l2);
+        i2_chunk(1, w + (ch + 1) * 64, tb, x + (ch + 1) * 16, a + 1, mk, pf, l2);
     }
-    if (ch < nch) i2_chunk(1, w0 + ch * 64, NULL, x + ch * 16, a0, NULL, mk);
-    store_tile(p, BITLM_FMT_I2, 0, t, _mm512_add_epi32(i2_fold(a0), i2_fold(a1)));
+    if (ch < nch) i2_chunk(1, w + ch * 64, tb, x + ch * 16, a, mk, pf, l2);
+    store_tile(p, BITLM_FMT_I2, 0, t, _mm512_add_epi32(i2_fold(a[0]), i2_fold(a[1])));
 }
 
-/* The loops prefetch GEMV_PREFETCH bytes ahead; the first GEMV_PREFETCH bytes of a piece of
- * work get a burst of prefetches up front instead of waiting for the hardware prefetcher to
- * ramp up (a 2560x2560 GEMV is cut into 16 pieces of ~100 KB per call). */
+/* The loops prefetch the plan's distance ahead; the first that many bytes of each stream of a
+ * piece of work get a burst of prefetches up front instead of waiting for the hardware
+ * prefetcher to ramp up (a 2560x2560 GEMV is cut into 16 pieces of ~100 KB per call). */
 ALWAYS_INLINE void prefetch_start(const bitlm_problem *p, int64_t t0, int64_t t1) {
-    const uint8_t *w = p->w + t0 * p->tile_bytes;
-    int64_t n = (t1 - t0) * p->tile_bytes;
-    if (n > GEMV_PREFETCH) n = GEMV_PREFETCH;
-    for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char *)w + off, _MM_HINT_T0);
+    const int64_t n = p->gemv_prefetch < p->tile_bytes ? p->gemv_prefetch : p->tile_bytes;
+    for (int64_t j = 0; j < p->gemv_streams && t0 + j < t1; j++) {
+        const uint8_t *w = p->w + (t0 + j) * p->tile_bytes;
+        for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char *)w + off, _MM_HINT_T0);
+    }
+}
+
+ALWAYS_INLINE void gemv_run(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1, const int l2) {
+    int64_t t = t0;
+    const int64_t J = p->gemv_streams;
+    if (fmt == BITLM_FMT_T1) {
+        if (J >= 2)
+            for (; t + 2 <= t1; t += 2) gemv_t1(p, 2, t, l2);
+        for (; t < t1; t++) gemv_t1(p, 1, t, l2);
+        return;
+    }
+    if (fmt == BITLM_FMT_I2 && p->K <= I2_NOSHIFT_MAX_K && p->gemv_i2_mask) {
+        if (J == 4)
+            for (; t + 4 <= t1; t += 4) gemv_i2(p, 4, t, l2);
+        if (J >= 2)
+            for (; t + 2 <= t1; t += 2) gemv_i2(p, 2, t, l2);
+        for (; t < t1; t++) gemv_i2(p, 1, t, l2);
+        return;
+    }
+    if (J >= 2)
+        for (; t + 2 <= t1; t += 2) gemv_tile2(p, fmt, t, l2);
+    for (; t < t1; t++) gemv_tile(p, fmt, t, l2);
 }
 
 ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
     prefetch_start(p, t0, t1);
-    if (fmt == BITLM_FMT_T1) {
-        int64_t t = t0;
-        if (p->gemv_streams == 2)
-            for (; t + 2 <= t1; t += 2) gemv_t1(p, 2, t);
-        for (; t < t1; t++) gemv_t1(p, 1, t);
-        return;
-    }
-    int64_t t = t0;
-    if (fmt == BITLM_FMT_I2 && p->K <= I2_NOSHIFT_MAX_K && p->gemv_i2_mask) {
-        if (p->gemv_streams == 2)
-            for (; t + 2 <= t1; t += 2) gemv_i2(p, 2, t);
-        for (; t < t1; t++) gemv_i2(p, 1, t);
-        return;
-    }
-    if (p->gemv_streams == 2)
-        for (; t + 2 <= t1; t += 2) gemv_tile2(p, fmt, t);
-    for (; t < t1; t++) gemv_tile(p, fmt, t);
+    if (p->gemv_pf_l2)
+        gemv_run(p, fmt, t0, t1, 1);
+    else
+        gemv_run(p, fmt, t0, t1, 0);
 }
 
 /* ---- GEMM: M > 1 ---------------------------------------------------------------------------- */

@@ -153,17 +153,18 @@ def test_small_m_gemm_bit_identical(tier, fmt):
 
 def test_gemm_paths_and_blocking_agree_across_processes(lib):
     """The same products with the small-M path off, a tiny activation block (many outer blocks
-    in the large-M loop), the two-stream GEMV and the i2 GEMV's shifting unpack, read once at
-    start-up from BITLM_GEMM_SMALL_M / BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS / BITLM_GEMV_I2_SHIFT,
-    give the same bits as this process's defaults, on
-    every tier; and bitlm_kernel_config reports the choices."""
+    in the large-M loop), the GEMV with one, two and four streams, other prefetch distances and
+    levels, and the i2 GEMV's shifting unpack, read once at start-up from BITLM_GEMM_SMALL_M /
+    BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS / BITLM_GEMV_PREFETCH / BITLM_GEMV_PREFETCH_L2 /
+    BITLM_GEMV_I2_SHIFT, give the same bits as this process's defaults, on every tier; and
+    bitlm_kernel_config reports the choices."""
     code = ("import sys, torch; from bitlm.kernels import native; from bitlm import packing as P\n"
             "g = torch.Generator().manual_seed(5); outs = []\n"
             "for t in native.supported_tiers():\n"
             "    native.set_tier(t)\n"
             "    for fmt in ('i2', 't1', 'b1'):\n"
             "        al = torch.tensor(P.get_format(fmt).alphabet, dtype=torch.int8)\n"
-            "        w = P.pack_weight(al[torch.randint(len(al), (67, 333), generator=g)], 0.5, fmt)\n"
+            "        w = P.pack_weight(al[torch.randint(len(al), (131, 333), generator=g)], 0.5, fmt)\n"
             "        for m in (1, 3, 8, 40):\n"
             "            outs.append(native.gemm(torch.randint(-128, 128, (m, 333), generator=g, dtype=torch.int8), w))\n"
             "torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])\n")
@@ -172,19 +173,23 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
     with tempfile.TemporaryDirectory() as d:
         res = {}
         for name, extra in (("default", {}), ("off", {"BITLM_GEMM_SMALL_M": "0", "BITLM_GEMM_XBLOCK": "4096",
-                                                       "BITLM_GEMV_STREAMS": "2", "BITLM_GEMV_I2_SHIFT": "1"}),
-                            ("one", {"BITLM_GEMV_STREAMS": "1"})):
+                                                       "BITLM_GEMV_STREAMS": "2", "BITLM_GEMV_I2_SHIFT": "1",
+                                                       "BITLM_GEMV_PREFETCH": "64", "BITLM_GEMV_PREFETCH_L2": "1"}),
+                            ("one", {"BITLM_GEMV_STREAMS": "1", "BITLM_GEMV_PREFETCH_L2": "0"}),
+                            ("four", {"BITLM_GEMV_STREAMS": "4", "BITLM_GEMV_PREFETCH": "3k"})):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("BITLM_GEMM_", "BITLM_GEMV_"))}
             env.update(extra)
             out = subprocess.run([sys.executable, "-c", code, f"{d}/{name}.pt"], env=env, capture_output=True,
                                  text=True, check=True)
             res[name] = (torch.load(f"{d}/{name}.pt"), out.stdout.strip())
     assert "small_m_max=8" in res["default"][1] and "small_m_max=0" in res["off"][1]
-    assert "gemm_x_block=4K" in res["off"][1] and "family=" in res["off"][1] and "gemv_streams=2" in res["off"][1]
-    assert "gemv_streams=1" in res["one"][1] and "gemv_i2=mask" in res["one"][1] and "gemv_i2=shift" in res["off"][1]
-    assert len(res["default"][0]) == len(res["off"][0]) == len(res["one"][0]) > 0
-    for a, b, c in zip(res["default"][0], res["off"][0], res["one"][0]):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    assert "gemm_x_block=4K" in res["off"][1] and "family=" in res["off"][1]
+    assert "gemv=i2:2x64/l2,t1:2x64/l2,b1:2x64/l2" in res["off"][1] and "gemv_i2=shift" in res["off"][1]
+    assert "gemv=i2:1x" in res["one"][1] and "t1:1x" in res["one"][1] and "/l2" not in res["one"][1]
+    assert "gemv=i2:4x3072/" in res["four"][1] and "t1:2x3072/" in res["four"][1] and "gemv_i2=mask" in res["one"][1]
+    assert len(res["default"][0]) == len(res["off"][0]) == len(res["one"][0]) == len(res["four"][0]) > 0
+    for a, b, c, d in zip(res["default"][0], res["off"][0], res["one"][0], res["four"][0]):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
 
 
 def test_linear_native_equals_reference(tier, monkeypatch):
