@@ -526,7 +526,8 @@ def test_dense_bf16_matmul_bad_input(impl):
 @pytest.mark.parametrize("k", (1, 15, 63, 64, 65, 300, 2560))
 def test_dense_int8a8_matmul_bit_identical(tier, k):
     gen = torch.Generator().manual_seed(k)
-    for m, n in ((1, 37), (2, 5), (3, 70), (4, 9), (7, 67), (8, 200), (64, 67)):  # (8, 200): next-panel prefetch
+    # (1, 131): decode's 8-row blocks over two panels and a tail; (8, 200): next-panel prefetch
+    for m, n in ((1, 37), (1, 131), (2, 5), (3, 70), (4, 9), (7, 67), (8, 200), (64, 67)):
         xq, a = native.quantize_rows(torch.randn(m, k, generator=gen) * 3)
         w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         w[0] = -128  # extremes: -128 * -128 and the +128 bias of the u8 trick
