@@ -108,16 +108,46 @@ static inline float bitlm_fold16f(float *l) {
     return l[0] + l[1];
 }
 
-/* Attention's softmax numerators, in place: scores[t] = expf(scores[t] - m) (m: the row's max),
- * returning their sum added in t order -- the one order every tier and KV type uses. */
+/* exp(x) for the softmax numerators: one fixed sequence of float32 operations (no FMA, no
+ * library call), so that a scalar loop, an auto-vectorised loop and the AVX-512 twin in kv.c
+ * (kv_exp16) give the same bits on every tier.  Cephes' expf: x clamped below at
+ * BITLM_EXP_LO (so that 2^n stays a normal float; exp(BITLM_EXP_LO) ~ 1.2e-38 stands in for
+ * anything smaller, and NaN stays NaN), n = round-half-even(x * log2 e) by the 1.5 * 2^23
+ * trick, r = x - n * C1 - n * C2 (C1 + C2 = ln 2, C1 exact in 9 bits), then 1 + r + r^2 * P(r)
+ * with Cephes' degree-5 P, times 2^n built from its exponent bits.  Within 2 ulp of expf for
+ * x in [BITLM_EXP_LO, 0], the range the softmax feeds it (x = s_t - max_t s_t). */
+#define BITLM_EXP_LO (-87.0f)
+static inline float bitlm_exp_softmax(float x) {
+    x = x < BITLM_EXP_LO ? BITLM_EXP_LO : x; /* NaN: the comparison is false, NaN goes on */
+    const float magic = 12582912.0f;         /* 1.5 * 2^23 */
+    const float n = (x * 1.44269504088896341f + magic) - magic;
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = (p * (r * r) + r) + 1.0f;
+    /* 2^n for n in [-126, 0]; NaN (x NaN) makes 2^0, as cvttps2dq's 0x80000000 does in kv_exp16 */
+    const uint32_t bits = (uint32_t)((n == n ? (int32_t)n : 0) + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return e * two_n;
+}
+
+/* Attention's softmax numerators, in place: scores[t] = bitlm_exp_softmax(scores[t] - m) (m: the
+ * row's max), returning their sum as 16 lanes (lane t mod 16 adds its numerators in t order)
+ * folded by bitlm_fold16f -- the one order every tier and KV type uses (kv.c's kv_softmax16 is
+ * the AVX-512 twin). */
 static inline float bitlm_softmax_exp(float *scores, int64_t T, float m) {
-    float sum = 0.0f;
+    float lane[16] = {0};
     for (int64_t t = 0; t < T; t++) {
-        const float e = expf(scores[t] - m);
+        const float e = bitlm_exp_softmax(scores[t] - m);
         scores[t] = e;
-        sum = sum + e;
+        lane[t & 15] = lane[t & 15] + e;
     }
-    return sum;
+    return bitlm_fold16f(lane);
 }
 
 /* bf16 bits -> float32, exact: the bf16 is the upper half of the float32. */

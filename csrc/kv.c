@@ -116,6 +116,46 @@ KV512 static inline float kv_fold16(__m512 a) {
     return _mm512_cvtss_f32(a);
 }
 
+/* bitlm_exp_softmax (internal.h) on 16 lanes: the same operations in the same order, so the same
+ * bits (max(LO, x) is the scalar clamp, NaN included; cvttps2dq turns a NaN n into 0x80000000,
+ * whose 2^n bits are the scalar's 2^0). */
+KV512 static inline __m512 kv_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(BITLM_EXP_LO), x);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+}
+
+/* bitlm_softmax_exp on 16 lanes: lane l adds the numerators of t = l mod 16 in t order (a masked
+ * tail leaves the other lanes as they are), folded as bitlm_fold16f: the same bits. */
+KV512 static inline float kv_softmax16(float *s, int64_t T, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 lane = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16) {
+        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+        _mm512_storeu_ps(s + t, e);
+        lane = _mm512_add_ps(lane, e);
+    }
+    if (t < T) {
+        const __mmask16 k = (__mmask16)((1u << (T - t)) - 1);
+        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mv));
+        _mm512_mask_storeu_ps(s + t, k, e);
+        lane = _mm512_mask_add_ps(lane, k, lane, e);
+    }
+    return kv_fold16(lane);
+}
+
 /* How many rows ahead kv_attn_heads prefetches its key / value rows. */
 #define KV_PF_ROWS 16
 
@@ -144,7 +184,7 @@ kv_attn_heads(int type, const float *q, const void *kc, const float *ks, const v
             m[r] = sc > m[r] ? sc : m[r];
         }
     }
-    for (int r = 0; r < NH; r++) sum[r] = bitlm_softmax_exp(scores + r * T, T, m[r]);
+    for (int r = 0; r < NH; r++) sum[r] = kv_softmax16(scores + r * T, T, m[r]);
     for (int64_t c0 = 0; c0 < D; c0 += 64) { /* up to 64 columns of every head's output in registers */
         const int nc = D - c0 >= 64 ? 4 : (int)((D - c0) / 16);
         __m512 o[4][4];
