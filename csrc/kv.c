@@ -159,6 +159,31 @@ KV512 static inline float kv_softmax16(float *s, int64_t T, float m) {
 /* How many rows ahead kv_attn_heads prefetches its key / value rows. */
 #define KV_PF_ROWS 16
 
+/* The value pass of kv_attn_heads over columns [c0, c0 + 16 NC) of NH heads: each output element
+ * sums e_t * v_t over t in order from 0, then divides by the head's sum. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
+kv_values(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0, const float *scores,
+          const float *sum, float *out, const int NH, const int NC) {
+    const int64_t es = type == BITLM_KV_F16 ? 2 : 1, rb = D * es;
+    __m512 o[4][4];
+    for (int r = 0; r < NH; r++)
+        for (int c = 0; c < NC; c++) o[r][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t++) {
+        if (t + KV_PF_ROWS < T) /* this pass's 16 * NC values of the row */
+            for (int64_t b = 0; b < 16 * NC * es; b += 64)
+                _mm_prefetch((const char *)vc + (t + KV_PF_ROWS) * rb + c0 * es + b, _MM_HINT_T0);
+        __m512 vj[4];
+        for (int c = 0; c < NC; c++) vj[c] = kv_load16(type, vc, vs, t, D, c0 + 16 * c);
+        for (int r = 0; r < NH; r++) {
+            const __m512 et = _mm512_set1_ps(scores[r * T + t]);
+            for (int c = 0; c < NC; c++) o[r][c] = _mm512_add_ps(o[r][c], _mm512_mul_ps(et, vj[c]));
+        }
+    }
+    for (int r = 0; r < NH; r++)
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(out + r * D + c0 + 16 * c, _mm512_div_ps(o[r][c], _mm512_set1_ps(sum[r])));
+}
+
 /* NH (1-4) query heads that share one kv head (GQA), D % 16 == 0: every key and value row is read
  * once for all of them instead of once per head, and prefetched KV_PF_ROWS rows ahead (the
  * streams cross a 4 KB page every few rows).  Per head, lane l of the score accumulator is
@@ -186,24 +211,12 @@ kv_attn_heads(int type, const float *q, const void *kc, const float *ks, const v
     }
     for (int r = 0; r < NH; r++) sum[r] = kv_softmax16(scores + r * T, T, m[r]);
     for (int64_t c0 = 0; c0 < D; c0 += 64) { /* up to 64 columns of every head's output in registers */
-        const int nc = D - c0 >= 64 ? 4 : (int)((D - c0) / 16);
-        __m512 o[4][4];
-        for (int r = 0; r < NH; r++)
-            for (int c = 0; c < nc; c++) o[r][c] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < T; t++) {
-            if (t + KV_PF_ROWS < T) /* this pass's 16 * nc values of the row */
-                for (int64_t b = 0; b < 16 * nc * es; b += 64)
-                    _mm_prefetch((const char *)vc + (t + KV_PF_ROWS) * rb + c0 * es + b, _MM_HINT_T0);
-            __m512 vj[4];
-            for (int c = 0; c < nc; c++) vj[c] = kv_load16(type, vc, vs, t, D, c0 + 16 * c);
-            for (int r = 0; r < NH; r++) {
-                const __m512 et = _mm512_set1_ps(scores[r * T + t]);
-                for (int c = 0; c < nc; c++) o[r][c] = _mm512_add_ps(o[r][c], _mm512_mul_ps(et, vj[c]));
-            }
+        switch (D - c0 >= 64 ? 4 : (int)((D - c0) / 16)) { /* NC a constant: the accumulators stay in registers */
+        case 4: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 4); break;
+        case 3: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 3); break;
+        case 2: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 2); break;
+        default: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 1); break;
         }
-        for (int r = 0; r < NH; r++)
-            for (int c = 0; c < nc; c++)
-                _mm512_storeu_ps(out + r * D + c0 + 16 * c, _mm512_div_ps(o[r][c], _mm512_set1_ps(sum[r])));
     }
 }
 
