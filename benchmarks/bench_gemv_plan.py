@@ -46,9 +46,12 @@ PLANS = {
 }
 
 
+PLAN_VARS = ("BITLM_GEMV_STREAMS", "BITLM_GEMV_PREFETCH", "BITLM_GEMV_PREFETCH_L2")
+
+
 def run_plan(path: Path, threads: int, decode_tokens: int, env_extra: dict) -> dict:
     """One decode measurement (bench_engine.run_one) in a fresh process under the plan's environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BITLM_GEMV_")}
+    env = {k: v for k, v in os.environ.items() if k not in PLAN_VARS}
     env.update(env_extra, OMP_NUM_THREADS=str(threads), BITLM_BACKEND="native", BITLM_FUSED_DECODE="1")
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import bench_engine as B; "
             "from bitlm.kernels import native; "

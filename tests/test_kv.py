@@ -236,7 +236,7 @@ def test_attention_softmax_within_float_rounding_of_float64(tier, kv):
         k, v = torch.randn(1, Hkv, D, generator=g), torch.randn(1, Hkv, D, generator=g)
         cos, sin = torch.ones(1, D), torch.zeros(1, D)  # RoPE as the identity
         out = native.BatchAttention([cache], kv, H, Hkv, D, 1).run(0, q.clone(), k.clone(), v, cos, sin)
-        def rows(c, scale, new):  # what the kernel reads: the cached rows dequantised in float32, then the new row's
+        def rows(c, scale, new, T=T):  # what the kernel reads: the cached rows dequantised in float32, then the new row
             old = c[0][0, :, : T - 1].float()
             if kv == "int8":
                 old = old * scale[0][0, :, : T - 1, None]
