@@ -72,7 +72,7 @@ def _case(gen, bits, m, n, k):
 @pytest.mark.parametrize("k", (32, 70, 640))
 def test_dense_lowbit_bit_identical(tier, bits, k):
     gen = torch.Generator().manual_seed(k + bits)
-    for m, n in ((1, 37), (2, 5), (3, 70), (1, 16), (7, 67), (65, 33)):
+    for m, n in ((1, 37), (1, 130), (2, 5), (3, 70), (1, 16), (7, 67), (65, 33)):  # (1, 130): tile pairs + 1
         xq, a, data, scale = _case(gen, bits, m, n, k)
         got = native.dense_lowbit_matmul(xq, a, data, scale, bits, n)
         want = R.dense_lowbit_matmul(xq, a, data, scale, bits, n)

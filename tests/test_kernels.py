@@ -153,8 +153,8 @@ def test_small_m_gemm_bit_identical(tier, fmt):
 
 def test_gemm_paths_and_blocking_agree_across_processes(lib):
     """The same products with the small-M path off, a tiny activation block (many outer blocks
-    in the large-M loop), the GEMV with one, two and four streams, other prefetch distances and
-    levels, and the i2 GEMV's shifting unpack, read once at start-up from BITLM_GEMM_SMALL_M /
+    in the large-M loop), the GEMV with one, two and four streams (and the low-bit heads' decode
+    with one or two), other prefetch distances and levels, and the i2 GEMV's shifting unpack, read once at start-up from BITLM_GEMM_SMALL_M /
     BITLM_GEMM_XBLOCK / BITLM_GEMV_STREAMS / BITLM_GEMV_PREFETCH / BITLM_GEMV_PREFETCH_L2 /
     BITLM_GEMV_I2_SHIFT, give the same bits as this process's defaults, on every tier; and
     bitlm_kernel_config reports the choices."""
@@ -167,6 +167,10 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
             "        w = P.pack_weight(al[torch.randint(len(al), (131, 333), generator=g)], 0.5, fmt)\n"
             "        for m in (1, 3, 8, 40):\n"
             "            outs.append(native.gemm(torch.randint(-128, 128, (m, 333), generator=g, dtype=torch.int8), w))\n"
+            "    for bits in (4, 6):  # the low-bit heads' decode reads two tiles at once where the plan has streams\n"
+            "        data, scale = P.pack_head(torch.randn(131, 333, generator=g) * 0.05, bits)\n"
+            "        xq, a = native.quantize_rows(torch.randn(1, 333, generator=g) * 3)\n"
+            "        outs.append(native.dense_lowbit_matmul(xq, a, data, scale, bits, 131))\n"
             "torch.save(outs, sys.argv[1]); print(native.info()['kernel_config'])\n")
     import tempfile
 
