@@ -183,10 +183,11 @@ AVX512_FN void lb_decode_tiles(const lb_problem *p, int64_t t, int64_t m0, const
     const int32_t *xs = p->xsum + m0 * p->G;
     __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < p->G; g++) {
+        /* 4 groups ahead; past a tile's end, its tile in the next pair (not the other stream's) */
+        const int64_t ahead = g + 4 < p->G ? 4 : 4 + (J - 1) * p->G;
         for (int j = 0; j < J; j++) {
-            const uint8_t *blk = p->w + ((t + j) * p->G + g) * p->block_bytes;
-            for (int l = 0; l < (bits == 6 ? 6 : 4); l++)
-                _mm_prefetch((const char *)(blk + 4 * p->block_bytes + 64 * l), _MM_HINT_T0);
+            const uint8_t *blk = p->w + ((t + j) * p->G + g + ahead) * p->block_bytes;
+            for (int l = 0; l < (bits == 6 ? 6 : 4); l++) _mm_prefetch((const char *)(blk + 64 * l), _MM_HINT_T0);
         }
         for (int j = 0; j < J; j++) {
             const uint8_t *blk = p->w + ((t + j) * p->G + g) * p->block_bytes;
