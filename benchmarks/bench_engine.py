@@ -74,6 +74,14 @@ def build_random_packed(preset_name: str, fmt: str, head: str, path: Path, seed:
     return path
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The next token as ``bitlm.generate`` picks it at temperature 0 (``sample_next``: the first
+    maximum, by ``max``, ~60 us on a 128k vocabulary where ``argmax`` takes ~170)."""
+    from bitlm.generate import SamplingParams, sample_next
+
+    return sample_next(logits[:, -1], SamplingParams(temperature=0.0)).view(1, 1)
+
+
 def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32",
             phases: bool = False, kv: str = "f16", depth: int = 0) -> dict:
     """Runs inside a fresh process: load (mmap), prefill, decode; reports speeds and peak RSS.
@@ -127,15 +135,15 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
         cache.advance(depth)
     kv_peak = max(kv_peak, cache.nbytes())
     logits = pm(prompt, cache=cache, last_only=True)
-    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    nxt = greedy(logits)
     for _ in range(4):  # warm-up decode steps (page in every weight)
         logits = pm(nxt, cache=cache)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        nxt = greedy(logits)
     times = []
     for _ in range(decode_tokens - 4):
         t = time.perf_counter()
         logits = pm(nxt, cache=cache)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        nxt = greedy(logits)
         times.append(time.perf_counter() - t)
     times.sort()
     out["decode_tok_s"] = 1.0 / times[len(times) // 2]  # median token
@@ -195,7 +203,7 @@ def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int 
 def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
     """``n`` more decode tokens with the fused step's phase timers on and the final norm + head
     (``PackedModel._final``) timed from Python → ms per token per phase; ``python_gap`` is what
-    is left of the token (embedding row, RoPE factors, argmax, the calls between step and head)."""
+    is left of the token (embedding row, RoPE factors, the greedy pick, the calls between step and head)."""
     from bitlm.kernels import native
 
     final, head_s = pm._final, [0.0]
@@ -212,7 +220,7 @@ def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
     try:
         for _ in range(n):
             logits = pm(nxt, cache=cache)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            nxt = greedy(logits)
     finally:
         total = time.perf_counter() - t0
         prof = native.decode_profile(False)
