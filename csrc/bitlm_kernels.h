@@ -205,7 +205,7 @@ BITLM_API int bitlm_dense_lowbit(int bits, const int8_t *xq, const float *a, int
  *   o_h     = attention of q_h over positions 0..pos of kv head h / (H / H_kv), scale 1/sqrt(D):
  *             s_t = fold16(lanes of q*k_t products) * scale;  m = max s_t;
  *             e_t = exp(s_t - m) by one fixed float32 recipe (internal.h bitlm_exp_softmax: argument
- *             clamped at -87, Cephes' range reduction and degree-5 polynomial, within 2 ulp);
+ *             clamped to [-87, 0], Cephes' range reduction and degree-5 polynomial, within 2 ulp);
  *             o = (sum_t e_t * v_t, sequential in t) / (fold16 of 16 lanes, lane l summing the
  *             e_t of t = l mod 16 in t order)
  *   x      += matmul_f32(quantize_rows(o, attn_sub_norm), W_o)

@@ -110,15 +110,16 @@ static inline float bitlm_fold16f(float *l) {
 
 /* exp(x) for the softmax numerators: one fixed sequence of float32 operations (no FMA, no
  * library call), so that a scalar loop, an auto-vectorised loop and the AVX-512 twin in kv.c
- * (kv_exp16) give the same bits on every tier.  Cephes' expf: x clamped below at
- * BITLM_EXP_LO (so that 2^n stays a normal float; exp(BITLM_EXP_LO) ~ 1.2e-38 stands in for
- * anything smaller, and NaN stays NaN), n = round-half-even(x * log2 e) by the 1.5 * 2^23
+ * (kv_exp16) give the same bits on every tier.  Cephes' expf: x clamped to [BITLM_EXP_LO, 0]
+ * (so that 2^n stays a normal float; exp(BITLM_EXP_LO) ~ 1.6e-38 stands in for anything
+ * smaller, and NaN stays NaN), n = round-half-even(x * log2 e) by the 1.5 * 2^23
  * trick, r = x - n * C1 - n * C2 (C1 + C2 = ln 2, C1 exact in 9 bits), then 1 + r + r^2 * P(r)
  * with Cephes' degree-5 P, times 2^n built from its exponent bits.  Within 2 ulp of expf for
  * x in [BITLM_EXP_LO, 0], the range the softmax feeds it (x = s_t - max_t s_t). */
 #define BITLM_EXP_LO (-87.0f)
 static inline float bitlm_exp_softmax(float x) {
-    x = x < BITLM_EXP_LO ? BITLM_EXP_LO : x; /* NaN: the comparison is false, NaN goes on */
+    x = x < BITLM_EXP_LO ? BITLM_EXP_LO : x; /* NaN: the comparisons are false, NaN goes on */
+    x = 0.0f < x ? 0.0f : x;                 /* never above 0 here; keeps n in [-126, 0] regardless */
     const float magic = 12582912.0f;         /* 1.5 * 2^23 */
     const float n = (x * 1.44269504088896341f + magic) - magic;
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;

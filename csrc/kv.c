@@ -117,10 +117,11 @@ KV512 static inline float kv_fold16(__m512 a) {
 }
 
 /* bitlm_exp_softmax (internal.h) on 16 lanes: the same operations in the same order, so the same
- * bits (max(LO, x) is the scalar clamp, NaN included; cvttps2dq turns a NaN n into 0x80000000,
+ * bits (max(LO, x) and min(0, x) are the scalar clamps, NaN included; cvttps2dq turns a NaN n into 0x80000000,
  * whose 2^n bits are the scalar's 2^0). */
 KV512 static inline __m512 kv_exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(BITLM_EXP_LO), x);
+    x = _mm512_min_ps(_mm512_setzero_ps(), x); /* 0 < x ? 0 : x, NaN kept: the scalar's upper clamp */
     const __m512 magic = _mm512_set1_ps(12582912.0f);
     const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
     const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
