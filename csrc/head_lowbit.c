@@ -174,9 +174,10 @@ AVX512_FN void lb_codes_avx512(const uint8_t *blk, const int bits, __m512i c[8])
 
 /* Decode (one token): tiles t .. t + J - 1 (J = 1, 2), group by group, each tile's running sum
  * in its own register; the same operations per tile as one at a time, so the same bits.  Two
- * tiles' streams at once where the GEMV plan reads i2 with several (Intel, dispatch.c): on the
- * Xeon of 2026-12-03 the 2B4T head went from 22.0 to 24.5 GB/s (int4) and 21.4 to 26 (int6) at
- * 2 threads; four measured the same as two. */
+ * tiles' streams at once where the GEMV plan reads i2 with several (Intel, dispatch.c), each
+ * prefetching on into its own next tile: on the Xeon of 2026-12-03 the 2B4T head went from 22.0
+ * to 25.9-26.8 GB/s (int4) and 21.4 to 27.3-28.0 (int6) at 2 threads; four streams measured the
+ * same as two. */
 AVX512_FN void lb_decode_tiles(const lb_problem *p, int64_t t, int64_t m0, const int bits, const int off, const int J) {
     float sum[BITLM_TILE_N] __attribute__((aligned(64)));
     const int8_t *x = p->xq + m0 * p->G * LB_G;

@@ -117,8 +117,8 @@ KV512 static inline float kv_fold16(__m512 a) {
 }
 
 /* bitlm_exp_softmax (internal.h) on 16 lanes: the same operations in the same order, so the same
- * bits (max(LO, x) and min(0, x) are the scalar clamps, NaN included; cvttps2dq turns a NaN n into 0x80000000,
- * whose 2^n bits are the scalar's 2^0). */
+ * bits (max(LO, x) and min(0, x) are the scalar clamps, NaN included; cvttps2dq turns a NaN n
+ * into 0x80000000, whose 2^n bits are the scalar's 2^0). */
 KV512 static inline __m512 kv_exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(BITLM_EXP_LO), x);
     x = _mm512_min_ps(_mm512_setzero_ps(), x); /* 0 < x ? 0 : x, NaN kept: the scalar's upper clamp */
