@@ -117,18 +117,27 @@ static inline float bitlm_fold16f(float *l) {
  * with Cephes' degree-5 P, times 2^n built from its exponent bits.  Within 2 ulp of expf for
  * x in [BITLM_EXP_LO, 0], the range the softmax feeds it (x = s_t - max_t s_t). */
 #define BITLM_EXP_LO (-87.0f)
+#define BITLM_EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define BITLM_EXP_LOG2E 1.44269504088896341f
+#define BITLM_EXP_C1 0.693359375f
+#define BITLM_EXP_C2 (-2.12194440e-4f)
+#define BITLM_EXP_P0 1.9875691500e-4f /* P(r) = ((((P0 r + P1) r + P2) r + P3) r + P4) r + P5 */
+#define BITLM_EXP_P1 1.3981999507e-3f
+#define BITLM_EXP_P2 8.3334519073e-3f
+#define BITLM_EXP_P3 4.1665795894e-2f
+#define BITLM_EXP_P4 1.6666665459e-1f
+#define BITLM_EXP_P5 5.0000001201e-1f
 static inline float bitlm_exp_softmax(float x) {
     x = x < BITLM_EXP_LO ? BITLM_EXP_LO : x; /* NaN: the comparisons are false, NaN goes on */
     x = 0.0f < x ? 0.0f : x;                 /* never above 0 here; keeps n in [-126, 0] regardless */
-    const float magic = 12582912.0f;         /* 1.5 * 2^23 */
-    const float n = (x * 1.44269504088896341f + magic) - magic;
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    const float n = (x * BITLM_EXP_LOG2E + BITLM_EXP_MAGIC) - BITLM_EXP_MAGIC;
+    const float r = (x - n * BITLM_EXP_C1) - n * BITLM_EXP_C2;
+    float p = BITLM_EXP_P0;
+    p = p * r + BITLM_EXP_P1;
+    p = p * r + BITLM_EXP_P2;
+    p = p * r + BITLM_EXP_P3;
+    p = p * r + BITLM_EXP_P4;
+    p = p * r + BITLM_EXP_P5;
     const float e = (p * (r * r) + r) + 1.0f;
     /* 2^n for n in [-126, 0]; NaN (x NaN) makes 2^0, as cvttps2dq's 0x80000000 does in kv_exp16 */
     const uint32_t bits = (uint32_t)((n == n ? (int32_t)n : 0) + 127) << 23;

@@ -49,6 +49,14 @@
 #define GEMV_HINT _MM_HINT_T0
 #endif
 
+/* Prefetch offset, from chunk ch, of a GEMV reading J tiles' streams at once (tiles of tb bytes,
+ * end to end): pf bytes ahead within the tile; past its end, the same stream's next tile (J - 1
+ * tiles further on), not the tile the next stream is reading now.  On the Xeon of 2026-12-03 (C
+ * harness, 2B4T matrices, i2, J = 4) 26 -> 28.4 GB/s at 2 threads, 95 % of a plain read. */
+ALWAYS_INLINE int64_t stream_pf(const int64_t ch, const int64_t pf, const int64_t tb, const int J) {
+    return ch * 64 + pf < tb ? pf : pf + (J - 1) * tb;
+}
+
 /* l2: a constant at every call site, so the branch folds away */
 ALWAYS_INLINE void gemv_pf(const uint8_t *a, const int l2) {
     if (l2)
@@ -105,7 +113,7 @@ ALWAYS_INLINE void gemv_tile2(const bitlm_problem *p, const int fmt, int64_t t, 
     const uint8_t *w0 = p->w + t * p->tile_bytes, *w1 = w0 + p->tile_bytes;
     const int8_t *x = p->x;
     for (int64_t ch = 0; ch < p->nchunks; ch++) {
-        const int64_t po = ch * 64 + pf + (ch * 64 + pf >= p->tile_bytes ? p->tile_bytes : 0); /* as gemv_i2 */
+        const int64_t po = ch * 64 + stream_pf(ch, pf, p->tile_bytes, 2);
         gemv_pf(w0 + po, l2);
         gemv_pf(w1 + po, l2);
         __m512i s0 = chunk_load(fmt, w0 + ch * 64), s1 = chunk_load(fmt, w1 + ch * 64);
@@ -146,7 +154,7 @@ ALWAYS_INLINE void gemv_t1(const bitlm_problem *p, const int J, int64_t t, const
             for (int i = 0; i < 5; i++) A[j][i] = B[j][i] = _mm512_setzero_si512();
         for (int64_t ch = s0; ch < s1; ch++) {
             __m512i m[2];
-            const int64_t po = pf + (J > 1 && ch * 64 + pf >= p->tile_bytes ? p->tile_bytes : 0); /* as gemv_i2 */
+            const int64_t po = stream_pf(ch, pf, p->tile_bytes, J);
             for (int j = 0; j < J; j++) {
                 const uint8_t *chunk = wt + j * p->tile_bytes + ch * 64;
                 gemv_pf(chunk + po, l2);
@@ -217,12 +225,8 @@ ALWAYS_INLINE void gemv_i2(const bitlm_problem *p, const int J, int64_t t, const
     const uint8_t *w = p->w + t * tb;
     const int8_t *x = p->x;
     if (J > 1) {
-        /* near the end of its tile each stream prefetches the start of its tile in the next group
-         * of J (J - 1 tiles further on), not the next stream's tile, which is being read now: on the
-         * Xeon of 2026-12-03 (C harness, 2B4T matrices) 26 -> 28.4 GB/s at 2 threads, 95 % of a plain read */
-        const int64_t wrap_at = tb - pf, skip = (J - 1) * tb;
         for (int64_t ch = 0; ch < nch; ch++)
-            i2_chunk(J, w + ch * 64, tb, x + ch * 16, a, mk, ch * 64 < wrap_at ? pf : pf + skip, l2);
+            i2_chunk(J, w + ch * 64, tb, x + ch * 16, a, mk, stream_pf(ch, pf, tb, J), l2);
         for (int j = 0; j < J; j++) store_tile(p, BITLM_FMT_I2, 0, t + j, i2_fold(a[j]));
         return;
     }
