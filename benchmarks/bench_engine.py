@@ -164,6 +164,7 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
     out["file_bytes"] = os.path.getsize(path)
     out["peak_rss_bytes"] = _hwm()
     out["baseline_rss_bytes"] = base_rss
+    out["kernel_config"] = kernels.backend_info().get("kernel_config")  # this process's (env-dependent) plan
     # this VM's bandwidth drifts (40-80 GB/s at 2 threads): probe again right after the decode,
     # in this process (after the peak RSS is read: the probe's buffer is 1 GiB)
     out["bandwidth_after_gb_s"] = measure_bandwidth(threads)

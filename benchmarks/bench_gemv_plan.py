@@ -50,15 +50,12 @@ PLAN_VARS = ("BITLM_GEMV_STREAMS", "BITLM_GEMV_PREFETCH", "BITLM_GEMV_PREFETCH_L
 
 
 def run_plan(path: Path, threads: int, decode_tokens: int, env_extra: dict) -> dict:
-    """One decode measurement (bench_engine.run_one) in a fresh process under the plan's environment."""
+    """One decode measurement (bench_engine's child run) in a fresh process under the plan's environment."""
     env = {k: v for k, v in os.environ.items() if k not in PLAN_VARS}
     env.update(env_extra, OMP_NUM_THREADS=str(threads), BITLM_BACKEND="native", BITLM_FUSED_DECODE="1")
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import bench_engine as B; "
-            "from bitlm.kernels import native; "
-            "r = B.run_one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [], 'int8'); "
-            "r['kernel_config'] = native.info()['kernel_config']; print(json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code, str(HERE), str(path), str(threads), str(decode_tokens)],
-                         capture_output=True, text=True, env=env)
+    cmd = [sys.executable, str(HERE / "bench_engine.py"), "--_run", f"{path}:{threads}", "--decode-tokens",
+           str(decode_tokens), "--prefill", "", "--_head-act", "int8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(out.stderr, file=sys.stderr)
         raise SystemExit(f"bench_gemv_plan: the run under {env_extra or 'the default plan'} failed")
