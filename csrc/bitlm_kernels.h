@@ -234,9 +234,10 @@ typedef struct bitlm_block_desc {
 #define BITLM_ACT_RELU2_GLU 2
 
 /* KV cache types.  A row (one position of one kv head, D values) is rounded once, when written:
- *   F32: as is;  F16: IEEE half, round to nearest even (overflow -> inf), read back exactly;
+ *   F32: as is;  F16: IEEE half, round to nearest even (overflow -> inf; a NaN -> 0x7E00 with its
+ *        sign: torch's .half() keeps a payload in some elements and not others), read back exactly;
  *   I8:  s = amax_j |x_j| / 127.0f (float32 division), q_j = clamp(rint(x_j / s), -127, 127)
- *        (q = 0 when s = 0), read back as (float)q_j * s (one rounding) — per token, per head.
+ *        (q = 0 when s = 0 or x_j / s is NaN), read back as (float)q_j * s (one rounding) — per token, per head.
  * The attention then runs exactly as for F32 on the values read back. */
 #define BITLM_KV_F32 0
 #define BITLM_KV_F16 1
