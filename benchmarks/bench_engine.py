@@ -203,8 +203,9 @@ def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int 
 
 def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
     """``n`` more decode tokens with the fused step's phase timers on and the final norm + head
-    (``PackedModel._final``) timed from Python → ms per token per phase; ``python_gap`` is what
-    is left of the token (embedding row, RoPE factors, the greedy pick, the calls between step and head)."""
+    timed (inside the native token call, else ``PackedModel._final`` from Python) → ms per token
+    per phase; ``python_gap`` is what is left of the token (the Python around the native call(s),
+    the greedy pick; with the head in Python also the embedding row, the calls between step and head)."""
     from bitlm.kernels import native
 
     final, head_s = pm._final, [0.0]
@@ -229,7 +230,7 @@ def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
     steps = prof.pop("steps") or 1
     jobs = prof.pop("jobs")
     ms = {k: 1e3 * v / steps for k, v in prof.items()}
-    ms["head"] = 1e3 * head_s[0] / steps
+    ms["head"] += 1e3 * head_s[0] / steps  # in the native token call (C timer), else around _final
     ms["token"] = 1e3 * total / steps
     ms["python_gap"] = ms["token"] - ms["step"] - ms["head"]
     return {"phases_ms_per_token": ms, "syncs_per_token": jobs / steps, "phases_tokens": int(steps)}

@@ -259,6 +259,33 @@ typedef struct bitlm_decoder_desc {
 BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t pos, const float *cos,
                                 const float *sin);
 
+/* One whole decode token in one call (bitlm.engine.PackedModel's fused decode): the embedding row
+ * of `token`, bitlm_decode_step at `pos`, then the final RMSNorm + int8 quantisation
+ * (bitlm_quantize_rows with final_norm) and the output head with int8 activations
+ * (bitlm_dense_i8a8, or bitlm_dense_lowbit with head_bits 6 / 4) into logits (vocab,) — the very
+ * calls the per-call path makes from Python, so the same bits, without the ~10 Python and torch
+ * calls per token between them (each runs with cold caches after a token's weights have streamed
+ * through: ~0.7 ms of a 2B4T token).  Embedding rows: embed_kind 0 float32, 1 bf16 bits, 2 int8
+ * with a float32 scale per row (row = (float)q * scale, as Dense.rows).  cos_tab / sin_tab:
+ * (rope_rows, head_dim) float32 tables, row pos used.  x: (d_model,) float32 scratch, the residual
+ * stream after the last block on return.  0; EINVAL when token is outside [0, vocab), pos is
+ * outside the cache or the rope table, or the description is inconsistent (nothing written);
+ * ENOMEM. */
+typedef struct bitlm_token_desc {
+    int64_t vocab;
+    int64_t embed_kind;         /* 0 f32, 1 bf16, 2 int8 + scale */
+    const void *embed;          /* (vocab, d_model) */
+    const float *embed_scale;   /* (vocab,) for int8, else NULL */
+    const float *final_norm;    /* (d_model,) */
+    int64_t head_bits;          /* 8: int8 rows + float32 scale per row; 6 / 4: bitlm_dense_lowbit */
+    const void *head;           /* the head's rows */
+    const void *head_scale;     /* float32 (vocab,) for 8, f16 group scales for 6 / 4 */
+    const float *cos_tab, *sin_tab;
+    int64_t rope_rows;
+} bitlm_token_desc;
+BITLM_API int bitlm_decode_token(const bitlm_decoder_desc *d, const bitlm_token_desc *t, int64_t token, int64_t pos,
+                                 float *x, float *logits);
+
 /* Batched decode (bitlm.engine.PackedModel.decode_batch): the attention part of one step of N
  * independent sequences, one token each.  Sequence j (at position pos[j] < max_len[j]): RoPE of
  * its q (H, D) and k (Hkv, D) rows with cos, sin rows j (D,) each, in place; its k and v rows

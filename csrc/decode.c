@@ -87,14 +87,15 @@ enum {
     PH_DOWN,       /* the down pass */
     PH_VECTOR,     /* residual adds, the gated activation */
     PH_OTHER,      /* set-up: scratch, pass plans */
-    PH_STEP,       /* the whole call */
+    PH_HEAD,       /* bitlm_decode_token after the step: final norm + quantise, the head */
+    PH_STEP,       /* the whole call (bitlm_decode_step; PH_HEAD is outside it) */
     PH_WAIT,       /* inside the passes above: the caller waiting for workers after its own share */
     PH_JOBS,       /* parallel jobs started (synchronisations) */
     PH_STEPS,      /* calls profiled */
     PH_N
 };
 static const char *const g_ph_names =
-    "norm_quant,qkv,rope_kv,attn,o,up,down,vector,other,step,pool_wait,jobs,steps";
+    "norm_quant,qkv,rope_kv,attn,o,up,down,vector,other,head,step,pool_wait,jobs,steps";
 static double g_ph[PH_N];
 
 BITLM_API const char *bitlm_decode_profile_names(void) { return g_ph_names; }
@@ -240,6 +241,43 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
         g_ph[PH_STEPS] += 1.0;
     }
     return 0;
+}
+
+/* ---- one whole token: embedding, step, final norm, head (bitlm_decode_token) ---------------- */
+
+BITLM_API int bitlm_decode_token(const bitlm_decoder_desc *d, const bitlm_token_desc *t, int64_t token, int64_t pos,
+                                 float *x, float *logits) {
+    if (!d || !t || !x || !logits || !t->embed || !t->final_norm || !t->head || !t->head_scale || !t->cos_tab ||
+        !t->sin_tab || t->vocab < 1 || token < 0 || token >= t->vocab || pos < 0 || pos >= t->rope_rows ||
+        (t->embed_kind == 2) != (t->embed_scale != NULL) || t->embed_kind < 0 || t->embed_kind > 2 ||
+        (t->head_bits != 8 && t->head_bits != 6 && t->head_bits != 4))
+        return BITLM_EINVAL;
+    const int64_t dm = d->d_model, D = d->head_dim;
+    if (t->embed_kind == 0) {
+        memcpy(x, (const float *)t->embed + token * dm, (size_t)dm * 4);
+    } else if (t->embed_kind == 1) {
+        const uint16_t *r = (const uint16_t *)t->embed + token * dm;
+        for (int64_t j = 0; j < dm; j++) x[j] = bitlm_bf16_to_f32(r[j]);
+    } else {
+        const int8_t *r = (const int8_t *)t->embed + token * dm;
+        const float s = t->embed_scale[token];
+        for (int64_t j = 0; j < dm; j++) x[j] = (float)r[j] * s;
+    }
+    int rc = bitlm_decode_step(d, x, pos, t->cos_tab + pos * D, t->sin_tab + pos * D);
+    if (rc) return rc;
+    const double t_head = bitlm_prof_on ? bitlm_now_s() : 0.0;
+    int8_t *xq = aligned_alloc(64, align64((size_t)dm));
+    if (!xq) return BITLM_ENOMEM;
+    float a;
+    rc = bitlm_quantize_rows(x, 1, dm, t->final_norm, d->eps, 1, xq, &a);
+    if (!rc)
+        rc = t->head_bits == 8 ? bitlm_dense_i8a8(xq, &a, 1, dm, (const int8_t *)t->head, (const float *)t->head_scale,
+                                                  t->vocab, logits)
+                               : bitlm_dense_lowbit((int)t->head_bits, xq, &a, 1, dm, (const uint8_t *)t->head,
+                                                    (const uint16_t *)t->head_scale, t->vocab, logits);
+    free(xq);
+    if (bitlm_prof_on) g_ph[PH_HEAD] += bitlm_now_s() - t_head;
+    return rc;
 }
 
 /* ---- batched decode: attention of N sequences in one call (bitlm_attn_batch) ---------------- */

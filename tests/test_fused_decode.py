@@ -119,6 +119,43 @@ def test_c_side_refuses_an_inconsistent_description():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("head,embed", [("int8", "int8"), ("int8", "f32"), ("int8", "bf16"), ("int6", "int8"),
+                                        ("int4", "bf16")])
+def test_fused_token_is_the_python_embedding_and_head_bit_for_bit(head, embed):
+    """bitlm_decode_token (embedding row, the step, final norm and an int8-activation head in one
+    native call) gives the logits of the step with the embedding and the head in Python, bit for
+    bit, on every tier; a token id outside the vocabulary is a clear error."""
+    pm = convert(_model("tiny-2b4t"), "i2", head=head, embed=embed)
+    pm.head_act = "int8"
+    prompt = torch.randint(0, pm.config.vocab_size, (1, 5))
+    pm.fused_token = False
+    want_toks, want, cache = decode_greedy(pm, prompt, 12, fused=True)
+    assert getattr(cache._bitlm_decoder[1], "_token_tab", None) is None  # the Python head ran
+    pm.fused_token = True
+    prev = native.tier()
+    try:
+        for t in native.supported_tiers():
+            native.set_tier(t)
+            toks, got, cache = decode_greedy(pm, prompt, 12, fused=True)
+            assert cache._bitlm_decoder[1]._token_tab is pm._rope_table[0]  # the one-call path ran
+            assert toks == want_toks and torch.equal(got, want), t
+    finally:
+        native.set_tier(prev)
+    with pytest.raises(ValueError, match=f"token id {pm.config.vocab_size} outside the vocabulary"):
+        pm(torch.tensor([[pm.config.vocab_size]]), cache=cache)
+
+
+def test_fused_token_keeps_f32_activation_heads_in_python():
+    """An f32 / bf16 head read with float activations is not the native token call's: the step
+    runs alone and the head in Python, as before."""
+    pm = convert(_model("tiny"), "i2", head="int8")
+    assert pm.head_act == "f32" and not pm._token_ok()
+    cache = decode_greedy(pm, torch.randint(0, 512, (1, 4)), 2, fused=True)[2]
+    assert getattr(cache._bitlm_decoder[1], "_token_tab", None) is None
+    pm.head_act = "int8"
+    assert pm._token_ok()
+
+
 def test_decode_profile_counts_and_changes_nothing():
     """The per-phase timers (bitlm_decode_profile): on, the step gives the same bits; every
     profiled call is counted, the phases add up to at most the whole step, and at 2 threads the

@@ -651,10 +651,39 @@ class PackedModel:
             tab = self._rope_table = rope_cos_sin(torch.arange(n), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return tab[0][pos], tab[1][pos]
 
+    #: With the fused step, also run the embedding row, the final norm and an int8-activation head
+    #: (int8a8 / int6 / int4) in the same native call (``bitlm_decode_token``: the same calls in C,
+    #: the same bits); False (or env BITLM_FUSED_TOKEN=0) keeps them in Python around the step.
+    fused_token = True
+
+    def _token_ok(self) -> bool:
+        ok = self.__dict__.get("_token_kinds")
+        if ok is None:  # the embedding and head kinds do not change: checked once
+            ok = self._token_kinds = self.embed.bits is None and (self.head.bits is not None or self.head.kind == "int8")
+        return ok and self.fused_token and self.head_act == "int8" and os.environ.get("BITLM_FUSED_TOKEN", "1") != "0"
+
+    def _bind_token(self, dec, n: int) -> None:
+        """Point ``dec`` (a cache's native decoder) at the embedding, head and the RoPE table of
+        ``n`` >= cache positions (again only when the table was rebuilt)."""
+        self._rope_rows(0, n)  # builds or grows the table
+        tab = self._rope_table
+        if getattr(dec, "_token_tab", None) is tab[0]:
+            return
+        e, h = self.embed, self.head
+        dec.bind_token(embed=e.weight, embed_scale=e.scale if e.kind == "int8" else None, final_norm=self.final_norm,
+                       head=h.weight, head_scale=h.scale, head_bits=h.bits or 8, vocab=self.config.vocab_size,
+                       cos_tab=tab[0], sin_tab=tab[1])
+        dec._token_tab = tab[0]
+
     def _decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cfg = self.config
         pos = cache.pos
         dec = self._decoder(cache)
+        if pos < cache.max_len and self._token_ok():  # one native call for the whole token
+            self._bind_token(dec, cache.max_len)
+            logits = dec.token(int(input_ids), pos)
+            cache.advance(1)
+            return logits.view(1, 1, -1)
         x = self.embed.rows(input_ids.reshape(1)).reshape(cfg.d_model).contiguous()  # a fresh copy
         cos, sin = self._rope_rows(pos, cache.max_len)
         dec.step(x, pos, cos, sin)

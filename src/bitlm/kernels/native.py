@@ -61,6 +61,7 @@ _SIGNATURES = {
     "bitlm_dense_bf16": (_c_int, [_c_p, _c_i64, _c_i64, _c_p, _c_i64, _c_p]),
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
+    "bitlm_decode_token": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_decode_rows": (_c_int, [_c_p, _c_i64, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
@@ -464,6 +465,12 @@ class _DecoderDesc(ctypes.Structure):
                                                  ("kv_scales", _c_p)]
 
 
+class _TokenDesc(ctypes.Structure):
+    _fields_ = [("vocab", _c_i64), ("embed_kind", _c_i64), ("embed", _c_p), ("embed_scale", _c_p),
+                ("final_norm", _c_p), ("head_bits", _c_i64), ("head", _c_p), ("head_scale", _c_p),
+                ("cos_tab", _c_p), ("sin_tab", _c_p), ("rope_rows", _c_i64)]
+
+
 #: KV cache types of the fused step (BITLM_KV_* in csrc/bitlm_kernels.h) and their torch dtypes.
 KV_TYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "int8": (2, torch.int8)}
 
@@ -644,6 +651,65 @@ class Decoder:
         rc = lib.bitlm_decode_step(ctypes.addressof(self._desc), x.data_ptr(), int(pos), cos.data_ptr(), sin.data_ptr())
         _check(rc, "bitlm_decode_step")
         return x
+
+    def bind_token(self, *, embed: torch.Tensor, embed_scale: torch.Tensor | None, final_norm: torch.Tensor,
+                   head: torch.Tensor, head_scale: torch.Tensor, head_bits: int, vocab: int, cos_tab: torch.Tensor,
+                   sin_tab: torch.Tensor) -> None:
+        """Bind what :meth:`token` needs besides the blocks (``bitlm_decode_token``): the embedding
+        table (float32, bfloat16, or int8 with float32 ``embed_scale`` per row), the final norm,
+        the head (int8 rows + float32 scale per row for ``head_bits`` 8; the packed int6 / int4
+        bytes + float16 group scales for 6 / 4) and the RoPE tables (rows, head_dim)."""
+        if self.max_len is None:
+            raise ValueError("this decoder holds no KV cache: use rows()")
+        d, D = self.d_model, self.head_dim
+        kinds = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+        if embed.dtype not in kinds or tuple(embed.shape) != (vocab, d) or not embed.is_contiguous():
+            raise ValueError(f"embedding: expected a contiguous float32 / bfloat16 / int8 ({vocab}, {d}) tensor, "
+                             f"got {embed.dtype} {tuple(embed.shape)}")
+        kind = kinds[embed.dtype]
+        if (kind == 2) != (embed_scale is not None):
+            raise ValueError("embedding: an int8 table needs its per-row scales, other kinds none")
+        es = None if embed_scale is None else _f32_vec(embed_scale, vocab, "embedding scale")
+        norm = _f32_vec(final_norm, d, "final norm")
+        if head_bits == 8:
+            if head.dtype != torch.int8 or tuple(head.shape) != (vocab, d) or not head.is_contiguous():
+                raise ValueError(f"head: expected a contiguous int8 ({vocab}, {d}) tensor")
+            hs = _f32_vec(head_scale, vocab, "head scale")
+        elif head_bits in (6, 4):
+            from ..packing import head_nbytes
+
+            nbytes, nscale = head_nbytes(head_bits, vocab, d)
+            if head.dtype != torch.uint8 or head.numel() != nbytes or not head.is_contiguous():
+                raise ValueError(f"int{head_bits} head data must be {nbytes} contiguous uint8 values")
+            if head_scale.dtype != torch.float16 or head_scale.numel() != nscale or not head_scale.is_contiguous():
+                raise ValueError(f"int{head_bits} head scale must be {nscale} contiguous float16 values")
+            hs = head_scale
+        else:
+            raise ValueError(f"head_bits must be 8, 6 or 4, got {head_bits}")
+        for name, t in (("cos", cos_tab), ("sin", sin_tab)):
+            if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D or not t.is_contiguous():
+                raise ValueError(f"{name} table: expected a contiguous float32 (rows, {D}) tensor")
+        self._token_keep = (embed, es, norm, head, hs, cos_tab, sin_tab)
+        self._token = _TokenDesc(vocab, kind, embed.data_ptr(), None if es is None else es.data_ptr(), norm.data_ptr(),
+                                 head_bits, head.data_ptr(), hs.data_ptr(), cos_tab.data_ptr(), sin_tab.data_ptr(),
+                                 cos_tab.shape[0])
+        self._token_x = torch.empty(d)
+        self.vocab = vocab
+
+    def token(self, token: int, pos: int) -> torch.Tensor:
+        """One whole decode token (``bitlm_decode_token``, after :meth:`bind_token`): embedding row,
+        every block, the final norm and the head → float32 (vocab,) logits, the bits of
+        embedding + :meth:`step` + ``quantize_rows`` + the head product, in one call."""
+        logits = torch.empty(self.vocab)
+        rc = (_lib or _need()).bitlm_decode_token(ctypes.addressof(self._desc), ctypes.addressof(self._token), token,
+                                                  pos, self._token_x.data_ptr(), logits.data_ptr())
+        if rc == -1:
+            if not 0 <= token < self.vocab:
+                raise ValueError(f"token id {token} outside the vocabulary of {self.vocab}")
+            raise ValueError(f"position {pos} outside the KV cache ({self.max_len}) or the RoPE table "
+                             f"({self._token.rope_rows})")
+        _check(rc, "bitlm_decode_token")
+        return logits
 
     def rows(self, x: torch.Tensor, attn: BatchAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One decode step of ``attn``'s N sequences (``bitlm_decode_rows``, ReLU² models): x (N,
