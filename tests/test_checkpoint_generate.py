@@ -119,6 +119,37 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert set(draw(2)) <= top3
 
 
+@pytest.mark.parametrize("params,V,peaked", [
+    (SamplingParams(temperature=0.7), 300, False),
+    (SamplingParams(temperature=1.0, top_k=20), 300, False),
+    (SamplingParams(temperature=1.0, top_p=0.8), 300, True),  # the nucleus lies in the top 256
+    (SamplingParams(temperature=1.3, top_p=0.9), 2000, False),  # it does not: the full sort
+    (SamplingParams(temperature=0.8, top_k=40, top_p=0.95), 2000, True),
+])
+def test_sampling_draws_the_filtered_softmax(params, V, peaked):
+    """sample_next draws from softmax(filter_top_p(filter_top_k(logits / T))) — the filters'
+    reference definitions over the whole vocabulary — though it only looks at the survivors:
+    the same support, and frequencies within 5 standard errors of the probabilities."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, V, generator=g) * (4.0 if peaked else 1.0)
+    logits[0, :7] = logits[0, 7]  # ties (at the top-k boundary for some draws)
+    want = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p).softmax(-1)[0]
+    n = 6000
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, params, generator=gen) for _ in range(n)]).view(-1)
+    freq = torch.bincount(draws, minlength=V).double() / n
+    assert set(draws.tolist()) <= set(torch.nonzero(want).view(-1).tolist())
+    se = (want.double() * (1 - want.double()) / n).sqrt()
+    assert ((freq - want.double()).abs() <= 5 * se + 1e-9).all()
+
+
+def test_sampling_refuses_nan_logits():
+    logits = torch.randn(1, 50)
+    logits[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sample_next(logits, SamplingParams(temperature=1.0))
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(repetition_penalty=0.0)])
 def test_invalid_sampling_parameters(bad):

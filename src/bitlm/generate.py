@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["SamplingParams", "SAMPLE_DEFAULTS", "sample_next", "generate_tokens", "generate", "TextStream", "chat_prompt",
@@ -91,8 +92,54 @@ def sample_next(
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.temperature == 0.0:  # max's indices: argmax's (first maximum, NaN wins), ~3x faster
         return logits.max(-1).indices
-    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.stack([_sample_row(row, params, generator) for row in logits])
+
+
+#: Nucleus search: the top this many are tried before sorting every candidate.
+_NUCLEUS_TOP = 256
+
+
+def _sample_row(x: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from float32 logits (V,): the distribution of softmax(filter_top_p(filter_top_k(
+    x / T))) drawn by inverse CDF (one uniform, float64 cumulative sum) over the surviving
+    candidates only.  On a 2B4T vocabulary (128k) with llama.cpp's defaults this takes ~1 ms where
+    filtering and ``torch.multinomial`` over the whole vocabulary took ~18 (a full sort for top-p,
+    an exponential draw per token for multinomial)."""
+    x = x / params.temperature
+    cand = None  # candidate token ids (None: every token), vals: their logits
+    if params.top_k is not None and params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        cand = (x >= kth).nonzero().squeeze(1)  # ties with the k-th kept, as filter_top_k
+        x = x[cand]
+    if params.top_p is not None and params.top_p < 1.0:
+        keep = _nucleus(x, params.top_p)
+        cand, x = (keep if cand is None else cand[keep]), x[keep]
+    cdf = torch.softmax(x, -1).double().cumsum(0)
+    total = float(cdf[-1])
+    if not 0.0 < total < float("inf"):
+        raise ValueError("sampling: the logits hold NaN or infinite values")
+    u = torch.rand((), dtype=torch.float64, generator=generator) * total
+    i = min(int(torch.searchsorted(cdf, u.view(1), right=True)), x.numel() - 1)  # zero-probability tokens never
+    return cand[i] if cand is not None else torch.tensor(i)
+
+
+def _nucleus(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Indices into x of filter_top_p's survivors: the smallest prefix of tokens sorted by
+    probability whose mass reaches p (the most likely always kept), found among the top
+    ``_NUCLEUS_TOP`` when it lies there, else by sorting every probability (numpy's argsort: a
+    128k sort takes ~2 ms there, ~9 in torch)."""
+    probs = torch.softmax(x, -1)
+    if _NUCLEUS_TOP < x.numel():
+        pk, idx = torch.topk(probs, _NUCLEUS_TOP)
+        drop = pk.cumsum(0) - pk >= p  # mass before this token already reaches p
+        if bool(drop[-1]):
+            drop[0] = False
+            return idx[~drop]
+    idx = torch.from_numpy(np.argsort(-probs.numpy()))
+    pk = probs[idx]
+    drop = pk.cumsum(0) - pk >= p
+    drop[0] = False
+    return idx[~drop]
 
 
 def generate_tokens(
