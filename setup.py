@@ -54,7 +54,7 @@ TIER_FILES = {
 }
 # a tier file that needs another one to have compiled first
 TIER_NEEDS = {"x86_amx.c": "BITLM_HAVE_AVX512"}
-BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hf_layer.c", "hadamard.c", "head_lowbit.c", "kv.c", "qat.c"]
+BASE_FILES = ["generic.c", "threadpool.c", "decode.c", "hf_layer.c", "hadamard.c", "head_lowbit.c", "kv.c", "qat.c", "pick.c"]
 # extra flags of one base file: qat.c's clamps vectorise only without FP-trap semantics (no result changes)
 BASE_FLAGS = {"qat.c": ["-fno-trapping-math"]}
 

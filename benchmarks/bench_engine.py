@@ -74,12 +74,19 @@ def build_random_packed(preset_name: str, fmt: str, head: str, path: Path, seed:
     return path
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The next token as ``bitlm.generate`` picks it at temperature 0 (``sample_next``: the first
-    maximum, by ``max``, ~60 us on a 128k vocabulary where ``argmax`` takes ~170)."""
+def greedy(logits: torch.Tensor) -> int:
+    """The next token as ``bitlm.generate`` picks it at temperature 0 from logits (``sample_next``:
+    the first maximum, native)."""
     from bitlm.generate import SamplingParams, sample_next
 
-    return sample_next(logits[:, -1], SamplingParams(temperature=0.0)).view(1, 1)
+    return int(sample_next(logits[:, -1], SamplingParams(temperature=0.0)))
+
+
+def decode_next(pm, tok: int, cache) -> int:
+    """One decode token as ``bitlm.generate`` runs it at temperature 0: the packed model's one
+    native call (``decode_greedy``) where it applies, else the forward and the pick from its logits."""
+    nxt = pm.decode_greedy(tok, cache)
+    return nxt if nxt is not None else greedy(pm(torch.tensor([[tok]]), cache=cache))
 
 
 def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], head_act: str = "f32",
@@ -134,16 +141,13 @@ def run_one(path: str, threads: int, decode_tokens: int, prefill: list[int], hea
             cache.update(i, kv_rand[0], kv_rand[1])
         cache.advance(depth)
     kv_peak = max(kv_peak, cache.nbytes())
-    logits = pm(prompt, cache=cache, last_only=True)
-    nxt = greedy(logits)
+    nxt = greedy(pm(prompt, cache=cache, last_only=True))
     for _ in range(4):  # warm-up decode steps (page in every weight)
-        logits = pm(nxt, cache=cache)
-        nxt = greedy(logits)
+        nxt = decode_next(pm, nxt, cache)
     times = []
     for _ in range(decode_tokens - 4):
         t = time.perf_counter()
-        logits = pm(nxt, cache=cache)
-        nxt = greedy(logits)
+        nxt = decode_next(pm, nxt, cache)
         times.append(time.perf_counter() - t)
     times.sort()
     out["decode_tok_s"] = 1.0 / times[len(times) // 2]  # median token
@@ -201,7 +205,7 @@ def head_gemv(preset_name: str, heads: list[str], threads: list[int], reps: int 
     return rows
 
 
-def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
+def profile_decode(pm, cache, nxt: int, n: int) -> dict:
     """``n`` more decode tokens with the fused step's phase timers on and the final norm + head
     timed (inside the native token call, else ``PackedModel._final`` from Python) → ms per token
     per phase; ``python_gap`` is what is left of the token (the Python around the native call(s),
@@ -221,8 +225,7 @@ def profile_decode(pm, cache, nxt: torch.Tensor, n: int) -> dict:
     t0 = time.perf_counter()
     try:
         for _ in range(n):
-            logits = pm(nxt, cache=cache)
-            nxt = greedy(logits)
+            nxt = decode_next(pm, nxt, cache)
     finally:
         total = time.perf_counter() - t0
         prof = native.decode_profile(False)

@@ -285,6 +285,11 @@ typedef struct bitlm_token_desc {
 } bitlm_token_desc;
 BITLM_API int bitlm_decode_token(const bitlm_decoder_desc *d, const bitlm_token_desc *t, int64_t token, int64_t pos,
                                  float *x, float *logits);
+/* bitlm_decode_token, then the greedy pick of its logits (bitlm_argmax_f32): returns the next
+ * token id (>= 0), or EINVAL / ENOMEM as bitlm_decode_token.  A greedy generation loop then makes
+ * one call per token. */
+BITLM_API int64_t bitlm_decode_token_greedy(const bitlm_decoder_desc *d, const bitlm_token_desc *t, int64_t token,
+                                            int64_t pos, float *x, float *logits);
 
 /* Batched decode (bitlm.engine.PackedModel.decode_batch): the attention part of one step of N
  * independent sequences, one token each.  Sequence j (at position pos[j] < max_len[j]): RoPE of
@@ -298,6 +303,11 @@ BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hk
                                const float *v, const int64_t *pos, const int64_t *max_len, const float *cos,
                                const float *sin, void *const *kc, void *const *vc, float *const *ks, float *const *vs,
                                float *out);
+/* The greedy pick (pick.c): the index of the largest of x[0, n) as torch's argmax gives it — the
+ * first of tied maxima (-0.0 and 0.0 tie), or the first NaN if there is one.  EINVAL for n < 1 or
+ * n > INT32_MAX. */
+BITLM_API int64_t bitlm_argmax_f32(const float *x, int64_t n);
+
 /* The ReLU² gated activation of bitlm_decode_step on m rows: y (m, 2f) gate then up values,
  * out[r, j] = (relu(g) * relu(g)) * u (torch's relu(g).square_().mul_(u), the same bits; unlike
  * the fused step's loop, a NaN gate stays NaN as in torch). */

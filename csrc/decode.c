@@ -280,6 +280,12 @@ BITLM_API int bitlm_decode_token(const bitlm_decoder_desc *d, const bitlm_token_
     return rc;
 }
 
+BITLM_API int64_t bitlm_decode_token_greedy(const bitlm_decoder_desc *d, const bitlm_token_desc *t, int64_t token,
+                                            int64_t pos, float *x, float *logits) {
+    const int rc = bitlm_decode_token(d, t, token, pos, x, logits);
+    return rc ? rc : bitlm_argmax_f32(logits, t->vocab);
+}
+
 /* ---- batched decode: attention of N sequences in one call (bitlm_attn_batch) ---------------- */
 
 typedef struct {

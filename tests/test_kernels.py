@@ -555,6 +555,32 @@ def test_glu_relu2_bit_identical(tier):
         native.glu_relu2(torch.zeros(2, 5))
 
 
+def test_argmax_is_torchs_indices(tier):
+    """The greedy pick (bitlm_argmax_f32): torch's max(-1).indices on rows of every length class
+    (under one vector, whole vectors, a tail), tied maxima (the first wins; -0.0 ties 0.0), a NaN
+    anywhere (the first NaN wins), all -inf; 2-D rows one by one; non-float32 input to torch."""
+    from bitlm import kernels
+
+    gen = torch.Generator().manual_seed(4)
+    for n in (1, 5, 16, 17, 48, 1000, 128256):
+        for case in range(12):
+            x = torch.randint(-3, 4, (n,), generator=gen).float()  # many ties
+            if case % 4 == 1:
+                x[torch.randint(0, n, (2,), generator=gen)] = float("nan")
+            if case == 2:
+                x[:] = float("-inf")
+            if case == 3:
+                x = x * 0.0  # -0.0 and 0.0
+            if case == 5:
+                x[-1] = 10.0  # the maximum in the tail
+            assert native.argmax(x).item() == x.max(-1).indices.item(), (tier, n, case)
+    rows = torch.randint(-2, 3, (3, 300), generator=gen).float()
+    rows[1, 7] = float("nan")
+    assert torch.equal(native.argmax(rows), rows.max(-1).indices)
+    assert torch.equal(kernels.argmax(rows), rows.max(-1).indices)
+    assert torch.equal(native.argmax(rows.double()), rows.max(-1).indices)
+
+
 def test_dense_int8a8_extremal_sums_are_exact(tier):
     """The largest |sum| the int32 path allows (K = 131071, all -128 x -128 = 2^31 - 16384) and
     mixed signs: no 16-bit saturation, no int32 overflow, on every tier."""

@@ -292,3 +292,17 @@ def test_weight_cache_off_when_storage_is_rewritten_in_place():
     m.weight_cache = True
     m.__dict__.pop("_wq_cache")
     torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+
+
+def test_scratch_made_under_inference_mode_serves_a_later_training_step():
+    """The fast step's scratch pool (|w|, W_fq buffers): a buffer first made during an
+    inference_mode forward (generation) comes back to a training step outside it — it must be a
+    normal tensor, not an inference tensor (in-place writes to those fail outside the mode)."""
+    torch.manual_seed(0)
+    m = BitNetModel(tiny_config()).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.inference_mode():
+        m(ids)
+    loss = lm_loss(m, ids, ids)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

@@ -675,6 +675,19 @@ class PackedModel:
                        cos_tab=tab[0], sin_tab=tab[1])
         dec._token_tab = tab[0]
 
+    def decode_greedy(self, token: int, cache: KVCache) -> int | None:
+        """The next token at temperature 0 after ``token`` (at position ``cache.pos``, batch 1):
+        ``argmax(self(token, cache)[0, -1])`` — the first of tied maxima, as ``sample_next`` picks
+        it — in one native call (``bitlm_decode_token_greedy``), with no logits tensor made.  None
+        (nothing run) where that call does not apply: then use ``self(...)`` and ``sample_next``."""
+        if cache.pos >= cache.max_len or not self._fused_decode_ok() or not self._token_ok():
+            return None
+        dec = self._decoder(cache)
+        self._bind_token(dec, cache.max_len)
+        nxt = dec.token_greedy(token, cache.pos)
+        cache.advance(1)
+        return nxt
+
     def _decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cfg = self.config
         pos = cache.pos

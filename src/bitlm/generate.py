@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
+
 __all__ = ["SamplingParams", "SAMPLE_DEFAULTS", "sample_next", "generate_tokens", "generate", "TextStream", "chat_prompt",
            "chat_prompt_ids",
            "add_arguments", "run"]
@@ -90,8 +92,8 @@ def sample_next(
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-    if params.temperature == 0.0:  # max's indices: argmax's (first maximum, NaN wins), ~3x faster
-        return logits.max(-1).indices
+    if params.temperature == 0.0:  # argmax's indices (first maximum, NaN wins), native where it can be
+        return kernels.argmax(logits)
     return torch.stack([_sample_row(row, params, generator) for row in logits])
 
 
@@ -158,22 +160,32 @@ def generate_tokens(
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
     gen = torch.Generator().manual_seed(params.seed)
     cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
-    history = torch.tensor([prompt_ids], dtype=torch.long)
+    history = list(prompt_ids)
+    penalty = params.repetition_penalty != 1.0  # the only reader of the history
+    # temperature 0 on a packed model: one native call per token gives the next one (the same
+    # pick; no logits tensor, no torch op in between: each costs ~0.1 ms with cold caches)
+    greedy = getattr(model, "decode_greedy", None) if params.temperature == 0.0 and not penalty else None
     dev = model_device(model)
     with torch.inference_mode():
         # sampling runs on the CPU (its generator, its history) whatever device the model is on:
         # the same seed gives the same tokens everywhere the logits agree
-        logits = model(history.to(dev), cache=cache, last_only=True)[:, -1].float().cpu()
+        logits = model(torch.tensor([prompt_ids], device=dev), cache=cache, last_only=True)[:, -1].float().cpu()
+        nxt: int | None = None
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits, params, history, gen)
-            tok = int(nxt.item())
+            if nxt is None:
+                hist = torch.tensor([history], dtype=torch.long) if penalty else None
+                nxt = int(sample_next(logits, params, hist, gen).item())
+            tok, nxt = nxt, None
             yield tok
             if eos_id is not None and tok == eos_id:
                 return
-            history = torch.cat([history, nxt.view(1, 1)], dim=1)
+            history.append(tok)
             if cache.pos >= cache.max_len:
                 return
-            logits = model(nxt.view(1, 1).to(dev), cache=cache, last_only=True)[:, -1].float().cpu()
+            if greedy is not None:
+                nxt = greedy(tok, cache)
+            if nxt is None:
+                logits = model(torch.tensor([[tok]], device=dev), cache=cache, last_only=True)[:, -1].float().cpu()
 
 
 class TextStream:

@@ -218,7 +218,9 @@ class BitLinear(nn.Linear):
             return None
         key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
         hit = self.__dict__.get("_wq_cache")
-        if hit is not None and hit[0] == key:
+        # codes made under inference_mode are inference tensors, which autograd cannot save: a
+        # training forward after generation quantises again
+        if hit is not None and hit[0] == key and (torch.is_inference_mode_enabled() or not hit[1].t.is_inference()):
             return hit[1]
         if self.weight_groups == 1:
             codes = _WeightCodes(*quantize_weight_codes(w, self.weight_quant))
@@ -352,7 +354,8 @@ class _BufferPool:
             got = self.free.get(shape)
             if got:
                 return got.pop()
-        return torch.empty(shape, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode:
+            return torch.empty(shape, dtype=torch.float32)  # it may come back for a training step
 
     def give(self, t: torch.Tensor) -> None:
         with self.lock:

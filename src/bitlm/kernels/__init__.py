@@ -212,6 +212,15 @@ def glu_relu2(y: torch.Tensor) -> torch.Tensor:
     return (nat or reference).glu_relu2(y)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the largest value along the last dimension, exactly ``x.max(-1).indices`` (the
+    first of tied maxima, the first NaN if any): the greedy next-token pick.  Native for float32
+    CPU rows: one pass, without torch's reduction machinery (~0.4 ms of a decode token on a 128k
+    vocabulary, since it runs with cold caches right after the token's weights streamed through)."""
+    nat = _native_or_none()
+    return (nat or reference).argmax(x)
+
+
 def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet a4.8 / v2 4-bit activations: per-row absmean codes in [-8, 7] as int8 (M, K) and
     float32 (M,) scales (x ≈ q / a) — ready for :func:`matmul`, whose int8 × ternary sums are then

@@ -26,7 +26,7 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
            "dense_lowbit_matmul", "linear_bf16", "rms_norm",
-           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "HfLayer", "HfStack",
+           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "argmax", "HfLayer", "HfStack",
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
@@ -62,6 +62,8 @@ _SIGNATURES = {
     "bitlm_dense_i8a8": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_step": (_c_int, [_c_p, _c_p, _c_i64, _c_p, _c_p]),
     "bitlm_decode_token": (_c_int, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_argmax_f32": (_c_i64, [_c_p, _c_i64]),
+    "bitlm_decode_token_greedy": (_c_i64, [_c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_decode_rows": (_c_int, [_c_p, _c_i64, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p]),
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
@@ -501,6 +503,19 @@ def glu_relu2(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.argmax` (``bitlm_argmax_f32`` per row; the
+    same indices); other dtypes, devices or empty rows go to torch."""
+    n = x.shape[-1] if x.dim() else 0
+    if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or not 0 < n < 2**31:
+        return x.max(-1).indices
+    lib = _lib or _need()
+    p, rows = x.data_ptr(), x.numel() // n
+    if rows == 1:
+        return torch.tensor(lib.bitlm_argmax_f32(p, n)).view(x.shape[:-1])
+    return torch.tensor([lib.bitlm_argmax_f32(p + 4 * n * r, n) for r in range(rows)]).view(x.shape[:-1])
+
+
 class BatchAttention:
     """``bitlm_attn_batch`` bound to N single-sequence KV caches for one batched decode step.
 
@@ -694,6 +709,7 @@ class Decoder:
                                  head_bits, head.data_ptr(), hs.data_ptr(), cos_tab.data_ptr(), sin_tab.data_ptr(),
                                  cos_tab.shape[0])
         self._token_x = torch.empty(d)
+        self._token_logits: torch.Tensor | None = None
         self.vocab = vocab
 
     def token(self, token: int, pos: int) -> torch.Tensor:
@@ -703,13 +719,33 @@ class Decoder:
         logits = torch.empty(self.vocab)
         rc = (_lib or _need()).bitlm_decode_token(ctypes.addressof(self._desc), ctypes.addressof(self._token), token,
                                                   pos, self._token_x.data_ptr(), logits.data_ptr())
+        self._token_error(rc, token, pos)
+        return logits
+
+    def token_greedy(self, token: int, pos: int) -> int:
+        """:meth:`token`, then its greedy pick (``bitlm_decode_token_greedy``: argmax's index, the
+        first of tied maxima, the first NaN): the next token id.  The logits go to a buffer this
+        decoder reuses (:attr:`last_logits`, valid until the next call)."""
+        if self._token_logits is None:
+            self._token_logits = torch.empty(self.vocab)
+        rc = (_lib or _need()).bitlm_decode_token_greedy(ctypes.addressof(self._desc), ctypes.addressof(self._token),
+                                                         token, pos, self._token_x.data_ptr(),
+                                                         self._token_logits.data_ptr())
+        self._token_error(rc, token, pos)
+        return rc
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """The logits of the last :meth:`token_greedy` call (a buffer the next call overwrites)."""
+        return self._token_logits
+
+    def _token_error(self, rc: int, token: int, pos: int) -> None:
         if rc == -1:
             if not 0 <= token < self.vocab:
                 raise ValueError(f"token id {token} outside the vocabulary of {self.vocab}")
             raise ValueError(f"position {pos} outside the KV cache ({self.max_len}) or the RoPE table "
                              f"({self._token.rope_rows})")
         _check(rc, "bitlm_decode_token")
-        return logits
 
     def rows(self, x: torch.Tensor, attn: BatchAttention, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One decode step of ``attn``'s N sequences (``bitlm_decode_rows``, ReLU² models): x (N,

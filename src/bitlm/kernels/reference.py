@@ -327,6 +327,11 @@ def glu_relu2(y: torch.Tensor) -> torch.Tensor:
     return torch.relu(g).square_().mul_(u)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.max(-1).indices``: the first of tied maxima, the first NaN if any."""
+    return x.max(-1).indices
+
+
 def quantize_rows_absmean(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmean quantisation (a4.8 Eq. 7): int8 (..., K) codes in [-2^(b-1), 2^(b-1) - 1]
     and float32 (...,) scales a (x ≈ q / a), exactly ``bitlm.quant.activation_quantize_absmean``."""
