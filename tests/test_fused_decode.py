@@ -145,6 +145,31 @@ def test_fused_token_is_the_python_embedding_and_head_bit_for_bit(head, embed):
         pm(torch.tensor([[pm.config.vocab_size]]), cache=cache)
 
 
+def test_greedy_generation_in_one_native_call_per_token():
+    """generate_tokens at temperature 0 on a packed model runs PackedModel.decode_greedy (one
+    native call per token: the token, then argmax of its logits): the same tokens as the forward +
+    sample_next loop, the logits left in the decoder's buffer equal the forward's, and None (no
+    work done) where the one-call path does not apply."""
+    from bitlm.generate import generate_tokens
+
+    pm = convert(_model("tiny"), "i2", head="int8")  # varied greedy tokens (the tiny 2B4T shape repeats one)
+    pm.head_act = "int8"
+    prompt = torch.randint(0, pm.config.vocab_size, (1, 6))
+    want_toks, want = decode_greedy(pm, prompt, 10, fused=True)[:2]
+    calls = []
+    orig = pm.decode_greedy
+    pm.decode_greedy = lambda tok, cache: calls.append(tok) or orig(tok, cache)  # noqa: E731
+    toks = list(generate_tokens(pm, prompt[0].tolist(), 10))
+    assert toks == want_toks and len(set(toks)) > 2 and len(calls) == 9  # none after the last token
+    cache = pm.new_cache(1, 16)
+    pm(prompt, cache=cache, last_only=True)
+    nxt = pm.decode_greedy(want_toks[0], cache)
+    assert nxt == want_toks[1] and cache.pos == prompt.shape[1] + 1
+    assert torch.equal(cache._bitlm_decoder[1].last_logits, want[0])
+    pm.head_act = "f32"  # the head in Python: nothing runs, the caller takes the forward
+    assert pm.decode_greedy(nxt, cache) is None and cache.pos == prompt.shape[1] + 1
+
+
 def test_fused_token_keeps_f32_activation_heads_in_python():
     """An f32 / bf16 head read with float activations is not the native token call's: the step
     runs alone and the head in Python, as before."""

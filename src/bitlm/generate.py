@@ -171,7 +171,7 @@ def generate_tokens(
         # the same seed gives the same tokens everywhere the logits agree
         logits = model(torch.tensor([prompt_ids], device=dev), cache=cache, last_only=True)[:, -1].float().cpu()
         nxt: int | None = None
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if nxt is None:
                 hist = torch.tensor([history], dtype=torch.long) if penalty else None
                 nxt = int(sample_next(logits, params, hist, gen).item())
@@ -180,7 +180,7 @@ def generate_tokens(
             if eos_id is not None and tok == eos_id:
                 return
             history.append(tok)
-            if cache.pos >= cache.max_len:
+            if i + 1 == max_new_tokens or cache.pos >= cache.max_len:  # no step for a token never asked for
                 return
             if greedy is not None:
                 nxt = greedy(tok, cache)
