@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 11
+#define BITLM_ABI_VERSION 12
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -269,8 +269,8 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
  * with a float32 scale per row (row = (float)q * scale, as Dense.rows).  cos_tab / sin_tab:
  * (rope_rows, head_dim) float32 tables, row pos used.  x: (d_model,) float32 scratch, the residual
  * stream after the last block on return.  0; EINVAL when token is outside [0, vocab), pos is
- * outside the cache or the rope table, or the description is inconsistent (nothing written);
- * ENOMEM. */
+ * outside the cache or the rope table, or the description is inconsistent (logits and the caches
+ * untouched); ENOMEM. */
 typedef struct bitlm_token_desc {
     int64_t vocab;
     int64_t embed_kind;         /* 0 f32, 1 bf16, 2 int8 + scale */

@@ -108,7 +108,7 @@ def _sample_row(x: torch.Tensor, params: SamplingParams, generator: torch.Genera
     filtering and ``torch.multinomial`` over the whole vocabulary took ~18 (a full sort for top-p,
     an exponential draw per token for multinomial)."""
     x = x / params.temperature
-    cand = None  # candidate token ids (None: every token), vals: their logits
+    cand = None  # the candidates' token ids (None: every token); x keeps their logits
     if params.top_k is not None and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         cand = (x >= kth).nonzero().squeeze(1)  # ties with the k-th kept, as filter_top_k

@@ -30,7 +30,7 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 11
+ABI_VERSION = 12
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
