@@ -47,11 +47,11 @@ static inline uint16_t kv_f32_to_f16(float f) {
 
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
 /* The AVX-512 row stores: the scalar code's bits, 16 values at a time (the scalar rounding is
- * ~9 ns a value, ~0.35 ms of a 2B4T token).  f16: vcvtps2ph rounds to nearest even and
- * overflows to inf as kv_f32_to_f16 does; NaN lanes, whose payload it keeps, become 0x7E00 with
- * their sign.  int8: amax over lanes (max is exact in any
- * order; NaN lanes are skipped as the scalar's `v > amax` skips them), then the same float32
- * division, rint and clamp per value; a NaN quotient (a NaN or infinite row) stores 0 on both. */
+ * ~9 ns a value, ~0.35 ms of a 2B4T token).  f16: vcvtps2ph rounds to nearest even and overflows
+ * to inf as kv_f32_to_f16 does; NaN lanes, whose payload it keeps, become 0x7E00 with their sign.
+ * int8: amax over lanes (max is exact in any order; NaN lanes are skipped as the scalar's
+ * `v > amax` skips them), then the same float32 division, rint and clamp per value; a NaN
+ * quotient (a NaN or infinite row) stores 0 on both. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) static void kv_store_avx512(int type, void *cache,
                                                                                           float *scales, int64_t row,
                                                                                           const float *src, int64_t D) {

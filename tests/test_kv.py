@@ -51,14 +51,14 @@ def test_f16_store_is_torch_half_bit_for_bit():
     _native()
     x = _hard_rows()
     nans = torch.tensor([0x7FC00000, 0x7FC12345, 0x7F812345, 0xFFC00001 - 2**32, 0x7FFFFFFF], dtype=torch.int32)
-    x = torch.cat([x.reshape(-1), nans.view(torch.float32), torch.ones(3)]).reshape(-1, 8)  # a 16-wide body, a tail
+    x = torch.cat([x.reshape(-1), nans.view(torch.float32), torch.ones(3)]).reshape(-1, 8)  # rows of 8: tails only
     want = x.to(torch.float16).view(torch.int16)
     want = torch.where(x.isnan(), (x.view(torch.int32) >> 16 & -0x8000 | 0x7E00).to(torch.int16), want)  # canonical
     for t in _each_tier():
         got, sc = native.kv_quantize(x, "f16")
         assert sc is None
         assert torch.equal(got.view(torch.int16), want), t
-        got, _ = native.kv_quantize(x.reshape(-1, 24), "f16")
+        got, _ = native.kv_quantize(x.reshape(-1, 24), "f16")  # rows of 24: a 16-wide body and a tail
         assert torch.equal(got.view(torch.int16).reshape(-1, 8), want), t
 
 
