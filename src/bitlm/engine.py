@@ -646,10 +646,16 @@ class PackedModel:
         cfg = self.config
         if pos >= n:  # past the cache: the step refuses it with the usual error
             return rope_cos_sin(torch.tensor([pos]), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        tab = self._rope_table_for(n)
+        return tab[0][pos], tab[1][pos]
+
+    def _rope_table_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) table of at least the first ``n`` positions (built, or grown, on demand)."""
         tab = self.__dict__.get("_rope_table")
         if tab is None or tab[0].shape[0] < n:
+            cfg = self.config
             tab = self._rope_table = rope_cos_sin(torch.arange(n), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        return tab[0][pos], tab[1][pos]
+        return tab
 
     #: With the fused step, also run the embedding row, the final norm and an int8-activation head
     #: (int8a8 / int6 / int4) in the same native call (``bitlm_decode_token``: the same calls in C,
@@ -665,8 +671,7 @@ class PackedModel:
     def _bind_token(self, dec, n: int) -> None:
         """Point ``dec`` (a cache's native decoder) at the embedding, head and the RoPE table of
         ``n`` >= cache positions (again only when the table was rebuilt)."""
-        self._rope_rows(0, n)  # builds or grows the table
-        tab = self._rope_table
+        tab = self._rope_table_for(n)
         if getattr(dec, "_token_tab", None) is tab[0]:
             return
         e, h = self.embed, self.head
