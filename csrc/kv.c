@@ -43,6 +43,12 @@ static inline uint16_t kv_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
+/* The int8 code of x at scale s > 0: clamp(rint(x / s), -127, 127), a NaN quotient 0. */
+static inline int8_t kv_i8_code(float x, float s) {
+    const float q = rintf(x / s);
+    return (int8_t)(q != q ? 0.0f : (q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q)));
+}
+
 /* ---- store --------------------------------------------------------------------------------- */
 
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
@@ -93,11 +99,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) static void kv_sto
             _mm_storeu_si128((__m128i *)(void *)(dst + j), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)));
         }
     }
-    for (; j < D; j++) {
-        float q = s > 0.0f ? rintf(src[j] / s) : 0.0f;
-        q = q != q ? 0.0f : (q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q));
-        dst[j] = (int8_t)q;
-    }
+    for (; j < D; j++) dst[j] = s > 0.0f ? kv_i8_code(src[j], s) : 0;
 }
 #endif
 
@@ -120,11 +122,7 @@ BITLM_HIDDEN void bitlm_kv_store(int type, void *cache, float *scales, int64_t r
         }
         const float s = amax / 127.0f;
         scales[row] = s;
-        for (int64_t j = 0; j < D; j++) {
-            float q = s > 0.0f ? rintf(src[j] / s) : 0.0f;
-            q = q != q ? 0.0f : (q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q)); /* NaN quotient: 0 */
-            dst[j] = (int8_t)q;
-        }
+        for (int64_t j = 0; j < D; j++) dst[j] = s > 0.0f ? kv_i8_code(src[j], s) : 0;
     } else {
         memcpy((float *)cache + row * D, src, (size_t)D * 4);
     }

@@ -424,18 +424,23 @@ def dense_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
-def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
-                        n: int) -> torch.Tensor:
-    """Native twin of :func:`bitlm.kernels.reference.dense_lowbit_matmul` (bit-identical)."""
+def _check_lowbit_head(data: torch.Tensor, scale: torch.Tensor, bits: int, n: int, k: int) -> None:
+    """An int6 / int4 (n, k) head as the C side reads it: packed uint8 bytes, float16 group scales."""
     from ..packing import head_nbytes
 
-    lib = _lib or _need()
-    k = xq.shape[1]
     nbytes, nscale = head_nbytes(bits, n, k)
     if data.dtype != torch.uint8 or data.numel() != nbytes or not data.is_contiguous() or not data.is_cpu:
         raise ValueError(f"int{bits} head data must be {nbytes} contiguous CPU uint8 values, got {data.dtype} x {data.numel()}")
     if scale.dtype != torch.float16 or scale.numel() != nscale or not scale.is_contiguous() or not scale.is_cpu:
         raise ValueError(f"int{bits} head scale must be {nscale} contiguous CPU float16 values")
+
+
+def dense_lowbit_matmul(xq: torch.Tensor, a: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bits: int,
+                        n: int) -> torch.Tensor:
+    """Native twin of :func:`bitlm.kernels.reference.dense_lowbit_matmul` (bit-identical)."""
+    lib = _lib or _need()
+    k = xq.shape[1]
+    _check_lowbit_head(data, scale, bits, n, k)
     xq = _xq(xq, k)
     m = xq.shape[0]
     a = _f32_vec(a if a.dim() == 1 else a.reshape(-1), m, "a")
@@ -691,13 +696,7 @@ class Decoder:
                 raise ValueError(f"head: expected a contiguous int8 ({vocab}, {d}) tensor")
             hs = _f32_vec(head_scale, vocab, "head scale")
         elif head_bits in (6, 4):
-            from ..packing import head_nbytes
-
-            nbytes, nscale = head_nbytes(head_bits, vocab, d)
-            if head.dtype != torch.uint8 or head.numel() != nbytes or not head.is_contiguous():
-                raise ValueError(f"int{head_bits} head data must be {nbytes} contiguous uint8 values")
-            if head_scale.dtype != torch.float16 or head_scale.numel() != nscale or not head_scale.is_contiguous():
-                raise ValueError(f"int{head_bits} head scale must be {nscale} contiguous float16 values")
+            _check_lowbit_head(head, head_scale, head_bits, vocab, d)
             hs = head_scale
         else:
             raise ValueError(f"head_bits must be 8, 6 or 4, got {head_bits}")
