@@ -34,45 +34,31 @@ def _hard_rows() -> torch.Tensor:
     return vals.reshape(-1, 64)
 
 
-def _each_tier():
-    """Every kernel tier this CPU runs (the row stores have an AVX-512 path and a scalar one)."""
-    prev = native.tier()
-    try:
-        for t in native.supported_tiers():
-            native.set_tier(t)
-            yield t
-    finally:
-        native.set_tier(prev)
-
-
-def test_f16_store_is_torch_half_bit_for_bit():
+def test_f16_store_is_torch_half_bit_for_bit(tier):
     """Every finite value, ties and edges as torch rounds them; NaNs as 0x7E00 with their sign
-    (torch's own .half() keeps a NaN's payload in some elements and not in others)."""
-    _native()
+    (torch's own .half() keeps a NaN's payload in some elements and not in others); on every tier
+    (the store has an AVX-512 path and a scalar one)."""
     x = _hard_rows()
     nans = torch.tensor([0x7FC00000, 0x7FC12345, 0x7F812345, 0xFFC00001 - 2**32, 0x7FFFFFFF], dtype=torch.int32)
     x = torch.cat([x.reshape(-1), nans.view(torch.float32), torch.ones(3)]).reshape(-1, 8)  # rows of 8: tails only
     want = x.to(torch.float16).view(torch.int16)
     want = torch.where(x.isnan(), (x.view(torch.int32) >> 16 & -0x8000 | 0x7E00).to(torch.int16), want)  # canonical
-    for t in _each_tier():
-        got, sc = native.kv_quantize(x, "f16")
-        assert sc is None
-        assert torch.equal(got.view(torch.int16), want), t
-        got, _ = native.kv_quantize(x.reshape(-1, 24), "f16")  # rows of 24: a 16-wide body and a tail
-        assert torch.equal(got.view(torch.int16).reshape(-1, 8), want), t
+    got, sc = native.kv_quantize(x, "f16")
+    assert sc is None
+    assert torch.equal(got.view(torch.int16), want)
+    got, _ = native.kv_quantize(x.reshape(-1, 24), "f16")  # rows of 24: a 16-wide body and a tail
+    assert torch.equal(got.view(torch.int16).reshape(-1, 8), want)
 
 
-def test_int8_store_is_the_torch_twin_bit_for_bit():
-    _native()
+def test_int8_store_is_the_torch_twin_bit_for_bit(tier):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 72, generator=g) * torch.logspace(-30, 30, 300).unsqueeze(1)  # 72: 16-wide body + tail
     x[0] = 0.0  # a zero row: scale 0, codes 0
     x[1, :] = 0.5
     x[1, 3] = -127.5  # ties and the extreme code
     q, st = PackedKVCache.quantize_int8(x)
-    for t in _each_tier():
-        got, s = native.kv_quantize(x, "int8")
-        assert torch.equal(got, q) and torch.equal(s, st), t
+    got, s = native.kv_quantize(x, "int8")
+    assert torch.equal(got, q) and torch.equal(s, st)
     assert got[0].abs().max() == 0 and s[0] == 0 and got.abs().max() == 127
     back = PackedKVCache.read_back(x, "int8")
     assert torch.equal(back, q.float() * st.unsqueeze(-1))
