@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitlm import kernels
+from bitlm import kernels, memory
 from bitlm.info import cpu_model
 from bitlm.io.atomic import atomic_write_text
 from bitlm.kernels import native
@@ -100,8 +100,8 @@ def settle() -> None:
 def bandwidth(threads: int, gib: float, reps: int) -> dict:
     set_threads(threads)
     n = int(gib * (1 << 30))
-    src = torch.ones(n // 8, dtype=torch.int64).view(torch.uint8)  # page-faulted in, 64-B aligned
-    dst = torch.ones(n // 8, dtype=torch.int64).view(torch.uint8)
+    # huge pages where available (as the engine's weights), page-faulted in, 64-B aligned
+    src, dst = (t.fill_(1) for t in memory.zeros(2, (n,), torch.uint8, hugepages=True))
     settle()  # torch.ones ran on torch's OpenMP threads
     rd = timeit(lambda: native.mem_read(src), 3 * reps)
     cp = timeit(lambda: native.mem_copy(dst, src), 2 * reps)
@@ -128,7 +128,8 @@ def random_packed(fmt: str, n: int, k: int, seed: int = 0) -> PackedWeight:
 def rotation(w: PackedWeight) -> list[PackedWeight]:
     """Copies of w in one big buffer, enough to stream COLD_BYTES per round (cache-cold calls)."""
     copies = max(2, COLD_BYTES // w.nbytes)
-    big = w.data.reshape(1, -1).repeat(copies, 1)
+    big = memory.zeros(1, (copies, w.data.numel()), torch.uint8)[0]  # huge pages, as a loaded model's
+    big.copy_(w.data.reshape(1, -1).expand(copies, -1))
     return [PackedWeight(w.format, w.version, w.N, w.K, big[i].view(w.data.shape), w.scale) for i in range(copies)]
 
 
@@ -153,7 +154,7 @@ def local_read_bw(reps: int = 5) -> float:
     also compared with a probe taken seconds, not minutes, away."""
     global _PROBE
     if _PROBE is None:
-        _PROBE = torch.ones((COLD_BYTES + (128 << 20)) // 8, dtype=torch.int64).view(torch.uint8)
+        _PROBE = memory.zeros(1, (COLD_BYTES + (128 << 20),), torch.uint8, hugepages=True)[0].fill_(1)
     return _PROBE.numel() / timeit(lambda: native.mem_read(_PROBE), reps)["best"] / 1e9
 
 

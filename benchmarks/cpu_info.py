@@ -91,6 +91,13 @@ def cpu_identity() -> dict:
     except Exception as e:  # noqa: BLE001 - a record without the library's view is still useful
         rec["kernel_tier"] = f"unavailable ({type(e).__name__})"
     try:
+        from bitlm import memory
+
+        # huge pages: bitlm's weights / KV caches and the read probes sit on them where "used"
+        rec["hugepages"] = {"thp": memory.thp_mode(), "used": memory.enabled()}
+    except Exception as e:  # noqa: BLE001
+        rec["hugepages"] = f"unknown ({type(e).__name__})"
+    try:
         rec["loadavg"] = list(os.getloadavg())
     except OSError:
         pass
@@ -101,8 +108,15 @@ def describe(rec: dict | None = None) -> str:
     """One line for a table caption: name, vendor family/model/stepping, microarchitecture, tier."""
     r = rec or cpu_identity()
     return (f"{r['model_name']} ({r['vendor']} family {r['family']} model {r['model']} stepping {r['stepping']}, "
-            f"{r['microarchitecture']}; kernels {r.get('kernel_tier', '?')}; "
+            f"{r['microarchitecture']}; kernels {r.get('kernel_tier', '?')}; {_pages(r)}; "
             f"flags {' '.join(f for f in r['flags'] if f != 'hypervisor') or '-'})")
+
+
+def _pages(r: dict) -> str:
+    hp = r.get("hugepages")
+    if not isinstance(hp, dict):
+        return "pages ?"
+    return f"huge pages {'on' if hp['used'] else 'off'} (THP {hp['thp']})"
 
 
 if __name__ == "__main__":

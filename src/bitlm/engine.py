@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, memory
 from . import quant as Q
 from .config import ACT_VARIANTS, ModelConfig
 from .io.packed import MAGIC, VERSION, PackedFormatError, read_header, read_packed, write_packed
@@ -271,6 +271,13 @@ class PackedModel:
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, kv: str | None = None) -> PackedKVCache:
         return PackedKVCache(self.config, batch, max_len, kv or self._kv)
+
+    def _on_hugepages(self) -> PackedModel:
+        """Weights built in memory (``convert``, ``convert_gguf``) moved into one huge-page buffer
+        where ``bitlm.memory.worth_it`` (as ``load_packed`` reads a file): decode streams them all
+        each token, ~8 % faster than from 4 KiB pages.  The same tensors, values and bits."""
+        memory.relocate(list(_tensor_table(self)[0].values()))
+        return self
 
     def weight_bytes(self) -> dict[str, int]:
         lin = sum(w.nbytes for L in self.layers for w in (L.q, L.k, L.v, L.o, L.up, L.down))
@@ -730,6 +737,14 @@ class PackedKVCache(KVCache):
             self.v_scale = [torch.zeros(shape) for _ in range(cfg.n_layers)]
 
     @staticmethod
+    def _zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[torch.Tensor]:
+        """On huge pages where the OS offers them (``bitlm.memory``): decode reads every layer's
+        keys and values up to the current position each token."""
+        if device is not None and torch.device(device).type != "cpu":
+            return KVCache._zeros(n, shape, dtype, device)
+        return memory.zeros(n, shape, dtype)
+
+    @staticmethod
     def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (..., D) → (int8 (..., D), float32 (...,)) per row (the int8 cache's rounding)."""
         s = x.abs().amax(-1) / 127.0
@@ -957,8 +972,9 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     embed_d = Dense.from_float(embed, emb_w)
     head_d = embed_d if cfg.tie_embeddings and embed == head else Dense.from_float(head, model.lm_head.weight)
     fn = model.model.norm
-    return PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
-                       f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
+    pm = PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
+                     f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
+    return pm._on_hugepages()
 
 
 def _dense_kinds(head: str, embed: str | None) -> str:
@@ -1015,7 +1031,7 @@ def convert_gguf(path: str | Path, format: str | None = None, head: str = "f32",
             head_d = Dense.from_float_rows(head, emb if cfg.tie_embeddings else
                                            functools.partial(r.float_rows, "lm_head.weight"), shape)
         final = r.floats("model.norm.weight").contiguous()
-    return PackedModel(cfg, layers, embed_d, head_d, final, None, fmt)
+    return PackedModel(cfg, layers, embed_d, head_d, final, None, fmt)._on_hugepages()
 
 
 def pack(obj, format: str | None = None, **kwargs: Any):

@@ -178,9 +178,14 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
         self.max_len = max_len or cfg.max_seq_len
         shape = (batch, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        kv = self._zeros(2 * cfg.n_layers, shape, dtype, device)
+        self.k, self.v = kv[0::2], kv[1::2]  # layer i's keys, then its values
         self.pos = 0
+
+    @staticmethod
+    def _zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[torch.Tensor]:
+        """``n`` zeroed key / value tensors (the packed engine's cache puts them on huge pages)."""
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]

@@ -9,9 +9,12 @@ Version 1, little-endian::
 
 The header holds the model config, the packing format, head/embedding types, the tokenizer
 (tokenizer.json text, optional) and a table of tensors (name, dtype, shape, offset, nbytes,
-crc32).  Reading memory-maps the file copy-on-write, so weights are paged in from the page cache
-on first use and never copied; ``verify=True`` checks every tensor's CRC-32 and the file size,
-so a corrupt or truncated file is an error naming the tensor, never a wrong answer.
+crc32).  Reading memory-maps the file copy-on-write (weights paged in from the page cache on first
+use, never copied) or, for files of 8 MiB and more where the OS offers transparent huge pages,
+reads it into a huge-page buffer (``bitlm.memory``: decode streams every weight each token, and
+2 MiB pages read it ~8 % faster than the 4 KiB pages of a file mapping).  ``verify=True`` checks
+every tensor's CRC-32 and the file size, so a corrupt or truncated file is an error naming the
+tensor, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .. import memory
 from .atomic import atomic_write
 
 __all__ = ["MAGIC", "VERSION", "ALIGN", "PackedFormatError", "write_packed", "read_header", "read_packed"]
@@ -97,11 +101,13 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise PackedFormatError(f"{path}: corrupt header ({e.msg})") from None
 
 
-def read_packed(path: str | Path, verify: bool = True, check_header: Callable[[dict[str, Any]], Any] | None = None
-                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], mmap.mmap | None]:
-    """Memory-map a packed file: ``(header, tensors, mapping)``.  The tensors are views of the
-    mapping (keep it alive as long as they are used).  ``check_header(header)`` runs once the
-    header and the file size are checked, before any tensor is read (or its CRC computed)."""
+def read_packed(path: str | Path, verify: bool = True, check_header: Callable[[dict[str, Any]], Any] | None = None,
+                hugepages: bool | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """Map or read a packed file: ``(header, tensors, memory)``.  The tensors are views of
+    ``memory`` (an ``mmap`` of the file, or a ``bitlm.memory.Buffer`` holding its bytes; keep it
+    alive as long as they are used).  ``check_header(header)`` runs once the header and the file
+    size are checked, before any tensor is read (or its CRC computed).  ``hugepages``: read the
+    file into a huge-page buffer (default: ``bitlm.memory.worth_it(file size)``)."""
     path = Path(path)
     try:
         f = open(path, "rb")
@@ -117,9 +123,20 @@ def read_packed(path: str | Path, verify: bool = True, check_header: Callable[[d
             last = max((e for e in header["tensors"] if data_start + e["offset"] + e["nbytes"] > size),
                        key=lambda e: -e["offset"], default={"name": "?"})
             raise PackedFormatError(f"{path}: truncated ({size} of {need} bytes); tensor {last['name']!r} is incomplete")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    if check_header is not None:
-        check_header(header)
+        if check_header is not None:
+            check_header(header)
+        if hugepages is None:
+            hugepages = memory.worth_it(size)
+        if hugepages:
+            mm = memory.Buffer(size)
+            _read_into(f, mm.memoryview(), path)
+            raw, view = mm.memoryview(), mm.view
+        else:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            raw = memoryview(mm) if mm is not None else None
+
+            def view(dt: torch.dtype, count: int, off: int) -> torch.Tensor:
+                return torch.frombuffer(mm, dtype=dt, count=count, offset=off)
     tensors: dict[str, torch.Tensor] = {}
     for e in header["tensors"]:
         name = e["name"]
@@ -127,9 +144,20 @@ def read_packed(path: str | Path, verify: bool = True, check_header: Callable[[d
         if dt is None:
             raise PackedFormatError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
         off = data_start + e["offset"]
-        if verify and zlib.crc32(memoryview(mm)[off : off + e["nbytes"]]) != e["crc32"]:
+        if verify and zlib.crc32(raw[off : off + e["nbytes"]]) != e["crc32"]:
             raise PackedFormatError(f"{path}: tensor {name!r} is corrupt (CRC-32 mismatch)")
         count = e["nbytes"] // torch.empty(0, dtype=dt).element_size()
-        t = torch.frombuffer(mm, dtype=dt, count=count, offset=off) if count else torch.empty(0, dtype=dt)
+        t = view(dt, count, off) if count else torch.empty(0, dtype=dt)
         tensors[name] = t.view(e["shape"])
     return header, tensors, mm
+
+
+def _read_into(f, out: memoryview, path: Path) -> None:
+    """Fill ``out`` from the start of the open file ``f`` (read(2) moves at most ~2 GiB a call)."""
+    f.seek(0)
+    done, n = 0, len(out)
+    while done < n:
+        got = f.readinto(out[done : min(n, done + (256 << 20))])
+        if not got:
+            raise PackedFormatError(f"{path}: file shrank while being read ({done} of {n} bytes)")
+        done += got

@@ -1,0 +1,143 @@
+"""Large host buffers on transparent huge pages (2 MiB) where the OS offers them.
+
+Decode streams ~850 MB of weights per token (2B4T) and, at long contexts, the KV cache too.  On
+4 KiB pages that is one TLB miss per 64 cache lines, and in a virtual machine every miss is a
+two-level page walk; on 2 MiB pages it is one per 32,768.  Measured on this project's VM (Intel
+Xeon, 2 vCPUs; docs/performance.md, "Huge pages"): a plain AVX-512 read of 1 GiB runs at 27 and
+14.4 GB/s (2 / 1 threads) on 4 KiB pages and at 30 and 15.5 on huge pages.
+
+Linux gives anonymous memory huge pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
+``always``, or ``madvise`` and the region is advised ``MADV_HUGEPAGE`` — which is what
+:func:`buffer` does.  File mappings (the packed model's ``mmap``) stay on 4 KiB pages, so
+``bitlm.io.packed.read_packed`` reads the file into such a buffer instead.  Where huge pages are
+not available (another OS, ``never``, no ``madvise``) the buffers are ordinary anonymous memory:
+the same bytes, only the page size differs.  ``BITLM_HUGEPAGES=0`` turns the whole thing off
+(file mappings again, and torch's own allocations for the KV cache).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+HUGE = 2 << 20  # bytes: the x86-64 transparent huge page
+MIN_BYTES = 4 * HUGE  # smaller buffers are left to the ordinary allocators (the page saving is nil)
+_THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page policy: "always", "madvise", "never", or "unavailable"
+    (no such setting: not Linux, or a kernel without THP)."""
+    try:
+        text = _THP_SYSFS.read_text()
+    except OSError:
+        return "unavailable"
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return "unavailable"
+
+
+def available() -> bool:
+    """Whether the kernel gives huge pages to anonymous memory advised ``MADV_HUGEPAGE``."""
+    return thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def enabled() -> bool:
+    """Whether bitlm puts its large buffers (packed weights, KV caches) on huge pages:
+    :func:`available` and ``BITLM_HUGEPAGES`` is not "0"."""
+    return os.environ.get("BITLM_HUGEPAGES", "1") != "0" and available()
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worth_it(nbytes: int) -> bool:
+    """Whether ``nbytes`` of weights should be copied onto huge pages: :func:`enabled`, at least
+    ``MIN_BYTES``, and under 80 % of the memory available — a copy is anonymous memory, which
+    unlike a file mapping's pages cannot be dropped and read again under pressure, so a model
+    near the machine's memory stays a file mapping."""
+    if not enabled() or nbytes < MIN_BYTES:
+        return False
+    free = mem_available()
+    return free is None or nbytes < 0.8 * free
+
+
+class Buffer:
+    """``nbytes`` of zeroed, writable anonymous memory whose first byte sits on a 2 MiB boundary,
+    advised ``MADV_HUGEPAGE``.  :meth:`view` gives torch tensors over it; each holds a reference
+    to the mapping (as every ``frombuffer`` view does), so the memory lives as long as they do."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        # private, not shared: shared anonymous memory is shmem, which THP "madvise" does not cover
+        self._mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr()
+        self.pad = -addr % HUGE
+        if nbytes and hasattr(mmap, "MADV_HUGEPAGE"):
+            self._mm.madvise(mmap.MADV_HUGEPAGE, self.pad, nbytes)  # pad: a whole number of pages
+
+    def memoryview(self) -> memoryview:
+        """The ``nbytes`` as a writable memoryview (e.g. for ``file.readinto``)."""
+        return memoryview(self._mm)[self.pad : self.pad + self.nbytes]
+
+    def view(self, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
+        """``count`` elements of ``dtype`` from byte ``offset``, a 1-D tensor sharing the memory."""
+        if offset + count * torch.empty(0, dtype=dtype).element_size() > self.nbytes:
+            raise ValueError(f"view of {count} {dtype} at byte {offset} overruns the {self.nbytes}-byte buffer")
+        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self.pad + offset)
+
+
+def zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+          hugepages: bool | None = None) -> list[torch.Tensor]:
+    """``n`` zeroed tensors of ``shape``, side by side in one huge-page :class:`Buffer` when
+    ``hugepages`` (default :func:`enabled`; True: wherever :func:`available`) and they take at
+    least ``MIN_BYTES`` together (one buffer: a 2 MiB page is the unit the OS hands out, so small
+    tensors each on their own would waste most of theirs), else each from torch's allocator.
+    The OS backs a huge-page buffer's untouched pages with its zero page: write before timing reads."""
+    count = 1
+    for s in shape:
+        count *= s
+    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    use = enabled() if hugepages is None else hugepages and available()
+    if not use or n * nbytes < MIN_BYTES:
+        return [torch.zeros(shape, dtype=dtype) for _ in range(n)]
+    step = -(-nbytes // 64) * 64  # every tensor 64-byte aligned, as the kernels' loads like it
+    buf = Buffer(n * step)
+    return [buf.view(dtype, count, i * step).view(shape) for i in range(n)]
+
+
+def relocate(tensors: list[torch.Tensor]) -> Buffer | None:
+    """Move ``tensors`` (contiguous, CPU) into one huge-page :class:`Buffer`, in place: each keeps
+    its identity, shape and values (``Tensor.set_``), so whatever holds it reads the new memory.
+    For weights built in memory (packing a checkpoint, converting a GGUF file) rather than read
+    from a packed file.  Does nothing (returns None) unless :func:`worth_it` for their total."""
+    seen: set[int] = set()
+    todo = []
+    for t in tensors:
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            todo.append(t)
+    steps = [-(-t.numel() * t.element_size() // 64) * 64 for t in todo]
+    if not worth_it(sum(steps)):
+        return None
+    buf, off = Buffer(sum(steps)), 0
+    with torch.inference_mode():  # set_ on an inference tensor (made under inference_mode) too
+        for t, step in zip(todo, steps):
+            new = buf.view(t.dtype, t.numel(), off).view(t.shape)
+            new.copy_(t)
+            t.set_(new)
+            off += step
+    return buf
