@@ -106,7 +106,7 @@ def zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
     ``hugepages`` (default :func:`enabled`; True: wherever :func:`available`) and they take at
     least ``MIN_BYTES`` together (one buffer: a 2 MiB page is the unit the OS hands out, so small
     tensors each on their own would waste most of theirs), else each from torch's allocator.
-    The OS backs a huge-page buffer's untouched pages with its zero page: write before timing reads."""
+    The pages are faulted in (written) before this returns."""
     count = 1
     for s in shape:
         count *= s
@@ -116,6 +116,9 @@ def zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
         return [torch.zeros(shape, dtype=dtype) for _ in range(n)]
     step = -(-nbytes // 64) * 64  # every tensor 64-byte aligned, as the kernels' loads like it
     buf = Buffer(n * step)
+    # fault every page in now (as torch.zeros does): else the first write to each 2 MiB page, in
+    # the middle of a prefill, waits for the kernel to find and clear it
+    buf.view(torch.uint8, buf.nbytes).zero_()
     return [buf.view(dtype, count, i * step).view(shape) for i in range(n)]
 
 
