@@ -1093,7 +1093,8 @@ def save_packed(pm: PackedModel, path: str | Path, tokenizer=None) -> Path:
 
 
 def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
-    """Memory-map a packed file into a ``PackedModel`` (weights are not copied)."""
+    """A packed file as a ``PackedModel``: its tensors are views of the file's bytes, read into a
+    huge-page buffer or memory-mapped (``bitlm.io.packed.read_packed``)."""
     path = Path(path)
     cfg = None
 
