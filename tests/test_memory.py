@@ -4,6 +4,7 @@ test compares the huge-page model with the 4 KiB one bit for bit."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -155,3 +156,16 @@ def test_packed_model_and_cache_on_huge_pages_decode_the_same(tmp_path, monkeypa
         assert k0 % HUGE == 0 and v0 == k0 + cache.k[0].numel() * 2  # one buffer: k then v per layer
     first = built.layers[0].q.data.data_ptr()
     assert first % HUGE == 0  # relocated: the first packed tensor opens the buffer
+
+
+def test_bitlm_info_reports_huge_pages(monkeypatch, capsys):
+    from bitlm.cli import main
+
+    monkeypatch.setattr(memory, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(memory, "available", lambda: True)
+    monkeypatch.setenv("BITLM_HUGEPAGES", "0")
+    assert main(["info"]) == 0
+    assert "huge pages: off (kernel THP setting: madvise; BITLM_HUGEPAGES=0)" in capsys.readouterr().out
+    monkeypatch.setenv("BITLM_HUGEPAGES", "1")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["environment"]["hugepages"] == {"thp": "madvise", "used": True}

@@ -21,6 +21,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _hugepages() -> dict[str, Any]:
+    """Whether the packed engine puts its weights and KV caches on huge pages (bitlm.memory)."""
+    from . import memory
+
+    return {"thp": memory.thp_mode(), "used": memory.enabled()}
+
+
 def environment() -> dict[str, Any]:
     import os
 
@@ -35,6 +42,7 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "hugepages": _hugepages(),
     }
     try:
         from .kernels import backend_info
@@ -94,6 +102,9 @@ def run(args) -> int:
     print(f"cpu: {env['cpu']} ({env['cores']} cores, torch threads {env['torch_threads']})")
     print(f"kernels: backend={k.get('backend')} tier={k.get('tier')} threads={k.get('threads')}"
           + (f"  ({k['reason']})" if k.get("reason") else ""))
+    hp = env["hugepages"]
+    print(f"huge pages: {'on' if hp['used'] else 'off'} (kernel THP setting: {hp['thp']}"
+          + ("; BITLM_HUGEPAGES=0" if hp["thp"] in ("always", "madvise") and not hp["used"] else "") + ")")
     if "model" in out and "packed_format" in out["model"]:
         m = out["model"]
         print(f"packed model: {m['arch']} quant={m['quant']} format={m['packed_format']}  linear weights "

@@ -3,12 +3,13 @@
 Decode streams ~850 MB of weights per token (2B4T) and, at long contexts, the KV cache too.  On
 4 KiB pages that is one TLB miss per 64 cache lines, and in a virtual machine every miss is a
 two-level page walk; on 2 MiB pages it is one per 32,768.  Measured on this project's VM (Intel
-Xeon, 2 vCPUs; docs/performance.md, "Huge pages"): a plain AVX-512 read of 1 GiB runs at 27 and
-14.4 GB/s (2 / 1 threads) on 4 KiB pages and at 30 and 15.5 on huge pages.
+Xeon, 2 vCPUs; docs/performance.md, "Huge pages"): decode 10-16 % faster with the weights and
+the KV cache on huge pages, in interleaved pairs.  (A plain read of one buffer gains less, or
+nothing: it differs by ±5 % with where the pages land, either size.)
 
 Linux gives anonymous memory huge pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
-``always``, or ``madvise`` and the region is advised ``MADV_HUGEPAGE`` — which is what
-:func:`buffer` does.  File mappings (the packed model's ``mmap``) stay on 4 KiB pages, so
+``always``, or ``madvise`` and the region is advised ``MADV_HUGEPAGE`` — which :class:`Buffer`
+does.  File mappings (the packed model's ``mmap``) stay on 4 KiB pages, so
 ``bitlm.io.packed.read_packed`` reads the file into such a buffer instead.  Where huge pages are
 not available (another OS, ``never``, no ``madvise``) the buffers are ordinary anonymous memory:
 the same bytes, only the page size differs.  ``BITLM_HUGEPAGES=0`` turns the whole thing off
