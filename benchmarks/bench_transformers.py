@@ -111,7 +111,8 @@ def packed_engine(model, bitnet_layers):
                                   post_norm=f32(blk.post_attention_layernorm.weight),
                                   ffn_sub_norm=f32(blk.mlp.ffn_sub_norm.weight)))
     emb = Dense("bf16", model.model.embed_tokens.weight.detach().to(torch.bfloat16).contiguous())
-    return PackedModel(cfg, layers, emb, emb, f32(model.model.norm.weight))
+    # on huge pages, as convert() / load_packed() give a user (accelerate() does the same for transformers)
+    return PackedModel(cfg, layers, emb, emb, f32(model.model.norm.weight)).to_hugepages()
 
 
 class Stamps:

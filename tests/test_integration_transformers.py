@@ -712,3 +712,36 @@ def test_native_hf_stack_checks_its_inputs(folders):
         st.decode(x.to(torch.bfloat16), cos, cos, kv[:2], kv[2:], 1, 0.25)
     with pytest.raises(ValueError, match="no layers"):
         native.HfStack([])
+
+
+def test_accelerated_weights_on_huge_pages_give_the_same_bits(tmp_path, monkeypatch):
+    """accelerate() moves the packed weights and the bf16 head (with the tied embedding sharing
+    its storage) into one huge-page buffer; generation is bit for bit what 4 KiB pages give."""
+    from bitlm import memory
+
+    folder = write_hf_folder(tmp_path / "m", hf_cfg(), "packed", "autobitlinear", seed=3, dtype=torch.bfloat16)
+    mk = lambda: transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setenv("BITLM_HUGEPAGES", "0")
+    ref = _gen(BT.accelerate(mk()), prompt(2), n=12)
+    monkeypatch.setenv("BITLM_HUGEPAGES", "1")
+    monkeypatch.setattr(memory, "MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "available", lambda: True)
+    made = []
+    real = memory.Buffer
+
+    def spy(n):
+        made.append(real(n))
+        return made[-1]
+
+    monkeypatch.setattr(memory, "Buffer", spy)
+    model = BT.accelerate(mk())
+    assert len(made) == 1
+    lo = made[0].view(torch.uint8, 1).data_ptr()
+    inside = lambda t: lo <= t.data_ptr() < lo + made[0].nbytes  # noqa: E731
+    lins = [m for m in model.modules() if isinstance(m, BT.BitlmLinear)]
+    assert lins and all(inside(m.packed.data) and inside(m.packed.scale) for m in lins)
+    assert inside(model.lm_head.weight_bf16)
+    assert model.lm_head.weight_bf16.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still shared
+    got = _gen(model, prompt(2), n=12)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))

@@ -94,17 +94,26 @@ def test_relocate_keeps_identity_values_and_sharing(monkeypatch):
     monkeypatch.setattr(memory, "worth_it", lambda n: True)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(1000, generator=g)
+    view = a[10:20]  # a view of a's storage: must stay one
     b = torch.randint(-128, 127, (33, 7), dtype=torch.int8, generator=g)
     with torch.inference_mode():  # the engine builds some tensors under inference_mode
         c = torch.randn(5, generator=g)
-    before = [t.clone() for t in (a, b, c)]
-    buf = memory.relocate([a, b, a, c, torch.empty(0)])
-    assert buf is not None and buf.nbytes == 4032 + 256 + 64  # a once, each 64-byte aligned
+    p = torch.nn.Parameter(torch.randn(16, generator=g))
+    p_alias = p.detach()  # a second tensor object on the parameter's storage (as a bf16 head holds it)
+    big = torch.zeros(100_000)
+    corner = big[:10]  # a small view into a big storage: left where it is
+    before = [t.clone() for t in (a, b, c, p)]
+    corner_ptr = corner.data_ptr()
+    buf = memory.relocate([a, b, view, a, c, p, p_alias, corner, torch.empty(0)])
+    assert buf is not None and buf.nbytes == 4032 + 256 + 64 + 64  # each storage once, 64-byte aligned
     assert a.data_ptr() % HUGE == 0 and b.data_ptr() == a.data_ptr() + 4032
-    for t, ref in zip((a, b, c), before):
+    assert view.data_ptr() == a.data_ptr() + 40 and view.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    assert p.data_ptr() == p_alias.data_ptr() and p.requires_grad and isinstance(p, torch.nn.Parameter)
+    assert corner.data_ptr() == corner_ptr
+    for t, ref in zip((a, b, c, p), before):
         assert torch.equal(t, ref)
-    a.add_(1)  # still an ordinary tensor
-    assert torch.equal(a, before[0] + 1)
+    a.add_(1)  # still an ordinary tensor, and the view sees it
+    assert torch.equal(a, before[0] + 1) and torch.equal(view, a[10:20])
     monkeypatch.setattr(memory, "worth_it", lambda n: False)
     assert memory.relocate([torch.ones(3)]) is None
 

@@ -272,10 +272,13 @@ class PackedModel:
     def new_cache(self, batch: int = 1, max_len: int | None = None, kv: str | None = None) -> PackedKVCache:
         return PackedKVCache(self.config, batch, max_len, kv or self._kv)
 
-    def _on_hugepages(self) -> PackedModel:
-        """Weights built in memory (``convert``, ``convert_gguf``) moved into one huge-page buffer
-        where ``bitlm.memory.worth_it`` (as ``load_packed`` reads a file): decode streams them all
-        each token, 10-16 % faster than from 4 KiB pages.  The same tensors, values and bits."""
+    def to_hugepages(self) -> PackedModel:
+        """Move the weights into one huge-page buffer where ``bitlm.memory.worth_it``; returns self.
+        ``convert`` and ``convert_gguf`` call it, ``load_packed`` reads the file into one anyway;
+        a model assembled by hand from ``PackedLayer`` s can call it before decoding.  Decode
+        streams every weight each token, 10-16 % faster than from 4 KiB pages.  The same tensors,
+        values and bits.  Call it before the first decode: a native decoder bound to this model
+        holds the old addresses."""
         memory.relocate(list(_tensor_table(self)[0].values()))
         return self
 
@@ -974,7 +977,7 @@ def convert(model, format: str | None = None, head: str = "f32", embed: str | No
     fn = model.model.norm
     pm = PackedModel(cfg, layers, embed_d, head_d, f32(fn.weight),
                      f32(fn.bias) if getattr(fn, "bias", None) is not None else None, fmt)
-    return pm._on_hugepages()
+    return pm.to_hugepages()
 
 
 def _dense_kinds(head: str, embed: str | None) -> str:
@@ -1031,7 +1034,7 @@ def convert_gguf(path: str | Path, format: str | None = None, head: str = "f32",
             head_d = Dense.from_float_rows(head, emb if cfg.tie_embeddings else
                                            functools.partial(r.float_rows, "lm_head.weight"), shape)
         final = r.floats("model.norm.weight").contiguous()
-    return PackedModel(cfg, layers, embed_d, head_d, final, None, fmt)._on_hugepages()
+    return PackedModel(cfg, layers, embed_d, head_d, final, None, fmt).to_hugepages()
 
 
 def pack(obj, format: str | None = None, **kwargs: Any):

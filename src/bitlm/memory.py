@@ -124,24 +124,33 @@ def zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
 
 
 def relocate(tensors: list[torch.Tensor]) -> Buffer | None:
-    """Move ``tensors`` (contiguous, CPU) into one huge-page :class:`Buffer`, in place: each keeps
-    its identity, shape and values (``Tensor.set_``), so whatever holds it reads the new memory.
+    """Move the storages behind ``tensors`` (CPU) into one huge-page :class:`Buffer`, in place:
+    every tensor keeps its identity, shape, strides and values (``Tensor.set_``), so whatever
+    holds it reads the new memory, and tensors that were views of one storage stay views of one.
     For weights built in memory (packing a checkpoint, converting a GGUF file) rather than read
-    from a packed file.  Does nothing (returns None) unless :func:`worth_it` for their total."""
-    seen: set[int] = set()
-    todo = []
+    from a packed file.  A storage much larger than what the listed tensors span (a view into
+    some big buffer) is left where it is.  Does nothing (returns None) unless :func:`worth_it`
+    for the total."""
+    groups: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
     for t in tensors:
-        if t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            todo.append(t)
-    steps = [-(-t.numel() * t.element_size() // 64) * 64 for t in todo]
+        if t.device.type == "cpu" and t.numel():
+            st = t.untyped_storage()
+            groups.setdefault(st.data_ptr(), (st, []))[1].append(t)
+    todo = []
+    for st, ts in groups.values():
+        span = max((t.storage_offset() + 1 + sum((n - 1) * d for n, d in zip(t.shape, t.stride()))) * t.element_size()
+                   for t in ts)
+        if st.nbytes() <= 2 * span:
+            todo.append((st, ts))
+    steps = [-(-st.nbytes() // 64) * 64 for st, _ in todo]
     if not worth_it(sum(steps)):
         return None
     buf, off = Buffer(sum(steps)), 0
-    with torch.inference_mode():  # set_ on an inference tensor (made under inference_mode) too
-        for t, step in zip(todo, steps):
-            new = buf.view(t.dtype, t.numel(), off).view(t.shape)
-            new.copy_(t)
-            t.set_(new)
+    with torch.inference_mode():  # set_ on inference tensors (made under inference_mode) too
+        for (st, ts), step in zip(todo, steps):
+            new = buf.view(torch.uint8, st.nbytes(), off)
+            new.copy_(torch.empty(0, dtype=torch.uint8).set_(st))
+            for t in ts:
+                t.set_(new.untyped_storage(), t.storage_offset(), t.shape, t.stride())
             off += step
     return buf

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import kernels, memory
 from ..io.hf import hf_scale_to_absmean, unpack_ternary_hf
 from ..kernels import native
 from ..packing import TILE_N, PackedWeight, pack_weight
@@ -773,6 +773,24 @@ def _prepare(model: nn.Module, format: str) -> list[tuple[str, BitlmLinear]]:
     return out
 
 
+def _on_hugepages(model: nn.Module) -> None:
+    """The packed weights and a bf16 head (with the parameters sharing its storage, e.g. a tied
+    embedding) moved into one huge-page buffer where ``bitlm.memory.worth_it``: decode streams
+    them all each token (as the packed engine's, 10-16 % faster than from 4 KiB pages).  The same
+    tensors, values and bits; views stay views."""
+    moved: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, BitlmLinear):
+            for w in (m.packed, m.shared.weight if m.shared is not None else None):
+                if w is not None:
+                    moved += [w.data, w.scale]
+        elif isinstance(m, BitlmBf16Head):
+            moved.append(m.weight_bf16)
+    storages = {t.untyped_storage().data_ptr() for t in moved}
+    moved += [p for p in model.parameters() if p.untyped_storage().data_ptr() in storages]
+    memory.relocate(moved)
+
+
 def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms: bool = True,
                layers: bool = True) -> nn.Module:
     """Swap every transformers BitNet projection of ``model`` for a :class:`BitlmLinear`, in place.
@@ -800,6 +818,7 @@ def accelerate(model: nn.Module, *, format: str = "i2", head: bool = True, norms
     for name, new in swaps:
         model.set_submodule(name, new)
     del swaps
+    _on_hugepages(model)  # before _fuse_layers: the native stacks take the weights' addresses
     if layers:
         _fuse_layers(model)
     _release_freed_memory()  # the replaced layers' tensors
