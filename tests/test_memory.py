@@ -49,9 +49,22 @@ def test_buffer_is_aligned_zeroed_and_bounded():
                                                    "(not Linux, or THP set to never): buffers are plain memory")
 def test_buffer_is_advised_huge_pages():
     b = memory.Buffer(4 * HUGE)
+    assert b.advised
     assert "hg" in _vm_flags(b.view(torch.uint8, 1).data_ptr())  # MADV_HUGEPAGE is set on the mapping
     t = torch.zeros(4 * HUGE, dtype=torch.uint8)  # torch's own allocation: not advised
     assert "hg" not in _vm_flags(t.data_ptr())
+
+
+def test_a_refused_advice_leaves_plain_memory(monkeypatch):
+    def refuse(mm, start, length):  # a kernel built without THP answers MADV_HUGEPAGE with EINVAL
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(memory, "_advise_huge", refuse)
+    b = memory.Buffer(HUGE)
+    assert not b.advised
+    t = b.view(torch.int32, 16)
+    t.fill_(7)
+    assert int(t.sum()) == 112
 
 
 def test_zeros_share_one_buffer_without_overlap(monkeypatch):

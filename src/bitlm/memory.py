@@ -76,9 +76,13 @@ def worth_it(nbytes: int) -> bool:
     return free is None or nbytes < 0.8 * free
 
 
+def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
+    mm.madvise(mmap.MADV_HUGEPAGE, start, length)
+
+
 class Buffer:
     """``nbytes`` of zeroed, writable anonymous memory whose first byte sits on a 2 MiB boundary,
-    advised ``MADV_HUGEPAGE``.  :meth:`view` gives torch tensors over it; each holds a reference
+    advised ``MADV_HUGEPAGE`` (``advised``: whether the kernel took the advice).  :meth:`view` gives torch tensors over it; each holds a reference
     to the mapping (as every ``frombuffer`` view does), so the memory lives as long as they do."""
 
     def __init__(self, nbytes: int) -> None:
@@ -87,8 +91,13 @@ class Buffer:
         self._mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         addr = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr()
         self.pad = -addr % HUGE
+        self.advised = False
         if nbytes and hasattr(mmap, "MADV_HUGEPAGE"):
-            self._mm.madvise(mmap.MADV_HUGEPAGE, self.pad, nbytes)  # pad: a whole number of pages
+            try:
+                _advise_huge(self._mm, self.pad, nbytes)  # pad: a whole number of pages
+                self.advised = True
+            except OSError:  # a kernel built without THP: EINVAL; the memory works as it is
+                pass
 
     def memoryview(self) -> memoryview:
         """The ``nbytes`` as a writable memoryview (e.g. for ``file.readinto``)."""
