@@ -543,14 +543,21 @@ def test_dense_int8a8_matmul_bit_identical(tier, k):
 def test_glu_relu2_bit_identical(tier):
     """The ReLU² gated activation: native == torch's relu(g).square_().mul_(u), NaN / inf / -0 included."""
     gen = torch.Generator().manual_seed(3)
-    for m, f in ((1, 1), (3, 17), (8, 6912)):
+    for m, f in ((1, 1), (3, 17), (8, 6912), (97, 6912)):  # the last one on the thread pool
         y = torch.randn(m, 2 * f, generator=gen) * 4
         y[0, 0] = -0.0
         if f > 2:
             y[0, 1], y[0, 2], y[-1, f] = float("nan"), float("inf"), float("-inf")
-        got, want = native.glu_relu2(y), R.glu_relu2(y)
-        assert got.shape == (m, f) and torch.equal(got.isnan(), want.isnan())
-        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (tier, m, f)
+        want = R.glu_relu2(y)
+        prev = native.num_threads()
+        try:
+            for threads in (1, 2):
+                native.set_num_threads(threads)
+                got = native.glu_relu2(y)
+                assert got.shape == (m, f) and torch.equal(got.isnan(), want.isnan())
+                assert torch.equal(got.nan_to_num(), want.nan_to_num()), (tier, m, f, threads)
+        finally:
+            native.set_num_threads(prev)
     with pytest.raises(ValueError, match="gate and up"):
         native.glu_relu2(torch.zeros(2, 5))
 
