@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 12
+#define BITLM_ABI_VERSION 13
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -312,6 +312,12 @@ BITLM_API int64_t bitlm_argmax_f32(const float *x, int64_t n);
  * out[r, j] = (relu(g) * relu(g)) * u (torch's relu(g).square_().mul_(u), the same bits; unlike
  * the fused step's loop, a NaN gate stays NaN as in torch). */
 BITLM_API int bitlm_glu_relu2(const float *y, int64_t m, int64_t f, float *out);
+
+/* Rotary embedding in place on m rows of nh heads: x (m, nh, d) float32, cos / sin (m, d), d
+ * even.  For j < d/2: x[j] * cos[j] + (-x[j + d/2]) * sin[j]; else x[j] * cos[j] + x[j - d/2] *
+ * sin[j] — bitlm.model.apply_rope's x * cos + rotate_half(x) * sin, the same bits (the fused
+ * decode step's rope()).  Rows on the thread pool. */
+BITLM_API int bitlm_rope_rows(float *x, int64_t m, int64_t nh, int64_t d, const float *cos, const float *sin);
 
 /* One whole decode step of N independent sequences (bitlm.engine.PackedModel.decode_batch, ReLU²
  * models): x (N, d_model) float32, the tokens' embeddings in, the residual streams after the last

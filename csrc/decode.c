@@ -60,6 +60,25 @@ static void rope(float *v, int64_t nh, int64_t D, const float *cos, const float 
     }
 }
 
+typedef struct {
+    float *x;
+    int64_t nh, d;
+    const float *cos, *sin;
+} rope_task;
+
+static void rope_rows_run(void *ctx, int64_t r0, int64_t r1) {
+    const rope_task *t = (const rope_task *)ctx;
+    const int64_t nh = t->nh, d = t->d;
+    for (int64_t r = r0; r < r1; r++) rope(t->x + r * nh * d, nh, d, t->cos + r * d, t->sin + r * d);
+}
+
+BITLM_API int bitlm_rope_rows(float *x, int64_t m, int64_t nh, int64_t d, const float *cos, const float *sin) {
+    if (!x || !cos || !sin || m < 0 || nh < 1 || d < 2 || d % 2) return BITLM_EINVAL;
+    rope_task t = {x, nh, d, cos, sin};
+    bitlm_parallel_for(m, 1, bitlm_threads_for((double)m * (double)(nh * d) * 2.0), rope_rows_run, &t);
+    return 0;
+}
+
 /* v > 0 ? v : 0 without a branch.  Written as a compare, GCC keeps a conditional jump (it may
  * not if-convert a float compare under the default -ftrapping-math), and on the signs of real
  * activations that jump mispredicts half the time: the 2B4T-shaped ReLU² loop over 6912 gate

@@ -658,3 +658,33 @@ def test_benchmarks_name_the_cpu_precisely(lib):
         assert key in rec, key
     assert f"family={rec['family']} model={rec['model']}" in rec["kernel_config"]  # cpuid agrees with /proc
     assert "family" in cpu_info.describe(rec)
+
+
+def test_rope_rows_bit_identical():
+    """RoPE on (M, H, D) rows: the native op == the torch twin == bitlm.model.apply_rope (the
+    training model's formula) bit for bit, NaN / inf / -0 included, at 1 and 2 threads."""
+    from bitlm.model import apply_rope, rope_cos_sin
+
+    gen = torch.Generator().manual_seed(4)
+    for m, h, d in ((1, 1, 2), (5, 3, 8), (97, 20, 128)):
+        cos, sin = rope_cos_sin(torch.arange(7, 7 + m), d, 500000.0)
+        x = torch.randn(m, h, d, generator=gen) * 3
+        x[0, 0, 0] = -0.0
+        if d > 2:
+            x[0, 0, 1], x[-1, -1, 2], x[-1, 0, d - 1] = float("nan"), float("inf"), float("-inf")
+        model = apply_rope(x.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)  # (1, H, T, D) layout
+        ref = R.rope_rows_(x.clone(), cos, sin)
+        assert torch.equal(ref.nan_to_num(), model.nan_to_num()) and torch.equal(ref.isnan(), model.isnan())
+        prev = native.num_threads()
+        try:
+            for threads in (1, 2):
+                native.set_num_threads(threads)
+                got = x.clone()
+                assert native.rope_rows_(got, cos, sin) is got
+                assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num()), (m, h, d)
+        finally:
+            native.set_num_threads(prev)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.rope_rows_(torch.zeros(4, 2, 8).transpose(0, 1), torch.zeros(2, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="cos / sin must be"):
+        native.rope_rows_(torch.zeros(4, 2, 8), torch.zeros(3, 8), torch.zeros(4, 8))

@@ -180,14 +180,6 @@ class Dense:
 FFN_ROW_BLOCK = 128
 
 
-def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``bitlm.model.apply_rope`` in place on a fresh float32 tensor: x·cos + rotate_half(x)·sin,
-    the same operations in the same order (same bits), without two extra (B, H, T, D) copies."""
-    x1, x2 = x.chunk(2, dim=-1)
-    r = torch.cat([-x2, x1], dim=-1).mul_(sin)
-    return x.mul_(cos).add_(r)
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
     """``bitlm.model.attend`` with SDPA's own GQA (no repeated k/v copies)."""
     T = q.shape[2]
@@ -349,6 +341,8 @@ class PackedModel:
         if B == 1 and T == 1 and cache is not None and self._fused_decode_ok():
             return self._decode_fused(input_ids, cache)
         cos, sin = rope_cos_sin(torch.arange(past, past + T), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if B > 1:  # one (cos, sin) row per (sequence, position) row
+            cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
         x = self.embed.rows(input_ids).reshape(B * T, cfg.d_model)  # (B*T, d) float32, a fresh tensor
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         # Peak memory is a prefill's: temporaries are dropped as soon as they are dead, RoPE and
@@ -357,11 +351,12 @@ class PackedModel:
         # the 2B4T shape, 512 tokens: 90 -> 20 MiB of temporaries, same bits.
         for i, L in enumerate(self.layers):
             xq, a = self._norm_quant(x, L.input_norm, L.input_norm_b)
-            q = kernels.matmul(xq, a, L.q, L.q_b).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = kernels.matmul(xq, a, L.k, L.k_b).view(B, T, Hkv, D).transpose(1, 2)
+            # RoPE in place on the (B*T, heads, D) rows, then (B, heads, T, D) views
+            q = kernels.rope_rows_(kernels.matmul(xq, a, L.q, L.q_b).view(B * T, H, D), cos, sin)
+            k = kernels.rope_rows_(kernels.matmul(xq, a, L.k, L.k_b).view(B * T, Hkv, D), cos, sin)
+            q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2)
             v = kernels.matmul(xq, a, L.v, L.v_b).view(B, T, Hkv, D).transpose(1, 2)
             del xq, a
-            q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, k, v)
             elif self._kv != "f32":  # no cache: the same rounding points, so eval sees the KV type
@@ -493,10 +488,8 @@ class PackedModel:
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         if N:
             cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (N, D)
-            cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): one position per row, broadcast over heads
+            cos, sin = cos.contiguous(), sin.contiguous()  # (N, D): one position per row
         batt = self._batch_attention(caches) if N else None
-        if batt is not None:
-            cos, sin = cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous()
         p_rope = [rope_cos_sin(torch.arange(past, past + t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
                   for past, t in spans]
         if (batt is not None and N >= 2 and not prompts and self.rows_decode
@@ -522,7 +515,7 @@ class PackedModel:
                 if batt is not None:  # RoPE, cache rows and attention of all N sequences: one native call
                     att_d = batt.run(i, q, k, v, cos, sin)
                 else:
-                    q, k = _rope_(q, cos, sin), _rope_(k, cos, sin)
+                    q, k = kernels.rope_rows_(q, cos, sin), kernels.rope_rows_(k, cos, sin)
                     att_d = torch.empty(N, H * D)
                     for j, c in enumerate(caches):  # (1, H, 1, D) queries over this sequence's own keys
                         kc, vc = c.update(i, k[j].view(1, Hkv, 1, D), v[j].view(1, Hkv, 1, D))
@@ -533,10 +526,9 @@ class PackedModel:
                     att[:N] = att_d
                 del q, k, v, att_d
             for (past, t), s0, c, (pc, ps) in zip(spans, starts, prompt_caches, p_rope):  # as forward
-                q = q_all[s0 : s0 + t].view(1, t, H, D).transpose(1, 2)
-                k = k_all[s0 : s0 + t].view(1, t, Hkv, D).transpose(1, 2)
+                q = kernels.rope_rows_(q_all[s0 : s0 + t].view(t, H, D), pc, ps).view(1, t, H, D).transpose(1, 2)
+                k = kernels.rope_rows_(k_all[s0 : s0 + t].view(t, Hkv, D), pc, ps).view(1, t, Hkv, D).transpose(1, 2)
                 v = v_all[s0 : s0 + t].view(1, t, Hkv, D).transpose(1, 2)
-                q, k = _rope_(q, pc, ps), _rope_(k, pc, ps)
                 k, v = c.update(i, k, v)
                 att[s0 : s0 + t] = _attend(q, k, v, past).transpose(1, 2).reshape(t, H * D)
                 del q, k, v

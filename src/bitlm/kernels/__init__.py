@@ -36,7 +36,7 @@ from ..packing import PackedWeight
 from . import reference
 
 __all__ = ["gemm", "matmul", "quantize_rows", "linear", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
-           "dense_lowbit_matmul", "linear_bf16", "rms_norm", "hadamard", "glu_relu2", "quantize_rows_absmean", "backend", "backend_info",
+           "dense_lowbit_matmul", "linear_bf16", "rms_norm", "hadamard", "glu_relu2", "rope_rows_", "quantize_rows_absmean", "backend", "backend_info",
            "set_num_threads", "num_threads", "set_tier", "reference"]
 
 _warned = False
@@ -201,6 +201,16 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     same float32 butterflies in the same order on every backend and tier (``csrc/hadamard_impl.h``)."""
     nat = _native_or_none()
     return (nat or reference).hadamard(x)
+
+
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on float32 contiguous (M, H, D) rows (every head of a token's
+    q or k) with that row's (M, D) cos / sin: ``bitlm.model.apply_rope``'s x·cos +
+    rotate_half(x)·sin, the same bits on every backend (the native op is the fused decode
+    step's loop, rows on the thread pool; torch's chunk / cat / mul / add took ~2 ms a layer in
+    a 512-token prefill).  Returns x."""
+    nat = _native_or_none()
+    return (nat or reference).rope_rows_(x, cos, sin)
 
 
 def glu_relu2(y: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "ABI_VERSION", "TIERS", "tier", "set_tier", "num_threads", "set_num_threads", "info",
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
            "dense_lowbit_matmul", "linear_bf16", "rms_norm",
-           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "argmax", "HfLayer", "HfStack",
+           "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "rope_rows_", "argmax", "HfLayer", "HfStack",
            "BatchAttention"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 12
+ABI_VERSION = 13
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -70,6 +70,7 @@ _SIGNATURES = {
     "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_attn_batch": (_c_int, [_c_i64] * 5 + [_c_p] * 12),
     "bitlm_glu_relu2": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
+    "bitlm_rope_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_i64, _c_p, _c_p]),
     "bitlm_dense_lowbit": (_c_int, [_c_int, _c_p, _c_p, _c_i64, _c_i64, _c_p, _c_p, _c_i64, _c_p]),
     "bitlm_decode_profile": (_c_int, [_c_int, _c_p, _c_int]),
     "bitlm_decode_profile_names": (ctypes.c_char_p, []),
@@ -494,6 +495,19 @@ def kv_quantize(x: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor | 
     _check(lib.bitlm_kv_quantize(code, x.data_ptr(), r, d, out.data_ptr(), None if sc is None else sc.data_ptr()),
            "bitlm_kv_quantize")
     return out, sc
+
+
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place on float32 contiguous (M, H, D) rows with (M, D) cos / sin (``bitlm_rope_rows``); returns x."""
+    lib = _lib or _need()
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 3:
+        raise ValueError("rope_rows_: x must be a contiguous float32 (M, H, D) tensor")
+    m, nh, d = x.shape
+    cos, sin = (t.to(torch.float32).contiguous() for t in (cos, sin))
+    if cos.shape != (m, d) or sin.shape != (m, d):
+        raise ValueError(f"rope_rows_: cos / sin must be ({m}, {d}), got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    _check(lib.bitlm_rope_rows(x.data_ptr(), m, nh, d, cos.data_ptr(), sin.data_ptr()), "bitlm_rope_rows")
+    return x
 
 
 def glu_relu2(y: torch.Tensor) -> torch.Tensor:

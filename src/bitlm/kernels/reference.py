@@ -321,6 +321,15 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(x.to(torch.float32))
 
 
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place on float32 (M, H, D) rows, (M, D) cos / sin: ``bitlm.model.apply_rope``'s
+    x·cos + rotate_half(x)·sin, the same operations in the same order; returns x."""
+    c, s = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    r = torch.cat([-x2, x1], dim=-1).mul_(s)
+    return x.mul_(c).add_(r)
+
+
 def glu_relu2(y: torch.Tensor) -> torch.Tensor:
     """float32 (M, 2F) gate then up values → (M, F) relu(g)² · u (squared, then times u)."""
     g, u = y.float().chunk(2, dim=-1)
