@@ -13,7 +13,9 @@ does.  File mappings (the packed model's ``mmap``) stay on 4 KiB pages, so
 ``bitlm.io.packed.read_packed`` reads the file into such a buffer instead.  Where huge pages are
 not available (another OS, ``never``, no ``madvise``) the buffers are ordinary anonymous memory:
 the same bytes, only the page size differs.  ``BITLM_HUGEPAGES=0`` turns the whole thing off
-(file mappings again, and torch's own allocations for the KV cache).
+(file mappings again, and torch's own allocations for the KV cache) — e.g. for several processes
+on one model file: a file mapping shares the page cache's one copy among them, while each
+process reads its own copy onto huge pages.
 """
 
 from __future__ import annotations
