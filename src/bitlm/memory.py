@@ -55,16 +55,22 @@ def enabled() -> bool:
     return os.environ.get("BITLM_HUGEPAGES", "1") != "0" and available()
 
 
-def mem_available() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file given in kB (``/proc/meminfo``'s ``MemAvailable``,
+    ``/proc/self/status``'s ``VmRSS``), in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def worth_it(nbytes: int) -> bool:

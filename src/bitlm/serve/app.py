@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import memory
 from ..generate import SamplingParams
 from .scheduler import Event, Scheduler, SchedulerClosed, TokenLogprob
 from .scheduler import Request as GenRequest
@@ -141,14 +142,7 @@ class ServerState:
 
 
 def _rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return memory.proc_bytes("/proc/self/status", "VmRSS")
 
 
 # ---------------------------------------------------------------------------------------------
