@@ -94,7 +94,7 @@ def cpu_identity() -> dict:
         from bitlm import memory
 
         # huge pages: bitlm's weights / KV caches and the read probes sit on them where "used"
-        rec["hugepages"] = {"thp": memory.thp_mode(), "used": memory.enabled()}
+        rec["hugepages"] = memory.status()
     except Exception as e:  # noqa: BLE001
         rec["hugepages"] = f"unknown ({type(e).__name__})"
     try:

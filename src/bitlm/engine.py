@@ -487,8 +487,8 @@ class PackedModel:
                 raise ValueError(f"KV cache overflow: {p_ + t} tokens > capacity {c.max_len}")
         H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         if N:
-            cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (N, D)
-            cos, sin = cos.contiguous(), sin.contiguous()  # (N, D): one position per row
+            # (N, D), contiguous: one position per row
+            cos, sin = rope_cos_sin(torch.tensor(pos), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         batt = self._batch_attention(caches) if N else None
         p_rope = [rope_cos_sin(torch.arange(past, past + t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
                   for past, t in spans]

@@ -21,19 +21,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _hugepages() -> dict[str, Any]:
-    """Whether the packed engine puts its weights and KV caches on huge pages (bitlm.memory)."""
-    from . import memory
-
-    return {"thp": memory.thp_mode(), "used": memory.enabled()}
-
-
 def environment() -> dict[str, Any]:
     import os
 
     import torch
 
-    from . import __version__
+    from . import __version__, memory
 
     env: dict[str, Any] = {
         "bitlm": __version__,
@@ -42,7 +35,7 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "hugepages": _hugepages(),
+        "hugepages": memory.status(),  # weights and KV caches on huge pages (bitlm.memory)
     }
     try:
         from .kernels import backend_info

@@ -68,6 +68,12 @@ def proc_bytes(path: str, key: str) -> int | None:
     return None
 
 
+def status() -> dict[str, str | bool]:
+    """What ``bitlm info`` and the benchmark JSONs report: the kernel's THP setting and whether
+    bitlm puts its large buffers on huge pages."""
+    return {"thp": thp_mode(), "used": enabled()}
+
+
 def mem_available() -> int | None:
     """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
     return proc_bytes("/proc/meminfo", "MemAvailable")
