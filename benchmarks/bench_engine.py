@@ -274,8 +274,8 @@ def measure_bandwidth(threads: int, gib: float = 1.0) -> float:
     n = int(gib * 2**30) // 4
     best = float("inf")
     for huge in (False, True) if memory.available() else (False,):
+        # both zeroed by writing, so every page is backed (an untouched one would read the zero page)
         buf = memory.zeros(1, (n,), torch.float32, hugepages=True)[0] if huge else torch.zeros(n)
-        buf.fill_(1.0)  # written: untouched anonymous pages all read the one zero page
         native.mem_read(buf)
         for _ in range(5):
             t = time.perf_counter()

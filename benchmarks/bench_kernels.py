@@ -101,8 +101,8 @@ def bandwidth(threads: int, gib: float, reps: int) -> dict:
     set_threads(threads)
     n = int(gib * (1 << 30))
     # huge pages where available (as the engine's weights), page-faulted in, 64-B aligned
-    src, dst = (t.fill_(1) for t in memory.zeros(2, (n,), torch.uint8, hugepages=True))
-    settle()  # torch.ones ran on torch's OpenMP threads
+    src, dst = memory.zeros(2, (n,), torch.uint8, hugepages=True)
+    settle()  # the zeroing ran on torch's OpenMP threads
     rd = timeit(lambda: native.mem_read(src), 3 * reps)
     cp = timeit(lambda: native.mem_copy(dst, src), 2 * reps)
     out = {"threads": threads, "bytes": n,
@@ -154,7 +154,7 @@ def local_read_bw(reps: int = 5) -> float:
     also compared with a probe taken seconds, not minutes, away."""
     global _PROBE
     if _PROBE is None:
-        _PROBE = memory.zeros(1, (COLD_BYTES + (128 << 20),), torch.uint8, hugepages=True)[0].fill_(1)
+        _PROBE = memory.zeros(1, (COLD_BYTES + (128 << 20),), torch.uint8, hugepages=True)[0]  # pages faulted in
     return _PROBE.numel() / timeit(lambda: native.mem_read(_PROBE), reps)["best"] / 1e9
 
 
