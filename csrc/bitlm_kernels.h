@@ -53,7 +53,7 @@ extern "C" {
 
 /* Bumped whenever a signature, a layout or the semantics of an op change; native.py refuses a
  * library whose ABI differs from the one it was written for. */
-#define BITLM_ABI_VERSION 13
+#define BITLM_ABI_VERSION 14
 
 /* Packed weight format ids (the Python registry in bitlm.packing carries the same ids). */
 #define BITLM_FMT_I2 1
@@ -303,6 +303,12 @@ BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hk
                                const float *v, const int64_t *pos, const int64_t *max_len, const float *cos,
                                const float *sin, void *const *kc, void *const *vc, float *const *ks, float *const *vs,
                                float *out);
+/* From how many cached positions bitlm_decode_step runs the attention of an f16 / int8 cache on
+ * more than one thread as two passes split by kv head and position range, then by kv head and
+ * output columns (the same bits; faster for long caches); 0: never.  positions < 0 only asks.
+ * The first value comes from the environment variable BITLM_ATTN_SPLIT, else 256.  Returns the
+ * previous value. */
+BITLM_API int64_t bitlm_set_attn_split(int64_t positions);
 /* The greedy pick (pick.c): the index of the largest of x[0, n) as torch's argmax gives it — the
  * first of tied maxima (-0.0 and 0.0 tie), or the first NaN if there is one.  EINVAL for n < 1 or
  * n > INT32_MAX. */

@@ -161,9 +161,15 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     ymax = ymax > 2 * F ? ymax : 2 * F;
     ymax = ymax > dm ? ymax : dm;
 
+    /* attention: over query heads in one pass, or (long f16 / int8 caches, more than one thread)
+     * the split passes of kv.c, parts position ranges per kv head */
+    const int nthr = attn_threads(H, T, D);
+    const int64_t split = bitlm_attn_split(), parts = bitlm_num_threads(), nb = bitlm_kv_col_blocks(D);
+    const int split_on = d->kv_type != BITLM_KV_F32 && split > 0 && T >= split && parts > 1;
     const size_t sz_q = align64((size_t)kmax + 64), sz_y = align64((size_t)ymax * 4), sz_att = align64((size_t)hd * 4),
-                 sz_h = align64((size_t)F * 4), sz_s = align64((size_t)(H * T) * 4), sz_f = align64((size_t)(3 * gmax) * 4);
-    unsigned char *mem = aligned_alloc(64, sz_q + sz_y + sz_att + sz_h + sz_s + sz_f);
+                 sz_h = align64((size_t)F * 4), sz_s = align64((size_t)(H * T) * 4), sz_f = align64((size_t)(3 * gmax) * 4),
+                 sz_pm = split_on ? align64((size_t)(H * parts) * 4) : 0, sz_es = split_on ? align64((size_t)(nb * H * T) * 4) : 0;
+    unsigned char *mem = aligned_alloc(64, sz_q + sz_y + sz_att + sz_h + sz_s + sz_f + sz_pm + sz_es);
     if (!mem) return BITLM_ENOMEM;
     int8_t *xq = (int8_t *)mem;
     float *y = (float *)(void *)(mem + sz_q);
@@ -171,6 +177,8 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     float *hb = (float *)(void *)(mem + sz_q + sz_y + sz_att);
     float *scores = (float *)(void *)(mem + sz_q + sz_y + sz_att + sz_h);
     float *f = (float *)(void *)(mem + sz_q + sz_y + sz_att + sz_h + sz_s);
+    float *pmax = split_on ? (float *)(void *)(mem + sz_q + sz_y + sz_att + sz_h + sz_s + sz_f) : NULL;
+    float *escores = split_on ? (float *)(void *)(mem + sz_q + sz_y + sz_att + sz_h + sz_s + sz_f + sz_pm) : NULL;
 
     const float scale = (float)(1.0 / sqrt((double)D));
     bitlm_problem ps[3];
@@ -212,10 +220,14 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
             bitlm_kv_store(kvt, b->v_cache, vsc, h * d->max_len + pos, yv + h * D, D);
         }
         LAP(PH_ROPE_KV);
-        const int nthr = attn_threads(H, T, D);
         if (kvt == BITLM_KV_F32) {
             attn_task at = {tab, 0, yq, b->k_cache, b->v_cache, T, D, H / Hkv, d->max_len, scale, scores, att};
             bitlm_parallel_for_then(H, 1, nthr, attn_run, &at, next_share, &pl_o);
+        } else if (split_on) {
+            bitlm_kv_attn_task at = {kvt,   yq,  b->k_cache, b->v_cache, ksc,  vsc,    T,      D,      H / Hkv,
+                                     d->max_len, scale, scores, att,  Hkv,  parts, pmax, escores};
+            bitlm_parallel_for(Hkv * parts, 1, (int)parts, bitlm_kv_keys_run, &at);
+            bitlm_parallel_for_then(Hkv * nb, 1, (int)parts, bitlm_kv_values_run, &at, next_share, &pl_o);
         } else {
             bitlm_kv_attn_task at = {kvt, yq, b->k_cache, b->v_cache, ksc, vsc, T, D, H / Hkv, d->max_len, scale, scores, att};
             bitlm_parallel_for_then(H, 1, nthr, bitlm_kv_attn_run, &at, next_share, &pl_o);

@@ -293,11 +293,11 @@ BITLM_API const char *bitlm_kernel_config(void) {
                         (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv=%s gemv_i2=%s amx=%s",
+             "gemm_x_block=%lldK small_m_max=%lld gemv=%s gemv_i2=%s attn_split=%lld amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
              (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, gemv,
-             g_cfg.gemv_i2_mask ? "mask" : "shift", g_amx_note);
+             g_cfg.gemv_i2_mask ? "mask" : "shift", (long long)bitlm_attn_split(), g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;
 }

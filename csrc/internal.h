@@ -94,11 +94,30 @@ typedef struct bitlm_kv_attn_task {
     int64_t T, D, rep, max_len;
     float scale;
     float *scores, *out;      /* (H, T), (H, D) */
+    /* the split passes only (bitlm_kv_keys_run / bitlm_kv_values_run): */
+    int64_t Hkv, parts;       /* kv heads; position ranges per kv head in the key pass */
+    float *pmax;              /* (Hkv, parts, rep): each range's max score per query head */
+    float *escores;           /* (bitlm_kv_col_blocks(D), H, T): each value unit's softmax numerators */
 } bitlm_kv_attn_task;
 /* Round row `row` (= kv_head * max_len + pos) of a cache of `type` from src (D floats). */
 BITLM_HIDDEN void bitlm_kv_store(int type, void *cache, float *scales, int64_t row, const float *src, int64_t D);
 /* bitlm_task_fn over query heads [b, e) of a bitlm_kv_attn_task. */
 BITLM_HIDDEN void bitlm_kv_attn_run(void *ctx, int64_t b, int64_t e);
+/* The same attention in two parallel passes, for long caches (the same bits: each score, maximum,
+ * numerator and output element is computed as in bitlm_kv_attn_run):
+ *   bitlm_kv_keys_run over Hkv * parts units: unit (g, c) scores positions [T c / parts,
+ *     T (c + 1) / parts) for every query head of kv head g, their max per head into pmax;
+ *   bitlm_kv_values_run over Hkv * bitlm_kv_col_blocks(D) units: unit (g, b) takes each head's
+ *     max over the parts in order, writes its softmax numerators into its own rows of escores,
+ *     and the output columns [64 b, 64 b + 64) of the heads of kv head g.
+ * Every thread then streams its own kv heads' keys and values once: splitting by query head
+ * (bitlm_kv_attn_run) gives each thread its heads' kv groups whole, 3 of 5 per thread at 2
+ * threads, and a claim that splits a group reads it again. */
+BITLM_HIDDEN void bitlm_kv_keys_run(void *ctx, int64_t b, int64_t e);
+BITLM_HIDDEN void bitlm_kv_values_run(void *ctx, int64_t b, int64_t e);
+BITLM_HIDDEN int64_t bitlm_kv_col_blocks(int64_t D);
+/* The cache length from which bitlm_decode_step uses the split passes (0: never). */
+BITLM_HIDDEN int64_t bitlm_attn_split(void);
 
 /* Lane fold of the documented 16-lane float sums: l[j] += l[j+8], += l[j+4], += l[j+2], += l[j+1]. */
 static inline float bitlm_fold16f(float *l) {

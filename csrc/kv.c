@@ -9,6 +9,8 @@
  * a GCC target attribute and is entered only when bitlm_tier() says so.
  */
 #include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -130,15 +132,28 @@ BITLM_HIDDEN void bitlm_kv_store(int type, void *cache, float *scales, int64_t r
 
 /* ---- attention ----------------------------------------------------------------------------- */
 
+/* Output columns per unit of the split value pass (bitlm_kv_values_run). */
+#define KV_COL_BLOCK 64
+/* bitlm_decode_step's default split point (positions); measured in docs/performance.md. */
+#ifndef KV_SPLIT_DEFAULT
+#define KV_SPLIT_DEFAULT 256
+#endif
+
 static inline float kv_load(int type, const void *c, const float *s, int64_t t, int64_t D, int64_t j) {
     if (type == BITLM_KV_F16) return bitlm_f16_to_f32(((const uint16_t *)c)[t * D + j]);
     return (float)((const int8_t *)c)[t * D + j] * s[t];
 }
 
-static void kv_attn_generic(int type, const float *q, const void *kc, const float *ks, const void *vc, const float *vs,
-                            int64_t T, int64_t D, float scale, float *scores, float *out) {
+/* The pieces of one head's attention; kv_attn_generic runs them over everything, the split
+ * passes (bitlm_kv_keys_run / bitlm_kv_values_run) over parts of it: the same operations on
+ * every value, so the same bits. */
+
+/* Scores of positions [t0, t1) into scores[t]; returns their max (-inf if none; a NaN score never
+ * becomes it). */
+static float kv_keys_generic(int type, const float *q, const void *kc, const float *ks, int64_t t0, int64_t t1,
+                             int64_t D, float scale, float *scores) {
     float m = -INFINITY;
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = t0; t < t1; t++) {
         float lane[16] = {0};
         int64_t j = 0;
         for (; j + 16 <= D; j += 16)
@@ -148,13 +163,36 @@ static void kv_attn_generic(int type, const float *q, const void *kc, const floa
         scores[t] = s;
         m = s > m ? s : m;
     }
-    const float sum = bitlm_softmax_exp(scores, T, m);
-    for (int64_t j = 0; j < D; j++) out[j] = 0.0f;
+    return m;
+}
+
+/* bitlm_softmax_exp from src into dst (dst may be src): the same operations, the same bits. */
+static float kv_softmax_generic(const float *src, float *dst, int64_t T, float m) {
+    float lane[16] = {0};
     for (int64_t t = 0; t < T; t++) {
-        const float e = scores[t];
-        for (int64_t j = 0; j < D; j++) out[j] = out[j] + e * kv_load(type, vc, vs, t, D, j);
+        const float e = bitlm_exp_softmax(src[t] - m);
+        dst[t] = e;
+        lane[t & 15] = lane[t & 15] + e;
     }
-    for (int64_t j = 0; j < D; j++) out[j] = out[j] / sum;
+    return bitlm_fold16f(lane);
+}
+
+/* Output columns [c0, c1): each sums e[t] * v_t over t in order from 0, then divides by sum. */
+static void kv_values_generic(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0, int64_t c1,
+                              const float *e, float sum, float *out) {
+    for (int64_t j = c0; j < c1; j++) out[j] = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+        const float et = e[t];
+        for (int64_t j = c0; j < c1; j++) out[j] = out[j] + et * kv_load(type, vc, vs, t, D, j);
+    }
+    for (int64_t j = c0; j < c1; j++) out[j] = out[j] / sum;
+}
+
+static void kv_attn_generic(int type, const float *q, const void *kc, const float *ks, const void *vc, const float *vs,
+                            int64_t T, int64_t D, float scale, float *scores, float *out) {
+    const float m = kv_keys_generic(type, q, kc, ks, 0, T, D, scale, scores);
+    const float sum = kv_softmax_generic(scores, scores, T, m);
+    kv_values_generic(type, vc, vs, T, D, 0, D, scores, sum, out);
 }
 
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
@@ -198,21 +236,22 @@ KV512 static inline __m512 kv_exp16(__m512 x) {
     return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
 }
 
-/* bitlm_softmax_exp on 16 lanes: lane l adds the numerators of t = l mod 16 in t order (a masked
- * tail leaves the other lanes as they are), folded as bitlm_fold16f: the same bits. */
-KV512 static inline float kv_softmax16(float *s, int64_t T, float m) {
+/* bitlm_softmax_exp on 16 lanes, from src into dst (dst may be src): lane l adds the numerators
+ * of t = l mod 16 in t order (a masked tail leaves the other lanes as they are), folded as
+ * bitlm_fold16f: the same bits. */
+KV512 static inline float kv_softmax16(const float *src, float *dst, int64_t T, float m) {
     const __m512 mv = _mm512_set1_ps(m);
     __m512 lane = _mm512_setzero_ps();
     int64_t t = 0;
     for (; t + 16 <= T; t += 16) {
-        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-        _mm512_storeu_ps(s + t, e);
+        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_loadu_ps(src + t), mv));
+        _mm512_storeu_ps(dst + t, e);
         lane = _mm512_add_ps(lane, e);
     }
     if (t < T) {
         const __mmask16 k = (__mmask16)((1u << (T - t)) - 1);
-        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mv));
-        _mm512_mask_storeu_ps(s + t, k, e);
+        const __m512 e = kv_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, src + t), mv));
+        _mm512_mask_storeu_ps(dst + t, k, e);
         lane = _mm512_mask_add_ps(lane, k, lane, e);
     }
     return kv_fold16(lane);
@@ -246,6 +285,75 @@ kv_values(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64
             _mm512_storeu_ps(out + r * D + c0 + 16 * c, _mm512_div_ps(o[r][c], _mm512_set1_ps(sum[r])));
 }
 
+/* The scores of NH (1-4) query heads that share one kv head at one position t (row pointer of
+ * the key row): lane l of each head's accumulator is exactly kv_keys_generic's lane l. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
+kv_key_row(int type, const float *q, const void *kc, const float *ks, int64_t t, int64_t D, __m512 acc[4], const int NH) {
+    for (int r = 0; r < NH; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < D; j += 16) {
+        const __m512 kj = kv_load16(type, kc, ks, t, D, j);
+        for (int r = 0; r < NH; r++) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_loadu_ps(q + r * D + j), kj));
+    }
+}
+
+/* Scores of positions [t0, t1) for NH (1-4) query heads that share one kv head (GQA), D % 16 == 0,
+ * into scores[r * T + t]; m[r] = their max per head, as kv_keys_generic's.  Every key row is read
+ * once for all of them, and the range is walked as two streams at once, its first and second
+ * half (one stream of a few GB/s per core left memory idle: 2B4T shape at 4,096 positions,
+ * ~15 % faster); each score is the same computation wherever it runs, and the first half's max
+ * before the second's keeps the sequential loop's choice among equal maxima. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
+kv_keys_heads(int type, const float *q, const void *kc, const float *ks, int64_t t0, int64_t t1, int64_t T,
+              int64_t D, float scale, float *scores, float m[4], const int NH) {
+    const int64_t es = type == BITLM_KV_F16 ? 2 : 1, rb = D * es; /* bytes per value, per cached row */
+    const int64_t h = (t1 - t0) / 2;
+    float m2[4];
+    for (int r = 0; r < NH; r++) m[r] = m2[r] = -INFINITY;
+    for (int64_t t = t0; t < t0 + h; t++) {
+        const int64_t u = t + h;
+        if (u + KV_PF_ROWS < t1)
+            for (int64_t b = 0; b < rb; b += 64) {
+                _mm_prefetch((const char *)kc + (t + KV_PF_ROWS) * rb + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)kc + (u + KV_PF_ROWS) * rb + b, _MM_HINT_T0);
+            }
+        __m512 a1[4], a2[4];
+        kv_key_row(type, q, kc, ks, t, D, a1, NH);
+        kv_key_row(type, q, kc, ks, u, D, a2, NH);
+        for (int r = 0; r < NH; r++) {
+            const float s1 = kv_fold16(a1[r]) * scale, s2 = kv_fold16(a2[r]) * scale;
+            scores[r * T + t] = s1;
+            scores[r * T + u] = s2;
+            m[r] = s1 > m[r] ? s1 : m[r];
+            m2[r] = s2 > m2[r] ? s2 : m2[r];
+        }
+    }
+    for (int r = 0; r < NH; r++) m[r] = m2[r] > m[r] ? m2[r] : m[r];
+    for (int64_t t = t0 + 2 * h; t < t1; t++) { /* an odd range's last position */
+        __m512 a1[4];
+        kv_key_row(type, q, kc, ks, t, D, a1, NH);
+        for (int r = 0; r < NH; r++) {
+            const float s1 = kv_fold16(a1[r]) * scale;
+            scores[r * T + t] = s1;
+            m[r] = s1 > m[r] ? s1 : m[r];
+        }
+    }
+}
+
+/* Output columns [c0, c1) (multiples of 16) of NH heads from their numerators e (stride T) and
+ * sums, 64 columns per pass (the accumulators stay in registers). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
+kv_values_cols(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0, int64_t c1, const float *e,
+               const float *sum, float *out, const int NH) {
+    for (; c0 < c1; c0 += 64) {
+        switch (c1 - c0 >= 64 ? 4 : (int)((c1 - c0) / 16)) { /* NC a constant */
+        case 4: kv_values(type, vc, vs, T, D, c0, e, sum, out, NH, 4); break;
+        case 3: kv_values(type, vc, vs, T, D, c0, e, sum, out, NH, 3); break;
+        case 2: kv_values(type, vc, vs, T, D, c0, e, sum, out, NH, 2); break;
+        default: kv_values(type, vc, vs, T, D, c0, e, sum, out, NH, 1); break;
+        }
+    }
+}
+
 /* NH (1-4) query heads that share one kv head (GQA), D % 16 == 0: every key and value row is read
  * once for all of them instead of once per head, and prefetched KV_PF_ROWS rows ahead (the
  * streams cross a 4 KB page every few rows).  Per head, lane l of the score accumulator is
@@ -254,32 +362,10 @@ kv_values(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline void
 kv_attn_heads(int type, const float *q, const void *kc, const float *ks, const void *vc, const float *vs, int64_t T,
               int64_t D, float scale, float *scores, float *out, const int NH) {
-    float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, sum[4];
-    const int64_t es = type == BITLM_KV_F16 ? 2 : 1, rb = D * es; /* bytes per value, per cached row */
-    for (int64_t t = 0; t < T; t++) {
-        if (t + KV_PF_ROWS < T)
-            for (int64_t b = 0; b < rb; b += 64) _mm_prefetch((const char *)kc + (t + KV_PF_ROWS) * rb + b, _MM_HINT_T0);
-        __m512 acc[4];
-        for (int r = 0; r < NH; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < D; j += 16) {
-            const __m512 kj = kv_load16(type, kc, ks, t, D, j);
-            for (int r = 0; r < NH; r++) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_loadu_ps(q + r * D + j), kj));
-        }
-        for (int r = 0; r < NH; r++) {
-            const float sc = kv_fold16(acc[r]) * scale;
-            scores[r * T + t] = sc;
-            m[r] = sc > m[r] ? sc : m[r];
-        }
-    }
-    for (int r = 0; r < NH; r++) sum[r] = kv_softmax16(scores + r * T, T, m[r]);
-    for (int64_t c0 = 0; c0 < D; c0 += 64) { /* up to 64 columns of every head's output in registers */
-        switch (D - c0 >= 64 ? 4 : (int)((D - c0) / 16)) { /* NC a constant: the accumulators stay in registers */
-        case 4: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 4); break;
-        case 3: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 3); break;
-        case 2: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 2); break;
-        default: kv_values(type, vc, vs, T, D, c0, scores, sum, out, NH, 1); break;
-        }
-    }
+    float m[4], sum[4];
+    kv_keys_heads(type, q, kc, ks, 0, T, T, D, scale, scores, m, NH);
+    for (int r = 0; r < NH; r++) sum[r] = kv_softmax16(scores + r * T, scores + r * T, T, m[r]);
+    kv_values_cols(type, vc, vs, T, D, 0, D, scores, sum, out, NH);
 }
 
 KV512 static void kv_attn_avx512_heads(int type, const float *q, const void *kc, const float *ks, const void *vc,
@@ -292,32 +378,160 @@ KV512 static void kv_attn_avx512_heads(int type, const float *q, const void *kc,
     default: kv_attn_heads(type, q, kc, ks, vc, vs, T, D, scale, scores, out, 4); break;
     }
 }
+
+KV512 static void kv_keys_avx512(int type, const float *q, const void *kc, const float *ks, int64_t t0, int64_t t1,
+                                 int64_t T, int64_t D, float scale, float *scores, float *m, int nh) {
+    switch (nh) {
+    case 1: kv_keys_heads(type, q, kc, ks, t0, t1, T, D, scale, scores, m, 1); break;
+    case 2: kv_keys_heads(type, q, kc, ks, t0, t1, T, D, scale, scores, m, 2); break;
+    case 3: kv_keys_heads(type, q, kc, ks, t0, t1, T, D, scale, scores, m, 3); break;
+    default: kv_keys_heads(type, q, kc, ks, t0, t1, T, D, scale, scores, m, 4); break;
+    }
+}
+
+KV512 static float kv_softmax_avx512(const float *src, float *dst, int64_t T, float m) {
+    return kv_softmax16(src, dst, T, m);
+}
+
+KV512 static void kv_values_avx512(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0,
+                                   int64_t c1, const float *e, const float *sum, float *out, int nh) {
+    switch (nh) {
+    case 1: kv_values_cols(type, vc, vs, T, D, c0, c1, e, sum, out, 1); break;
+    case 2: kv_values_cols(type, vc, vs, T, D, c0, c1, e, sum, out, 2); break;
+    case 3: kv_values_cols(type, vc, vs, T, D, c0, c1, e, sum, out, 3); break;
+    default: kv_values_cols(type, vc, vs, T, D, c0, c1, e, sum, out, 4); break;
+    }
+}
 #endif
+
+/* The rows of kv head g in a task's caches. */
+typedef struct {
+    const void *kc, *vc;
+    const float *ks, *vs;
+} kv_rows;
+
+static kv_rows kv_head_rows(const bitlm_kv_attn_task *a, int64_t g) {
+    const size_t esz = a->type == BITLM_KV_F16 ? 2 : 1;
+    const int64_t row0 = g * a->max_len;
+    kv_rows r = {(const uint8_t *)a->kc + (size_t)(row0 * a->D) * esz, (const uint8_t *)a->vc + (size_t)(row0 * a->D) * esz,
+                 a->ks ? a->ks + row0 : NULL, a->vs ? a->vs + row0 : NULL};
+    return r;
+}
+
+/* The AVX-512 pieces take D % 16 == 0; everything else runs the generic ones (the same bits). */
+static int kv_wide(const bitlm_kv_attn_task *a) {
+#if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
+    return a->D % 16 == 0 && bitlm_tier() >= BITLM_TIER_AVX512;
+#else
+    (void)a;
+    return 0;
+#endif
+}
 
 BITLM_HIDDEN void bitlm_kv_attn_run(void *ctx, int64_t b, int64_t e) {
     const bitlm_kv_attn_task *a = (const bitlm_kv_attn_task *)ctx;
-    const size_t esz = a->type == BITLM_KV_F16 ? 2 : 1;
-#if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
-    const int wide = a->D % 16 == 0 && bitlm_tier() >= BITLM_TIER_AVX512;
-#endif
+    const int wide = kv_wide(a);
     for (int64_t h = b; h < e; h++) {
-        const int64_t kv = h / a->rep, row0 = kv * a->max_len;
-        const void *kc = (const uint8_t *)a->kc + (size_t)(row0 * a->D) * esz;
-        const void *vc = (const uint8_t *)a->vc + (size_t)(row0 * a->D) * esz;
-        const float *ks = a->ks ? a->ks + row0 : NULL, *vs = a->vs ? a->vs + row0 : NULL;
+        const int64_t kv = h / a->rep;
+        const kv_rows r = kv_head_rows(a, kv);
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
         if (wide) { /* this share's heads of kv head `kv`, up to 4 at a time */
             int64_t n = (kv + 1) * a->rep < e ? (kv + 1) * a->rep - h : e - h;
             n = n > 4 ? 4 : n;
-            kv_attn_avx512_heads(a->type, a->q + h * a->D, kc, ks, vc, vs, a->T, a->D, a->scale, a->scores + h * a->T,
-                                 a->out + h * a->D, (int)n);
+            kv_attn_avx512_heads(a->type, a->q + h * a->D, r.kc, r.ks, r.vc, r.vs, a->T, a->D, a->scale,
+                                 a->scores + h * a->T, a->out + h * a->D, (int)n);
             h += n - 1;
             continue;
         }
 #endif
-        kv_attn_generic(a->type, a->q + h * a->D, kc, ks, vc, vs, a->T, a->D, a->scale, a->scores + h * a->T,
+        kv_attn_generic(a->type, a->q + h * a->D, r.kc, r.ks, r.vc, r.vs, a->T, a->D, a->scale, a->scores + h * a->T,
                         a->out + h * a->D);
     }
+}
+
+/* ---- the split passes (long caches) ------------------------------------------------------ */
+
+BITLM_HIDDEN int64_t bitlm_kv_col_blocks(int64_t D) { return (D + KV_COL_BLOCK - 1) / KV_COL_BLOCK; }
+
+BITLM_HIDDEN void bitlm_kv_keys_run(void *ctx, int64_t b, int64_t e) {
+    const bitlm_kv_attn_task *a = (const bitlm_kv_attn_task *)ctx;
+    const int wide = kv_wide(a);
+    const int64_t P = a->parts, T = a->T, D = a->D, rep = a->rep;
+    for (int64_t u = b; u < e; u++) {
+        const int64_t g = u / P, c = u % P, t0 = T * c / P, t1 = T * (c + 1) / P;
+        const kv_rows r = kv_head_rows(a, g);
+        float *pm = a->pmax + u * rep;
+        for (int64_t h0 = 0, n = 1; h0 < rep; h0 += n) {
+            const int64_t h = g * rep + h0;
+#if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
+            if (wide) {
+                n = rep - h0 < 4 ? rep - h0 : 4;
+                kv_keys_avx512(a->type, a->q + h * D, r.kc, r.ks, t0, t1, T, D, a->scale, a->scores + h * T, pm + h0, (int)n);
+                continue;
+            }
+#endif
+            pm[h0] = kv_keys_generic(a->type, a->q + h * D, r.kc, r.ks, t0, t1, D, a->scale, a->scores + h * T);
+        }
+    }
+}
+
+BITLM_HIDDEN void bitlm_kv_values_run(void *ctx, int64_t b, int64_t e) {
+    const bitlm_kv_attn_task *a = (const bitlm_kv_attn_task *)ctx;
+    const int wide = kv_wide(a);
+    const int64_t P = a->parts, T = a->T, D = a->D, rep = a->rep, NB = bitlm_kv_col_blocks(D), H = a->Hkv * rep;
+    for (int64_t u = b; u < e; u++) {
+        const int64_t g = u / NB, cb = u % NB, c0 = cb * KV_COL_BLOCK, c1 = c0 + KV_COL_BLOCK < D ? c0 + KV_COL_BLOCK : D;
+        const kv_rows r = kv_head_rows(a, g);
+        float *es = a->escores + (cb * H + g * rep) * T; /* this unit's numerators, head by head */
+        for (int64_t h0 = 0, n = 1; h0 < rep; h0 += n) {
+            n = wide ? (rep - h0 < 4 ? rep - h0 : 4) : 1;
+            float sum[4];
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t h = g * rep + h0 + i;
+                float m = -INFINITY; /* the parts' maxima in order: the sequential loop's max */
+                for (int64_t c = 0; c < P; c++) {
+                    const float pc = a->pmax[(g * P + c) * rep + h0 + i];
+                    m = pc > m ? pc : m;
+                }
+#if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
+                if (wide) {
+                    sum[i] = kv_softmax_avx512(a->scores + h * T, es + (h0 + i) * T, T, m);
+                    continue;
+                }
+#endif
+                sum[i] = kv_softmax_generic(a->scores + h * T, es + (h0 + i) * T, T, m);
+            }
+#if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
+            if (wide) {
+                kv_values_avx512(a->type, r.vc, r.vs, T, D, c0, c1, es + h0 * T, sum, a->out + (g * rep + h0) * D, (int)n);
+                continue;
+            }
+#endif
+            kv_values_generic(a->type, r.vc, r.vs, T, D, c0, c1, es + h0 * T, sum[0], a->out + (g * rep + h0) * D);
+        }
+    }
+}
+
+/* Positions from which bitlm_decode_step splits the attention (0: never); BITLM_ATTN_SPLIT sets
+ * the first value. */
+static _Atomic int64_t g_attn_split = -1;
+
+BITLM_HIDDEN int64_t bitlm_attn_split(void) {
+    int64_t v = atomic_load(&g_attn_split);
+    if (v < 0) {
+        const char *env = getenv("BITLM_ATTN_SPLIT");
+        v = env && *env ? atoll(env) : KV_SPLIT_DEFAULT;
+        v = v < 0 ? 0 : v;
+        int64_t expect = -1;
+        if (!atomic_compare_exchange_strong(&g_attn_split, &expect, v)) v = expect;
+    }
+    return v;
+}
+
+BITLM_API int64_t bitlm_set_attn_split(int64_t positions) {
+    const int64_t prev = bitlm_attn_split();
+    if (positions >= 0) atomic_store(&g_attn_split, positions);
+    return prev;
 }
 
 BITLM_API int bitlm_kv_quantize(int type, const float *x, int64_t rows, int64_t d, void *out, float *scales) {

@@ -287,3 +287,56 @@ def test_softmax_exp_is_within_float_rounding_of_exp(tier, kv):
         rel = ((e - s.exp()) / s.exp()).abs().max().item()
         worst = max(worst, rel)
     assert worst < 4e-7, (tier, kv, worst)  # measured 1.2e-7 (one float32 ulp) on every tier
+
+
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(8, 2, 64), (5, 1, 64), (8, 1, 64), (2, 1, 128), (2, 1, 48),
+                                                   (4, 2, 40)])
+def test_split_attention_is_the_same_bits(n_heads, n_kv, head_dim):
+    """Long caches split the fused step's attention by kv head and position range, then by kv head
+    and output columns (kv.c's bitlm_kv_keys_run / bitlm_kv_values_run): every tier, thread count
+    and split point gives the one-pass attention's bits — GQA groups of 2 to 8 heads, head widths
+    in whole and partial 64-column passes, and D = 40, which only the generic pieces take.  The
+    split runs (one more parallel job per layer once the cache reaches the split point)."""
+    from bitlm import kernels
+
+    _native()
+    pm = convert(_model(d_model=head_dim * n_heads, n_heads=n_heads, n_kv_heads=n_kv), "i2")
+    prompt = torch.randint(0, 512, (1, 13))
+    steps = 6
+    prev, prev_threads, prev_split = native.tier(), kernels.num_threads(), native.attn_split()
+    try:
+        for kv in KVS:
+            outs, jobs = {}, {}
+            for t in native.supported_tiers():
+                native.set_tier(t)
+                for threads in (2, 3):
+                    kernels.set_num_threads(threads)
+                    for split in (0, 1, 16):  # never; always; from the fourth decoded position on
+                        native.set_attn_split(split)
+                        native.decode_profile(True)
+                        outs[(t, threads, split)] = decode_greedy(pm, prompt, steps, True, kv)[1]
+                        jobs[(t, threads, split)] = native.decode_profile(False)["jobs"]
+            first = outs[(native.supported_tiers()[0], 2, 0)]
+            for key, o in outs.items():
+                assert torch.equal(o, first), (kv, key)
+            for t in native.supported_tiers():  # every split step adds parallel jobs: 6 steps > 3 > none
+                for threads in (2, 3):
+                    assert jobs[(t, threads, 1)] > jobs[(t, threads, 16)] > jobs[(t, threads, 0)], (kv, t, threads)
+    finally:
+        native.set_tier(prev)
+        kernels.set_num_threads(prev_threads)
+        native.set_attn_split(prev_split)
+
+
+def test_attention_split_point_setting():
+    _native()
+    prev = native.attn_split()
+    try:
+        assert native.set_attn_split(300) == prev
+        assert native.attn_split() == 300 and native.info()["attn_split"] == 300
+        assert "attn_split=300" in native.info()["kernel_config"]
+        with pytest.raises(ValueError, match="split point"):
+            native.set_attn_split(-1)
+        assert native.attn_split() == 300
+    finally:
+        native.set_attn_split(prev)

@@ -27,10 +27,10 @@ __all__ = ["load", "reason", "library_path", "reset", "gemm", "matmul", "quantiz
            "mem_read", "mem_copy", "decode_profile", "dense_int8_matmul", "dense_bf16_matmul", "dense_int8a8_matmul",
            "dense_lowbit_matmul", "linear_bf16", "rms_norm",
            "Decoder", "ACTIVATIONS", "KV_TYPES", "kv_quantize", "glu_relu2", "rope_rows_", "argmax", "HfLayer", "HfStack",
-           "BatchAttention"]
+           "BatchAttention", "set_attn_split", "attn_split"]
 
 #: The ABI this binding was written for (BITLM_ABI_VERSION in csrc/bitlm_kernels.h).
-ABI_VERSION = 13
+ABI_VERSION = 14
 TIERS = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -68,6 +68,7 @@ _SIGNATURES = {
     "bitlm_hadamard_f32": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_head_bytes": (_c_i64, [_c_int, _c_i64, _c_i64]),
     "bitlm_kv_quantize": (_c_int, [_c_int, _c_p, _c_i64, _c_i64, _c_p, _c_p]),
+    "bitlm_set_attn_split": (_c_i64, [_c_i64]),
     "bitlm_attn_batch": (_c_int, [_c_i64] * 5 + [_c_p] * 12),
     "bitlm_glu_relu2": (_c_int, [_c_p, _c_i64, _c_i64, _c_p]),
     "bitlm_rope_rows": (_c_int, [_c_p, _c_i64, _c_i64, _c_i64, _c_p, _c_p]),
@@ -198,6 +199,20 @@ def set_num_threads(n: int) -> int:
     return rc
 
 
+def set_attn_split(positions: int) -> int:
+    """From how many cached positions the fused decode step splits an f16 / int8 cache's attention
+    by kv head and position range across the threads (the same bits; 0: never); returns the
+    previous value.  The first value comes from ``BITLM_ATTN_SPLIT``, else 256."""
+    if int(positions) < 0:
+        raise ValueError(f"attention split point must be >= 0 positions, got {positions}")
+    return int(_need().bitlm_set_attn_split(int(positions)))
+
+
+def attn_split() -> int:
+    """The fused decode step's current attention split point (see set_attn_split)."""
+    return int(_need().bitlm_set_attn_split(-1))
+
+
 def info() -> dict:
     lib = _need()
     return {
@@ -209,6 +224,7 @@ def info() -> dict:
         "cpu_flags": lib.bitlm_cpu_flags().decode(),
         "build": lib.bitlm_build_info().decode(),
         "kernel_config": lib.bitlm_kernel_config().decode(),
+        "attn_split": attn_split(),
         "abi": lib.bitlm_abi_version(),
         "library": _path,
     }
