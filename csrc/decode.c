@@ -164,7 +164,7 @@ BITLM_API int bitlm_decode_step(const bitlm_decoder_desc *d, float *x, int64_t p
     /* attention: over query heads in one pass, or (long f16 / int8 caches, more than one thread)
      * the split passes of kv.c, parts position ranges per kv head */
     const int nthr = attn_threads(H, T, D);
-    const int64_t split = bitlm_attn_split(), parts = bitlm_num_threads(), nb = bitlm_kv_col_blocks(D);
+    const int64_t split = bitlm_attn_split(), parts = bitlm_pool_threads(), nb = bitlm_kv_col_blocks(D);
     const int split_on = d->kv_type != BITLM_KV_F32 && split > 0 && T >= split && parts > 1;
     const size_t sz_q = align64((size_t)kmax + 64), sz_y = align64((size_t)ymax * 4), sz_att = align64((size_t)hd * 4),
                  sz_h = align64((size_t)F * 4), sz_s = align64((size_t)(H * T) * 4), sz_f = align64((size_t)(3 * gmax) * 4),

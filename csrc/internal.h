@@ -280,6 +280,9 @@ BITLM_HIDDEN extern int bitlm_prof_on;
 BITLM_HIDDEN extern double bitlm_prof_wait_s;
 BITLM_HIDDEN extern double bitlm_prof_jobs;
 BITLM_HIDDEN double bitlm_now_s(void);
+/* The pool's thread count (bitlm_num_threads) without taking the pool's lock: a caller that
+ * plans its work while another thread runs a job on the pool must not wait for it. */
+BITLM_HIDDEN int bitlm_pool_threads(void);
 /* bitlm_parallel_for, then each worker prefetches what plan names for it. */
 BITLM_HIDDEN void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx,
                                           bitlm_plan_fn plan, void *plan_ctx);

@@ -79,7 +79,7 @@ static pool_t g_pool = {
     .cv = PTHREAD_COND_INITIALIZER,
 };
 static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pool user at a time */
-static int g_nthreads = 0;                                      /* 0 = not decided yet */
+static int g_nthreads = 0; /* 0 = not decided yet; written under g_call_mu, read by bitlm_pool_threads without it */
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
 /* An owner claims 1/WS_DIV of what is left of its share at a time.  Measured at 2 threads on
@@ -221,10 +221,15 @@ static int default_threads(void) {
 
 BITLM_API int bitlm_num_threads(void) {
     pthread_mutex_lock(&g_call_mu);
-    if (g_nthreads == 0) g_nthreads = default_threads();
+    if (g_nthreads == 0) __atomic_store_n(&g_nthreads, default_threads(), __ATOMIC_RELAXED);
     const int n = g_nthreads;
     pthread_mutex_unlock(&g_call_mu);
     return n;
+}
+
+int bitlm_pool_threads(void) {
+    const int n = __atomic_load_n(&g_nthreads, __ATOMIC_RELAXED);
+    return n ? n : default_threads();
 }
 
 BITLM_API int bitlm_set_num_threads(int n) {
@@ -233,7 +238,7 @@ BITLM_API int bitlm_set_num_threads(int n) {
     const int prev = g_nthreads == 0 ? default_threads() : g_nthreads;
     if (n != g_nthreads) {
         stop_workers(); /* restarted lazily with the new count */
-        g_nthreads = n;
+        __atomic_store_n(&g_nthreads, n, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&g_call_mu);
     return prev;
@@ -264,7 +269,7 @@ void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_ta
         fn(ctx, 0, n); /* small job, single thread requested, or pool busy: run inline */
         return;
     }
-    if (g_nthreads == 0) g_nthreads = default_threads();
+    if (g_nthreads == 0) __atomic_store_n(&g_nthreads, default_threads(), __ATOMIC_RELAXED);
     int nt = g_nthreads < max_threads ? g_nthreads : max_threads;
     if ((int64_t)nt > units) nt = (int)units;
     if (nt > 1) nt = 1 + (ensure_workers(nt - 1) < nt - 1 ? g_pool.nworkers : nt - 1);
