@@ -332,7 +332,10 @@ typedef struct {
     bitlm_attn_fn fn;
 } batch_attn_task;
 
-/* items [b, e) of N * H: (sequence j, query head h) = (i / H, i % H) */
+/* items [b, e) of N * H: (sequence j, query head h) = (i / H, i % H).  An f16 / int8 cache's heads
+ * of one sequence go to bitlm_kv_attn_run together, which reads each kv head's rows once for the
+ * query heads that share it (one head at a time read them once per query head: 4x the bytes for
+ * a 2B4T's groups of 4); the same bits either way. */
 static void batch_attn_run(void *ctx, int64_t b, int64_t e) {
     const batch_attn_task *t = (const batch_attn_task *)ctx;
     for (int64_t i = b; i < e; i++) {
@@ -343,10 +346,12 @@ static void batch_attn_run(void *ctx, int64_t b, int64_t e) {
             const int64_t kv = h / (t->H / t->Hkv), off = kv * t->max_len[j] * t->D;
             t->fn(q + h * t->D, (const float *)t->kc[j] + off, (const float *)t->vc[j] + off, T, t->D, t->scale,
                   scores + h * T, out + h * t->D);
-        } else { /* the fused step's f16 / int8 attention, head h of this sequence */
+        } else { /* the fused step's f16 / int8 attention, heads [h, he) of this sequence */
+            const int64_t he = t->H - h < e - i ? t->H : h + (e - i);
             bitlm_kv_attn_task at = {t->kvt, q, t->kc[j], t->vc[j], t->ks ? t->ks[j] : NULL, t->vs ? t->vs[j] : NULL,
                                      T, t->D, t->H / t->Hkv, t->max_len[j], t->scale, scores, out};
-            bitlm_kv_attn_run(&at, h, h + 1);
+            bitlm_kv_attn_run(&at, h, he);
+            i += he - h - 1;
         }
     }
 }
@@ -382,7 +387,8 @@ BITLM_API int bitlm_attn_batch(int64_t kv_type, int64_t N, int64_t H, int64_t Hk
     }
     batch_attn_task t = {kvt, H, Hkv, D, q, pos, max_len, kc, vc, ks, vs, tmax,
                          (float)(1.0 / sqrt((double)D)), scores, out, bitlm_active_table()->attn};
-    bitlm_parallel_for(N * H, 1, bitlm_threads_for(macs), batch_attn_run, &t);
+    /* claims of whole kv groups (H / Hkv query heads): a claim that split one would read it twice */
+    bitlm_parallel_for(N * H, H / Hkv, bitlm_threads_for(macs), batch_attn_run, &t);
     free(scores);
     return 0;
 }
