@@ -25,7 +25,7 @@
         scores[t] = s;                                                                              \
         m = s > m ? s : m;                                                                          \
     }                                                                                               \
-    const float sum = bitlm_softmax_exp(scores, T, m);                                              \
+    const float sum = bitlm_softmax_exp(scores, scores, T, m);                                      \
     for (int64_t j = 0; j < D; j++) out[j] = 0.0f;                                                  \
     for (int64_t t = 0; t < T; t++) {                                                               \
         const float e = scores[t];                                                                  \

@@ -165,15 +165,15 @@ static inline float bitlm_exp_softmax(float x) {
     return e * two_n;
 }
 
-/* Attention's softmax numerators, in place: scores[t] = bitlm_exp_softmax(scores[t] - m) (m: the
- * row's max), returning their sum as 16 lanes (lane t mod 16 adds its numerators in t order)
+/* Attention's softmax numerators: dst[t] = bitlm_exp_softmax(src[t] - m) (m: the row's max; dst
+ * may be src), returning their sum as 16 lanes (lane t mod 16 adds its numerators in t order)
  * folded by bitlm_fold16f -- the one order every tier and KV type uses (kv.c's kv_softmax16 is
  * the AVX-512 twin). */
-static inline float bitlm_softmax_exp(float *scores, int64_t T, float m) {
+static inline float bitlm_softmax_exp(const float *src, float *dst, int64_t T, float m) {
     float lane[16] = {0};
     for (int64_t t = 0; t < T; t++) {
-        const float e = bitlm_exp_softmax(scores[t] - m);
-        scores[t] = e;
+        const float e = bitlm_exp_softmax(src[t] - m);
+        dst[t] = e;
         lane[t & 15] = lane[t & 15] + e;
     }
     return bitlm_fold16f(lane);

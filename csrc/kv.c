@@ -166,17 +166,6 @@ static float kv_keys_generic(int type, const float *q, const void *kc, const flo
     return m;
 }
 
-/* bitlm_softmax_exp from src into dst (dst may be src): the same operations, the same bits. */
-static float kv_softmax_generic(const float *src, float *dst, int64_t T, float m) {
-    float lane[16] = {0};
-    for (int64_t t = 0; t < T; t++) {
-        const float e = bitlm_exp_softmax(src[t] - m);
-        dst[t] = e;
-        lane[t & 15] = lane[t & 15] + e;
-    }
-    return bitlm_fold16f(lane);
-}
-
 /* Output columns [c0, c1): each sums e[t] * v_t over t in order from 0, then divides by sum. */
 static void kv_values_generic(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0, int64_t c1,
                               const float *e, float sum, float *out) {
@@ -191,7 +180,7 @@ static void kv_values_generic(int type, const void *vc, const float *vs, int64_t
 static void kv_attn_generic(int type, const float *q, const void *kc, const float *ks, const void *vc, const float *vs,
                             int64_t T, int64_t D, float scale, float *scores, float *out) {
     const float m = kv_keys_generic(type, q, kc, ks, 0, T, D, scale, scores);
-    const float sum = kv_softmax_generic(scores, scores, T, m);
+    const float sum = bitlm_softmax_exp(scores, scores, T, m);
     kv_values_generic(type, vc, vs, T, D, 0, D, scores, sum, out);
 }
 
@@ -499,7 +488,7 @@ BITLM_HIDDEN void bitlm_kv_values_run(void *ctx, int64_t b, int64_t e) {
                     continue;
                 }
 #endif
-                sum[i] = kv_softmax_generic(a->scores + h * T, es + (h0 + i) * T, T, m);
+                sum[i] = bitlm_softmax_exp(a->scores + h * T, es + (h0 + i) * T, T, m);
             }
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
             if (wide) {
