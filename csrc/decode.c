@@ -338,21 +338,19 @@ typedef struct {
  * a 2B4T's groups of 4); the same bits either way. */
 static void batch_attn_run(void *ctx, int64_t b, int64_t e) {
     const batch_attn_task *t = (const batch_attn_task *)ctx;
-    for (int64_t i = b; i < e; i++) {
-        const int64_t j = i / t->H, h = i % t->H, T = t->pos[j] + 1;
+    for (int64_t i = b; i < e;) {
+        const int64_t j = i / t->H, h = i % t->H, T = t->pos[j] + 1, he = t->H - h < e - i ? t->H : h + (e - i);
         const float *q = t->q + (j * t->H) * t->D;
         float *scores = t->scores + (j * t->H) * t->tmax, *out = t->out + (j * t->H) * t->D; /* H * tmax each */
-        if (t->kvt == BITLM_KV_F32) {
-            const int64_t kv = h / (t->H / t->Hkv), off = kv * t->max_len[j] * t->D;
-            t->fn(q + h * t->D, (const float *)t->kc[j] + off, (const float *)t->vc[j] + off, T, t->D, t->scale,
-                  scores + h * T, out + h * t->D);
+        if (t->kvt == BITLM_KV_F32) { /* heads [h, he) of this sequence, as the fused step's attn_run */
+            attn_task at = {NULL, 0, q, t->kc[j], t->vc[j], T, t->D, t->H / t->Hkv, t->max_len[j], t->scale, scores, out};
+            attn_run_fn(&at, t->fn, h, he);
         } else { /* the fused step's f16 / int8 attention, heads [h, he) of this sequence */
-            const int64_t he = t->H - h < e - i ? t->H : h + (e - i);
             bitlm_kv_attn_task at = {t->kvt, q, t->kc[j], t->vc[j], t->ks ? t->ks[j] : NULL, t->vs ? t->vs[j] : NULL,
                                      T, t->D, t->H / t->Hkv, t->max_len[j], t->scale, scores, out};
             bitlm_kv_attn_run(&at, h, he);
-            i += he - h - 1;
         }
+        i += he - h;
     }
 }
 

@@ -194,9 +194,9 @@ const bitlm_kernel_table bitlm_generic_table = {
     dense_generic,
     dense_generic,
     dense_i8a8_generic,
-    bitlm_attn_head,
+    bitlm_attn_heads,
     bitlm_hadamard_row,
-    bitlm_attn_head_bf16,
+    bitlm_attn_heads_bf16,
 };
 
 /* ---- bitlm_linear_bf16: bf16 rows in, bf16 rows out (semantics in bitlm_kernels.h) ---------- */

@@ -77,13 +77,14 @@ typedef void (*bitlm_dense_fn)(const bitlm_dense_problem *p, int64_t n0, int64_t
 static inline void bitlm_i8a8_store(const bitlm_dense_problem *p, int64_t m, int64_t n, uint32_t acc) {
     p->y[m * p->N + n] = (float)(int32_t)acc * (p->scale[n] / p->a[m]);
 }
-/* Attention of one query head over T cached positions (semantics in bitlm_kernels.h, see
- * bitlm_decode_step; the one implementation is attn_impl.h, compiled once per tier).
- * q, out: (D,); kc, vc: (T, D) rows of one kv head; scores: (T,) scratch. */
+/* Attention of nh (1-4) query heads that share one kv head over T cached positions (semantics in
+ * bitlm_kernels.h, see bitlm_decode_step; the one implementation is attn_impl.h, compiled once per
+ * tier).  q, out: (nh, D); kc, vc: (T, D) rows of the kv head; scores: (nh, T) scratch.  Each
+ * head's bits do not depend on nh. */
 typedef void (*bitlm_attn_bf16_fn)(const float *q, const uint16_t *kc, const uint16_t *vc, int64_t T, int64_t D,
-                                   float scale, float *scores, float *out);
+                                   float scale, float *scores, float *out, int nh);
 typedef void (*bitlm_attn_fn)(const float *q, const float *kc, const float *vc, int64_t T, int64_t D, float scale,
-                              float *scores, float *out);
+                              float *scores, float *out, int nh);
 
 /* f16 / int8 KV caches of the fused decode step (kv.c; semantics in bitlm_kernels.h). */
 typedef struct bitlm_kv_attn_task {

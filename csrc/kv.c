@@ -3,7 +3,7 @@
  * the attention that reads them directly.  Semantics: bitlm_kernels.h ("KV cache types"); the
  * torch twin is bitlm.engine.PackedKVCache (its update() rounds exactly as kv_store does).
  *
- * The attention is bitlm_attn_head (attn_impl.h) with every cached value replaced by its
+ * The attention is bitlm_attn_heads (attn_impl.h) with every cached value replaced by its
  * dequantised float (f16 -> float exactly; int8: (float)q * scale, one rounding), in the same
  * order, so every tier gives the same bits.  Built with no ISA flags; the AVX-512 version carries
  * a GCC target attribute and is entered only when bitlm_tier() says so.

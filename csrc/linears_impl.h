@@ -151,17 +151,26 @@ typedef struct {
     float *scores, *out;     /* (H, T), (H, D) */
 } attn_task;
 
-static void attn_run(void *ctx, int64_t b, int64_t e) {
-    const attn_task *t = (const attn_task *)ctx;
-    for (int64_t h = b; h < e; h++) {
-        const int64_t off = (h / t->rep) * t->cap * t->D;
+/* Heads [b, e): each kv head's heads in this range, up to 4 at a time, in one call of f32 (a
+ * float32 cache) or of the table's attn_bf16 (t->bf16). */
+static void attn_run_fn(const attn_task *t, bitlm_attn_fn f32, int64_t b, int64_t e) {
+    for (int64_t h = b; h < e;) {
+        const int64_t kv = h / t->rep, off = kv * t->cap * t->D;
+        int64_t n = (kv + 1) * t->rep < e ? (kv + 1) * t->rep - h : e - h;
+        n = n > 4 ? 4 : n;
         if (t->bf16)
             t->tab->attn_bf16(t->q + h * t->D, (const uint16_t *)t->kc + off, (const uint16_t *)t->vc + off, t->T, t->D,
-                              t->scale, t->scores + h * t->T, t->out + h * t->D);
+                              t->scale, t->scores + h * t->T, t->out + h * t->D, (int)n);
         else
-            t->tab->attn(t->q + h * t->D, (const float *)t->kc + off, (const float *)t->vc + off, t->T, t->D, t->scale,
-                         t->scores + h * t->T, t->out + h * t->D);
+            f32(t->q + h * t->D, (const float *)t->kc + off, (const float *)t->vc + off, t->T, t->D, t->scale,
+                t->scores + h * t->T, t->out + h * t->D, (int)n);
+        h += n;
     }
+}
+
+static void attn_run(void *ctx, int64_t b, int64_t e) {
+    const attn_task *t = (const attn_task *)ctx;
+    attn_run_fn(t, t->tab->attn, b, e);
 }
 
 /* Threads for the attention pass over H heads of T cached positions. */

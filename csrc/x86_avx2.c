@@ -419,7 +419,7 @@ const bitlm_kernel_table bitlm_avx2_table = {
     dense_avx2,
     dense_bf16_avx2,
     dense_i8a8_avx2,
-    bitlm_attn_head,
+    bitlm_attn_heads,
     bitlm_hadamard_row,
-    bitlm_attn_head_bf16,
+    bitlm_attn_heads_bf16,
 };

@@ -624,7 +624,7 @@ const bitlm_kernel_table bitlm_avx512_table = {
     dense_avx512,
     dense_bf16_avx512,
     dense_i8a8_avx512,
-    bitlm_attn_head,
+    bitlm_attn_heads,
     bitlm_hadamard_row,
-    bitlm_attn_head_bf16,
+    bitlm_attn_heads_bf16,
 };

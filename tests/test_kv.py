@@ -194,9 +194,9 @@ def test_fused_kv_attention_head_widths_same_on_every_tier(head_dim):
 
 @pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (6, 2), (5, 1)])
 def test_fused_kv_attention_gqa_groups_same_on_every_tier(n_heads, n_kv):
-    """The AVX-512 attention reads each kv head's rows once for up to 4 of its query heads (a
-    thread's share may start or end inside a group): every tier and thread count gives the
-    generic tier's bits."""
+    """The attention reads each kv head's rows once for up to 4 of its query heads (a thread's
+    share may start or end inside a group), on f16 / int8 caches (kv.c) and float32 ones
+    (attn_impl.h): every tier and thread count gives the generic tier's bits."""
     from bitlm import kernels
 
     _native()
@@ -205,7 +205,7 @@ def test_fused_kv_attention_gqa_groups_same_on_every_tier(n_heads, n_kv):
     prompt = torch.randint(0, 512, (1, 13))
     prev, prev_threads = native.tier(), kernels.num_threads()
     try:
-        for kv in KVS:
+        for kv in ("f32", *KVS):
             outs = {}
             for t in native.supported_tiers():
                 for threads in (1, 2, 3):
