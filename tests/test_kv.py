@@ -296,7 +296,8 @@ def test_split_attention_is_the_same_bits(n_heads, n_kv, head_dim):
     and output columns (kv.c's bitlm_kv_keys_run / bitlm_kv_values_run): every tier, thread count
     and split point gives the one-pass attention's bits — GQA groups of 2 to 8 heads, head widths
     in whole and partial 64-column passes, and D = 40, which only the generic pieces take.  The
-    split runs (one more parallel job per layer once the cache reaches the split point)."""
+    split runs: its two jobs per layer show in the step's job count once the cache reaches the
+    split point."""
     from bitlm import kernels
 
     _native()
