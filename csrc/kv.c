@@ -509,8 +509,9 @@ BITLM_HIDDEN int64_t bitlm_attn_split(void) {
     int64_t v = atomic_load(&g_attn_split);
     if (v < 0) {
         const char *env = getenv("BITLM_ATTN_SPLIT");
-        v = env && *env ? atoll(env) : KV_SPLIT_DEFAULT;
-        v = v < 0 ? 0 : v;
+        char *end = NULL;
+        v = env && *env ? strtoll(env, &end, 10) : KV_SPLIT_DEFAULT;
+        if (env && *env && (*end != '\0' || v < 0)) v = KV_SPLIT_DEFAULT; /* not a count: the default */
         int64_t expect = -1;
         if (!atomic_compare_exchange_strong(&g_attn_split, &expect, v)) v = expect;
     }

@@ -341,3 +341,18 @@ def test_attention_split_point_setting():
         assert native.attn_split() == 300
     finally:
         native.set_attn_split(prev)
+
+
+@pytest.mark.parametrize("env,want", [("100", 100), ("0", 0), ("abc", 256), ("-5", 256), ("12x", 256)])
+def test_attention_split_point_from_the_environment(env, want):
+    """BITLM_ATTN_SPLIT sets the first split point; anything but a count of 0 or more keeps the
+    default (a typo must not turn the split off)."""
+    import os
+    import subprocess
+    import sys
+
+    _native()
+    code = "from bitlm.kernels import native; native.load(); print(native.attn_split())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BITLM_ATTN_SPLIT": env},
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout.strip()) == want
