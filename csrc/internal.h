@@ -86,6 +86,13 @@ typedef void (*bitlm_attn_bf16_fn)(const float *q, const uint16_t *kc, const uin
 typedef void (*bitlm_attn_fn)(const float *q, const float *kc, const float *vc, int64_t T, int64_t D, float scale,
                               float *scores, float *out, int nh);
 
+/* From query head h of [h, e): how many heads the attention takes in one call, the rest of h's
+ * kv group (rep query heads per kv head) inside the range, at most 4. */
+static inline int64_t bitlm_group_heads(int64_t h, int64_t e, int64_t rep) {
+    const int64_t end = (h / rep + 1) * rep < e ? (h / rep + 1) * rep : e;
+    return end - h < 4 ? end - h : 4;
+}
+
 /* f16 / int8 KV caches of the fused decode step (kv.c; semantics in bitlm_kernels.h). */
 typedef struct bitlm_kv_attn_task {
     int type;                 /* BITLM_KV_F16 or BITLM_KV_I8 */

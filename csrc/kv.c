@@ -378,10 +378,6 @@ KV512 static void kv_keys_avx512(int type, const float *q, const void *kc, const
     }
 }
 
-KV512 static float kv_softmax_avx512(const float *src, float *dst, int64_t T, float m) {
-    return kv_softmax16(src, dst, T, m);
-}
-
 KV512 static void kv_values_avx512(int type, const void *vc, const float *vs, int64_t T, int64_t D, int64_t c0,
                                    int64_t c1, const float *e, const float *sum, float *out, int nh) {
     switch (nh) {
@@ -425,8 +421,7 @@ BITLM_HIDDEN void bitlm_kv_attn_run(void *ctx, int64_t b, int64_t e) {
         const kv_rows r = kv_head_rows(a, kv);
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
         if (wide) { /* this share's heads of kv head `kv`, up to 4 at a time */
-            int64_t n = (kv + 1) * a->rep < e ? (kv + 1) * a->rep - h : e - h;
-            n = n > 4 ? 4 : n;
+            const int64_t n = bitlm_group_heads(h, e, a->rep);
             kv_attn_avx512_heads(a->type, a->q + h * a->D, r.kc, r.ks, r.vc, r.vs, a->T, a->D, a->scale,
                                  a->scores + h * a->T, a->out + h * a->D, (int)n);
             h += n - 1;
@@ -484,7 +479,7 @@ BITLM_HIDDEN void bitlm_kv_values_run(void *ctx, int64_t b, int64_t e) {
                 }
 #if defined(__x86_64__) && defined(BITLM_HAVE_AVX512)
                 if (wide) {
-                    sum[i] = kv_softmax_avx512(a->scores + h * T, es + (h0 + i) * T, T, m);
+                    sum[i] = kv_softmax16(a->scores + h * T, es + (h0 + i) * T, T, m);
                     continue;
                 }
 #endif

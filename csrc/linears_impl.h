@@ -156,8 +156,7 @@ typedef struct {
 static void attn_run_fn(const attn_task *t, bitlm_attn_fn f32, int64_t b, int64_t e) {
     for (int64_t h = b; h < e;) {
         const int64_t kv = h / t->rep, off = kv * t->cap * t->D;
-        int64_t n = (kv + 1) * t->rep < e ? (kv + 1) * t->rep - h : e - h;
-        n = n > 4 ? 4 : n;
+        const int64_t n = bitlm_group_heads(h, e, t->rep);
         if (t->bf16)
             t->tab->attn_bf16(t->q + h * t->D, (const uint16_t *)t->kc + off, (const uint16_t *)t->vc + off, t->T, t->D,
                               t->scale, t->scores + h * t->T, t->out + h * t->D, (int)n);
