@@ -133,6 +133,11 @@ static void detect_caches(void) {
     /* i2 GEMV unpack: masks in place (x86_avx512.c gemv_i2, 7-8 % faster on the Xeon of
      * 2026-12-03); BITLM_GEMV_I2_SHIFT=1 keeps the shifting loop (A/B measurements, tests) */
     g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
+    /* Large-M GEMM (avx512): unpack each tile once per activation block into per-thread scratch
+     * (x86_avx512.c gemm_block_codes) instead of once per 6-token block.  BITLM_GEMM_CODES = 0 / 1
+     * overrides every format. */
+    for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
+        g_cfg.gemm_codes[f] = env_bytes("BITLM_GEMM_CODES", f == BITLM_FMT_T1) == 1;
 }
 
 static void init_once(void);
@@ -291,12 +296,17 @@ BITLM_API const char *bitlm_kernel_config(void) {
         off += snprintf(gemv + off, sizeof gemv - (size_t)off, "%s%s:%lldx%lld/%s", f > BITLM_FMT_I2 ? "," : "",
                         f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1", (long long)g_cfg.gemv_streams[f],
                         (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
+    char codes[16] = ""; /* formats whose large-M GEMM reads unpacked codes, e.g. t1 or i2+t1 */
+    for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
+        if (g_cfg.gemm_codes[f])
+            snprintf(codes + strlen(codes), sizeof codes - strlen(codes), "%s%s", codes[0] ? "+" : "",
+                     f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1");
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK small_m_max=%lld gemv=%s gemv_i2=%s attn_split=%lld amx=%s",
+             "gemm_x_block=%lldK gemm_codes=%s small_m_max=%lld gemv=%s gemv_i2=%s attn_split=%lld amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
-             (long long)(g_cfg.x_block_bytes >> 10), (long long)g_cfg.small_m_max, gemv,
+             (long long)(g_cfg.x_block_bytes >> 10), codes[0] ? codes : "none", (long long)g_cfg.small_m_max, gemv,
              g_cfg.gemv_i2_mask ? "mask" : "shift", (long long)bitlm_attn_split(), g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;

@@ -36,6 +36,7 @@ typedef struct bitlm_problem {
     int64_t gemv_prefetch; /* GEMV (avx512): software prefetch distance in bytes, per stream */
     int64_t gemv_pf_l2;    /* GEMV (avx512): 1 = prefetch into L2 (prefetcht1), 0 = into L1 */
     int64_t gemv_i2_mask;  /* GEMV (avx512, i2): 1 = codes masked in place (no shifts), 0 = shifted */
+    int64_t gemm_codes;    /* GEMM (avx512, large M): 1 = unpack each tile pair once per activation block */
 } bitlm_problem;
 
 /* Blocking and path choices, fixed once per process (dispatch.c, from the measured cache sizes
@@ -48,6 +49,7 @@ typedef struct {
     int64_t gemv_prefetch[4];
     int64_t gemv_pf_l2[4];
     int64_t gemv_i2_mask;
+    int64_t gemm_codes[4]; /* per format: the large-M GEMM reads codes unpacked once (see dispatch.c) */
 } bitlm_kernel_cfg;
 BITLM_HIDDEN const bitlm_kernel_cfg *bitlm_cfg(void);
 
@@ -291,6 +293,10 @@ BITLM_HIDDEN double bitlm_now_s(void);
 /* The pool's thread count (bitlm_num_threads) without taking the pool's lock: a caller that
  * plans its work while another thread runs a job on the pool must not wait for it. */
 BITLM_HIDDEN int bitlm_pool_threads(void);
+/* A 64-byte aligned buffer of at least n bytes owned by the calling thread (kept between calls
+ * and grown on demand, freed when the thread exits; threadpool.c), or NULL when out of memory.
+ * For kernels that unpack weights once and read them back (x86_amx.c, the AVX-512 GEMM). */
+BITLM_HIDDEN int8_t *bitlm_thread_scratch(size_t n);
 /* bitlm_parallel_for, then each worker prefetches what plan names for it. */
 BITLM_HIDDEN void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_task_fn fn, void *ctx,
                                           bitlm_plan_fn plan, void *plan_ctx);
@@ -347,6 +353,7 @@ static inline void bitlm_problem_init(bitlm_problem *p, int fmt, int64_t m, int6
     p->gemv_prefetch = bitlm_cfg()->gemv_prefetch[fmt & 3];
     p->gemv_pf_l2 = bitlm_cfg()->gemv_pf_l2[fmt & 3];
     p->gemv_i2_mask = bitlm_cfg()->gemv_i2_mask;
+    p->gemm_codes = bitlm_cfg()->gemm_codes[fmt & 3];
 }
 
 /* Scalar epilogue for one (token m, tile t) pair: raw[r] = sum_k code*x (i2, t1) or

@@ -317,3 +317,42 @@ void bitlm_parallel_for_then(int64_t n, int64_t grain, int max_threads, bitlm_ta
     }
     pthread_mutex_unlock(&g_call_mu);
 }
+
+/* ---- per-thread scratch ------------------------------------------------------------------- */
+
+typedef struct {
+    int8_t *buf;
+    size_t cap;
+} scratch_t;
+
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *v) {
+    scratch_t *s = (scratch_t *)v;
+    free(s->buf);
+    free(s);
+}
+
+static void scratch_key_init(void) { (void)pthread_key_create(&g_scratch_key, scratch_free); }
+
+int8_t *bitlm_thread_scratch(size_t n) {
+    pthread_once(&g_scratch_once, scratch_key_init);
+    scratch_t *s = (scratch_t *)pthread_getspecific(g_scratch_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof *s);
+        if (!s) return NULL;
+        if (pthread_setspecific(g_scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->cap < n) {
+        free(s->buf);
+        s->cap = 0;
+        s->buf = (int8_t *)aligned_alloc(64, (n + 63) / 64 * 64);
+        if (!s->buf) return NULL;
+        s->cap = n;
+    }
+    return s->buf;
+}

@@ -24,7 +24,6 @@
  * first token block and read back by the others (amx_large).
  */
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,47 +64,6 @@ static void configure(int r0, int r1) {
     c.rows[C10] = c.rows[C11] = c.rows[TA1] = (uint8_t)(r1 ? r1 : 1);
     c.rows[TB0] = c.rows[TB1] = 16;
     _tile_loadconfig(&c);
-}
-
-/* ---- per-thread scratch for the unpacked weights ---------------------------------------------- */
-
-typedef struct {
-    int8_t *buf;
-    size_t cap;
-} scratch_t;
-
-static pthread_key_t g_key;
-static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
-
-static void scratch_free(void *v) {
-    scratch_t *s = (scratch_t *)v;
-    free(s->buf);
-    free(s);
-}
-
-static void key_init(void) { (void)pthread_key_create(&g_key, scratch_free); }
-
-/* A 64-byte aligned buffer of at least n bytes owned by this thread (kept between calls, freed
- * when the thread exits), or NULL when out of memory. */
-static int8_t *scratch(size_t n) {
-    pthread_once(&g_key_once, key_init);
-    scratch_t *s = (scratch_t *)pthread_getspecific(g_key);
-    if (!s) {
-        s = (scratch_t *)calloc(1, sizeof *s);
-        if (!s) return NULL;
-        if (pthread_setspecific(g_key, s) != 0) {
-            free(s);
-            return NULL;
-        }
-    }
-    if (s->cap < n) {
-        free(s->buf);
-        s->cap = 0;
-        s->buf = (int8_t *)aligned_alloc(64, (n + 63) / 64 * 64);
-        if (!s->buf) return NULL;
-        s->cap = n;
-    }
-    return s->buf;
 }
 
 /* ---- unpack -------------------------------------------------------------------------------- */
@@ -268,7 +226,7 @@ ALWAYS_INLINE void amx_large(const bitlm_problem *p, const int fmt, int8_t *buf,
 ALWAYS_INLINE int amx_mm(const bitlm_problem *p, const int fmt, int64_t t0, int64_t t1) {
     const int64_t qtile = bitlm_amx_kq(p->Kp) / 4;
     const int small = p->M <= 32;
-    int8_t *buf = scratch(small ? (size_t)(4 * RING_Q * 64) : (size_t)(2 * qtile * 64));
+    int8_t *buf = bitlm_thread_scratch(small ? (size_t)(4 * RING_Q * 64) : (size_t)(2 * qtile * 64));
     if (!buf) return -1;
     if (small)
         amx_small(p, fmt, buf, t0, t1);
