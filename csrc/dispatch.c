@@ -138,6 +138,12 @@ static void detect_caches(void) {
      * overrides every format. */
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
         g_cfg.gemm_codes[f] = env_bytes("BITLM_GEMM_CODES", f == BITLM_FMT_T1) == 1;
+    /* W8A8 head, decode (x86_avx512.c): one row at a time as one sequential stream on AMD (Zen 4:
+     * 13.3 -> 21.9 GB/s at 1 thread, 8 KB ahead), the four-row blocks elsewhere (tuned on the
+     * Intel Xeon).  BITLM_HEAD_ROWS (1 / 4) and BITLM_HEAD_PREFETCH (bytes) override. */
+    g_cfg.head_rows = env_bytes("BITLM_HEAD_ROWS", intel ? 4 : 1) == 1 ? 1 : 4;
+    const int64_t hp = env_bytes("BITLM_HEAD_PREFETCH", 8192);
+    g_cfg.head_prefetch = hp < 64 ? 64 : hp > (1 << 20) ? (1 << 20) : hp;
 }
 
 static void init_once(void);
@@ -296,6 +302,11 @@ BITLM_API const char *bitlm_kernel_config(void) {
         off += snprintf(gemv + off, sizeof gemv - (size_t)off, "%s%s:%lldx%lld/%s", f > BITLM_FMT_I2 ? "," : "",
                         f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1", (long long)g_cfg.gemv_streams[f],
                         (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
+    char head[32]; /* the W8A8 head's decode plan: rows1/8192 or rows4 */
+    if (g_cfg.head_rows == 1)
+        snprintf(head, sizeof head, "rows1/%lld", (long long)g_cfg.head_prefetch);
+    else
+        snprintf(head, sizeof head, "rows4");
     char codes[16] = ""; /* formats whose large-M GEMM reads unpacked codes, e.g. t1 or i2+t1 */
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
         if (g_cfg.gemm_codes[f])
@@ -303,11 +314,11 @@ BITLM_API const char *bitlm_kernel_config(void) {
                      f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1");
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
-             "gemm_x_block=%lldK gemm_codes=%s small_m_max=%lld gemv=%s gemv_i2=%s attn_split=%lld amx=%s",
+             "gemm_x_block=%lldK gemm_codes=%s small_m_max=%lld gemv=%s gemv_i2=%s head=%s attn_split=%lld amx=%s",
              g_vendor[0] ? g_vendor : "?", g_family, g_model, g_stepping, (long long)(g_cfg.l1d_bytes >> 10),
              (long long)(g_cfg.l2_bytes >> 10), (long long)(g_cfg.l3_bytes >> 10), bitlm_tier_name(g_tier),
              (long long)(g_cfg.x_block_bytes >> 10), codes[0] ? codes : "none", (long long)g_cfg.small_m_max, gemv,
-             g_cfg.gemv_i2_mask ? "mask" : "shift", (long long)bitlm_attn_split(), g_amx_note);
+             g_cfg.gemv_i2_mask ? "mask" : "shift", head, (long long)bitlm_attn_split(), g_amx_note);
     pthread_mutex_unlock(&g_tier_mu);
     return g_config;
 }
