@@ -134,10 +134,12 @@ static void detect_caches(void) {
      * 2026-12-03); BITLM_GEMV_I2_SHIFT=1 keeps the shifting loop (A/B measurements, tests) */
     g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
     /* Large-M GEMM (avx512): unpack each tile once per activation block into per-thread scratch
-     * (x86_avx512.c gemm_block_codes) instead of once per 6-token block.  BITLM_GEMM_CODES = 0 / 1
-     * overrides every format. */
+     * (x86_avx512.c gemm_block_codes) instead of once per 6-token block: t1 and b1, whose unpack
+     * costs more than one AND (Zen 4, M = 512, GMAC/s per core: t1 150-160 -> 195-205, b1
+     * 166-190 -> 202; i2 204-217 -> 191-208, so i2 keeps the register unpack).
+     * BITLM_GEMM_CODES = 0 / 1 overrides every format. */
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
-        g_cfg.gemm_codes[f] = env_bytes("BITLM_GEMM_CODES", f == BITLM_FMT_T1) == 1;
+        g_cfg.gemm_codes[f] = env_bytes("BITLM_GEMM_CODES", f != BITLM_FMT_I2) == 1;
     /* W8A8 head, decode (x86_avx512.c): one row at a time as one sequential stream on AMD (Zen 4:
      * 13.3 -> 21.9 GB/s at 1 thread, 8 KB ahead), the four-row blocks elsewhere (tuned on the
      * Intel Xeon).  BITLM_HEAD_ROWS (1 / 4) and BITLM_HEAD_PREFETCH (bytes) override. */
