@@ -135,7 +135,7 @@ static void detect_caches(void) {
     g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
     /* Large-M GEMM (avx512): unpack each tile once per activation block into per-thread scratch
      * (x86_avx512.c gemm_block_codes) instead of once per 6-token block: t1 and b1, whose unpack
-     * costs more than one AND (Zen 4, M = 512, GMAC/s per core: t1 150-160 -> 195-205, b1
+     * costs more than one AND (Zen 4, M = 512, GMAC/s per core: t1 150-161 -> 199-209, b1
      * 166-190 -> 202; i2 204-217 -> 191-208, so i2 keeps the register unpack).
      * BITLM_GEMM_CODES = 0 / 1 overrides every format. */
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)

@@ -36,7 +36,7 @@ typedef struct bitlm_problem {
     int64_t gemv_prefetch; /* GEMV (avx512): software prefetch distance in bytes, per stream */
     int64_t gemv_pf_l2;    /* GEMV (avx512): 1 = prefetch into L2 (prefetcht1), 0 = into L1 */
     int64_t gemv_i2_mask;  /* GEMV (avx512, i2): 1 = codes masked in place (no shifts), 0 = shifted */
-    int64_t gemm_codes;    /* GEMM (avx512, large M): 1 = unpack each tile pair once per activation block */
+    int64_t gemm_codes;    /* GEMM (avx512, large M): 1 = unpack each tile once per activation block */
 } bitlm_problem;
 
 /* Blocking and path choices, fixed once per process (dispatch.c, from the measured cache sizes
