@@ -140,12 +140,15 @@ static void detect_caches(void) {
      * BITLM_GEMM_CODES = 0 / 1 overrides every format. */
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
         g_cfg.gemm_codes[f] = env_bytes("BITLM_GEMM_CODES", f != BITLM_FMT_I2) == 1;
-    /* W8A8 head, decode (x86_avx512.c): one row at a time as one sequential stream on AMD (Zen 4:
-     * 13.3 -> 21.9 GB/s at 1 thread, 8 KB ahead), the four-row blocks elsewhere (tuned on the
-     * Intel Xeon).  BITLM_HEAD_ROWS (1 / 4) and BITLM_HEAD_PREFETCH (bytes) override. */
+    /* W8A8 head, decode (x86_avx512.c): one row at a time as one sequential stream on AMD, 4 KB
+     * ahead into L2 (Zen 4: 13.3 -> 21.9 GB/s at 1 thread with 8 KB into L1, then decode i2
+     * +10-16 % at 1 and 2 threads with 4 KB into L2), the four-row blocks elsewhere (tuned on the
+     * Intel Xeon).  BITLM_HEAD_ROWS (1 / 4), BITLM_HEAD_PREFETCH (bytes) and
+     * BITLM_HEAD_PREFETCH_L2 (0 / 1) override. */
     g_cfg.head_rows = env_bytes("BITLM_HEAD_ROWS", intel ? 4 : 1) == 1 ? 1 : 4;
-    const int64_t hp = env_bytes("BITLM_HEAD_PREFETCH", 8192);
+    const int64_t hp = env_bytes("BITLM_HEAD_PREFETCH", 4096);
     g_cfg.head_prefetch = hp < 64 ? 64 : hp > (1 << 20) ? (1 << 20) : hp;
+    g_cfg.head_pf_l2 = env_bytes("BITLM_HEAD_PREFETCH_L2", 1) == 1;
 }
 
 static void init_once(void);
@@ -304,9 +307,9 @@ BITLM_API const char *bitlm_kernel_config(void) {
         off += snprintf(gemv + off, sizeof gemv - (size_t)off, "%s%s:%lldx%lld/%s", f > BITLM_FMT_I2 ? "," : "",
                         f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1", (long long)g_cfg.gemv_streams[f],
                         (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
-    char head[32]; /* the W8A8 head's decode plan: rows1/8192 or rows4 */
+    char head[40]; /* the W8A8 head's decode plan: rows1/4096/l2 or rows4 */
     if (g_cfg.head_rows == 1)
-        snprintf(head, sizeof head, "rows1/%lld", (long long)g_cfg.head_prefetch);
+        snprintf(head, sizeof head, "rows1/%lld/%s", (long long)g_cfg.head_prefetch, g_cfg.head_pf_l2 ? "l2" : "l1");
     else
         snprintf(head, sizeof head, "rows4");
     char codes[16] = ""; /* formats whose large-M GEMM reads unpacked codes, e.g. t1 or i2+t1 */

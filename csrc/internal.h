@@ -52,6 +52,7 @@ typedef struct {
     int64_t gemm_codes[4]; /* per format: the large-M GEMM reads codes unpacked once (see dispatch.c) */
     int64_t head_rows;     /* W8A8 head decode (avx512): rows read at once, 1 (one stream) or 4 */
     int64_t head_prefetch; /* ... and, with 1, the software prefetch distance in bytes */
+    int64_t head_pf_l2;    /* ... and level: 1 = into L2 (prefetcht1), 0 = into L1 */
 } bitlm_kernel_cfg;
 BITLM_HIDDEN const bitlm_kernel_cfg *bitlm_cfg(void);
 

@@ -669,11 +669,14 @@ static void dense_bf16_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t 
 
 /* W8A8 decode (M = 1), one row at a time: each row's K bytes are read front to back (four
  * accumulators, one reduction per row), so the head is one sequential stream with a software
- * prefetch pf bytes ahead in it, like the packed GEMV.  The plan's choice on AMD (dispatch.c):
- * on Zen 4 (2B4T head, 328 MB, huge pages) 13.3 -> 21.9 GB/s at 1 thread against the four-row
- * blocks of i8a8_block, whose four streams 2.5 KB apart the prefetchers there follow poorly.
- * Same integer sums (wrapping int32, exact), same epilogue: the same bits. */
-ALWAYS_INLINE void i8a8_gemv_rows1(const bitlm_dense_problem *p, int64_t n0, int64_t n1, const int64_t pf) {
+ * prefetch pf bytes ahead in it (into L2 with l2, else L1), like the packed GEMV.  The plan's
+ * choice on AMD (dispatch.c): on Zen 4 (2B4T head, 328 MB, huge pages) 13.3 -> 21.9 GB/s at 1
+ * thread against the four-row blocks of i8a8_block, whose four streams 2.5 KB apart the
+ * prefetchers there follow poorly; then 4 KB ahead into L2 instead of 8 KB into L1: in the
+ * decode step, head 11.1-12.4 -> 9.8-10.0 ms per token at 2 threads.  Same integer sums
+ * (wrapping int32, exact), same epilogue: the same bits. */
+ALWAYS_INLINE void i8a8_gemv_rows1(const bitlm_dense_problem *p, int64_t n0, int64_t n1, const int64_t pf,
+                                   const int l2) {
     const int64_t K = p->K;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     const int8_t *x = p->xq;
@@ -686,13 +689,13 @@ ALWAYS_INLINE void i8a8_gemv_rows1(const bitlm_dense_problem *p, int64_t n0, int
         for (; k + 256 <= K; k += 256)
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
-                _mm_prefetch((const char *)(w + k + 64 * i + pf), _MM_HINT_T0);
+                gemv_pf((const uint8_t *)(w + k + 64 * i + pf), l2);
                 const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k + 64 * i)), bias);
                 acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512((const void *)(x + k + 64 * i)));
             }
         for (; k < K; k += 64) { /* masked tail: zeros on both sides add nothing */
             const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-            _mm_prefetch((const char *)(w + k + pf), _MM_HINT_T0);
+            gemv_pf((const uint8_t *)(w + k + pf), l2);
             const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), bias);
             acc[0] = _mm512_dpbusd_epi32(acc[0], wv, _mm512_maskz_loadu_epi8(mk, x + k));
         }
@@ -704,7 +707,10 @@ ALWAYS_INLINE void i8a8_gemv_rows1(const bitlm_dense_problem *p, int64_t n0, int
 static void dense_i8a8_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t n1) {
     const bitlm_kernel_cfg *cfg = bitlm_cfg();
     if (p->M == 1 && cfg->head_rows == 1) {
-        i8a8_gemv_rows1(p, n0, n1, cfg->head_prefetch);
+        if (cfg->head_pf_l2) /* a constant level in each copy (gemv_pf) */
+            i8a8_gemv_rows1(p, n0, n1, cfg->head_prefetch, 1);
+        else
+            i8a8_gemv_rows1(p, n0, n1, cfg->head_prefetch, 0);
         return;
     }
     dense_panels(W_I8A8, p, n0, n1);

@@ -158,7 +158,8 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
     with one or two), other prefetch distances and levels, and the i2 GEMV's shifting unpack, read
     once at start-up from BITLM_GEMM_SMALL_M / BITLM_GEMM_XBLOCK / BITLM_GEMM_CODES /
     BITLM_GEMV_STREAMS / BITLM_GEMV_PREFETCH / BITLM_GEMV_PREFETCH_L2 / BITLM_GEMV_I2_SHIFT, and the W8A8
-    head's decode one row or four rows at a time (BITLM_HEAD_ROWS / BITLM_HEAD_PREFETCH), give the same bits as this process's defaults, on every tier; and
+    head's decode one row or four rows at a time (BITLM_HEAD_ROWS / BITLM_HEAD_PREFETCH /
+    BITLM_HEAD_PREFETCH_L2), give the same bits as this process's defaults, on every tier; and
     bitlm_kernel_config reports the choices."""
     code = ("import sys, torch; from bitlm.kernels import native; from bitlm import packing as P\n"
             "g = torch.Generator().manual_seed(5); outs = []\n"
@@ -187,7 +188,8 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
                                                        "BITLM_GEMV_PREFETCH": "64", "BITLM_GEMV_PREFETCH_L2": "1",
                                                        "BITLM_GEMM_CODES": "1", "BITLM_HEAD_ROWS": "4"}),
                             ("one", {"BITLM_GEMV_STREAMS": "1", "BITLM_GEMV_PREFETCH_L2": "0", "BITLM_GEMM_CODES": "0",
-                                     "BITLM_HEAD_ROWS": "1", "BITLM_HEAD_PREFETCH": "200"}),
+                                     "BITLM_HEAD_ROWS": "1", "BITLM_HEAD_PREFETCH": "200",
+                                     "BITLM_HEAD_PREFETCH_L2": "0"}),
                             ("four", {"BITLM_GEMV_STREAMS": "4", "BITLM_GEMV_PREFETCH": "3k"})):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("BITLM_GEMM_", "BITLM_GEMV_"))}
             env.update(extra)
@@ -197,7 +199,7 @@ def test_gemm_paths_and_blocking_agree_across_processes(lib):
     assert "small_m_max=8" in res["default"][1] and "small_m_max=0" in res["off"][1]
     assert "gemm_x_block=4K" in res["off"][1] and "family=" in res["off"][1]
     assert "gemm_codes=i2+t1+b1" in res["off"][1] and "gemm_codes=none" in res["one"][1]
-    assert "head=rows4" in res["off"][1] and "head=rows1/200" in res["one"][1]
+    assert "head=rows4" in res["off"][1] and "head=rows1/200/l1" in res["one"][1]
     assert "gemv=i2:2x64/l2,t1:2x64/l2,b1:2x64/l2" in res["off"][1] and "gemv_i2=shift" in res["off"][1]
     assert "gemv=i2:1x" in res["one"][1] and "t1:1x" in res["one"][1] and "/l2" not in res["one"][1]
     assert "gemv=i2:4x3072/" in res["four"][1] and "t1:2x3072/" in res["four"][1] and "gemv_i2=mask" in res["one"][1]
