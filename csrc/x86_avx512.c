@@ -673,7 +673,8 @@ static void dense_bf16_avx512(const bitlm_dense_problem *p, int64_t n0, int64_t 
  * choice on AMD (dispatch.c): on Zen 4 (2B4T head, 328 MB, huge pages) 13.3 -> 21.9 GB/s at 1
  * thread against the four-row blocks of i8a8_block, whose four streams 2.5 KB apart the
  * prefetchers there follow poorly; then 4 KB ahead into L2 instead of 8 KB into L1: in the
- * decode step, head 11.1-12.4 -> 9.8-10.0 ms per token at 2 threads.  Same integer sums
+ * decode step, head 11.8-12.4 -> 9.95-9.98 ms per token at 2 threads (rounds whose probes read
+ * alike), decode +10-16 % at 1 and 2 threads.  Same integer sums
  * (wrapping int32, exact), same epilogue: the same bits. */
 ALWAYS_INLINE void i8a8_gemv_rows1(const bitlm_dense_problem *p, int64_t n0, int64_t n1, const int64_t pf,
                                    const int l2) {
