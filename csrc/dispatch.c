@@ -134,7 +134,7 @@ static void detect_caches(void) {
      * 2026-12-03); BITLM_GEMV_I2_SHIFT=1 keeps the shifting loop (A/B measurements, tests) */
     g_cfg.gemv_i2_mask = env_bytes("BITLM_GEMV_I2_SHIFT", 0) == 1 ? 0 : 1;
     /* Large-M GEMM (avx512): unpack each tile once per activation block into per-thread scratch
-     * (x86_avx512.c gemm_block_codes) instead of once per 6-token block: t1 and b1, whose unpack
+     * (x86_avx512.c unpack_codes, gemm_tiles) instead of once per 6-token block: t1 and b1, whose unpack
      * costs more than one AND (Zen 4, M = 512, GMAC/s per core: t1 150-161 -> 199-209, b1
      * 166-190 -> 202; i2 204-217 -> 191-208, so i2 keeps the register unpack).
      * BITLM_GEMM_CODES = 0 / 1 overrides every format. */
@@ -298,6 +298,8 @@ static void init_once(void) {
     amx_init();
 }
 
+static const char *fmt_name(int f) { return f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1"; }
+
 BITLM_API const char *bitlm_kernel_config(void) {
     pthread_once(&g_once, init_once);
     pthread_mutex_lock(&g_tier_mu);
@@ -305,7 +307,7 @@ BITLM_API const char *bitlm_kernel_config(void) {
     int off = 0;
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
         off += snprintf(gemv + off, sizeof gemv - (size_t)off, "%s%s:%lldx%lld/%s", f > BITLM_FMT_I2 ? "," : "",
-                        f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1", (long long)g_cfg.gemv_streams[f],
+                        fmt_name(f), (long long)g_cfg.gemv_streams[f],
                         (long long)g_cfg.gemv_prefetch[f], g_cfg.gemv_pf_l2[f] ? "l2" : "l1");
     char head[40]; /* the W8A8 head's decode plan: rows1/4096/l2 or rows4 */
     if (g_cfg.head_rows == 1)
@@ -316,7 +318,7 @@ BITLM_API const char *bitlm_kernel_config(void) {
     for (int f = BITLM_FMT_I2; f <= BITLM_FMT_B1; f++)
         if (g_cfg.gemm_codes[f])
             snprintf(codes + strlen(codes), sizeof codes - strlen(codes), "%s%s", codes[0] ? "+" : "",
-                     f == BITLM_FMT_I2 ? "i2" : f == BITLM_FMT_T1 ? "t1" : "b1");
+                     fmt_name(f));
     snprintf(g_config, sizeof g_config,
              "vendor=%s family=%u model=%u stepping=%u l1d=%lldK l2=%lldK l3=%lldK tier=%s gemm_block=2x6 "
              "gemm_x_block=%lldK gemm_codes=%s small_m_max=%lld gemv=%s gemv_i2=%s head=%s attn_split=%lld amx=%s",

@@ -291,12 +291,13 @@ ALWAYS_INLINE void gemv(const bitlm_problem *p, const int fmt, int64_t t0, int64
 
 /* J tiles x MT tokens (MT <= 8; 6 in the large-M loop).  pf: prefetch the weight stream
  * GEMV_PREFETCH bytes ahead, as the GEMV does (the small-M path, where the block runs at about
- * the speed memory delivers the weights). */
+ * the speed memory delivers the weights).  cd (a constant): read the tiles' codes from `codes`
+ * (unpack_codes: tile j at j x nchunks x QPC x 64 bytes) instead of unpacking the packed chunks. */
 ALWAYS_INLINE void gemm_block_pf(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0,
-                                 const int pf) {
+                                 const int pf, const int cd, const int8_t *codes) {
     const consts_t c = make_consts();
     const int bk = 4 * QPC(fmt);
-    const int64_t kp = p->Kp;
+    const int64_t kp = p->Kp, qb = p->nchunks * QPC(fmt) * 64;
     __m512i acc[JG][8];
     const uint8_t *wt[JG];
     for (int j = 0; j < J; j++) {
@@ -306,7 +307,7 @@ ALWAYS_INLINE void gemm_block_pf(const bitlm_problem *p, const int fmt, const in
     const int8_t *x = p->x + m0 * kp;
     for (int64_t ch = 0; ch < p->nchunks; ch++) {
         __m512i st[JG];
-        for (int j = 0; j < J; j++) {
+        for (int j = 0; j < J && !cd; j++) {
             if (pf) _mm_prefetch((const char *)wt[j] + ch * 64 + GEMV_PREFETCH, GEMV_HINT);
             st[j] = chunk_load(fmt, wt[j] + ch * 64);
         }
@@ -314,7 +315,9 @@ ALWAYS_INLINE void gemm_block_pf(const bitlm_problem *p, const int fmt, const in
         for (int qd = 0; qd < 8; qd++) {
             if (qd >= QPC(fmt)) break;
             __m512i w[JG];
-            for (int j = 0; j < J; j++) w[j] = unpack_quad(fmt, &st[j], wt[j] + ch * 64, qd, &c);
+            for (int j = 0; j < J; j++)
+                w[j] = cd ? _mm512_load_si512((const void *)(codes + j * qb + (ch * QPC(fmt) + qd) * 64))
+                          : unpack_quad(fmt, &st[j], wt[j] + ch * 64, qd, &c);
 #pragma GCC unroll 8
             for (int mi = 0; mi < MT; mi++) {
                 const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + mi * kp + ch * bk + 4 * qd));
@@ -326,10 +329,6 @@ ALWAYS_INLINE void gemm_block_pf(const bitlm_problem *p, const int fmt, const in
         for (int mi = 0; mi < MT; mi++) store_tile(p, fmt, m0 + mi, t + j, acc[j][mi]);
 }
 
-ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t, int64_t m0) {
-    gemm_block_pf(p, fmt, J, MT, t, m0, 0);
-}
-
 /* Small M (2..small_m_max <= 8 tokens: serving's batched decode).  The large-M loop would cut
  * M = 8 into blocks of 6 and 2, unpacking every weight twice, and read the weights without
  * software prefetch; at this M the work per weight byte is small enough that the weight stream
@@ -338,41 +337,23 @@ ALWAYS_INLINE void gemm_block(const bitlm_problem *p, const int fmt, const int J
  * distance inside it.  Same accumulators, same epilogue: the same bits as the large-M loop. */
 ALWAYS_INLINE void gemm_small_j(const bitlm_problem *p, const int fmt, const int J, int64_t t) {
     switch (p->M) {
-    case 2: gemm_block_pf(p, fmt, J, 2, t, 0, 1); break;
-    case 3: gemm_block_pf(p, fmt, J, 3, t, 0, 1); break;
-    case 4: gemm_block_pf(p, fmt, J, 4, t, 0, 1); break;
-    case 5: gemm_block_pf(p, fmt, J, 5, t, 0, 1); break;
-    case 6: gemm_block_pf(p, fmt, J, 6, t, 0, 1); break;
-    case 7: gemm_block_pf(p, fmt, J, 7, t, 0, 1); break;
-    default: gemm_block_pf(p, fmt, J, 8, t, 0, 1); break;
+    case 2: gemm_block_pf(p, fmt, J, 2, t, 0, 1, 0, NULL); break;
+    case 3: gemm_block_pf(p, fmt, J, 3, t, 0, 1, 0, NULL); break;
+    case 4: gemm_block_pf(p, fmt, J, 4, t, 0, 1, 0, NULL); break;
+    case 5: gemm_block_pf(p, fmt, J, 5, t, 0, 1, 0, NULL); break;
+    case 6: gemm_block_pf(p, fmt, J, 6, t, 0, 1, 0, NULL); break;
+    case 7: gemm_block_pf(p, fmt, J, 7, t, 0, 1, 0, NULL); break;
+    default: gemm_block_pf(p, fmt, J, 8, t, 0, 1, 0, NULL); break;
     }
 }
 
-/* Tokens [m0, m1) against tiles t (and t+1 when J = 2). */
-ALWAYS_INLINE void gemm_tiles(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0, int64_t m1) {
-    for (; m0 + MT_MAX(fmt) <= m1; m0 += MT_MAX(fmt)) gemm_block(p, fmt, J, MT_MAX(fmt), t, m0);
-    /* remainder (1..5 tokens): at most 3 passes with blocks of 4, 2, 1 */
-    while (m0 < m1) {
-        const int64_t r = m1 - m0;
-        if (r >= 4) {
-            gemm_block(p, fmt, J, 4, t, m0);
-            m0 += 4;
-        } else if (r >= 2) {
-            gemm_block(p, fmt, J, 2, t, m0);
-            m0 += 2;
-        } else {
-            gemm_block(p, fmt, J, 1, t, m0);
-            m0 += 1;
-        }
-    }
-}
-
-/* Large M with the codes unpacked once (p->gemm_codes).  gemm_block unpacks every 64-byte chunk
- * again for each block of 6 tokens: for t1, whose base-3 digits cost ~6 vector ops per quad, that
- * is about as much work as the 12 vpdpbusd the quad feeds.  Here each tile of an activation
- * block's pass is unpacked once into per-thread scratch (one code per byte, quads in k order, 40
- * KB per tile at K = 2560: L2-resident) and every 6-token block reads the codes back: the inner
- * loop is loads and vpdpbusd only.  Same codes, same int32 sums, same epilogue: the same bits. */
+/* Large M with the codes unpacked once (p->gemm_codes).  Without it each 64-byte chunk is
+ * unpacked again for every block of 6 tokens: for t1, whose base-3 digits cost ~6 vector ops per
+ * quad, that is about as much work as the 12 vpdpbusd the quad feeds.  With it each tile of an
+ * activation block's pass is unpacked once into per-thread scratch (one code per byte, quads in k
+ * order, 40 KB per tile at K = 2560: L2-resident) and every 6-token block reads the codes back:
+ * the inner loop is loads and vpdpbusd only.  Same codes, same int32 sums, same epilogue: the
+ * same bits. */
 ALWAYS_INLINE void unpack_codes(const bitlm_problem *p, const int fmt, int64_t t, int8_t *dst) {
     const consts_t c = make_consts();
     const uint8_t *wt = p->w + t * p->tile_bytes;
@@ -386,46 +367,36 @@ ALWAYS_INLINE void unpack_codes(const bitlm_problem *p, const int fmt, int64_t t
     }
 }
 
-ALWAYS_INLINE void gemm_block_codes(const bitlm_problem *p, const int fmt, const int J, const int MT, int64_t t,
-                                    int64_t m0, const int8_t *u0, const int8_t *u1) {
-    const int64_t kp = p->Kp, nq = p->nchunks * QPC(fmt);
-    __m512i acc[JG][8];
-    for (int j = 0; j < J; j++)
-        for (int mi = 0; mi < MT; mi++) acc[j][mi] = _mm512_setzero_si512();
-    const int8_t *x = p->x + m0 * kp;
-#pragma GCC unroll 2
-    for (int64_t q = 0; q < nq; q++) {
-        __m512i w[JG];
-        w[0] = _mm512_load_si512((const void *)(u0 + 64 * q));
-        if (J == 2) w[1] = _mm512_load_si512((const void *)(u1 + 64 * q));
-#pragma GCC unroll 8
-        for (int mi = 0; mi < MT; mi++) {
-            const __m512i xb = _mm512_set1_epi32(bitlm_load_i32(x + mi * kp + 4 * q));
-            for (int j = 0; j < J; j++) acc[j][mi] = _mm512_dpbusd_epi32(acc[j][mi], w[j], xb);
-        }
-    }
-    for (int j = 0; j < J; j++)
-        for (int mi = 0; mi < MT; mi++) store_tile(p, fmt, m0 + mi, t + j, acc[j][mi]);
-}
-
-/* Tokens [m0, m1) against the codes of tiles t (and t+1 when J = 2), blocks as gemm_tiles. */
-ALWAYS_INLINE void gemm_tiles_codes(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0,
-                                    int64_t m1, int8_t *buf) {
-    const int64_t qb = p->nchunks * QPC(fmt) * 64;
-    for (int j = 0; j < J; j++) unpack_codes(p, fmt, t + j, buf + j * qb);
-    const int8_t *u0 = buf, *u1 = buf + qb;
-    for (; m0 + MT_MAX(fmt) <= m1; m0 += MT_MAX(fmt)) gemm_block_codes(p, fmt, J, MT_MAX(fmt), t, m0, u0, u1);
+/* Tokens [m0, m1) against tiles t (and t+1 when J = 2); cd as gemm_block_pf. */
+ALWAYS_INLINE void gemm_tiles_run(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0, int64_t m1,
+                                  const int cd, const int8_t *codes) {
+    for (; m0 + MT_MAX(fmt) <= m1; m0 += MT_MAX(fmt)) gemm_block_pf(p, fmt, J, MT_MAX(fmt), t, m0, 0, cd, codes);
+    /* remainder (1..5 tokens): at most 3 passes with blocks of 4, 2, 1 */
     while (m0 < m1) {
         const int64_t r = m1 - m0;
-        const int mt = r >= 4 ? 4 : r >= 2 ? 2 : 1;
-        if (mt == 4)
-            gemm_block_codes(p, fmt, J, 4, t, m0, u0, u1);
-        else if (mt == 2)
-            gemm_block_codes(p, fmt, J, 2, t, m0, u0, u1);
-        else
-            gemm_block_codes(p, fmt, J, 1, t, m0, u0, u1);
-        m0 += mt;
+        if (r >= 4) {
+            gemm_block_pf(p, fmt, J, 4, t, m0, 0, cd, codes);
+            m0 += 4;
+        } else if (r >= 2) {
+            gemm_block_pf(p, fmt, J, 2, t, m0, 0, cd, codes);
+            m0 += 2;
+        } else {
+            gemm_block_pf(p, fmt, J, 1, t, m0, 0, cd, codes);
+            m0 += 1;
+        }
     }
+}
+
+/* ... with `codes` (per-thread scratch, or NULL: unpack in registers) the tiles are unpacked
+ * there first. */
+ALWAYS_INLINE void gemm_tiles(const bitlm_problem *p, const int fmt, const int J, int64_t t, int64_t m0, int64_t m1,
+                              int8_t *codes) {
+    if (!codes) {
+        gemm_tiles_run(p, fmt, J, t, m0, m1, 0, NULL);
+        return;
+    }
+    for (int j = 0; j < J; j++) unpack_codes(p, fmt, t + j, codes + j * p->nchunks * QPC(fmt) * 64);
+    gemm_tiles_run(p, fmt, J, t, m0, m1, 1, codes);
 }
 
 /* Activation rows per outer block: keep the block (MB x Kp bytes, p->x_block_bytes: a quarter
@@ -453,13 +424,8 @@ ALWAYS_INLINE void mm_any(const bitlm_problem *p, const int fmt, int64_t t0, int
     for (int64_t m0 = 0; m0 < p->M; m0 += mb) {
         const int64_t m1 = m0 + mb < p->M ? m0 + mb : p->M;
         int64_t t = t0;
-        if (codes) {
-            for (; t + JG <= t1; t += JG) gemm_tiles_codes(p, fmt, JG, t, m0, m1, codes);
-            if (t < t1) gemm_tiles_codes(p, fmt, 1, t, m0, m1, codes);
-            continue;
-        }
-        for (; t + JG <= t1; t += JG) gemm_tiles(p, fmt, JG, t, m0, m1);
-        if (t < t1) gemm_tiles(p, fmt, 1, t, m0, m1); /* odd tile count */
+        for (; t + JG <= t1; t += JG) gemm_tiles(p, fmt, JG, t, m0, m1, codes);
+        if (t < t1) gemm_tiles(p, fmt, 1, t, m0, m1, codes); /* odd tile count */
     }
 }
 
